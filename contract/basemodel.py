@@ -1,0 +1,53 @@
+"""Identify a base model by the sha256 of its weights, so adapters name exactly what they fit."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from pydantic import BaseModel
+
+RECORD_FILE = "lorafleet-model.json"
+
+
+class BaseModelRecord(BaseModel):
+    name: str
+    sha256: str
+    source: str
+
+
+def sha256_of_model_dir(model_dir: Path) -> str:
+    """sha256 over every weight file (``*.safetensors``, sorted by name) of a model directory."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir} holds no *.safetensors weights")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def read_record(model_dir: Path) -> BaseModelRecord | None:
+    path = Path(model_dir) / RECORD_FILE
+    if not path.is_file():
+        return None
+    return BaseModelRecord.model_validate_json(path.read_text())
+
+
+def write_record(model_dir: Path, record: BaseModelRecord) -> None:
+    (Path(model_dir) / RECORD_FILE).write_text(json.dumps(record.model_dump(), indent=2) + "\n")
+
+
+def identify(model: str) -> BaseModelRecord:
+    """The record of a local model directory: the stored one, or computed from its weights."""
+    model_dir = Path(model)
+    if not model_dir.is_dir():
+        # A hub id: its weights are not here to hash; the id is the identity.
+        return BaseModelRecord(name=model, sha256="", source=f"hub:{model}")
+    return read_record(model_dir) or BaseModelRecord(
+        name=model_dir.name, sha256=sha256_of_model_dir(model_dir), source=f"dir:{model_dir}"
+    )

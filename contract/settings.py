@@ -1,0 +1,60 @@
+"""Where lorafleet keeps its files, and which base model it builds on.
+
+Read from the environment (``LORAFLEET_*``) or a ``.env`` file; every command
+and the gateway share these two settings.
+
+Layout under ``data_dir``::
+
+    models/<name>/          base models converted to safetensors
+    adapters/<alias>/<n>/   the adapter store (see ``contract.store``)
+    cache/                  downloaded wheels and other re-creatable files
+    state.db                the gateway's control-plane state (SQLite)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_BASE_MODEL = "SmolLM2-135M-Instruct"
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORAFLEET_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(
+        default=Path("var"),
+        description="Root folder for base models, the adapter store, caches and state.",
+    )
+    base_model: str = Field(
+        default=DEFAULT_BASE_MODEL,
+        description=(
+            "The base model: a local Hugging Face model directory, the name of a model "
+            "provisioned under data_dir/models (the default is pulled by `lorafleet model "
+            "pull`), or a hub id where a hub is reachable."
+        ),
+    )
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
+
+    def base_model_path(self) -> str:
+        """The local directory of the base model, or the hub id if it is not local."""
+        as_path = Path(self.base_model).expanduser()
+        if as_path.is_dir():
+            return str(as_path)
+        provisioned = self.models_dir / self.base_model
+        if provisioned.is_dir() or self.base_model == DEFAULT_BASE_MODEL:
+            return str(provisioned)
+        return self.base_model

@@ -1,0 +1,142 @@
+"""The adapter store: versioned adapter directories, published atomically.
+
+Layout::
+
+    <root>/<alias>/<version>/   a complete adapter directory (see ``contract.manifest``)
+    <root>/.staging/            copies in progress; never read by anyone
+
+A version is an integer that only grows. Publishing copies the adapter into
+``.staging`` and renames it into place in one step, so a reader sees either the
+whole version or none of it, and a crash mid-copy leaves nothing half-written
+in the store (only a staging folder, removed by the next publish).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from contract.manifest import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, AdapterManifest, read_manifest
+
+ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+STAGING = ".staging"
+
+
+class StoreError(ValueError):
+    """A store operation was refused; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    alias: str
+    version: int
+    path: Path
+
+    @property
+    def ref(self) -> str:
+        """The engine-side name of this version, e.g. ``orders@3``."""
+        return f"{self.alias}@{self.version}"
+
+    def manifest(self) -> AdapterManifest:
+        return read_manifest(self.path)
+
+
+def check_alias(alias: str) -> str:
+    if not ALIAS_RE.match(alias):
+        raise StoreError(
+            f"invalid alias {alias!r}: use 1-63 lowercase letters, digits, '-' or '_', "
+            "starting with a letter or digit"
+        )
+    return alias
+
+
+class AdapterStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def aliases(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and ALIAS_RE.match(p.name))
+
+    def versions(self, alias: str) -> list[AdapterVersion]:
+        alias_dir = self.root / check_alias(alias)
+        if not alias_dir.is_dir():
+            return []
+        found = [
+            AdapterVersion(alias, int(p.name), p)
+            for p in alias_dir.iterdir()
+            if p.is_dir() and p.name.isdigit()
+        ]
+        return sorted(found, key=lambda v: v.version)
+
+    def latest(self, alias: str) -> AdapterVersion | None:
+        versions = self.versions(alias)
+        return versions[-1] if versions else None
+
+    def get(self, alias: str, version: int) -> AdapterVersion:
+        path = self.root / check_alias(alias) / str(version)
+        if not path.is_dir():
+            raise StoreError(f"no version {version} of adapter {alias!r} in {self.root}")
+        return AdapterVersion(alias, version, path)
+
+    def publish(self, source: Path, alias: str) -> AdapterVersion:
+        """Copy the adapter directory ``source`` into the store as the next version of ``alias``."""
+        check_alias(alias)
+        read_manifest(source)  # refuse an incomplete or invalid adapter before copying anything
+        staging_root = self.root / STAGING
+        staging_root.mkdir(parents=True, exist_ok=True)
+        self._clean_staging(staging_root)
+        staging = staging_root / f"{os.getpid()}-{uuid.uuid4().hex}"
+        staging.mkdir()
+        try:
+            for name in (WEIGHTS_FILE, CONFIG_FILE, MANIFEST_FILE):
+                shutil.copy2(Path(source) / name, staging / name)
+                _fsync(staging / name)
+            alias_dir = self.root / alias
+            alias_dir.mkdir(exist_ok=True)
+            while True:
+                latest = self.latest(alias)
+                version = (latest.version if latest else 0) + 1
+                target = alias_dir / str(version)
+                try:
+                    # mkdir claims the number; a concurrent publisher gets FileExistsError.
+                    target.mkdir()
+                except FileExistsError:
+                    continue
+                os.replace(staging, target)
+                break
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return AdapterVersion(alias, version, target)
+
+    @staticmethod
+    def _clean_staging(staging_root: Path) -> None:
+        # A staging folder whose process is gone is debris from a crash.
+        for leftover in staging_root.iterdir():
+            pid = leftover.name.split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,1 @@
+"""lorafleet: fine-tune LoRA adapters and serve them, per tenant, on vLLM."""

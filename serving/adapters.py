@@ -1,0 +1,109 @@
+"""Alias → adapter version → engine-side name, and loading adapters onto the engine.
+
+An alias serves its newest version in the store. Before an adapter reaches the
+engine it is checked against the served base model (weights checksum, rank,
+target modules), so a misfit is refused with a clear error instead of failing
+inside vLLM. Loading is guarded by a lock per adapter, so concurrent first
+requests load it once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from contract.basemodel import BaseModelRecord
+from contract.manifest import AdapterManifest, ManifestError, read_adapter_config
+from contract.store import AdapterStore, AdapterVersion, StoreError
+from serving.engine import Engine
+
+log = logging.getLogger("lorafleet.adapters")
+
+SUPPORTED_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+class AdapterMisfit(ValueError):
+    """The adapter cannot be served on this engine; the message says why."""
+
+
+class AdapterRegistry:
+    def __init__(self, store: AdapterStore, engine: Engine, base: BaseModelRecord, max_lora_rank: int) -> None:
+        self.store, self.engine, self.base, self.max_lora_rank = store, engine, base, max_lora_rank
+        self.loaded: dict[str, AdapterVersion] = {}
+        self._manifests: dict[str, AdapterManifest] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def resolve(self, alias: str) -> AdapterVersion | None:
+        try:
+            return self.store.latest(alias)
+        except StoreError:
+            return None
+
+    def manifest(self, version: AdapterVersion) -> AdapterManifest:
+        if version.ref not in self._manifests:
+            self._manifests[version.ref] = version.manifest()
+        return self._manifests[version.ref]
+
+    def check_fits(self, version: AdapterVersion) -> AdapterManifest:
+        try:
+            manifest = self.manifest(version)
+        except ManifestError as exc:
+            raise AdapterMisfit(str(exc)) from exc
+        problems = []
+        if self.base.sha256 and manifest.base_model.sha256 and manifest.base_model.sha256 != self.base.sha256:
+            problems.append(
+                f"trained on base model {manifest.base_model.name} ({manifest.base_model.sha256[:12]}), "
+                f"but the engine serves {self.base.name} ({self.base.sha256[:12]})"
+            )
+        config = read_adapter_config(version.path)
+        rank = int(config.get("r", manifest.lora.rank))
+        if rank > self.max_lora_rank:
+            problems.append(f"rank {rank} exceeds the engine's max_lora_rank {self.max_lora_rank}")
+        targets = config.get("target_modules") or []
+        targets = [targets] if isinstance(targets, str) else targets
+        unsupported = sorted(set(targets) - SUPPORTED_TARGETS)
+        if unsupported:
+            problems.append(f"targets modules vLLM cannot serve as LoRA: {unsupported}")
+        if config.get("modules_to_save"):
+            problems.append("has modules_to_save (fully trained modules), which vLLM cannot serve")
+        if config.get("use_dora"):
+            problems.append("is a DoRA adapter, which vLLM cannot serve")
+        if problems:
+            raise AdapterMisfit(f"adapter {version.ref} cannot be served: " + "; ".join(problems))
+        return manifest
+
+    async def ensure_loaded(self, version: AdapterVersion) -> AdapterManifest:
+        manifest = self.check_fits(version)
+        if version.ref in self.loaded:
+            return manifest
+        lock = self._locks.setdefault(version.ref, asyncio.Lock())
+        async with lock:
+            if version.ref not in self.loaded:
+                await self.engine.load_adapter(version.ref, version.path)
+                self.loaded[version.ref] = version
+                log.info("loaded adapter %s from %s", version.ref, version.path)
+        return manifest
+
+    async def load_all(self) -> list[str]:
+        """Load every alias's current version (at engine start and after a restart); returns the problems."""
+        self.loaded.clear()
+        problems = []
+        for alias in self.store.aliases():
+            version = self.resolve(alias)
+            if version is None:
+                continue
+            try:
+                await self.ensure_loaded(version)
+            except Exception as exc:  # one bad adapter must not keep the others off the engine
+                problems.append(str(exc))
+                log.error("%s", exc)
+        return problems
+
+    def pending(self) -> list[str]:
+        """Aliases whose current version is not loaded yet."""
+        missing = []
+        for alias in self.store.aliases():
+            version = self.resolve(alias)
+            if version is not None and version.ref not in self.loaded:
+                missing.append(alias)
+        return missing

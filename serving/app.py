@@ -1,0 +1,64 @@
+"""The gateway application.
+
+    lorafleet serve                       # or: uvicorn --factory serving.app:create_app
+
+``build_app`` wires settings, the state database, the adapter store and the
+engine; the lifespan starts the engine (a supervised vLLM child process unless
+``LORAFLEET_ENGINE_URL`` names one) and loads every alias's adapter whenever
+the engine becomes healthy. Nothing happens at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from contract.basemodel import identify
+from contract.store import AdapterStore
+from serving import errors
+from serving.adapters import AdapterRegistry
+from serving.config import GatewaySettings
+from serving.deps import GatewayState
+from serving.engine import Engine, VLLMEngine
+from serving.routes import completions, health
+from serving.tenants import TenantStore
+
+log = logging.getLogger("lorafleet.gateway")
+
+
+def build_app(settings: GatewaySettings, engine: Engine | None = None) -> FastAPI:
+    """The gateway app; ``engine`` replaces the vLLM engine (tests pass a fake one)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        eng = engine or VLLMEngine(settings)
+        adapters = AdapterRegistry(
+            AdapterStore(settings.adapters_dir), eng, identify(settings.base_model_path()), settings.max_lora_rank
+        )
+        app.state.gateway = GatewayState(settings, eng, TenantStore(settings.state_url), adapters)
+
+        async def on_engine_ready() -> None:
+            problems = await adapters.load_all()
+            for problem in problems:
+                log.error("adapter not loaded: %s", problem)
+
+        await eng.start(on_engine_ready)
+        try:
+            yield
+        finally:
+            await eng.stop()
+
+    app = FastAPI(title="lorafleet gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    errors.install(app)
+    app.include_router(health.router)
+    app.include_router(completions.router)
+    return app
+
+
+def create_app() -> FastAPI:
+    """Factory for ``uvicorn --factory``: settings from the environment."""
+    return build_app(GatewaySettings())

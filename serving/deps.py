@@ -1,0 +1,49 @@
+"""Request dependencies: the app's state and the calling tenant."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from serving.adapters import AdapterRegistry
+from serving.config import GatewaySettings
+from serving.engine import Engine
+from serving.errors import APIError
+from serving.tenants import Tenant, TenantStore
+
+
+@dataclass
+class GatewayState:
+    settings: GatewaySettings
+    engine: Engine
+    tenants: TenantStore
+    adapters: AdapterRegistry
+
+
+def get_state(request: Request) -> GatewayState:
+    state: GatewayState = request.app.state.gateway
+    return state
+
+
+StateDep = Annotated[GatewayState, Depends(get_state)]
+
+
+def get_tenant(request: Request, state: StateDep) -> Tenant:
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise APIError(
+            401,
+            "Missing API key: send it as 'Authorization: Bearer <key>'.",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    tenant = state.tenants.authenticate(key.strip())
+    if tenant is None:
+        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    return tenant
+
+
+TenantDep = Annotated[Tenant, Depends(get_tenant)]

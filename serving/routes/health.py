@@ -1,0 +1,32 @@
+"""Liveness and readiness probes."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from serving.deps import StateDep
+
+router = APIRouter()
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The gateway process is up."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(state: StateDep) -> JSONResponse:
+    """The engine answers and every alias's current adapter is loaded."""
+    engine_ready = state.engine.is_ready()
+    pending = state.adapters.pending() if engine_ready else []
+    ready = engine_ready and not pending
+    body = {
+        "status": "ready" if ready else "not_ready",
+        "engine": "ready" if engine_ready else "starting",
+        "engine_restarts": state.engine.restarts,
+        "adapters_loaded": sorted(state.adapters.loaded),
+        "adapters_pending": pending,
+    }
+    return JSONResponse(body, status_code=200 if ready else 503, headers={} if ready else {"Retry-After": "5"})
