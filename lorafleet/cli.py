@@ -36,7 +36,7 @@ app.add_typer(adapters_app, name="adapters")
 app.add_typer(tenants_app, name="tenants")
 
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 DEMO_TENANT = "demo"
 DEMO_ALIAS = "orders"

@@ -69,6 +69,8 @@ class TrainConfig:
     """Maximum tokens per example (prompt + completion)."""
     seed: int = 0
     """Seed for data order and LoRA initialisation."""
+    log_every: int = 5
+    """Log the training loss every N steps."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -101,7 +103,8 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def train(cfg: TrainConfig) -> AdapterManifest:
+def build_trainer(cfg: TrainConfig, output_dir: Path) -> tuple[Any, PromptFormat, list[dict[str, Any]], bool]:
+    """The ``SFTTrainer`` for ``cfg``, with its tokenized dataset; returns (trainer, prompt format, rows, bf16)."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -111,7 +114,6 @@ def train(cfg: TrainConfig) -> AdapterManifest:
     if cfg.targets not in TARGET_PRESETS:
         raise ValueError(f"--targets must be one of {sorted(TARGET_PRESETS)}, not {cfg.targets!r}")
     rows = load_rows(cfg.data)
-    schema = json.loads(Path(cfg.schema).read_text("utf-8")) if cfg.schema else None
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
     if not tokenizer.chat_template:
@@ -121,20 +123,10 @@ def train(cfg: TrainConfig) -> AdapterManifest:
         bos_token=tokenizer.bos_token or "",
         eos_token=tokenizer.eos_token or "",
     )
+    # Prompts are rendered by the contract, not by TRL, so training sees exactly
+    # the string the gateway will have vLLM render from the manifest.
     dataset = Dataset.from_list(
-        [
-            {
-                "prompt": render(
-                    prompt_format.chat_template,
-                    example_messages(row),
-                    add_generation_prompt=True,
-                    bos_token=prompt_format.bos_token,
-                    eos_token=prompt_format.eos_token,
-                ),
-                "completion": row["output"],
-            }
-            for row in rows
-        ]
+        [{"prompt": render_prompt(prompt_format, row), "completion": row["output"]} for row in rows]
     )
 
     torch.manual_seed(cfg.seed)
@@ -148,17 +140,15 @@ def train(cfg: TrainConfig) -> AdapterManifest:
     )
     # bf16 autocast doubles CPU throughput where the CPU has native bf16 (AVX-512 BF16, AMX).
     use_bf16 = torch.cuda.is_available() or _cpu_has_bf16()
-    staging = cfg.out.with_name(cfg.out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
     args = SFTConfig(
-        output_dir=str(staging / "trainer"),
+        output_dir=str(output_dir),
         per_device_train_batch_size=cfg.batch_size,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=0.05,
-        logging_steps=5,
+        logging_steps=cfg.log_every,
         save_strategy="no",
         report_to=[],
         seed=cfg.seed,
@@ -166,6 +156,9 @@ def train(cfg: TrainConfig) -> AdapterManifest:
         bf16=use_bf16,
         use_cpu=not torch.cuda.is_available(),
         max_length=cfg.max_length,
+        # Loss on the completion only; TRL appends the EOS token (<|im_end|> for
+        # SmolLM2, which is also its pad token) to each completion and keeps it
+        # in the labels, so the adapter learns to stop.
         completion_only_loss=True,
         dataloader_num_workers=0,
         disable_tqdm=False,
@@ -173,12 +166,32 @@ def train(cfg: TrainConfig) -> AdapterManifest:
         gradient_checkpointing=False,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+    return trainer, prompt_format, rows, use_bf16
+
+
+def render_prompt(prompt_format: PromptFormat, row: dict[str, Any]) -> str:
+    return render(
+        prompt_format.chat_template,
+        example_messages(row),
+        add_generation_prompt=True,
+        bos_token=prompt_format.bos_token,
+        eos_token=prompt_format.eos_token,
+    )
+
+
+def train(cfg: TrainConfig) -> AdapterManifest:
+    """Train, then write the adapter artifact to ``cfg.out`` in one rename."""
+    schema = json.loads(Path(cfg.schema).read_text("utf-8")) if cfg.schema else None
+    staging = cfg.out.with_name(cfg.out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    trainer, prompt_format, rows, use_bf16 = build_trainer(cfg, staging / "trainer")
     started = time.perf_counter()
     result = trainer.train()
     elapsed = time.perf_counter() - started
 
     trainer.model.save_pretrained(str(staging), safe_serialization=True)
     shutil.rmtree(staging / "trainer", ignore_errors=True)
+    (staging / "README.md").unlink(missing_ok=True)  # peft's model-card stub; the manifest says it all
     base = identify(cfg.base_model)
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     manifest = AdapterManifest(
@@ -189,7 +202,7 @@ def train(cfg: TrainConfig) -> AdapterManifest:
         data=DataRef(path=str(cfg.data), sha256=_sha256(cfg.data), examples=len(rows)),
         lora=LoraSpec(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=lora_targets(cfg)),
         hyperparameters={
-            k: (str(v) if isinstance(v, Path) else v)
+            k: v
             for k, v in asdict(cfg).items()
             if k not in ("data", "out", "schema", "base_model")
         }

