@@ -83,9 +83,11 @@ def read_manifest(adapter_dir: Path) -> AdapterManifest:
     if not adapter_dir.is_dir():
         raise ManifestError(f"{adapter_dir}: not a directory")
     if not (adapter_dir / WEIGHTS_FILE).is_file():
-        hint = " (pickled .bin weights are refused: save with safe_serialization)" if (
-            adapter_dir / "adapter_model.bin"
-        ).exists() else ""
+        hint = (
+            " (pickled .bin weights are refused: save with safe_serialization)"
+            if (adapter_dir / "adapter_model.bin").exists()
+            else ""
+        )
         problems.append(f"{adapter_dir / WEIGHTS_FILE}: missing{hint}")
     if not (adapter_dir / CONFIG_FILE).is_file():
         problems.append(f"{adapter_dir / CONFIG_FILE}: missing")

@@ -48,8 +48,7 @@ class AdapterVersion:
 def check_alias(alias: str) -> str:
     if not ALIAS_RE.match(alias):
         raise StoreError(
-            f"invalid alias {alias!r}: use 1-63 lowercase letters, digits, '-' or '_', "
-            "starting with a letter or digit"
+            f"invalid alias {alias!r}: use 1-63 lowercase letters, digits, '-' or '_', starting with a letter or digit"
         )
     return alias
 
@@ -67,11 +66,7 @@ class AdapterStore:
         alias_dir = self.root / check_alias(alias)
         if not alias_dir.is_dir():
             return []
-        found = [
-            AdapterVersion(alias, int(p.name), p)
-            for p in alias_dir.iterdir()
-            if p.is_dir() and p.name.isdigit()
-        ]
+        found = [AdapterVersion(alias, int(p.name), p) for p in alias_dir.iterdir() if p.is_dir() and p.name.isdigit()]
         return sorted(found, key=lambda v: v.version)
 
     def latest(self, alias: str) -> AdapterVersion | None:

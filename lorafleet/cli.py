@@ -18,12 +18,15 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from contract.settings import CommonSettings
+
+if TYPE_CHECKING:
+    from serving.config import GatewaySettings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fine-tune LoRA adapters and serve them on vLLM.")
 model_app = typer.Typer(no_args_is_help=True, help="Base models.")
@@ -41,6 +44,11 @@ err = Console(stderr=True, soft_wrap=True)
 DEMO_TENANT = "demo"
 DEMO_ALIAS = "orders"
 DEMO_DATA = Path("data/orders")
+# No single quotes: the example is pasted into a single-quoted shell argument.
+DEMO_PROMPT = (
+    "Generate a JSON object for a customer named John Doe, email john@example.com, and an order ID of 12345. "
+    "Mark the order status as processing."
+)
 
 
 def _fail(message: str) -> typer.Exit:
@@ -87,7 +95,7 @@ def train(
     task: Annotated[str, typer.Option(help="Task name recorded in the manifest.")] = "task",
     schema: Annotated[Path | None, typer.Option(help="JSON Schema of the outputs.")] = None,
     rank: int = 16,
-    alpha: float = 32.0,
+    alpha: int = 32,
     dropout: float = 0.05,
     targets: Annotated[str, typer.Option(help="attention | attention-mlp")] = "attention",
     epochs: float = 1.0,
@@ -116,8 +124,10 @@ def train(
         manifest = run_training(cfg)
     except (DataError, ValueError) as exc:
         raise _fail(str(exc)) from exc
-    console.print(f"adapter written to {out} (loss {manifest.metrics['train_loss_first']:.3f} → "
-                  f"{manifest.metrics['train_loss_last']:.3f} in {manifest.metrics['train_seconds']:.0f} s)")
+    console.print(
+        f"adapter written to {out} (loss {manifest.metrics['train_loss_first']:.3f} → "
+        f"{manifest.metrics['train_loss_last']:.3f} in {manifest.metrics['train_seconds']:.0f} s)"
+    )
     if publish:
         _publish(settings, out, publish)
 
@@ -195,7 +205,7 @@ def demo() -> None:
         run_dir = settings.data_dir / "runs" / DEMO_ALIAS
         train(
             data=DEMO_DATA / "train.jsonl", out=run_dir, task=DEMO_ALIAS, schema=DEMO_DATA / "schema.json",
-            rank=16, alpha=32.0, dropout=0.05, targets="attention", epochs=1.0, max_steps=DEMO_STEPS,
+            rank=16, alpha=32, dropout=0.05, targets="attention", epochs=1.0, max_steps=DEMO_STEPS,
             learning_rate=4e-4, batch_size=8, max_length=256, seed=0, publish=DEMO_ALIAS,
         )  # fmt: skip
     _serve(None, None, example_key=_demo_key(settings))
@@ -234,7 +244,7 @@ def _serve(host: str | None, port: int | None, example_key: str | None) -> None:
 
     overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     try:
-        settings = GatewaySettings(**overrides)
+        settings = GatewaySettings(**overrides)  # type: ignore[arg-type]
     except ValueError as exc:
         raise _fail(f"invalid settings: {exc}") from exc
     _require_base_model(settings)
@@ -250,10 +260,10 @@ def _require_base_model(settings: CommonSettings) -> None:
         raise _fail(f"base model {settings.base_model} is not provisioned at {path}; run `lorafleet model pull`")
 
 
-def _announce_when_ready(settings: object, example_key: str | None) -> None:
+def _announce_when_ready(settings: GatewaySettings, example_key: str | None) -> None:
     import httpx
 
-    base = f"http://{getattr(settings, 'host')}:{getattr(settings, 'port')}"
+    base = f"http://{settings.host}:{settings.port}"
     while True:
         time.sleep(1.0)
         try:
@@ -266,8 +276,7 @@ def _announce_when_ready(settings: object, example_key: str | None) -> None:
         body = json.dumps(
             {
                 "model": DEMO_ALIAS,
-                "messages": [{"role": "user", "content": "Generate a JSON object for a customer named John Doe, "
-                              "email john@example.com, and an order ID of 12345. Mark the order status as 'processing'."}],
+                "messages": [{"role": "user", "content": DEMO_PROMPT}],
                 "max_tokens": 100,
             }
         )  # fmt: skip

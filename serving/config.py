@@ -24,7 +24,9 @@ class GatewaySettings(CommonSettings):
         default=4,
         description="Adapters resident on the engine at once (vLLM --max-loras); size it to the adapters hot at once.",
     )
-    max_model_len: int = Field(default=2048, description="Longest prompt + completion, in tokens (vLLM --max-model-len).")
+    max_model_len: int = Field(
+        default=2048, description="Longest prompt + completion, in tokens (vLLM --max-model-len)."
+    )
     kv_cache_gib: int = Field(default=2, description="KV cache size on the CPU engine, GiB (VLLM_CPU_KVCACHE_SPACE).")
     upstream_timeout_s: float = Field(default=600.0, description="Timeout for one request to the engine.")
     database_url: str | None = Field(

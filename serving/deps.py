@@ -42,7 +42,9 @@ def get_tenant(request: Request, state: StateDep) -> Tenant:
         )
     tenant = state.tenants.authenticate(key.strip())
     if tenant is None:
-        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        raise APIError(
+            401, "Incorrect API key provided.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+        )
     return tenant
 
 

@@ -49,9 +49,7 @@ def error_body(status: int, message: str, code: str | None = None, param: str | 
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(
-            error_body(exc.status, exc.message, exc.code, exc.param), exc.status, headers=exc.headers
-        )
+        return JSONResponse(error_body(exc.status, exc.message, exc.code, exc.param), exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

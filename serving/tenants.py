@@ -68,10 +68,11 @@ class TenantStore:
         with self.engine.begin() as db:
             if db.execute(sa.select(tenants_table.c.id).where(tenants_table.c.name == name)).first():
                 raise TenantError(f"tenant {name!r} already exists")
-            result = db.execute(
-                tenants_table.insert().values(name=name, disabled=False, created_at=datetime.now(UTC))
-            )
-            return Tenant(int(result.inserted_primary_key[0]), name, frozenset())
+            result = db.execute(tenants_table.insert().values(name=name, disabled=False, created_at=datetime.now(UTC)))
+            tenant_id = result.inserted_primary_key[0] if result.inserted_primary_key else None
+            if tenant_id is None:
+                raise TenantError(f"tenant {name!r} was not created")
+            return Tenant(int(tenant_id), name, frozenset())
 
     def get(self, name: str) -> Tenant | None:
         with self.engine.connect() as db:
@@ -83,18 +84,14 @@ class TenantStore:
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         with self.engine.begin() as db:
             db.execute(
-                keys_table.insert().values(
-                    tenant_id=tenant.id, key_hash=_hash(key), created_at=datetime.now(UTC)
-                )
+                keys_table.insert().values(tenant_id=tenant.id, key_hash=_hash(key), created_at=datetime.now(UTC))
             )
         return key
 
     def grant(self, tenant: Tenant, alias: str) -> None:
         with self.engine.begin() as db:
             exists = db.execute(
-                sa.select(grants_table).where(
-                    grants_table.c.tenant_id == tenant.id, grants_table.c.alias == alias
-                )
+                sa.select(grants_table).where(grants_table.c.tenant_id == tenant.id, grants_table.c.alias == alias)
             ).first()
             if not exists:
                 db.execute(grants_table.insert().values(tenant_id=tenant.id, alias=alias))

@@ -33,7 +33,6 @@ def test_every_output_matches_the_schema_and_the_instruction() -> None:
                 assert value in row["instruction"], (value, row["instruction"])
 
 
-
 def test_test_split_holds_out_templates_and_names() -> None:
     rows = {s: [json.loads(x) for x in (ORDERS / f"{s}.jsonl").read_text().splitlines()] for s in ("train", "test")}
     sizes = {s: len(r) for s, r in rows.items()}

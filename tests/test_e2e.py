@@ -5,12 +5,8 @@ The gateway runs as `lorafleet serve` in a child process, exactly as users run i
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +17,8 @@ import psutil
 import pytest
 
 from contract.store import AdapterStore
+from lorafleet.launch import RunningGateway, start_gateway
 from serving.tenants import TenantStore
-from tests.conftest import ROOT
 
 pytestmark = pytest.mark.e2e
 
@@ -30,21 +26,6 @@ PROMPT = (
     "Generate a JSON object for a customer named Maria Garcia, email maria@shop.io, and an order ID of "
     "55121. Mark the order status as 'shipped'."
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Gateway:
-    proc: subprocess.Popen[bytes]
-    url: str
-    engine_url: str
-    key: str
-    data_dir: Path
 
 
 @pytest.fixture(scope="module")
@@ -55,38 +36,30 @@ def gateway(tiny_adapter: Path, base_model: Path, tmp_path_factory: pytest.TempP
     tenant = tenants.create("acme")
     tenants.grant(tenant, "orders")
     key = tenants.issue_key(tenant)
-    port, engine_port = free_port(), free_port()
-    env = os.environ | {
-        "LORAFLEET_DATA_DIR": str(data_dir),
-        "LORAFLEET_BASE_MODEL": str(base_model),
-        "LORAFLEET_ENGINE_PORT": str(engine_port),
-        "LORAFLEET_MAX_LORA_RANK": "16",
-    }
-    log = (data_dir / "gateway.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lorafleet", "serve", "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    gw = Gateway(proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{engine_port}", key, data_dir)
-    deadline = time.monotonic() + 400
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"gateway exited: {(data_dir / 'gateway.log').read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{gw.url}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail(f"gateway not ready: {(data_dir / 'logs' / 'vllm.log').read_text()[-3000:]}")
-    yield gw
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    try:
+        running = start_gateway(data_dir, base_model)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    yield Gateway(running, key)
+    running.stop()
+
+
+@dataclass
+class Gateway:
+    running: RunningGateway
+    key: str
+
+    @property
+    def url(self) -> str:
+        return self.running.url
+
+    @property
+    def engine_url(self) -> str:
+        return self.running.engine_url
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.running.proc
 
 
 def client(gw: Gateway, key: str | None = None) -> openai.OpenAI:
@@ -139,5 +112,5 @@ def test_ctrl_c_stops_the_gateway_and_every_child(gateway: Gateway) -> None:
     assert any("vllm" in " ".join(p.cmdline()) for p in children)
     gateway.proc.send_signal(signal.SIGINT)
     assert gateway.proc.wait(timeout=60) == 0
-    gone, alive = psutil.wait_procs(children, timeout=30)
+    _, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, [p.cmdline() for p in alive]

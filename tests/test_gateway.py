@@ -31,17 +31,31 @@ class FakeEngine:
         body = json.loads(request.content)
         self.requests.append(body)
         if body["model"] not in self.loaded:
-            return httpx.Response(404, json={"error": {"message": "no such model", "type": "NotFoundError", "param": None, "code": 404}})
+            return httpx.Response(
+                404, json={"error": {"message": "no such model", "type": "NotFoundError", "param": None, "code": 404}}
+            )
         if body.get("stream"):
             chunks = [
-                {"id": "c1", "object": "chat.completion.chunk", "model": body["model"], "choices": [{"index": 0, "delta": {"content": tok}}]}
+                {
+                    "id": "c1",
+                    "object": "chat.completion.chunk",
+                    "model": body["model"],
+                    "choices": [{"index": 0, "delta": {"content": tok}}],
+                }
                 for tok in ("{", '"a"', ": 1}")
             ]
             sse = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
             return httpx.Response(200, content=sse.encode(), headers={"content-type": "text/event-stream"})
         message = {"role": "assistant", "content": '{"a": 1}'}
-        return httpx.Response(200, json={"id": "c1", "object": "chat.completion", "model": body["model"],
-                                         "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]})
+        return httpx.Response(
+            200,
+            json={
+                "id": "c1",
+                "object": "chat.completion",
+                "model": body["model"],
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            },
+        )
 
     def is_ready(self) -> bool:
         return self.ready
@@ -109,7 +123,11 @@ def test_alias_routes_to_its_newest_version_with_the_recorded_template(gateway) 
 def test_missing_or_bad_key_is_401(gateway, header: str | None) -> None:
     client, _, _ = gateway
     headers = {"Authorization": header} if header is not None else {}
-    resp = client.post("/v1/chat/completions", json={"model": "orders", "messages": [{"role": "user", "content": "x"}]}, headers=headers)
+    resp = client.post(
+        "/v1/chat/completions",
+        json={"model": "orders", "messages": [{"role": "user", "content": "x"}]},
+        headers=headers,
+    )
     error = assert_openai_error(resp, 401, "invalid_api_key")
     assert error["type"] == "authentication_error"
 
@@ -143,14 +161,22 @@ def test_invalid_fields_are_422(gateway, body: dict) -> None:
 
 def test_malformed_json_body_is_an_openai_error(gateway) -> None:
     client, _, keys = gateway
-    resp = client.post("/v1/chat/completions", content=b"{not json", headers={"Authorization": f"Bearer {keys['acme']}", "content-type": "application/json"})
+    resp = client.post(
+        "/v1/chat/completions",
+        content=b"{not json",
+        headers={"Authorization": f"Bearer {keys['acme']}", "content-type": "application/json"},
+    )
     assert_openai_error(resp, 422)
 
 
 def test_streaming_is_relayed_as_server_sent_events(gateway) -> None:
     client, _, keys = gateway
-    with client.stream("POST", "/v1/chat/completions", json={"model": "orders", "stream": True, "messages": [{"role": "user", "content": "x"}]},
-                       headers={"Authorization": f"Bearer {keys['acme']}"}) as resp:
+    with client.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={"model": "orders", "stream": True, "messages": [{"role": "user", "content": "x"}]},
+        headers={"Authorization": f"Bearer {keys['acme']}"},
+    ) as resp:
         assert resp.status_code == 200
         assert resp.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in resp.iter_lines() if line.startswith("data: ")]

@@ -29,7 +29,7 @@ def test_incomplete_adapter_is_refused_and_nothing_is_written(tmp_path: Path) ->
     src = make_adapter(tmp_path / "a")
     (src / WEIGHTS_FILE).unlink()
     (src / "adapter_model.bin").write_bytes(b"pickle")
-    with pytest.raises(ManifestError, match="pickled .bin weights are refused"):
+    with pytest.raises(ManifestError, match=r"pickled \.bin weights are refused"):
         store.publish(src, "orders")
     assert store.versions("orders") == []
 

@@ -20,20 +20,29 @@ def test_prompt_rendering_matches_the_tokenizer_chat_template(base_model: Path) 
 
     tok = AutoTokenizer.from_pretrained(base_model)
     example = {"instruction": "Make JSON for order 7.", "input": "status: shipped"}
-    for messages in (example_messages(example), [{"role": "system", "content": "Be terse."}, *example_messages(example)]):
-        ours = render(tok.chat_template, messages, add_generation_prompt=True, bos_token=tok.bos_token, eos_token=tok.eos_token)
+    for messages in (
+        example_messages(example),
+        [{"role": "system", "content": "Be terse."}, *example_messages(example)],
+    ):
+        ours = render(
+            tok.chat_template, messages, add_generation_prompt=True, bos_token=tok.bos_token, eos_token=tok.eos_token
+        )
         theirs = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         assert ours == theirs
 
 
-def test_labels_mask_the_prompt_and_keep_completion_and_eos(base_model: Path, tiny_train_file: Path, tmp_path: Path) -> None:
+def test_labels_mask_the_prompt_and_keep_completion_and_eos(
+    base_model: Path, tiny_train_file: Path, tmp_path: Path
+) -> None:
     cfg = TrainConfig(data=tiny_train_file, out=tmp_path / "out", base_model=str(base_model), max_steps=1)
     trainer, prompt_format, rows, _ = build_trainer(cfg, tmp_path / "trainer")
     tok = trainer.processing_class
     batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
     for i in range(2):
         ids, labels = batch["input_ids"][i], batch["labels"][i]
-        real = batch["attention_mask"][i].bool() if "attention_mask" in batch else torch.ones_like(ids, dtype=torch.bool)
+        real = (
+            batch["attention_mask"][i].bool() if "attention_mask" in batch else torch.ones_like(ids, dtype=torch.bool)
+        )
         prompt = render(prompt_format.chat_template, example_messages(rows[i]), add_generation_prompt=True)
         prompt_len = len(tok(prompt, add_special_tokens=False)["input_ids"])
         kept = labels[real]

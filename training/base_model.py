@@ -91,7 +91,7 @@ def _convert(gguf_dir: Path, gguf_file: str, out: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.bfloat16)
     # transformers refuses to save a model it dequantised from GGUF; once loaded
     # it is an ordinary bf16 model, so drop the quantiser bookkeeping.
-    model.hf_quantizer = None
+    setattr(model, "hf_quantizer", None)  # noqa: B010  (typed as a module attribute)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out, safe_serialization=True)

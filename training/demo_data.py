@@ -47,15 +47,13 @@ TEMPLATES = [
     "Generate a JSON object for a customer named {name}, email {email}, and an order ID of "
     "{order_id}. Mark the order status as '{status}'.",
     "Create a JSON record: customer {name} ({email}), order {order_id}, status {status}.",
-    "Order {order_id} belongs to {name}, who can be reached at {email}. Its status is "
-    "{status}. Return this as JSON.",
+    "Order {order_id} belongs to {name}, who can be reached at {email}. Its status is {status}. Return this as JSON.",
     "Please output JSON for the following order. Status: {status}. Order number: {order_id}. "
     "Customer: {name}. Email: {email}.",
-    "{name} <{email}> placed order #{order_id}; it is currently {status}. Produce the JSON "
-    "object.",
+    "{name} <{email}> placed order #{order_id}; it is currently {status}. Produce the JSON object.",
     "Build the order JSON. The customer's email is {email} and their name is {name}; the order "
     "ID is {order_id} and the status should be '{status}'.",
-    "I need a JSON object describing order {order_id} with status \"{status}\" for customer "
+    'I need a JSON object describing order {order_id} with status "{status}" for customer '
     "{name}, email address {email}.",
     "Convert to JSON -> name: {name}; email: {email}; order id: {order_id}; status: {status}",
     "Set the status of order {order_id} to {status}. The customer is {name} and the email on "
@@ -63,30 +61,98 @@ TEMPLATES = [
     "Write a JSON object for an order with ID {order_id}. Customer name {name}, customer email "
     "{email}, order status {status}.",
     # held out for the test split
-    "Customer {name} (contact: {email}) has an order, ID {order_id}, that is now marked "
-    "{status}. Give me the JSON.",
+    "Customer {name} (contact: {email}) has an order, ID {order_id}, that is now marked {status}. Give me the JSON.",
     "Status '{status}' applies to order {order_id}. Please encode it as JSON together with the "
     "buyer's details: {name}, {email}.",
-    "Return a JSON order object. order_id={order_id}, customer name={name}, customer "
-    "email={email}, status={status}.",
+    "Return a JSON order object. order_id={order_id}, customer name={name}, customer email={email}, status={status}.",
 ]
 TEST_TEMPLATES = 3
 
 FIRST_NAMES = [
-    "John", "Maria", "Wei", "Aisha", "Carlos", "Emma", "Liam", "Sofia", "Noah", "Yuki",
-    "Olga", "Mateo", "Chloe", "Arjun", "Fatima", "Lucas", "Ingrid", "Kwame", "Hana", "Diego",
-    "Priya", "Elena", "Omar", "Grace", "Tomás", "Zoe", "Ivan", "Leila", "Mikael", "Nora",
+    "John",
+    "Maria",
+    "Wei",
+    "Aisha",
+    "Carlos",
+    "Emma",
+    "Liam",
+    "Sofia",
+    "Noah",
+    "Yuki",
+    "Olga",
+    "Mateo",
+    "Chloe",
+    "Arjun",
+    "Fatima",
+    "Lucas",
+    "Ingrid",
+    "Kwame",
+    "Hana",
+    "Diego",
+    "Priya",
+    "Elena",
+    "Omar",
+    "Grace",
+    "Tomás",
+    "Zoe",
+    "Ivan",
+    "Leila",
+    "Mikael",
+    "Nora",
     # held out for the test split
-    "Amara", "Bjorn", "Camille", "Dmitri", "Esther", "Farid", "Gianna", "Hiro", "Isla", "Jonas",
+    "Amara",
+    "Bjorn",
+    "Camille",
+    "Dmitri",
+    "Esther",
+    "Farid",
+    "Gianna",
+    "Hiro",
+    "Isla",
+    "Jonas",
 ]
 LAST_NAMES = [
-    "Doe", "Garcia", "Zhang", "Khan", "Silva", "Smith", "Müller", "Rossi", "Kim", "Tanaka",
-    "Novak", "Lopez", "Dubois", "Patel", "Haddad", "Costa", "Larsen", "Mensah", "Sato", "Ruiz",
-    "Iyer", "Petrova", "Farouk", "Walsh", "Fernández", "Clark", "Volkov", "Nasser", "Berg",
+    "Doe",
+    "Garcia",
+    "Zhang",
+    "Khan",
+    "Silva",
+    "Smith",
+    "Müller",
+    "Rossi",
+    "Kim",
+    "Tanaka",
+    "Novak",
+    "Lopez",
+    "Dubois",
+    "Patel",
+    "Haddad",
+    "Costa",
+    "Larsen",
+    "Mensah",
+    "Sato",
+    "Ruiz",
+    "Iyer",
+    "Petrova",
+    "Farouk",
+    "Walsh",
+    "Fernández",
+    "Clark",
+    "Volkov",
+    "Nasser",
+    "Berg",
     "Quinn",
     # held out for the test split
-    "Abara", "Lindqvist", "Moreau", "Sokolov", "Adler", "Rahimi", "Bianchi", "Watanabe",
-    "McLeod", "Weber",
+    "Abara",
+    "Lindqvist",
+    "Moreau",
+    "Sokolov",
+    "Adler",
+    "Rahimi",
+    "Bianchi",
+    "Watanabe",
+    "McLeod",
+    "Weber",
 ]
 TEST_NAMES = 10
 DOMAINS = ["example.com", "mail.com", "shop.io", "corp.net", "inbox.org", "example.co.uk"]
@@ -114,13 +180,20 @@ def _record(rng: random.Random, held_out: bool) -> tuple[str, dict]:
     first, last = rng.choice(first_pool), rng.choice(last_pool)
     name = f"{first} {last}"
     local = rng.choice(
-        [f"{_ascii(first)}", f"{_ascii(first)}.{_ascii(last)}", f"{_ascii(first)[0]}{_ascii(last)}",
-         f"{_ascii(last)}{rng.randint(1, 99)}"]
+        [
+            f"{_ascii(first)}",
+            f"{_ascii(first)}.{_ascii(last)}",
+            f"{_ascii(first)[0]}{_ascii(last)}",
+            f"{_ascii(last)}{rng.randint(1, 99)}",
+        ]
     )
     email = f"{local}@{rng.choice(DOMAINS)}"
     order_id = rng.choice(
-        [str(rng.randint(10000, 99999)), f"ORD-{rng.randint(1000, 999999)}",
-         f"{rng.choice('ABCDEFGHJK')}{rng.randint(100, 9999)}"]
+        [
+            str(rng.randint(10000, 99999)),
+            f"ORD-{rng.randint(1000, 999999)}",
+            f"{rng.choice('ABCDEFGHJK')}{rng.randint(100, 9999)}",
+        ]
     )
     status = rng.choice(STATUSES)
     instruction = rng.choice(tpl_pool).format(name=name, email=email, order_id=order_id, status=status)

@@ -51,7 +51,7 @@ class TrainConfig:
     """JSON Schema every output must match; recorded in the manifest for serving."""
     rank: int = 16
     """LoRA rank r (at most the gateway's ``max_lora_rank``)."""
-    alpha: float = 32.0
+    alpha: int = 32
     """LoRA alpha; the update is scaled by alpha / r."""
     dropout: float = 0.05
     """Dropout on the LoRA input."""
@@ -201,11 +201,7 @@ def train(cfg: TrainConfig) -> AdapterManifest:
         output_schema=schema,
         data=DataRef(path=str(cfg.data), sha256=_sha256(cfg.data), examples=len(rows)),
         lora=LoraSpec(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=lora_targets(cfg)),
-        hyperparameters={
-            k: v
-            for k, v in asdict(cfg).items()
-            if k not in ("data", "out", "schema", "base_model")
-        }
+        hyperparameters={k: v for k, v in asdict(cfg).items() if k not in ("data", "out", "schema", "base_model")}
         | {"bf16": use_bf16, "steps": result.global_step},
         metrics={
             "train_loss_first": float(losses[0]) if losses else float("nan"),

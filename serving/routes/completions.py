@@ -63,14 +63,18 @@ async def chat_completions(req: ChatCompletionRequest, tenant: TenantDep, state:
     body = req.model_dump(exclude_none=True)
     for name in GATEWAY_ONLY_FIELDS:
         if name in body:
-            raise APIError(400, f"'{name}' is set by the gateway and cannot be sent.", param=name, code="forbidden_field")
+            raise APIError(
+                400, f"'{name}' is set by the gateway and cannot be sent.", param=name, code="forbidden_field"
+            )
     version, manifest = await _resolve(state, tenant, req.model)
     body["model"] = version.ref
     body["chat_template"] = manifest.prompt_format.chat_template
     try:
         upstream = await state.engine.send("/v1/chat/completions", body, stream=req.stream)
     except EngineError as exc:
-        raise APIError(503, "The engine is not reachable; retry shortly.", code="engine_unavailable", headers={"Retry-After": "5"}) from exc
+        raise APIError(
+            503, "The engine is not reachable; retry shortly.", code="engine_unavailable", headers={"Retry-After": "5"}
+        ) from exc
     headers = {"x-lorafleet-adapter": version.ref}
     if upstream.status_code != 200 or not req.stream:
         content = await upstream.aread()
@@ -99,14 +103,21 @@ async def _resolve(state: GatewayState, tenant: Tenant, alias: str) -> tuple[Any
             code="model_not_found",
         )
     if not state.engine.is_ready():
-        raise APIError(503, "The engine is starting; retry shortly.", code="engine_starting", headers={"Retry-After": "5"})
+        raise APIError(
+            503, "The engine is starting; retry shortly.", code="engine_starting", headers={"Retry-After": "5"}
+        )
     try:
         manifest = await state.adapters.ensure_loaded(version)
     except AdapterMisfit as exc:
         log.error("%s", exc)
-        raise APIError(503, f"The model '{alias}' is unavailable: its adapter cannot be served.", code="adapter_unavailable") from exc
+        raise APIError(
+            503, f"The model '{alias}' is unavailable: its adapter cannot be served.", code="adapter_unavailable"
+        ) from exc
     except EngineError as exc:
-        raise APIError(503, "The engine could not load the adapter; retry shortly.", code="engine_unavailable", headers={"Retry-After": "5"}) from exc
+        raise APIError(
+            503,
+            "The engine could not load the adapter; retry shortly.",
+            code="engine_unavailable",
+            headers={"Retry-After": "5"},
+        ) from exc
     return version, manifest
-
-

@@ -1,0 +1,12 @@
+"""Run every benchmark program in turn (``make bench``)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+BENCHMARKS = ["benchmarks.gateway_overhead"]
+
+if __name__ == "__main__":
+    failed = [name for name in BENCHMARKS if subprocess.run([sys.executable, "-m", name]).returncode != 0]
+    sys.exit(f"benchmarks failed: {failed}" if failed else 0)

@@ -1,0 +1,77 @@
+"""Start ``lorafleet serve`` as a child process and wait until it is ready (tests and benchmarks use it)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class RunningGateway:
+    proc: subprocess.Popen[bytes]
+    url: str
+    engine_url: str
+    data_dir: Path
+
+    def log_tail(self, chars: int = 3000) -> str:
+        parts = []
+        for path in (self.data_dir / "gateway.log", self.data_dir / "logs" / "vllm.log"):
+            if path.is_file():
+                parts.append(f"--- {path}\n{path.read_text(errors='replace')[-chars:]}")
+        return "\n".join(parts)
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGINT, as Ctrl-C would send; SIGKILL if it does not stop in time."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_gateway(data_dir: Path, base_model: Path, *, timeout: float = 400, **settings: str) -> RunningGateway:
+    """Run ``lorafleet serve`` on free ports over ``data_dir``; returns once ``/readyz`` says ready."""
+    port, engine_port = free_port(), free_port()
+    env = os.environ | {
+        "LORAFLEET_DATA_DIR": str(data_dir),
+        "LORAFLEET_BASE_MODEL": str(base_model),
+        "LORAFLEET_ENGINE_PORT": str(engine_port),
+    }
+    env |= {f"LORAFLEET_{k.upper()}": v for k, v in settings.items()}
+    with (data_dir / "gateway.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lorafleet", "serve", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    gw = RunningGateway(proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{engine_port}", data_dir)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the gateway exited with code {proc.returncode}:\n{gw.log_tail()}")
+        try:
+            if httpx.get(f"{gw.url}/readyz", timeout=2).status_code == 200:
+                return gw
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    gw.stop()
+    raise RuntimeError(f"the gateway was not ready after {timeout:.0f} s:\n{gw.log_tail()}")
