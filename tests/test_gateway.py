@@ -217,3 +217,16 @@ def test_misfit_adapter_is_refused_before_the_engine(tmp_path: Path) -> None:
         assert engine.loaded == []
         assert_openai_error(chat(client, key, model="big"), 503, "adapter_unavailable")
         assert client.get("/readyz").json()["adapters_pending"] == ["big", "dora"]
+
+
+def test_unknown_routes_and_methods_are_openai_errors(gateway) -> None:
+    client, _, keys = gateway
+    assert_openai_error(client.get("/v1/nope", headers={"Authorization": f"Bearer {keys['acme']}"}), 404)
+    assert_openai_error(client.get("/v1/chat/completions"), 405)
+
+
+def test_unsafe_settings_are_refused_at_start(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="port and engine_port are both 8100"):
+        GatewaySettings(data_dir=tmp_path, port=8100, engine_port=8100)
+    with pytest.raises(ValueError, match="max_lora_rank=0"):
+        GatewaySettings(data_dir=tmp_path, max_lora_rank=0)

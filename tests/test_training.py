@@ -80,3 +80,26 @@ def test_bad_rows_are_all_reported_with_file_and_line(tmp_path: Path) -> None:
     assert f"{data}:2: not a JSON object" in text
     assert f"{data}:3: field 'instruction' is missing or empty" in text
     assert f"{data}:4: expected a JSON object" in text
+
+
+def test_cli_refuses_bad_data_before_training_and_writes_nothing(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"instruction": "a"}\n')
+    out = tmp_path / "adapter"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorafleet", "train", "--data", str(data), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=os.environ | {"LORAFLEET_DATA_DIR": str(ROOT / "var")},
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert f"{data}:1: field 'output' is missing or empty" in proc.stderr
+    assert not out.exists() and not (tmp_path / "adapter.partial").exists()

@@ -19,7 +19,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,6 @@ class TrainConfig:
     """Seed for data order and LoRA initialisation."""
     log_every: int = 5
     """Log the training loss every N steps."""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def load_rows(path: Path) -> list[dict[str, Any]]:
@@ -180,10 +179,21 @@ def render_prompt(prompt_format: PromptFormat, row: dict[str, Any]) -> str:
 
 
 def train(cfg: TrainConfig) -> AdapterManifest:
-    """Train, then write the adapter artifact to ``cfg.out`` in one rename."""
-    schema = json.loads(Path(cfg.schema).read_text("utf-8")) if cfg.schema else None
+    """Train, then write the adapter artifact to ``cfg.out`` in one rename (nothing is left on failure)."""
     staging = cfg.out.with_name(cfg.out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
+    try:
+        manifest = _train_into(cfg, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(cfg.out, ignore_errors=True)
+    staging.rename(cfg.out)
+    return manifest
+
+
+def _train_into(cfg: TrainConfig, staging: Path) -> AdapterManifest:
+    schema = json.loads(Path(cfg.schema).read_text("utf-8")) if cfg.schema else None
     trainer, prompt_format, rows, use_bf16 = build_trainer(cfg, staging / "trainer")
     started = time.perf_counter()
     result = trainer.train()
@@ -210,8 +220,6 @@ def train(cfg: TrainConfig) -> AdapterManifest:
         },
     )
     manifest.write(staging)
-    shutil.rmtree(cfg.out, ignore_errors=True)
-    staging.rename(cfg.out)
     return manifest
 
 
