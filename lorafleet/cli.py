@@ -206,7 +206,7 @@ def demo() -> None:
         train(
             data=DEMO_DATA / "train.jsonl", out=run_dir, task=DEMO_ALIAS, schema=DEMO_DATA / "schema.json",
             rank=16, alpha=32, dropout=0.05, targets="attention", epochs=1.0, max_steps=DEMO_STEPS,
-            learning_rate=4e-4, batch_size=8, max_length=256, seed=0, publish=DEMO_ALIAS,
+            learning_rate=1e-3, batch_size=8, max_length=256, seed=0, publish=DEMO_ALIAS,
         )  # fmt: skip
     _serve(None, None, example_key=_demo_key(settings))
 
