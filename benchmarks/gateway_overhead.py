@@ -1,6 +1,6 @@
 """What the gateway costs on top of vLLM: the same LoRA requests, straight to the engine vs through the gateway.
 
-    python -m benchmarks.gateway_overhead [--requests 24] [--concurrency 1 8] [--max-tokens 32]
+    python -m benchmarks.gateway_overhead [--requests 16] [--rounds 2] [--concurrency 1 8] [--max-tokens 32]
 
 Baseline: requests sent directly to the vLLM server the gateway supervises,
 naming the loaded adapter (``orders@1``). Candidate: the same requests through
@@ -78,10 +78,10 @@ async def run_round(target: dict, n: int, concurrency: int, max_tokens: int) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=24)
+    parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
     settings = CommonSettings()

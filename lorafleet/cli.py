@@ -249,6 +249,7 @@ def _serve(host: str | None, port: int | None, example_key: str | None) -> None:
         raise _fail(f"invalid settings: {exc}") from exc
     _require_base_model(settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine health check is noise
     console.print(f"gateway on http://{settings.host}:{settings.port}; starting vLLM (about 30 s)…")
     threading.Thread(target=_announce_when_ready, args=(settings, example_key), daemon=True).start()
     uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level="info")
