@@ -5,8 +5,10 @@ The gateway runs as `lorafleet serve` in a child process, exactly as users run i
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +107,24 @@ def test_bad_key_and_foreign_alias_are_openai_errors(gateway: Gateway) -> None:
     with pytest.raises(openai.NotFoundError):
         client(gateway).chat.completions.create(model="someone-elses", messages=[{"role": "user", "content": "x"}])
     assert [m.id for m in client(gateway).models.list()] == ["orders"]
+
+
+def test_a_crashed_engine_is_restarted_and_its_adapters_reloaded(gateway: Gateway) -> None:
+    engine = next(p for p in psutil.Process(gateway.proc.pid).children() if "vllm" in " ".join(p.cmdline()))
+    os.killpg(engine.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 300
+    status: dict = {}
+    while time.monotonic() < deadline:
+        resp = httpx.get(f"{gateway.url}/readyz", timeout=5)
+        status = resp.json()
+        if resp.status_code == 200 and status["engine_restarts"] >= 1:
+            break
+        time.sleep(1)
+    assert status.get("status") == "ready" and status["engine_restarts"] == 1, status
+    resp = client(gateway).chat.completions.create(
+        model="orders", messages=[{"role": "user", "content": PROMPT}], temperature=0, max_tokens=8
+    )
+    assert resp.model == "orders@1"
 
 
 def test_ctrl_c_stops_the_gateway_and_every_child(gateway: Gateway) -> None:
