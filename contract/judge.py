@@ -42,6 +42,11 @@ def _validator(schema_json: str) -> Any:
     return cls(schema, format_checker=cls.FORMAT_CHECKER)
 
 
+def check_schema(schema: dict[str, Any]) -> None:
+    """Raise ``jsonschema.SchemaError`` if ``schema`` is not a valid JSON Schema."""
+    _validator(json.dumps(schema, sort_keys=True))
+
+
 def schema_errors(instance: Any, schema: dict[str, Any]) -> list[str]:
     """Every way ``instance`` violates ``schema``, each as ``<json path>: <message>``."""
     validator = _validator(json.dumps(schema, sort_keys=True))

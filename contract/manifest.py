@@ -36,6 +36,9 @@ class PromptFormat(BaseModel):
     chat_template: str = Field(description="The Jinja chat template, verbatim from the base tokenizer.")
     bos_token: str = ""
     eos_token: str = ""
+    tools_format: str | None = Field(
+        default=None, description="How tools are rendered into the prompt (contract.tools), if trained with tools."
+    )
 
 
 class BaseModelRef(BaseModel):
@@ -65,7 +68,9 @@ class AdapterManifest(BaseModel):
     data: DataRef
     lora: LoraSpec
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
-    metrics: dict[str, float] = Field(default_factory=dict)
+    split: dict[str, Any] = Field(default_factory=dict, description="How train/validation were formed, and sizes.")
+    metrics: dict[str, float | None] = Field(default_factory=dict)
+    library_versions: dict[str, str] = Field(default_factory=dict)
     evaluation: dict[str, Any] | None = None
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 

@@ -14,6 +14,8 @@ from typing import Any
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from contract.tools import tools_system_prompt
+
 Message = dict[str, str]
 
 
@@ -23,6 +25,16 @@ def example_messages(example: dict[str, Any]) -> list[Message]:
     extra = str(example.get("input") or "").strip()
     content = f"{instruction}\n\n{extra}" if extra else instruction
     return [{"role": "user", "content": content}]
+
+
+def with_tools(messages: list[Message], tools: list[dict[str, Any]] | None) -> list[Message]:
+    """``messages`` with the functions presented in the system turn (merged into one that is there)."""
+    if not tools:
+        return messages
+    text = tools_system_prompt(tools)
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{messages[0]['content']}\n\n{text}"}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
 
 
 @lru_cache(maxsize=32)

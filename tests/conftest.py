@@ -33,25 +33,16 @@ def tiny_train_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_adapter(base_model: Path, tiny_train_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real LoRA adapter: a few steps at a high learning rate, enough to change greedy outputs."""
-    from training.train import TrainConfig, train
+    from training.config import TrainConfig
+    from training.train import train
 
     out = tmp_path_factory.mktemp("runs") / "orders"
-    train(
-        TrainConfig(
-            data=tiny_train_file,
-            out=out,
-            base_model=str(base_model),
-            task="orders",
-            schema=ORDERS / "schema.json",
-            rank=8,
-            alpha=16,
-            max_steps=6,
-            batch_size=8,
-            learning_rate=2e-3,
-            max_length=160,
-            log_every=1,
-        )
-    )
+    cfg = TrainConfig.model_validate(
+        {"data": tiny_train_file, "out": out, "task": "orders", "schema": ORDERS / "schema.json", "rank": 8,
+         "alpha": 16, "max_steps": 6, "batch_size": 8, "learning_rate": 2e-3, "max_length": 160, "log_every": 1,
+         "val_fraction": 0.0}
+    )  # fmt: skip
+    train(cfg, str(base_model))
     return out
 
 

@@ -1,16 +1,23 @@
-"""Train a LoRA adapter on instruction → output examples and write the adapter artifact.
+"""Train a LoRA (or QLoRA) adapter on JSON-output examples and write the adapter artifact.
 
     lorafleet train --data data/orders/train.jsonl --schema data/orders/schema.json \\
-        --task orders --out var/runs/orders --publish orders
+        --task orders --out var/runs/orders --max-steps 40 --learning-rate 1e-3 --publish orders
+    lorafleet train --config configs/orders.yaml
 
-Reads JSONL rows ``{"instruction", "input"?, "output"}``, renders each prompt with
-the base model's chat template (``contract.prompt``, the same rendering the
-gateway serves), and fine-tunes LoRA weights with TRL's ``SFTTrainer``: loss on
-the completion tokens only, with the end-of-turn token appended and learned so
-the adapter knows when to stop. Writes ``adapter_model.safetensors``,
-``adapter_config.json`` and the ``lorafleet.json`` manifest into ``--out``
-(atomically: a crash leaves no half adapter), and with ``--publish ALIAS`` adds
-it to the adapter store as the alias's next version.
+1. Check every row (``training.data``): refuse on errors unless ``--skip-invalid``.
+2. Split train/validation by seed (or take ``--eval-data``).
+3. Render each prompt with the base model's chat template through
+   ``contract.prompt``: the exact string the gateway will have vLLM render.
+4. Fine-tune with TRL's ``SFTTrainer``: loss on the completion only, the
+   end-of-turn token appended and learned (SmolLM2's pad token is its EOS; TRL
+   masks padding by position, not by token id, so the EOS stays in the labels).
+5. Eval loss every N steps, early stopping, the best checkpoint kept;
+   checkpoints every N steps for ``--resume``.
+6. Write ``adapter_model.safetensors`` (lora_A/lora_B only),
+   ``adapter_config.json``, the ``lorafleet.json`` manifest, ``metrics.jsonl``
+   and ``loss.png`` to ``<out>.partial`` and rename it to ``<out>`` at the end:
+   a killed or failed run never leaves a half adapter where a finished one is
+   expected (and ``--resume`` picks ``<out>.partial`` up again).
 """
 
 from __future__ import annotations
@@ -19,212 +26,315 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import dataclass
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
 from contract.basemodel import identify
+from contract.judge import check_schema
 from contract.manifest import AdapterManifest, BaseModelRef, DataRef, LoraSpec, PromptFormat
-from contract.prompt import example_messages, render
+from contract.prompt import render, with_tools
+from contract.tools import TOOLS_FORMAT
+from training.config import TrainConfig
+from training.data import CheckReport, DataError, Example, check
+from training.progress import MetricsLog, RichProgress
 
-TARGET_PRESETS = {
-    "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "attention-mlp": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
-
-
-class DataError(ValueError):
-    """The training data is unusable; the message lists every problem with file, line and field."""
+CHECKPOINTS = "checkpoints"
 
 
 @dataclass
-class TrainConfig:
-    data: Path
-    """JSONL file of ``{"instruction", "input"?, "output"}`` rows."""
-    out: Path
-    """Directory the adapter artifact is written to (replaced if it exists)."""
-    base_model: str
-    """Local Hugging Face model directory (or hub id) to adapt."""
-    task: str = "task"
-    """Name of the task, recorded in the manifest."""
-    schema: Path | None = None
-    """JSON Schema every output must match; recorded in the manifest for serving."""
-    rank: int = 16
-    """LoRA rank r (at most the gateway's ``max_lora_rank``)."""
-    alpha: int = 32
-    """LoRA alpha; the update is scaled by alpha / r."""
-    dropout: float = 0.05
-    """Dropout on the LoRA input."""
-    targets: str = "attention"
-    """Target-module preset: ``attention`` or ``attention-mlp``."""
-    epochs: float = 1.0
-    """Passes over the training data."""
-    max_steps: int = -1
-    """Stop after this many optimiser steps (overrides ``epochs`` when > 0)."""
-    learning_rate: float = 2e-4
-    """Peak learning rate (cosine schedule with warmup)."""
-    batch_size: int = 8
-    """Examples per optimiser step."""
-    max_length: int = 256
-    """Maximum tokens per example (prompt + completion)."""
-    seed: int = 0
-    """Seed for data order and LoRA initialisation."""
-    log_every: int = 5
-    """Log the training loss every N steps."""
+class Prepared:
+    """Everything decided before the first step: what the run will train on."""
+
+    trainer: Any
+    prompt_format: PromptFormat
+    train_examples: list[Example]
+    eval_examples: list[Example]
+    reports: list[CheckReport]
+    precision: str
+    split: dict[str, Any]
 
 
-def load_rows(path: Path) -> list[dict[str, Any]]:
-    """Read instruction/output JSONL, reporting every bad line at once."""
-    rows, problems = [], []
-    for lineno, line in enumerate(Path(path).read_text("utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problems.append(f"{path}:{lineno}: not a JSON object ({exc.msg}); fix the line or remove it")
-            continue
-        if not isinstance(row, dict):
-            problems.append(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            continue
-        for key in ("instruction", "output"):
-            if not isinstance(row.get(key), str) or not row[key].strip():
-                problems.append(f"{path}:{lineno}: field '{key}' is missing or empty; give it a non-empty string")
-        rows.append(row)
-    if not rows and not problems:
-        problems.append(f"{path}: no examples; add JSONL rows with 'instruction' and 'output'")
-    if problems:
-        raise DataError(f"{len(problems)} problem(s) in the training data:\n  " + "\n  ".join(problems))
-    return rows
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def build_trainer(cfg: TrainConfig, output_dir: Path) -> tuple[Any, PromptFormat, list[dict[str, Any]], bool]:
-    """The ``SFTTrainer`` for ``cfg``, with its tokenized dataset; returns (trainer, prompt format, rows, bf16)."""
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
-
-    if cfg.targets not in TARGET_PRESETS:
-        raise ValueError(f"--targets must be one of {sorted(TARGET_PRESETS)}, not {cfg.targets!r}")
-    rows = load_rows(cfg.data)
-
-    tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
-    if not tokenizer.chat_template:
-        raise ValueError(f"{cfg.base_model}: the tokenizer has no chat template; use an instruct model")
-    prompt_format = PromptFormat(
-        chat_template=tokenizer.chat_template,
-        bos_token=tokenizer.bos_token or "",
-        eos_token=tokenizer.eos_token or "",
-    )
-    # Prompts are rendered by the contract, not by TRL, so training sees exactly
-    # the string the gateway will have vLLM render from the manifest.
-    dataset = Dataset.from_list(
-        [{"prompt": render_prompt(prompt_format, row), "completion": row["output"]} for row in rows]
-    )
-
-    torch.manual_seed(cfg.seed)
-    model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.float32)
-    lora = LoraConfig(
-        r=cfg.rank,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=TARGET_PRESETS[cfg.targets],
-        task_type="CAUSAL_LM",
-    )
-    # bf16 autocast doubles CPU throughput where the CPU has native bf16 (AVX-512 BF16, AMX).
-    use_bf16 = torch.cuda.is_available() or _cpu_has_bf16()
-    args = SFTConfig(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=cfg.batch_size,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=0.05,
-        logging_steps=cfg.log_every,
-        save_strategy="no",
-        report_to=[],
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        bf16=use_bf16,
-        use_cpu=not torch.cuda.is_available(),
-        max_length=cfg.max_length,
-        # Loss on the completion only; TRL appends the EOS token (<|im_end|> for
-        # SmolLM2, which is also its pad token) to each completion and keeps it
-        # in the labels, so the adapter learns to stop.
-        completion_only_loss=True,
-        dataloader_num_workers=0,
-        disable_tqdm=False,
-        # Recomputing activations saves memory a 135M model does not need and costs ~1.5x time.
-        gradient_checkpointing=False,
-    )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
-    return trainer, prompt_format, rows, use_bf16
-
-
-def render_prompt(prompt_format: PromptFormat, row: dict[str, Any]) -> str:
+def render_prompt(prompt_format: PromptFormat, example: Example) -> str:
     return render(
         prompt_format.chat_template,
-        example_messages(row),
+        with_tools(example.messages, example.tools),
         add_generation_prompt=True,
         bos_token=prompt_format.bos_token,
         eos_token=prompt_format.eos_token,
     )
 
 
-def train(cfg: TrainConfig) -> AdapterManifest:
-    """Train, then write the adapter artifact to ``cfg.out`` in one rename (nothing is left on failure)."""
-    staging = cfg.out.with_name(cfg.out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
+def load_schema(path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    schema = json.loads(Path(path).read_text("utf-8"))
+    check_schema(schema)
+    return schema
+
+
+def check_data(cfg: TrainConfig, tokenizer: Any, prompt_format: PromptFormat) -> list[CheckReport]:
+    """Check the training (and validation) files; raise ``DataError`` on errors unless skipping them."""
+    schema = load_schema(cfg.schema_file)
+
+    def token_length(example: Example) -> int:
+        text = render_prompt(prompt_format, example) + example.completion + prompt_format.eos_token
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    reports = []
+    for path in [cfg.data] + ([cfg.eval_data] if cfg.eval_data else []):
+        report = check(path, schema=schema, token_length=token_length, max_length=cfg.max_length)
+        if report.errors and not cfg.skip_invalid:
+            raise DataError(report)
+        reports.append(report)
+    return reports
+
+
+def _precision(cfg: TrainConfig) -> str:
+    import torch
+
+    if cfg.precision != "auto":
+        return cfg.precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if _cpu_has_bf16() else "fp32"
+
+
+def prepare(cfg: TrainConfig, base_model: str, staging: Path) -> Prepared:
+    """Check the data, build the datasets, the model and the ``SFTTrainer``."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    if not tokenizer.chat_template:
+        raise ValueError(f"{base_model}: the tokenizer has no chat template; use an instruct model")
+    prompt_format = PromptFormat(
+        chat_template=tokenizer.chat_template,
+        bos_token=tokenizer.bos_token or "",
+        eos_token=tokenizer.eos_token or "",
+    )
+    reports = check_data(cfg, tokenizer, prompt_format)
+    train_examples = reports[0].examples
+    if any(e.tools for e in train_examples):
+        prompt_format.tools_format = TOOLS_FORMAT
+    if cfg.eval_data:
+        eval_examples = reports[1].examples
+        split: dict[str, Any] = {"source": "file", "eval_data": str(cfg.eval_data)}
+    elif cfg.val_fraction > 0 and len(train_examples) >= 10:
+        order = Dataset.from_dict({"i": list(range(len(train_examples)))}).train_test_split(
+            test_size=cfg.val_fraction, seed=cfg.seed
+        )
+        eval_examples = [train_examples[i] for i in sorted(order["test"]["i"])]
+        train_examples = [train_examples[i] for i in sorted(order["train"]["i"])]
+        split = {"source": "split", "val_fraction": cfg.val_fraction, "seed": cfg.seed}
+    else:
+        eval_examples, split = [], {"source": "none"}
+    split |= {"train": len(train_examples), "validation": len(eval_examples)}
+
+    def to_dataset(examples: list[Example]) -> Dataset:
+        return Dataset.from_list(
+            [{"prompt": render_prompt(prompt_format, e), "completion": e.completion} for e in examples]
+        )
+
+    precision = _precision(cfg)
+    torch.manual_seed(cfg.seed)
+    model_kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if cfg.qlora:
+        model_kwargs = _qlora_kwargs(torch)
+    model = AutoModelForCausalLM.from_pretrained(base_model, **model_kwargs)
+    lora = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules(),
+        use_rslora=cfg.rslora,
+        task_type="CAUSAL_LM",
+    )
+    evaluating = bool(eval_examples)
+    every = cfg.checkpoint_every
+    args = SFTConfig(
+        output_dir=str(staging / CHECKPOINTS),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.scheduler,
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        optim="adamw_torch",
+        logging_steps=cfg.log_every,
+        eval_strategy="steps" if evaluating and cfg.eval_every else "no",
+        eval_steps=cfg.eval_every or None,
+        save_strategy="steps" if every else "no",
+        save_steps=every or 500,
+        save_total_limit=2,
+        load_best_model_at_end=bool(evaluating and cfg.eval_every and every),
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        report_to=[],
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        max_length=cfg.max_length,
+        completion_only_loss=True,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        gradient_checkpointing=cfg.grad_checkpointing,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    callbacks: list[Any] = [MetricsLog(staging / "metrics.jsonl"), RichProgress()]
+    if cfg.early_stopping:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping))
+    datasets.disable_progress_bars()
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=to_dataset(train_examples),
+        eval_dataset=to_dataset(eval_examples) if evaluating else None,
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)  # RichProgress shows the same, on one line
+    return Prepared(trainer, prompt_format, train_examples, eval_examples, reports, precision, split)
+
+
+def _qlora_kwargs(torch: Any) -> dict[str, Any]:
     try:
-        manifest = _train_into(cfg, staging)
-    except BaseException:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise ValueError("--qlora needs bitsandbytes: pip install 'lorafleet[gpu]' (or bitsandbytes)") from exc
+    from transformers import BitsAndBytesConfig
+
+    if not torch.cuda.is_available():
+        warnings.warn("QLoRA on the CPU works but is much slower than LoRA; use it on a GPU", stacklevel=3)
+    compute = torch.bfloat16 if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else torch.float16
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+    )
+    return {"quantization_config": quant, "dtype": compute}
+
+
+def last_checkpoint(staging: Path) -> Path | None:
+    """The newest complete checkpoint: a run killed mid-save leaves one without its trainer state, written last."""
+    complete = [p for p in (staging / CHECKPOINTS).glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return max(complete, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
+
+
+def train(cfg: TrainConfig, base_model: str, *, resume: bool = False) -> AdapterManifest:
+    """Train, then move the finished artifact to ``cfg.out`` in one rename.
+
+    ``resume``: continue from the last checkpoint in ``<out>.partial`` (left by a killed run).
+    """
+    staging = cfg.out.with_name(cfg.out.name + ".partial")
+    checkpoint = last_checkpoint(staging) if resume else None
+    if resume and checkpoint is None:
+        raise ValueError(f"--resume: no checkpoint in {staging / CHECKPOINTS}; run without --resume to start over")
+    if checkpoint is None:
+        shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True, exist_ok=True)
+    try:
+        manifest = _train_into(cfg, base_model, staging, checkpoint)
+    except DataError:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    # Any other failure keeps the staging folder: its checkpoints are what --resume continues from.
+    shutil.rmtree(staging / CHECKPOINTS, ignore_errors=True)
     shutil.rmtree(cfg.out, ignore_errors=True)
     staging.rename(cfg.out)
     return manifest
 
 
-def _train_into(cfg: TrainConfig, staging: Path) -> AdapterManifest:
-    schema = json.loads(Path(cfg.schema).read_text("utf-8")) if cfg.schema else None
-    trainer, prompt_format, rows, use_bf16 = build_trainer(cfg, staging / "trainer")
+def _train_into(cfg: TrainConfig, base_model: str, staging: Path, checkpoint: Path | None) -> AdapterManifest:
+    prepared = prepare(cfg, base_model, staging)
+    trainer = prepared.trainer
     started = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     elapsed = time.perf_counter() - started
+    eval_loss = None
+    if prepared.eval_examples:
+        if trainer.state.best_metric is not None:  # load_best_model_at_end put the best weights back
+            eval_loss = float(trainer.state.best_metric)
+        else:
+            eval_loss = float(trainer.evaluate()["eval_loss"])
 
     trainer.model.save_pretrained(str(staging), safe_serialization=True)
-    shutil.rmtree(staging / "trainer", ignore_errors=True)
     (staging / "README.md").unlink(missing_ok=True)  # peft's model-card stub; the manifest says it all
-    base = identify(cfg.base_model)
-    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    history = trainer.state.log_history
+    losses = [h["loss"] for h in history if "loss" in h]
+    tokens = int(trainer.state.num_input_tokens_seen or 0) or _tokens_logged(history)
+    base = identify(base_model)
+    data_files = [cfg.data] + ([cfg.eval_data] if cfg.eval_data else [])
+    skipped = sum(len(r.invalid_lines) for r in prepared.reports)
     manifest = AdapterManifest(
         task=cfg.task,
         base_model=BaseModelRef(name=base.name, sha256=base.sha256),
-        prompt_format=prompt_format,
-        output_schema=schema,
-        data=DataRef(path=str(cfg.data), sha256=_sha256(cfg.data), examples=len(rows)),
-        lora=LoraSpec(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=lora_targets(cfg)),
-        hyperparameters={k: v for k, v in asdict(cfg).items() if k not in ("data", "out", "schema", "base_model")}
-        | {"bf16": use_bf16, "steps": result.global_step},
+        prompt_format=prepared.prompt_format,
+        output_schema=load_schema(cfg.schema_file),
+        data=DataRef(path=str(cfg.data), sha256=_sha256(data_files), examples=len(prepared.train_examples)),
+        split=prepared.split | {"skipped_invalid": skipped},
+        lora=LoraSpec(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules()),
+        hyperparameters=json.loads(cfg.model_dump_json(by_alias=True)) | {"precision": prepared.precision},
         metrics={
-            "train_loss_first": float(losses[0]) if losses else float("nan"),
-            "train_loss_last": float(losses[-1]) if losses else float("nan"),
-            "train_seconds": round(elapsed, 2),
+            "train_loss_first": float(losses[0]) if losses else None,
+            "train_loss_last": float(losses[-1]) if losses else None,
+            "eval_loss": eval_loss,
+            "best_eval_loss": float(trainer.state.best_metric) if trainer.state.best_metric else None,
+            "steps": float(result.global_step),
+            "tokens_seen": float(tokens),
+            "tokens_per_second": round(tokens / elapsed, 1) if elapsed else 0.0,
+            "wall_seconds": round(elapsed, 2),
         },
+        library_versions={name: package_version(name) for name in ("torch", "transformers", "peft", "trl")},
     )
     manifest.write(staging)
+    plot_losses(history, staging / "loss.png", title=f"{cfg.task}: loss")
     return manifest
 
 
-def lora_targets(cfg: TrainConfig) -> list[str]:
-    return list(TARGET_PRESETS[cfg.targets])
+def _tokens_logged(history: list[dict[str, Any]]) -> int:
+    counts = [h["num_tokens"] for h in history if "num_tokens" in h]
+    return int(float(counts[-1])) if counts else 0
+
+
+def plot_losses(history: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), marker="o", label="eval loss")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("loss (completion tokens)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _sha256(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()
 
 
 def _cpu_has_bf16() -> bool:

@@ -1,0 +1,46 @@
+"""Merge a LoRA adapter into its base model: a plain model directory any vLLM serves as a base.
+
+    lorafleet export var/adapters/orders/1 --out var/models/orders-merged --merge
+
+The merge is done in fp32 and saved in bf16 safetensors with the tokenizer; the
+result gets its own checksum record, and is written atomically.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from contract.basemodel import BaseModelRecord, identify, sha256_of_model_dir, write_record
+from contract.manifest import read_manifest
+
+
+def merge(adapter_dir: Path, out: Path, base_model: str) -> BaseModelRecord:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    manifest = read_manifest(adapter_dir)
+    base = identify(base_model)
+    if manifest.base_model.sha256 and base.sha256 and manifest.base_model.sha256 != base.sha256:
+        raise ValueError(
+            f"{adapter_dir} was trained on {manifest.base_model.name} ({manifest.base_model.sha256[:12]}), "
+            f"not on {base.name} ({base.sha256[:12]}); set LORAFLEET_BASE_MODEL to the adapter's base"
+        )
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+        merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+        merged.to(torch.bfloat16).save_pretrained(staging, safe_serialization=True)
+        AutoTokenizer.from_pretrained(base_model).save_pretrained(staging)
+        record = BaseModelRecord(
+            name=out.name, sha256=sha256_of_model_dir(staging), source=f"merged:{base.name}+{Path(adapter_dir)}"
+        )
+        write_record(staging, record)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    return record

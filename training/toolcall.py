@@ -1,0 +1,112 @@
+"""Function-calling data (glaive, BFCL) as JSON-output training rows.
+
+    lorafleet data toolcall --source ../shared/data/toolcall --out data/toolcall
+
+Each example becomes a chat row: the conversation up to the call, the functions
+it may call (``tools``), the call as the assistant's answer
+(``{"name", "arguments"}`` JSON) and, as its ``schema``, the call schema of the
+function it calls (``contract.tools.call_schema``). BFCL questions whose id
+number is divisible by 4 are held out of training for evaluation (``test``);
+their acceptable argument values stay in BFCL's answers file, joined by ``id``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from contract.judge import schema_errors
+from contract.tools import call_schema, json_schema_of
+
+GLAIVE_FILE = "glaive_toolcall_en_demo.json"
+BFCL_FILE = "bfcl_simple_python.jsonl"
+BFCL_ANSWERS = "bfcl_simple_python_answers.jsonl"
+ROLE_OF = {"human": "user", "gpt": "assistant", "observation": "tool"}
+
+
+def _row(rid: str, messages: list[dict[str, str]], tools: list[dict[str, Any]], call: dict[str, Any]) -> dict | None:
+    spec = next((t for t in tools if t.get("name") == call["name"]), None)
+    if spec is None:
+        return None
+    schema = call_schema(spec)
+    if schema_errors(call, schema):
+        return None  # the dataset's call does not match its own spec: not worth learning
+    tools = [t | {"parameters": json_schema_of(t.get("parameters", {}))} for t in tools]
+    answer = {"role": "assistant", "content": json.dumps(call, ensure_ascii=False)}
+    return {"id": rid, "messages": [*messages, answer], "tools": tools, "schema": schema}
+
+
+def from_glaive(path: Path) -> tuple[list[dict], int]:
+    """One row per distinct conversation, at its first function call; returns (rows, conversations skipped)."""
+    rows, skipped, seen = [], 0, set()
+    for i, conv in enumerate(json.loads(Path(path).read_text("utf-8"))):
+        turns = conv["conversations"]
+        first = next((j for j, t in enumerate(turns) if t["from"] == "function_call"), None)
+        if first is None:
+            continue
+        call = json.loads(turns[first]["value"])
+        if isinstance(call.get("arguments"), str):
+            call["arguments"] = json.loads(call["arguments"] or "{}")
+        messages = [{"role": ROLE_OF[t["from"]], "content": t["value"]} for t in turns[:first]]
+        row = _row(
+            f"glaive_{i}", messages, json.loads(conv["tools"]), {"name": call["name"], "arguments": call["arguments"]}
+        )
+        key = json.dumps([row["messages"], row["tools"]], sort_keys=True) if row else None
+        if row is None or key in seen:
+            skipped += 1  # the call does not match its spec, or the same prefix was seen already
+        else:
+            seen.add(key)
+            rows.append(row)
+    return rows, skipped
+
+
+def canonical_arguments(acceptable: dict[str, list[Any]]) -> dict[str, Any]:
+    """BFCL lists acceptable values per argument ("" = may be omitted); the first real one is the answer."""
+    args = {}
+    for name, values in acceptable.items():
+        real = [v for v in values if v != ""]
+        if real:
+            args[name] = real[0]
+    return args
+
+
+def from_bfcl(questions: Path, answers: Path) -> tuple[list[dict], list[dict], int]:
+    """(train rows, held-out test rows, questions skipped)."""
+    truth = {}
+    for line in Path(answers).read_text("utf-8").splitlines():
+        entry = json.loads(line)
+        truth[entry["id"]] = entry["ground_truth"][0]
+    train: list[dict] = []
+    test: list[dict] = []
+    skipped = 0
+    for line in Path(questions).read_text("utf-8").splitlines():
+        q = json.loads(line)
+        (name, acceptable), *_ = truth[q["id"]].items()
+        row = _row(
+            q["id"], q["question"][0], q["function"], {"name": name, "arguments": canonical_arguments(acceptable)}
+        )
+        if row is None:
+            skipped += 1
+            continue
+        (test if is_held_out(q["id"]) else train).append(row)
+    return train, test, skipped
+
+
+def is_held_out(bfcl_id: str) -> bool:
+    return int(bfcl_id.rsplit("_", 1)[1]) % 4 == 0
+
+
+def write(source: Path, out: Path) -> dict[str, int]:
+    """Write ``train.jsonl`` (glaive + BFCL) and ``test.jsonl`` (held-out BFCL) under ``out``; returns counts."""
+    glaive, glaive_skipped = from_glaive(source / GLAIVE_FILE)
+    bfcl_train, bfcl_test, bfcl_skipped = from_bfcl(source / BFCL_FILE, source / BFCL_ANSWERS)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", glaive + bfcl_train), ("test", bfcl_test)):
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    return {
+        "train": len(glaive) + len(bfcl_train),
+        "test": len(bfcl_test),
+        "skipped_glaive": glaive_skipped,
+        "skipped_bfcl": bfcl_skipped,
+    }
