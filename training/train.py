@@ -104,10 +104,10 @@ def _precision(cfg: TrainConfig) -> str:
 
 def prepare(cfg: TrainConfig, base_model: str, staging: Path) -> Prepared:
     """Check the data, build the datasets, the model and the ``SFTTrainer``."""
+    import datasets
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
