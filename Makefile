@@ -1,14 +1,14 @@
 # The two commands a newcomer needs:
 #   make run    install, provision the base model, train the demo adapter if missing, serve on :8000
 #   make test   install what the tests need and run the suite
-# Also: make lint, make bench, make eval-demo.
+# Also: make lint, make bench (all benchmarks), make bench-train (training speed only).
 
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint bench venv model clean-venv
+.PHONY: run test lint bench bench-train venv model clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ lint: venv
 
 bench: model
 	$(PY) -m benchmarks.run_all
+
+bench-train: model
+	$(PY) -m benchmarks.train_speed
 
 clean-venv:
 	rm -rf $(VENV)

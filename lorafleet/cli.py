@@ -40,7 +40,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(tenants_app, name="tenants")
 
-console = Console()
+console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 DEMO_TENANT = "demo"

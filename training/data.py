@@ -244,12 +244,17 @@ def check(
     report.rows = len(rows) + len(report.problems)
     seen: dict[str, int] = {}
     for line, row in rows:
+        first = seen.setdefault(json.dumps(row, sort_keys=True), line)
+        if first != line:
+            report.problems.append(Problem(str(path), line, None, f"duplicate of line {first}",
+                                           "delete the repeated example"))  # fmt: skip
+            continue
         example, problems = to_example(row, line, str(path), schema)
         report.problems += problems
         if example is None:
             continue
         first = seen.setdefault(example.key(), line)
-        if first != line:
+        if first != line:  # the same example in another shape
             report.problems.append(Problem(str(path), line, None, f"duplicate of line {first}",
                                            "delete the repeated example"))  # fmt: skip
             continue
@@ -266,4 +271,5 @@ def check(
                                        f"only {len(report.examples)} usable examples",
                                        f"use hundreds to thousands; under {min_examples} an adapter rarely generalises",
                                        "warning"))  # fmt: skip
+    report.problems.sort(key=lambda p: p.line or 0)
     return report
