@@ -57,7 +57,7 @@ def run_baseline(base_model: str, steps: int, batch_size: int, work: Path) -> tu
     tok = AutoTokenizer.from_pretrained(base_model)
     rows = [json.loads(line) for line in DATA.read_text().splitlines()]
     texts = [
-        tok.apply_chat_template(example_messages(r) + [{"role": "assistant", "content": r["output"]}], tokenize=False)
+        tok.apply_chat_template([*example_messages(r), {"role": "assistant", "content": r["output"]}], tokenize=False)
         for r in rows
     ]
     enc = tok(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True)
