@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data/orders/train.jsonl"
 MAX_LENGTH = 256
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+PACKING = False
 
 
 class CountingCollator:
@@ -42,7 +43,9 @@ class CountingCollator:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.inner(features)
-        self.tokens += int(batch["attention_mask"].sum())
+        # Packed (padding-free) batches carry position_ids and no padding at all.
+        mask = batch.get("attention_mask")
+        self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
         return batch
 
 
@@ -81,7 +84,7 @@ def run_lorafleet(base_model: str, steps: int, batch_size: int, work: Path) -> t
 
     cfg = TrainConfig.model_validate({"data": DATA, "out": work / "out", "max_steps": steps, "batch_size": batch_size,
                                       "rank": 16, "alpha": 32, "targets": "attention", "max_length": MAX_LENGTH,
-                                      "val_fraction": 0.0, "log_every": steps})  # fmt: skip
+                                      "val_fraction": 0.0, "log_every": steps, "packing": PACKING})  # fmt: skip
     prepared = prepare(cfg, base_model, work / "staging")
     collator = CountingCollator(prepared.trainer.data_collator)
     prepared.trainer.data_collator = collator

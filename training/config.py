@@ -79,6 +79,10 @@ class TrainConfig(BaseModel):
         default="auto", description="auto: bf16 on GPUs and on CPUs with native bf16, else fp32."
     )
     group_by_length: bool = Field(default=True, description="Batch examples of similar length: less padding, faster.")
+    packing: bool = Field(
+        default=False,
+        description="Pack several examples into each max_length row (no padding at all; attention stays per example).",
+    )
     seed: int = Field(default=0, description="Seed for the split, data order and LoRA initialisation.")
     # evaluation and checkpoints
     eval_every: int = Field(default=0, ge=0, description="Eval loss every N steps (0: at the end only).")

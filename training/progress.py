@@ -63,9 +63,9 @@ class RichProgress(TrainerCallback):
             fields["loss"] = f"{float(logs['loss']):.4f}"
         if "eval_loss" in logs:
             fields["eval"] = f"{float(logs['eval_loss']):.4f}"
-        if "num_tokens" in logs:
+        if state.num_input_tokens_seen:
             elapsed = time.perf_counter() - self.started
-            fields["tps"] = f"{(float(logs['num_tokens']) - self.tokens_at_start) / max(elapsed, 1e-6):.0f}"
+            fields["tps"] = f"{(state.num_input_tokens_seen - self.tokens_at_start) / max(elapsed, 1e-6):.0f}"
         self.progress.update(self.task, **fields)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:

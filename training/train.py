@@ -187,16 +187,20 @@ def prepare(cfg: TrainConfig, base_model: str, staging: Path) -> Prepared:
         use_cpu=not torch.cuda.is_available(),
         max_length=cfg.max_length,
         completion_only_loss=True,
-        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        train_sampling_strategy="group_by_length" if cfg.group_by_length and not cfg.packing else "random",
+        packing=cfg.packing,
+        packing_strategy="bfd",
         gradient_checkpointing=cfg.grad_checkpointing,
         dataloader_num_workers=0,
         disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
     )
     callbacks: list[Any] = [MetricsLog(staging / "metrics.jsonl"), RichProgress()]
     if cfg.early_stopping:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping))
     datasets.disable_progress_bars()
-    trainer = SFTTrainer(
+    trainer_cls = SFTTrainer if torch.cuda.is_available() else _plain_loss_trainer(SFTTrainer)
+    trainer = trainer_cls(
         model=model,
         args=args,
         train_dataset=to_dataset(train_examples),
@@ -207,6 +211,26 @@ def prepare(cfg: TrainConfig, base_model: str, staging: Path) -> Prepared:
     )
     trainer.remove_callback(PrinterCallback)  # RichProgress shows the same, on one line
     return Prepared(trainer, prompt_format, train_examples, eval_examples, reports, precision, split)
+
+
+def _plain_loss_trainer(sft_trainer: type) -> type:
+    """``SFTTrainer`` with the loss computed from full logits, the documented way to change its loss.
+
+    TRL computes the loss through a fused, tiled LM head that never materialises
+    the logits: the right trade on a GPU, but on the CPU it costs ~30% of the
+    step (measured: 279 vs 372 tokens/s on SmolLM2-135M, batch 8). The labels are
+    the same (prompt and padding masked), so the loss is too; only TRL's entropy
+    and token-accuracy metrics are not logged.
+    """
+    from transformers import Trainer
+
+    class PlainLossSFTTrainer(sft_trainer):
+        def compute_loss(
+            self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
+        ) -> Any:
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    return PlainLossSFTTrainer
 
 
 def _qlora_kwargs(torch: Any) -> dict[str, Any]:
@@ -272,7 +296,7 @@ def _train_into(cfg: TrainConfig, base_model: str, staging: Path, checkpoint: Pa
     (staging / "README.md").unlink(missing_ok=True)  # peft's model-card stub; the manifest says it all
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
-    tokens = int(trainer.state.num_input_tokens_seen or 0) or _tokens_logged(history)
+    tokens = int(trainer.state.num_input_tokens_seen or 0)
     base = identify(base_model)
     data_files = [cfg.data] + ([cfg.eval_data] if cfg.eval_data else [])
     skipped = sum(len(r.invalid_lines) for r in prepared.reports)
@@ -300,11 +324,6 @@ def _train_into(cfg: TrainConfig, base_model: str, staging: Path, checkpoint: Pa
     manifest.write(staging)
     plot_losses(history, staging / "loss.png", title=f"{cfg.task}: loss")
     return manifest
-
-
-def _tokens_logged(history: list[dict[str, Any]]) -> int:
-    counts = [h["num_tokens"] for h in history if "num_tokens" in h]
-    return int(float(counts[-1])) if counts else 0
 
 
 def plot_losses(history: list[dict[str, Any]], path: Path, title: str) -> None:
