@@ -24,6 +24,7 @@ from contract.manifest import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, AdapterM
 
 ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 STAGING = ".staging"
+OPTIONAL_FILES = ("metrics.jsonl", "loss.png")  # the training record travels with the weights
 
 
 class StoreError(ValueError):
@@ -89,7 +90,9 @@ class AdapterStore:
         staging = staging_root / f"{os.getpid()}-{uuid.uuid4().hex}"
         staging.mkdir()
         try:
-            for name in (WEIGHTS_FILE, CONFIG_FILE, MANIFEST_FILE):
+            names = [WEIGHTS_FILE, CONFIG_FILE, MANIFEST_FILE]
+            names += [n for n in OPTIONAL_FILES if (Path(source) / n).is_file()]
+            for name in names:
                 shutil.copy2(Path(source) / name, staging / name)
                 _fsync(staging / name)
             alias_dir = self.root / alias
