@@ -155,6 +155,19 @@ def test_resume_without_a_checkpoint_says_so(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "no checkpoint" in proc.stderr
 
 
+def test_qlora_on_the_cpu_warns_and_writes_a_plain_lora_adapter(
+    base_model: Path, tiny_train_file: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("bitsandbytes")
+    if torch.cuda.is_available():
+        pytest.skip("the CPU warning is only given without a GPU")
+    with pytest.warns(UserWarning, match="QLoRA on the CPU works but is much slower"):
+        manifest = train(tiny_config(tiny_train_file, tmp_path / "q", qlora=True, max_steps=2), str(base_model))
+    assert manifest.hyperparameters["qlora"] is True and manifest.metrics["steps"] == 2
+    weights = load_file(tmp_path / "q" / "adapter_model.safetensors")
+    assert weights and all("lora_A" in name or "lora_B" in name for name in weights)
+
+
 @pytest.mark.gpu
 def test_qlora_trains_on_a_gpu(base_model: Path, tiny_train_file: Path, tmp_path: Path) -> None:
     if not torch.cuda.is_available():

@@ -343,7 +343,8 @@ def plot_losses(history: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.set_ylabel("loss (completion tokens)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or evals:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
