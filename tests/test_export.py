@@ -42,3 +42,45 @@ def test_merge_refuses_an_adapter_of_another_base(tiny_adapter: Path, tmp_path: 
         merge(tiny_adapter, tmp_path / "out", str(other))
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
     shutil.rmtree(other)
+
+
+def test_vllm_serves_the_merged_model_as_a_base(tiny_adapter: Path, base_model: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from lorafleet.launch import free_port
+
+    out = tmp_path / "merged"
+    merge(tiny_adapter, out, str(base_model))
+    port = free_port()
+    log = (tmp_path / "vllm.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(out), "--served-model-name",
+         "merged", "--port", str(port), "--host", "127.0.0.1", "--max-model-len", "1024"],
+        env=os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"}, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "vllm.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        resp = httpx.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            json={"model": "merged", "messages": [{"role": "user", "content": "Create a JSON record: customer Ana "
+                  "Silva (ana@shop.io), order 777, status shipped."}], "max_tokens": 40, "temperature": 0},
+            timeout=120,
+        )  # fmt: skip
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["choices"][0]["message"]["content"]
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=60)
