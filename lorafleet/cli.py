@@ -122,6 +122,7 @@ def train(config: Path | None = None, resume: bool = False, publish: str | None 
     """Fine-tune a LoRA adapter (flags or --config YAML with the same field names; flags win)."""
     from training.config import ConfigError, load_config
     from training.data import DataError
+    from training.train import is_main_process
     from training.train import train as run_training
 
     settings = CommonSettings()
@@ -140,6 +141,8 @@ def train(config: Path | None = None, resume: bool = False, publish: str | None 
         raise _fail(str(exc)) from exc
     except ValueError as exc:
         raise _fail(str(exc)) from exc
+    if not is_main_process():
+        return  # under `accelerate launch`, process 0 reports and publishes
     _print_summary(cfg.out, manifest)
     if publish:
         _publish(settings, cfg.out, publish)

@@ -174,3 +174,21 @@ def test_qlora_trains_on_a_gpu(base_model: Path, tiny_train_file: Path, tmp_path
         pytest.skip("no CUDA GPU here")
     manifest = train(tiny_config(tiny_train_file, tmp_path / "q", qlora=True), str(base_model))
     assert manifest.metrics["steps"] == 3
+
+
+def test_two_process_data_parallel_run_on_the_cpu(tiny_train_file: Path, tmp_path: Path) -> None:
+    """The same command under torchrun: DDP over gloo; process 0 alone writes the artifact."""
+    out = tmp_path / "ddp"
+    env = os.environ | {"LORAFLEET_DATA_DIR": str(ROOT / "var")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lorafleet", "train",
+         "--data", str(tiny_train_file), "--out", str(out), "--max-steps", "2", "--batch-size", "2", "--rank", "4",
+         "--val-fraction", "0", "--max-length", "160", "--log-every", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    # Two processes with 2 examples each: one step covers 4 of the 48 examples.
+    assert first["epoch"] == pytest.approx(4 / 48)
+    assert read_manifest(out).metrics["steps"] == 2
+    assert proc.stdout.count("adapter task") == 1, "only process 0 reports"

@@ -18,7 +18,7 @@ class MetricsLog(TrainerCallback):
         self.path = path
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **_: Any) -> None:
-        if logs:
+        if logs and state.is_world_process_zero:
             row = {"step": state.global_step, "time": round(time.time(), 3)} | {
                 k: (float(v) if isinstance(v, int | float) else v) for k, v in logs.items()
             }
@@ -36,6 +36,8 @@ class RichProgress(TrainerCallback):
         self.tokens_at_start = 0
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        if not state.is_world_process_zero:
+            return
         self.progress = Progress(
             TextColumn("[bold]training[/]"),
             BarColumn(),

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 import warnings
@@ -194,6 +195,7 @@ def prepare(cfg: TrainConfig, base_model: str, staging: Path) -> Prepared:
         dataloader_num_workers=0,
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
+        ddp_find_unused_parameters=False,  # every LoRA weight is used in every step
     )
     callbacks: list[Any] = [MetricsLog(staging / "metrics.jsonl"), RichProgress()]
     if cfg.early_stopping:
@@ -264,14 +266,18 @@ def train(cfg: TrainConfig, base_model: str, *, resume: bool = False) -> Adapter
     checkpoint = last_checkpoint(staging) if resume else None
     if resume and checkpoint is None:
         raise ValueError(f"--resume: no checkpoint in {staging / CHECKPOINTS}; run without --resume to start over")
-    if checkpoint is None:
+    main_process = is_main_process()
+    if checkpoint is None and main_process:
         shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True, exist_ok=True)
     try:
         manifest = _train_into(cfg, base_model, staging, checkpoint)
     except DataError:
-        shutil.rmtree(staging, ignore_errors=True)
+        if main_process:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
+    if not main_process:  # under `accelerate launch`, process 0 writes the artifact
+        return manifest
     # Any other failure keeps the staging folder: its checkpoints are what --resume continues from.
     shutil.rmtree(staging / CHECKPOINTS, ignore_errors=True)
     shutil.rmtree(cfg.out, ignore_errors=True)
@@ -292,6 +298,8 @@ def _train_into(cfg: TrainConfig, base_model: str, staging: Path, checkpoint: Pa
         else:
             eval_loss = float(trainer.evaluate()["eval_loss"])
 
+    if not trainer.is_world_process_zero():
+        return AdapterManifest.model_construct()
     trainer.model.save_pretrained(str(staging), safe_serialization=True)
     (staging / "README.md").unlink(missing_ok=True)  # peft's model-card stub; the manifest says it all
     history = trainer.state.log_history
@@ -355,6 +363,11 @@ def _sha256(paths: list[Path]) -> str:
     for path in paths:
         digest.update(Path(path).read_bytes())
     return digest.hexdigest()
+
+
+def is_main_process() -> bool:
+    # Set by torchrun / `accelerate launch`; a plain run is process 0.
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _cpu_has_bf16() -> bool:
