@@ -69,6 +69,9 @@ class TrainConfig(BaseModel):
     epochs: float = Field(default=1.0, gt=0, description="Passes over the training data.")
     max_steps: int = Field(default=-1, description="Stop after this many optimiser steps (> 0 overrides --epochs).")
     learning_rate: float = Field(default=2e-4, gt=0, description="Peak learning rate.")
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd"] = Field(
+        default="adamw_torch", description="Optimiser (Hugging Face Trainer names)."
+    )
     scheduler: Literal["cosine", "linear", "constant_with_warmup"] = Field(default="cosine", description="LR schedule.")
     warmup_ratio: float = Field(default=0.05, ge=0, lt=1, description="Share of steps spent warming up the LR.")
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import TrainerCallback
 
@@ -38,6 +39,10 @@ class RichProgress(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
         if not state.is_world_process_zero:
             return
+        self.started = time.perf_counter()
+        self.tokens_at_start = int(state.num_input_tokens_seen or 0)
+        if not Console().is_terminal:
+            return  # logs and CI: one plain line per logging step instead (on_log)
         self.progress = Progress(
             TextColumn("[bold]training[/]"),
             BarColumn(),
@@ -49,8 +54,6 @@ class RichProgress(TrainerCallback):
         )
         self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step,
                                            loss="-", eval="-", tps="-")  # fmt: skip
-        self.started = time.perf_counter()
-        self.tokens_at_start = int(state.num_input_tokens_seen or 0)
         self.progress.start()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
@@ -58,7 +61,10 @@ class RichProgress(TrainerCallback):
             self.progress.update(self.task, completed=state.global_step)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **_: Any) -> None:
-        if self.progress is None or not logs:
+        if not logs or not state.is_world_process_zero:
+            return
+        if self.progress is None:
+            self._plain_line(state, logs)
             return
         fields: dict[str, Any] = {}
         if "loss" in logs:
@@ -69,6 +75,19 @@ class RichProgress(TrainerCallback):
             elapsed = time.perf_counter() - self.started
             fields["tps"] = f"{(state.num_input_tokens_seen - self.tokens_at_start) / max(elapsed, 1e-6):.0f}"
         self.progress.update(self.task, **fields)
+
+    def _plain_line(self, state: Any, logs: dict[str, Any]) -> None:
+        parts = [f"step {state.global_step}/{state.max_steps}"]
+        for key in ("loss", "eval_loss"):
+            if key in logs:
+                parts.append(f"{key} {float(logs[key]):.4f}")
+        elapsed = time.perf_counter() - self.started
+        if state.num_input_tokens_seen and elapsed > 0:
+            parts.append(f"{(state.num_input_tokens_seen - self.tokens_at_start) / elapsed:.0f} tok/s")
+        if state.global_step and elapsed > 0:
+            left = elapsed / state.global_step * (state.max_steps - state.global_step)
+            parts.append(f"ETA {left:.0f} s")
+        print("training: " + ", ".join(parts), flush=True)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
         if self.progress is not None:

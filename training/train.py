@@ -170,7 +170,7 @@ def prepare(cfg: TrainConfig, base_model: str, staging: Path) -> Prepared:
         lr_scheduler_type=cfg.scheduler,
         warmup_steps=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay,
-        optim="adamw_torch",
+        optim=cfg.optimizer,
         logging_steps=cfg.log_every,
         eval_strategy="steps" if evaluating and cfg.eval_every else "no",
         eval_steps=cfg.eval_every or None,
