@@ -120,8 +120,8 @@ def _train_options() -> list[inspect.Parameter]:
 
 def train(config: Path | None = None, resume: bool = False, publish: str | None = None, **fields: Any) -> None:
     """Fine-tune a LoRA adapter (flags or --config YAML with the same field names; flags win)."""
+    from contract.examples import DataError
     from training.config import ConfigError, load_config
-    from training.data import DataError
     from training.train import is_main_process
     from training.train import train as run_training
 
@@ -195,8 +195,8 @@ def data_check(
     tokens: Annotated[bool, typer.Option(help="Check token lengths with the base model's tokenizer.")] = True,
 ) -> None:
     """Check every row of a training file and report every problem at once (exit 1 on errors)."""
+    from contract.examples import check
     from training.config import TrainConfig
-    from training.data import check
     from training.train import check_data
 
     if not path.is_file():

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from contract.examples import check
 from contract.judge import judge
 from tests.conftest import orders_schema
 from training import toolcall
-from training.data import check
 
 SHARED_TOOLCALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "toolcall"
 ROOT = Path(__file__).resolve().parents[1]

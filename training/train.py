@@ -4,7 +4,7 @@
         --task orders --out var/runs/orders --max-steps 40 --learning-rate 1e-3 --publish orders
     lorafleet train --config configs/orders.yaml
 
-1. Check every row (``training.data``): refuse on errors unless ``--skip-invalid``.
+1. Check every row (``contract.examples``): refuse on errors unless ``--skip-invalid``.
 2. Split train/validation by seed (or take ``--eval-data``).
 3. Render each prompt with the base model's chat template through
    ``contract.prompt``: the exact string the gateway will have vLLM render.
@@ -34,12 +34,12 @@ from pathlib import Path
 from typing import Any
 
 from contract.basemodel import identify
+from contract.examples import CheckReport, DataError, Example, check
 from contract.judge import check_schema
 from contract.manifest import AdapterManifest, BaseModelRef, DataRef, LoraSpec, PromptFormat
 from contract.prompt import render, with_tools
 from contract.tools import TOOLS_FORMAT
 from training.config import TrainConfig
-from training.data import CheckReport, DataError, Example, check
 from training.progress import MetricsLog, RichProgress
 
 CHECKPOINTS = "checkpoints"

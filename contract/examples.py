@@ -1,4 +1,4 @@
-"""Training data: read every supported shape, check every row, report every problem at once.
+"""Example files: read every supported shape, check every row, report every problem at once.
 
     lorafleet data check data/orders/train.jsonl --schema data/orders/schema.json
 
@@ -8,7 +8,8 @@ Accepted files: JSON Lines, or one JSON array, of rows in one of these shapes
     {"prompt", "completion", "schema"?, "id"?}
     {"messages": [...], "tools"?, "schema"?, "id"?}           chat; the last turn is the assistant's answer
 
-Function-calling files (glaive, BFCL) become chat rows with ``tools`` through
+Training and evaluation read data through here. Function-calling files (glaive,
+BFCL) become chat rows with ``tools`` through
 ``training.toolcall``. A row's ``schema`` (or ``--schema`` for the whole file)
 is the JSON Schema its output must match.
 
