@@ -102,6 +102,7 @@ class TargetScores:
     target: str
     mode: str
     items: list[Scored] = field(default_factory=list)
+    wall_s: float = 0.0
 
     def rate(self, pick: Any) -> Rate:
         return wilson(sum(1 for s in self.items if pick(s)), len(self.items))

@@ -241,6 +241,39 @@ def data_toolcall(
                   f"skipped {counts['skipped_glaive']} glaive and {counts['skipped_bfcl']} BFCL rows")  # fmt: skip
 
 
+@app.command("eval")
+def eval_(
+    data: Annotated[
+        Path, typer.Option(help="Held-out examples (any training format; the answer is the expected output).")
+    ],
+    target: Annotated[list[str], typer.Option(help="base, ALIAS (newest version) or ALIAS@VERSION; repeatable.")],
+    out: Annotated[Path, typer.Option(help="Folder for report.json and report.md.")],
+    schema: Annotated[
+        Path | None, typer.Option(help="JSON Schema for every output (rows may carry their own).")
+    ] = None,
+    mode: Annotated[list[str] | None, typer.Option(help="unconstrained and/or constrained (default: both).")] = None,
+    max_tokens: int = 256,
+) -> None:
+    """Score the base model and adapter versions on held-out data, generating with vLLM."""
+    from contract.store import AdapterStore
+    from evaluation.run import MODES, EvalError, evaluate, load_examples, resolve_targets, write_report
+
+    settings = CommonSettings()
+    modes = mode or list(MODES)
+    try:
+        bad = [m for m in modes if m not in MODES]
+        if bad:
+            raise EvalError(f"unknown --mode {bad}: use {list(MODES)}")
+        _require_base_model(settings)
+        examples = load_examples(data, schema)
+        targets = resolve_targets(target, AdapterStore(settings.adapters_dir), settings.base_model_path())
+    except EvalError as exc:
+        raise _fail(str(exc)) from exc
+    results = evaluate(examples, targets, modes, settings.base_model_path(), max_tokens=max_tokens)
+    write_report(results, out, data)
+    console.print((out / "report.md").read_text(), highlight=False, markup=False)
+
+
 @app.command()
 def export(
     adapter: Annotated[Path, typer.Argument(help="Adapter directory (or store path) to merge.")],
