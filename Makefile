@@ -8,7 +8,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint bench bench-train venv model clean-venv
+.PHONY: run test lint bench bench-train eval-demo venv model clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ bench: model
 
 bench-train: model
 	$(PY) -m benchmarks.train_speed
+
+# Base model vs the published demo adapter on the held-out orders split (needs `make run` once).
+eval-demo: model
+	$(PY) -m lorafleet eval --data data/orders/test.jsonl --schema data/orders/schema.json \
+		--target base --target orders --out var/eval/orders
 
 clean-venv:
 	rm -rf $(VENV)
