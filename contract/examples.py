@@ -92,13 +92,10 @@ class CheckReport:
 class DataError(ValueError):
     """The data has errors; ``report`` holds every one of them."""
 
-    def __init__(self, report: CheckReport) -> None:
+    def __init__(self, report: CheckReport, fix: str = "Fix them, or pass --skip-invalid to drop those rows.") -> None:
         self.report = report
         lines = "\n  ".join(str(p) for p in report.errors)
-        super().__init__(
-            f"{len(report.errors)} problem(s) in {report.path} ({report.rows} rows):\n  {lines}\n"
-            "Fix them, or pass --skip-invalid to drop those rows."
-        )
+        super().__init__(f"{len(report.errors)} problem(s) in {report.path} ({report.rows} rows):\n  {lines}\n{fix}")
 
 
 def read_rows(path: Path) -> tuple[list[tuple[int, Any]], list[Problem]]:

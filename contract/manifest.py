@@ -74,6 +74,16 @@ class AdapterManifest(BaseModel):
     evaluation: dict[str, Any] | None = None
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
+    def base_mismatch(self, name: str, sha256: str) -> str | None:
+        """Why this adapter does not fit the base model ``name``/``sha256``, or ``None`` if it does.
+
+        An empty checksum on either side (a hub id) cannot be compared and is taken as a fit.
+        """
+        ours = self.base_model
+        if not (ours.sha256 and sha256) or ours.sha256 == sha256:
+            return None
+        return f"trained on {ours.name} ({ours.sha256[:12]}), not the base {name} ({sha256[:12]})"
+
     def write(self, adapter_dir: Path) -> None:
         path = Path(adapter_dir) / MANIFEST_FILE
         tmp = path.with_suffix(".json.tmp")

@@ -55,9 +55,9 @@ def resolve_targets(names: list[str], store: AdapterStore, base_model: str) -> l
         except (StoreError, ManifestError) as exc:
             problems.append(f"target {name}: {exc}; list versions with `lorafleet adapters list`")
             continue
-        if base.sha256 and manifest.base_model.sha256 and manifest.base_model.sha256 != base.sha256:
-            trained_on = f"{manifest.base_model.name} ({manifest.base_model.sha256[:12]})"
-            problems.append(f"target {name}: trained on {trained_on}, not the base {base.name} ({base.sha256[:12]})")
+        mismatch = manifest.base_mismatch(base.name, base.sha256)
+        if mismatch:
+            problems.append(f"target {name}: {mismatch}")
             continue
         targets.append(Target(found.ref, found.path))
     if problems:
@@ -71,9 +71,7 @@ def load_examples(path: Path, schema_path: Path | None) -> list[Example]:
     schema = json.loads(schema_path.read_text("utf-8")) if schema_path else None
     report = check(path, schema=schema, min_examples=1)
     if report.errors:
-        raise EvalError(
-            str(DataError(report)).replace("Fix them, or pass --skip-invalid to drop those rows.", "Fix them.")
-        )
+        raise EvalError(str(DataError(report, fix="Fix them.")))
     return report.examples
 
 

@@ -197,7 +197,7 @@ def data_check(
     """Check every row of a training file and report every problem at once (exit 1 on errors)."""
     from contract.examples import check
     from training.config import TrainConfig
-    from training.train import check_data
+    from training.train import check_data, prompt_format_of
 
     if not path.is_file():
         raise _fail(f"{path}: no such file")
@@ -205,12 +205,8 @@ def data_check(
     if tokens and Path(settings.base_model_path(), "config.json").is_file():
         from transformers import AutoTokenizer
 
-        from contract.manifest import PromptFormat
-
         tok = AutoTokenizer.from_pretrained(settings.base_model_path())
-        fmt = PromptFormat(
-            chat_template=tok.chat_template, bos_token=tok.bos_token or "", eos_token=tok.eos_token or ""
-        )
+        fmt = prompt_format_of(tok)
         cfg = TrainConfig.model_validate({"data": path, "out": "unused", "schema": schema, "max_length": max_length,
                                           "skip_invalid": True})  # fmt: skip
         report = check_data(cfg, tok, fmt)[0]

@@ -49,12 +49,8 @@ class AdapterRegistry:
             manifest = self.manifest(version)
         except ManifestError as exc:
             raise AdapterMisfit(str(exc)) from exc
-        problems = []
-        if self.base.sha256 and manifest.base_model.sha256 and manifest.base_model.sha256 != self.base.sha256:
-            problems.append(
-                f"trained on base model {manifest.base_model.name} ({manifest.base_model.sha256[:12]}), "
-                f"but the engine serves {self.base.name} ({self.base.sha256[:12]})"
-            )
+        mismatch = manifest.base_mismatch(self.base.name, self.base.sha256)
+        problems = [mismatch] if mismatch else []
         config = read_adapter_config(version.path)
         rank = int(config.get("r", manifest.lora.rank))
         if rank > self.max_lora_rank:
@@ -73,9 +69,9 @@ class AdapterRegistry:
         return manifest
 
     async def ensure_loaded(self, version: AdapterVersion) -> AdapterManifest:
+        if version.ref in self.loaded:  # it passed check_fits when it was loaded
+            return self.manifest(version)
         manifest = self.check_fits(version)
-        if version.ref in self.loaded:
-            return manifest
         lock = self._locks.setdefault(version.ref, asyncio.Lock())
         async with lock:
             if version.ref not in self.loaded:

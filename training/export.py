@@ -22,11 +22,9 @@ def merge(adapter_dir: Path, out: Path, base_model: str) -> BaseModelRecord:
 
     manifest = read_manifest(adapter_dir)
     base = identify(base_model)
-    if manifest.base_model.sha256 and base.sha256 and manifest.base_model.sha256 != base.sha256:
-        raise ValueError(
-            f"{adapter_dir} was trained on {manifest.base_model.name} ({manifest.base_model.sha256[:12]}), "
-            f"not on {base.name} ({base.sha256[:12]}); set LORAFLEET_BASE_MODEL to the adapter's base"
-        )
+    mismatch = manifest.base_mismatch(base.name, base.sha256)
+    if mismatch:
+        raise ValueError(f"{adapter_dir} was {mismatch}; set LORAFLEET_BASE_MODEL to the adapter's base")
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     try:

@@ -58,6 +58,15 @@ class Prepared:
     split: dict[str, Any]
 
 
+def prompt_format_of(tokenizer: Any) -> PromptFormat:
+    """The prompt format a tokenizer renders: its chat template and special tokens."""
+    return PromptFormat(
+        chat_template=tokenizer.chat_template,
+        bos_token=tokenizer.bos_token or "",
+        eos_token=tokenizer.eos_token or "",
+    )
+
+
 def render_prompt(prompt_format: PromptFormat, example: Example) -> str:
     return render(
         prompt_format.chat_template,
@@ -115,11 +124,7 @@ def prepare(cfg: TrainConfig, base_model: str, staging: Path) -> Prepared:
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     if not tokenizer.chat_template:
         raise ValueError(f"{base_model}: the tokenizer has no chat template; use an instruct model")
-    prompt_format = PromptFormat(
-        chat_template=tokenizer.chat_template,
-        bos_token=tokenizer.bos_token or "",
-        eos_token=tokenizer.eos_token or "",
-    )
+    prompt_format = prompt_format_of(tokenizer)
     reports = check_data(cfg, tokenizer, prompt_format)
     train_examples = reports[0].examples
     if any(e.tools for e in train_examples):
