@@ -1,14 +1,15 @@
 # The two commands a newcomer needs:
 #   make run    install, provision the base model, train the demo adapter if missing, serve on :8000
 #   make test   install what the tests need and run the suite
-# Also: make lint, make bench (all benchmarks), make bench-train (training speed only).
+# Also: make lint, make bench (all benchmarks), make bench-train / bench-eval (one each),
+#       make eval-demo (the demo adapters against the base model on held-out data).
 
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint bench bench-train eval-demo venv model clean-venv
+.PHONY: run test lint bench bench-train bench-eval eval-demo venv model clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,10 +43,16 @@ bench: model
 bench-train: model
 	$(PY) -m benchmarks.train_speed
 
-# Base model vs the published demo adapter on the held-out orders split (needs `make run` once).
+bench-eval: model
+	$(PY) -m benchmarks.eval_speed
+
+# Base model vs the demo adapters on their held-out sets, both modes (trains them first if missing).
 eval-demo: model
+	$(PY) -m lorafleet demo --no-serve
 	$(PY) -m lorafleet eval --data data/orders/test.jsonl --schema data/orders/schema.json \
 		--target base --target orders --out var/eval/orders
+	$(PY) -m lorafleet eval --data data/toolcall/test.jsonl --answers data/toolcall/test_answers.jsonl \
+		--target base --target toolcall --out var/eval/toolcall
 
 clean-venv:
 	rm -rf $(VENV)

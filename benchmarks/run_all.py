@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ["benchmarks.train_speed", "benchmarks.gateway_overhead"]
+BENCHMARKS = ["benchmarks.train_speed", "benchmarks.gateway_overhead", "benchmarks.eval_speed"]
 
 if __name__ == "__main__":
     failed = [name for name in BENCHMARKS if subprocess.run([sys.executable, "-m", name]).returncode != 0]

@@ -64,6 +64,7 @@ class Example:
     schema: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     line: int = 0
+    id: str | None = None
 
     def key(self) -> str:
         return json.dumps([self.messages, self.tools, self.completion], sort_keys=True)
@@ -186,7 +187,7 @@ def to_example(row: Any, line: int, path: str, schema: dict[str, Any] | None) ->
     if row_schema is not None:
         output_field = {"instruction": "output", "prompt": "completion", "chat": "messages[-1].content"}[shape]
         problems += _check_output(completion, row_schema, output_field, problem)
-    example = Example(messages, completion, row_schema, tools, line)
+    example = Example(messages, completion, row_schema, tools, line, str(row["id"]) if "id" in row else None)
     return (None if problems else example), problems
 
 

@@ -80,6 +80,20 @@ def field_accuracy(actual: Any, expected: Any) -> float:
     return right / len(paths)
 
 
+def field_differences(actual: Any, expected: Any) -> list[str]:
+    """Each leaf path where ``actual`` differs from ``expected``: wrong value, missing or extra."""
+    want, got = _leaves(expected), _leaves(actual)
+    out = []
+    for path in sorted(set(want) | set(got)):
+        if path not in got:
+            out.append(f"{path}: missing (expected {want[path]!r})")
+        elif path not in want:
+            out.append(f"{path}: extra ({got[path]!r})")
+        elif want[path] != got[path]:
+            out.append(f"{path}: expected {want[path]!r}, got {got[path]!r}")
+    return out
+
+
 def judge(
     text: str,
     schema: dict[str, Any] | None = None,

@@ -3,9 +3,16 @@
 Layout::
 
     <root>/<alias>/<version>/   a complete adapter directory (see ``contract.manifest``)
+    <root>/<alias>/<version>/gate.json   the latest evaluation gate verdict for that version
+    <root>/<alias>/stable.json  which version is stable (served by default), and how it got there
+    <root>/<alias>/events.jsonl every promotion and rollback, forced or not (the audit trail)
     <root>/.staging/            copies in progress; never read by anyone
 
-A version is an integer that only grows. Publishing copies the adapter into
+A version is an integer that only grows. An alias with no stable version
+serves its newest one (the first publish needs no ceremony); once a version
+has been made stable, a newer one is served only after it passes the
+evaluation gate and is promoted (``promote``; ``force=True`` skips the gate
+and says so in the audit trail). Publishing copies the adapter into
 ``.staging`` and renames it into place in one step, so a reader sees either the
 whole version or none of it, and a crash mid-copy leaves nothing half-written
 in the store (only a staging folder, removed by the next publish).
@@ -13,18 +20,24 @@ in the store (only a staging folder, removed by the next publish).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from contract.manifest import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, AdapterManifest, read_manifest
 
 ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 STAGING = ".staging"
 OPTIONAL_FILES = ("metrics.jsonl", "loss.png")  # the training record travels with the weights
+GATE_FILE = "gate.json"
+STABLE_FILE = "stable.json"
+EVENTS_FILE = "events.jsonl"
 
 
 class StoreError(ValueError):
@@ -80,6 +93,64 @@ class AdapterStore:
             raise StoreError(f"no version {version} of adapter {alias!r} in {self.root}")
         return AdapterVersion(alias, version, path)
 
+    def stable(self, alias: str) -> AdapterVersion | None:
+        """The version made stable by the last promotion or rollback, if any."""
+        pointer = self.root / check_alias(alias) / STABLE_FILE
+        if not pointer.is_file():
+            return None
+        return self.get(alias, int(json.loads(pointer.read_text("utf-8"))["version"]))
+
+    def serving(self, alias: str) -> AdapterVersion | None:
+        """The version requests for ``alias`` go to: the stable one, else the newest."""
+        return self.stable(alias) or self.latest(alias)
+
+    def gate(self, version: AdapterVersion) -> dict[str, Any] | None:
+        """The last evaluation gate verdict recorded for ``version`` (``{"passed": bool, ...}``)."""
+        path = version.path / GATE_FILE
+        return json.loads(path.read_text("utf-8")) if path.is_file() else None
+
+    def record_gate(self, version: AdapterVersion, verdict: dict[str, Any]) -> None:
+        _write_atomic(version.path / GATE_FILE, json.dumps(verdict, indent=2) + "\n")
+
+    def promote(self, alias: str, version: int, *, force: bool = False, reason: str = "", actor: str = "cli") -> dict:
+        """Make ``alias@version`` stable. It must have passed its evaluation gate unless ``force``.
+
+        Rolling back to an earlier version is a promotion too; a version that
+        was stable before has proven itself and needs no new gate. Returns the
+        audit event, which is also appended to the alias's ``events.jsonl``.
+        """
+        target = self.get(alias, version)
+        previous = self.stable(alias)
+        gate = self.gate(target)
+        was_stable = any(e.get("to") == version for e in self.events(alias))
+        if not force and not was_stable and not (gate and gate.get("passed")):
+            why = "has no evaluation gate verdict" if gate is None else "failed its evaluation gate"
+            raise StoreError(
+                f"{target.ref} {why}; run `lorafleet eval --gate --target {target.ref} ...` first, "
+                "or force the promotion (recorded in the audit trail)"
+            )
+        event = {
+            "at": time.time(),
+            "alias": alias,
+            "action": "rollback" if previous and version < previous.version else "promote",
+            "from": previous.version if previous else None,
+            "to": version,
+            "forced": bool(force),
+            "gate_passed": gate.get("passed") if gate else None,
+            "reason": reason,
+            "actor": actor,
+        }
+        _write_atomic(self.root / alias / STABLE_FILE, json.dumps({"version": version, "event": event}) + "\n")
+        with open(self.root / alias / EVENTS_FILE, "a", encoding="utf-8") as log:
+            log.write(json.dumps(event) + "\n")
+        return event
+
+    def events(self, alias: str) -> list[dict[str, Any]]:
+        path = self.root / check_alias(alias) / EVENTS_FILE
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
+
     def publish(self, source: Path, alias: str) -> AdapterVersion:
         """Copy the adapter directory ``source`` into the store as the next version of ``alias``."""
         check_alias(alias)
@@ -120,6 +191,13 @@ class AdapterStore:
             pid = leftover.name.split("-", 1)[0]
             if pid.isdigit() and not _alive(int(pid)):
                 shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, "utf-8")
+    _fsync(tmp)
+    os.replace(tmp, path)
 
 
 def _fsync(path: Path) -> None:

@@ -3,29 +3,37 @@
     lorafleet eval --data data/orders/test.jsonl --schema data/orders/schema.json \\
         --target base --target orders@1 --mode unconstrained --mode constrained --out var/eval/orders
 
-Everything is checked before generation starts (data rows, targets, adapter
-fit). Generation runs in-process on vLLM, batched, greedy; ``constrained``
-mode enforces each example's JSON Schema with vLLM's structured outputs. Each
-output is judged by ``contract.judge`` (the gateway's judge) and scored by
-``evaluation.scores``. Writes ``report.json`` and ``report.md`` under ``--out``.
+Everything is checked before generation starts (data rows, answers, targets,
+adapter fit). Generation runs in-process on vLLM, batched and greedy, or
+through a running gateway (``--gateway URL``) exactly as a client would call
+it. ``constrained`` mode enforces each example's JSON Schema with vLLM's
+structured outputs (``response_format`` through the gateway). Each output is
+judged by ``contract.judge`` (the gateway's judge) and scored by
+``evaluation.scores``; ``evaluation.report`` writes the reports and
+``evaluation.gate`` decides.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from contract.basemodel import identify
-from contract.examples import DataError, Example, check
+from contract.examples import DataError, Example, check, read_rows
 from contract.manifest import ManifestError, read_manifest
 from contract.prompt import render, with_tools
-from contract.store import AdapterStore, StoreError
+from contract.store import AdapterStore, AdapterVersion, StoreError
 from evaluation.scores import Generation, TargetScores, score
 
 MODES = ("unconstrained", "constrained")
+GroundTruth = dict[str, dict[str, list[Any]]]
 
 
 class EvalError(ValueError):
@@ -34,21 +42,39 @@ class EvalError(ValueError):
 
 @dataclass(frozen=True)
 class Target:
-    name: str  # "base" or "alias@version"
-    path: Path | None  # adapter directory; None for the base model
+    name: str  # "base" or "alias@version" (through a gateway: the alias as a client names it)
+    path: Path | None = None  # adapter directory; None for the base model or a gateway alias
+    version: AdapterVersion | None = None
+
+
+@dataclass
+class EvalSet:
+    """Held-out examples, with BFCL-style acceptable answers where an answers file was given."""
+
+    path: Path
+    examples: list[Example]
+    ground_truth: list[GroundTruth | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.ground_truth:
+            self.ground_truth = [None] * len(self.examples)
 
 
 def resolve_targets(names: list[str], store: AdapterStore, base_model: str) -> list[Target]:
-    """Every target, checked against the store and the base model; all problems at once."""
+    """Every target, checked against the store and the base model; all problems at once.
+
+    ``ALIAS`` means the version the gateway serves for it (stable, else newest).
+    """
     base = identify(base_model)
-    targets, problems = [], []
+    targets: list[Target] = []
+    problems = []
     for name in names:
         if name == "base":
-            targets.append(Target(name, None))
+            targets.append(Target("base"))
             continue
         alias, _, version = name.partition("@")
         try:
-            found = store.get(alias, int(version)) if version.isdigit() else store.latest(alias)
+            found = store.get(alias, int(version)) if version.isdigit() else store.serving(alias)
             if found is None:
                 raise StoreError(f"no adapter {alias!r} in {store.root}")
             manifest = read_manifest(found.path)
@@ -59,108 +85,215 @@ def resolve_targets(names: list[str], store: AdapterStore, base_model: str) -> l
         if mismatch:
             problems.append(f"target {name}: {mismatch}")
             continue
-        targets.append(Target(found.ref, found.path))
+        if any(t.name == found.ref for t in targets):
+            continue  # `orders` and `orders@2` may name the same version
+        targets.append(Target(found.ref, found.path, found))
     if problems:
         raise EvalError("cannot evaluate:\n  " + "\n  ".join(problems))
     return targets
 
 
-def load_examples(path: Path, schema_path: Path | None) -> list[Example]:
-    if not path.is_file():
-        raise EvalError(f"{path}: no such file")
-    schema = json.loads(schema_path.read_text("utf-8")) if schema_path else None
+def load_examples(path: Path, schema_path: Path | None, answers: Path | None = None) -> EvalSet:
+    """Read and check the held-out set (every problem at once), joining BFCL answers by ``id``."""
+    for p in (path, schema_path, answers):
+        if p is not None and not p.is_file():
+            raise EvalError(f"{p}: no such file")
+    try:
+        schema = json.loads(schema_path.read_text("utf-8")) if schema_path else None
+    except json.JSONDecodeError as exc:
+        raise EvalError(f"{schema_path}:{exc.lineno}: not valid JSON ({exc.msg}); fix the schema file") from exc
     report = check(path, schema=schema, min_examples=1)
     if report.errors:
-        raise EvalError(str(DataError(report, fix="Fix them.")))
-    return report.examples
+        raise EvalError(str(DataError(report, fix="Fix them: every held-out row needs its expected output.")))
+    evalset = EvalSet(path, report.examples)
+    if answers is not None:
+        evalset.ground_truth = _join_answers(evalset, answers)
+    return evalset
+
+
+def _join_answers(evalset: EvalSet, answers: Path) -> list[GroundTruth | None]:
+    rows, unreadable = read_rows(answers)
+    problems = [str(p) for p in unreadable]
+    by_id: dict[str, GroundTruth] = {}
+    for line, row in rows:
+        truth = row.get("ground_truth") if isinstance(row, dict) else None
+        if not isinstance(truth, list) or not truth or not isinstance(truth[0], dict) or "id" not in row:
+            shape = '{"id", "ground_truth": [{function: {argument: [acceptable values]}}]}'
+            problems.append(f"{answers}:{line}: not an answer row; expected {shape}")
+            continue
+        by_id[str(row["id"])] = truth[0]
+    joined: list[GroundTruth | None] = []
+    for example in evalset.examples:
+        if example.id is None or example.id not in by_id:
+            what = "has no 'id'" if example.id is None else f"id {example.id!r} has no answer in {answers}"
+            problems.append(f"{evalset.path}:{example.line}: {what}; give every row the id of its answer")
+        joined.append(by_id.get(example.id or ""))
+    if problems:
+        raise EvalError("cannot join the answers:\n  " + "\n  ".join(problems[:20]))
+    return joined
+
+
+def prompts_of(examples: list[Example], tokenizer: Any) -> list[str]:
+    """Each example's prompt, rendered exactly as training rendered it (the base model's chat template)."""
+    return [
+        render(tokenizer.chat_template, with_tools(e.messages, e.tools), add_generation_prompt=True,
+               bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "")
+        for e in examples
+    ]  # fmt: skip
+
+
+def open_engine(base_model: str, adapters: int, max_lora_rank: int = 16) -> Any:
+    """The in-process vLLM engine the offline evaluation (and its benchmark) generates with."""
+    # On the CPU, vLLM otherwise reserves 92% of the NUMA node's memory and
+    # refuses to start when anything else holds some; 4 GiB of KV cache is
+    # ample for batched evaluation of a 135M model.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    from vllm import LLM
+
+    return LLM(
+        model=base_model,
+        enable_lora=adapters > 0,
+        max_lora_rank=max_lora_rank,
+        max_loras=max(1, adapters),
+        max_model_len=2048,
+        disable_log_stats=False,  # per-request timestamps (RequestOutput.metrics) for the latency columns
+        seed=0,
+    )
+
+
+def sampling_params(examples: list[Example], mode: str, max_tokens: int) -> list[Any]:
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return [
+        SamplingParams(
+            temperature=0.0,
+            max_tokens=max_tokens,
+            structured_outputs=StructuredOutputsParams(json=e.schema) if mode == "constrained" and e.schema else None,
+        )
+        for e in examples
+    ]
 
 
 def evaluate(
-    examples: list[Example],
+    evalset: EvalSet,
     targets: list[Target],
     modes: list[str],
     base_model: str,
     *,
     max_tokens: int = 256,
-    max_lora_rank: int = 16,
+    llm: Any = None,
 ) -> list[TargetScores]:
-    from vllm import LLM, SamplingParams
+    """Generate every example for every target and mode on in-process vLLM, one batch each, and score it."""
     from vllm.lora.request import LoRARequest
-    from vllm.sampling_params import StructuredOutputsParams
 
-    adapters = [t for t in targets if t.path is not None]
-    llm = LLM(
-        model=base_model,
-        enable_lora=bool(adapters),
-        max_lora_rank=max_lora_rank,
-        max_loras=max(1, len(adapters)),
-        max_model_len=2048,
-        disable_log_stats=False,
-        seed=0,
-    )
-    tokenizer: Any = llm.get_tokenizer()
-    prompts = [
-        render(tokenizer.chat_template, with_tools(e.messages, e.tools), add_generation_prompt=True,
-               bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "")
-        for e in examples
-    ]  # fmt: skip
+    if llm is None:
+        ranks = [read_manifest(t.path).lora.rank for t in targets if t.path is not None]
+        # vLLM sizes its LoRA buffers for one of a few ranks: the smallest that fits every target.
+        max_rank = next(r for r in (8, 16, 32, 64, 128, 256, 512) if r >= max(ranks, default=8))
+        llm = open_engine(base_model, len(ranks), max_rank)
+    prompts = prompts_of(evalset.examples, llm.get_tokenizer())
     results = []
     for lora_id, target in enumerate(targets, start=1):
         lora = LoRARequest(target.name, lora_id, str(target.path)) if target.path else None
         for mode in modes:
-            params = [
-                SamplingParams(
-                    temperature=0.0,
-                    max_tokens=max_tokens,
-                    structured_outputs=StructuredOutputsParams(json=e.schema)
-                    if mode == "constrained" and e.schema
-                    else None,
-                )
-                for e in examples
-            ]
             started = time.perf_counter()
-            outputs = llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
+            outputs = llm.generate(
+                prompts, sampling_params(evalset.examples, mode, max_tokens), lora_request=lora, use_tqdm=False
+            )
             wall = time.perf_counter() - started
-            scores = TargetScores(target.name, mode)
-            for example, out in zip(examples, outputs, strict=True):
-                completion = out.outputs[0]
-                gen = Generation(completion.text, completion.finish_reason, _latency(out, wall),
-                                 len(completion.token_ids))  # fmt: skip
-                scores.items.append(score(gen, expected=example.completion, schema=example.schema))
-            scores.wall_s = wall
-            results.append(scores)
+            generations = [
+                Generation(c.text, c.finish_reason, _latency(o, wall), len(c.token_ids))
+                for o in outputs
+                for c in o.outputs[:1]
+            ]
+            results.append(_scored(evalset, target.name, mode, generations, wall))
     return results
 
 
+def _scored(evalset: EvalSet, target: str, mode: str, generations: list[Generation], wall: float) -> TargetScores:
+    scores = TargetScores(target, mode, wall_s=wall)
+    for example, truth, gen in zip(evalset.examples, evalset.ground_truth, generations, strict=True):
+        scores.items.append(score(gen, expected=example.completion, schema=example.schema, ground_truth=truth))
+    return scores
+
+
 def _latency(out: Any, batch_wall: float) -> float:
+    # The engine's own timestamps: from the request's arrival to its last token.
+    # In a batch every request arrives at once, so this includes queueing behind
+    # the others, as it would for a burst of traffic.
     m = getattr(out, "metrics", None)
-    if m is not None and m.last_token_ts and m.queued_ts:
+    if m is not None and getattr(m, "last_token_ts", None) and getattr(m, "queued_ts", None):
         return float(m.last_token_ts - m.queued_ts)
     return batch_wall
 
 
-def write_report(results: list[TargetScores], out: Path, data: Path) -> dict[str, Any]:
-    out.mkdir(parents=True, exist_ok=True)
-    summaries = [r.summary() | {"wall_s": round(r.wall_s, 2)} for r in results]
-    report = {"data": str(data), "results": summaries}
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [
-        f"# Evaluation on `{data}`",
-        "",
-        "| target | mode | n | schema-valid | exact match | field accuracy | parse | truncated | p50 s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for s in summaries:
-        field = f"{s['field_accuracy']:.3f}" if s["field_accuracy"] is not None else "-"
-        p50 = f"{s['latency_p50_s']:.2f}" if s["latency_p50_s"] is not None else "-"
-        lines.append(
-            f"| {s['target']} | {s['mode']} | {s['n']} | {_pct(s['schema_valid_rate'])} | "
-            f"{_pct(s['exact_match_rate'])} | {field} | {_pct(s['parse_rate'])} | {_pct(s['truncated_rate'])} | {p50} |"
+async def evaluate_gateway(
+    evalset: EvalSet,
+    aliases: list[str],
+    modes: list[str],
+    url: str,
+    api_key: str,
+    *,
+    max_tokens: int = 256,
+    concurrency: int = 8,
+    timeout_s: float = 300.0,
+) -> list[TargetScores]:
+    """The same evaluation through a running gateway's chat API: what a client gets, latency included.
+
+    The target is reported as the version that answered (the gateway's
+    ``x-lorafleet-adapter`` header), so a report never confuses versions.
+    """
+    headers = {"Authorization": f"Bearer {api_key}"}
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s, limits=limits) as client:
+        await _check_gateway(client, aliases)
+        gate = asyncio.Semaphore(concurrency)
+        results = []
+        for alias in aliases:
+            for mode in modes:
+                started = time.perf_counter()
+                answers = await asyncio.gather(
+                    *(_ask(client, gate, alias, e, mode, max_tokens) for e in evalset.examples)
+                )
+                wall = time.perf_counter() - started
+                served = sorted({ref for _, ref in answers if ref})
+                name = served[0] if len(served) == 1 else alias
+                results.append(_scored(evalset, name, mode, [g for g, _ in answers], wall))
+    return results
+
+
+async def _check_gateway(client: httpx.AsyncClient, aliases: list[str]) -> None:
+    try:
+        resp = await client.get("/v1/models")
+    except httpx.HTTPError as exc:
+        raise EvalError(f"cannot reach the gateway at {client.base_url}: {exc}; is `lorafleet serve` running?") from exc
+    if resp.status_code != 200:
+        raise EvalError(f"the gateway at {client.base_url} answered {resp.status_code}: {resp.text[:300]}")
+    served = {m["id"] for m in resp.json()["data"]}
+    missing = [a for a in aliases if a.partition("@")[0] not in served]
+    if missing:
+        raise EvalError(
+            f"the gateway does not serve {missing} to this key (it serves {sorted(served)}); "
+            "grant the alias to the tenant, or evaluate offline without --gateway"
         )
-    lines += ["", "Rates with 95% Wilson intervals."]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    return report
 
 
-def _pct(rate: dict[str, Any]) -> str:
-    return f"{100 * rate['value']:.1f}% [{100 * rate['low']:.0f}–{100 * rate['high']:.0f}]"
+async def _ask(
+    client: httpx.AsyncClient, gate: asyncio.Semaphore, alias: str, example: Example, mode: str, max_tokens: int
+) -> tuple[Generation, str | None]:
+    body: dict[str, Any] = {"model": alias, "messages": with_tools(example.messages, example.tools),
+                            "temperature": 0.0, "max_tokens": max_tokens}  # fmt: skip
+    if mode == "constrained" and example.schema:
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "expected", "schema": example.schema}}
+    async with gate:
+        started = time.perf_counter()
+        resp = await client.post("/v1/chat/completions", json=body)
+        latency = time.perf_counter() - started
+    if resp.status_code != 200:
+        raise EvalError(f"the gateway answered {resp.status_code} for {alias}: {resp.text[:300]}")
+    data = resp.json()
+    choice = data["choices"][0]
+    tokens = int(data.get("usage", {}).get("completion_tokens", 0))
+    gen = Generation(choice["message"].get("content") or "", choice.get("finish_reason"), latency, tokens)
+    return gen, resp.headers.get("x-lorafleet-adapter")

@@ -13,34 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from contract.judge import Verdict, judge
+from contract.stats import Rate, wilson
 
-Z95 = 1.959963984540054
-
-
-@dataclass(frozen=True)
-class Rate:
-    successes: int
-    n: int
-    low: float
-    high: float
-
-    @property
-    def value(self) -> float:
-        return self.successes / self.n if self.n else 0.0
-
-    def as_dict(self) -> dict[str, float | int]:
-        return {"value": self.value, "low": self.low, "high": self.high, "successes": self.successes, "n": self.n}
-
-
-def wilson(successes: int, n: int, z: float = Z95) -> Rate:
-    """The Wilson score interval for ``successes`` out of ``n``."""
-    if n == 0:
-        return Rate(0, 0, 0.0, 1.0)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return Rate(successes, n, max(0.0, centre - half), min(1.0, centre + half))
+__all__ = ["Generation", "Rate", "Scored", "TargetScores", "call_correct", "score", "wilson"]
 
 
 def call_correct(call: Any, ground_truth: dict[str, dict[str, list[Any]]]) -> bool:
@@ -125,6 +100,8 @@ class TargetScores:
             "latency_p50_s": _quantile(latencies, 0.50),
             "latency_p95_s": _quantile(latencies, 0.95),
             "output_tokens": tokens,
+            "wall_s": round(self.wall_s, 3),
+            "tokens_per_s": tokens / self.wall_s if self.wall_s > 0 else None,
         }
         if calls:
             out["call_accuracy"] = wilson(sum(1 for s in calls if s.call_ok), len(calls)).as_dict()

@@ -242,32 +242,116 @@ def eval_(
     data: Annotated[
         Path, typer.Option(help="Held-out examples (any training format; the answer is the expected output).")
     ],
-    target: Annotated[list[str], typer.Option(help="base, ALIAS (newest version) or ALIAS@VERSION; repeatable.")],
-    out: Annotated[Path, typer.Option(help="Folder for report.json and report.md.")],
+    target: Annotated[
+        list[str], typer.Option(help="base, ALIAS (the version it serves) or ALIAS@VERSION; repeatable.")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for the reports (json, md, png, failures, review sheet).")],
     schema: Annotated[
         Path | None, typer.Option(help="JSON Schema for every output (rows may carry their own).")
     ] = None,
+    answers: Annotated[
+        Path | None, typer.Option(help="BFCL-style answers joined to the rows by id: scores call accuracy.")
+    ] = None,
     mode: Annotated[list[str] | None, typer.Option(help="unconstrained and/or constrained (default: both).")] = None,
     max_tokens: int = 256,
+    gateway: Annotated[
+        str | None, typer.Option(help="Evaluate through a running gateway at this URL instead of in-process vLLM.")
+    ] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="LORAFLEET_API_KEY", help="Tenant key for --gateway.")] = None,
+    gate: Annotated[
+        bool, typer.Option(help="Apply the thresholds to every adapter target, record the verdict, exit 1 on failure.")
+    ] = False,
+    stable: Annotated[
+        str | None, typer.Option(help="Version to compare against (default: the alias's stable version).")
+    ] = None,
+    min_valid: Annotated[float, typer.Option(help="Gate: minimum schema-valid rate.")] = 0.95,
+    min_field_accuracy: Annotated[float, typer.Option(help="Gate: minimum mean field accuracy.")] = 0.90,
+    max_drop: Annotated[float, typer.Option(help="Gate: largest tolerated drop against stable.")] = 0.02,
+    alpha: Annotated[float, typer.Option(help="Gate: a drop counts when significant at this level.")] = 0.05,
+    review: Annotated[int, typer.Option(help="Prompts in the side-by-side review sheet.")] = 20,
+    worst: Annotated[int, typer.Option(help="Worst failures listed per target and mode in report.md.")] = 5,
 ) -> None:
-    """Score the base model and adapter versions on held-out data, generating with vLLM."""
+    """Score the base model and adapter versions on held-out data; with --gate, decide whether they may serve."""
+    import asyncio
+
     from contract.store import AdapterStore
-    from evaluation.run import MODES, EvalError, evaluate, load_examples, resolve_targets, write_report
+    from evaluation.gate import Thresholds, apply_gate
+    from evaluation.report import write_report
+    from evaluation.run import MODES, EvalError, evaluate, evaluate_gateway, load_examples, resolve_targets
 
     settings = CommonSettings()
+    store = AdapterStore(settings.adapters_dir)
     modes = mode or list(MODES)
     try:
         bad = [m for m in modes if m not in MODES]
         if bad:
             raise EvalError(f"unknown --mode {bad}: use {list(MODES)}")
-        _require_base_model(settings)
-        examples = load_examples(data, schema)
-        targets = resolve_targets(target, AdapterStore(settings.adapters_dir), settings.base_model_path())
+        try:
+            thresholds = Thresholds(min_valid, min_field_accuracy, max_drop, alpha)
+        except ValueError as exc:
+            raise EvalError(f"gate threshold: {exc}") from exc
+        evalset = load_examples(data, schema, answers)
+        if gateway:
+            if gate:
+                raise EvalError("--gate needs the versions themselves: evaluate offline (without --gateway)")
+            if "base" in target:
+                raise EvalError("the gateway serves adapters, not the bare base model: drop --target base")
+            if not api_key:
+                raise EvalError("--gateway needs a tenant key: pass --api-key or set LORAFLEET_API_KEY")
+        else:
+            _require_base_model(settings)
+            names = list(target)
+            stable_ref = _stable_for_gate(store, names, stable) if gate else None
+            if stable_ref and stable_ref not in names:
+                names.append(stable_ref)
+            targets = resolve_targets(names, store, settings.base_model_path())
     except EvalError as exc:
         raise _fail(str(exc)) from exc
-    results = evaluate(examples, targets, modes, settings.base_model_path(), max_tokens=max_tokens)
-    write_report(results, out, data)
-    console.print((out / "report.md").read_text(), highlight=False, markup=False)
+    if gateway:
+        try:
+            run = evaluate_gateway(evalset, target, modes, gateway, api_key or "", max_tokens=max_tokens)
+            results = asyncio.run(run)
+        except EvalError as exc:
+            raise _fail(str(exc)) from exc
+        write_report(results, evalset, out, worst=worst, review=review)
+    else:
+        results = evaluate(evalset, targets, modes, settings.base_model_path(), max_tokens=max_tokens)
+        verdicts = []
+        if gate:
+            candidates = [t for t in targets if t.version is not None and t.name != stable_ref]
+            verdicts = apply_gate(results, [t.name for t in candidates], stable_ref, thresholds)
+            for t, verdict in zip(candidates, verdicts, strict=True):
+                assert t.version is not None
+                store.record_gate(t.version, verdict.as_dict() | {"data": str(data), "modes": modes})
+        write_report(results, evalset, out, gates=verdicts, worst=worst, review=review)
+    console.print((out / "report.md").read_text().split("\n## Worst failures")[0], highlight=False, markup=False)
+    console.print(f"reports in {out}: report.json, report.md, report.png, failures.jsonl, review.html, review.csv")
+    if not gateway and gate:
+        failed = [v for v in verdicts if not v.passed]
+        for v in failed:
+            for c in v.failures:
+                err.print(f"gate failed: {v.target} {c.mode} {c.name}: {c.detail} (threshold {c.threshold})",
+                          highlight=False, markup=False)  # fmt: skip
+        if failed or not verdicts:
+            if not verdicts:
+                err.print("gate: no adapter target to judge", highlight=False)
+            raise typer.Exit(1)
+        console.print(f"gate passed: {', '.join(v.target for v in verdicts)} (recorded in the store)")
+
+
+def _stable_for_gate(store: Any, names: list[str], stable: str | None) -> str | None:
+    """The version candidates are compared with: --stable, else the stable version of their alias."""
+    from evaluation.run import EvalError
+
+    if stable:
+        return stable
+    aliases = {n.partition("@")[0] for n in names if n != "base"}
+    if len(aliases) > 1:
+        raise EvalError(f"--gate with several aliases {sorted(aliases)}: name the baseline with --stable ALIAS@N")
+    if not aliases:
+        raise EvalError("--gate needs at least one adapter target (ALIAS@VERSION)")
+    found = store.stable(aliases.pop())
+    return found.ref if found else None
 
 
 @app.command()
@@ -298,13 +382,57 @@ def adapters_publish(source: Path, alias: str) -> None:
 
 @adapters_app.command("list")
 def adapters_list() -> None:
-    """Every alias and its versions."""
+    """Every alias: its versions, which one serves, and each version's gate verdict."""
+    from rich.table import Table
+
     from contract.store import AdapterStore
 
     store = AdapterStore(CommonSettings().adapters_dir)
+    table = Table("alias", "version", "serving", "gate", "trained", title_justify="left")
     for alias in store.aliases():
-        versions = ", ".join(str(v.version) for v in store.versions(alias))
-        console.print(f"{alias}: versions {versions}")
+        serving = store.serving(alias)
+        for v in store.versions(alias):
+            gate = store.gate(v)
+            verdict = "-" if gate is None else ("passed" if gate["passed"] else "failed")
+            marker = ("stable" if store.stable(alias) == v else "newest") if serving == v else ""
+            table.add_row(alias, str(v.version), marker, verdict, f"{v.manifest().created_at:%Y-%m-%d %H:%M}")
+    console.print(table)
+
+
+@adapters_app.command("promote")
+def adapters_promote(
+    ref: Annotated[str, typer.Argument(help="ALIAS@VERSION to make stable (an earlier one rolls back).")],
+    force: Annotated[bool, typer.Option(help="Promote without a passing evaluation gate (recorded).")] = False,
+    reason: Annotated[str, typer.Option(help="Why, for the audit trail.")] = "",
+) -> None:
+    """Make a version stable: it must have passed `lorafleet eval --gate` unless --force."""
+    from contract.store import AdapterStore, StoreError
+
+    alias, _, version = ref.partition("@")
+    if not version.isdigit():
+        raise _fail(f"{ref!r}: name the version, e.g. {alias}@2 (see `lorafleet adapters list`)")
+    try:
+        event = AdapterStore(CommonSettings().adapters_dir).promote(alias, int(version), force=force, reason=reason)
+    except StoreError as exc:
+        raise _fail(str(exc)) from exc
+    forced = " (forced, without a passing gate)" if event["forced"] and not event["gate_passed"] else ""
+    console.print(f"{event['action']}: {alias} now serves version {event['to']} (was {event['from']}){forced}")
+
+
+@adapters_app.command("history")
+def adapters_history(alias: str) -> None:
+    """Every promotion and rollback of ALIAS, forced or not."""
+    from contract.store import AdapterStore, StoreError
+
+    try:
+        events = AdapterStore(CommonSettings().adapters_dir).events(alias)
+    except StoreError as exc:
+        raise _fail(str(exc)) from exc
+    for e in events:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["at"]))
+        forced = " FORCED" if e["forced"] else ""
+        console.print(f"{when} {e['action']} {e['from']} -> {e['to']}{forced} gate={e['gate_passed']} "
+                      f"by {e['actor']}: {e['reason'] or '-'}", highlight=False)  # fmt: skip
 
 
 def _publish(settings: CommonSettings, source: Path, alias: str) -> None:
@@ -349,7 +477,9 @@ def serve(
 
 
 @app.command()
-def demo() -> None:
+def demo(
+    serve: Annotated[bool, typer.Option(help="Serve the gateway once the adapters are ready.")] = True,
+) -> None:
     """The whole demo: pull the base model, train the demo adapters if missing, create the demo tenant, serve."""
     from contract.store import AdapterStore
 
@@ -360,7 +490,8 @@ def demo() -> None:
         if store.latest(alias) is None:
             console.print(f"[bold]training the demo adapter '{alias}'[/] (a few minutes on 2 cores)")
             train(config=CONFIGS / f"{alias}.yaml", resume=False, publish=alias)
-    _serve(None, None, example_key=_demo_key(settings))
+    if serve:
+        _serve(None, None, example_key=_demo_key(settings))
 
 
 def _demo_key(settings: CommonSettings) -> str:

@@ -35,7 +35,7 @@ class AdapterRegistry:
 
     def resolve(self, alias: str) -> AdapterVersion | None:
         try:
-            return self.store.latest(alias)
+            return self.store.serving(alias)
         except StoreError:
             return None
 

@@ -36,7 +36,7 @@ def test_every_output_matches_the_schema_and_the_instruction() -> None:
 def test_test_split_holds_out_templates_and_names() -> None:
     rows = {s: [json.loads(x) for x in (ORDERS / f"{s}.jsonl").read_text().splitlines()] for s in ("train", "test")}
     sizes = {s: len(r) for s, r in rows.items()}
-    assert sizes == {"train": 800, "test": 200}
+    assert sizes == {"train": 1600, "test": 200}
 
     def first_names(split: str) -> set[str]:
         return {json.loads(r["output"])["customer"]["name"].split()[0] for r in rows[split]}

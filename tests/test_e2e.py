@@ -5,9 +5,11 @@ The gateway runs as `lorafleet serve` in a child process, exactly as users run i
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ import pytest
 from contract.store import AdapterStore
 from lorafleet.launch import RunningGateway, start_gateway
 from serving.tenants import TenantStore
+from tests.conftest import ORDERS, ROOT
 
 pytestmark = pytest.mark.e2e
 
@@ -107,6 +110,30 @@ def test_bad_key_and_foreign_alias_are_openai_errors(gateway: Gateway) -> None:
     with pytest.raises(openai.NotFoundError):
         client(gateway).chat.completions.create(model="someone-elses", messages=[{"role": "user", "content": "x"}])
     assert [m.id for m in client(gateway).models.list()] == ["orders"]
+
+
+def test_eval_through_the_gateway_scores_what_clients_get(gateway: Gateway, tmp_path: Path) -> None:
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join((ORDERS / "test.jsonl").read_text().splitlines(keepends=True)[:4]))
+    out = tmp_path / "report"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorafleet", "eval", "--gateway", gateway.url, "--data", str(data),
+         "--schema", str(ORDERS / "schema.json"), "--target", "orders", "--out", str(out), "--max-tokens", "80"],
+        cwd=ROOT, env=os.environ | {"LORAFLEET_API_KEY": gateway.key}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["mode"]: r for r in json.loads((out / "report.json").read_text())["results"]}
+    assert {r["target"] for r in rows.values()} == {"orders@1"}  # the version that answered
+    constrained = rows["constrained"]  # response_format reached vLLM's structured outputs
+    assert constrained["schema_valid_rate"]["successes"] + constrained["truncated_rate"]["successes"] == 4
+    assert all(r["latency_p50_s"] > 0 for r in rows.values())
+
+    denied = subprocess.run(
+        [sys.executable, "-m", "lorafleet", "eval", "--gateway", gateway.url, "--data", str(data), "--target",
+         "someone-elses", "--out", str(out)],
+        cwd=ROOT, env=os.environ | {"LORAFLEET_API_KEY": gateway.key}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert denied.returncode == 1 and "does not serve ['someone-elses']" in denied.stderr
 
 
 def test_a_crashed_engine_is_restarted_and_its_adapters_reloaded(gateway: Gateway) -> None:

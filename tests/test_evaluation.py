@@ -34,6 +34,20 @@ def test_bad_data_is_refused_with_its_line(tmp_path: Path) -> None:
         load_examples(tmp_path / "missing.jsonl", None)
 
 
+def test_bfcl_answers_are_joined_by_id_and_gaps_are_named(tmp_path: Path) -> None:
+    toolcall = ROOT / "data" / "toolcall"
+    evalset = load_examples(toolcall / "test.jsonl", None, toolcall / "test_answers.jsonl")
+    assert len(evalset.ground_truth) == len(evalset.examples) >= 90 and all(evalset.ground_truth)
+    first = evalset.examples[0]
+    assert first.id == "simple_python_0" and "calculate_triangle_area" in evalset.ground_truth[0]
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text((toolcall / "test_answers.jsonl").read_text().splitlines()[1] + "\n[1]\n")
+    with pytest.raises(EvalError) as exc:
+        load_examples(toolcall / "test.jsonl", None, answers)
+    assert "answers.jsonl:2: not an answer row" in str(exc.value)
+    assert "test.jsonl:1: id 'simple_python_0' has no answer" in str(exc.value)
+
+
 def test_eval_scores_base_and_adapter_in_both_modes(tiny_adapter: Path, base_model: Path, tmp_path: Path) -> None:
     data_dir = tmp_path / "var"
     AdapterStore(data_dir / "adapters").publish(tiny_adapter, "orders")
@@ -44,7 +58,8 @@ def test_eval_scores_base_and_adapter_in_both_modes(tiny_adapter: Path, base_mod
     out = tmp_path / "report"
     proc = subprocess.run(
         [sys.executable, "-m", "lorafleet", "eval", "--data", str(data), "--schema", str(ORDERS / "schema.json"),
-         "--target", "base", "--target", "orders@1", "--out", str(out), "--max-tokens", "96"],
+         "--target", "base", "--target", "orders@1", "--out", str(out), "--max-tokens", "96",
+         "--gate", "--min-valid", "0", "--min-field-accuracy", "0"],
         cwd=ROOT, env=os.environ | {"LORAFLEET_DATA_DIR": str(data_dir), "VLLM_CPU_KVCACHE_SPACE": "1"},
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
@@ -59,3 +74,10 @@ def test_eval_scores_base_and_adapter_in_both_modes(tiny_adapter: Path, base_mod
         constrained = rows[(target, "constrained")]
         assert constrained["schema_valid_rate"]["successes"] + constrained["truncated_rate"]["successes"] == 6
     assert "| orders@1 | constrained | 6 |" in (out / "report.md").read_text()
+    for name in ("report.png", "failures.jsonl", "review.html", "review.csv"):
+        assert (out / name).stat().st_size > 0, name
+    # The gate ran on the adapter (not the base model), was recorded, and lets the version be promoted.
+    assert [g["target"] for g in report["gates"]] == ["orders@1"] and report["gates"][0]["passed"]
+    store = AdapterStore(data_dir / "adapters")
+    assert store.gate(store.get("orders", 1))["passed"] is True
+    assert store.promote("orders", 1)["gate_passed"] is True

@@ -42,7 +42,7 @@ ORDERS_SCHEMA: dict = {
 }
 
 # Placeholders: {name} {email} {order_id} {status}. Each template orders the
-# fields differently; the last three are held out for the test split.
+# fields differently; the last TEST_TEMPLATES are held out for the test split.
 TEMPLATES = [
     "Generate a JSON object for a customer named {name}, email {email}, and an order ID of "
     "{order_id}. Mark the order status as '{status}'.",
@@ -60,6 +60,18 @@ TEMPLATES = [
     "file is {email}. Respond with JSON only.",
     "Write a JSON object for an order with ID {order_id}. Customer name {name}, customer email "
     "{email}, order status {status}.",
+    "Order ID: {order_id}\nCustomer: {name}\nEmail: {email}\nStatus: {status}\nReturn the JSON.",
+    "Hi! Can you turn this into JSON? {name} ordered something (order {order_id}), email is {email}, "
+    "and the order is {status}.",
+    "JSON please: the {status} order {order_id} from {email} ({name}).",
+    "Record the order for {name}. Order reference {order_id}; status={status}; e-mail {email}.",
+    "Encode as a JSON order: customer_email={email} customer_name={name} status={status} id={order_id}",
+    "The order {order_id} placed by {name} is {status}. Contact email: {email}. Output only the JSON object.",
+    "Make an order object in JSON. Email {email}. Status {status}. Name {name}. ID {order_id}.",
+    "We have an order ({order_id}) with status {status}; the buyer is {name} and their email address "
+    "is {email}. JSON output, please.",
+    "Fill in the order JSON from this note: '{name}, {email}, #{order_id}, {status}'.",
+    "Customer name is {name}. Order {order_id} has the status {status}. Their email: {email}. Give the JSON.",
     # held out for the test split
     "Customer {name} (contact: {email}) has an order, ID {order_id}, that is now marked {status}. Give me the JSON.",
     "Status '{status}' applies to order {order_id}. Please encode it as JSON together with the "
@@ -99,6 +111,46 @@ FIRST_NAMES = [
     "Leila",
     "Mikael",
     "Nora",
+    "Ahmed",
+    "Beatriz",
+    "Chen",
+    "Daniel",
+    "Eun-ji",
+    "Felix",
+    "Gabriela",
+    "Hassan",
+    "Ines",
+    "Jakub",
+    "Kofi",
+    "Lena",
+    "Marco",
+    "Nadia",
+    "Oscar",
+    "Paula",
+    "Rafael",
+    "Sara",
+    "Tariq",
+    "Ursula",
+    "Victor",
+    "Wanjiru",
+    "Xavier",
+    "Yusuf",
+    "Zara",
+    "Anna",
+    "Ben",
+    "Clara",
+    "David",
+    "Eva",
+    "Frank",
+    "Gita",
+    "Henrik",
+    "Irina",
+    "Jamal",
+    "Kaito",
+    "Lucia",
+    "Mohammed",
+    "Nina",
+    "Pedro",
     # held out for the test split
     "Amara",
     "Bjorn",
@@ -142,6 +194,46 @@ LAST_NAMES = [
     "Nasser",
     "Berg",
     "Quinn",
+    "Alvarez",
+    "Brown",
+    "Chowdhury",
+    "Dimitrov",
+    "Eriksen",
+    "Fischer",
+    "Gonzalez",
+    "Hoffmann",
+    "Ivanova",
+    "Jensen",
+    "Kowalski",
+    "Lee",
+    "Martin",
+    "Nakamura",
+    "Okafor",
+    "Park",
+    "Reyes",
+    "Schmidt",
+    "Torres",
+    "Usman",
+    "Vargas",
+    "Wong",
+    "Yilmaz",
+    "Zielinski",
+    "Andersson",
+    "Baker",
+    "Cohen",
+    "Diallo",
+    "Evans",
+    "Ferreira",
+    "Gupta",
+    "Hughes",
+    "Ito",
+    "Johansson",
+    "Kaur",
+    "Lambert",
+    "Moreno",
+    "Nguyen",
+    "O'Brien",
+    "Pereira",
     # held out for the test split
     "Abara",
     "Lindqvist",
@@ -155,6 +247,11 @@ LAST_NAMES = [
     "Weber",
 ]
 TEST_NAMES = 10
+# Half the training names are invented from these syllables: names the model
+# cannot have memorised teach it to copy names and emails exactly, which is
+# what the held-out names (never seen in training) then need.
+SYLLABLES = "ka lo mi ren to sha vik el dra nu bo zel ta mar quin ise ro fen ga lu tor wen ya xi pe dor an sol bri che".split()
+INVENTED_SHARE = 0.5
 DOMAINS = ["example.com", "mail.com", "shop.io", "corp.net", "inbox.org", "example.co.uk"]
 
 
@@ -165,12 +262,19 @@ class Split:
     held_out: bool  # draw from the held-out templates and names
 
 
-SPLITS = [Split("train", 800, False), Split("validation", 100, False), Split("test", 200, True)]
+SPLITS = [Split("train", 1600, False), Split("validation", 100, False), Split("test", 200, True)]
 
 
 def _ascii(s: str) -> str:
-    table = str.maketrans("áéíóúüöäñç", "aeiouuoanc")
+    table = str.maketrans("áéíóúüöäñç", "aeiouuoanc", "' ")
     return s.lower().translate(table)
+
+
+def _invented(rng: random.Random, low: int, high: int, avoid: list[str]) -> str:
+    while True:
+        name = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(low, high))).capitalize()
+        if name not in avoid:
+            return name
 
 
 def _record(rng: random.Random, held_out: bool) -> tuple[str, dict]:
@@ -178,6 +282,8 @@ def _record(rng: random.Random, held_out: bool) -> tuple[str, dict]:
     first_pool = FIRST_NAMES[-TEST_NAMES:] if held_out else FIRST_NAMES[:-TEST_NAMES]
     last_pool = LAST_NAMES[-TEST_NAMES:] if held_out else LAST_NAMES[:-TEST_NAMES]
     first, last = rng.choice(first_pool), rng.choice(last_pool)
+    if not held_out and rng.random() < INVENTED_SHARE:
+        first, last = _invented(rng, 2, 3, FIRST_NAMES), _invented(rng, 2, 4, LAST_NAMES)
     name = f"{first} {last}"
     local = rng.choice(
         [

@@ -73,10 +73,7 @@ def canonical_arguments(acceptable: dict[str, list[Any]]) -> dict[str, Any]:
 
 def from_bfcl(questions: Path, answers: Path) -> tuple[list[dict], list[dict], int]:
     """(train rows, held-out test rows, questions skipped)."""
-    truth = {}
-    for line in Path(answers).read_text("utf-8").splitlines():
-        entry = json.loads(line)
-        truth[entry["id"]] = entry["ground_truth"][0]
+    truth = {entry["id"]: entry["ground_truth"][0] for entry in _answers(answers)}
     train: list[dict] = []
     test: list[dict] = []
     skipped = 0
@@ -93,17 +90,25 @@ def from_bfcl(questions: Path, answers: Path) -> tuple[list[dict], list[dict], i
     return train, test, skipped
 
 
+def _answers(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text("utf-8").splitlines() if line.strip()]
+
+
 def is_held_out(bfcl_id: str) -> bool:
     return int(bfcl_id.rsplit("_", 1)[1]) % 4 == 0
 
 
 def write(source: Path, out: Path) -> dict[str, int]:
-    """Write ``train.jsonl`` (glaive + BFCL) and ``test.jsonl`` (held-out BFCL) under ``out``; returns counts."""
+    """Write ``train.jsonl`` (glaive + BFCL), ``test.jsonl`` (held-out BFCL) and ``test_answers.jsonl``
+    (BFCL's acceptable answers for the held-out ids, for ``lorafleet eval --answers``) under ``out``."""
     glaive, glaive_skipped = from_glaive(source / GLAIVE_FILE)
     bfcl_train, bfcl_test, bfcl_skipped = from_bfcl(source / BFCL_FILE, source / BFCL_ANSWERS)
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", glaive + bfcl_train), ("test", bfcl_test)):
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    held_out = {r["id"] for r in bfcl_test}
+    answers = [a for a in _answers(source / BFCL_ANSWERS) if a["id"] in held_out]
+    (out / "test_answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers), "utf-8")
     return {
         "train": len(glaive) + len(bfcl_train),
         "test": len(bfcl_test),
