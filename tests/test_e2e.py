@@ -112,6 +112,28 @@ def test_bad_key_and_foreign_alias_are_openai_errors(gateway: Gateway) -> None:
     assert [m.id for m in client(gateway).models.list()] == ["orders"]
 
 
+def test_the_gateway_and_the_evaluation_judge_alike(gateway: Gateway) -> None:
+    """The gateway's online JSON check and `lorafleet eval` give the same verdict on the same output."""
+    from evaluation.scores import Generation, score
+    from tests.conftest import orders_schema
+
+    outcomes = set()
+    for line in (ORDERS / "test.jsonl").read_text().splitlines()[:6]:
+        prompt = json.loads(line)["instruction"]
+        raw = client(gateway).chat.completions.with_raw_response.create(
+            model="orders", messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=40
+        )
+        body = json.loads(raw.text)
+        choice = body["choices"][0]
+        [online] = body["lorafleet"]["json_checks"]  # the adapter's manifest schema applies
+        offline = score(Generation(choice["message"]["content"], choice["finish_reason"], 0.0, 0),
+                        expected=None, schema=orders_schema()).verdict  # fmt: skip
+        assert (online["outcome"], online["errors"]) == (offline.outcome, offline.errors)
+        assert raw.headers["x-lorafleet-json"] == online["outcome"]
+        outcomes.add(online["outcome"])
+    assert outcomes  # max_tokens=40 cuts some answers short: "truncated" is judged the same way too
+
+
 def test_eval_through_the_gateway_scores_what_clients_get(gateway: Gateway, tmp_path: Path) -> None:
     data = tmp_path / "test.jsonl"
     data.write_text("".join((ORDERS / "test.jsonl").read_text().splitlines(keepends=True)[:4]))

@@ -230,3 +230,35 @@ def test_unsafe_settings_are_refused_at_start(tmp_path: Path) -> None:
         GatewaySettings(data_dir=tmp_path, port=8100, engine_port=8100)
     with pytest.raises(ValueError, match="max_lora_rank=0"):
         GatewaySettings(data_dir=tmp_path, max_lora_rank=0)
+
+
+@pytest.mark.parametrize(
+    ("response_format", "outcome", "errors"),
+    [
+        ({"type": "json_object"}, "valid", []),
+        ({"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object", "required": ["a"]}}},
+         "valid", []),
+        ({"type": "json_schema", "json_schema": {"name": "b", "schema": {"required": ["b"]}}},
+         "schema_mismatch", ["$: 'b' is a required property"]),
+    ],
+)  # fmt: skip
+def test_json_answers_are_checked_by_the_shared_judge(
+    gateway, response_format: dict, outcome: str, errors: list
+) -> None:
+    client, engine, keys = gateway
+    resp = chat(client, keys["acme"], response_format=response_format)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-lorafleet-json"] == outcome
+    [check] = resp.json()["lorafleet"]["json_checks"]
+    assert check == {"index": 0, "valid": outcome == "valid", "outcome": outcome, "errors": errors}
+    assert engine.requests[-1]["response_format"] == response_format  # vLLM still enforces it
+
+
+def test_client_regex_schemas_are_not_run_by_the_gateway(gateway) -> None:
+    client, _, keys = gateway
+    evil = {"type": "json_schema", "json_schema": {"name": "e", "schema": {"pattern": "^(a+)+$"}}}
+    resp = chat(client, keys["acme"], response_format=evil)
+    assert resp.status_code == 200 and resp.headers["x-lorafleet-json"] == "unchecked"
+    assert "lorafleet" not in resp.json()
+    plain = chat(client, keys["acme"])  # no response_format and no schema in the manifest: nothing to check
+    assert "x-lorafleet-json" not in plain.headers and "lorafleet" not in plain.json()

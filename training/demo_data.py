@@ -72,6 +72,8 @@ TEMPLATES = [
     "is {email}. JSON output, please.",
     "Fill in the order JSON from this note: '{name}, {email}, #{order_id}, {status}'.",
     "Customer name is {name}. Order {order_id} has the status {status}. Their email: {email}. Give the JSON.",
+    "Order {order_id} for {name} ({email}) was marked {status} today. I need it as JSON.",
+    "Heads up: {email} ({name}) says order {order_id} is now {status}. JSON, please.",
     # held out for the test split
     "Customer {name} (contact: {email}) has an order, ID {order_id}, that is now marked {status}. Give me the JSON.",
     "Status '{status}' applies to order {order_id}. Please encode it as JSON together with the "
@@ -247,11 +249,42 @@ LAST_NAMES = [
     "Weber",
 ]
 TEST_NAMES = 10
-# Half the training names are invented from these syllables: names the model
+# 60% of the training names are invented from these syllables: names the model
 # cannot have memorised teach it to copy names and emails exactly, which is
 # what the held-out names (never seen in training) then need.
-SYLLABLES = "ka lo mi ren to sha vik el dra nu bo zel ta mar quin ise ro fen ga lu tor wen ya xi pe dor an sol bri che".split()
-INVENTED_SHARE = 0.5
+SYLLABLES = [
+    "ka",
+    "lo",
+    "mi",
+    "ren",
+    "to",
+    "sha",
+    "vik",
+    "el",
+    "dra",
+    "nu",
+    "bo",
+    "zel",
+    "ta",
+    "mar",
+    "quin",
+    "ise",
+    "ro",
+    "fen",
+    "ga",
+    "lu",
+    "tor",
+    "wen",
+    "ya",
+    "xi",
+    "pe",
+    "dor",
+    "an",
+    "sol",
+    "bri",
+    "che",
+]
+INVENTED_SHARE = 0.6
 DOMAINS = ["example.com", "mail.com", "shop.io", "corp.net", "inbox.org", "example.co.uk"]
 
 

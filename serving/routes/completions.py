@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,6 +12,8 @@ from fastapi import APIRouter
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from contract.judge import judge
+from contract.manifest import AdapterManifest
 from serving.adapters import AdapterMisfit
 from serving.deps import GatewayState, StateDep, TenantDep
 from serving.engine import EngineError
@@ -79,8 +82,53 @@ async def chat_completions(req: ChatCompletionRequest, tenant: TenantDep, state:
     if upstream.status_code != 200 or not req.stream:
         content = await upstream.aread()
         await upstream.aclose()
+        schema = _expected_schema(body, manifest)
+        if upstream.status_code == 200 and schema is not None:
+            if _has_regex(schema) and schema is not manifest.output_schema:
+                # Python's re has no time bound; a client's pattern could stall the gateway.
+                headers["x-lorafleet-json"] = "unchecked"
+            else:
+                content, outcome = _with_json_checks(content, schema)
+                headers["x-lorafleet-json"] = outcome
         return Response(content, upstream.status_code, headers=headers, media_type="application/json")
     return StreamingResponse(_relay(upstream), headers=headers, media_type="text/event-stream")
+
+
+def _expected_schema(body: dict[str, Any], manifest: AdapterManifest) -> dict[str, Any] | None:
+    """The schema an answer is checked against: the request's ``response_format``, else the adapter's own.
+
+    ``{}`` (any JSON) for ``json_object``; ``None`` when no JSON is expected.
+    """
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        schema = (fmt.get("json_schema") or {}).get("schema")
+        return schema if isinstance(schema, dict) else {}
+    if isinstance(fmt, dict) and fmt.get("type") == "json_object":
+        return {}
+    if isinstance(fmt, dict) and fmt.get("type") == "text":
+        return None
+    return manifest.output_schema
+
+
+def _has_regex(schema: Any) -> bool:
+    if isinstance(schema, dict):
+        return bool({"pattern", "patternProperties"} & schema.keys()) or any(_has_regex(v) for v in schema.values())
+    if isinstance(schema, list):
+        return any(_has_regex(v) for v in schema)
+    return False
+
+
+def _with_json_checks(content: bytes, schema: dict[str, Any]) -> tuple[bytes, str]:
+    """Judge every choice with the shared judge (the evaluation's) and add the verdicts to the body."""
+    data = json.loads(content)
+    checks = []
+    for choice in data.get("choices", []):
+        verdict = judge(choice.get("message", {}).get("content") or "", schema,
+                        finish_reason=choice.get("finish_reason"))  # fmt: skip
+        checks.append({"index": choice.get("index", 0), "valid": verdict.outcome == "valid",
+                       "outcome": verdict.outcome, "errors": verdict.errors})  # fmt: skip
+    data["lorafleet"] = {"json_checks": checks}
+    return json.dumps(data).encode(), checks[0]["outcome"] if checks else "none"
 
 
 async def _relay(upstream: httpx.Response) -> AsyncIterator[bytes]:
