@@ -1,7 +1,7 @@
 """Where lorafleet keeps its files, and which base model it builds on.
 
 Read from the environment (``LORAFLEET_*``) or a ``.env`` file; every command
-and the gateway share these two settings.
+and the gateway share these settings.
 
 Layout under ``data_dir``::
 
@@ -36,6 +36,14 @@ class CommonSettings(BaseSettings):
             "pull`), or a hub id where a hub is reachable."
         ),
     )
+
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL of the state database; default sqlite under data_dir."
+    )
+
+    @property
+    def state_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'state.db'}"
 
     @property
     def models_dir(self) -> Path:

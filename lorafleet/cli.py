@@ -43,7 +43,6 @@ app.add_typer(tenants_app, name="tenants")
 console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
-DEMO_TENANT = "demo"
 DEMO_ALIAS = "orders"
 DEMO_ALIASES = ("orders", "toolcall")
 DEMO_DATA = Path("data/orders")
@@ -446,25 +445,137 @@ def _publish(settings: CommonSettings, source: Path, alias: str) -> None:
     console.print(f"published {version.ref} at {version.path}")
 
 
+def _tenants() -> Any:
+    from serving.tenants import TenantStore
+
+    settings = CommonSettings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return TenantStore(settings.state_url)
+
+
+def _tenant_call(fn: Any, *args: Any) -> Any:
+    from serving.tenants import TenantError
+
+    try:
+        return fn(*args)
+    except TenantError as exc:
+        raise _fail(str(exc)) from exc
+
+
+def _show_tenant(tenant: Any) -> None:
+    d = tenant.as_dict()
+    limits = ", ".join(f"{k}={v}" for k, v in d["limits"].items() if v is not None) or "none"
+    state = "disabled" if d["disabled"] else "enabled"
+    aliases = ", ".join(d["aliases"]) or "-"
+    console.print(f"{d['name']}: {state}; aliases {aliases}; default {d['default_alias'] or '-'}; limits {limits}",
+                  highlight=False)  # fmt: skip
+
+
 @tenants_app.command("create")
 def tenants_create(
     name: str,
     alias: Annotated[list[str] | None, typer.Option(help="Alias the tenant may use (repeatable).")] = None,
+    rpm: Annotated[int | None, typer.Option(help="Requests per minute (default: unlimited).")] = None,
+    concurrent: Annotated[int | None, typer.Option(help="Requests in flight at once (default: unlimited).")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Largest max_tokens per request (default: unlimited).")] = None,
 ) -> None:
-    """Create a tenant, grant it aliases, and print its API key (shown once)."""
-    from serving.config import GatewaySettings
-    from serving.tenants import TenantError, TenantStore
+    """Create a tenant, grant it aliases, set its limits, and print its API key (shown once)."""
+    from serving.tenants import Limits
 
-    settings = GatewaySettings()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = TenantStore(settings.state_url)
-    try:
-        tenant = store.create(name)
-    except TenantError as exc:
-        raise _fail(str(exc)) from exc
+    store = _tenants()
+    tenant = _tenant_call(store.create, name)
     for a in alias or []:
         store.grant(tenant, a)
+    _tenant_call(store.set_limits, name, Limits(rpm, concurrent, max_tokens))
     console.print(store.issue_key(tenant), highlight=False)
+
+
+@tenants_app.command("list")
+def tenants_list() -> None:
+    """Every tenant with its aliases, default alias and limits."""
+    for tenant in _tenants().all():
+        _show_tenant(tenant)
+
+
+@tenants_app.command("show")
+def tenants_show(name: str) -> None:
+    """One tenant and its keys (public ids only; keys are never stored)."""
+    store = _tenants()
+    tenant = _tenant_call(store.require, name)
+    _show_tenant(tenant)
+    for k in store.keys(tenant):
+        revoked = f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "live"
+        console.print(f"  key {k.key_id}… created {k.created_at:%Y-%m-%d %H:%M}, {revoked}", highlight=False)
+
+
+@tenants_app.command("disable")
+def tenants_disable(name: str) -> None:
+    """Refuse every key of the tenant from now on (reversible with `enable`)."""
+    _show_tenant(_tenant_call(_tenants().set_disabled, name, True))
+
+
+@tenants_app.command("enable")
+def tenants_enable(name: str) -> None:
+    _show_tenant(_tenant_call(_tenants().set_disabled, name, False))
+
+
+@tenants_app.command("grant")
+def tenants_grant(name: str, alias: str) -> None:
+    """Let the tenant use ALIAS."""
+    store = _tenants()
+    store.grant(_tenant_call(store.require, name), alias)
+    _show_tenant(store.require(name))
+
+
+@tenants_app.command("revoke")
+def tenants_revoke(name: str, alias: str) -> None:
+    """Take ALIAS away from the tenant."""
+    store = _tenants()
+    store.revoke_grant(_tenant_call(store.require, name), alias)
+    _show_tenant(store.require(name))
+
+
+@tenants_app.command("default")
+def tenants_default(
+    name: str, alias: Annotated[str | None, typer.Argument(help="Alias used when a request names none.")] = None
+) -> None:
+    """Set (or with no ALIAS, clear) the alias a request gets when its `model` is empty."""
+    _show_tenant(_tenant_call(_tenants().set_default_alias, name, alias))
+
+
+@tenants_app.command("limits")
+def tenants_limits(
+    name: str,
+    rpm: Annotated[int | None, typer.Option(help="Requests per minute (unset: unlimited).")] = None,
+    concurrent: Annotated[int | None, typer.Option(help="Requests in flight at once (unset: unlimited).")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Largest max_tokens per request (unset: unlimited).")] = None,
+) -> None:
+    """Replace the tenant's limits (an option left out means no limit)."""
+    from serving.tenants import Limits
+
+    _show_tenant(_tenant_call(_tenants().set_limits, name, Limits(rpm, concurrent, max_tokens)))
+
+
+@tenants_app.command("issue-key")
+def tenants_issue_key(name: str) -> None:
+    """A new key for the tenant, beside its others (printed once)."""
+    store = _tenants()
+    console.print(store.issue_key(_tenant_call(store.require, name)), highlight=False)
+
+
+@tenants_app.command("rotate-key")
+def tenants_rotate_key(name: str) -> None:
+    """A new key, and every other live key of the tenant revoked at the same moment (printed once)."""
+    store = _tenants()
+    console.print(store.rotate_key(_tenant_call(store.require, name)), highlight=False)
+
+
+@tenants_app.command("revoke-key")
+def tenants_revoke_key(name: str, key_id: Annotated[str, typer.Argument(help="The key's public id (`show`).")]) -> None:
+    """Revoke one key by its public id; requests with it get 401 from now on."""
+    store = _tenants()
+    _tenant_call(store.revoke_key, _tenant_call(store.require, name), key_id.rstrip("…"))
+    console.print(f"revoked {key_id}")
 
 
 @app.command()
@@ -491,28 +602,48 @@ def demo(
             console.print(f"[bold]training the demo adapter '{alias}'[/] (a few minutes on 2 cores)")
             train(config=CONFIGS / f"{alias}.yaml", resume=False, publish=alias)
     if serve:
-        _serve(None, None, example_key=_demo_key(settings))
+        keys = _demo_keys(settings)
+        _demo_admin_key(settings)
+        console.print(f"demo tenants: {', '.join(keys)} (keys in {settings.data_dir / 'demo-keys'}); "
+                      f"admin key in {settings.data_dir / 'admin.key'} unless LORAFLEET_ADMIN_KEY is set")  # fmt: skip
+        _serve(None, None, example_key=keys[DEMO_ALIAS])
 
 
-def _demo_key(settings: CommonSettings) -> str:
-    """The demo tenant's key: created once, kept in data_dir/demo-tenant.key (0600) so it can be shown again."""
-    from serving.config import GatewaySettings
+def _demo_keys(settings: CommonSettings) -> dict[str, str]:
+    """One demo tenant per demo alias (``orders``, ``toolcall``), each granted its alias as default.
+
+    Keys are created once and kept in data_dir/demo-keys/<tenant>.key (0600) so they can be shown again.
+    """
     from serving.tenants import TenantStore
 
-    key_file = settings.data_dir / "demo-tenant.key"
-    tenants = TenantStore(GatewaySettings().state_url)
-    tenant = tenants.get(DEMO_TENANT)
-    if tenant is not None and key_file.is_file():
-        key = key_file.read_text().strip()
-        if tenants.authenticate(key) is not None:
-            return key
-    tenant = tenant or tenants.create(DEMO_TENANT)
-    for alias in DEMO_ALIASES:
-        tenants.grant(tenant, alias)
-    key = tenants.issue_key(tenant)
-    key_file.touch(mode=0o600)
-    key_file.write_text(key + "\n")
-    return key
+    tenants = TenantStore(settings.state_url)
+    keys = {}
+    for name in DEMO_ALIASES:
+        key_file = settings.data_dir / "demo-keys" / f"{name}.key"
+        tenant = tenants.get(name) or tenants.create(name)
+        tenants.grant(tenant, name)
+        tenants.set_default_alias(name, name)
+        key = key_file.read_text().strip() if key_file.is_file() else ""
+        if not key or tenants.authenticate(key) is None:
+            key = tenants.issue_key(tenant)
+            key_file.parent.mkdir(parents=True, exist_ok=True)
+            key_file.touch(mode=0o600)
+            key_file.write_text(key + "\n")
+        keys[name] = key
+    return keys
+
+
+def _demo_admin_key(settings: CommonSettings) -> None:
+    """Without LORAFLEET_ADMIN_KEY, the demo makes one, kept in data_dir/admin.key (0600)."""
+    if os.environ.get("LORAFLEET_ADMIN_KEY"):
+        return
+    key_file = settings.data_dir / "admin.key"
+    if not key_file.is_file():
+        import secrets
+
+        key_file.touch(mode=0o600)
+        key_file.write_text(secrets.token_hex(24) + "\n")
+    os.environ["LORAFLEET_ADMIN_KEY"] = key_file.read_text().strip()
 
 
 def _serve(host: str | None, port: int | None, example_key: str | None) -> None:

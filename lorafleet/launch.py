@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -26,6 +27,7 @@ class RunningGateway:
     url: str
     engine_url: str
     data_dir: Path
+    admin_key: str
 
     def log_tail(self, chars: int = 3000) -> str:
         parts = []
@@ -49,10 +51,12 @@ class RunningGateway:
 def start_gateway(data_dir: Path, base_model: Path, *, timeout: float = 400, **settings: str) -> RunningGateway:
     """Run ``lorafleet serve`` on free ports over ``data_dir``; returns once ``/readyz`` says ready."""
     port, engine_port = free_port(), free_port()
+    admin_key = settings.pop("admin_key", None) or secrets.token_hex(16)
     env = os.environ | {
         "LORAFLEET_DATA_DIR": str(data_dir),
         "LORAFLEET_BASE_MODEL": str(base_model),
         "LORAFLEET_ENGINE_PORT": str(engine_port),
+        "LORAFLEET_ADMIN_KEY": admin_key,
     }
     env |= {f"LORAFLEET_{k.upper()}": v for k, v in settings.items()}
     with (data_dir / "gateway.log").open("wb") as log:
@@ -62,7 +66,7 @@ def start_gateway(data_dir: Path, base_model: Path, *, timeout: float = 400, **s
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    gw = RunningGateway(proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{engine_port}", data_dir)
+    gw = RunningGateway(proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{engine_port}", data_dir, admin_key)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -23,7 +23,9 @@ from serving.adapters import AdapterRegistry
 from serving.config import GatewaySettings
 from serving.deps import GatewayState
 from serving.engine import Engine, VLLMEngine
-from serving.routes import completions, health
+from serving.limits import TenantLimiter
+from serving.middleware import BodySizeLimit
+from serving.routes import admin, completions, health
 from serving.tenants import TenantStore
 
 log = logging.getLogger("lorafleet.gateway")
@@ -39,7 +41,7 @@ def build_app(settings: GatewaySettings, engine: Engine | None = None) -> FastAP
         adapters = AdapterRegistry(
             AdapterStore(settings.adapters_dir), eng, identify(settings.base_model_path()), settings.max_lora_rank
         )
-        app.state.gateway = GatewayState(settings, eng, TenantStore(settings.state_url), adapters)
+        app.state.gateway = GatewayState(settings, eng, TenantStore(settings.state_url), adapters, TenantLimiter())
 
         async def on_engine_ready() -> None:
             problems = await adapters.load_all()
@@ -52,10 +54,14 @@ def build_app(settings: GatewaySettings, engine: Engine | None = None) -> FastAP
         finally:
             await eng.stop()
 
-    app = FastAPI(title="lorafleet gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # Only the listed routes exist: no docs pages, and no redirect from "/v1/models/" to "/v1/models".
+    app = FastAPI(title="lorafleet gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)  # fmt: skip
     errors.install(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.include_router(health.router)
     app.include_router(completions.router)
+    app.include_router(admin.router)
     return app
 
 

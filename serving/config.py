@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+import ipaddress
+
+from pydantic import Field, SecretStr, model_validator
 
 from contract.settings import CommonSettings
 
@@ -29,9 +31,13 @@ class GatewaySettings(CommonSettings):
     )
     kv_cache_gib: int = Field(default=2, description="KV cache size on the CPU engine, GiB (VLLM_CPU_KVCACHE_SPACE).")
     upstream_timeout_s: float = Field(default=600.0, description="Timeout for one request to the engine.")
-    database_url: str | None = Field(
-        default=None, description="SQLAlchemy URL of the state database; default sqlite under data_dir."
+    admin_key: SecretStr | None = Field(
+        default=None, description="Credential of the admin API (tenants, keys, adapters); required unless dev_mode."
     )
+    dev_mode: bool = Field(
+        default=False, description="Development mode: the admin API needs no key (only on a loopback host)."
+    )
+    max_body_bytes: int = Field(default=1 << 20, description="Largest request body accepted; larger ones get 413.")
 
     @model_validator(mode="after")
     def _check(self) -> GatewaySettings:
@@ -40,12 +46,28 @@ class GatewaySettings(CommonSettings):
             problems.append(f"max_lora_rank={self.max_lora_rank}: use 1..512")
         if self.max_loras < 1:
             problems.append(f"max_loras={self.max_loras}: use at least 1")
+        if self.admin_key is None and not self.dev_mode:
+            problems.append(
+                "no admin key: set LORAFLEET_ADMIN_KEY (e.g. `openssl rand -hex 32`), "
+                "or LORAFLEET_DEV_MODE=1 on a loopback host for development"
+            )
+        if self.admin_key is not None and len(self.admin_key.get_secret_value()) < 16:
+            problems.append("admin_key: use at least 16 characters")
+        if self.dev_mode and self.admin_key is None and not _loopback(self.host):
+            problems.append(f"dev_mode without an admin key listens only on loopback, not {self.host}")
+        if self.max_body_bytes < 1024:
+            problems.append(f"max_body_bytes={self.max_body_bytes}: use at least 1024")
         if self.port == self.engine_port and self.engine_url is None:
             problems.append(f"port and engine_port are both {self.port}: give them different values")
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
-    @property
-    def state_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.data_dir / 'state.db'}"
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -11,6 +11,7 @@ from serving.adapters import AdapterRegistry
 from serving.config import GatewaySettings
 from serving.engine import Engine
 from serving.errors import APIError
+from serving.limits import TenantLimiter
 from serving.tenants import Tenant, TenantStore
 
 
@@ -20,6 +21,7 @@ class GatewayState:
     engine: Engine
     tenants: TenantStore
     adapters: AdapterRegistry
+    limiter: TenantLimiter
 
 
 def get_state(request: Request) -> GatewayState:

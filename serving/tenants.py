@@ -1,22 +1,27 @@
-"""Tenants, their API keys and the adapter aliases they may use, in the state database.
+"""Tenants, their API keys, the adapter aliases they may use and their limits, in the state database.
 
 SQLAlchemy Core keeps the code driver-neutral: SQLite by default, PostgreSQL by
 changing ``LORAFLEET_DATABASE_URL``. Keys are shown once at creation and stored
-only as their sha256 (keys carry 256 random bits, so a fast hash is enough), and
-compared in constant time.
+only as their sha256 (keys carry 256 random bits, so a fast hash is enough),
+and compared in constant time; a short public id (``lf-AbCd1234``, the key's
+first characters) names a key for listing and revoking without revealing it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import sqlalchemy as sa
 
 KEY_PREFIX = "lf-"
+KEY_ID_CHARS = 8  # characters after the prefix that name a key in listings
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 metadata = sa.MetaData()
 tenants_table = sa.Table(
@@ -26,6 +31,10 @@ tenants_table = sa.Table(
     sa.Column("name", sa.String(64), unique=True, nullable=False),
     sa.Column("disabled", sa.Boolean, nullable=False, default=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("default_alias", sa.String(64), nullable=True),
+    sa.Column("requests_per_minute", sa.Integer, nullable=True),
+    sa.Column("max_concurrent", sa.Integer, nullable=True),
+    sa.Column("max_tokens", sa.Integer, nullable=True),
 )
 keys_table = sa.Table(
     "api_keys",
@@ -33,6 +42,7 @@ keys_table = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("tenant_id", sa.ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
     sa.Column("key_hash", sa.String(64), unique=True, nullable=False),
+    sa.Column("key_id", sa.String(16), nullable=True),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
 )
@@ -45,26 +55,86 @@ grants_table = sa.Table(
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Per-tenant limits; ``None`` means unlimited."""
+
+    requests_per_minute: int | None = None
+    max_concurrent: int | None = None
+    max_tokens: int | None = None
+
+
+@dataclass(frozen=True)
 class Tenant:
     id: int
     name: str
     aliases: frozenset[str]
+    disabled: bool = False
+    default_alias: str | None = None
+    limits: Limits = field(default_factory=Limits)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "disabled": self.disabled,
+            "aliases": sorted(self.aliases),
+            "default_alias": self.default_alias,
+            "limits": {
+                "requests_per_minute": self.limits.requests_per_minute,
+                "max_concurrent": self.limits.max_concurrent,
+                "max_tokens": self.limits.max_tokens,
+            },
+        }
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    key_id: str
+    created_at: datetime
+    revoked_at: datetime | None
 
 
 class TenantError(ValueError):
     """A tenant operation was refused; the message says why."""
 
 
+class TenantNotFound(TenantError):
+    pass
+
+
 def _hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise TenantError(
+            f"invalid tenant name {name!r}: use 1-63 lowercase letters, digits, '-' or '_', "
+            "starting with a letter or digit"
+        )
+    return name
 
 
 class TenantStore:
     def __init__(self, url: str) -> None:
         self.engine = sa.create_engine(url)
         metadata.create_all(self.engine)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        # State databases made by earlier releases lack the newer nullable columns.
+        inspector = sa.inspect(self.engine)
+        with self.engine.begin() as db:
+            for table in (tenants_table, keys_table):
+                have = {c["name"] for c in inspector.get_columns(table.name)}
+                for column in table.columns:
+                    if column.name not in have and column.nullable:
+                        kind = column.type.compile(dialect=self.engine.dialect)
+                        db.execute(sa.text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+
+    # -- tenants -------------------------------------------------------------------------------
 
     def create(self, name: str) -> Tenant:
+        check_name(name)
         with self.engine.begin() as db:
             if db.execute(sa.select(tenants_table.c.id).where(tenants_table.c.name == name)).first():
                 raise TenantError(f"tenant {name!r} already exists")
@@ -72,21 +142,47 @@ class TenantStore:
             tenant_id = result.inserted_primary_key[0] if result.inserted_primary_key else None
             if tenant_id is None:
                 raise TenantError(f"tenant {name!r} was not created")
-            return Tenant(int(tenant_id), name, frozenset())
+        return self.require(name)
 
     def get(self, name: str) -> Tenant | None:
         with self.engine.connect() as db:
             row = db.execute(sa.select(tenants_table).where(tenants_table.c.name == name)).first()
-            return self._load(db, row.id, row.name) if row else None
+            return self._load(db, row) if row else None
 
-    def issue_key(self, tenant: Tenant) -> str:
-        """A new API key for ``tenant``; the plaintext is returned once and never stored."""
-        key = KEY_PREFIX + secrets.token_urlsafe(32)
+    def require(self, name: str) -> Tenant:
+        tenant = self.get(name)
+        if tenant is None:
+            raise TenantNotFound(f"no tenant {name!r}; list them with `lorafleet tenants list`")
+        return tenant
+
+    def all(self) -> list[Tenant]:
+        with self.engine.connect() as db:
+            rows = db.execute(sa.select(tenants_table).order_by(tenants_table.c.name)).all()
+            return [self._load(db, row) for row in rows]
+
+    def set_disabled(self, name: str, disabled: bool) -> Tenant:
+        return self._update(name, disabled=disabled)
+
+    def set_default_alias(self, name: str, alias: str | None) -> Tenant:
+        tenant = self.require(name)
+        if alias is not None and alias not in tenant.aliases:
+            raise TenantError(f"tenant {name!r} is not granted {alias!r}; grant it first")
+        return self._update(name, default_alias=alias)
+
+    def set_limits(self, name: str, limits: Limits) -> Tenant:
+        for field_name, value in vars(limits).items():
+            if value is not None and value < 1:
+                raise TenantError(f"{field_name} must be at least 1 (or unset for no limit), got {value}")
+        return self._update(name, **vars(limits))
+
+    def _update(self, name: str, **values: Any) -> Tenant:
         with self.engine.begin() as db:
-            db.execute(
-                keys_table.insert().values(tenant_id=tenant.id, key_hash=_hash(key), created_at=datetime.now(UTC))
-            )
-        return key
+            result = db.execute(tenants_table.update().where(tenants_table.c.name == name).values(**values))
+            if result.rowcount == 0:
+                raise TenantNotFound(f"no tenant {name!r}; list them with `lorafleet tenants list`")
+        return self.require(name)
+
+    # -- grants --------------------------------------------------------------------------------
 
     def grant(self, tenant: Tenant, alias: str) -> None:
         with self.engine.begin() as db:
@@ -96,6 +192,66 @@ class TenantStore:
             if not exists:
                 db.execute(grants_table.insert().values(tenant_id=tenant.id, alias=alias))
 
+    def revoke_grant(self, tenant: Tenant, alias: str) -> None:
+        with self.engine.begin() as db:
+            db.execute(
+                grants_table.delete().where(grants_table.c.tenant_id == tenant.id, grants_table.c.alias == alias)
+            )
+            if tenant.default_alias == alias:
+                db.execute(tenants_table.update().where(tenants_table.c.id == tenant.id).values(default_alias=None))
+
+    # -- keys ----------------------------------------------------------------------------------
+
+    def issue_key(self, tenant: Tenant) -> str:
+        """A new API key for ``tenant``; the plaintext is returned once and never stored."""
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        with self.engine.begin() as db:
+            db.execute(
+                keys_table.insert().values(
+                    tenant_id=tenant.id, key_hash=_hash(key), key_id=key_id_of(key), created_at=datetime.now(UTC)
+                )
+            )
+        return key
+
+    def keys(self, tenant: Tenant) -> list[KeyInfo]:
+        with self.engine.connect() as db:
+            rows = db.execute(
+                sa.select(keys_table).where(keys_table.c.tenant_id == tenant.id).order_by(keys_table.c.id)
+            ).all()
+        return [KeyInfo(r.key_id or "?", r.created_at, r.revoked_at) for r in rows]
+
+    def revoke_key(self, tenant: Tenant, key_id: str) -> int:
+        """Revoke the tenant's live keys whose public id is ``key_id``; returns how many."""
+        with self.engine.begin() as db:
+            result = db.execute(
+                keys_table.update()
+                .where(
+                    keys_table.c.tenant_id == tenant.id,
+                    keys_table.c.key_id == key_id,
+                    keys_table.c.revoked_at.is_(None),
+                )
+                .values(revoked_at=datetime.now(UTC))
+            )
+        if result.rowcount == 0:
+            raise TenantError(f"tenant {tenant.name!r} has no live key {key_id!r}; list them with `tenants keys`")
+        return int(result.rowcount)
+
+    def rotate_key(self, tenant: Tenant) -> str:
+        """Issue a new key and revoke every other live key of the tenant, in one transaction."""
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        now = datetime.now(UTC)
+        with self.engine.begin() as db:
+            db.execute(
+                keys_table.update()
+                .where(keys_table.c.tenant_id == tenant.id, keys_table.c.revoked_at.is_(None))
+                .values(revoked_at=now)
+            )
+            db.execute(
+                keys_table.insert().values(tenant_id=tenant.id, key_hash=_hash(key), key_id=key_id_of(key),
+                                           created_at=now)
+            )  # fmt: skip
+        return key
+
     def authenticate(self, key: str) -> Tenant | None:
         """The enabled tenant owning the unrevoked ``key``, or ``None``."""
         if not key.startswith(KEY_PREFIX):
@@ -103,7 +259,7 @@ class TenantStore:
         digest = _hash(key)
         with self.engine.connect() as db:
             row = db.execute(
-                sa.select(keys_table.c.key_hash, tenants_table.c.id, tenants_table.c.name)
+                sa.select(keys_table.c.key_hash, *tenants_table.columns)
                 .join(tenants_table, tenants_table.c.id == keys_table.c.tenant_id)
                 .where(
                     keys_table.c.key_hash == digest,
@@ -114,9 +270,20 @@ class TenantStore:
             # The index lookup finds the row; the final comparison is constant-time.
             if row is None or not hmac.compare_digest(row.key_hash, digest):
                 return None
-            return self._load(db, row.id, row.name)
+            return self._load(db, row)
 
     @staticmethod
-    def _load(db: sa.Connection, tenant_id: int, name: str) -> Tenant:
-        aliases = db.execute(sa.select(grants_table.c.alias).where(grants_table.c.tenant_id == tenant_id))
-        return Tenant(tenant_id, name, frozenset(a for (a,) in aliases))
+    def _load(db: sa.Connection, row: Any) -> Tenant:
+        aliases = db.execute(sa.select(grants_table.c.alias).where(grants_table.c.tenant_id == row.id))
+        return Tenant(
+            row.id,
+            row.name,
+            frozenset(a for (a,) in aliases),
+            disabled=bool(row.disabled),
+            default_alias=row.default_alias,
+            limits=Limits(row.requests_per_minute, row.max_concurrent, row.max_tokens),
+        )
+
+
+def key_id_of(key: str) -> str:
+    return key[: len(KEY_PREFIX) + KEY_ID_CHARS]

@@ -16,6 +16,8 @@ from serving.config import GatewaySettings
 from serving.tenants import TenantStore
 from tests.conftest import make_adapter
 
+ADMIN_KEY = "admin-key-for-tests-0123456789"
+
 
 class FakeEngine:
     """Implements ``serving.engine.Engine`` over an httpx MockTransport that plays vLLM."""
@@ -46,6 +48,10 @@ class FakeEngine:
             ]
             sse = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
             return httpx.Response(200, content=sse.encode(), headers={"content-type": "text/event-stream"})
+        if request.url.path == "/v1/completions":
+            choice = {"index": 0, "text": '{"a": 1}', "finish_reason": "stop"}
+            return httpx.Response(200, json={"id": "c1", "object": "text_completion", "model": body["model"],
+                                             "choices": [choice]})  # fmt: skip
         message = {"role": "assistant", "content": '{"a": 1}'}
         return httpx.Response(
             200,
@@ -78,7 +84,7 @@ class FakeEngine:
 
 @pytest.fixture
 def gateway(tmp_path: Path) -> Iterator[tuple[TestClient, FakeEngine, dict[str, str]]]:
-    settings = GatewaySettings(data_dir=tmp_path, base_model="example/base-model")
+    settings = GatewaySettings(data_dir=tmp_path, base_model="example/base-model", admin_key=ADMIN_KEY)
     store = AdapterStore(settings.adapters_dir)
     store.publish(make_adapter(tmp_path / "src-orders"), "orders")
     store.publish(make_adapter(tmp_path / "src-orders2"), "orders")
@@ -153,7 +159,7 @@ def test_client_cannot_set_the_chat_template(gateway) -> None:
     assert len(engine.requests) == n
 
 
-@pytest.mark.parametrize("body", [{"messages": []}, {"model": ""}, {"messages": "hi"}])
+@pytest.mark.parametrize("body", [{"messages": []}, {"n": 0}, {"max_tokens": 0}, {"messages": "hi"}])
 def test_invalid_fields_are_422(gateway, body: dict) -> None:
     client, _, keys = gateway
     assert_openai_error(chat(client, keys["acme"], **body), 422, "invalid_field")
@@ -185,6 +191,24 @@ def test_streaming_is_relayed_as_server_sent_events(gateway) -> None:
     assert json.loads(text) == {"a": 1}
 
 
+@pytest.mark.parametrize(
+    ("schema", "outcome"), [({"required": ["a"]}, "valid"), ({"required": ["b"]}, "schema_mismatch")]
+)
+def test_a_streams_json_verdict_is_its_last_event(gateway, schema: dict, outcome: str) -> None:
+    client, _, keys = gateway
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    body = {"model": "orders", "stream": True, "messages": [{"role": "user", "content": "x"}], "response_format": fmt}
+    with client.stream("POST", "/v1/chat/completions", json=body,
+                       headers={"Authorization": f"Bearer {keys['acme']}"}) as resp:  # fmt: skip
+        events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    final = json.loads(events[-2])
+    assert final["choices"] == [] and final["lorafleet"]["outcome"] == outcome
+    [check] = final["lorafleet"]["json_checks"]
+    assert check["index"] == 0 and check["valid"] is (outcome == "valid")
+    assert "".join(json.loads(e)["choices"][0]["delta"]["content"] for e in events[:-2]) == '{"a": 1}'
+
+
 def test_engine_not_ready_is_503_with_retry_after(gateway) -> None:
     client, engine, keys = gateway
     engine.ready = False
@@ -204,7 +228,7 @@ def test_readiness_reports_loaded_adapters(gateway) -> None:
 
 
 def test_misfit_adapter_is_refused_before_the_engine(tmp_path: Path) -> None:
-    settings = GatewaySettings(data_dir=tmp_path, base_model="example/base-model", max_lora_rank=8)
+    settings = GatewaySettings(data_dir=tmp_path, base_model="example/base-model", max_lora_rank=8, admin_key=ADMIN_KEY)
     store = AdapterStore(settings.adapters_dir)
     store.publish(make_adapter(tmp_path / "big", rank=64), "big")
     store.publish(make_adapter(tmp_path / "dora", use_dora=True), "dora")
@@ -227,9 +251,16 @@ def test_unknown_routes_and_methods_are_openai_errors(gateway) -> None:
 
 def test_unsafe_settings_are_refused_at_start(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="port and engine_port are both 8100"):
-        GatewaySettings(data_dir=tmp_path, port=8100, engine_port=8100)
+        GatewaySettings(data_dir=tmp_path, port=8100, engine_port=8100, admin_key=ADMIN_KEY)
     with pytest.raises(ValueError, match="max_lora_rank=0"):
-        GatewaySettings(data_dir=tmp_path, max_lora_rank=0)
+        GatewaySettings(data_dir=tmp_path, max_lora_rank=0, admin_key=ADMIN_KEY)
+    with pytest.raises(ValueError, match="no admin key: set LORAFLEET_ADMIN_KEY"):
+        GatewaySettings(data_dir=tmp_path)
+    with pytest.raises(ValueError, match="admin_key: use at least 16 characters"):
+        GatewaySettings(data_dir=tmp_path, admin_key="short")
+    with pytest.raises(ValueError, match=r"dev_mode without an admin key listens only on loopback, not 0\.0\.0\.0"):
+        GatewaySettings(data_dir=tmp_path, dev_mode=True, host="0.0.0.0")
+    assert GatewaySettings(data_dir=tmp_path, dev_mode=True).admin_key is None
 
 
 @pytest.mark.parametrize(
@@ -262,3 +293,142 @@ def test_client_regex_schemas_are_not_run_by_the_gateway(gateway) -> None:
     assert "lorafleet" not in resp.json()
     plain = chat(client, keys["acme"])  # no response_format and no schema in the manifest: nothing to check
     assert "x-lorafleet-json" not in plain.headers and "lorafleet" not in plain.json()
+
+
+# -- the admin API, tenants, keys and limits ----------------------------------------------------
+
+
+def admin(client: TestClient, method: str, path: str, key: str | None = ADMIN_KEY, **kw: object) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return client.request(method, f"/admin{path}", headers=headers, **kw)  # type: ignore[arg-type]
+
+
+def test_admin_api_needs_the_admin_key_not_a_tenant_key(gateway) -> None:
+    client, _, keys = gateway
+    assert_openai_error(admin(client, "GET", "/tenants", key=None), 401, "invalid_admin_key")
+    assert_openai_error(admin(client, "GET", "/tenants", key=keys["acme"]), 401, "invalid_admin_key")
+    assert_openai_error(chat(client, ADMIN_KEY), 401, "invalid_api_key")  # and the admin key is no tenant key
+    assert [t["name"] for t in admin(client, "GET", "/tenants").json()["data"]] == ["acme", "other"]
+
+
+def test_tenant_lifecycle_through_the_admin_api(gateway) -> None:
+    client, _, _ = gateway
+    created = admin(client, "POST", "/tenants", json={"name": "beta", "aliases": ["orders"]})
+    assert created.status_code == 201, created.text
+    first = created.json()["api_key"]
+    assert chat(client, first).status_code == 200
+    assert_openai_error(admin(client, "POST", "/tenants", json={"name": "beta"}), 400, "tenant_refused")
+    assert_openai_error(admin(client, "POST", "/tenants", json={"name": "Bad Name!"}), 422, "invalid_field")
+
+    # Rotation: the new key works at once, the old one is refused from now on.
+    rotated = admin(client, "POST", "/tenants/beta/keys", params={"rotate": "true"}).json()["api_key"]
+    assert_openai_error(chat(client, first), 401)
+    assert chat(client, rotated).status_code == 200
+    second = admin(client, "POST", "/tenants/beta/keys").json()
+    assert admin(client, "DELETE", f"/tenants/beta/keys/{second['key_id']}").status_code == 204
+    assert_openai_error(chat(client, second["api_key"]), 401)
+    assert chat(client, rotated).status_code == 200
+    shown = admin(client, "GET", "/tenants/beta").json()
+    assert [k["revoked_at"] is None for k in shown["keys"]] == [False, True, False]
+    assert all(k["key_id"].startswith("lf-") and len(k["key_id"]) == 11 for k in shown["keys"])
+
+    # Default alias: a request without a model gets it.
+    assert_openai_error(admin(client, "PATCH", "/tenants/beta", json={"default_alias": "secret"}), 400)
+    assert admin(client, "PATCH", "/tenants/beta", json={"default_alias": "orders"}).json()["default_alias"] == "orders"
+    resp = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]},
+                       headers={"Authorization": f"Bearer {rotated}"})  # fmt: skip
+    assert resp.status_code == 200 and resp.headers["x-lorafleet-adapter"] == "orders@2"
+
+    # Revoking the grant hides the alias; disabling the tenant refuses its keys.
+    assert admin(client, "DELETE", "/tenants/beta/grants/orders").json()["aliases"] == []
+    assert_openai_error(chat(client, rotated), 404, "model_not_found")
+    assert admin(client, "PUT", "/tenants/beta/grants/orders").json()["aliases"] == ["orders"]
+    assert admin(client, "PATCH", "/tenants/beta", json={"disabled": True}).json()["disabled"] is True
+    assert_openai_error(chat(client, rotated), 401)
+    assert_openai_error(admin(client, "GET", "/tenants/nobody"), 404, "tenant_not_found")
+
+
+def test_requests_per_minute_limit_gives_429_with_retry_after(gateway) -> None:
+    client, engine, keys = gateway
+    assert admin(client, "PATCH", "/tenants/acme", json={"limits": {"requests_per_minute": 3}}).status_code == 200
+    assert [chat(client, keys["acme"]).status_code for _ in range(3)] == [200, 200, 200]
+    sent = len(engine.requests)
+    error = assert_openai_error(chat(client, keys["acme"]), 429, "rate_limit_exceeded")
+    assert "3 requests per minute" in error["message"]
+    assert len(engine.requests) == sent  # refused before the engine
+    assert int(chat(client, keys["acme"]).headers["retry-after"]) >= 1
+    assert chat(client, keys["other"], model="secret").status_code == 200  # another tenant is unaffected
+
+
+def test_max_tokens_limit_refuses_more_and_fills_in_the_limit(gateway) -> None:
+    client, engine, keys = gateway
+    admin(client, "PATCH", "/tenants/acme", json={"limits": {"max_tokens": 50}})
+    assert_openai_error(chat(client, keys["acme"], max_tokens=51), 400, "max_tokens_over_limit")
+    assert_openai_error(chat(client, keys["acme"], max_completion_tokens=500), 400, "max_tokens_over_limit")
+    assert chat(client, keys["acme"]).status_code == 200
+    assert engine.requests[-1]["max_tokens"] == 50
+    assert_openai_error(admin(client, "PATCH", "/tenants/acme", json={"limits": {"max_tokens": 0}}), 422)
+
+
+def test_concurrency_limit_counts_streams_until_they_end(gateway) -> None:
+    client, _, keys = gateway
+    admin(client, "PATCH", "/tenants/acme", json={"limits": {"max_concurrent": 1}})
+    state = client.app.state.gateway  # type: ignore[attr-defined]
+    tenant = state.tenants.require("acme")
+    slot = state.limiter.admit(tenant)  # one request in flight
+    assert_openai_error(chat(client, keys["acme"]), 429, "concurrency_limit_exceeded")
+    slot.release()
+    body = {"model": "orders", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    auth = {"Authorization": f"Bearer {keys['acme']}"}
+    with client.stream("POST", "/v1/chat/completions", headers=auth, json=body) as r:
+        assert r.status_code == 200
+        "".join(r.iter_text())
+    assert state.limiter.in_flight(tenant) == 0
+    assert chat(client, keys["acme"]).status_code == 200
+
+
+def test_body_over_the_limit_is_413(gateway) -> None:
+    client, engine, keys = gateway
+    sent = len(engine.requests)
+    huge = "x" * (1 << 20)
+    resp = chat(client, keys["acme"], messages=[{"role": "user", "content": huge}])
+    assert_openai_error(resp, 413, "body_too_large")
+    assert len(engine.requests) == sent
+
+
+def test_each_tenant_gets_its_own_prefix_cache_salt(gateway) -> None:
+    client, engine, keys = gateway
+    chat(client, keys["acme"])
+    chat(client, keys["other"], model="secret")
+    salts = [r["cache_salt"] for r in engine.requests[-2:]]
+    assert all(len(s) == 32 for s in salts) and salts[0] != salts[1]
+    chat(client, keys["acme"])
+    assert engine.requests[-1]["cache_salt"] == salts[0]  # stable per tenant, so its own cache still hits
+    assert_openai_error(chat(client, keys["acme"], cache_salt="guess"), 400, "forbidden_field")
+
+
+def test_text_completions_route_through_the_alias(gateway) -> None:
+    client, engine, keys = gateway
+    resp = client.post("/v1/completions", json={"model": "orders", "prompt": "Order 5:", "max_tokens": 8,
+                                                "response_format": {"type": "json_object"}},
+                       headers={"Authorization": f"Bearer {keys['acme']}"})  # fmt: skip
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["choices"][0]["text"] == '{"a": 1}' and resp.headers["x-lorafleet-json"] == "valid"
+    sent = engine.requests[-1]
+    assert sent["model"] == "orders@2" and "chat_template" not in sent and sent["prompt"] == "Order 5:"
+    no_prompt = client.post(
+        "/v1/completions", json={"model": "orders"}, headers={"Authorization": f"Bearer {keys['acme']}"}
+    )
+    assert_openai_error(no_prompt, 422, "invalid_field")
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/v1/models/", "//v1/models", "/v1//models", "/v1/%2e%2e/v1/models", "/v1/models%2f", "/V1/models",
+     "/admin/tenants/", "/admin//tenants", "/docs", "/openapi.json", "/v1/../admin/tenants"],
+)  # fmt: skip
+def test_path_tricks_never_reach_a_route_without_auth(gateway, path: str) -> None:
+    client, _, _ = gateway
+    resp = client.get(path, headers={"Host": "evil.example"})
+    assert resp.status_code in (401, 404), (path, resp.status_code, resp.text)
+    assert "error" in resp.json()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import json
+import hashlib
+import hmac
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,30 +13,40 @@ from fastapi import APIRouter
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from contract.judge import judge
-from contract.manifest import AdapterManifest
 from serving.adapters import AdapterMisfit
 from serving.deps import GatewayState, StateDep, TenantDep
 from serving.engine import EngineError
 from serving.errors import APIError
+from serving.jsoncheck import JsonCheck
+from serving.limits import Slot, cap_max_tokens
 from serving.tenants import Tenant
 
 log = logging.getLogger("lorafleet.gateway")
 router = APIRouter(prefix="/v1")
 
 # Fields a client may not set: they would let a request pick the engine's prompt
-# rendering or reach an adapter by path.
-GATEWAY_ONLY_FIELDS = ("chat_template", "chat_template_kwargs", "lora_request", "lora_path")
+# rendering, reach an adapter by path, or share another tenant's prefix cache.
+GATEWAY_ONLY_FIELDS = ("chat_template", "chat_template_kwargs", "lora_request", "lora_path", "cache_salt")
 
 
-class ChatCompletionRequest(BaseModel):
+class CompletionRequestBase(BaseModel):
     """The fields the gateway itself reads; everything else goes to the engine as sent."""
 
     model_config = ConfigDict(extra="allow")
 
-    model: str = Field(min_length=1)
-    messages: list[dict[str, Any]] = Field(min_length=1)
+    model: str | None = Field(default=None, description="The alias; empty means the tenant's default alias.")
     stream: bool = False
+    n: int = Field(default=1, ge=1, le=16)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+class ChatCompletionRequest(CompletionRequestBase):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+
+
+class CompletionRequest(CompletionRequestBase):
+    prompt: str | list[str] = Field(min_length=1)
 
 
 class ModelCard(BaseModel):
@@ -63,80 +74,87 @@ async def list_models(tenant: TenantDep, state: StateDep) -> ModelList:
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(req: ChatCompletionRequest, tenant: TenantDep, state: StateDep) -> Response:
     """Chat completion through the alias's current adapter version (SSE when ``stream`` is true)."""
+    return await _proxy("/v1/chat/completions", req, tenant, state)
+
+
+@router.post("/completions", response_model=None)
+async def completions(req: CompletionRequest, tenant: TenantDep, state: StateDep) -> Response:
+    """Text completion (no chat template) through the alias's current adapter version."""
+    return await _proxy("/v1/completions", req, tenant, state)
+
+
+async def _proxy(route: str, req: CompletionRequestBase, tenant: Tenant, state: GatewayState) -> Response:
     body = req.model_dump(exclude_none=True)
     for name in GATEWAY_ONLY_FIELDS:
         if name in body:
             raise APIError(
                 400, f"'{name}' is set by the gateway and cannot be sent.", param=name, code="forbidden_field"
             )
-    version, manifest = await _resolve(state, tenant, req.model)
-    body["model"] = version.ref
-    body["chat_template"] = manifest.prompt_format.chat_template
+    cap_max_tokens(body, tenant)
+    alias = req.model or tenant.default_alias
+    if not alias:
+        raise APIError(400, "'model' is required: name an alias (see GET /v1/models).", param="model",
+                       code="missing_model")  # fmt: skip
+    slot = state.limiter.admit(tenant)  # 429 before any work
     try:
-        upstream = await state.engine.send("/v1/chat/completions", body, stream=req.stream)
+        version, manifest = await _resolve(state, tenant, alias)
+        body["model"] = version.ref
+        if route == "/v1/chat/completions":
+            body["chat_template"] = manifest.prompt_format.chat_template
+        # Prefix-cache isolation: a tenant can only hit cache entries its own requests made.
+        body["cache_salt"] = _cache_salt(state, tenant)
+        upstream = await state.engine.send(route, body, stream=req.stream)
     except EngineError as exc:
+        slot.release()
         raise APIError(
             503, "The engine is not reachable; retry shortly.", code="engine_unavailable", headers={"Retry-After": "5"}
         ) from exc
+    except BaseException:
+        slot.release()
+        raise
     headers = {"x-lorafleet-adapter": version.ref}
     if upstream.status_code != 200 or not req.stream:
-        content = await upstream.aread()
-        await upstream.aclose()
-        schema = _expected_schema(body, manifest)
-        if upstream.status_code == 200 and schema is not None:
-            if _has_regex(schema) and schema is not manifest.output_schema:
-                # Python's re has no time bound; a client's pattern could stall the gateway.
-                headers["x-lorafleet-json"] = "unchecked"
-            else:
-                content, outcome = _with_json_checks(content, schema)
-                headers["x-lorafleet-json"] = outcome
+        try:
+            content = await upstream.aread()
+        finally:
+            await upstream.aclose()
+            slot.release()
+        check = JsonCheck.for_request(body, manifest) if upstream.status_code == 200 else None
+        if check is not None:
+            content = check.add_to_body(content)
+            headers["x-lorafleet-json"] = check.outcome
         return Response(content, upstream.status_code, headers=headers, media_type="application/json")
-    return StreamingResponse(_relay(upstream), headers=headers, media_type="text/event-stream")
+    check = JsonCheck.for_request(body, manifest)
+    return StreamingResponse(_relay(upstream, slot, check), headers=headers, media_type="text/event-stream")
 
 
-def _expected_schema(body: dict[str, Any], manifest: AdapterManifest) -> dict[str, Any] | None:
-    """The schema an answer is checked against: the request's ``response_format``, else the adapter's own.
-
-    ``{}`` (any JSON) for ``json_object``; ``None`` when no JSON is expected.
-    """
-    fmt = body.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
-        schema = (fmt.get("json_schema") or {}).get("schema")
-        return schema if isinstance(schema, dict) else {}
-    if isinstance(fmt, dict) and fmt.get("type") == "json_object":
-        return {}
-    if isinstance(fmt, dict) and fmt.get("type") == "text":
-        return None
-    return manifest.output_schema
+def _cache_salt(state: GatewayState, tenant: Tenant) -> str:
+    secret = state.settings.admin_key.get_secret_value() if state.settings.admin_key else "dev"
+    return hmac.new(secret.encode(), f"tenant:{tenant.id}".encode(), hashlib.sha256).hexdigest()[:32]
 
 
-def _has_regex(schema: Any) -> bool:
-    if isinstance(schema, dict):
-        return bool({"pattern", "patternProperties"} & schema.keys()) or any(_has_regex(v) for v in schema.values())
-    if isinstance(schema, list):
-        return any(_has_regex(v) for v in schema)
-    return False
-
-
-def _with_json_checks(content: bytes, schema: dict[str, Any]) -> tuple[bytes, str]:
-    """Judge every choice with the shared judge (the evaluation's) and add the verdicts to the body."""
-    data = json.loads(content)
-    checks = []
-    for choice in data.get("choices", []):
-        verdict = judge(choice.get("message", {}).get("content") or "", schema,
-                        finish_reason=choice.get("finish_reason"))  # fmt: skip
-        checks.append({"index": choice.get("index", 0), "valid": verdict.outcome == "valid",
-                       "outcome": verdict.outcome, "errors": verdict.errors})  # fmt: skip
-    data["lorafleet"] = {"json_checks": checks}
-    return json.dumps(data).encode(), checks[0]["outcome"] if checks else "none"
-
-
-async def _relay(upstream: httpx.Response) -> AsyncIterator[bytes]:
+async def _relay(upstream: httpx.Response, slot: Slot, check: JsonCheck | None) -> AsyncIterator[bytes]:
+    """Relay the engine's server-sent events; with a JSON check, its verdict is the last event before [DONE]."""
     try:
+        if check is None:
+            async for chunk in upstream.aiter_bytes():
+                yield chunk
+            return
+        pending = b""
         async for chunk in upstream.aiter_bytes():
-            yield chunk
+            pending += chunk
+            *events, pending = pending.split(b"\n\n")
+            for event in events:
+                if event.strip() == b"data: [DONE]":
+                    yield check.final_event()
+                else:
+                    check.observe_event(event)
+                yield event + b"\n\n"
+        if pending:
+            yield pending
     finally:
         await upstream.aclose()
+        slot.release()
 
 
 async def _resolve(state: GatewayState, tenant: Tenant, alias: str) -> tuple[Any, Any]:
