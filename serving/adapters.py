@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
+from typing import Any
 
 from contract.basemodel import BaseModelRecord
-from contract.manifest import AdapterManifest, ManifestError, read_adapter_config
+from contract.fit import fit_problems
+from contract.manifest import AdapterManifest
 from contract.store import AdapterStore, AdapterVersion, StoreError
 from serving.engine import Engine
 
 log = logging.getLogger("lorafleet.adapters")
-
-SUPPORTED_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
 class AdapterMisfit(ValueError):
@@ -27,8 +28,16 @@ class AdapterMisfit(ValueError):
 
 
 class AdapterRegistry:
-    def __init__(self, store: AdapterStore, engine: Engine, base: BaseModelRecord, max_lora_rank: int) -> None:
+    def __init__(
+        self,
+        store: AdapterStore,
+        engine: Engine,
+        base: BaseModelRecord,
+        max_lora_rank: int,
+        base_config: dict[str, Any] | None = None,
+    ) -> None:
         self.store, self.engine, self.base, self.max_lora_rank = store, engine, base, max_lora_rank
+        self.base_config = base_config
         self.loaded: dict[str, AdapterVersion] = {}
         self._manifests: dict[str, AdapterManifest] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -45,28 +54,15 @@ class AdapterRegistry:
         return self._manifests[version.ref]
 
     def check_fits(self, version: AdapterVersion) -> AdapterManifest:
-        try:
-            manifest = self.manifest(version)
-        except ManifestError as exc:
-            raise AdapterMisfit(str(exc)) from exc
-        mismatch = manifest.base_mismatch(self.base.name, self.base.sha256)
-        problems = [mismatch] if mismatch else []
-        config = read_adapter_config(version.path)
-        rank = int(config.get("r", manifest.lora.rank))
-        if rank > self.max_lora_rank:
-            problems.append(f"rank {rank} exceeds the engine's max_lora_rank {self.max_lora_rank}")
-        targets = config.get("target_modules") or []
-        targets = [targets] if isinstance(targets, str) else targets
-        unsupported = sorted(set(targets) - SUPPORTED_TARGETS)
-        if unsupported:
-            problems.append(f"targets modules vLLM cannot serve as LoRA: {unsupported}")
-        if config.get("modules_to_save"):
-            problems.append("has modules_to_save (fully trained modules), which vLLM cannot serve")
-        if config.get("use_dora"):
-            problems.append("is a DoRA adapter, which vLLM cannot serve")
+        problems = self.fit_problems(version.path)
         if problems:
             raise AdapterMisfit(f"adapter {version.ref} cannot be served: " + "; ".join(problems))
-        return manifest
+        return self.manifest(version)
+
+    def fit_problems(self, adapter_dir: Path) -> list[str]:
+        """Every reason this engine cannot serve the adapter in ``adapter_dir`` (``contract.fit``)."""
+        return fit_problems(adapter_dir, base_name=self.base.name, base_sha256=self.base.sha256,
+                            base_config=self.base_config, max_lora_rank=self.max_lora_rank)  # fmt: skip
 
     async def ensure_loaded(self, version: AdapterVersion) -> AdapterManifest:
         if version.ref in self.loaded:  # it passed check_fits when it was loaded

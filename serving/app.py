@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from contract.basemodel import identify
+from contract.fit import base_config
 from contract.store import AdapterStore
 from serving import errors
 from serving.adapters import AdapterRegistry
@@ -38,9 +39,9 @@ def build_app(settings: GatewaySettings, engine: Engine | None = None) -> FastAP
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         eng = engine or VLLMEngine(settings)
-        adapters = AdapterRegistry(
-            AdapterStore(settings.adapters_dir), eng, identify(settings.base_model_path()), settings.max_lora_rank
-        )
+        base_path = settings.base_model_path()
+        adapters = AdapterRegistry(AdapterStore(settings.adapters_dir), eng, identify(base_path),
+                                   settings.max_lora_rank, base_config(base_path))  # fmt: skip
         app.state.gateway = GatewayState(settings, eng, TenantStore(settings.state_url), adapters, TenantLimiter())
 
         async def on_engine_ready() -> None:

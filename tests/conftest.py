@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import struct
 from pathlib import Path
 
 import pytest
@@ -50,10 +52,23 @@ def orders_schema() -> dict:
     return json.loads((ORDERS / "schema.json").read_text())
 
 
-def make_adapter(path: Path, *, rank: int = 8, base_sha256: str = "ab", **config: object) -> Path:
-    """A syntactically complete adapter directory (zero weights) for store and gateway logic tests."""
+def write_safetensors(path: Path, shapes: dict[str, list[int]]) -> None:
+    """A real safetensors file of zero float32 tensors with these names and shapes."""
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = 4 * math.prod(shape)
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * offset)
+
+
+def make_adapter(path: Path, *, rank: int = 8, base_sha256: str = "ab", hidden: int = 16, **config: object) -> Path:
+    """A complete adapter directory (zero weights, LoRA on layer 0's q_proj) for store and gateway logic tests."""
     path.mkdir(parents=True)
-    (path / "adapter_model.safetensors").write_bytes(b"\0" * 64)
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    shapes = {f"{prefix}.lora_A.weight": [rank, hidden], f"{prefix}.lora_B.weight": [hidden, rank]}
+    write_safetensors(path / "adapter_model.safetensors", shapes)
     (path / "adapter_config.json").write_text(json.dumps({"r": rank, "target_modules": ["q_proj"], **config}))
     manifest = {
         "task": "orders",
