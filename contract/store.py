@@ -5,7 +5,8 @@ Layout::
     <root>/<alias>/<version>/   a complete adapter directory (see ``contract.manifest``)
     <root>/<alias>/<version>/gate.json   the latest evaluation gate verdict for that version
     <root>/<alias>/stable.json  which version is stable (served by default), and how it got there
-    <root>/<alias>/events.jsonl every promotion and rollback, forced or not (the audit trail)
+    <root>/<alias>/<version>/retired.json  present once the version is retired (out of service)
+    <root>/<alias>/events.jsonl every promotion, rollback and retirement, forced or not (the audit trail)
     <root>/.staging/            copies in progress; never read by anyone
 
 A version is an integer that only grows. An alias with no stable version
@@ -38,10 +39,15 @@ OPTIONAL_FILES = ("metrics.jsonl", "loss.png")  # the training record travels wi
 GATE_FILE = "gate.json"
 STABLE_FILE = "stable.json"
 EVENTS_FILE = "events.jsonl"
+RETIRED_FILE = "retired.json"
 
 
 class StoreError(ValueError):
     """A store operation was refused; the message says why and what to do."""
+
+
+class VersionNotFound(StoreError):
+    """No such alias or version."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +96,7 @@ class AdapterStore:
     def get(self, alias: str, version: int) -> AdapterVersion:
         path = self.root / check_alias(alias) / str(version)
         if not path.is_dir():
-            raise StoreError(f"no version {version} of adapter {alias!r} in {self.root}")
+            raise VersionNotFound(f"no version {version} of adapter {alias!r} in {self.root}")
         return AdapterVersion(alias, version, path)
 
     def stable(self, alias: str) -> AdapterVersion | None:
@@ -101,8 +107,27 @@ class AdapterStore:
         return self.get(alias, int(json.loads(pointer.read_text("utf-8"))["version"]))
 
     def serving(self, alias: str) -> AdapterVersion | None:
-        """The version requests for ``alias`` go to: the stable one, else the newest."""
-        return self.stable(alias) or self.latest(alias)
+        """The version requests for ``alias`` go to: the stable one, else the newest not retired."""
+        stable = self.stable(alias)
+        if stable is not None:
+            return stable
+        live = [v for v in self.versions(alias) if not self.is_retired(v)]
+        return live[-1] if live else None
+
+    def is_retired(self, version: AdapterVersion) -> bool:
+        return (version.path / RETIRED_FILE).is_file()
+
+    def retire(self, alias: str, version: int, *, reason: str = "", actor: str = "cli") -> dict[str, Any]:
+        """Take a version out of service (its files stay, for the record). The stable version cannot be retired."""
+        target = self.get(alias, version)
+        stable = self.stable(alias)
+        if stable is not None and stable.version == version:
+            raise StoreError(f"{target.ref} is the stable version; promote or roll back to another version first")
+        event = {"at": time.time(), "alias": alias, "action": "retire", "from": None, "to": version,
+                 "forced": False, "gate_passed": None, "reason": reason, "actor": actor}  # fmt: skip
+        _write_atomic(target.path / RETIRED_FILE, json.dumps(event) + "\n")
+        self._log_event(alias, event)
+        return event
 
     def gate(self, version: AdapterVersion) -> dict[str, Any] | None:
         """The last evaluation gate verdict recorded for ``version`` (``{"passed": bool, ...}``)."""
@@ -122,7 +147,7 @@ class AdapterStore:
         target = self.get(alias, version)
         previous = self.stable(alias)
         gate = self.gate(target)
-        was_stable = any(e.get("to") == version for e in self.events(alias))
+        was_stable = any(e.get("to") == version and e["action"] != "retire" for e in self.events(alias))
         if not force and not was_stable and not (gate and gate.get("passed")):
             why = "has no evaluation gate verdict" if gate is None else "failed its evaluation gate"
             raise StoreError(
@@ -141,9 +166,13 @@ class AdapterStore:
             "actor": actor,
         }
         _write_atomic(self.root / alias / STABLE_FILE, json.dumps({"version": version, "event": event}) + "\n")
+        (target.path / RETIRED_FILE).unlink(missing_ok=True)  # promoting a retired version brings it back
+        self._log_event(alias, event)
+        return event
+
+    def _log_event(self, alias: str, event: dict[str, Any]) -> None:
         with open(self.root / alias / EVENTS_FILE, "a", encoding="utf-8") as log:
             log.write(json.dumps(event) + "\n")
-        return event
 
     def events(self, alias: str) -> list[dict[str, Any]]:
         path = self.root / check_alias(alias) / EVENTS_FILE

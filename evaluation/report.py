@@ -165,8 +165,8 @@ def _chart(summaries: list[dict[str, Any]], path: Path, title: str) -> None:
                 continue
             xs.append(i + (k - (len(metrics) - 1) / 2) * width)
             ys.append(100 * rate["value"])
-            err[0].append(100 * (rate["value"] - rate["low"]))
-            err[1].append(100 * (rate["high"] - rate["value"]))
+            err[0].append(max(0.0, 100 * (rate["value"] - rate["low"])))  # rounding can put an end a hair inside
+            err[1].append(max(0.0, 100 * (rate["high"] - rate["value"])))
         bars = ax.bar(xs, ys, width, yerr=err, capsize=3, label=name)
         ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=2)
     ax.set_xticks(range(len(summaries)), labels, fontsize=8)

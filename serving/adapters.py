@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ class AdapterRegistry:
     ) -> None:
         self.store, self.engine, self.base, self.max_lora_rank = store, engine, base, max_lora_rank
         self.base_config = base_config
+        self.in_flight: dict[str, int] = {}  # requests running per version ref
+        self._draining: set[str] = set()  # retired refs to unload when their last request ends
         self.loaded: dict[str, AdapterVersion] = {}
         self._manifests: dict[str, AdapterManifest] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -68,13 +71,52 @@ class AdapterRegistry:
         if version.ref in self.loaded:  # it passed check_fits when it was loaded
             return self.manifest(version)
         manifest = self.check_fits(version)
-        lock = self._locks.setdefault(version.ref, asyncio.Lock())
-        async with lock:
+        async with self._lock(version.ref):  # one load (or unload) of the same adapter at a time
             if version.ref not in self.loaded:
                 await self.engine.load_adapter(version.ref, version.path)
                 self.loaded[version.ref] = version
+                self._draining.discard(version.ref)
                 log.info("loaded adapter %s from %s", version.ref, version.path)
         return manifest
+
+    def _lock(self, ref: str) -> asyncio.Lock:
+        return self._locks.setdefault(ref, asyncio.Lock())
+
+    def lease(self, version: AdapterVersion) -> Callable[[], None]:
+        """Count a request on ``version`` until the returned release function is called (idempotent)."""
+        self.in_flight[version.ref] = self.in_flight.get(version.ref, 0) + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            self.in_flight[version.ref] -= 1
+            if self.in_flight[version.ref] == 0 and version.ref in self._draining:
+                asyncio.get_running_loop().create_task(self._unload(version.ref))
+
+        return release
+
+    async def retire(self, version: AdapterVersion) -> None:
+        """Unload a retired version now, or after its last in-flight request when some are running."""
+        if version.ref not in self.loaded:
+            return
+        self._draining.add(version.ref)
+        if self.in_flight.get(version.ref, 0) == 0:
+            await self._unload(version.ref)
+
+    async def _unload(self, ref: str) -> None:
+        async with self._lock(ref):
+            if ref not in self._draining or self.in_flight.get(ref, 0) > 0 or ref not in self.loaded:
+                return
+            try:
+                await self.engine.unload_adapter(ref)
+            except Exception as exc:  # the engine may be restarting; it forgets adapters then anyway
+                log.warning("could not unload %s: %s", ref, exc)
+            self.loaded.pop(ref, None)
+            self._draining.discard(ref)
+            log.info("unloaded retired adapter %s", ref)
 
     async def load_all(self) -> list[str]:
         """Load every alias's current version (at engine start and after a restart); returns the problems."""

@@ -59,7 +59,8 @@ def build_app(settings: GatewaySettings, engine: Engine | None = None) -> FastAP
     app = FastAPI(title="lorafleet gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
                   redirect_slashes=False)  # fmt: skip
     errors.install(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
+                       uploads=(admin.UPLOAD_PATH, settings.max_upload_bytes))  # fmt: skip
     app.include_router(health.router)
     app.include_router(completions.router)
     app.include_router(admin.router)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
 from pydantic import Field, SecretStr, model_validator
 
@@ -38,6 +39,13 @@ class GatewaySettings(CommonSettings):
         default=False, description="Development mode: the admin API needs no key (only on a loopback host)."
     )
     max_body_bytes: int = Field(default=1 << 20, description="Largest request body accepted; larger ones get 413.")
+    max_upload_bytes: int = Field(
+        default=256 << 20, description="Largest adapter archive the admin API accepts (packed and unpacked)."
+    )
+    import_root: Path | None = Field(
+        default=None,
+        description="Folder the admin API may publish adapter directories from (default: data_dir/runs).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> GatewaySettings:
@@ -71,3 +79,7 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def import_root_of(settings: GatewaySettings) -> Path:
+    return (settings.import_root or settings.data_dir / "runs").resolve()

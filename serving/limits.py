@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from serving.errors import APIError
@@ -64,15 +65,21 @@ class TenantLimiter:
 
 
 class Slot:
-    """One admitted request; ``release`` is idempotent."""
+    """One admitted request; ``release`` (idempotent) frees it and runs what was registered with ``on_release``."""
 
     def __init__(self, limiter: TenantLimiter, tenant_id: int) -> None:
         self._limiter, self._tenant_id, self._held = limiter, tenant_id, True
+        self._callbacks: list[Callable[[], None]] = []
+
+    def on_release(self, callback: Callable[[], None]) -> None:
+        self._callbacks.append(callback)
 
     def release(self) -> None:
         if self._held:
             self._held = False
             self._limiter._release(self._tenant_id)
+            for callback in self._callbacks:
+                callback()
 
 
 def cap_max_tokens(body: dict, tenant: Tenant) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -16,16 +17,20 @@ class BodyTooLarge(Exception):
 class BodySizeLimit:
     """413 for a body over ``max_bytes``: by its Content-Length up front, or by counting a chunked body."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, uploads: tuple[str, int] | None = None) -> None:
         self.app, self.max_bytes = app, max_bytes
+        self.uploads = (re.compile(uploads[0]), uploads[1]) if uploads else None  # (path pattern, its limit)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.max_bytes
+        if self.uploads and self.uploads[0].fullmatch(scope["path"]):
+            limit = self.uploads[1]
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            await self._refuse(send)
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            await self._refuse(send, limit)
             return
         seen = 0
         started = False
@@ -35,7 +40,7 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > limit:
                     raise BodyTooLarge
             return message
 
@@ -48,12 +53,11 @@ class BodySizeLimit:
             await self.app(scope, counting_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await self._refuse(send)
+                await self._refuse(send, limit)
 
-    async def _refuse(self, send: Send) -> None:
-        body = json.dumps(
-            error_body(413, f"Request body too large: the limit is {self.max_bytes} bytes.", "body_too_large")
-        ).encode()
+    async def _refuse(self, send: Send, limit: int) -> None:
+        message = f"Request body too large: the limit is {limit} bytes."
+        body = json.dumps(error_body(413, message, "body_too_large")).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})

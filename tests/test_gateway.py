@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
+import tarfile
+import uuid
+import zipfile
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -10,6 +15,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from contract.basemodel import BaseModelRecord, write_record
 from contract.store import AdapterStore
 from serving.app import build_app
 from serving.config import GatewaySettings
@@ -84,7 +90,7 @@ class FakeEngine:
 
 @pytest.fixture
 def gateway(tmp_path: Path) -> Iterator[tuple[TestClient, FakeEngine, dict[str, str]]]:
-    settings = GatewaySettings(data_dir=tmp_path, base_model="example/base-model", admin_key=ADMIN_KEY)
+    settings = GatewaySettings(data_dir=tmp_path, base_model=str(fake_base(tmp_path)), admin_key=ADMIN_KEY)
     store = AdapterStore(settings.adapters_dir)
     store.publish(make_adapter(tmp_path / "src-orders"), "orders")
     store.publish(make_adapter(tmp_path / "src-orders2"), "orders")
@@ -97,6 +103,17 @@ def gateway(tmp_path: Path) -> Iterator[tuple[TestClient, FakeEngine, dict[str, 
     engine = FakeEngine()
     with TestClient(build_app(settings, engine=engine)) as client:
         yield client, engine, keys
+
+
+def fake_base(tmp_path: Path) -> Path:
+    """A base model directory with its identity record and layer sizes, no weights: fit checks run for real."""
+    base = tmp_path / "base-model"
+    base.mkdir()
+    write_record(base, BaseModelRecord(name="m", sha256="ab", source="test"))
+    config = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+              "intermediate_size": 32}  # fmt: skip
+    (base / "config.json").write_text(json.dumps(config))
+    return base
 
 
 def chat(client: TestClient, key: str | None, **body: object) -> httpx.Response:
@@ -432,3 +449,134 @@ def test_path_tricks_never_reach_a_route_without_auth(gateway, path: str) -> Non
     resp = client.get(path, headers={"Host": "evil.example"})
     assert resp.status_code in (401, 404), (path, resp.status_code, resp.text)
     assert "error" in resp.json()
+
+
+# -- the adapter registry through the admin API ---------------------------------------------------
+
+
+def tar_of(files: dict[str, bytes], *, link: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        if link:
+            info = tarfile.TarInfo(link)
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(info)
+    return buf.getvalue()
+
+
+def adapter_files(tmp_path: Path, prefix: str = "", **kw: object) -> dict[str, bytes]:
+    src = make_adapter(tmp_path / f"src-{uuid.uuid4().hex}", **kw)  # type: ignore[arg-type]
+    return {f"{prefix}{p.name}": p.read_bytes() for p in src.iterdir()}
+
+
+def upload(client: TestClient, alias: str, data: bytes, kind: str = "application/gzip") -> httpx.Response:
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": kind}
+    return client.post(f"/admin/adapters/{alias}/versions", content=data, headers=headers)
+
+
+def test_publish_from_the_import_root_or_an_archive(gateway, tmp_path: Path) -> None:
+    client, _, _ = gateway
+    make_adapter(tmp_path / "runs" / "orders-new")
+    resp = admin(client, "POST", "/adapters/orders/versions", json={"path": "orders-new"})
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["ref"] == "orders@3"
+    resp = upload(client, "orders", tar_of(adapter_files(tmp_path, prefix="adapter/")))
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["ref"] == "orders@4"
+    zipped = io.BytesIO()
+    with zipfile.ZipFile(zipped, "w") as z:
+        for name, data in adapter_files(tmp_path).items():
+            z.writestr(name, data)
+    resp = upload(client, "fresh", zipped.getvalue(), "application/zip")
+    assert resp.status_code == 201 and resp.json()["ref"] == "fresh@1", resp.text
+    listing = {a["alias"]: a for a in admin(client, "GET", "/adapters").json()["data"]}
+    assert listing["orders"]["serving"] == 4 and [v["version"] for v in listing["orders"]["versions"]] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "message"),
+    [
+        ("outside_root", 400, "outside the import root"),
+        ("dotdot", 400, "'..' would escape the archive"),
+        ("symlink", 400, "links and special files are refused"),
+        ("pickle", 400, "pickle-format files ['adapter_model.bin'] are refused"),
+        ("wrong_base", 400, "trained on m (ff), not the base"),
+        ("rank", 400, "rank 64 exceeds the engine's max_lora_rank 16"),
+        ("modules_to_save", 400, "has modules_to_save"),
+        ("not_an_archive", 400, "not a tar or zip archive"),
+        ("no_manifest", 400, "no lorafleet.json"),
+        ("bad_alias", 400, "invalid alias"),
+        ("content_type", 415, "Unsupported content type"),
+        ("too_big", 413, "Request body too large"),
+    ],
+)
+def test_bad_publishes_are_refused_and_leave_nothing(
+    gateway, tmp_path: Path, case: str, status: int, message: str
+) -> None:
+    client, _, _ = gateway
+    files = adapter_files(tmp_path)
+    alias = "orders"
+    if case == "outside_root":
+        make_adapter(tmp_path / "elsewhere")
+        resp = admin(client, "POST", f"/adapters/{alias}/versions", json={"path": "../elsewhere"})
+    elif case == "dotdot":
+        resp = upload(client, alias, tar_of({**files, "../evil.txt": b"x"}))
+    elif case == "symlink":
+        resp = upload(client, alias, tar_of(files, link="passwd"))
+    elif case == "pickle":
+        resp = upload(client, alias, tar_of({**files, "adapter_model.bin": b"\x80\x04evil"}))
+    elif case == "wrong_base":
+        resp = upload(client, alias, tar_of(adapter_files(tmp_path, base_sha256="ff")))
+    elif case == "rank":
+        resp = upload(client, alias, tar_of(adapter_files(tmp_path, rank=64)))
+    elif case == "modules_to_save":
+        resp = upload(client, alias, tar_of(adapter_files(tmp_path, modules_to_save=["lm_head"])))
+    elif case == "not_an_archive":
+        resp = upload(client, alias, b"just some bytes")
+    elif case == "no_manifest":
+        resp = upload(client, alias, tar_of({k: v for k, v in files.items() if k != "lorafleet.json"}))
+    elif case == "bad_alias":
+        resp = upload(client, "Bad Alias", tar_of(files))
+    elif case == "content_type":
+        resp = upload(client, alias, tar_of(files), kind="text/plain")
+    else:
+        resp = upload(client, alias, b"\0" * (256 << 20 | 1))
+    error = assert_openai_error(resp, status)
+    assert message in error["message"], error
+    store = client.app.state.gateway.adapters.store  # type: ignore[attr-defined]
+    assert [v.version for v in store.versions("orders")] == [1, 2]
+    assert not any((store.root / ".staging").iterdir()) if (store.root / ".staging").is_dir() else True
+
+
+def test_promote_needs_a_passing_gate_and_rollback_and_retire_drain(gateway) -> None:
+    client, engine, keys = gateway
+    store = client.app.state.gateway.adapters.store  # type: ignore[attr-defined]
+    error = assert_openai_error(admin(client, "POST", "/adapters/orders/promote", json={"version": 1}), 400)
+    assert "orders@1 has no evaluation gate verdict" in error["message"]
+    store.record_gate(store.get("orders", 1), {"passed": True})
+    event = admin(client, "POST", "/adapters/orders/promote", json={"version": 1}).json()
+    assert event["action"] == "promote" and event["loaded"] and event["actor"] == "admin-api"
+    assert chat(client, keys["acme"]).headers["x-lorafleet-adapter"] == "orders@1"  # stable now, not the newest
+    forced = admin(client, "POST", "/adapters/orders/promote", json={"version": 2, "force": True, "reason": "hotfix"})
+    assert forced.json()["forced"] and chat(client, keys["acme"]).headers["x-lorafleet-adapter"] == "orders@2"
+    assert_openai_error(admin(client, "DELETE", "/adapters/orders/versions/2"), 400, "adapter_refused")  # stable
+    assert_openai_error(admin(client, "POST", "/adapters/orders/promote", json={"version": 9, "force": True}), 404)
+
+    # Retiring orders@1 while a request on it is in flight: unloaded only after that request ends.
+    registry = client.app.state.gateway.adapters  # type: ignore[attr-defined]
+    release = registry.lease(store.get("orders", 1))
+    retired = admin(client, "DELETE", "/adapters/orders/versions/1").json()
+    assert retired["action"] == "retire" and retired["draining_requests"] == 1
+    assert "orders@1" in engine.loaded
+    client.portal.call(_release_on_loop, release)  # type: ignore[attr-defined]
+    assert "orders@1" not in engine.loaded and "orders@2" in engine.loaded
+    assert [e["action"] for e in store.events("orders")] == ["promote", "promote", "retire"]
+
+
+async def _release_on_loop(release: Callable[[], None]) -> None:
+    release()
+    await asyncio.sleep(0.05)  # let the scheduled unload run

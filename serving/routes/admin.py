@@ -1,21 +1,37 @@
-"""The admin API: tenants, their keys, grants and limits. Separate credential (``LORAFLEET_ADMIN_KEY``).
+"""The admin API: tenants, keys, grants, limits and the adapter registry. Its own credential (``LORAFLEET_ADMIN_KEY``).
 
-Every route mirrors a ``lorafleet tenants`` command; both go through
-``serving.tenants.TenantStore``. A new or rotated key is in the response once
-and never again.
+Tenant routes mirror the ``lorafleet tenants`` commands (both go through
+``serving.tenants.TenantStore``); a new or rotated key is in the response once
+and never again. Adapter routes publish a version (from a directory under the
+import root, or an uploaded tar/zip archive), promote or roll back the stable
+pointer (a passing evaluation gate required unless forced, recorded), and
+retire versions (unloaded from the engine once their last request finishes).
+Every publish is checked by ``contract.fit`` first; a refused one leaves nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import os
+import uuid
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from serving.deps import StateDep
+from contract.store import STAGING, AdapterStore, StoreError, VersionNotFound, check_alias
+from serving.archive import ArchiveError, discard, unpack
+from serving.config import import_root_of
+from serving.deps import GatewayState, StateDep
+from serving.engine import EngineError
 from serving.errors import APIError
 from serving.tenants import Limits, TenantError, TenantNotFound
+
+UPLOAD_PATH = r"/admin/adapters/[^/]+/versions"
+ARCHIVE_TYPES = {"application/x-tar", "application/gzip", "application/x-gzip", "application/zip",
+                 "application/octet-stream"}  # fmt: skip
 
 TENANT_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
@@ -152,3 +168,137 @@ def revoke_grant(name: str, alias: str, state: StateDep) -> dict[str, Any]:
         raise _refused(exc) from exc
     state.tenants.revoke_grant(tenant, alias)
     return state.tenants.require(name).as_dict()
+
+
+# -- adapters ------------------------------------------------------------------------------------
+
+
+class PublishFromPath(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(min_length=1, max_length=4096)
+
+
+class PromoteBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=1)
+    force: bool = False
+    reason: str = Field(default="", max_length=2000)
+
+
+def _store_refused(exc: StoreError) -> APIError:
+    if isinstance(exc, VersionNotFound):
+        return APIError(404, str(exc), code="adapter_not_found")
+    return APIError(400, str(exc), code="adapter_refused")
+
+
+@router.get("/adapters")
+def list_adapters(state: StateDep) -> dict[str, Any]:
+    store, registry = state.adapters.store, state.adapters
+    data = []
+    for alias in store.aliases():
+        stable, serving = store.stable(alias), store.serving(alias)
+        versions = [
+            {"version": v.version, "ref": v.ref, "retired": store.is_retired(v),
+             "gate_passed": (store.gate(v) or {}).get("passed"), "loaded": v.ref in registry.loaded,
+             "in_flight": registry.in_flight.get(v.ref, 0)}
+            for v in store.versions(alias)
+        ]  # fmt: skip
+        data.append({"alias": alias, "stable": stable.version if stable else None,
+                     "serving": serving.version if serving else None, "versions": versions})  # fmt: skip
+    return {"object": "list", "data": data}
+
+
+@router.post("/adapters/{alias}/versions", status_code=201)
+async def publish(alias: str, request: Request, state: StateDep) -> dict[str, Any]:
+    """Publish the next version of ``alias``: JSON ``{"path"}`` under the import root, or a tar/zip body."""
+    try:
+        check_alias(alias)
+    except StoreError as exc:
+        raise APIError(400, str(exc), param="alias", code="invalid_alias") from exc
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    store = state.adapters.store
+    if kind == "application/json":
+        try:
+            body = PublishFromPath.model_validate_json(await request.body())
+        except ValueError as exc:
+            raise APIError(422, 'Send {"path": "<adapter directory under the import root>"}.',
+                           code="invalid_field", param="path") from exc  # fmt: skip
+        source = _under_import_root(state, body.path)
+        version = await asyncio.to_thread(_checked_publish, state, source, alias)
+    elif kind in ARCHIVE_TYPES:
+        data = await request.body()
+        work = store.root / STAGING / f"{os.getpid()}-upload-{uuid.uuid4().hex}"
+        try:
+            source = await asyncio.to_thread(_unpack, data, work, state.settings.max_upload_bytes)
+            version = await asyncio.to_thread(_checked_publish, state, source, alias)
+        finally:
+            await asyncio.to_thread(discard, work)
+    else:
+        raise APIError(415 if kind else 400, f"Unsupported content type {kind or '(none)'!r}: send JSON "
+                       '{"path": ...} or a tar/zip archive (application/x-tar, application/gzip, application/zip).',
+                       code="unsupported_content_type")  # fmt: skip
+    return {"alias": alias, "version": version.version, "ref": version.ref,
+            "serving": (store.serving(alias) or version).version}  # fmt: skip
+
+
+def _under_import_root(state: GatewayState, raw: str) -> Path:
+    root = import_root_of(state.settings)
+    path = Path(raw)
+    resolved = (path if path.is_absolute() else root / path).resolve()
+    if not resolved.is_relative_to(root):
+        raise APIError(400, f"{raw!r} is outside the import root {root}; copy the adapter there or upload an archive.",
+                       param="path", code="outside_import_root")  # fmt: skip
+    if not resolved.is_dir():
+        raise APIError(400, f"{raw!r}: no such adapter directory under {root}.", param="path", code="no_such_path")
+    return resolved
+
+
+def _unpack(data: bytes, work: Path, limit: int) -> Path:
+    try:
+        return unpack(data, work, limit)
+    except ArchiveError as exc:
+        raise APIError(400, f"Archive refused: {exc}.", code="archive_refused") from exc
+
+
+def _checked_publish(state: GatewayState, source: Path, alias: str) -> Any:
+    problems = state.adapters.fit_problems(source)
+    if problems:
+        raise APIError(400, "Adapter refused: " + "; ".join(problems), code="adapter_refused")
+    try:
+        return state.adapters.store.publish(source, alias)
+    except StoreError as exc:
+        raise _store_refused(exc) from exc
+
+
+@router.post("/adapters/{alias}/promote")
+async def promote(alias: str, body: PromoteBody, state: StateDep) -> dict[str, Any]:
+    """Move the stable pointer (an earlier version rolls back); the version is loaded before this returns."""
+    store: AdapterStore = state.adapters.store
+    try:
+        event = store.promote(alias, body.version, force=body.force, reason=body.reason, actor="admin-api")
+    except StoreError as exc:
+        raise _store_refused(exc) from exc
+    loaded = False
+    if state.engine.is_ready():
+        try:
+            await state.adapters.ensure_loaded(store.get(alias, body.version))
+            loaded = True
+        except (EngineError, ValueError) as exc:
+            event["load_error"] = str(exc)
+    return event | {"loaded": loaded}
+
+
+@router.delete("/adapters/{alias}/versions/{version}")
+async def retire(alias: str, version: int, state: StateDep, reason: str = "") -> dict[str, Any]:
+    """Take a version out of service; it leaves the engine once its in-flight requests finish."""
+    store: AdapterStore = state.adapters.store
+    try:
+        event = store.retire(alias, version, reason=reason, actor="admin-api")
+    except StoreError as exc:
+        raise _store_refused(exc) from exc
+    target = store.get(alias, version)
+    draining = state.adapters.in_flight.get(target.ref, 0)
+    await state.adapters.retire(target)
+    return event | {"draining_requests": draining}

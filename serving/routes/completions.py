@@ -97,7 +97,7 @@ async def _proxy(route: str, req: CompletionRequestBase, tenant: Tenant, state: 
                        code="missing_model")  # fmt: skip
     slot = state.limiter.admit(tenant)  # 429 before any work
     try:
-        version, manifest = await _resolve(state, tenant, alias)
+        version, manifest = await _resolve(state, tenant, alias, slot)
         body["model"] = version.ref
         if route == "/v1/chat/completions":
             body["chat_template"] = manifest.prompt_format.chat_template
@@ -157,7 +157,7 @@ async def _relay(upstream: httpx.Response, slot: Slot, check: JsonCheck | None) 
         slot.release()
 
 
-async def _resolve(state: GatewayState, tenant: Tenant, alias: str) -> tuple[Any, Any]:
+async def _resolve(state: GatewayState, tenant: Tenant, alias: str, slot: Slot) -> tuple[Any, Any]:
     # An alias that exists but belongs to another tenant is reported exactly
     # like one that does not exist: never reveal another tenant's aliases.
     version = state.adapters.resolve(alias) if alias in tenant.aliases else None
@@ -172,6 +172,8 @@ async def _resolve(state: GatewayState, tenant: Tenant, alias: str) -> tuple[Any
         raise APIError(
             503, "The engine is starting; retry shortly.", code="engine_starting", headers={"Retry-After": "5"}
         )
+    # Counted from here, so a retirement waits for this request before unloading the version.
+    slot.on_release(state.adapters.lease(version))
     try:
         manifest = await state.adapters.ensure_loaded(version)
     except AdapterMisfit as exc:

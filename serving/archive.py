@@ -1,0 +1,113 @@
+"""Unpack an uploaded adapter archive (tar, tar.gz or zip) without trusting it.
+
+Refused, each with the member named: absolute paths, ``..`` components,
+links, devices and other special files, more than ``MAX_MEMBERS`` members, and
+more than ``max_bytes`` once unpacked (sizes are read from the archive's index
+and enforced again while copying, so a lying index cannot fill the disk).
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import stat
+import tarfile
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import IO
+
+MAX_MEMBERS = 64
+
+
+class ArchiveError(ValueError):
+    """The archive is refused; the message names the member and the reason."""
+
+
+def unpack(data: bytes, dest: Path, max_bytes: int) -> Path:
+    """Unpack ``data`` into ``dest``; returns the folder holding ``lorafleet.json`` (the top or its only subfolder)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    if zipfile.is_zipfile(io.BytesIO(data)):
+        _unzip(data, dest, max_bytes)
+    else:
+        _untar(data, dest, max_bytes)
+    if (dest / "lorafleet.json").is_file():
+        return dest
+    subdirs = [p for p in dest.iterdir() if p.is_dir()]
+    if len(subdirs) == 1 and (subdirs[0] / "lorafleet.json").is_file():
+        return subdirs[0]
+    raise ArchiveError("no lorafleet.json at the top of the archive or in its only folder")
+
+
+def _safe_name(name: str) -> PurePosixPath:
+    path = PurePosixPath(name.replace("\\", "/"))
+    if not path.parts or path.parts == (".",):
+        raise ArchiveError(f"member {name!r}: empty name")
+    if path.is_absolute() or ":" in path.parts[0]:
+        raise ArchiveError(f"member {name!r}: absolute path")
+    if ".." in path.parts:
+        raise ArchiveError(f"member {name!r}: '..' would escape the archive")
+    if len(path.parts) > 2:
+        raise ArchiveError(f"member {name!r}: nested deeper than one folder")
+    return path
+
+
+def _copy_limited(src: IO[bytes], target: Path, budget: int, name: str) -> int:
+    written = 0
+    with open(target, "wb") as out:
+        while chunk := src.read(1 << 20):
+            written += len(chunk)
+            if written > budget:
+                raise ArchiveError(f"member {name!r}: the archive unpacks to more than the limit")
+            out.write(chunk)
+    return written
+
+
+def _untar(data: bytes, dest: Path, max_bytes: int) -> None:
+    try:
+        archive = tarfile.open(fileobj=io.BytesIO(data), mode="r:*")  # noqa: SIM115 (closed by the with below)
+    except tarfile.TarError as exc:
+        raise ArchiveError(f"not a tar or zip archive ({exc})") from exc
+    with archive:
+        members = archive.getmembers()
+        if len(members) > MAX_MEMBERS:
+            raise ArchiveError(f"{len(members)} members; at most {MAX_MEMBERS}")
+        if sum(m.size for m in members) > max_bytes:
+            raise ArchiveError(f"unpacks to {sum(m.size for m in members)} bytes; the limit is {max_bytes}")
+        budget = max_bytes
+        for m in members:
+            path = _safe_name(m.name)
+            if m.isdir():
+                (dest / path).mkdir(parents=True, exist_ok=True)
+                continue
+            if not m.isfile():
+                raise ArchiveError(f"member {m.name!r}: links and special files are refused")
+            (dest / path).parent.mkdir(parents=True, exist_ok=True)
+            src = archive.extractfile(m)
+            if src is None:
+                raise ArchiveError(f"member {m.name!r}: unreadable")
+            budget -= _copy_limited(src, dest / path, budget, m.name)
+
+
+def _unzip(data: bytes, dest: Path, max_bytes: int) -> None:
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        infos = archive.infolist()
+        if len(infos) > MAX_MEMBERS:
+            raise ArchiveError(f"{len(infos)} members; at most {MAX_MEMBERS}")
+        if sum(i.file_size for i in infos) > max_bytes:
+            raise ArchiveError(f"unpacks to {sum(i.file_size for i in infos)} bytes; the limit is {max_bytes}")
+        budget = max_bytes
+        for info in infos:
+            path = _safe_name(info.filename)
+            kind = stat.S_IFMT(info.external_attr >> 16)  # 0 when the archiver recorded no file type
+            if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
+                raise ArchiveError(f"member {info.filename!r}: links and special files are refused")
+            if info.is_dir():
+                (dest / path).mkdir(parents=True, exist_ok=True)
+                continue
+            (dest / path).parent.mkdir(parents=True, exist_ok=True)
+            with archive.open(info) as src:
+                budget -= _copy_limited(src, dest / path, budget, info.filename)
+
+
+def discard(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
