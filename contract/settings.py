@@ -37,6 +37,9 @@ class CommonSettings(BaseSettings):
         ),
     )
 
+    max_lora_rank: int = Field(
+        default=16, description="Largest LoRA rank the serving engine accepts (vLLM --max-lora-rank)."
+    )
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL of the state database; default sqlite under data_dir."
     )

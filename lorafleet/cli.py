@@ -435,14 +435,43 @@ def adapters_history(alias: str) -> None:
 
 
 def _publish(settings: CommonSettings, source: Path, alias: str) -> None:
+    """Publish after the same checks the gateway runs (``contract.fit``) against the configured base model."""
+    from contract.basemodel import identify
+    from contract.fit import base_config, fit_problems
     from contract.manifest import ManifestError
     from contract.store import AdapterStore, StoreError
 
+    base_path = settings.base_model_path()
+    if Path(base_path).is_dir():
+        base = identify(base_path)
+        problems = fit_problems(source, base_name=base.name, base_sha256=base.sha256,
+                                base_config=base_config(base_path), max_lora_rank=settings.max_lora_rank)  # fmt: skip
+        if problems:
+            raise _fail(f"{source}: cannot be served, not published:\n  " + "\n  ".join(problems))
     try:
         version = AdapterStore(settings.adapters_dir).publish(source, alias)
     except (ManifestError, StoreError) as exc:
         raise _fail(str(exc)) from exc
     console.print(f"published {version.ref} at {version.path}")
+
+
+@adapters_app.command("retire")
+def adapters_retire(
+    ref: Annotated[str, typer.Argument(help="ALIAS@VERSION to take out of service.")],
+    reason: Annotated[str, typer.Option(help="Why, for the audit trail.")] = "",
+) -> None:
+    """Take a version out of service: no request goes to it from now on (files are kept). The admin API also
+    unloads it from a running engine once its requests finish; after this command that happens at the next start."""
+    from contract.store import AdapterStore, StoreError
+
+    alias, _, version = ref.partition("@")
+    if not version.isdigit():
+        raise _fail(f"{ref!r}: name the version, e.g. {alias}@2 (see `lorafleet adapters list`)")
+    try:
+        AdapterStore(CommonSettings().adapters_dir).retire(alias, int(version), reason=reason)
+    except StoreError as exc:
+        raise _fail(str(exc)) from exc
+    console.print(f"retired {ref}")
 
 
 def _tenants() -> Any:

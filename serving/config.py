@@ -22,7 +22,6 @@ class GatewaySettings(CommonSettings):
     )
     engine_port: int = Field(default=8100, description="Port of the vLLM child process (loopback only).")
     engine_start_timeout_s: float = Field(default=300.0, description="How long vLLM may take to become healthy.")
-    max_lora_rank: int = Field(default=16, description="Largest LoRA rank the engine accepts (vLLM --max-lora-rank).")
     max_loras: int = Field(
         default=4,
         description="Adapters resident on the engine at once (vLLM --max-loras); size it to the adapters hot at once.",
