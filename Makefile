@@ -1,7 +1,7 @@
 # The two commands a newcomer needs:
 #   make run    install, provision the base model, train the demo adapter if missing, serve on :8000
 #   make test   install what the tests need and run the suite
-# Also: make lint, make bench (all benchmarks), make bench-train / bench-eval (one each),
+# Also: make lint, make bench (all benchmarks), make bench-train / bench-gateway / bench-eval (one each),
 #       make eval-demo (the demo adapters against the base model on held-out data).
 
 PYTHON ?= python3
@@ -9,7 +9,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint bench bench-train bench-eval eval-demo venv model clean-venv
+.PHONY: run test lint bench bench-train bench-gateway bench-eval eval-demo venv model clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,9 @@ bench: model
 
 bench-train: model
 	$(PY) -m benchmarks.train_speed
+
+bench-gateway: model
+	$(PY) -m benchmarks.gateway_overhead
 
 bench-eval: model
 	$(PY) -m benchmarks.eval_speed

@@ -1,13 +1,21 @@
-"""What the gateway costs on top of vLLM: the same LoRA requests, straight to the engine vs through the gateway.
+"""What the gateway costs on top of vLLM: one streamed LoRA workload, straight to the engine vs through the gateway.
 
-    python -m benchmarks.gateway_overhead [--requests 16] [--rounds 2] [--concurrency 1 8] [--max-tokens 32]
+    python -m benchmarks.gateway_overhead [--requests 200] [--concurrency 8] [--max-tokens 64] [--adapters 4]
 
-Baseline: requests sent directly to the vLLM server the gateway supervises,
-naming the loaded adapter (``orders@1``). Candidate: the same requests through
-the gateway with a tenant key and the alias (``orders``), which adds auth,
-alias resolution, the recorded chat template and the proxy hop. Both run in
-this process against the same engine, interleaved per round so machine noise
-hits both alike. Prints medians and the gateway/direct ratio.
+One vLLM server (the one the gateway supervises), one workload: ``--requests``
+streamed chat completions, ``--concurrency`` in flight at a time (a closed loop:
+each worker sends its next request when the previous one ends), exactly
+``--max-tokens`` output tokens each (``ignore_eos``), spread round-robin over
+``--adapters`` LoRA adapters. Baseline: straight to vLLM's OpenAI server, naming
+the loaded adapter (``a1@1``) and the chat template. Candidate: through the
+gateway with a tenant key and the alias (``a1``), which adds auth, limits,
+alias resolution, the recorded template, the per-tenant cache salt, the JSON
+check and the proxy hop. The two passes alternate (baseline, gateway,
+baseline, gateway, ...) over ``--rounds`` so machine noise hits both alike.
+
+Printed: output tokens/s, time to first token and end-to-end latency
+percentiles for both, with the gateway/direct ratios and added milliseconds.
+Goals: throughput >= 0.97x direct; added median TTFT <= 3 ms; added p99 <= 10 ms.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import json
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -33,9 +42,9 @@ PROMPTS = [json.loads(line)["instruction"] for line in (ROOT / "data/orders/test
 
 def adapter_dir(settings: CommonSettings, work: Path) -> Path:
     """The published demo adapter, else a tiny one trained now: speed does not depend on quality."""
-    latest = AdapterStore(settings.adapters_dir).latest("orders")
-    if latest is not None:
-        return latest.path
+    published = AdapterStore(settings.adapters_dir).serving("orders")
+    if published is not None:
+        return published.path
     import subprocess
     import sys
 
@@ -48,91 +57,123 @@ def adapter_dir(settings: CommonSettings, work: Path) -> Path:
     return out
 
 
-async def timed(client: httpx.AsyncClient, url: str, headers: dict[str, str], model: str, prompt: str,
-                max_tokens: int, chat_template: str | None) -> tuple[float, int]:  # fmt: skip
-    body: dict = {"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
-                  "max_tokens": max_tokens, "ignore_eos": True}  # fmt: skip
-    if chat_template is not None:
-        body["chat_template"] = chat_template
+@dataclass
+class Pass:
+    ttft: list[float] = field(default_factory=list)
+    e2e: list[float] = field(default_factory=list)
+    tokens: int = 0
+    wall: float = 0.0
+
+
+async def one(client: httpx.AsyncClient, url: str, headers: dict[str, str], body: dict, result: Pass) -> None:
     started = time.perf_counter()
-    resp = await client.post(url, json=body, headers=headers)
-    elapsed = time.perf_counter() - started
-    resp.raise_for_status()
-    return elapsed, int(resp.json()["usage"]["completion_tokens"])
+    first = None
+    async with client.stream("POST", url, json=body, headers=headers) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if first is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices") or []):
+                first = time.perf_counter()
+            if chunk.get("usage"):
+                result.tokens += int(chunk["usage"]["completion_tokens"])
+    end = time.perf_counter()
+    result.ttft.append((first or end) - started)
+    result.e2e.append(end - started)
 
 
-async def run_round(target: dict, n: int, concurrency: int, max_tokens: int) -> tuple[list[float], float]:
-    sem = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(timeout=600) as client:
+async def run_pass(target: dict, n: int, concurrency: int, max_tokens: int, adapters: int) -> Pass:
+    result = Pass()
+    queue = list(range(n))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
 
-        async def one(i: int) -> tuple[float, int]:
-            async with sem:
-                return await timed(client, target["url"], target["headers"], target["model"], PROMPTS[i % len(PROMPTS)],
-                                   max_tokens, target["chat_template"])  # fmt: skip
+        async def worker() -> None:
+            while queue:
+                i = queue.pop()
+                body = {"model": target["models"][i % adapters],
+                        "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                        "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "stream": True,
+                        "stream_options": {"include_usage": True}} | target["extra"]  # fmt: skip
+                await one(client, target["url"], target["headers"], body, result)
 
         started = time.perf_counter()
-        results = await asyncio.gather(*(one(i) for i in range(n)))
-        wall = time.perf_counter() - started
-    return [r[0] for r in results], sum(r[1] for r in results) / wall
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        result.wall = time.perf_counter() - started
+    return result
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=16)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--adapters", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating pass pairs; each pass is --requests/rounds")
     args = parser.parse_args()
 
     settings = CommonSettings()
+    names = [f"a{i + 1}" for i in range(args.adapters)]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         source = adapter_dir(settings, work)
-        AdapterStore(work / "adapters").publish(source, "orders")
+        store = AdapterStore(work / "adapters")
+        for name in names:
+            store.publish(source, name)
         tenants = TenantStore(f"sqlite:///{work / 'state.db'}")
         tenant = tenants.create("bench")
-        tenants.grant(tenant, "orders")
+        for name in names:
+            tenants.grant(tenant, name)
         key = tenants.issue_key(tenant)
         template = json.loads((source / "lorafleet.json").read_text())["prompt_format"]["chat_template"]
-        gw = start_gateway(work, Path(settings.base_model_path()))
+        gw = start_gateway(work, Path(settings.base_model_path()), max_loras=str(args.adapters))
         try:
             targets = {
-                "direct vLLM (baseline)": {"url": f"{gw.engine_url}/v1/chat/completions", "headers": {},
-                                           "model": "orders@1", "chat_template": template},
-                "through gateway": {"url": f"{gw.url}/v1/chat/completions",
-                                    "headers": {"Authorization": f"Bearer {key}"}, "model": "orders",
-                                    "chat_template": None},
+                "direct to vLLM (baseline)": {"url": f"{gw.engine_url}/v1/chat/completions", "headers": {},
+                                              "models": [f"{n}@1" for n in names],
+                                              "extra": {"chat_template": template}},
+                "through the gateway": {"url": f"{gw.url}/v1/chat/completions",
+                                        "headers": {"Authorization": f"Bearer {key}"}, "models": names, "extra": {}},
             }  # fmt: skip
-            asyncio.run(run_round(targets["through gateway"], 4, 4, 8))  # warm-up: compile paths, caches
-            rows = []
-            for conc in args.concurrency:
-                lat: dict[str, list[float]] = {name: [] for name in targets}
-                tps: dict[str, list[float]] = {name: [] for name in targets}
-                for _ in range(args.rounds):
-                    for name, target in targets.items():
-                        latencies, tokens_per_s = asyncio.run(run_round(target, args.requests, conc, args.max_tokens))
-                        lat[name] += latencies
-                        tps[name].append(tokens_per_s)
-                base = "direct vLLM (baseline)"
-                for name in targets:
-                    med, base_med = statistics.median(lat[name]), statistics.median(lat[base])
-                    p95 = statistics.quantiles(lat[name], n=20)[-1]
-                    rate = statistics.median(tps[name])
-                    rows.append(
-                        (conc, name, med * 1000, p95 * 1000, med / base_med, rate, rate / statistics.median(tps[base]))
-                    )
+            for target in targets.values():  # warm-up: every adapter loaded, paths compiled
+                asyncio.run(run_pass(target, 2 * args.adapters, args.adapters, 4, args.adapters))
+            per_round = max(1, args.requests // args.rounds)
+            merged = {name: Pass() for name in targets}
+            for _ in range(args.rounds):
+                for name, target in targets.items():
+                    p = asyncio.run(run_pass(target, per_round, args.concurrency, args.max_tokens, args.adapters))
+                    m = merged[name]
+                    m.ttft += p.ttft
+                    m.e2e += p.e2e
+                    m.tokens += p.tokens
+                    m.wall += p.wall
         finally:
             gw.stop()
 
-    print(f"\ngateway overhead: {args.requests} requests x {args.rounds} rounds, {args.max_tokens} output tokens, "
-          f"LoRA adapter orders@1 on {Path(settings.base_model_path()).name}")  # fmt: skip
-    print(f"{'concurrency':>11} | {'target':<24} | {'median ms':>9} | {'p95 ms':>8} | {'x baseline':>10} | "
-          f"{'tokens/s':>8} | {'x baseline':>10}")  # fmt: skip
-    print("-" * 100)
-    for conc, name, med, p95, ratio, rate, rate_ratio in rows:
-        print(
-            f"{conc:>11} | {name:<24} | {med:>9.1f} | {p95:>8.1f} | {ratio:>10.3f} | {rate:>8.1f} | {rate_ratio:>10.3f}"
-        )
+    base, gate = merged["direct to vLLM (baseline)"], merged["through the gateway"]
+    print(f"\ngateway overhead: {len(base.e2e)} streamed requests per target, {args.concurrency} concurrent, "
+          f"{args.max_tokens} output tokens each, over {args.adapters} LoRA adapters on "
+          f"{Path(settings.base_model_path()).name}; {args.rounds} alternating rounds")  # fmt: skip
+    header = f"{'target':<26} | {'tok/s':>7} | {'TTFT p50':>8} | {'TTFT p99':>8} | {'e2e p50':>8} | {'e2e p99':>8}"
+    print(header + "  (ms)")
+    print("-" * len(header))
+    for name, p in merged.items():
+        print(f"{name:<26} | {p.tokens / p.wall:>7.1f} | {1000 * statistics.median(p.ttft):>8.1f} | "
+              f"{1000 * pct(p.ttft, 0.99):>8.1f} | {1000 * statistics.median(p.e2e):>8.1f} | "
+              f"{1000 * pct(p.e2e, 0.99):>8.1f}")  # fmt: skip
+    ratio = (gate.tokens / gate.wall) / (base.tokens / base.wall)
+    print(f"{'gateway / direct':<26} | {ratio:>6.3f}x | "
+          f"{1000 * (statistics.median(gate.ttft) - statistics.median(base.ttft)):>+8.1f} | "
+          f"{1000 * (pct(gate.ttft, 0.99) - pct(base.ttft, 0.99)):>+8.1f} | "
+          f"{1000 * (statistics.median(gate.e2e) - statistics.median(base.e2e)):>+8.1f} | "
+          f"{1000 * (pct(gate.e2e, 0.99) - pct(base.e2e, 0.99)):>+8.1f}")  # fmt: skip
+    print("goals: throughput >= 0.97x; added TTFT p50 <= 3 ms; added p99 <= 10 ms")
 
 
 if __name__ == "__main__":

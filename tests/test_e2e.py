@@ -5,8 +5,10 @@ The gateway runs as `lorafleet serve` in a child process, exactly as users run i
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -174,6 +176,68 @@ def test_a_crashed_engine_is_restarted_and_its_adapters_reloaded(gateway: Gatewa
         model="orders", messages=[{"role": "user", "content": PROMPT}], temperature=0, max_tokens=8
     )
     assert resp.model == "orders@1"
+
+
+def test_hot_swap_under_load_fails_no_request(gateway: Gateway, tiny_adapter: Path) -> None:
+    """20 concurrent streams run while versions are published, promoted and retired 10 times."""
+    store = AdapterStore(gateway.running.data_dir / "adapters")
+    admin = httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {gateway.running.admin_key}"},
+                         timeout=120)  # fmt: skip
+    shutil.copytree(tiny_adapter, gateway.running.data_dir / "runs" / "orders-next")
+    failures: list[str] = []
+    served: set[str] = set()
+    done = asyncio.Event()
+
+    async def client_loop(c: openai.AsyncOpenAI) -> None:
+        while not done.is_set():
+            try:
+                stream = await c.chat.completions.create(
+                    model="orders", messages=[{"role": "user", "content": PROMPT}], max_tokens=6, stream=True
+                )
+                async for chunk in stream:
+                    served.add(chunk.model)
+            except Exception as exc:  # every failure is a test failure; collect them all
+                failures.append(repr(exc))
+
+    def swaps() -> list[str]:
+        refs = []
+        for _ in range(10):
+            published = admin.post("/admin/adapters/orders/versions", json={"path": "orders-next"})
+            assert published.status_code == 201, published.text
+            new = store.get("orders", published.json()["version"])
+            store.record_gate(new, {"passed": True})  # as `lorafleet eval --gate` would
+            old = store.serving("orders")
+            promoted = admin.post("/admin/adapters/orders/promote", json={"version": new.version})
+            assert promoted.status_code == 200 and promoted.json()["loaded"], promoted.text
+            if old is not None and old.version != new.version:
+                retired = admin.delete(f"/admin/adapters/orders/versions/{old.version}")
+                assert retired.status_code == 200, retired.text
+            refs.append(new.ref)
+            time.sleep(0.5)
+        return refs
+
+    async def run() -> list[str]:
+        c = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key=gateway.key, max_retries=0, timeout=300)
+        clients = [asyncio.create_task(client_loop(c)) for _ in range(20)]
+        try:
+            return await asyncio.to_thread(swaps)
+        finally:
+            done.set()
+            await asyncio.gather(*clients)
+
+    refs = asyncio.run(run())
+    assert failures == []
+    assert len(served) >= 3, served  # traffic really moved across versions
+    listing = {a["alias"]: a for a in admin.get("/admin/adapters").json()["data"]}["orders"]
+    assert listing["stable"] == int(refs[-1].split("@")[1])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # retired versions leave the engine once drained
+        loaded = [v["ref"] for v in listing["versions"] if v["loaded"]]
+        if loaded == [refs[-1]]:
+            break
+        time.sleep(0.5)
+        listing = {a["alias"]: a for a in admin.get("/admin/adapters").json()["data"]}["orders"]
+    assert [v["ref"] for v in listing["versions"] if v["loaded"]] == [refs[-1]]
 
 
 def test_ctrl_c_stops_the_gateway_and_every_child(gateway: Gateway) -> None:
