@@ -136,6 +136,26 @@ def test_the_gateway_and_the_evaluation_judge_alike(gateway: Gateway) -> None:
     assert outcomes  # max_tokens=40 cuts some answers short: "truncated" is judged the same way too
 
 
+def test_a_client_hanging_up_mid_stream_aborts_the_generation(gateway: Gateway) -> None:
+    def running() -> float:
+        metrics = httpx.get(f"{gateway.engine_url}/metrics", timeout=10).text
+        return sum(float(line.split()[-1]) for line in metrics.splitlines()
+                   if line.startswith("vllm:num_requests_running"))  # fmt: skip
+
+    body = {"model": "orders", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 1500,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {gateway.key}"}) as resp:  # fmt: skip
+        chunks = resp.iter_lines()
+        for _ in range(3):
+            next(chunks)
+        assert running() == 1
+    deadline = time.monotonic() + 15
+    while running() > 0 and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert running() == 0  # 1500 tokens would take over a minute here: the engine stopped generating
+
+
 def test_eval_through_the_gateway_scores_what_clients_get(gateway: Gateway, tmp_path: Path) -> None:
     data = tmp_path / "test.jsonl"
     data.write_text("".join((ORDERS / "test.jsonl").read_text().splitlines(keepends=True)[:4]))
@@ -163,6 +183,13 @@ def test_eval_through_the_gateway_scores_what_clients_get(gateway: Gateway, tmp_
 def test_a_crashed_engine_is_restarted_and_its_adapters_reloaded(gateway: Gateway) -> None:
     engine = next(p for p in psutil.Process(gateway.proc.pid).children() if "vllm" in " ".join(p.cmdline()))
     os.killpg(engine.pid, signal.SIGKILL)
+    # While it is down, requests get 503 with Retry-After; none hangs (the client's timeout would fail the test).
+    body = {"model": "orders", "messages": [{"role": "user", "content": "x"}]}
+    auth = {"Authorization": f"Bearer {gateway.key}"}
+    for _ in range(3):
+        resp = httpx.post(f"{gateway.url}/v1/chat/completions", headers=auth, json=body, timeout=30)
+        assert resp.status_code == 503 and resp.headers["retry-after"], resp.text
+        time.sleep(0.5)
     deadline = time.monotonic() + 300
     status: dict = {}
     while time.monotonic() < deadline:
