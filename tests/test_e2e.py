@@ -177,7 +177,7 @@ def test_eval_through_the_gateway_scores_what_clients_get(gateway: Gateway, tmp_
          "someone-elses", "--out", str(out)],
         cwd=ROOT, env=os.environ | {"LORAFLEET_API_KEY": gateway.key}, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert denied.returncode == 1 and "does not serve ['someone-elses']" in denied.stderr
+    assert denied.returncode == 2 and "does not serve ['someone-elses']" in denied.stderr
 
 
 def test_a_crashed_engine_is_restarted_and_its_adapters_reloaded(gateway: Gateway) -> None:
@@ -229,11 +229,11 @@ def test_hot_swap_under_load_fails_no_request(gateway: Gateway, tiny_adapter: Pa
     def swaps() -> list[str]:
         refs = []
         for _ in range(10):
+            old = store.serving("orders")
             published = admin.post("/admin/adapters/orders/versions", json={"path": "orders-next"})
             assert published.status_code == 201, published.text
             new = store.get("orders", published.json()["version"])
             store.record_gate(new, {"passed": True})  # as `lorafleet eval --gate` would
-            old = store.serving("orders")
             promoted = admin.post("/admin/adapters/orders/promote", json={"version": new.version})
             assert promoted.status_code == 200 and promoted.json()["loaded"], promoted.text
             if old is not None and old.version != new.version:
@@ -264,7 +264,7 @@ def test_hot_swap_under_load_fails_no_request(gateway: Gateway, tiny_adapter: Pa
             break
         time.sleep(0.5)
         listing = {a["alias"]: a for a in admin.get("/admin/adapters").json()["data"]}["orders"]
-    assert [v["ref"] for v in listing["versions"] if v["loaded"]] == [refs[-1]]
+    assert [v["ref"] for v in listing["versions"] if v["loaded"]] == [refs[-1]], listing
 
 
 def test_ctrl_c_stops_the_gateway_and_every_child(gateway: Gateway) -> None:

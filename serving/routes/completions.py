@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import httpx
 from fastapi import APIRouter
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import Receive, Scope, Send
 
 from serving.adapters import AdapterMisfit
 from serving.deps import GatewayState, StateDep, TenantDep
@@ -125,7 +126,23 @@ async def _proxy(route: str, req: CompletionRequestBase, tenant: Tenant, state: 
             headers["x-lorafleet-json"] = check.outcome
         return Response(content, upstream.status_code, headers=headers, media_type="application/json")
     check = JsonCheck.for_request(body, manifest)
-    return StreamingResponse(_relay(upstream, slot, check), headers=headers, media_type="text/event-stream")
+    return RelayResponse(_relay(upstream, slot, check), headers=headers, media_type="text/event-stream")
+
+
+class RelayResponse(StreamingResponse):
+    """A stream whose relay is always closed, also when the client hangs up while it waits at a ``yield``.
+
+    Closing it closes the engine connection (vLLM then aborts the generation)
+    and releases the request's slot and adapter lease.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            body = self.body_iterator
+            if isinstance(body, AsyncGenerator):
+                await body.aclose()
 
 
 def _cache_salt(state: GatewayState, tenant: Tenant) -> str:
