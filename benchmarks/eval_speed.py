@@ -1,6 +1,6 @@
 """What the evaluation costs on top of vLLM: ``lorafleet eval``'s whole pipeline vs vLLM generating alone.
 
-    python -m benchmarks.eval_speed [--examples 200] [--rounds 3] [--max-tokens 64]
+    python -m benchmarks.eval_speed [--examples 200] [--rounds 2] [--max-tokens 64]
 
 Baseline ("vLLM alone"): ``LLM.chat`` on the same conversations with the same
 sampling settings (greedy, ``max_tokens``), one batched call, outputs thrown
@@ -34,7 +34,7 @@ DATA, SCHEMA = ROOT / "data/orders/test.jsonl", ROOT / "data/orders/schema.json"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--examples", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
     settings = CommonSettings()
@@ -66,7 +66,7 @@ def main() -> None:
 
         variants = {"vLLM alone (LLM.chat)": vllm_alone, "lorafleet eval (check+generate+judge+report)": lorafleet_eval}
         walls: dict[str, list[float]] = {name: [] for name in variants}
-        vllm_alone()  # warm-up: compile paths, load the adapter
+        llm.chat(conversations[:8], params, lora_request=lora, use_tqdm=False)  # warm-up: load the adapter
         for _ in range(args.rounds):
             for name, run in variants.items():
                 started = time.perf_counter()
