@@ -43,4 +43,7 @@ def test_offline_and_missing_says_what_to_run(tmp_path: Path) -> None:
 def test_serve_without_a_base_model_says_what_to_run(tmp_path: Path) -> None:
     proc = run_cli("serve", env=os.environ | {"LORAFLEET_DATA_DIR": str(tmp_path)})
     assert proc.returncode == 2
+    assert "no admin key: set LORAFLEET_ADMIN_KEY" in proc.stderr  # settings are checked first
+    proc = run_cli("serve", env=os.environ | {"LORAFLEET_DATA_DIR": str(tmp_path), "LORAFLEET_DEV_MODE": "1"})
+    assert proc.returncode == 2
     assert "run `lorafleet model pull`" in proc.stderr
