@@ -304,8 +304,8 @@ def test_json_answers_are_checked_by_the_shared_judge(
 
 def test_client_regex_schemas_are_not_run_by_the_gateway(gateway) -> None:
     client, _, keys = gateway
-    evil = {"type": "json_schema", "json_schema": {"name": "e", "schema": {"pattern": "^(a+)+$"}}}
-    resp = chat(client, keys["acme"], response_format=evil)
+    regex = {"type": "json_schema", "json_schema": {"name": "e", "schema": {"pattern": "^[a-z]+$"}}}
+    resp = chat(client, keys["acme"], response_format=regex)
     assert resp.status_code == 200 and resp.headers["x-lorafleet-json"] == "unchecked"
     assert "lorafleet" not in resp.json()
     plain = chat(client, keys["acme"])  # no response_format and no schema in the manifest: nothing to check
@@ -580,3 +580,33 @@ def test_promote_needs_a_passing_gate_and_rollback_and_retire_drain(gateway) -> 
 async def _release_on_loop(release: Callable[[], None]) -> None:
     release()
     await asyncio.sleep(0.05)  # let the scheduled unload run
+
+
+def _deep(n: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(n):
+        schema = {"type": "object", "properties": {"x": schema}}
+    return schema
+
+
+@pytest.mark.parametrize(
+    ("schema", "message"),
+    [
+        ({"pattern": "^(a+)+$"}, "nests quantifiers"),
+        ({"patternProperties": {"(x|xx)*y": {}}}, "nests quantifiers"),
+        ({"pattern": "(unclosed"}, "does not compile"),
+        ({"pattern": "a" * 600}, "a pattern of 600 characters"),
+        (_deep(40), "nested deeper than 32 levels"),
+        ({"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(1200)}}, "1200 properties"),
+        ({"type": "object", "description": "x" * 70000}, "bytes; the limit is 65536"),
+        ({"type": 12}, "not a valid JSON Schema"),
+        ("not an object", "must be a JSON object"),
+    ],
+)
+def test_hostile_client_schemas_are_refused_before_the_engine(gateway, schema: object, message: str) -> None:
+    client, engine, keys = gateway
+    sent = len(engine.requests)
+    fmt = {"type": "json_schema", "json_schema": {"name": "h", "schema": schema}}
+    error = assert_openai_error(chat(client, keys["acme"], response_format=fmt), 400, "schema_refused")
+    assert message in error["message"] and error["param"] == "response_format"
+    assert len(engine.requests) == sent

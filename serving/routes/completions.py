@@ -20,6 +20,7 @@ from serving.engine import EngineError
 from serving.errors import APIError
 from serving.jsoncheck import JsonCheck
 from serving.limits import Slot, cap_max_tokens
+from serving.schemas import check_client_schema
 from serving.tenants import Tenant
 
 log = logging.getLogger("lorafleet.gateway")
@@ -92,6 +93,9 @@ async def _proxy(route: str, req: CompletionRequestBase, tenant: Tenant, state: 
                 400, f"'{name}' is set by the gateway and cannot be sent.", param=name, code="forbidden_field"
             )
     cap_max_tokens(body, tenant)
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        check_client_schema((fmt.get("json_schema") or {}).get("schema"))
     alias = req.model or tenant.default_alias
     if not alias:
         raise APIError(400, "'model' is required: name an alias (see GET /v1/models).", param="model",

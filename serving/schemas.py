@@ -1,0 +1,75 @@
+"""Limits on a client's JSON Schema (``response_format``), checked before it reaches the engine.
+
+A schema is compiled by vLLM's structured-output backend and validated by the
+gateway's judge, so a hostile one could cost unbounded time. Refused with a 400
+naming the limit: more than ``MAX_BYTES`` serialised, nesting deeper than
+``MAX_DEPTH``, more than ``MAX_PROPERTIES`` properties in all, a schema that is
+not valid JSON Schema, and ``pattern``/``patternProperties`` regexes that do
+not compile, are too long, or nest quantifiers (``(a+)+``, ``(a|aa)*``: the
+shapes that backtrack catastrophically).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from jsonschema import SchemaError
+
+from contract.judge import check_schema
+from serving.errors import APIError
+
+MAX_BYTES = 64 * 1024
+MAX_DEPTH = 32
+MAX_PROPERTIES = 1000
+MAX_PATTERN = 500
+# A group that is quantified and holds a quantifier or an alternation: (x+)+ (x*)* (x|y)+ ...
+NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*(?:[+*}]|\|)(?:[^()\\]|\\.)*\)\s*[+*{]")
+
+
+def check_client_schema(schema: Any) -> None:
+    def refuse(message: str) -> APIError:
+        return APIError(400, f"response_format schema refused: {message}.", param="response_format",
+                        code="schema_refused")  # fmt: skip
+
+    if not isinstance(schema, dict):
+        raise refuse("it must be a JSON object")
+    size = len(json.dumps(schema))
+    if size > MAX_BYTES:
+        raise refuse(f"{size} bytes; the limit is {MAX_BYTES}")
+    properties = 0
+    stack: list[tuple[Any, int]] = [(schema, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise refuse(f"nested deeper than {MAX_DEPTH} levels")
+        if isinstance(node, dict):
+            if isinstance(node.get("properties"), dict):
+                properties += len(node["properties"])
+            for key, value in node.items():
+                if key == "pattern" and isinstance(value, str):
+                    _check_pattern(value, refuse)
+                if key == "patternProperties" and isinstance(value, dict):
+                    for pattern in value:
+                        _check_pattern(pattern, refuse)
+                stack.append((value, depth + 1))
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+    if properties > MAX_PROPERTIES:
+        raise refuse(f"{properties} properties; the limit is {MAX_PROPERTIES}")
+    try:
+        check_schema(schema)
+    except SchemaError as exc:
+        raise refuse(f"not a valid JSON Schema ({exc.message})") from exc
+
+
+def _check_pattern(pattern: str, refuse: Any) -> None:
+    if len(pattern) > MAX_PATTERN:
+        raise refuse(f"a pattern of {len(pattern)} characters; the limit is {MAX_PATTERN}")
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise refuse(f"pattern {pattern!r} does not compile ({exc})") from exc
+    if NESTED_QUANTIFIER.search(pattern):
+        raise refuse(f"pattern {pattern!r} nests quantifiers, which can backtrack catastrophically")
