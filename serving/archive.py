@@ -8,11 +8,14 @@ and enforced again while copying, so a lying index cannot fill the disk).
 
 from __future__ import annotations
 
+import functools
 import io
 import shutil
 import stat
 import tarfile
 import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
@@ -62,51 +65,64 @@ def _copy_limited(src: IO[bytes], target: Path, budget: int, name: str) -> int:
     return written
 
 
+@dataclass(frozen=True)
+class _Member:
+    """One archive entry, whatever the format."""
+
+    name: str
+    size: int  # as the archive's index claims; enforced again while copying
+    is_dir: bool
+    is_file: bool  # a regular file (not a link, device or other special file)
+    open: Callable[[], IO[bytes] | None]
+
+
+def _extract(members: list[_Member], dest: Path, max_bytes: int) -> None:
+    if len(members) > MAX_MEMBERS:
+        raise ArchiveError(f"{len(members)} members; at most {MAX_MEMBERS}")
+    claimed = sum(m.size for m in members)
+    if claimed > max_bytes:
+        raise ArchiveError(f"unpacks to {claimed} bytes; the limit is {max_bytes}")
+    budget = max_bytes
+    for m in members:
+        path = _safe_name(m.name)
+        if not (m.is_dir or m.is_file):
+            raise ArchiveError(f"member {m.name!r}: links and special files are refused")
+        if m.is_dir:
+            (dest / path).mkdir(parents=True, exist_ok=True)
+            continue
+        (dest / path).parent.mkdir(parents=True, exist_ok=True)
+        src = m.open()
+        if src is None:
+            raise ArchiveError(f"member {m.name!r}: unreadable")
+        with src:
+            budget -= _copy_limited(src, dest / path, budget, m.name)
+
+
 def _untar(data: bytes, dest: Path, max_bytes: int) -> None:
     try:
         archive = tarfile.open(fileobj=io.BytesIO(data), mode="r:*")  # noqa: SIM115 (closed by the with below)
     except tarfile.TarError as exc:
         raise ArchiveError(f"not a tar or zip archive ({exc})") from exc
     with archive:
-        members = archive.getmembers()
-        if len(members) > MAX_MEMBERS:
-            raise ArchiveError(f"{len(members)} members; at most {MAX_MEMBERS}")
-        if sum(m.size for m in members) > max_bytes:
-            raise ArchiveError(f"unpacks to {sum(m.size for m in members)} bytes; the limit is {max_bytes}")
-        budget = max_bytes
-        for m in members:
-            path = _safe_name(m.name)
-            if m.isdir():
-                (dest / path).mkdir(parents=True, exist_ok=True)
-                continue
-            if not m.isfile():
-                raise ArchiveError(f"member {m.name!r}: links and special files are refused")
-            (dest / path).parent.mkdir(parents=True, exist_ok=True)
-            src = archive.extractfile(m)
-            if src is None:
-                raise ArchiveError(f"member {m.name!r}: unreadable")
-            budget -= _copy_limited(src, dest / path, budget, m.name)
+        members = [
+            _Member(m.name, m.size, m.isdir(), m.isfile(), functools.partial(archive.extractfile, m))
+            for m in archive.getmembers()
+        ]
+        _extract(members, dest, max_bytes)
 
 
 def _unzip(data: bytes, dest: Path, max_bytes: int) -> None:
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        infos = archive.infolist()
-        if len(infos) > MAX_MEMBERS:
-            raise ArchiveError(f"{len(infos)} members; at most {MAX_MEMBERS}")
-        if sum(i.file_size for i in infos) > max_bytes:
-            raise ArchiveError(f"unpacks to {sum(i.file_size for i in infos)} bytes; the limit is {max_bytes}")
-        budget = max_bytes
-        for info in infos:
-            path = _safe_name(info.filename)
+        members = []
+        for info in archive.infolist():
             kind = stat.S_IFMT(info.external_attr >> 16)  # 0 when the archiver recorded no file type
-            if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
-                raise ArchiveError(f"member {info.filename!r}: links and special files are refused")
-            if info.is_dir():
-                (dest / path).mkdir(parents=True, exist_ok=True)
-                continue
-            (dest / path).parent.mkdir(parents=True, exist_ok=True)
-            with archive.open(info) as src:
-                budget -= _copy_limited(src, dest / path, budget, info.filename)
+            special = bool(kind) and kind not in (stat.S_IFREG, stat.S_IFDIR)
+            is_dir = info.is_dir() and not special
+            is_file = not info.is_dir() and not special
+            members.append(
+                _Member(info.filename, info.file_size, is_dir, is_file, functools.partial(archive.open, info))
+            )
+        _extract(members, dest, max_bytes)
 
 
 def discard(path: Path) -> None:

@@ -27,7 +27,7 @@ from serving.config import import_root_of
 from serving.deps import GatewayState, StateDep
 from serving.engine import EngineError
 from serving.errors import APIError
-from serving.tenants import Limits, TenantError, TenantNotFound
+from serving.tenants import Limits, TenantError, TenantNotFound, key_id_of
 
 UPLOAD_PATH = r"/admin/adapters/[^/]+/versions"
 ARCHIVE_TYPES = {"application/x-tar", "application/gzip", "application/x-gzip", "application/zip",
@@ -138,7 +138,7 @@ def issue_key(name: str, state: StateDep, rotate: bool = False) -> dict[str, str
     except TenantError as exc:
         raise _refused(exc) from exc
     key = state.tenants.rotate_key(tenant) if rotate else state.tenants.issue_key(tenant)
-    return {"api_key": key, "key_id": key[:11]}
+    return {"api_key": key, "key_id": key_id_of(key)}
 
 
 @router.delete("/tenants/{name}/keys/{key_id}", status_code=204)
