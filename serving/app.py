@@ -26,6 +26,7 @@ from serving.deps import GatewayState
 from serving.engine import Engine, VLLMEngine
 from serving.limits import TenantLimiter
 from serving.middleware import BodySizeLimit
+from serving.policies import AliasPolicies
 from serving.routes import admin, completions, health
 from serving.tenants import TenantStore
 
@@ -42,7 +43,9 @@ def build_app(settings: GatewaySettings, engine: Engine | None = None) -> FastAP
         base_path = settings.base_model_path()
         adapters = AdapterRegistry(AdapterStore(settings.adapters_dir), eng, identify(base_path),
                                    settings.max_lora_rank, base_config(base_path))  # fmt: skip
-        app.state.gateway = GatewayState(settings, eng, TenantStore(settings.state_url), adapters, TenantLimiter())
+        tenants = TenantStore(settings.state_url)
+        policies = AliasPolicies(tenants.engine)
+        app.state.gateway = GatewayState(settings, eng, tenants, adapters, TenantLimiter(), policies)
 
         async def on_engine_ready() -> None:
             problems = await adapters.load_all()

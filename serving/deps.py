@@ -12,6 +12,7 @@ from serving.config import GatewaySettings
 from serving.engine import Engine
 from serving.errors import APIError
 from serving.limits import TenantLimiter
+from serving.policies import AliasPolicies
 from serving.tenants import Tenant, TenantStore
 
 
@@ -22,6 +23,7 @@ class GatewayState:
     tenants: TenantStore
     adapters: AdapterRegistry
     limiter: TenantLimiter
+    policies: AliasPolicies
 
 
 def get_state(request: Request) -> GatewayState:

@@ -1,11 +1,14 @@
-"""The gateway's online JSON check: the evaluation's judge (``contract.judge``) on every answer.
+"""The gateway's JSON handling for one request: which schema, which mode, and the online check.
 
-The schema comes from the request's ``response_format`` (``json_schema``, or
-any JSON for ``json_object``), else from the adapter's manifest. The verdict
-goes back to the client: an ``x-lorafleet-json`` header with the first choice's
-outcome and a ``lorafleet`` object in the body (``json_checks``: per choice,
-valid, outcome, errors with JSON paths); for a stream, in a last event before
-``[DONE]`` shaped like a chunk with no choices, which OpenAI clients accept.
+``JsonPlan.for_request`` picks the schema and the mode (see ``serving.policies``
+for the order) and rewrites the body sent to vLLM: ``enforce`` asks for
+structured outputs with the schema, ``validate`` and ``off`` send none.
+``JsonCheck`` then runs the evaluation's judge (``contract.judge``) on every
+answer. The verdict goes back to the client: ``x-lorafleet-json`` (the first
+choice's outcome) and ``x-lorafleet-json-mode`` headers and a ``lorafleet``
+object in the body (``json_checks``: per choice, valid, outcome, errors with
+JSON paths); for a stream, in a last event before ``[DONE]`` shaped like a chunk
+with no choices, which OpenAI clients accept.
 
 A client's schema with ``pattern`` keywords is left to vLLM's enforcement:
 Python's ``re`` has no time bound, so a hostile pattern could stall the gateway.
@@ -19,22 +22,67 @@ from typing import Any
 
 from contract.judge import judge
 from contract.manifest import AdapterManifest
+from serving.policies import AliasPolicy, JsonMode
+from serving.toolcalls import ToolPlan
+
+
+@dataclass(frozen=True)
+class JsonPlan:
+    schema: dict[str, Any] | None
+    mode: JsonMode
+    source: str  # request, tools, alias (admin-set default) or adapter (manifest)
+
+    @classmethod
+    def for_request(
+        cls,
+        body: dict[str, Any],
+        manifest: AdapterManifest,
+        policy: AliasPolicy,
+        mode: JsonMode | None = None,
+        tools: ToolPlan | None = None,
+    ) -> JsonPlan:
+        """The plan for ``body``, which is rewritten for the engine (``response_format`` set or removed)."""
+        fmt = body.pop("response_format", None)
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        schema: dict[str, Any] | None
+        if tools is not None:
+            schema, source = tools.schema, "tools"
+        elif kind == "json_schema":
+            given = (fmt.get("json_schema") or {}).get("schema")
+            schema, source = (given if isinstance(given, dict) else {}), "request"
+        elif kind == "json_object":
+            schema, source = {}, "request"
+        elif kind == "text":
+            schema, source = None, "request"
+        elif policy.default_schema is not None:
+            schema, source = policy.default_schema, "alias"
+        else:
+            schema, source = manifest.output_schema, "adapter"
+        chosen = mode or policy.json_mode or ("enforce" if source in ("request", "tools") else "validate")
+        plan = cls(schema, chosen if schema is not None else "off", source)
+        if plan.mode == "enforce" and plan.schema is not None:
+            if source == "request":
+                body["response_format"] = fmt  # as the client wrote it (json_object stays json_object)
+            else:
+                body["response_format"] = {"type": "json_schema",
+                                           "json_schema": {"name": source, "schema": plan.schema}}  # fmt: skip
+        return plan
+
+    def check(self) -> JsonCheck | None:
+        if self.mode == "off" or self.schema is None:
+            return None
+        client_schema = self.source in ("request", "tools")
+        return JsonCheck(self.schema, self.mode, unchecked=client_schema and _has_regex(self.schema))
 
 
 @dataclass
 class JsonCheck:
     schema: dict[str, Any]
+    mode: JsonMode = "validate"
+    unchecked: bool = False
     texts: dict[int, list[str]] = field(default_factory=dict)
     finish: dict[int, str | None] = field(default_factory=dict)
     checks: list[dict[str, Any]] = field(default_factory=list)
-    unchecked: bool = False
-
-    @classmethod
-    def for_request(cls, body: dict[str, Any], manifest: AdapterManifest) -> JsonCheck | None:
-        schema = expected_schema(body, manifest)
-        if schema is None:
-            return None
-        return cls(schema, unchecked=_has_regex(schema) and schema is not manifest.output_schema)
 
     @property
     def outcome(self) -> str:
@@ -52,15 +100,11 @@ class JsonCheck:
                                 "errors": verdict.errors})  # fmt: skip
         return self.checks
 
-    def add_to_body(self, content: bytes) -> bytes:
+    def add_to(self, data: dict[str, Any]) -> None:
         """A whole (non-streamed) response with the verdicts added."""
-        if self.unchecked:
-            return content
-        data = json.loads(content)
         answers = [(c.get("index", 0), _text(c.get("message", {}).get("content") if "message" in c else c.get("text")),
                     c.get("finish_reason")) for c in data.get("choices", [])]  # fmt: skip
-        data["lorafleet"] = {"json_checks": self.judge_all(answers)}
-        return json.dumps(data).encode()
+        data["lorafleet"] = {"json_checks": self.judge_all(answers), "outcome": self.outcome, "mode": self.mode}
 
     def observe_event(self, event: bytes) -> None:
         """Collect one server-sent event's text deltas."""
@@ -83,28 +127,12 @@ class JsonCheck:
         answers = [(i, "".join(parts), self.finish.get(i)) for i, parts in sorted(self.texts.items())]
         checks = self.judge_all(answers)
         event = {"object": "lorafleet.json_check", "choices": [],
-                 "lorafleet": {"json_checks": checks, "outcome": self.outcome}}  # fmt: skip
+                 "lorafleet": {"json_checks": checks, "outcome": self.outcome, "mode": self.mode}}  # fmt: skip
         return b"data: " + json.dumps(event).encode() + b"\n\n"
 
 
 def _text(value: Any) -> str:
     return value if isinstance(value, str) else ""
-
-
-def expected_schema(body: dict[str, Any], manifest: AdapterManifest) -> dict[str, Any] | None:
-    """The schema an answer is checked against: the request's ``response_format``, else the adapter's own.
-
-    ``{}`` (any JSON) for ``json_object``; ``None`` when no JSON is expected.
-    """
-    fmt = body.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
-        schema = (fmt.get("json_schema") or {}).get("schema")
-        return schema if isinstance(schema, dict) else {}
-    if isinstance(fmt, dict) and fmt.get("type") == "json_object":
-        return {}
-    if isinstance(fmt, dict) and fmt.get("type") == "text":
-        return None
-    return manifest.output_schema
 
 
 def _has_regex(schema: Any) -> bool:

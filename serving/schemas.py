@@ -28,10 +28,11 @@ MAX_PATTERN = 500
 NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*(?:[+*}]|\|)(?:[^()\\]|\\.)*\)\s*[+*{]")
 
 
-def check_client_schema(schema: Any) -> None:
+def check_client_schema(schema: Any, param: str = "response_format") -> None:
+    """Raise a 400 ``schema_refused`` naming ``param`` and the limit when ``schema`` is over one."""
+
     def refuse(message: str) -> APIError:
-        return APIError(400, f"response_format schema refused: {message}.", param="response_format",
-                        code="schema_refused")  # fmt: skip
+        return APIError(400, f"{param} schema refused: {message}.", param=param, code="schema_refused")
 
     if not isinstance(schema, dict):
         raise refuse("it must be a JSON object")

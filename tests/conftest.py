@@ -13,6 +13,7 @@ from contract.settings import CommonSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDERS = ROOT / "data" / "orders"
+TOOLCALL = ROOT / "data" / "toolcall"
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +44,23 @@ def tiny_adapter(base_model: Path, tiny_train_file: Path, tmp_path_factory: pyte
         {"data": tiny_train_file, "out": out, "task": "orders", "schema": ORDERS / "schema.json", "rank": 8,
          "alpha": 16, "max_steps": 6, "batch_size": 8, "learning_rate": 2e-3, "max_length": 160, "log_every": 1,
          "val_fraction": 0.0}
+    )  # fmt: skip
+    train(cfg, str(base_model))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_toolcall_adapter(base_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real function-calling adapter (tools format in its manifest): a few steps on the toolcall data."""
+    from training.config import TrainConfig
+    from training.train import train
+
+    data = tmp_path_factory.mktemp("data") / "toolcall.jsonl"
+    data.write_text("\n".join((TOOLCALL / "train.jsonl").read_text().splitlines()[:16]) + "\n")
+    out = tmp_path_factory.mktemp("runs") / "toolcall"
+    cfg = TrainConfig.model_validate(
+        {"data": data, "out": out, "task": "toolcall", "rank": 8, "alpha": 16, "max_steps": 2, "batch_size": 4,
+         "learning_rate": 1e-3, "max_length": 512, "log_every": 1, "val_fraction": 0.0}
     )  # fmt: skip
     train(cfg, str(base_model))
     return out

@@ -36,12 +36,16 @@ PROMPT = (
 
 
 @pytest.fixture(scope="module")
-def gateway(tiny_adapter: Path, base_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+def gateway(
+    tiny_adapter: Path, tiny_toolcall_adapter: Path, base_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
     data_dir = tmp_path_factory.mktemp("gw")
     AdapterStore(data_dir / "adapters").publish(tiny_adapter, "orders")
+    AdapterStore(data_dir / "adapters").publish(tiny_toolcall_adapter, "toolcall")
     tenants = TenantStore(f"sqlite:///{data_dir / 'state.db'}")
     tenant = tenants.create("acme")
     tenants.grant(tenant, "orders")
+    tenants.grant(tenant, "toolcall")
     key = tenants.issue_key(tenant)
     try:
         running = start_gateway(data_dir, base_model)
@@ -111,7 +115,61 @@ def test_bad_key_and_foreign_alias_are_openai_errors(gateway: Gateway) -> None:
     assert auth.value.status_code == 401
     with pytest.raises(openai.NotFoundError):
         client(gateway).chat.completions.create(model="someone-elses", messages=[{"role": "user", "content": "x"}])
-    assert [m.id for m in client(gateway).models.list()] == ["orders"]
+    assert [m.id for m in client(gateway).models.list()] == ["orders", "toolcall"]
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_current_weather",
+        "description": "Get the current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "description": "The city"},
+                           "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+            "required": ["city"],
+        },
+    },
+}  # fmt: skip
+STOCK = {
+    "type": "function",
+    "function": {
+        "name": "get_stock_price",
+        "description": "Get the current price of a stock",
+        "parameters": {"type": "object", "properties": {"symbol": {"type": "string"}}, "required": ["symbol"]},
+    },
+}
+
+
+def test_function_calling_through_the_sdk_tools_api(gateway: Gateway) -> None:
+    """The SDK's standard tools API gets OpenAI tool_calls from an adapter trained on calls, streamed or not."""
+    c = client(gateway)
+    kwargs = dict(model="toolcall", messages=[{"role": "user", "content": "What is the weather in Paris right now?"}],
+                  tools=[WEATHER, STOCK], temperature=0, max_tokens=120)  # fmt: skip
+    resp = c.chat.completions.create(**kwargs)  # type: ignore[call-overload]
+    choice = resp.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name in {"get_current_weather", "get_stock_price"}
+    assert isinstance(json.loads(call.function.arguments), dict)
+
+    streamed: dict[str, str] = {"name": "", "arguments": ""}
+    finish = None
+    for chunk in c.chat.completions.create(stream=True, **kwargs):  # type: ignore[call-overload]
+        for delta_call in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            streamed["name"] += delta_call.function.name or ""
+            streamed["arguments"] += delta_call.function.arguments or ""
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+    assert finish == "tool_calls"
+    assert streamed == {"name": call.function.name, "arguments": call.function.arguments}  # greedy: the same call
+
+    # tool_choice naming a function: the engine is held to that function's call schema.
+    named = c.chat.completions.create(
+        tool_choice={"type": "function", "function": {"name": "get_stock_price"}}, **kwargs
+    )  # type: ignore[call-overload]
+    (forced,) = named.choices[0].message.tool_calls
+    assert forced.function.name == "get_stock_price" and "symbol" in json.loads(forced.function.arguments)
 
 
 def test_the_gateway_and_the_evaluation_judge_alike(gateway: Gateway) -> None:

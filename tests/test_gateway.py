@@ -33,6 +33,7 @@ class FakeEngine:
         self.ready = True
         self.loaded: list[str] = []
         self.requests: list[dict] = []
+        self.answer = '{"a": 1}'
         self.client = httpx.AsyncClient(transport=httpx.MockTransport(self._handle), base_url="http://engine")
 
     def _handle(self, request: httpx.Request) -> httpx.Response:
@@ -43,22 +44,24 @@ class FakeEngine:
                 404, json={"error": {"message": "no such model", "type": "NotFoundError", "param": None, "code": 404}}
             )
         if body.get("stream"):
+            third = max(1, len(self.answer) // 3)
+            pieces = [self.answer[:third], self.answer[third : 2 * third], self.answer[2 * third :]]
             chunks = [
                 {
                     "id": "c1",
                     "object": "chat.completion.chunk",
                     "model": body["model"],
-                    "choices": [{"index": 0, "delta": {"content": tok}}],
+                    "choices": [{"index": 0, "delta": {"content": tok}, "finish_reason": "stop" if last else None}],
                 }
-                for tok in ("{", '"a"', ": 1}")
+                for tok, last in zip(pieces, (False, False, True), strict=True)
             ]
             sse = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
             return httpx.Response(200, content=sse.encode(), headers={"content-type": "text/event-stream"})
         if request.url.path == "/v1/completions":
-            choice = {"index": 0, "text": '{"a": 1}', "finish_reason": "stop"}
+            choice = {"index": 0, "text": self.answer, "finish_reason": "stop"}
             return httpx.Response(200, json={"id": "c1", "object": "text_completion", "model": body["model"],
                                              "choices": [choice]})  # fmt: skip
-        message = {"role": "assistant", "content": '{"a": 1}'}
+        message = {"role": "assistant", "content": self.answer}
         return httpx.Response(
             200,
             json={
@@ -307,7 +310,7 @@ def test_client_regex_schemas_are_not_run_by_the_gateway(gateway) -> None:
     regex = {"type": "json_schema", "json_schema": {"name": "e", "schema": {"pattern": "^[a-z]+$"}}}
     resp = chat(client, keys["acme"], response_format=regex)
     assert resp.status_code == 200 and resp.headers["x-lorafleet-json"] == "unchecked"
-    assert "lorafleet" not in resp.json()
+    assert resp.json()["lorafleet"] == {"json_checks": [], "outcome": "unchecked", "mode": "enforce"}
     plain = chat(client, keys["acme"])  # no response_format and no schema in the manifest: nothing to check
     assert "x-lorafleet-json" not in plain.headers and "lorafleet" not in plain.json()
 

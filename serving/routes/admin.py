@@ -27,6 +27,8 @@ from serving.config import import_root_of
 from serving.deps import GatewayState, StateDep
 from serving.engine import EngineError
 from serving.errors import APIError
+from serving.policies import AliasPolicy, JsonMode
+from serving.schemas import check_client_schema
 from serving.tenants import Limits, TenantError, TenantNotFound, key_id_of
 
 UPLOAD_PATH = r"/admin/adapters/[^/]+/versions"
@@ -302,3 +304,35 @@ async def retire(alias: str, version: int, state: StateDep, reason: str = "") ->
     draining = state.adapters.in_flight.get(target.ref, 0)
     await state.adapters.retire(target)
     return event | {"draining_requests": draining}
+
+
+class PolicyBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    json_mode: JsonMode | None = Field(default=None, description="enforce, validate or off; null: the default.")
+    default_schema: dict[str, Any] | None = Field(
+        default=None, description="Schema for requests without response_format; null: the adapter manifest's."
+    )
+
+
+@router.get("/aliases/{alias}/policy")
+async def get_policy(alias: str, state: StateDep) -> dict[str, Any]:
+    """The alias's JSON mode and default schema (null: the defaults)."""
+    return {"alias": _known_alias(state, alias)} | state.policies.get(alias).as_dict()
+
+
+@router.put("/aliases/{alias}/policy")
+async def set_policy(alias: str, body: PolicyBody, state: StateDep) -> dict[str, Any]:
+    """Replace the alias's JSON mode and default schema; ``{}`` restores the defaults."""
+    _known_alias(state, alias)
+    if body.default_schema is not None:
+        check_client_schema(body.default_schema, param="default_schema")
+    policy = state.policies.set(alias, AliasPolicy(body.json_mode, body.default_schema))
+    return {"alias": alias} | policy.as_dict()
+
+
+def _known_alias(state: GatewayState, alias: str) -> str:
+    if alias not in state.adapters.store.aliases():
+        raise APIError(404, f"No alias {alias!r} in the adapter store; publish a version first.", param="alias",
+                       code="alias_not_found")  # fmt: skip
+    return alias

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -18,10 +19,12 @@ from serving.adapters import AdapterMisfit
 from serving.deps import GatewayState, StateDep, TenantDep
 from serving.engine import EngineError
 from serving.errors import APIError
-from serving.jsoncheck import JsonCheck
+from serving.jsoncheck import JsonCheck, JsonPlan
 from serving.limits import Slot, cap_max_tokens
+from serving.policies import JsonMode
 from serving.schemas import check_client_schema
 from serving.tenants import Tenant
+from serving.toolcalls import ToolPlan, ToolStream
 
 log = logging.getLogger("lorafleet.gateway")
 router = APIRouter(prefix="/v1")
@@ -29,6 +32,14 @@ router = APIRouter(prefix="/v1")
 # Fields a client may not set: they would let a request pick the engine's prompt
 # rendering, reach an adapter by path, or share another tenant's prefix cache.
 GATEWAY_ONLY_FIELDS = ("chat_template", "chat_template_kwargs", "lora_request", "lora_path", "cache_salt")
+
+
+class GatewayOptions(BaseModel):
+    """The request's own ``lorafleet`` object (``extra_body`` in the openai client); never sent to vLLM."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_mode: JsonMode | None = Field(default=None, description="enforce, validate or off, for this request.")
 
 
 class CompletionRequestBase(BaseModel):
@@ -41,6 +52,7 @@ class CompletionRequestBase(BaseModel):
     n: int = Field(default=1, ge=1, le=16)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    lorafleet: GatewayOptions | None = None
 
 
 class ChatCompletionRequest(CompletionRequestBase):
@@ -92,10 +104,14 @@ async def _proxy(route: str, req: CompletionRequestBase, tenant: Tenant, state: 
             raise APIError(
                 400, f"'{name}' is set by the gateway and cannot be sent.", param=name, code="forbidden_field"
             )
+    body.pop("lorafleet", None)
+    options = req.lorafleet or GatewayOptions()
     cap_max_tokens(body, tenant)
     fmt = body.get("response_format")
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
         check_client_schema((fmt.get("json_schema") or {}).get("schema"))
+    if route != "/v1/chat/completions" and ("tools" in body or "tool_choice" in body):
+        raise APIError(400, "'tools' are for /v1/chat/completions.", param="tools", code="invalid_tools")
     alias = req.model or tenant.default_alias
     if not alias:
         raise APIError(400, "'model' is required: name an alias (see GET /v1/models).", param="model",
@@ -103,6 +119,8 @@ async def _proxy(route: str, req: CompletionRequestBase, tenant: Tenant, state: 
     slot = state.limiter.admit(tenant)  # 429 before any work
     try:
         version, manifest = await _resolve(state, tenant, alias, slot)
+        tools = ToolPlan.from_request(body, manifest, alias) if route == "/v1/chat/completions" else None
+        plan = JsonPlan.for_request(body, manifest, state.policies.get(alias), options.json_mode, tools)
         body["model"] = version.ref
         if route == "/v1/chat/completions":
             body["chat_template"] = manifest.prompt_format.chat_template
@@ -117,20 +135,25 @@ async def _proxy(route: str, req: CompletionRequestBase, tenant: Tenant, state: 
     except BaseException:
         slot.release()
         raise
-    headers = {"x-lorafleet-adapter": version.ref}
+    headers = {"x-lorafleet-adapter": version.ref, "x-lorafleet-json-mode": plan.mode}
+    check = plan.check()
     if upstream.status_code != 200 or not req.stream:
         try:
             content = await upstream.aread()
         finally:
             await upstream.aclose()
             slot.release()
-        check = JsonCheck.for_request(body, manifest) if upstream.status_code == 200 else None
-        if check is not None:
-            content = check.add_to_body(content)
-            headers["x-lorafleet-json"] = check.outcome
+        if upstream.status_code == 200 and (check is not None or tools is not None):
+            data = json.loads(content)
+            if check is not None:
+                check.add_to(data)
+                headers["x-lorafleet-json"] = check.outcome
+            if tools is not None:
+                tools.rewrite_body(data)
+            content = json.dumps(data, ensure_ascii=False).encode()
         return Response(content, upstream.status_code, headers=headers, media_type="application/json")
-    check = JsonCheck.for_request(body, manifest)
-    return RelayResponse(_relay(upstream, slot, check), headers=headers, media_type="text/event-stream")
+    stream = ToolStream(tools) if tools is not None else None
+    return RelayResponse(_relay(upstream, slot, check, stream), headers=headers, media_type="text/event-stream")
 
 
 class RelayResponse(StreamingResponse):
@@ -154,10 +177,16 @@ def _cache_salt(state: GatewayState, tenant: Tenant) -> str:
     return hmac.new(secret.encode(), f"tenant:{tenant.id}".encode(), hashlib.sha256).hexdigest()[:32]
 
 
-async def _relay(upstream: httpx.Response, slot: Slot, check: JsonCheck | None) -> AsyncIterator[bytes]:
-    """Relay the engine's server-sent events; with a JSON check, its verdict is the last event before [DONE]."""
+async def _relay(
+    upstream: httpx.Response, slot: Slot, check: JsonCheck | None, tools: ToolStream | None
+) -> AsyncIterator[bytes]:
+    """Relay the engine's server-sent events.
+
+    With a JSON check its verdict is the last event before ``[DONE]``; with
+    tools, answers become ``tool_calls`` (``ToolStream``).
+    """
     try:
-        if check is None:
+        if check is None and tools is None:
             async for chunk in upstream.aiter_bytes():
                 yield chunk
             return
@@ -166,11 +195,12 @@ async def _relay(upstream: httpx.Response, slot: Slot, check: JsonCheck | None) 
             pending += chunk
             *events, pending = pending.split(b"\n\n")
             for event in events:
-                if event.strip() == b"data: [DONE]":
+                if event.strip() == b"data: [DONE]" and check is not None:
                     yield check.final_event()
-                else:
+                elif check is not None:
                     check.observe_event(event)
-                yield event + b"\n\n"
+                for out in tools.on_event(event + b"\n\n") if tools is not None else [event + b"\n\n"]:
+                    yield out
         if pending:
             yield pending
     finally:

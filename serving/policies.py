@@ -1,0 +1,77 @@
+"""Per-alias JSON policy, set by the admin: the JSON mode and a default schema, in the state database.
+
+The JSON mode says what the gateway does with a request's schema:
+
+- ``enforce``: constrained decoding in vLLM (structured outputs), and the answer is checked after;
+- ``validate``: free generation, the answer checked after;
+- ``off``: neither.
+
+Which schema and which mode a request gets (first that applies):
+
+- schema: the request's ``response_format``; the chosen function's call schema
+  when it sends ``tools``; the alias's default schema set here; the adapter
+  manifest's ``output_schema``.
+- mode: the request's own (``"lorafleet": {"json_mode": ...}`` in the body);
+  the alias's mode set here; else ``enforce`` for a schema the request sent
+  (what an OpenAI client means by ``response_format``) and ``validate`` for
+  the alias's own schema.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal, get_args
+
+import sqlalchemy as sa
+
+from serving.tenants import metadata
+
+JsonMode = Literal["enforce", "validate", "off"]
+JSON_MODES: tuple[str, ...] = get_args(JsonMode)
+
+policies_table = sa.Table(
+    "alias_policies",
+    metadata,
+    sa.Column("alias", sa.String(64), primary_key=True),
+    sa.Column("json_mode", sa.String(16), nullable=True),
+    sa.Column("default_schema", sa.Text, nullable=True),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class AliasPolicy:
+    json_mode: JsonMode | None = None
+    default_schema: dict[str, Any] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"json_mode": self.json_mode, "default_schema": self.default_schema}
+
+
+class AliasPolicies:
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        policies_table.create(engine, checkfirst=True)
+
+    def get(self, alias: str) -> AliasPolicy:
+        with self.engine.connect() as db:
+            row = db.execute(sa.select(policies_table).where(policies_table.c.alias == alias)).first()
+        if row is None:
+            return AliasPolicy()
+        schema = json.loads(row.default_schema) if row.default_schema else None
+        return AliasPolicy(row.json_mode, schema)
+
+    def set(self, alias: str, policy: AliasPolicy) -> AliasPolicy:
+        """Replace the alias's policy; an all-empty policy removes the row."""
+        if policy.json_mode is not None and policy.json_mode not in JSON_MODES:
+            raise ValueError(f"json_mode {policy.json_mode!r}: use one of {', '.join(JSON_MODES)}")
+        with self.engine.begin() as db:
+            db.execute(sa.delete(policies_table).where(policies_table.c.alias == alias))
+            if policy != AliasPolicy():
+                schema = json.dumps(policy.default_schema) if policy.default_schema is not None else None
+                row = {"alias": alias, "json_mode": policy.json_mode, "default_schema": schema,
+                       "updated_at": datetime.now(UTC)}  # fmt: skip
+                db.execute(sa.insert(policies_table).values(**row))
+        return policy
