@@ -474,6 +474,46 @@ def adapters_retire(
     console.print(f"retired {ref}")
 
 
+@adapters_app.command("policy")
+def adapters_policy(
+    alias: str,
+    json_mode: Annotated[
+        str | None, typer.Option(help="enforce (constrained decoding), validate (check after) or off.")
+    ] = None,
+    schema: Annotated[
+        Path | None, typer.Option(help="JSON Schema file: the alias's schema for requests without response_format.")
+    ] = None,
+    reset: Annotated[bool, typer.Option(help="Back to the defaults (the adapter manifest's schema).")] = False,
+) -> None:
+    """Show or set ALIAS's JSON mode and default schema (the gateway reads them on every request)."""
+    from contract.store import AdapterStore
+    from serving.errors import APIError
+    from serving.policies import JSON_MODES, AliasPolicies, AliasPolicy
+    from serving.schemas import check_client_schema
+
+    settings = CommonSettings()
+    if alias not in AdapterStore(settings.adapters_dir).aliases():
+        raise _fail(f"no alias {alias!r} in the adapter store: publish a version first (`lorafleet adapters list`)")
+    policies = AliasPolicies(_tenants().engine)
+    policy = AliasPolicy() if reset else policies.get(alias)
+    if json_mode is not None:
+        if json_mode not in JSON_MODES:
+            raise _fail(f"--json-mode {json_mode!r}: use one of {', '.join(JSON_MODES)}")
+        policy = AliasPolicy(json_mode, policy.default_schema)  # type: ignore[arg-type]
+    if schema is not None:
+        try:
+            document = json.loads(schema.read_text("utf-8"))
+            check_client_schema(document, param=str(schema))
+        except (OSError, json.JSONDecodeError, APIError) as exc:
+            raise _fail(f"{schema}: {exc}") from exc
+        policy = AliasPolicy(policy.json_mode, document)
+    if reset or json_mode is not None or schema is not None:
+        policies.set(alias, policy)
+    source = "set by admin" if policy.default_schema is not None else "the adapter manifest's"
+    mode = policy.json_mode or "default (enforce a request's schema, validate the alias's)"
+    console.print(f"{alias}: json_mode {mode}; schema {source}", highlight=False)
+
+
 def _tenants() -> Any:
     from serving.tenants import TenantStore
 

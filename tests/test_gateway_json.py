@@ -262,3 +262,34 @@ def test_tools_belong_to_chat_completions(gw) -> None:
     resp = client.post("/v1/completions", json={"model": "calls", "prompt": "x", "tools": [WEATHER]},
                        headers={"Authorization": f"Bearer {key}"})  # fmt: skip
     assert_openai_error(resp, 400, "invalid_tools")
+
+
+def test_the_cli_sets_the_policy_the_gateway_reads(gw, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from lorafleet.cli import app
+
+    client, engine, key = gw
+    monkeypatch.setenv("LORAFLEET_DATA_DIR", str(tmp_path))
+    schema = tmp_path / "wants-b.json"
+    schema.write_text(json.dumps({"type": "object", "required": ["b"]}))
+    run = CliRunner().invoke(app, ["adapters", "policy", "orders", "--json-mode", "enforce", "--schema", str(schema)])
+    assert run.exit_code == 0, run.output
+    assert "orders: json_mode enforce; schema set by admin" in run.output
+    resp = chat(client, key)
+    assert engine.requests[-1]["response_format"]["json_schema"]["schema"] == {"type": "object", "required": ["b"]}
+    assert resp.headers["x-lorafleet-json"] == "schema_mismatch"
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"type": 3}')
+    for args, message in [
+        (["--json-mode", "strict"], "use one of enforce, validate, off"),
+        (["--schema", str(bad)], "not a valid JSON Schema"),
+        (["--schema", str(tmp_path / "missing.json")], "No such file"),
+    ]:
+        run = CliRunner().invoke(app, ["adapters", "policy", "orders", *args])
+        assert run.exit_code != 0 and message in run.output, run.output
+    run = CliRunner().invoke(app, ["adapters", "policy", "nope", "--reset"])
+    assert run.exit_code != 0 and "no alias 'nope'" in run.output
+    assert CliRunner().invoke(app, ["adapters", "policy", "orders", "--reset"]).exit_code == 0
+    assert chat(client, key).headers["x-lorafleet-json"] == "valid"
