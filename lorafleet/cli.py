@@ -733,7 +733,9 @@ def _serve(host: str | None, port: int | None, example_key: str | None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine health check is noise
     console.print(f"gateway on http://{settings.host}:{settings.port}; starting vLLM (about 30 s)…")
     threading.Thread(target=_announce_when_ready, args=(settings, example_key), daemon=True).start()
-    uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level="info")
+    # Ctrl-C / SIGTERM: stop accepting, let in-flight requests finish (up to the grace period), then stop vLLM.
+    uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level="info",
+                timeout_graceful_shutdown=settings.shutdown_grace_s)  # fmt: skip
 
 
 def _require_base_model(settings: CommonSettings, path: str | None = None) -> None:

@@ -30,6 +30,9 @@ class GatewaySettings(CommonSettings):
         default=2048, description="Longest prompt + completion, in tokens (vLLM --max-model-len)."
     )
     kv_cache_gib: int = Field(default=2, description="KV cache size on the CPU engine, GiB (VLLM_CPU_KVCACHE_SPACE).")
+    shutdown_grace_s: float = Field(
+        default=30.0, description="On Ctrl-C/SIGTERM, how long in-flight requests may take to finish before being cut."
+    )
     upstream_timeout_s: float = Field(default=600.0, description="Timeout for one request to the engine.")
     admin_key: SecretStr | None = Field(
         default=None, description="Credential of the admin API (tenants, keys, adapters); required unless dev_mode."

@@ -58,6 +58,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":  # not JSON at all: a bad request, not a bad field
+            reason = (first.get("ctx") or {}).get("error", "cannot parse")
+            return JSONResponse(error_body(400, f"The body is not valid JSON: {reason}.", "invalid_json"), 400)
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
         message = f"{param}: {first.get('msg', 'invalid value')}" if param else str(first.get("msg", "invalid body"))

@@ -1,15 +1,20 @@
-"""Shared fixtures: the provisioned base model and one tiny adapter trained once per run."""
+"""Shared fixtures: the provisioned base model, tiny adapters trained once per run, the live gateway."""
 
 from __future__ import annotations
 
 import json
 import math
 import struct
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import openai
 import pytest
 
 from contract.settings import CommonSettings
+from lorafleet.launch import RunningGateway
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDERS = ROOT / "data" / "orders"
@@ -97,3 +102,53 @@ def make_adapter(path: Path, *, rank: int = 8, base_sha256: str = "ab", hidden: 
     }
     (path / "lorafleet.json").write_text(json.dumps(manifest))
     return path
+
+
+# -- the live gateway: `lorafleet serve` in a child process with real vLLM, shared by the e2e modules ------------
+
+
+@dataclass
+class Gateway:
+    running: RunningGateway
+    key: str  # tenant "acme", granted "orders" and "toolcall"
+
+    @property
+    def url(self) -> str:
+        return self.running.url
+
+    @property
+    def engine_url(self) -> str:
+        return self.running.engine_url
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.running.proc
+
+
+@pytest.fixture(scope="session")
+def e2e_gateway(
+    tiny_adapter: Path, tiny_toolcall_adapter: Path, base_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    """One gateway for the session (test_e2e.py, which runs last of its users, ends with stopping it)."""
+    from contract.store import AdapterStore
+    from lorafleet.launch import start_gateway
+    from serving.tenants import TenantStore
+
+    data_dir = tmp_path_factory.mktemp("gw")
+    AdapterStore(data_dir / "adapters").publish(tiny_adapter, "orders")
+    AdapterStore(data_dir / "adapters").publish(tiny_toolcall_adapter, "toolcall")
+    tenants = TenantStore(f"sqlite:///{data_dir / 'state.db'}")
+    tenant = tenants.create("acme")
+    tenants.grant(tenant, "orders")
+    tenants.grant(tenant, "toolcall")
+    key = tenants.issue_key(tenant)
+    try:
+        running = start_gateway(data_dir, base_model)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    yield Gateway(running, key)
+    running.stop()
+
+
+def client(gw: Gateway, key: str | None = None) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key or gw.key, max_retries=0, timeout=120)

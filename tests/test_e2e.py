@@ -13,8 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -23,9 +21,7 @@ import psutil
 import pytest
 
 from contract.store import AdapterStore
-from lorafleet.launch import RunningGateway, start_gateway
-from serving.tenants import TenantStore
-from tests.conftest import ORDERS, ROOT
+from tests.conftest import ORDERS, ROOT, Gateway, client
 
 pytestmark = pytest.mark.e2e
 
@@ -35,46 +31,9 @@ PROMPT = (
 )
 
 
-@pytest.fixture(scope="module")
-def gateway(
-    tiny_adapter: Path, tiny_toolcall_adapter: Path, base_model: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Gateway]:
-    data_dir = tmp_path_factory.mktemp("gw")
-    AdapterStore(data_dir / "adapters").publish(tiny_adapter, "orders")
-    AdapterStore(data_dir / "adapters").publish(tiny_toolcall_adapter, "toolcall")
-    tenants = TenantStore(f"sqlite:///{data_dir / 'state.db'}")
-    tenant = tenants.create("acme")
-    tenants.grant(tenant, "orders")
-    tenants.grant(tenant, "toolcall")
-    key = tenants.issue_key(tenant)
-    try:
-        running = start_gateway(data_dir, base_model)
-    except RuntimeError as exc:
-        pytest.fail(str(exc))
-    yield Gateway(running, key)
-    running.stop()
-
-
-@dataclass
-class Gateway:
-    running: RunningGateway
-    key: str
-
-    @property
-    def url(self) -> str:
-        return self.running.url
-
-    @property
-    def engine_url(self) -> str:
-        return self.running.engine_url
-
-    @property
-    def proc(self) -> subprocess.Popen[bytes]:
-        return self.running.proc
-
-
-def client(gw: Gateway, key: str | None = None) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key or gw.key, max_retries=0, timeout=120)
+@pytest.fixture
+def gateway(e2e_gateway: Gateway) -> Gateway:
+    return e2e_gateway
 
 
 def test_completion_comes_from_the_adapter(gateway: Gateway) -> None:
@@ -325,10 +284,22 @@ def test_hot_swap_under_load_fails_no_request(gateway: Gateway, tiny_adapter: Pa
     assert [v["ref"] for v in listing["versions"] if v["loaded"]] == [refs[-1]], listing
 
 
-def test_ctrl_c_stops_the_gateway_and_every_child(gateway: Gateway) -> None:
+def test_ctrl_c_drains_in_flight_requests_then_stops_every_child(gateway: Gateway) -> None:
     children = psutil.Process(gateway.proc.pid).children(recursive=True)
     assert any("vllm" in " ".join(p.cmdline()) for p in children)
+    stream = client(gateway).chat.completions.create(
+        model="orders", messages=[{"role": "user", "content": PROMPT}], max_tokens=48, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    chunks = iter(stream)
+    first = next(chunks)  # the request is in flight
     gateway.proc.send_signal(signal.SIGINT)
+    rest = list(chunks)  # ...and still runs to its end
+    finish = [c.choices[0].finish_reason for c in [first, *rest] if c.choices and c.choices[0].finish_reason]
+    usage = next(c.usage for c in reversed(rest) if c.usage)
+    assert finish == ["length"] and usage.completion_tokens == 48
+    with pytest.raises(httpx.ConnectError):  # no new work is taken while draining or after
+        httpx.get(f"{gateway.url}/healthz", timeout=5)
     assert gateway.proc.wait(timeout=60) == 0
     _, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, [p.cmdline() for p in alive]

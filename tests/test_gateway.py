@@ -192,7 +192,7 @@ def test_malformed_json_body_is_an_openai_error(gateway) -> None:
         content=b"{not json",
         headers={"Authorization": f"Bearer {keys['acme']}", "content-type": "application/json"},
     )
-    assert_openai_error(resp, 422)
+    assert "not valid JSON" in assert_openai_error(resp, 400, "invalid_json")["message"]
 
 
 def test_streaming_is_relayed_as_server_sent_events(gateway) -> None:

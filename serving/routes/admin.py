@@ -241,8 +241,20 @@ async def publish(alias: str, request: Request, state: StateDep) -> dict[str, An
         raise APIError(415 if kind else 400, f"Unsupported content type {kind or '(none)'!r}: send JSON "
                        '{"path": ...} or a tar/zip archive (application/x-tar, application/gzip, application/zip).',
                        code="unsupported_content_type")  # fmt: skip
+    serving = store.serving(alias) or version
     return {"alias": alias, "version": version.version, "ref": version.ref,
-            "serving": (store.serving(alias) or version).version}  # fmt: skip
+            "serving": serving.version} | await _load(state, serving)  # fmt: skip
+
+
+async def _load(state: GatewayState, version: Any) -> dict[str, Any]:
+    """Load ``version`` on the engine now, so neither its first request nor readiness waits for it."""
+    if not state.engine.is_ready():
+        return {"loaded": False}  # loaded with every other alias once the engine is up
+    try:
+        await state.adapters.ensure_loaded(version)
+    except (EngineError, ValueError) as exc:
+        return {"loaded": False, "load_error": str(exc)}
+    return {"loaded": True}
 
 
 def _under_import_root(state: GatewayState, raw: str) -> Path:
@@ -282,14 +294,7 @@ async def promote(alias: str, body: PromoteBody, state: StateDep) -> dict[str, A
         event = store.promote(alias, body.version, force=body.force, reason=body.reason, actor="admin-api")
     except StoreError as exc:
         raise _store_refused(exc) from exc
-    loaded = False
-    if state.engine.is_ready():
-        try:
-            await state.adapters.ensure_loaded(store.get(alias, body.version))
-            loaded = True
-        except (EngineError, ValueError) as exc:
-            event["load_error"] = str(exc)
-    return event | {"loaded": loaded}
+    return event | await _load(state, store.get(alias, body.version))
 
 
 @router.delete("/adapters/{alias}/versions/{version}")
