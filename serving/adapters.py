@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from contract.fit import fit_problems
 from contract.manifest import AdapterManifest
 from contract.store import AdapterStore, AdapterVersion, StoreError
 from serving.engine import Engine
+from serving.metrics import GatewayMetrics
 
 log = logging.getLogger("lorafleet.adapters")
 
@@ -42,6 +44,7 @@ class AdapterRegistry:
         self.in_flight: dict[str, int] = {}  # requests running per version ref
         self._draining: set[str] = set()  # retired refs to unload when their last request ends
         self.loaded: dict[str, AdapterVersion] = {}
+        self.metrics: GatewayMetrics | None = None  # set by the app: load/unload counts and durations
         self._manifests: dict[str, AdapterManifest] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -73,7 +76,15 @@ class AdapterRegistry:
         manifest = self.check_fits(version)
         async with self._lock(version.ref):  # one load (or unload) of the same adapter at a time
             if version.ref not in self.loaded:
-                await self.engine.load_adapter(version.ref, version.path)
+                started = time.perf_counter()
+                try:
+                    await self.engine.load_adapter(version.ref, version.path)
+                except BaseException:
+                    if self.metrics is not None:
+                        self.metrics.adapter_loaded(time.perf_counter() - started, ok=False)
+                    raise
+                if self.metrics is not None:
+                    self.metrics.adapter_loaded(time.perf_counter() - started, ok=True)
                 self.loaded[version.ref] = version
                 self._draining.discard(version.ref)
                 log.info("loaded adapter %s from %s", version.ref, version.path)
@@ -116,6 +127,8 @@ class AdapterRegistry:
                 log.warning("could not unload %s: %s", ref, exc)
             self.loaded.pop(ref, None)
             self._draining.discard(ref)
+            if self.metrics is not None:
+                self.metrics.adapter_unloads.inc()
             log.info("unloaded retired adapter %s", ref)
 
     async def load_all(self) -> list[str]:

@@ -25,9 +25,12 @@ from serving.config import GatewaySettings
 from serving.deps import GatewayState
 from serving.engine import Engine, VLLMEngine
 from serving.limits import TenantLimiter
+from serving.metrics import GatewayMetrics, StateCollector
 from serving.middleware import BodySizeLimit
+from serving.observe import Observe
 from serving.policies import AliasPolicies
 from serving.routes import admin, completions, health
+from serving.routes import metrics as metrics_route
 from serving.tenants import TenantStore
 
 log = logging.getLogger("lorafleet.gateway")
@@ -35,6 +38,8 @@ log = logging.getLogger("lorafleet.gateway")
 
 def build_app(settings: GatewaySettings, engine: Engine | None = None) -> FastAPI:
     """The gateway app; ``engine`` replaces the vLLM engine (tests pass a fake one)."""
+
+    metrics = GatewayMetrics(tenant_label=settings.metrics_tenant_label, max_tenants=settings.metrics_max_tenants)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -45,7 +50,10 @@ def build_app(settings: GatewaySettings, engine: Engine | None = None) -> FastAP
                                    settings.max_lora_rank, base_config(base_path))  # fmt: skip
         tenants = TenantStore(settings.state_url)
         policies = AliasPolicies(tenants.engine)
-        app.state.gateway = GatewayState(settings, eng, tenants, adapters, TenantLimiter(), policies)
+        adapters.metrics = metrics
+        metrics.add_state(StateCollector(eng.is_ready, lambda: eng.restarts, lambda: len(adapters.loaded),
+                                         canary_weights=dict))  # fmt: skip
+        app.state.gateway = GatewayState(settings, eng, tenants, adapters, TenantLimiter(), policies, metrics)
 
         async def on_engine_ready() -> None:
             problems = await adapters.load_all()
@@ -64,7 +72,9 @@ def build_app(settings: GatewaySettings, engine: Engine | None = None) -> FastAP
     errors.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
                        uploads=(admin.UPLOAD_PATH, settings.max_upload_bytes))  # fmt: skip
+    app.add_middleware(Observe, metrics=metrics, log_content=settings.log_content)  # outermost: sees every response
     app.include_router(health.router)
+    app.include_router(metrics_route.router)
     app.include_router(completions.router)
     app.include_router(admin.router)
     return app

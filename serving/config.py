@@ -30,8 +30,8 @@ class GatewaySettings(CommonSettings):
         default=2048, description="Longest prompt + completion, in tokens (vLLM --max-model-len)."
     )
     kv_cache_gib: int = Field(default=2, description="KV cache size on the CPU engine, GiB (VLLM_CPU_KVCACHE_SPACE).")
-    shutdown_grace_s: float = Field(
-        default=30.0, description="On Ctrl-C/SIGTERM, how long in-flight requests may take to finish before being cut."
+    shutdown_grace_s: int = Field(
+        default=30, description="On Ctrl-C/SIGTERM, how long in-flight requests may take to finish before being cut."
     )
     upstream_timeout_s: float = Field(default=600.0, description="Timeout for one request to the engine.")
     admin_key: SecretStr | None = Field(
@@ -43,6 +43,18 @@ class GatewaySettings(CommonSettings):
     max_body_bytes: int = Field(default=1 << 20, description="Largest request body accepted; larger ones get 413.")
     max_upload_bytes: int = Field(
         default=256 << 20, description="Largest adapter archive the admin API accepts (packed and unpacked)."
+    )
+    metrics_key: SecretStr | None = Field(
+        default=None, description="Bearer token Prometheus must send to read /metrics; unset: /metrics is open."
+    )
+    metrics_tenant_label: bool = Field(
+        default=False, description="Export lorafleet_tenant_requests_total with a tenant label (capped, see below)."
+    )
+    metrics_max_tenants: int = Field(
+        default=20, description="Tenants named in that label; every later one counts as 'other'."
+    )
+    log_content: bool = Field(
+        default=False, description="Put prompts and outputs in the access log (debugging only: they may be private)."
     )
     import_root: Path | None = Field(
         default=None,

@@ -12,6 +12,7 @@ from serving.config import GatewaySettings
 from serving.engine import Engine
 from serving.errors import APIError
 from serving.limits import TenantLimiter
+from serving.metrics import GatewayMetrics
 from serving.policies import AliasPolicies
 from serving.tenants import Tenant, TenantStore
 
@@ -24,6 +25,7 @@ class GatewayState:
     adapters: AdapterRegistry
     limiter: TenantLimiter
     policies: AliasPolicies
+    metrics: GatewayMetrics
 
 
 def get_state(request: Request) -> GatewayState:

@@ -49,7 +49,7 @@ class Engine(Protocol):
 
     async def unload_adapter(self, name: str) -> None: ...
 
-    async def send(self, path: str, body: dict, *, stream: bool) -> httpx.Response:
+    async def send(self, path: str, body: dict, *, stream: bool, request_id: str | None = None) -> httpx.Response:
         """POST ``body`` to the engine's OpenAI route ``path``; the caller closes the response."""
         ...
 
@@ -205,8 +205,9 @@ class VLLMEngine:
         if resp.status_code not in (200, 404):
             raise EngineError(f"vLLM could not unload adapter {name}: {resp.status_code} {resp.text[:500]}")
 
-    async def send(self, path: str, body: dict, *, stream: bool) -> httpx.Response:
-        request = self.client.build_request("POST", path, json=body)
+    async def send(self, path: str, body: dict, *, stream: bool, request_id: str | None = None) -> httpx.Response:
+        headers = {"X-Request-Id": request_id} if request_id else None
+        request = self.client.build_request("POST", path, json=body, headers=headers)
         try:
             return await self.client.send(request, stream=stream)
         except httpx.HTTPError as exc:

@@ -13,6 +13,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving.metrics import rejection_reason
+from serving.observe import record_of
+
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -48,20 +51,35 @@ def error_body(status: int, message: str, code: str | None = None, param: str | 
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(error_body(exc.status, exc.message, exc.code, exc.param), exc.status, headers=exc.headers)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return _refuse(request, exc.status, exc.message, exc.code, exc.param, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(exc.status_code, str(exc.detail)), exc.status_code)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _refuse(request, exc.status_code, str(exc.detail))
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         if first.get("type") == "json_invalid":  # not JSON at all: a bad request, not a bad field
             reason = (first.get("ctx") or {}).get("error", "cannot parse")
-            return JSONResponse(error_body(400, f"The body is not valid JSON: {reason}.", "invalid_json"), 400)
+            return _refuse(request, 400, f"The body is not valid JSON: {reason}.", "invalid_json")
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
         message = f"{param}: {first.get('msg', 'invalid value')}" if param else str(first.get("msg", "invalid body"))
-        return JSONResponse(error_body(422, message, "invalid_field", param), 422)
+        return _refuse(request, 422, message, "invalid_field", param)
+
+
+def _refuse(
+    request: Request,
+    status: int,
+    message: str,
+    code: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """The error response; the request's record notes the refusal for the metrics and the access log."""
+    record = record_of(request.scope)
+    if record is not None:
+        record.rejection, record.error_code = rejection_reason(status, code), code
+    return JSONResponse(error_body(status, message, code, param), status, headers=headers)

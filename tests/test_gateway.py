@@ -34,6 +34,7 @@ class FakeEngine:
         self.loaded: list[str] = []
         self.requests: list[dict] = []
         self.answer = '{"a": 1}'
+        self.request_ids: list[str | None] = []
         self.client = httpx.AsyncClient(transport=httpx.MockTransport(self._handle), base_url="http://engine")
 
     def _handle(self, request: httpx.Request) -> httpx.Response:
@@ -55,7 +56,12 @@ class FakeEngine:
                 }
                 for tok, last in zip(pieces, (False, False, True), strict=True)
             ]
-            sse = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+            if (body.get("stream_options") or {}).get("include_usage"):
+                usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+                chunks.append({"id": "c1", "object": "chat.completion.chunk", "model": body["model"], "choices": [],
+                               "usage": usage})  # fmt: skip
+            # vLLM's compact JSON, which the gateway's relay reads
+            sse = "".join(f"data: {json.dumps(c, separators=(',', ':'))}\n\n" for c in chunks) + "data: [DONE]\n\n"
             return httpx.Response(200, content=sse.encode(), headers={"content-type": "text/event-stream"})
         if request.url.path == "/v1/completions":
             choice = {"index": 0, "text": self.answer, "finish_reason": "stop"}
@@ -69,6 +75,7 @@ class FakeEngine:
                 "object": "chat.completion",
                 "model": body["model"],
                 "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
             },
         )
 
@@ -87,7 +94,8 @@ class FakeEngine:
     async def unload_adapter(self, name: str) -> None:
         self.loaded.remove(name)
 
-    async def send(self, path: str, body: dict, *, stream: bool) -> httpx.Response:
+    async def send(self, path: str, body: dict, *, stream: bool, request_id: str | None = None) -> httpx.Response:
+        self.request_ids.append(request_id)
         return await self.client.send(self.client.build_request("POST", path, json=body), stream=stream)
 
 

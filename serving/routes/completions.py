@@ -6,11 +6,13 @@ import hashlib
 import hmac
 import json
 import logging
+import time
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import httpx
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import Receive, Scope, Send
@@ -21,6 +23,8 @@ from serving.engine import EngineError
 from serving.errors import APIError
 from serving.jsoncheck import JsonCheck, JsonPlan
 from serving.limits import Slot, cap_max_tokens
+from serving.metrics import RequestRecord
+from serving.observe import record_of
 from serving.policies import JsonMode
 from serving.schemas import check_client_schema
 from serving.tenants import Tenant
@@ -86,18 +90,27 @@ async def list_models(tenant: TenantDep, state: StateDep) -> ModelList:
 
 
 @router.post("/chat/completions", response_model=None)
-async def chat_completions(req: ChatCompletionRequest, tenant: TenantDep, state: StateDep) -> Response:
+async def chat_completions(
+    req: ChatCompletionRequest, tenant: TenantDep, state: StateDep, request: Request
+) -> Response:
     """Chat completion through the alias's current adapter version (SSE when ``stream`` is true)."""
-    return await _proxy("/v1/chat/completions", req, tenant, state)
+    return await _proxy("/v1/chat/completions", req, tenant, state, _record(request))
 
 
 @router.post("/completions", response_model=None)
-async def completions(req: CompletionRequest, tenant: TenantDep, state: StateDep) -> Response:
+async def completions(req: CompletionRequest, tenant: TenantDep, state: StateDep, request: Request) -> Response:
     """Text completion (no chat template) through the alias's current adapter version."""
-    return await _proxy("/v1/completions", req, tenant, state)
+    return await _proxy("/v1/completions", req, tenant, state, _record(request))
 
 
-async def _proxy(route: str, req: CompletionRequestBase, tenant: Tenant, state: GatewayState) -> Response:
+def _record(request: Request) -> RequestRecord:
+    return record_of(request.scope) or RequestRecord(uuid.uuid4().hex, request.method, request.url.path)
+
+
+async def _proxy(
+    route: str, req: CompletionRequestBase, tenant: Tenant, state: GatewayState, record: RequestRecord
+) -> Response:
+    record.tenant, record.stream = tenant.name, req.stream
     body = req.model_dump(exclude_none=True)
     for name in GATEWAY_ONLY_FIELDS:
         if name in body:
@@ -119,14 +132,19 @@ async def _proxy(route: str, req: CompletionRequestBase, tenant: Tenant, state: 
     slot = state.limiter.admit(tenant)  # 429 before any work
     try:
         version, manifest = await _resolve(state, tenant, alias, slot)
+        record.alias, record.version, record.variant = alias, version.version, "stable"
         tools = ToolPlan.from_request(body, manifest, alias) if route == "/v1/chat/completions" else None
         plan = JsonPlan.for_request(body, manifest, state.policies.get(alias), options.json_mode, tools)
+        record.json_mode = plan.mode
         body["model"] = version.ref
         if route == "/v1/chat/completions":
             body["chat_template"] = manifest.prompt_format.chat_template
         # Prefix-cache isolation: a tenant can only hit cache entries its own requests made.
         body["cache_salt"] = _cache_salt(state, tenant)
-        upstream = await state.engine.send(route, body, stream=req.stream)
+        wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        if req.stream:  # token counts for the metrics; the usage chunk reaches the client only if it asked
+            body["stream_options"] = (body.get("stream_options") or {}) | {"include_usage": True}
+        upstream = await state.engine.send(route, body, stream=req.stream, request_id=record.request_id)
     except EngineError as exc:
         slot.release()
         raise APIError(
@@ -143,17 +161,20 @@ async def _proxy(route: str, req: CompletionRequestBase, tenant: Tenant, state: 
         finally:
             await upstream.aclose()
             slot.release()
-        if upstream.status_code == 200 and (check is not None or tools is not None):
+        if upstream.status_code == 200:
             data = json.loads(content)
+            record.usage(data.get("usage"))
             if check is not None:
                 check.add_to(data)
                 headers["x-lorafleet-json"] = check.outcome
+                record.json_outcomes = [c["outcome"] for c in check.checks]
             if tools is not None:
                 tools.rewrite_body(data)
-            content = json.dumps(data, ensure_ascii=False).encode()
+            if check is not None or tools is not None:
+                content = json.dumps(data, ensure_ascii=False).encode()
         return Response(content, upstream.status_code, headers=headers, media_type="application/json")
-    stream = ToolStream(tools) if tools is not None else None
-    return RelayResponse(_relay(upstream, slot, check, stream), headers=headers, media_type="text/event-stream")
+    relay = _relay(upstream, slot, record, check, ToolStream(tools) if tools is not None else None, wants_usage)
+    return RelayResponse(relay, headers=headers, media_type="text/event-stream")
 
 
 class RelayResponse(StreamingResponse):
@@ -178,25 +199,35 @@ def _cache_salt(state: GatewayState, tenant: Tenant) -> str:
 
 
 async def _relay(
-    upstream: httpx.Response, slot: Slot, check: JsonCheck | None, tools: ToolStream | None
+    upstream: httpx.Response,
+    slot: Slot,
+    record: RequestRecord,
+    check: JsonCheck | None,
+    tools: ToolStream | None,
+    wants_usage: bool,
 ) -> AsyncIterator[bytes]:
-    """Relay the engine's server-sent events.
+    """Relay the engine's server-sent events, one event at a time.
 
-    With a JSON check its verdict is the last event before ``[DONE]``; with
-    tools, answers become ``tool_calls`` (``ToolStream``).
+    The first event marks the first token; the usage event gives the token
+    counts (and is dropped if the client did not ask for it). With a JSON check
+    its verdict is the last event before ``[DONE]``; with tools, answers become
+    ``tool_calls`` (``ToolStream``).
     """
     try:
-        if check is None and tools is None:
-            async for chunk in upstream.aiter_bytes():
-                yield chunk
-            return
         pending = b""
         async for chunk in upstream.aiter_bytes():
+            if record.first_token is None:
+                record.first_token = time.perf_counter()
             pending += chunk
             *events, pending = pending.split(b"\n\n")
             for event in events:
+                if b'"choices":[]' in event and b'"usage"' in event:  # vLLM's usage event
+                    record.usage(_event_data(event).get("usage"))
+                    if not wants_usage:
+                        continue
                 if event.strip() == b"data: [DONE]" and check is not None:
                     yield check.final_event()
+                    record.json_outcomes = [c["outcome"] for c in check.checks]
                 elif check is not None:
                     check.observe_event(event)
                 for out in tools.on_event(event + b"\n\n") if tools is not None else [event + b"\n\n"]:
@@ -204,8 +235,18 @@ async def _relay(
         if pending:
             yield pending
     finally:
+        record.finished = time.perf_counter()
         await upstream.aclose()
         slot.release()
+
+
+def _event_data(event: bytes) -> dict[str, Any]:
+    line = event.strip()
+    try:
+        data = json.loads(line[5:]) if line.startswith(b"data:") else {}
+    except json.JSONDecodeError:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 async def _resolve(state: GatewayState, tenant: Tenant, alias: str, slot: Slot) -> tuple[Any, Any]:

@@ -1,0 +1,241 @@
+"""The gateway's Prometheus metrics, and the record each request leaves behind.
+
+Every request gets a ``RequestRecord`` (``serving.observe`` creates it, the
+routes fill it in); when the response ends, ``GatewayMetrics.observe`` turns it
+into metrics and the access log turns it into one JSON line.
+
+Names follow Prometheus's conventions: a ``lorafleet_`` prefix, base units,
+``_seconds`` and ``_total`` suffixes, help on each. Label sets are bounded:
+
+- ``alias``, ``version``, ``variant`` only once a request has been routed to an
+  adapter the store holds (a bogus alias is a rejection, with no alias label);
+- ``route`` is the matched route's template, or ``unmatched``;
+- ``reason``, ``outcome``, ``mode``, ``status_class`` come from fixed lists;
+- tenants are no label by default; ``LORAFLEET_METRICS_TENANT_LABEL=1`` adds
+  ``lorafleet_tenant_requests_total`` with the first ``metrics_max_tenants``
+  tenants seen by name and every later one as ``other``.
+
+State that lives elsewhere (engine up, restarts, adapters on the engine,
+canary weights) is read when Prometheus scrapes, by ``StateCollector``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+# Buckets suited to LLM latencies, the ones vLLM uses for the same quantities.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+                80.0)  # fmt: skip
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
+               960.0, 1920.0, 7680.0)  # fmt: skip
+LOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+REJECTION_REASONS = ("auth", "not_found", "limit", "schema", "too_large", "invalid_request", "unavailable")
+ADAPTER = ("alias", "version", "variant")
+
+
+def rejection_reason(status: int, code: str | None) -> str:
+    """The bounded ``reason`` label of a request the gateway refused."""
+    if status in (401, 403):
+        return "auth"
+    if status in (404, 405):
+        return "not_found"
+    if status == 429:
+        return "limit"
+    if status == 413:
+        return "too_large"
+    if status >= 500:
+        return "unavailable"
+    if code and code.startswith("schema"):
+        return "schema"
+    return "invalid_request"
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx"
+
+
+@dataclass
+class RequestRecord:
+    """What one request did; filled in as it goes, observed once it ends."""
+
+    request_id: str
+    method: str
+    path: str
+    started: float = field(default_factory=time.perf_counter)
+    route: str = "unmatched"
+    status: int = 0
+    tenant: str | None = None
+    alias: str | None = None
+    version: int | None = None
+    variant: str | None = None
+    stream: bool = False
+    first_token: float | None = None
+    finished: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    json_mode: str | None = None
+    json_outcomes: list[str] = field(default_factory=list)
+    rejection: str | None = None
+    error_code: str | None = None
+    on_end: list[Callable[[RequestRecord], None]] = field(default_factory=list)
+
+    @property
+    def latency(self) -> float:
+        return (self.finished or time.perf_counter()) - self.started
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.started
+
+    @property
+    def tpot(self) -> float | None:
+        """Time per output token after the first (streams only)."""
+        if self.first_token is None or self.finished is None or not self.completion_tokens:
+            return None
+        if self.completion_tokens < 2:
+            return None
+        return (self.finished - self.first_token) / (self.completion_tokens - 1)
+
+    def usage(self, usage: dict | None) -> None:
+        if isinstance(usage, dict):
+            self.prompt_tokens = usage.get("prompt_tokens", self.prompt_tokens)
+            self.completion_tokens = usage.get("completion_tokens", self.completion_tokens)
+
+    def log_entry(self) -> dict[str, object]:
+        entry: dict[str, object] = {
+            "request_id": self.request_id, "method": self.method, "path": self.path, "route": self.route,
+            "status": self.status, "latency_s": round(self.latency, 4), "tenant": self.tenant, "alias": self.alias,
+            "version": self.version, "variant": self.variant, "stream": self.stream,
+            "ttft_s": None if self.ttft is None else round(self.ttft, 4),
+            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+            "json_mode": self.json_mode, "json_outcome": self.json_outcomes[0] if self.json_outcomes else None,
+        }  # fmt: skip
+        if self.rejection:
+            entry |= {"rejection": self.rejection, "error_code": self.error_code}
+        return entry
+
+
+class GatewayMetrics:
+    """Every metric the gateway exports, in a registry of its own (one per app)."""
+
+    def __init__(self, *, tenant_label: bool = False, max_tenants: int = 20) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("lorafleet_requests", "Requests routed to an adapter version, by status class.",
+                                [*ADAPTER, "status_class"], registry=r)  # fmt: skip
+        self.latency = Histogram("lorafleet_request_duration_seconds", "End-to-end latency of routed requests.",
+                                 ADAPTER, buckets=E2E_BUCKETS, registry=r)  # fmt: skip
+        self.ttft = Histogram("lorafleet_time_to_first_token_seconds", "Time to the first token (streams).",
+                              ADAPTER, buckets=TTFT_BUCKETS, registry=r)  # fmt: skip
+        self.tpot = Histogram("lorafleet_time_per_output_token_seconds",
+                              "Time per output token after the first (streams).", ADAPTER, buckets=TPOT_BUCKETS,
+                              registry=r)  # fmt: skip
+        self.prompt_tokens = Counter("lorafleet_prompt_tokens", "Prompt tokens of routed requests.", ADAPTER,
+                                     registry=r)  # fmt: skip
+        self.output_tokens = Counter("lorafleet_generation_tokens", "Output tokens of routed requests.", ADAPTER,
+                                     registry=r)  # fmt: skip
+        self.json_checks = Counter("lorafleet_json_checks",
+                                   "JSON answers judged by the shared judge, by outcome and JSON mode.",
+                                   [*ADAPTER, "mode", "outcome"], registry=r)  # fmt: skip
+        self.rejections = Counter("lorafleet_rejections", "Requests the gateway refused, by reason.", ["reason"],
+                                  registry=r)  # fmt: skip
+        self.http = Counter("lorafleet_http_responses", "Every HTTP response, by route template and status class.",
+                            ["route", "status_class"], registry=r)  # fmt: skip
+        self.in_flight = Gauge("lorafleet_requests_in_flight", "Requests being served now.", registry=r)
+        self.adapter_loads = Counter("lorafleet_adapter_loads", "Adapter loads onto the engine, by outcome.",
+                                     ["outcome"], registry=r)  # fmt: skip
+        self.adapter_unloads = Counter("lorafleet_adapter_unloads", "Adapter unloads from the engine.", registry=r)
+        self.load_duration = Histogram("lorafleet_adapter_load_duration_seconds", "Time to load an adapter.",
+                                       buckets=LOAD_BUCKETS, registry=r)  # fmt: skip
+        self.canary_decisions = Counter("lorafleet_canary_decisions", "Canary analysis decisions, by outcome.",
+                                        ["alias", "outcome"], registry=r)  # fmt: skip
+        self.tenant_requests: Counter | None = None
+        self.max_tenants = max_tenants
+        self._tenants: set[str] = set()
+        if tenant_label:
+            self.tenant_requests = Counter("lorafleet_tenant_requests",
+                                           "Requests per tenant (opt-in; tenants past the cap count as 'other').",
+                                           ["tenant", "status_class"], registry=r)  # fmt: skip
+        for reason in REJECTION_REASONS:
+            self.rejections.labels(reason)  # every reason exists from the start: rate() needs a zero
+        for outcome in ("success", "failure"):
+            self.adapter_loads.labels(outcome)
+
+    def add_state(self, collector: Collector) -> None:
+        self.registry.register(collector)
+
+    def observe(self, rec: RequestRecord) -> None:
+        self.http.labels(rec.route, status_class(rec.status)).inc()
+        if rec.rejection:
+            self.rejections.labels(rec.rejection).inc()
+        if self.tenant_requests is not None and rec.tenant:
+            self.tenant_requests.labels(self._tenant_label(rec.tenant), status_class(rec.status)).inc()
+        if rec.alias is None:
+            return
+        labels = (rec.alias, str(rec.version), rec.variant or "stable")
+        self.requests.labels(*labels, status_class(rec.status)).inc()
+        if rec.status != 200:
+            return
+        self.latency.labels(*labels).observe(rec.latency)
+        if rec.ttft is not None:
+            self.ttft.labels(*labels).observe(rec.ttft)
+        if rec.tpot is not None:
+            self.tpot.labels(*labels).observe(rec.tpot)
+        if rec.prompt_tokens:
+            self.prompt_tokens.labels(*labels).inc(rec.prompt_tokens)
+        if rec.completion_tokens:
+            self.output_tokens.labels(*labels).inc(rec.completion_tokens)
+        for outcome in rec.json_outcomes:
+            self.json_checks.labels(*labels, rec.json_mode or "validate", outcome).inc()
+
+    def _tenant_label(self, tenant: str) -> str:
+        if tenant in self._tenants:
+            return tenant
+        if len(self._tenants) < self.max_tenants:
+            self._tenants.add(tenant)
+            return tenant
+        return "other"
+
+    def adapter_loaded(self, seconds: float, ok: bool) -> None:
+        self.adapter_loads.labels("success" if ok else "failure").inc()
+        if ok:
+            self.load_duration.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class StateCollector(Collector):
+    """Gauges read at scrape time from the objects that own the state."""
+
+    def __init__(
+        self,
+        engine_up: Callable[[], bool],
+        engine_restarts: Callable[[], int],
+        adapters_active: Callable[[], int],
+        canary_weights: Callable[[], dict[str, float]],
+    ) -> None:
+        self.engine_up, self.engine_restarts = engine_up, engine_restarts
+        self.adapters_active, self.canary_weights = adapters_active, canary_weights
+
+    def collect(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily("lorafleet_engine_up", "1 when the engine answers its health check.",
+                                value=1.0 if self.engine_up() else 0.0)  # fmt: skip
+        yield CounterMetricFamily("lorafleet_engine_restarts", "Times the supervisor restarted the engine.",
+                                  value=self.engine_restarts())  # fmt: skip
+        yield GaugeMetricFamily("lorafleet_adapters_active", "Adapter versions loaded on the engine.",
+                                value=self.adapters_active())  # fmt: skip
+        weights = GaugeMetricFamily("lorafleet_canary_weight", "Share of an alias's traffic on its canary (0-1).",
+                                    labels=["alias"])  # fmt: skip
+        for alias, weight in sorted(self.canary_weights().items()):
+            weights.add_metric([alias], weight)
+        yield weights
