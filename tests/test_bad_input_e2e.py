@@ -53,6 +53,7 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(e2e_gateway: Gateway, tiny_adapter: Path) -> Env:
+    e2e_gateway.ensure_running()
     http = httpx.Client(base_url=e2e_gateway.url, timeout=120)
     admin = {"Authorization": f"Bearer {e2e_gateway.running.admin_key}"}
     shutil.copytree(tiny_adapter, e2e_gateway.running.data_dir / "runs" / "secret")

@@ -32,8 +32,8 @@ PROMPT = (
 
 
 @pytest.fixture
-def gateway(e2e_gateway: Gateway) -> Gateway:
-    return e2e_gateway
+def gateway(live_gateway: Gateway) -> Gateway:
+    return live_gateway
 
 
 def test_completion_comes_from_the_adapter(gateway: Gateway) -> None:

@@ -19,6 +19,7 @@ from contract.basemodel import BaseModelRecord, write_record
 from contract.store import AdapterStore
 from serving.app import build_app
 from serving.config import GatewaySettings
+from serving.engine import EngineError
 from serving.tenants import TenantStore
 from tests.conftest import make_adapter
 
@@ -93,6 +94,14 @@ class FakeEngine:
 
     async def unload_adapter(self, name: str) -> None:
         self.loaded.remove(name)
+
+    async def metrics(self) -> bytes:
+        if not self.ready:
+            raise EngineError("engine metrics unreachable")
+        return (
+            b"# HELP vllm:num_requests_running Running requests.\n# TYPE vllm:num_requests_running gauge\n"
+            b'vllm:num_requests_running{model_name="base"} 0.0\n'
+        )
 
     async def send(self, path: str, body: dict, *, stream: bool, request_id: str | None = None) -> httpx.Response:
         self.request_ids.append(request_id)

@@ -210,12 +210,24 @@ def test_content_logging_is_an_explicit_switch(setup, caplog: pytest.LogCaptureF
     assert "debug this prompt" in entry["request"] and '{\\"a\\": 1}' in entry["response"]
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)")
 def test_promtool_accepts_a_live_scrape(gw) -> None:
     client, _, keys = gw
     chat(client, keys["acme"])
     chat(client, keys["acme"], stream=True)
     chat(client, "lf-wrong")
+    assert shutil.which("promtool"), "promtool is missing: `apt-get install prometheus` (make test does it)"
     lint = subprocess.run(["promtool", "check", "metrics"], input=client.get("/metrics").text, capture_output=True,
                           text=True, timeout=60)  # fmt: skip
     assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+def test_the_engine_metrics_are_relayed_and_guarded_alike(setup) -> None:
+    settings, _ = setup
+    for client, engine in open_gateway(settings.model_copy(update={"metrics_key": SecretStr("scrape-secret")})):
+        assert client.get("/metrics/engine").status_code == 401
+        auth = {"Authorization": "Bearer scrape-secret"}
+        resp = client.get("/metrics/engine", headers=auth)
+        assert resp.status_code == 200 and "vllm:num_requests_running" in resp.text
+        engine.ready = False
+        down = client.get("/metrics/engine", headers=auth)
+        assert down.status_code == 503 and down.headers["retry-after"]

@@ -1,26 +1,46 @@
-"""``GET /metrics``: the gateway's Prometheus exposition (vLLM's own is on the engine's port)."""
+"""``GET /metrics``: the gateway's Prometheus exposition; ``GET /metrics/engine``: vLLM's, relayed.
+
+vLLM listens on loopback only (its API loads adapters by path and has no
+auth), so Prometheus reads the engine's metrics through the gateway. Both
+routes take the metrics key when ``LORAFLEET_METRICS_KEY`` is set.
+"""
 
 from __future__ import annotations
 
 import hmac
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from serving.deps import StateDep
+from serving.engine import EngineError
 from serving.errors import APIError
 
-router = APIRouter()
+
+def require_metrics_key(request: Request, state: StateDep) -> None:
+    expected = state.settings.metrics_key
+    if expected is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                             expected.get_secret_value().encode()):  # fmt: skip
+        raise APIError(401, "/metrics needs 'Authorization: Bearer <metrics key>'.", code="invalid_metrics_key")
+
+
+router = APIRouter(dependencies=[Depends(require_metrics_key)])
 
 
 @router.get("/metrics")
-async def metrics(request: Request, state: StateDep) -> Response:
-    expected = state.settings.metrics_key
-    if expected is not None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), expected.get_secret_value().encode()
-        ):
-            raise APIError(401, "/metrics needs 'Authorization: Bearer <metrics key>'.", code="invalid_metrics_key")
+async def metrics(state: StateDep) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/metrics/engine")
+async def engine_metrics(state: StateDep) -> Response:
+    try:
+        body = await state.engine.metrics()
+    except EngineError as exc:
+        raise APIError(503, "The engine is not reachable; its metrics are not available now.",
+                       code="engine_unavailable", headers={"Retry-After": "5"}) from exc  # fmt: skip
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
