@@ -10,6 +10,8 @@ every comparison is a test with a stated confidence:
   evaluation runs both on identical prompts, so pairs are the honest unit).
 - ``two_proportion_drop``: the same question for two independent samples
   (a canary's candidate and stable traffic), with a tolerated margin.
+- ``mann_whitney_greater``: is the candidate's latency higher than a tolerated
+  ratio of the stable version's? A rank test, as Kayenta judges canaries.
 """
 
 from __future__ import annotations
@@ -96,3 +98,43 @@ def two_proportion_drop(
     # With no spread (both rates 0 or 1) the drop is certain: significant iff beyond the margin.
     p = (0.0 if excess > 0 else 1.0) if se == 0.0 else 0.5 * math.erfc(excess / se / math.sqrt(2))
     return Drop(p1, p2, p, "two-proportion-z")
+
+
+def mann_whitney_greater(baseline: list[float], candidate: list[float], ratio: float = 1.0) -> Drop:
+    """One-sided Mann-Whitney U test of H1: ``candidate`` values tend to exceed ``ratio`` × ``baseline`` values.
+
+    Kayenta's choice for latency: no normality assumed, robust to the long
+    tails latencies have. Normal approximation with tie and continuity
+    corrections (the samples of a canary step are tens to thousands).
+    ``baseline``/``candidate`` in the result are the medians.
+    """
+    scaled = [ratio * x for x in baseline]
+    n1, n2 = len(candidate), len(scaled)
+    if n1 == 0 or n2 == 0:
+        return Drop(0.0, 0.0, 1.0, "mann-whitney-u")
+    pooled = sorted([(v, 1) for v in candidate] + [(v, 0) for v in scaled])
+    rank_sum, ties, i = 0.0, 0.0, 0
+    while i < len(pooled):
+        j = i
+        while j + 1 < len(pooled) and pooled[j + 1][0] == pooled[i][0]:
+            j += 1
+        average_rank = (i + j) / 2 + 1
+        rank_sum += average_rank * sum(1 for k in range(i, j + 1) if pooled[k][1])
+        t = j - i + 1
+        ties += t**3 - t
+        i = j + 1
+    u = rank_sum - n1 * (n1 + 1) / 2
+    n = n1 + n2
+    variance = n1 * n2 / 12 * ((n + 1) - ties / (n * (n - 1)))
+    if variance <= 0:
+        p = 1.0  # every value equal: no evidence of a shift
+    else:
+        z = (u - n1 * n2 / 2 - 0.5) / math.sqrt(variance)
+        p = 0.5 * math.erfc(z / math.sqrt(2))
+    return Drop(_median(baseline), _median(candidate), min(1.0, p), "mann-whitney-u")
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2

@@ -137,6 +137,17 @@ class AdapterStore:
     def record_gate(self, version: AdapterVersion, verdict: dict[str, Any]) -> None:
         _write_atomic(version.path / GATE_FILE, json.dumps(verdict, indent=2) + "\n")
 
+    def gate_refusal(self, target: AdapterVersion) -> str | None:
+        """Why ``target`` may not become stable without forcing, or ``None``: it needs a passing gate,
+        unless it was stable before (a rollback to a version that has proven itself)."""
+        gate = self.gate(target)
+        was_stable = any(e.get("to") == target.version and e["action"] != "retire" for e in self.events(target.alias))
+        if was_stable or (gate and gate.get("passed")):
+            return None
+        why = "has no evaluation gate verdict" if gate is None else "failed its evaluation gate"
+        return (f"{target.ref} {why}; run `lorafleet eval --gate --target {target.ref} ...` first, "
+                "or force it (recorded in the audit trail)")  # fmt: skip
+
     def promote(self, alias: str, version: int, *, force: bool = False, reason: str = "", actor: str = "cli") -> dict:
         """Make ``alias@version`` stable. It must have passed its evaluation gate unless ``force``.
 
@@ -147,13 +158,9 @@ class AdapterStore:
         target = self.get(alias, version)
         previous = self.stable(alias)
         gate = self.gate(target)
-        was_stable = any(e.get("to") == version and e["action"] != "retire" for e in self.events(alias))
-        if not force and not was_stable and not (gate and gate.get("passed")):
-            why = "has no evaluation gate verdict" if gate is None else "failed its evaluation gate"
-            raise StoreError(
-                f"{target.ref} {why}; run `lorafleet eval --gate --target {target.ref} ...` first, "
-                "or force the promotion (recorded in the audit trail)"
-            )
+        refusal = None if force else self.gate_refusal(target)
+        if refusal:
+            raise StoreError(refusal)
         event = {
             "at": time.time(),
             "alias": alias,

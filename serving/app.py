@@ -10,6 +10,7 @@ the engine becomes healthy. Nothing happens at import time.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,6 +22,7 @@ from contract.fit import base_config
 from contract.store import AdapterStore
 from serving import errors
 from serving.adapters import AdapterRegistry
+from serving.canary import CanaryManager
 from serving.config import GatewaySettings
 from serving.deps import GatewayState
 from serving.engine import Engine, VLLMEngine
@@ -30,6 +32,7 @@ from serving.middleware import BodySizeLimit
 from serving.observe import Observe
 from serving.policies import AliasPolicies
 from serving.routes import admin, completions, health
+from serving.routes import canaries as canaries_route
 from serving.routes import metrics as metrics_route
 from serving.tenants import TenantStore
 
@@ -51,9 +54,11 @@ def build_app(settings: GatewaySettings, engine: Engine | None = None) -> FastAP
         tenants = TenantStore(settings.state_url)
         policies = AliasPolicies(tenants.engine)
         adapters.metrics = metrics
+        canaries = CanaryManager(tenants.engine, adapters, metrics)
         metrics.add_state(StateCollector(eng.is_ready, lambda: eng.restarts, lambda: len(adapters.loaded),
-                                         canary_weights=dict))  # fmt: skip
-        app.state.gateway = GatewayState(settings, eng, tenants, adapters, TenantLimiter(), policies, metrics)
+                                         canaries.weights))  # fmt: skip
+        app.state.gateway = GatewayState(settings, eng, tenants, adapters, TenantLimiter(), policies, metrics,
+                                         canaries)  # fmt: skip
 
         async def on_engine_ready() -> None:
             problems = await adapters.load_all()
@@ -61,9 +66,11 @@ def build_app(settings: GatewaySettings, engine: Engine | None = None) -> FastAP
                 log.error("adapter not loaded: %s", problem)
 
         await eng.start(on_engine_ready)
+        analysis = asyncio.create_task(canaries.run(settings.canary_poll_s))
         try:
             yield
         finally:
+            analysis.cancel()
             await eng.stop()
 
     # Only the listed routes exist: no docs pages, and no redirect from "/v1/models/" to "/v1/models".
@@ -77,6 +84,7 @@ def build_app(settings: GatewaySettings, engine: Engine | None = None) -> FastAP
     app.include_router(metrics_route.router)
     app.include_router(completions.router)
     app.include_router(admin.router)
+    app.include_router(canaries_route.router)
     return app
 
 

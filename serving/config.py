@@ -56,6 +56,7 @@ class GatewaySettings(CommonSettings):
     log_content: bool = Field(
         default=False, description="Put prompts and outputs in the access log (debugging only: they may be private)."
     )
+    canary_poll_s: float = Field(default=1.0, description="How often running canaries are checked for a decision.")
     import_root: Path | None = Field(
         default=None,
         description="Folder the admin API may publish adapter directories from (default: data_dir/runs).",

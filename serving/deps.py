@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from serving.adapters import AdapterRegistry
+from serving.canary import CanaryManager
 from serving.config import GatewaySettings
 from serving.engine import Engine
 from serving.errors import APIError
@@ -26,6 +27,7 @@ class GatewayState:
     limiter: TenantLimiter
     policies: AliasPolicies
     metrics: GatewayMetrics
+    canaries: CanaryManager
 
 
 def get_state(request: Request) -> GatewayState:

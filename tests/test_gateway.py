@@ -35,6 +35,7 @@ class FakeEngine:
         self.loaded: list[str] = []
         self.requests: list[dict] = []
         self.answer = '{"a": 1}'
+        self.answers: dict[str, str] = {}  # per engine-side model name, e.g. {"orders@2": "broken"}
         self.request_ids: list[str | None] = []
         self.client = httpx.AsyncClient(transport=httpx.MockTransport(self._handle), base_url="http://engine")
 
@@ -45,9 +46,10 @@ class FakeEngine:
             return httpx.Response(
                 404, json={"error": {"message": "no such model", "type": "NotFoundError", "param": None, "code": 404}}
             )
+        answer = self.answers.get(body["model"], self.answer)
         if body.get("stream"):
-            third = max(1, len(self.answer) // 3)
-            pieces = [self.answer[:third], self.answer[third : 2 * third], self.answer[2 * third :]]
+            third = max(1, len(answer) // 3)
+            pieces = [answer[:third], answer[third : 2 * third], answer[2 * third :]]
             chunks = [
                 {
                     "id": "c1",
@@ -65,10 +67,10 @@ class FakeEngine:
             sse = "".join(f"data: {json.dumps(c, separators=(',', ':'))}\n\n" for c in chunks) + "data: [DONE]\n\n"
             return httpx.Response(200, content=sse.encode(), headers={"content-type": "text/event-stream"})
         if request.url.path == "/v1/completions":
-            choice = {"index": 0, "text": self.answer, "finish_reason": "stop"}
+            choice = {"index": 0, "text": answer, "finish_reason": "stop"}
             return httpx.Response(200, json={"id": "c1", "object": "text_completion", "model": body["model"],
                                              "choices": [choice]})  # fmt: skip
-        message = {"role": "assistant", "content": self.answer}
+        message = {"role": "assistant", "content": answer}
         return httpx.Response(
             200,
             json={

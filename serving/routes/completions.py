@@ -17,6 +17,8 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import Receive, Scope, Send
 
+from contract.manifest import AdapterManifest
+from contract.store import AdapterVersion
 from serving.adapters import AdapterMisfit
 from serving.deps import GatewayState, StateDep, TenantDep
 from serving.engine import EngineError
@@ -94,22 +96,32 @@ async def chat_completions(
     req: ChatCompletionRequest, tenant: TenantDep, state: StateDep, request: Request
 ) -> Response:
     """Chat completion through the alias's current adapter version (SSE when ``stream`` is true)."""
-    return await _proxy("/v1/chat/completions", req, tenant, state, _record(request))
+    return await _proxy("/v1/chat/completions", req, tenant, state, request)
 
 
 @router.post("/completions", response_model=None)
 async def completions(req: CompletionRequest, tenant: TenantDep, state: StateDep, request: Request) -> Response:
     """Text completion (no chat template) through the alias's current adapter version."""
-    return await _proxy("/v1/completions", req, tenant, state, _record(request))
+    return await _proxy("/v1/completions", req, tenant, state, request)
 
 
 def _record(request: Request) -> RequestRecord:
     return record_of(request.scope) or RequestRecord(uuid.uuid4().hex, request.method, request.url.path)
 
 
+def _user(request: Request, body: dict[str, Any]) -> str:
+    """Who the request is for, for sticky canary assignment: ``user``, else the header, else the API key."""
+    user = body.get("user") or request.headers.get("x-lorafleet-user")
+    if isinstance(user, str) and user:
+        return f"user:{user}"
+    key = request.headers.get("authorization", "")
+    return "key:" + hashlib.sha256(key.encode()).hexdigest()
+
+
 async def _proxy(
-    route: str, req: CompletionRequestBase, tenant: Tenant, state: GatewayState, record: RequestRecord
+    route: str, req: CompletionRequestBase, tenant: Tenant, state: GatewayState, request: Request
 ) -> Response:
+    record = _record(request)
     record.tenant, record.stream = tenant.name, req.stream
     body = req.model_dump(exclude_none=True)
     for name in GATEWAY_ONLY_FIELDS:
@@ -131,8 +143,11 @@ async def _proxy(
                        code="missing_model")  # fmt: skip
     slot = state.limiter.admit(tenant)  # 429 before any work
     try:
-        version, manifest = await _resolve(state, tenant, alias, slot)
-        record.alias, record.version, record.variant = alias, version.version, "stable"
+        version, variant, canary_id = _route(state, tenant, alias, _user(request, body))
+        record.alias, record.version, record.variant = alias, version.version, variant
+        if canary_id is not None:  # the canary judges on what each variant served
+            record.on_end.append(lambda r: state.canaries.observe(canary_id, variant, r))
+        manifest = await _load(state, version, alias, slot)
         tools = ToolPlan.from_request(body, manifest, alias) if route == "/v1/chat/completions" else None
         plan = JsonPlan.for_request(body, manifest, state.policies.get(alias), options.json_mode, tools)
         record.json_mode = plan.mode
@@ -153,7 +168,7 @@ async def _proxy(
     except BaseException:
         slot.release()
         raise
-    headers = {"x-lorafleet-adapter": version.ref, "x-lorafleet-json-mode": plan.mode}
+    headers = {"x-lorafleet-adapter": version.ref, "x-lorafleet-variant": variant, "x-lorafleet-json-mode": plan.mode}
     check = plan.check()
     if upstream.status_code != 200 or not req.stream:
         try:
@@ -249,7 +264,8 @@ def _event_data(event: bytes) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-async def _resolve(state: GatewayState, tenant: Tenant, alias: str, slot: Slot) -> tuple[Any, Any]:
+def _route(state: GatewayState, tenant: Tenant, alias: str, user: str) -> tuple[AdapterVersion, str, int | None]:
+    """The version that serves this request, its variant, and the canary it counts for (if any)."""
     # An alias that exists but belongs to another tenant is reported exactly
     # like one that does not exist: never reveal another tenant's aliases.
     version = state.adapters.resolve(alias) if alias in tenant.aliases else None
@@ -260,6 +276,14 @@ async def _resolve(state: GatewayState, tenant: Tenant, alias: str, slot: Slot) 
             param="model",
             code="model_not_found",
         )
+    assigned = state.canaries.assign(alias, user)
+    if assigned is None:
+        return version, "stable", None
+    variant, chosen = assigned
+    return chosen, variant, state.canaries.active[alias].id
+
+
+async def _load(state: GatewayState, version: AdapterVersion, alias: str, slot: Slot) -> AdapterManifest:
     if not state.engine.is_ready():
         raise APIError(
             503, "The engine is starting; retry shortly.", code="engine_starting", headers={"Retry-After": "5"}
@@ -280,4 +304,4 @@ async def _resolve(state: GatewayState, tenant: Tenant, alias: str, slot: Slot) 
             code="engine_unavailable",
             headers={"Retry-After": "5"},
         ) from exc
-    return version, manifest
+    return manifest
