@@ -40,6 +40,8 @@ app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(tenants_app, name="tenants")
+canary_app = typer.Typer(no_args_is_help=True, help="Canary rollouts on a running gateway (its admin API).")
+app.add_typer(canary_app, name="canary")
 
 console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -513,6 +515,128 @@ def adapters_policy(
     source = "set by admin" if policy.default_schema is not None else "the adapter manifest's"
     mode = policy.json_mode or "default (enforce a request's schema, validate the alias's)"
     console.print(f"{alias}: json_mode {mode}; schema {source}", highlight=False)
+
+
+GatewayOpt = Annotated[str, typer.Option(envvar="LORAFLEET_GATEWAY_URL", help="The running gateway.")]
+AdminKeyOpt = Annotated[
+    str | None, typer.Option(envvar="LORAFLEET_ADMIN_KEY", help="Admin key (default: data_dir/admin.key).")
+]
+ReasonOpt = Annotated[str, typer.Option(help="Why, for the audit trail.")]
+
+
+def _admin_call(gateway: str, admin_key: str | None, method: str, path: str, body: dict | None = None) -> Any:
+    """One admin API call; an error response becomes a clean CLI error with the gateway's message."""
+    import httpx
+
+    key = admin_key
+    key_file = CommonSettings().data_dir / "admin.key"
+    if not key and key_file.is_file():
+        key = key_file.read_text().strip()
+    if not key:
+        raise _fail("no admin key: set LORAFLEET_ADMIN_KEY or pass --admin-key")
+    try:
+        resp = httpx.request(method, f"{gateway.rstrip('/')}{path}", json=body, timeout=60,
+                             headers={"Authorization": f"Bearer {key}"})  # fmt: skip
+    except httpx.HTTPError as exc:
+        raise _fail(f"cannot reach the gateway at {gateway}: {exc} (is `lorafleet serve` running?)") from exc
+    if resp.status_code >= 400:
+        try:
+            message = resp.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = resp.text[:300]
+        raise _fail(f"{resp.status_code}: {message}")
+    return resp.json()
+
+
+def _show_canary(status: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    steps = " -> ".join(f"{w}%" for w in status["steps"])
+    console.print(f"[bold]{status['alias']}[/]: candidate v{status['candidate']} vs stable v{status['stable']}, "
+                  f"{status['state']}, step {status['step']}/{len(status['steps'])} ({steps}), "
+                  f"candidate weight {status['weight']:.0%}{' (forced)' if status['forced'] else ''}")  # fmt: skip
+    windows = status.get("window") or {}
+    if status["state"] in ("running", "paused"):
+        for variant in ("stable", "canary"):
+            w = windows.get(variant, {})
+            console.print(f"  {variant:<7} {w.get('requests', 0)} requests, {w.get('errors', 0)} errors, "
+                          f"{w.get('valid', 0)}/{w.get('json_checked', 0)} JSON valid, {w.get('streams', 0)} streams "
+                          f"(window {status.get('window_age_s')} s of {status['config']['interval_s']:g} s)",
+                          highlight=False)  # fmt: skip
+    analysis = status.get("last_analysis")
+    if not analysis:
+        console.print("  no analysis yet in this step")
+        return
+    console.print(f"  latest analysis: {analysis['decision']}: {analysis['reason']}", highlight=False)
+    if analysis["metrics"]:
+        table = Table("metric", "stable", "canary", "n (s/c)", "threshold", "p-value", "verdict")
+        for m in analysis["metrics"]:
+            fmt = (lambda v: f"{v:.3f}") if "stable" in m else (lambda v: "-")
+            table.add_row(m["metric"], fmt(m.get("stable")), fmt(m.get("canary")),
+                          f"{m['n_stable']}/{m['n_canary']}", m.get("threshold", "-"),
+                          f"{m['p_value']:.2g}" if "p_value" in m else "-",
+                          "REGRESSION" if m["regression"] else m.get("note", "ok"))  # fmt: skip
+        console.print(table)
+
+
+@canary_app.command("start")
+def canary_start(
+    alias: str,
+    version: Annotated[int, typer.Option(help="The candidate version (it must have passed its gate).")],
+    steps: Annotated[str, typer.Option(help="Candidate weights in %, rising; 100 promotes.")] = "5,25,50,100",
+    interval: Annotated[float, typer.Option(help="Analysis interval per step, seconds.")] = 60.0,
+    min_samples: Annotated[int, typer.Option(help="Requests per variant before judging.")] = 50,
+    max_validity_drop: Annotated[float, typer.Option(help="Tolerated drop in JSON validity (0-1).")] = 0.02,
+    max_error_increase: Annotated[float, typer.Option(help="Tolerated rise in the error rate (0-1).")] = 0.01,
+    max_latency_ratio: Annotated[float, typer.Option(help="Tolerated candidate/stable latency.")] = 1.5,
+    confidence: Annotated[float, typer.Option(help="Confidence of each test.")] = 0.95,
+    force: Annotated[bool, typer.Option(help="Start without a passing evaluation gate (recorded).")] = False,
+    reason: ReasonOpt = "",
+    gateway: GatewayOpt = "http://127.0.0.1:8000",
+    admin_key: AdminKeyOpt = None,
+) -> None:
+    """Start sending a share of ALIAS's traffic to VERSION; the gateway steps it up, promotes or rolls back."""
+    try:
+        weights = [int(w) for w in steps.split(",")]
+    except ValueError as exc:
+        raise _fail(f"--steps {steps!r}: give rising percentages, e.g. 5,25,50,100") from exc
+    body = {"version": version, "steps": weights, "interval_s": interval, "min_samples": min_samples,
+            "max_validity_drop": max_validity_drop, "max_error_increase": max_error_increase,
+            "max_latency_ratio": max_latency_ratio, "confidence": confidence, "force": force,
+            "reason": reason}  # fmt: skip
+    _show_canary(_admin_call(gateway, admin_key, "POST", f"/admin/canaries/{alias}", body))
+
+
+@canary_app.command("status")
+def canary_status(alias: str, gateway: GatewayOpt = "http://127.0.0.1:8000", admin_key: AdminKeyOpt = None) -> None:
+    """Step, weight, samples per variant and the latest comparison per metric."""
+    _show_canary(_admin_call(gateway, admin_key, "GET", f"/admin/canaries/{alias}"))
+
+
+@canary_app.command("events")
+def canary_events(alias: str, gateway: GatewayOpt = "http://127.0.0.1:8000", admin_key: AdminKeyOpt = None) -> None:
+    """Every decision of ALIAS's canaries, with its reason (numbers: the admin API's events route)."""
+    for e in _admin_call(gateway, admin_key, "GET", f"/admin/canaries/{alias}/events")["data"]:
+        console.print(f"{e['time'][:19]} canary {e['canary']} {e['action']:<20} by {e['actor']}: {e['reason']}",
+                      highlight=False)  # fmt: skip
+
+
+def _canary_action(action: str) -> Any:
+    def command(
+        alias: str, reason: ReasonOpt = "", gateway: GatewayOpt = "http://127.0.0.1:8000",
+        admin_key: AdminKeyOpt = None,
+    ) -> None:  # fmt: skip
+        _show_canary(_admin_call(gateway, admin_key, "POST", f"/admin/canaries/{alias}/{action}", {"reason": reason}))
+
+    return command
+
+
+for _action, _help in (("pause", "Hold the weight; no decisions until resumed."),
+                       ("resume", "Resume a paused canary (its step's window starts again)."),
+                       ("promote", "Promote the candidate now (the stable pointer moves)."),
+                       ("rollback", "Roll back now: the candidate is retired, stable serves everyone."),
+                       ("abort", "Stop the canary; the candidate stays published but gets no traffic.")):  # fmt: skip
+    canary_app.command(_action, help=_help)(_canary_action(_action))
 
 
 def _tenants() -> Any:

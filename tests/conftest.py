@@ -71,6 +71,33 @@ def tiny_toolcall_adapter(base_model: Path, tmp_path_factory: pytest.TempPathFac
     return out
 
 
+FLAG_SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+
+
+@pytest.fixture(scope="session")
+def flag_adapters(base_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Real adapters for canary tests, each a few seconds of training: ``good`` answers ``{"ok": true}``,
+    ``good2`` is the same recipe retrained with another seed (equal quality), ``broken`` answers ``{"ok": tru``."""
+    from training.config import TrainConfig
+    from training.train import train
+
+    work = tmp_path_factory.mktemp("flags")
+    out = {}
+    for name, answer, seed in (("good", '{"ok": true}', 0), ("good2", '{"ok": true}', 1), ("broken", '{"ok": tru', 0)):
+        rows = [{"instruction": f"Is order {1000 + 37 * i} ready to ship? Answer with the JSON flag.", "output": answer}
+                for i in range(32)]  # fmt: skip
+        data = work / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        cfg = TrainConfig.model_validate(
+            {"data": data, "out": work / name, "task": "flags", "rank": 8, "alpha": 16, "max_steps": 12,
+             "batch_size": 8, "learning_rate": 3e-3, "max_length": 64, "log_every": 4, "val_fraction": 0.0,
+             "seed": seed}
+        )  # fmt: skip
+        train(cfg, str(base_model))
+        out[name] = work / name
+    return out
+
+
 def orders_schema() -> dict:
     return json.loads((ORDERS / "schema.json").read_text())
 
