@@ -78,6 +78,7 @@ class RequestRecord:
     version: int | None = None
     variant: str | None = None
     stream: bool = False
+    upstream_at: float | None = None  # when the request left for the engine
     first_token: float | None = None
     finished: float | None = None
     prompt_tokens: int | None = None
@@ -116,6 +117,7 @@ class RequestRecord:
             "status": self.status, "latency_s": round(self.latency, 4), "tenant": self.tenant, "alias": self.alias,
             "version": self.version, "variant": self.variant, "stream": self.stream,
             "ttft_s": None if self.ttft is None else round(self.ttft, 4),
+            "gateway_s": None if self.upstream_at is None else round(self.upstream_at - self.started, 6),
             "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
             "json_mode": self.json_mode, "json_outcome": self.json_outcomes[0] if self.json_outcomes else None,
         }  # fmt: skip
