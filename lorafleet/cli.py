@@ -401,6 +401,32 @@ def adapters_list() -> None:
     console.print(table)
 
 
+@adapters_app.command("show")
+def adapters_show(ref: Annotated[str, typer.Argument(help="ALIAS@VERSION")]) -> None:
+    """One version: how it was trained, its gate verdict, and whether it serves."""
+    from contract.manifest import ManifestError
+    from contract.store import AdapterStore, StoreError
+
+    alias, _, version = ref.partition("@")
+    if not version.isdigit():
+        raise _fail(f"{ref!r}: name the version, e.g. {alias}@2 (see `lorafleet adapters list`)")
+    store = AdapterStore(CommonSettings().adapters_dir)
+    try:
+        target = store.get(alias, int(version))
+        m = target.manifest()
+    except (StoreError, ManifestError) as exc:
+        raise _fail(str(exc)) from exc
+    role = "stable" if store.stable(alias) == target else ("serving" if store.serving(alias) == target else "-")
+    gate = store.gate(target)
+    verdict = "-" if gate is None else ("passed" if gate.get("passed") else "failed")
+    console.print(f"{target.ref} at {target.path}\n  task {m.task}; trained {m.created_at:%Y-%m-%d %H:%M} on "
+                  f"{m.base_model.name} ({m.base_model.sha256[:12]}); data {m.data.path} ({m.data.examples} examples)\n"
+                  f"  LoRA r={m.lora.rank} alpha={m.lora.alpha:g} on {', '.join(m.lora.target_modules)}; "
+                  f"tools format {m.prompt_format.tools_format or '-'}; output schema "
+                  f"{'yes' if m.output_schema else 'no'}\n  role {role}; retired {store.is_retired(target)}; "
+                  f"gate {verdict}", highlight=False)  # fmt: skip
+
+
 @adapters_app.command("promote")
 def adapters_promote(
     ref: Annotated[str, typer.Argument(help="ALIAS@VERSION to make stable (an earlier one rolls back).")],

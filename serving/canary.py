@@ -14,8 +14,9 @@ weight grows.
 Every ``interval_s`` the gateway compares what each variant served in the
 step's window (``analyze``): JSON validity and error rate with one-sided
 two-proportion tests (a drop beyond the tolerated margin), end-to-end latency
-and time to first token with one-sided Mann-Whitney U tests against
-``max_latency_ratio`` × stable, each at ``confidence``. Too few samples: wait
+and time to first token with one-sided Mann-Whitney U tests (a regression is
+a p95 above ``max_latency_ratio`` × stable's that the test finds
+significant), each at ``confidence``. Too few samples: wait
 (and say so), never promote. A significant regression: roll back at once.
 Otherwise: next step, and after the last one, promote.
 
@@ -91,7 +92,7 @@ class CanaryConfig(BaseModel):
     min_samples: int = Field(default=50, ge=1, le=1_000_000, description="Requests per variant before judging.")
     max_validity_drop: float = Field(default=0.02, ge=0, le=1, description="Tolerated drop in JSON validity.")
     max_error_increase: float = Field(default=0.01, ge=0, le=1, description="Tolerated rise in the 5xx rate.")
-    max_latency_ratio: float = Field(default=1.5, ge=1, le=100, description="Tolerated candidate/stable latency.")
+    max_latency_ratio: float = Field(default=1.5, ge=1, le=100, description="Tolerated candidate/stable p95 latency.")
     confidence: float = Field(default=0.95, ge=0.5, lt=1, description="Of each test (alpha = 1 - confidence).")
 
     @field_validator("steps")
@@ -198,11 +199,12 @@ def analyze(stable: Window, canary: Window, config: CanaryConfig) -> Analysis:
             metrics.append({"metric": name, "n_stable": len(s), "n_canary": len(c), "regression": False,
                             "note": f"not judged: fewer than {need} samples per variant"})  # fmt: skip
             return
-        shift = mann_whitney_greater(s, c, ratio=config.max_latency_ratio)
-        metrics.append({"metric": name, "stable": shift.baseline, "canary": shift.candidate, "n_stable": len(s),
-                        "n_canary": len(c), "threshold": f"canary <= {config.max_latency_ratio:g} x stable",
-                        "p_value": shift.p_value, "test": shift.test,
-                        "regression": shift.significant(alpha)})  # fmt: skip
+        shift = mann_whitney_greater(s, c)
+        ratio = _p95(c) / _p95(s) if _p95(s) > 0 else 1.0
+        metrics.append({"metric": name, "stable": _p95(s), "canary": _p95(c), "p95_ratio": ratio,
+                        "n_stable": len(s), "n_canary": len(c), "p_value": shift.p_value, "test": shift.test,
+                        "threshold": f"p95 ratio <= {config.max_latency_ratio:g}",
+                        "regression": ratio > config.max_latency_ratio and shift.significant(alpha)})  # fmt: skip
 
     if stable.checked or canary.checked:
         if min(stable.checked, canary.checked) < need:
@@ -219,6 +221,11 @@ def analyze(stable: Window, canary: Window, config: CanaryConfig) -> Analysis:
         return Analysis("rollback", f"significant regression at {config.confidence:.0%} confidence: "
                         + ", ".join(regressions), metrics)  # fmt: skip
     return Analysis("pass", "no significant regression", metrics)
+
+
+def _p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
 
 
 def user_point(canary_id: int, user: str) -> float:

@@ -632,3 +632,14 @@ def test_hostile_client_schemas_are_refused_before_the_engine(gateway, schema: o
     error = assert_openai_error(chat(client, keys["acme"], response_format=fmt), 400, "schema_refused")
     assert message in error["message"] and error["param"] == "response_format"
     assert len(engine.requests) == sent
+
+
+def test_show_a_version(gateway) -> None:
+    client, _, _ = gateway
+    shown = admin(client, "GET", "/adapters/orders/versions/2")
+    assert shown.status_code == 200, shown.text
+    body = shown.json()
+    assert body["ref"] == "orders@2" and body["serving"] is True and body["stable"] is False
+    assert body["loaded"] is True and body["retired"] is False and body["manifest"]["lora"]["rank"] == 8
+    assert "chat_template" not in body["manifest"]["prompt_format"]
+    assert_openai_error(admin(client, "GET", "/adapters/orders/versions/99"), 404, "adapter_not_found")

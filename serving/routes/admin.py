@@ -21,6 +21,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from contract.manifest import ManifestError
 from contract.store import STAGING, AdapterStore, StoreError, VersionNotFound, check_alias
 from serving.archive import ArchiveError, discard, unpack
 from serving.config import import_root_of
@@ -210,6 +211,26 @@ def list_adapters(state: StateDep) -> dict[str, Any]:
         data.append({"alias": alias, "stable": stable.version if stable else None,
                      "serving": serving.version if serving else None, "versions": versions})  # fmt: skip
     return {"object": "list", "data": data}
+
+
+@router.get("/adapters/{alias}/versions/{version}")
+async def show_version(alias: str, version: int, state: StateDep) -> dict[str, Any]:
+    """One version: its manifest, gate verdict, and whether it is stable, retired, loaded and busy."""
+    store: AdapterStore = state.adapters.store
+    try:
+        target = store.get(alias, version)
+    except StoreError as exc:
+        raise _store_refused(exc) from exc
+    try:
+        manifest = target.manifest()
+    except ManifestError as exc:
+        raise APIError(400, str(exc), code="adapter_refused") from exc
+    stable = store.stable(alias)
+    return {"alias": alias, "version": version, "ref": target.ref, "stable": stable == target,
+            "serving": store.serving(alias) == target, "retired": store.is_retired(target),
+            "gate": store.gate(target), "loaded": target.ref in state.adapters.loaded,
+            "in_flight": state.adapters.in_flight.get(target.ref, 0),
+            "manifest": manifest.model_dump(mode="json", exclude={"prompt_format": {"chat_template"}})}  # fmt: skip
 
 
 @router.post("/adapters/{alias}/versions", status_code=201)
