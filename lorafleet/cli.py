@@ -397,6 +397,7 @@ def adapters_list() -> None:
             gate = store.gate(v)
             verdict = "-" if gate is None else ("passed" if gate["passed"] else "failed")
             marker = ("stable" if store.stable(alias) == v else "newest") if serving == v else ""
+            marker = "retired" if store.is_retired(v) else marker
             table.add_row(alias, str(v.version), marker, verdict, f"{v.manifest().created_at:%Y-%m-%d %H:%M}")
     console.print(table)
 

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -130,6 +130,7 @@ class GatewayMetrics:
     """Every metric the gateway exports, in a registry of its own (one per app)."""
 
     def __init__(self, *, tenant_label: bool = False, max_tenants: int = 20) -> None:
+        disable_created_metrics()  # no *_created series: they double the count and no query here reads them
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("lorafleet_requests", "Requests routed to an adapter version, by status class.",

@@ -206,3 +206,18 @@ def test_after_the_catalogue_the_engine_still_answers_and_the_store_is_clean(env
     store = AdapterStore(env.gw.running.data_dir / "adapters")
     assert "bad" not in store.aliases()  # no refused publish left a version behind
     assert not any((store.root / ".staging").iterdir()) if (store.root / ".staging").exists() else True
+
+
+def _generated_tokens(env: Env) -> float:
+    text = httpx.get(f"{env.gw.engine_url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:generation_tokens_total"))  # fmt: skip
+
+
+def test_another_tenants_alias_costs_the_engine_nothing(env: Env) -> None:
+    before = _generated_tokens(env)
+    resp = env.chat(model="secret", max_tokens=50)
+    assert resp.status_code == 404 and resp.json()["error"]["code"] == "model_not_found"
+    assert _generated_tokens(env) == before  # refused before the engine: zero tokens generated
+    other = env.http.get("/v1/models", headers=env.tenant()).json()
+    assert "secret" not in [m["id"] for m in other["data"]]

@@ -152,6 +152,13 @@ def test_validity_and_latency_from_prometheus_agree_with_the_traffic(prometheus:
     assert p50 is not None and abs(p50 - observed) <= width, (p50, observed, width)  # within one bucket's resolution
 
 
+def test_promtool_accepts_the_live_gateways_scrape(prometheus: str, live_gateway: Gateway) -> None:
+    scrape = httpx.get(f"{live_gateway.url}/metrics", timeout=10).text
+    assert 'lorafleet_requests_total{alias="orders"' in scrape  # real traffic went through
+    lint = subprocess.run(["promtool", "check", "metrics"], input=scrape, capture_output=True, text=True, timeout=60)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
 def test_the_shipped_rules_load_and_dashboard_queries_run(prometheus: str, live_gateway: Gateway) -> None:
     groups = httpx.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
     assert {g["name"] for g in groups} == {"lorafleet-recording", "lorafleet-alerts"}
