@@ -6,11 +6,13 @@ naming the limit: more than ``MAX_BYTES`` serialised, nesting deeper than
 ``MAX_DEPTH``, more than ``MAX_PROPERTIES`` properties in all, a schema that is
 not valid JSON Schema, and ``pattern``/``patternProperties`` regexes that do
 not compile, are too long, or nest quantifiers (``(a+)+``, ``(a|aa)*``: the
-shapes that backtrack catastrophically).
+shapes that backtrack catastrophically). The check itself runs off the event
+loop and is cut at ``COMPILE_TIMEOUT_S``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Any
@@ -24,8 +26,23 @@ MAX_BYTES = 64 * 1024
 MAX_DEPTH = 32
 MAX_PROPERTIES = 1000
 MAX_PATTERN = 500
+COMPILE_TIMEOUT_S = 2.0
 # A group that is quantified and holds a quantifier or an alternation: (x+)+ (x*)* (x|y)+ ...
 NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*(?:[+*}]|\|)(?:[^()\\]|\\.)*\)\s*[+*{]")
+
+
+async def check_client_schema_bounded(schema: Any, param: str = "response_format") -> None:
+    """``check_client_schema`` off the event loop, refused when compiling takes over ``COMPILE_TIMEOUT_S``.
+
+    The limits above keep compiling cheap; the timeout is the last line. The
+    worker thread cannot be stopped, but the request is answered in bounded
+    time and the loop never waits on it.
+    """
+    try:
+        await asyncio.wait_for(asyncio.to_thread(check_client_schema, schema, param), COMPILE_TIMEOUT_S)
+    except TimeoutError as exc:
+        raise APIError(400, f"{param} schema refused: compiling it took longer than {COMPILE_TIMEOUT_S:g} s.",
+                       param=param, code="schema_refused") from exc  # fmt: skip
 
 
 def check_client_schema(schema: Any, param: str = "response_format") -> None:

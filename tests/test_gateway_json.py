@@ -293,3 +293,18 @@ def test_the_cli_sets_the_policy_the_gateway_reads(gw, tmp_path: Path, monkeypat
     assert run.exit_code != 0 and "no alias 'nope'" in run.output
     assert CliRunner().invoke(app, ["adapters", "policy", "orders", "--reset"]).exit_code == 0
     assert chat(client, key).headers["x-lorafleet-json"] == "valid"
+
+
+def test_a_schema_that_takes_too_long_to_compile_is_refused_in_bounded_time(gw, monkeypatch) -> None:
+    import time
+
+    import serving.schemas
+
+    client, engine, key = gw
+    monkeypatch.setattr(serving.schemas, "COMPILE_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(serving.schemas, "check_schema", lambda schema: time.sleep(1.5))
+    sent, started = len(engine.requests), time.monotonic()
+    resp = chat(client, key, response_format=schema_format({"type": "object", "title": "slow to compile"}))
+    assert time.monotonic() - started < 1.2
+    error = assert_openai_error(resp, 400, "schema_refused")
+    assert "took longer than 0.2 s" in error["message"] and len(engine.requests) == sent

@@ -29,7 +29,7 @@ from serving.deps import GatewayState, StateDep
 from serving.engine import EngineError
 from serving.errors import APIError
 from serving.policies import AliasPolicy, JsonMode
-from serving.schemas import check_client_schema
+from serving.schemas import check_client_schema_bounded
 from serving.tenants import Limits, TenantError, TenantNotFound, key_id_of
 
 UPLOAD_PATH = r"/admin/adapters/[^/]+/versions"
@@ -352,7 +352,7 @@ async def set_policy(alias: str, body: PolicyBody, state: StateDep) -> dict[str,
     """Replace the alias's JSON mode and default schema; ``{}`` restores the defaults."""
     _known_alias(state, alias)
     if body.default_schema is not None:
-        check_client_schema(body.default_schema, param="default_schema")
+        await check_client_schema_bounded(body.default_schema, param="default_schema")
     policy = state.policies.set(alias, AliasPolicy(body.json_mode, body.default_schema))
     return {"alias": alias} | policy.as_dict()
 

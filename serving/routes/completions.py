@@ -28,7 +28,7 @@ from serving.limits import Slot, cap_max_tokens
 from serving.metrics import RequestRecord
 from serving.observe import record_of
 from serving.policies import JsonMode
-from serving.schemas import check_client_schema
+from serving.schemas import check_client_schema_bounded
 from serving.tenants import Tenant
 from serving.toolcalls import ToolPlan, ToolStream
 
@@ -134,7 +134,7 @@ async def _proxy(
     cap_max_tokens(body, tenant)
     fmt = body.get("response_format")
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
-        check_client_schema((fmt.get("json_schema") or {}).get("schema"))
+        await check_client_schema_bounded((fmt.get("json_schema") or {}).get("schema"))
     if route != "/v1/chat/completions" and ("tools" in body or "tool_choice" in body):
         raise APIError(400, "'tools' are for /v1/chat/completions.", param="tools", code="invalid_tools")
     alias = req.model or tenant.default_alias
