@@ -305,6 +305,8 @@ class CanaryManager:
         return "stable", self.store.get(alias, canary.stable)
 
     def observe(self, canary_id: int, variant: str, record: RequestRecord) -> None:
+        if not any(c.id == canary_id for c in self.active.values()):
+            return  # the canary ended while this request ran
         self.windows.setdefault(canary_id, {}).setdefault(variant, Window()).add(record)
 
     # -- decisions --------------------------------------------------------------------------------
