@@ -29,6 +29,12 @@ class GatewaySettings(CommonSettings):
     max_model_len: int = Field(
         default=2048, description="Longest prompt + completion, in tokens (vLLM --max-model-len)."
     )
+    engine_nice: int = Field(
+        default=5,
+        ge=0,
+        le=19,
+        description="Niceness of the vLLM child: the gateway stays responsive when vLLM fills every core.",
+    )
     kv_cache_gib: int = Field(default=2, description="KV cache size on the CPU engine, GiB (VLLM_CPU_KVCACHE_SPACE).")
     shutdown_grace_s: int = Field(
         default=30, description="On Ctrl-C/SIGTERM, how long in-flight requests may take to finish before being cut."

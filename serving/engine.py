@@ -76,13 +76,21 @@ def vllm_command(settings: GatewaySettings) -> list[str]:
     ]  # fmt: skip
 
 
-def _die_with_parent() -> None:
-    # Runs in the child before exec: its own process group (so a stop kills the
-    # whole group: vLLM spawns an engine-core process), and SIGTERM if the
-    # gateway itself dies without cleaning up.
-    os.setsid()
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+def _child_setup(nice: int) -> Callable[[], None]:
+    def setup() -> None:
+        # Runs in the child before exec: its own process group (so a stop kills the
+        # whole group: vLLM spawns an engine-core process), SIGTERM if the gateway
+        # itself dies without cleaning up, and a lower CPU priority: on a CPU engine
+        # vLLM's decode threads fill every core, and the gateway's short bursts
+        # (auth, routing, relaying tokens) should not queue behind them.
+        os.setsid()
+        with contextlib.suppress(Exception):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if nice:
+            with contextlib.suppress(OSError):
+                os.nice(nice)
+
+    return setup
 
 
 class VLLMEngine:
@@ -142,7 +150,7 @@ class VLLMEngine:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
+                preexec_fn=_child_setup(self.settings.engine_nice),
             )
         log.info("started vLLM (pid %d); its log: %s", self._proc.pid, log_path)
 
