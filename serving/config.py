@@ -30,7 +30,7 @@ class GatewaySettings(CommonSettings):
         default=2048, description="Longest prompt + completion, in tokens (vLLM --max-model-len)."
     )
     engine_nice: int = Field(
-        default=5,
+        default=10,
         ge=0,
         le=19,
         description="Niceness of the vLLM child: the gateway stays responsive when vLLM fills every core.",
