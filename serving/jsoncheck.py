@@ -106,15 +106,8 @@ class JsonCheck:
                     c.get("finish_reason")) for c in data.get("choices", [])]  # fmt: skip
         data["lorafleet"] = {"json_checks": self.judge_all(answers), "outcome": self.outcome, "mode": self.mode}
 
-    def observe_event(self, event: bytes) -> None:
-        """Collect one server-sent event's text deltas."""
-        line = event.strip()
-        if not line.startswith(b"data:"):
-            return
-        try:
-            data = json.loads(line[5:])
-        except json.JSONDecodeError:
-            return
+    def observe(self, data: dict[str, Any]) -> None:
+        """Collect one server-sent event's text deltas (its payload, ``serving.sse.event_data``)."""
         for c in data.get("choices") or []:
             index = c.get("index", 0)
             delta = c["delta"].get("content") if "delta" in c else c.get("text")

@@ -162,13 +162,9 @@ class ToolStream:
     plan: ToolPlan
     texts: dict[int, list[str]] = field(default_factory=dict)
 
-    def on_event(self, event: bytes) -> list[bytes]:
-        line = event.strip()
-        if not line.startswith(b"data:") or line == b"data: [DONE]":
-            return [event]
-        try:
-            data = json.loads(line[5:])
-        except json.JSONDecodeError:
+    def on_event(self, event: bytes, data: dict[str, Any] | None) -> list[bytes]:
+        """The events to send for ``event`` (``data``: its payload, ``serving.sse.event_data``)."""
+        if data is None:
             return [event]
         choices = data.get("choices") or []
         if not choices:

@@ -3,10 +3,8 @@ nothing it sends hurts the engine (healthy, not restarted, still answering) or l
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
-import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +14,7 @@ import pytest
 
 from contract.store import AdapterStore
 from tests.conftest import Gateway
+from tests.test_gateway import tar_of
 
 pytestmark = pytest.mark.e2e
 
@@ -72,16 +71,6 @@ def env(e2e_gateway: Gateway, tiny_adapter: Path) -> Env:
     assert http.patch("/admin/tenants/gone", json={"disabled": True}, headers=admin).status_code == 200
     restarts = http.get("/readyz").json()["engine_restarts"]
     return Env(http, e2e_gateway, e2e_gateway.key, revoked["api_key"], disabled, restarts)
-
-
-def _tar(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def _edit_json(name: str, **fields: object) -> Callable[[Path], None]:
@@ -175,7 +164,7 @@ CASES: list[Case] = [
     ("path outside the import root", lambda e, _: e.http.post("/admin/adapters/bad/versions", headers=e.admin,
                                                               json={"path": "/etc"}), 400, "outside_import_root"),
     ("archive escaping with ../", lambda e, _: e.http.post(
-        "/admin/adapters/bad/versions", content=_tar({"../evil.txt": b"x"}),
+        "/admin/adapters/bad/versions", content=tar_of({"../evil.txt": b"x"}),
         headers=e.admin | {"content-type": "application/gzip"}), 400, "archive_refused"),
     ("not an archive", lambda e, _: e.http.post("/admin/adapters/bad/versions", content=b"PK\x03\x04garbage",
                                                 headers=e.admin | {"content-type": "application/zip"}),

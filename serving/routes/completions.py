@@ -29,6 +29,7 @@ from serving.metrics import RequestRecord
 from serving.observe import record_of
 from serving.policies import JsonMode
 from serving.schemas import check_client_schema_bounded
+from serving.sse import event_data
 from serving.tenants import Tenant
 from serving.toolcalls import ToolPlan, ToolStream
 
@@ -237,16 +238,19 @@ async def _relay(
             pending += chunk
             *events, pending = pending.split(b"\n\n")
             for event in events:
-                if b'"choices":[]' in event and b'"usage"' in event:  # vLLM's usage event
-                    record.usage(_event_data(event).get("usage"))
+                usage_event = b'"choices":[]' in event and b'"usage"' in event  # vLLM's usage event
+                # Parsed once, and only when something reads it.
+                data = event_data(event) if usage_event or check is not None or tools is not None else None
+                if usage_event:
+                    record.usage((data or {}).get("usage"))
                     if not wants_usage:
                         continue
                 if event.strip() == b"data: [DONE]" and check is not None:
                     yield check.final_event()
                     record.json_outcomes = [c["outcome"] for c in check.checks]
-                elif check is not None:
-                    check.observe_event(event)
-                for out in tools.on_event(event + b"\n\n") if tools is not None else [event + b"\n\n"]:
+                elif check is not None and data is not None:
+                    check.observe(data)
+                for out in tools.on_event(event + b"\n\n", data) if tools is not None else [event + b"\n\n"]:
                     yield out
         if pending:
             yield pending
@@ -254,15 +258,6 @@ async def _relay(
         record.finished = time.perf_counter()
         await upstream.aclose()
         slot.release()
-
-
-def _event_data(event: bytes) -> dict[str, Any]:
-    line = event.strip()
-    try:
-        data = json.loads(line[5:]) if line.startswith(b"data:") else {}
-    except json.JSONDecodeError:
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _route(state: GatewayState, tenant: Tenant, alias: str, user: str) -> tuple[AdapterVersion, str, int | None]:
