@@ -36,6 +36,14 @@ class GatewaySettings(CommonSettings):
         description="Niceness of the vLLM child: the gateway stays responsive when vLLM fills every core.",
     )
     kv_cache_gib: int = Field(default=2, description="KV cache size on the CPU engine, GiB (VLLM_CPU_KVCACHE_SPACE).")
+    state_cache_s: float = Field(
+        default=2.0,
+        ge=0,
+        description=(
+            "How long the gateway keeps API keys and alias policies in memory. Admin API changes apply at once; "
+            "changes the CLI writes to the database apply within this. 0: read the database on every request."
+        ),
+    )
     shutdown_grace_s: int = Field(
         default=30, description="On Ctrl-C/SIGTERM, how long in-flight requests may take to finish before being cut."
     )

@@ -15,6 +15,10 @@ Which schema and which mode a request gets (first that applies):
   the alias's mode set here; else ``enforce`` for a schema the request sent
   (what an OpenAI client means by ``response_format``) and ``validate`` for
   the alias's own schema.
+
+Every request reads its alias's policy, so the gateway keeps them in memory
+for ``cache_s`` seconds; ``set`` clears that at once, a change another process
+writes shows within ``cache_s``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal, get_args
 
 import sqlalchemy as sa
+from cachetools import TTLCache
 
 from serving.tenants import metadata
 
@@ -51,17 +56,24 @@ class AliasPolicy:
 
 
 class AliasPolicies:
-    def __init__(self, engine: sa.Engine) -> None:
+    def __init__(self, engine: sa.Engine, cache_s: float = 0.0) -> None:
         self.engine = engine
         policies_table.create(engine, checkfirst=True)
+        self._known: TTLCache[str, AliasPolicy] | None = TTLCache(10_000, cache_s) if cache_s > 0 else None
+        self._generation = 0  # bumped by every write: a read that overlapped one is not cached
 
     def get(self, alias: str) -> AliasPolicy:
+        if self._known is not None and (known := self._known.get(alias)) is not None:
+            return known
+        generation = self._generation
         with self.engine.connect() as db:
             row = db.execute(sa.select(policies_table).where(policies_table.c.alias == alias)).first()
-        if row is None:
-            return AliasPolicy()
-        schema = json.loads(row.default_schema) if row.default_schema else None
-        return AliasPolicy(row.json_mode, schema)
+        policy = AliasPolicy()
+        if row is not None:
+            policy = AliasPolicy(row.json_mode, json.loads(row.default_schema) if row.default_schema else None)
+        if self._known is not None and generation == self._generation:
+            self._known[alias] = policy
+        return policy
 
     def set(self, alias: str, policy: AliasPolicy) -> AliasPolicy:
         """Replace the alias's policy; an all-empty policy removes the row."""
@@ -74,4 +86,7 @@ class AliasPolicies:
                 row = {"alias": alias, "json_mode": policy.json_mode, "default_schema": schema,
                        "updated_at": datetime.now(UTC)}  # fmt: skip
                 db.execute(sa.insert(policies_table).values(**row))
+        self._generation += 1
+        if self._known is not None:
+            self._known.clear()
         return policy

@@ -5,6 +5,13 @@ changing ``LORAFLEET_DATABASE_URL``. Keys are shown once at creation and stored
 only as their sha256 (keys carry 256 random bits, so a fast hash is enough),
 and compared in constant time; a short public id (``lf-AbCd1234``, the key's
 first characters) names a key for listing and revoking without revealing it.
+
+The gateway keeps what ``authenticate`` found in memory for ``cache_s``
+seconds: every request would otherwise pay two database reads. Changes made
+through this store (the admin API) clear the cache at once; changes another
+process makes (the ``lorafleet tenants`` CLI writing the same database) show
+within ``cache_s``. Unknown keys are never cached, so a key issued anywhere
+works at once.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
+from cachetools import TTLCache
 
 KEY_PREFIX = "lf-"
 KEY_ID_CHARS = 8  # characters after the prefix that name a key in listings
@@ -115,10 +123,18 @@ def check_name(name: str) -> str:
 
 
 class TenantStore:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, cache_s: float = 0.0) -> None:
         self.engine = sa.create_engine(url)
         metadata.create_all(self.engine)
         self._add_missing_columns()
+        # key digest -> tenant; bounded, and cleared by every write below
+        self._known: TTLCache[str, Tenant] | None = TTLCache(10_000, cache_s) if cache_s > 0 else None
+        self._generation = 0  # bumped by every write: a read that overlapped one is not cached
+
+    def _changed(self) -> None:
+        self._generation += 1
+        if self._known is not None:
+            self._known.clear()
 
     def _add_missing_columns(self) -> None:
         # State databases made by earlier releases lack the newer nullable columns.
@@ -142,6 +158,7 @@ class TenantStore:
             tenant_id = result.inserted_primary_key[0] if result.inserted_primary_key else None
             if tenant_id is None:
                 raise TenantError(f"tenant {name!r} was not created")
+        self._changed()
         return self.require(name)
 
     def get(self, name: str) -> Tenant | None:
@@ -180,6 +197,7 @@ class TenantStore:
             result = db.execute(tenants_table.update().where(tenants_table.c.name == name).values(**values))
             if result.rowcount == 0:
                 raise TenantNotFound(f"no tenant {name!r}; list them with `lorafleet tenants list`")
+        self._changed()
         return self.require(name)
 
     # -- grants --------------------------------------------------------------------------------
@@ -191,6 +209,7 @@ class TenantStore:
             ).first()
             if not exists:
                 db.execute(grants_table.insert().values(tenant_id=tenant.id, alias=alias))
+        self._changed()
 
     def revoke_grant(self, tenant: Tenant, alias: str) -> None:
         with self.engine.begin() as db:
@@ -199,6 +218,7 @@ class TenantStore:
             )
             if tenant.default_alias == alias:
                 db.execute(tenants_table.update().where(tenants_table.c.id == tenant.id).values(default_alias=None))
+        self._changed()
 
     # -- keys ----------------------------------------------------------------------------------
 
@@ -232,6 +252,7 @@ class TenantStore:
                 )
                 .values(revoked_at=datetime.now(UTC))
             )
+        self._changed()
         if result.rowcount == 0:
             raise TenantError(f"tenant {tenant.name!r} has no live key {key_id!r}; list them with `tenants keys`")
         return int(result.rowcount)
@@ -250,6 +271,7 @@ class TenantStore:
                 keys_table.insert().values(tenant_id=tenant.id, key_hash=_hash(key), key_id=key_id_of(key),
                                            created_at=now)
             )  # fmt: skip
+        self._changed()
         return key
 
     def authenticate(self, key: str) -> Tenant | None:
@@ -257,6 +279,9 @@ class TenantStore:
         if not key.startswith(KEY_PREFIX):
             return None
         digest = _hash(key)
+        if self._known is not None and (known := self._known.get(digest)) is not None:
+            return known  # found by its digest, the dictionary's own exact comparison
+        generation = self._generation
         with self.engine.connect() as db:
             row = db.execute(
                 sa.select(keys_table.c.key_hash, *tenants_table.columns)
@@ -270,7 +295,10 @@ class TenantStore:
             # The index lookup finds the row; the final comparison is constant-time.
             if row is None or not hmac.compare_digest(row.key_hash, digest):
                 return None
-            return self._load(db, row)
+            tenant = self._load(db, row)
+        if self._known is not None and generation == self._generation:
+            self._known[digest] = tenant
+        return tenant
 
     @staticmethod
     def _load(db: sa.Connection, row: Any) -> Tenant:

@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import tarfile
+import time
 import uuid
 import zipfile
 from collections.abc import Awaitable, Callable, Iterator
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from contract.basemodel import BaseModelRecord, write_record
@@ -20,7 +22,8 @@ from contract.store import AdapterStore
 from serving.app import build_app
 from serving.config import GatewaySettings
 from serving.engine import EngineError
-from serving.tenants import TenantStore
+from serving.policies import AliasPolicies, AliasPolicy
+from serving.tenants import TenantStore, key_id_of
 from tests.conftest import make_adapter
 
 ADMIN_KEY = "admin-key-for-tests-0123456789"
@@ -643,3 +646,36 @@ def test_show_a_version(gateway) -> None:
     assert body["loaded"] is True and body["retired"] is False and body["manifest"]["lora"]["rank"] == 8
     assert "chat_template" not in body["manifest"]["prompt_format"]
     assert_openai_error(admin(client, "GET", "/adapters/orders/versions/99"), 404, "adapter_not_found")
+
+
+def test_keys_and_policies_are_cached_and_every_change_shows(tmp_path: Path) -> None:
+    """The gateway reads a key's tenant and an alias's policy once per ``cache_s``; its own writes (the admin
+    API) clear that at once, and a write from another process (the CLI) shows once ``cache_s`` has passed."""
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    gateway, cli = TenantStore(url, cache_s=0.2), TenantStore(url)
+    queries: list[str] = []
+    sa.event.listen(gateway.engine, "before_cursor_execute", lambda *args: queries.append(args[2]))
+    acme = cli.create("acme")
+    key = cli.issue_key(acme)  # issued elsewhere: unknown keys are never cached, so it works at once
+    assert gateway.authenticate(key) == cli.get("acme")
+    queries.clear()
+    assert gateway.authenticate(key) is not None and queries == []  # from memory
+    gateway.grant(acme, "orders")  # a write through the gateway's own store applies at once
+    assert gateway.authenticate(key).aliases == {"orders"}
+    cli.revoke_key(acme, key_id_of(key))  # another process: shows within cache_s
+    time.sleep(0.25)
+    assert gateway.authenticate(key) is None
+    key2 = cli.issue_key(acme)
+    assert gateway.authenticate(key2) is not None
+    gateway.set_disabled("acme", True)
+    assert gateway.authenticate(key2) is None
+
+    policies, other = AliasPolicies(gateway.engine, cache_s=0.2), AliasPolicies(cli.engine)
+    assert policies.get("orders") == AliasPolicy()
+    queries.clear()
+    assert policies.get("orders") == AliasPolicy() and queries == []
+    policies.set("orders", AliasPolicy(json_mode="enforce"))
+    assert policies.get("orders").json_mode == "enforce"
+    other.set("orders", AliasPolicy(json_mode="off"))
+    time.sleep(0.25)
+    assert policies.get("orders").json_mode == "off"
