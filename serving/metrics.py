@@ -98,6 +98,13 @@ class RequestRecord:
         return None if self.first_token is None else self.first_token - self.started
 
     @property
+    def engine_ttft(self) -> float | None:
+        """From sending the request to the engine to its first event arriving (streams): the engine's share."""
+        if self.first_token is None or self.upstream_at is None:
+            return None
+        return round(self.first_token - self.upstream_at, 6)
+
+    @property
     def tpot(self) -> float | None:
         """Time per output token after the first (streams only)."""
         if self.first_token is None or self.finished is None or not self.completion_tokens:
@@ -118,6 +125,7 @@ class RequestRecord:
             "version": self.version, "variant": self.variant, "stream": self.stream,
             "ttft_s": None if self.ttft is None else round(self.ttft, 4),
             "gateway_s": None if self.upstream_at is None else round(self.upstream_at - self.started, 6),
+            "engine_ttft_s": self.engine_ttft,
             "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
             "json_mode": self.json_mode, "json_outcome": self.json_outcomes[0] if self.json_outcomes else None,
         }  # fmt: skip

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 
 from contract.examples import check
 from contract.judge import judge
-from contract.tools import call_schema
 from tests.conftest import orders_schema
 from training import toolcall
 
@@ -102,39 +100,3 @@ def test_toolcall_conversion_is_bundled_valid_and_holds_out_bfcl(tmp_path: Path)
 def test_bfcl_ground_truth_becomes_one_canonical_call() -> None:
     args = toolcall.canonical_arguments({"base": [10], "unit": ["", "units"], "z": [""]})
     assert args == {"base": 10, "unit": "units"}
-
-
-def test_number_variants_swap_spelled_out_numbers_in_question_and_call_alike() -> None:
-    schema = call_schema(
-        {
-            "name": "roe",
-            "parameters": {
-                "type": "dict",
-                "properties": {
-                    "net_income": {"type": "integer"},
-                    "equity": {"type": "integer"},
-                    "rate": {"type": "float"},
-                    "years": {"type": "integer", "maximum": 9},
-                    "note": {"type": "string"},
-                },
-            },
-        }
-    )
-    question = "Net income of $2,000,000, equity 10000000, rate 0.5 for 7 years; note 'Q2'."
-    call = {"name": "roe", "arguments": {"net_income": 2000000, "equity": 10000000, "rate": 0.5, "years": 7,
-                                         "note": "Q2"}}  # fmt: skip
-    row = {"id": "simple_python_1", "messages": [{"role": "user", "content": question},
-           {"role": "assistant", "content": json.dumps(call)}], "tools": [], "schema": schema}  # fmt: skip
-    variants = toolcall.number_variants(row, 3, random.Random(0))
-    assert [v["id"] for v in variants] == ["simple_python_1~n1", "simple_python_1~n2", "simple_python_1~n3"]
-    for v in variants:
-        text, args = v["messages"][0]["content"], json.loads(v["messages"][1]["content"])["arguments"]
-        assert args["note"] == "Q2" and "'Q2'" in text  # strings and the "2" inside them are left alone
-        assert f"${args['net_income']:,}," in text and len(str(args["net_income"])) == 7  # the spelling kept
-        assert f"equity {args['equity']}," in text and args["equity"] != 10000000
-        assert 0 < args["rate"] <= 1 and f"rate {args['rate']:g} " in text
-        assert 1 <= args["years"] <= 9 and f"for {args['years']} years" in text
-        assert judge(v["messages"][1]["content"], schema).outcome == "valid"
-    assert len({v["messages"][0]["content"] for v in variants}) == 3
-    no_numbers = row | {"messages": [{"role": "user", "content": "note"}, row["messages"][1]]}
-    assert toolcall.number_variants(no_numbers, 2, random.Random(0)) == []

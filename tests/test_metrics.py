@@ -189,10 +189,15 @@ def test_request_ids_are_kept_or_made_and_passed_upstream(gw) -> None:
 def test_access_log_is_one_json_line_without_content(gw, caplog: pytest.LogCaptureFixture) -> None:
     client, _, keys = gw
     caplog.set_level(logging.INFO, logger="lorafleet.access")
+    chat(client, keys["acme"], stream=True)
     chat(client, keys["acme"], messages=[{"role": "user", "content": "my secret prompt"}])
     chat(client, "lf-wrong")
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "lorafleet.access"]
-    ok, refused = lines[-2], lines[-1]
+    streamed, ok, refused = lines[-3], lines[-2], lines[-1]
+    # the gateway's own time, then the engine's to its first event: together the stream's time to first token
+    assert 0 < streamed["gateway_s"] and 0 < streamed["engine_ttft_s"]
+    assert streamed["gateway_s"] + streamed["engine_ttft_s"] == pytest.approx(streamed["ttft_s"], abs=2e-4)
+    assert ok["engine_ttft_s"] is None  # not a stream: no first event
     assert ok["tenant"] == "acme" and ok["alias"] == "orders" and ok["version"] == 1 and ok["variant"] == "stable"
     assert ok["status"] == 200 and ok["latency_s"] > 0 and ok["completion_tokens"] == 3
     assert ok["json_outcome"] == "valid" and ok["json_mode"] == "validate" and len(ok["request_id"]) == 32
