@@ -37,7 +37,7 @@ class GatewaySettings(CommonSettings):
     )
     kv_cache_gib: int = Field(default=2, description="KV cache size on the CPU engine, GiB (VLLM_CPU_KVCACHE_SPACE).")
     state_cache_s: float = Field(
-        default=2.0,
+        default=10.0,
         ge=0,
         description=(
             "How long the gateway keeps API keys and alias policies in memory. Admin API changes apply at once; "
