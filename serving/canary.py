@@ -367,8 +367,10 @@ class CanaryManager:
             windows = self.windows.get(canary.id, {})
             analysis = analyze(windows.get("stable", Window()), windows.get("canary", Window()), canary.config)
             waited = (canary.last_analysis or {}).get("decision") == "wait"
-            canary.last_analysis = analysis.as_dict() | {"step": canary.step + 1}
-            self._save(canary)
+            analysed = analysis.as_dict() | {"step": canary.step + 1}
+            if analysed != canary.last_analysis:  # a canary waiting with no new samples writes nothing
+                canary.last_analysis = analysed
+                self._save(canary)
             numbers = {"analysis": canary.last_analysis, "window": {v: w.summary() for v, w in windows.items()}}
             if analysis.decision == "wait":
                 if not waited:  # once per window, not every tick

@@ -195,7 +195,7 @@ def test_access_log_is_one_json_line_without_content(gw, caplog: pytest.LogCaptu
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "lorafleet.access"]
     streamed, ok, refused = lines[-3], lines[-2], lines[-1]
     # the gateway's own time, then the engine's to its first event: together the stream's time to first token
-    assert 0 < streamed["gateway_s"] and 0 < streamed["engine_ttft_s"]
+    assert streamed["gateway_s"] > 0 and streamed["engine_ttft_s"] > 0
     assert streamed["gateway_s"] + streamed["engine_ttft_s"] == pytest.approx(streamed["ttft_s"], abs=2e-4)
     assert ok["engine_ttft_s"] is None  # not a stream: no first event
     assert ok["tenant"] == "acme" and ok["alias"] == "orders" and ok["version"] == 1 and ok["variant"] == "stable"
