@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,7 +33,9 @@ RECORD = {"type": "object", "properties": {"a": {"type": "integer"}}, "required"
 
 @pytest.fixture
 def gw(tmp_path: Path) -> Iterator[tuple[TestClient, FakeEngine, str]]:
-    settings = GatewaySettings(data_dir=tmp_path, base_model=str(fake_base(tmp_path)), admin_key=ADMIN_KEY)
+    # A short state cache: the CLI test below writes the database from outside the gateway's own store.
+    settings = GatewaySettings(data_dir=tmp_path, base_model=str(fake_base(tmp_path)), admin_key=ADMIN_KEY,
+                               state_cache_s=0.2)  # fmt: skip
     store = AdapterStore(settings.adapters_dir)
     store.publish(_with_manifest(make_adapter(tmp_path / "orders"), output_schema=RECORD), "orders")
     tools_format = {"prompt_format": {"chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}",
@@ -292,12 +295,11 @@ def test_the_cli_sets_the_policy_the_gateway_reads(gw, tmp_path: Path, monkeypat
     run = CliRunner().invoke(app, ["adapters", "policy", "nope", "--reset"])
     assert run.exit_code != 0 and "no alias 'nope'" in run.output
     assert CliRunner().invoke(app, ["adapters", "policy", "orders", "--reset"]).exit_code == 0
+    time.sleep(0.25)  # the CLI writes the database: a running gateway sees it within state_cache_s
     assert chat(client, key).headers["x-lorafleet-json"] == "valid"
 
 
 def test_a_schema_that_takes_too_long_to_compile_is_refused_in_bounded_time(gw, monkeypatch) -> None:
-    import time
-
     import serving.schemas
 
     client, engine, key = gw
