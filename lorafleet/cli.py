@@ -229,14 +229,17 @@ def data_toolcall(
     source: Annotated[Path, typer.Option(help="Folder with the glaive and BFCL files.")] = Path(
         "../shared/data/toolcall"
     ),
-    out: Annotated[Path, typer.Option(help="Folder for train.jsonl and test.jsonl.")] = Path("data/toolcall"),
+    out: Annotated[Path, typer.Option(help="Folder for train.jsonl (BFCL), glaive.jsonl and test.jsonl.")] = Path(
+        "data/toolcall"
+    ),
 ) -> None:
     """Convert glaive and BFCL function-calling data into JSON-output chat rows (BFCL ids % 4 == 0 held out)."""
     from training.toolcall import write
 
     counts = write(source, out)
-    console.print(f"wrote {out}/train.jsonl ({counts['train']}) and {out}/test.jsonl ({counts['test']}); "
-                  f"skipped {counts['skipped_glaive']} glaive and {counts['skipped_bfcl']} BFCL rows")  # fmt: skip
+    console.print(f"wrote {out}/train.jsonl ({counts['train']}), {out}/glaive.jsonl ({counts['glaive']}) and "
+                  f"{out}/test.jsonl ({counts['test']}); skipped {counts['skipped_glaive']} glaive and "
+                  f"{counts['skipped_bfcl']} BFCL rows")  # fmt: skip
 
 
 @app.command("eval")

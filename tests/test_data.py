@@ -82,19 +82,22 @@ def test_too_long_examples_are_errors(tmp_path: Path) -> None:
 @pytest.mark.skipif(not SHARED_TOOLCALL.is_dir(), reason="../shared/data/toolcall is not beside the checkout")
 def test_toolcall_conversion_is_bundled_valid_and_holds_out_bfcl(tmp_path: Path) -> None:
     counts = toolcall.write(SHARED_TOOLCALL, tmp_path)
-    for name in ("train.jsonl", "test.jsonl", "test_answers.jsonl"):
+    for name in ("train.jsonl", "glaive.jsonl", "test.jsonl", "test_answers.jsonl"):
         assert (tmp_path / name).read_bytes() == (ROOT / "data" / "toolcall" / name).read_bytes()
     train = [json.loads(x) for x in (tmp_path / "train.jsonl").read_text().splitlines()]
+    glaive = [json.loads(x) for x in (tmp_path / "glaive.jsonl").read_text().splitlines()]
+    assert counts["glaive"] == len(glaive) > 100 and all(r["id"].startswith("glaive_") for r in glaive)
+    assert all(r["id"].startswith("simple_python_") for r in train)
     test = [json.loads(x) for x in (tmp_path / "test.jsonl").read_text().splitlines()]
     assert counts["train"] == len(train) and counts["test"] == len(test) >= 90
     assert all(toolcall.is_held_out(r["id"]) for r in test)
     answers = [json.loads(x)["id"] for x in (tmp_path / "test_answers.jsonl").read_text().splitlines()]
     assert answers == [r["id"] for r in test]
     assert not {r["id"] for r in train} & {r["id"] for r in test}
-    for row in train + test:
+    for row in train + glaive + test:
         assert judge(row["messages"][-1]["content"], row["schema"]).outcome == "valid"
-    report = check(tmp_path / "train.jsonl")
-    assert not report.problems
+    for name in ("train.jsonl", "glaive.jsonl"):
+        assert not check(tmp_path / name).problems
 
 
 def test_bfcl_ground_truth_becomes_one_canonical_call() -> None:
