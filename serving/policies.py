@@ -29,8 +29,8 @@ from datetime import UTC, datetime
 from typing import Any, Literal, get_args
 
 import sqlalchemy as sa
-from cachetools import TTLCache
 
+from serving.statecache import ReadCache
 from serving.tenants import metadata
 
 JsonMode = Literal["enforce", "validate", "off"]
@@ -59,20 +59,18 @@ class AliasPolicies:
     def __init__(self, engine: sa.Engine, cache_s: float = 0.0) -> None:
         self.engine = engine
         policies_table.create(engine, checkfirst=True)
-        self._known: TTLCache[str, AliasPolicy] | None = TTLCache(10_000, cache_s) if cache_s > 0 else None
-        self._generation = 0  # bumped by every write: a read that overlapped one is not cached
+        self._known: ReadCache[AliasPolicy] = ReadCache(cache_s)
 
     def get(self, alias: str) -> AliasPolicy:
-        if self._known is not None and (known := self._known.get(alias)) is not None:
+        if (known := self._known.get(alias)) is not None:
             return known
-        generation = self._generation
+        generation = self._known.generation
         with self.engine.connect() as db:
             row = db.execute(sa.select(policies_table).where(policies_table.c.alias == alias)).first()
         policy = AliasPolicy()
         if row is not None:
             policy = AliasPolicy(row.json_mode, json.loads(row.default_schema) if row.default_schema else None)
-        if self._known is not None and generation == self._generation:
-            self._known[alias] = policy
+        self._known.put(alias, policy, generation)
         return policy
 
     def set(self, alias: str, policy: AliasPolicy) -> AliasPolicy:
@@ -86,7 +84,5 @@ class AliasPolicies:
                 row = {"alias": alias, "json_mode": policy.json_mode, "default_schema": schema,
                        "updated_at": datetime.now(UTC)}  # fmt: skip
                 db.execute(sa.insert(policies_table).values(**row))
-        self._generation += 1
-        if self._known is not None:
-            self._known.clear()
+        self._known.changed()
         return policy

@@ -25,7 +25,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
-from cachetools import TTLCache
+
+from serving.statecache import ReadCache
 
 KEY_PREFIX = "lf-"
 KEY_ID_CHARS = 8  # characters after the prefix that name a key in listings
@@ -127,14 +128,10 @@ class TenantStore:
         self.engine = sa.create_engine(url)
         metadata.create_all(self.engine)
         self._add_missing_columns()
-        # key digest -> tenant; bounded, and cleared by every write below
-        self._known: TTLCache[str, Tenant] | None = TTLCache(10_000, cache_s) if cache_s > 0 else None
-        self._generation = 0  # bumped by every write: a read that overlapped one is not cached
+        self._known: ReadCache[Tenant] = ReadCache(cache_s)  # key digest -> tenant; every write below clears it
 
     def _changed(self) -> None:
-        self._generation += 1
-        if self._known is not None:
-            self._known.clear()
+        self._known.changed()
 
     def _add_missing_columns(self) -> None:
         # State databases made by earlier releases lack the newer nullable columns.
@@ -279,9 +276,9 @@ class TenantStore:
         if not key.startswith(KEY_PREFIX):
             return None
         digest = _hash(key)
-        if self._known is not None and (known := self._known.get(digest)) is not None:
+        if (known := self._known.get(digest)) is not None:
             return known  # found by its digest, the dictionary's own exact comparison
-        generation = self._generation
+        generation = self._known.generation
         with self.engine.connect() as db:
             row = db.execute(
                 sa.select(keys_table.c.key_hash, *tenants_table.columns)
@@ -296,8 +293,7 @@ class TenantStore:
             if row is None or not hmac.compare_digest(row.key_hash, digest):
                 return None
             tenant = self._load(db, row)
-        if self._known is not None and generation == self._generation:
-            self._known[digest] = tenant
+        self._known.put(digest, tenant, generation)
         return tenant
 
     @staticmethod
