@@ -1,6 +1,7 @@
 """What the gateway costs on top of vLLM: one streamed LoRA workload, straight to the engine vs through the gateway.
 
     python -m benchmarks.gateway_overhead [--requests 200] [--concurrency 8] [--max-tokens 64] [--adapters 4]
+                                          [--client own|vllm]
 
 One vLLM server (the one the gateway supervises), one workload: ``--requests``
 streamed chat completions, ``--concurrency`` in flight at a time (a closed loop:
@@ -28,6 +29,11 @@ third way, unbiased: each pass subtracts the engine's own mean TTFT (vLLM's
 ``vllm:time_to_first_token_seconds`` histogram, read before and after the
 pass) from the client's mean time to first event, and the gateway's figure
 less the direct one is what the gateway adds.
+With ``--client vllm`` the load comes from vLLM's own serving benchmark
+(``vllm bench serve``'s code, called in-process because the ``vllm`` command
+needs package metadata the CPU wheel lacks): random-token prompts of
+``--input-len`` tokens, the same concurrency, output length, adapters
+(round-robin) and alternation, and its request ids joined with the access log.
 Goals: throughput >= 0.97x direct; added median TTFT <= 3 ms; added p99 <= 10 ms.
 """
 
@@ -83,6 +89,9 @@ class Pass:
     engine_requests: float = 0.0
 
 
+LOAD_GENERATORS = {"own": "this module's httpx client", "vllm": "vLLM's serving benchmark"}
+
+
 def engine_ttft_totals(engine_url: str) -> tuple[float, float]:
     """(sum, count) of vLLM's time-to-first-token histogram, over its adapters."""
     total = count = 0.0
@@ -135,6 +144,39 @@ async def run_pass(target: dict, n: int, concurrency: int, max_tokens: int, adap
     return result
 
 
+def run_vllm_pass(target: dict, n: int, args: argparse.Namespace, tokenizer: str, seed: int) -> Pass:
+    """One pass with vLLM's serving benchmark as the load generator (its client, its clock, its TTFT)."""
+    from vllm.benchmarks.serve import add_cli_args
+    from vllm.benchmarks.serve import main as vllm_bench_serve
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    prefix = f"vb-{uuid.uuid4().hex[:12]}-"
+    argv = ["--backend", "openai-chat", "--base-url", target["base"], "--endpoint", "/v1/chat/completions",
+            "--model", target["models"][0], "--tokenizer", tokenizer, "--dataset-name", "random",
+            "--random-input-len", str(args.input_len), "--random-output-len", str(args.max_tokens), "--ignore-eos",
+            "--num-prompts", str(n), "--max-concurrency", str(args.concurrency), "--request-rate", "inf",
+            "--temperature", "0", "--lora-modules", *target["models"], "--lora-assignment", "round-robin",
+            "--request-id-prefix", prefix, "--seed", str(seed), "--disable-tqdm",
+            "--percentile-metrics", "ttft,e2el", "--metric-percentiles", "50,99", "--save-detailed"]  # fmt: skip
+    if target["extra"]:
+        argv += ["--extra-body", json.dumps(target["extra"])]
+    for name, value in target["headers"].items():
+        argv += ["--header", f"{name}={value}"]
+    result = vllm_bench_serve(parser.parse_args(argv))
+    if result["failed"]:
+        raise SystemExit(f"vLLM's benchmark saw {result['failed']} failed requests: {set(result['errors']) - {''}}")
+    ttfts, latencies = result["ttfts"], result["latencies"]
+    return Pass(
+        ttft=list(ttfts),
+        e2e=list(latencies),
+        tokens=int(result["total_output_tokens"]),
+        wall=float(result["duration"]),
+        first_event={f"{prefix}{i}": t for i, t in enumerate(ttfts)},
+    )
+
+
 def access_log(log: Path) -> dict[str, dict]:
     """The gateway's JSON access log entries for chat completions, by request id."""
     marker = "lorafleet.access: "
@@ -159,6 +201,13 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--adapters", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2, help="alternating pass pairs; each pass is --requests/rounds")
+    parser.add_argument(
+        "--client",
+        choices=sorted(LOAD_GENERATORS),
+        default="own",
+        help="load generator: this module's httpx client, or vLLM's serving benchmark",
+    )
+    parser.add_argument("--input-len", type=int, default=96, help="prompt tokens (--client vllm: random tokens)")
     args = parser.parse_args()
 
     settings = CommonSettings()
@@ -178,20 +227,23 @@ def main() -> None:
         gw = start_gateway(work, Path(settings.base_model_path()), max_loras=str(args.adapters))
         try:
             targets = {
-                "direct to vLLM (baseline)": {"url": f"{gw.engine_url}/v1/chat/completions", "headers": {},
-                                              "models": [f"{n}@1" for n in names],
+                "direct to vLLM (baseline)": {"base": gw.engine_url, "url": f"{gw.engine_url}/v1/chat/completions",
+                                              "headers": {}, "models": [f"{n}@1" for n in names],
                                               "extra": {"chat_template": template}},
-                "through the gateway": {"url": f"{gw.url}/v1/chat/completions",
+                "through the gateway": {"base": gw.url, "url": f"{gw.url}/v1/chat/completions",
                                         "headers": {"Authorization": f"Bearer {key}"}, "models": names, "extra": {}},
             }  # fmt: skip
             for target in targets.values():  # warm-up: every adapter loaded, paths compiled
                 asyncio.run(run_pass(target, 2 * args.adapters, args.adapters, 4, args.adapters))
             per_round = max(1, args.requests // args.rounds)
             merged = {name: Pass() for name in targets}
-            for _ in range(args.rounds):
+            for round_ in range(args.rounds):
                 for name, target in targets.items():
                     before = engine_ttft_totals(gw.engine_url)
-                    p = asyncio.run(run_pass(target, per_round, args.concurrency, args.max_tokens, args.adapters))
+                    if args.client == "vllm":  # the same prompts (seed) for both targets in a round
+                        p = run_vllm_pass(target, per_round, args, settings.base_model_path(), seed=round_)
+                    else:
+                        p = asyncio.run(run_pass(target, per_round, args.concurrency, args.max_tokens, args.adapters))
                     after = engine_ttft_totals(gw.engine_url)
                     m = merged[name]
                     m.engine_ttft += after[0] - before[0]
@@ -208,7 +260,8 @@ def main() -> None:
     base, gate = merged["direct to vLLM (baseline)"], merged["through the gateway"]
     print(f"\ngateway overhead: {len(base.e2e)} streamed requests per target, {args.concurrency} concurrent, "
           f"{args.max_tokens} output tokens each, over {args.adapters} LoRA adapters on "
-          f"{Path(settings.base_model_path()).name}; {args.rounds} alternating rounds")  # fmt: skip
+          f"{Path(settings.base_model_path()).name}; {args.rounds} alternating rounds; "
+          f"load from {LOAD_GENERATORS[args.client]}")  # fmt: skip
     header = f"{'target':<26} | {'tok/s':>7} | {'TTFT p50':>8} | {'TTFT p99':>8} | {'e2e p50':>8} | {'e2e p99':>8}"
     print(header + "  (ms)")
     print("-" * len(header))
