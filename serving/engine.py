@@ -89,6 +89,11 @@ def _child_setup(nice: int) -> Callable[[], None]:
         if nice:
             with contextlib.suppress(OSError):
                 os.nice(nice)
+            # A new session is a new scheduler autogroup where the kernel has them
+            # (sched_autogroup_enabled): autogroups share the CPU as equals whatever
+            # their tasks' niceness, so the niceness must be the group's too.
+            with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as autogroup:
+                autogroup.write(str(nice))
 
     return setup
 

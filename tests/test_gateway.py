@@ -679,3 +679,25 @@ def test_keys_and_policies_are_cached_and_every_change_shows(tmp_path: Path) -> 
     other.set("orders", AliasPolicy(json_mode="off"))
     time.sleep(0.25)
     assert policies.get("orders").json_mode == "off"
+
+
+def test_the_engine_child_runs_at_lower_priority_in_its_own_session_and_autogroup() -> None:
+    """``LORAFLEET_ENGINE_NICE`` must reach the scheduler: the child's niceness and, where the kernel groups
+    sessions (autogroups share the CPU as equals whatever their tasks' niceness), its session's group too."""
+    import os
+    import subprocess
+    import sys
+
+    from serving.engine import _child_setup
+
+    probe = (
+        "import os, pathlib; p = pathlib.Path('/proc/self/autogroup');"
+        "print(os.getsid(0) == os.getpid(), os.nice(0), p.read_text().split()[-1] if p.exists() else '-')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], preexec_fn=_child_setup(7), capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out[0] == "True"  # its own session: a stop signals the whole vLLM process group
+    assert int(out[1]) == os.nice(0) + 7 or int(out[1]) == 19
+    if out[2] != "-":  # a kernel with scheduler autogroups
+        assert int(out[2]) == 7
