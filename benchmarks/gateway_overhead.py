@@ -89,6 +89,7 @@ class Pass:
     engine_requests: float = 0.0
 
 
+ENDPOINT = "/v1/chat/completions"
 LOAD_GENERATORS = {"own": "this module's httpx client", "vllm": "vLLM's serving benchmark"}
 
 
@@ -136,7 +137,7 @@ async def run_pass(target: dict, n: int, concurrency: int, max_tokens: int, adap
                         "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
                         "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "stream": True,
                         "stream_options": {"include_usage": True}} | target["extra"]  # fmt: skip
-                await one(client, target["url"], target["headers"], body, result)
+                await one(client, f"{target['base']}{ENDPOINT}", target["headers"], body, result)
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -153,7 +154,7 @@ def run_vllm_pass(target: dict, n: int, args: argparse.Namespace, tokenizer: str
     parser = FlexibleArgumentParser()
     add_cli_args(parser)
     prefix = f"vb-{uuid.uuid4().hex[:12]}-"
-    argv = ["--backend", "openai-chat", "--base-url", target["base"], "--endpoint", "/v1/chat/completions",
+    argv = ["--backend", "openai-chat", "--base-url", target["base"], "--endpoint", ENDPOINT,
             "--model", target["models"][0], "--tokenizer", tokenizer, "--dataset-name", "random",
             "--random-input-len", str(args.input_len), "--random-output-len", str(args.max_tokens), "--ignore-eos",
             "--num-prompts", str(n), "--max-concurrency", str(args.concurrency), "--request-rate", "inf",
@@ -184,7 +185,7 @@ def access_log(log: Path) -> dict[str, dict]:
     for line in log.read_text(errors="replace").splitlines():
         if marker in line:
             entry = json.loads(line.split(marker, 1)[1])
-            if entry.get("route") == "/v1/chat/completions":
+            if entry.get("route") == ENDPOINT:
                 entries[entry["request_id"]] = entry
     return entries
 
@@ -227,11 +228,11 @@ def main() -> None:
         gw = start_gateway(work, Path(settings.base_model_path()), max_loras=str(args.adapters))
         try:
             targets = {
-                "direct to vLLM (baseline)": {"base": gw.engine_url, "url": f"{gw.engine_url}/v1/chat/completions",
-                                              "headers": {}, "models": [f"{n}@1" for n in names],
+                "direct to vLLM (baseline)": {"base": gw.engine_url, "headers": {},
+                                              "models": [f"{n}@1" for n in names],
                                               "extra": {"chat_template": template}},
-                "through the gateway": {"base": gw.url, "url": f"{gw.url}/v1/chat/completions",
-                                        "headers": {"Authorization": f"Bearer {key}"}, "models": names, "extra": {}},
+                "through the gateway": {"base": gw.url, "headers": {"Authorization": f"Bearer {key}"},
+                                        "models": names, "extra": {}},
             }  # fmt: skip
             for target in targets.values():  # warm-up: every adapter loaded, paths compiled
                 asyncio.run(run_pass(target, 2 * args.adapters, args.adapters, 4, args.adapters))
