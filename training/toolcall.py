@@ -76,22 +76,32 @@ def canonical_arguments(acceptable: dict[str, list[Any]]) -> dict[str, Any]:
     return args
 
 
-def from_bfcl(questions: Path, answers: Path) -> tuple[list[dict], list[dict], int]:
-    """(train rows, held-out test rows, questions skipped)."""
+def bfcl_rows(questions: Path, answers: Path) -> tuple[list[dict], int]:
+    """One row per BFCL question of one category (first turn, one call); returns (rows, questions skipped)."""
     truth = {entry["id"]: entry["ground_truth"][0] for entry in _answers(answers)}
-    train: list[dict] = []
-    test: list[dict] = []
+    rows: list[dict] = []
     skipped = 0
     for line in Path(questions).read_text("utf-8").splitlines():
         q = json.loads(line)
+        if q["id"] not in truth:
+            skipped += 1
+            continue
         (name, acceptable), *_ = truth[q["id"]].items()
         row = _row(
             q["id"], q["question"][0], q["function"], {"name": name, "arguments": canonical_arguments(acceptable)}
         )
         if row is None:
             skipped += 1
-            continue
-        (test if is_held_out(q["id"]) else train).append(row)
+        else:
+            rows.append(row)
+    return rows, skipped
+
+
+def from_bfcl(questions: Path, answers: Path) -> tuple[list[dict], list[dict], int]:
+    """(train rows, held-out test rows, questions skipped)."""
+    rows, skipped = bfcl_rows(questions, answers)
+    train = [r for r in rows if not is_held_out(r["id"])]
+    test = [r for r in rows if is_held_out(r["id"])]
     return train, test, skipped
 
 

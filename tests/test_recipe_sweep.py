@@ -1,0 +1,66 @@
+"""The recipe sweep (benchmarks/recipe_sweep.py): its recipes are valid configs; one smoke job runs end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import recipe_sweep
+from tests.conftest import ROOT
+from training.config import TrainConfig
+
+BFCL = ROOT.parent / "shared/data/toolcall"
+
+
+def test_every_recipe_is_a_valid_training_config(tmp_path: Path) -> None:
+    extra = [BFCL / "bfcl_simple_python.jsonl", BFCL / "bfcl_simple_python_answers.jsonl"]
+    for name in recipe_sweep.RECIPES:
+        values, neftune = recipe_sweep.config_values(name, 1, extra, tmp_path)
+        cfg = TrainConfig.model_validate(values)
+        assert cfg.seed == 1 and cfg.out == tmp_path / f"{name}-1"
+        assert neftune == recipe_sweep.RECIPES[name].get("neftune")
+    combined = (tmp_path / "train+extra.jsonl").read_text().splitlines()
+    shipped = (ROOT / "data/toolcall/train.jsonl").read_text().splitlines()
+    assert combined[: len(shipped)] == shipped and len(combined) > len(shipped)
+
+
+def test_unknown_recipes_and_missing_extra_data_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="no recipe named \\['nope'\\]"):
+        recipe_sweep.jobs(["shipped", "nope"], [0])
+    with pytest.raises(ValueError, match="needs --extra-bfcl"):
+        recipe_sweep.config_values("extra96", 0, None, tmp_path)
+
+
+def test_jobs_run_seed_by_seed_so_a_time_limit_keeps_every_recipe_once() -> None:
+    jobs = recipe_sweep.jobs(["r8", "shipped"], [0, 1])
+    assert jobs == [("shipped", 0), ("r8", 0), ("shipped", 1), ("r8", 1)]
+
+
+def test_the_table_shows_each_recipes_mean_and_every_seed() -> None:
+    rows = [
+        {"recipe": "a", "seed": 1, "call_accuracy": 0.5, "schema_valid": 1.0},
+        {"recipe": "a", "seed": 0, "call_accuracy": 0.7, "schema_valid": 0.9},
+        {"recipe": "b", "seed": 0, "call_accuracy": 0.8, "schema_valid": 0.95},
+        {"recipe": "c", "seed": 0, "error": "ValueError('x')"},
+    ]
+    table = recipe_sweep.table(rows)
+    assert "error: c seed 0" in table
+    lines = [line for line in table.splitlines() if line.startswith("| a") or line.startswith("| b")]
+    assert lines == ["| b | 1 | 80.0 (80.0) | 95.0 (95.0) |", "| a | 2 | 60.0 (70.0 / 50.0) | 95.0 (90.0 / 100.0) |"]
+
+
+def test_a_smoke_job_trains_generates_and_scores(base_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "benchmarks.recipe_sweep", "--only", "shipped", "--seeds", "0", "--max-steps", "1",
+           "--limit", "2", "--out", str(out), "--model", str(base_model)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (row,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert "error" not in row, row.get("trace")
+    assert row["recipe"] == "shipped" and len(row["calls_ok"]) == 2
+    assert 0.0 <= row["call_accuracy"] <= 1.0
+    assert "| shipped | 1 |" in done.stdout
