@@ -22,13 +22,19 @@ latency the gateway adds is also measured per request: each gateway request
 carries an ``X-Request-ID``, and its time to first event at the client, less
 the time the gateway waited for the engine's first event (``engine_ttft_s`` in
 the access log, from the moment the request left for the engine), is what the
-gateway added in front of the engine and on the way back. That figure also
-holds the client's own time (which a direct request pays too), and a first
-event the gateway reads late counts as engine time; so the mean is measured a
-third way, unbiased: each pass subtracts the engine's own mean TTFT (vLLM's
-``vllm:time_to_first_token_seconds`` histogram, read before and after the
-pass) from the client's mean time to first event, and the gateway's figure
-less the direct one is what the gateway adds.
+gateway added in front of the engine and on the way back. Counted from the
+client's start, that holds the client's own time too (building and writing
+the request, which a direct request pays as well): an upper bound. Counted
+from the moment the request is on the wire (httpx's request trace), it is the
+hop in, the gateway's own work and the hop out; the hop to the engine and
+back counts as engine time, as a direct request's one hop does not count as
+gateway time. A first event the gateway reads late counts as engine time; so
+the mean is measured a third way, unbiased: each pass subtracts the engine's
+own mean TTFT (vLLM's ``vllm:time_to_first_token_seconds`` histogram, read
+before and after the pass) from the client's mean time to first event, and
+the gateway's figure less the direct one is what the gateway adds. A packet
+capture measures the time inside the gateway with no clock of its own
+(``benchmarks/wire_timing.py``).
 With ``--client vllm`` the load comes from vLLM's own serving benchmark
 (``vllm bench serve``'s code, called in-process because the ``vllm`` command
 needs package metadata the CPU wheel lacks): random-token prompts of
@@ -85,6 +91,7 @@ class Pass:
     tokens: int = 0
     wall: float = 0.0
     first_event: dict[str, float] = field(default_factory=dict)  # request id -> time to its first event
+    on_wire: dict[str, float] = field(default_factory=dict)  # request id -> the client's own time before sending
     engine_ttft: float = 0.0  # sum of vLLM's own TTFT over the pass's requests
     engine_requests: float = 0.0
 
@@ -108,7 +115,13 @@ async def one(client: httpx.AsyncClient, url: str, headers: dict[str, str], body
     rid = uuid.uuid4().hex
     started = time.perf_counter()
     first = None
-    async with client.stream("POST", url, json=body, headers=headers | {"X-Request-ID": rid}) as resp:
+
+    async def trace(event: str, info: dict) -> None:  # httpx's request trace: when the body is on the wire
+        if event == "http11.send_request_body.complete":
+            result.on_wire[rid] = time.perf_counter() - started
+
+    headers = headers | {"X-Request-ID": rid}
+    async with client.stream("POST", url, json=body, headers=headers, extensions={"trace": trace}) as resp:
         resp.raise_for_status()
         async for line in resp.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -254,6 +267,7 @@ def main() -> None:
                     m.tokens += p.tokens
                     m.wall += p.wall
                     m.first_event |= p.first_event
+                    m.on_wire |= p.on_wire
         finally:
             gw.stop()
         entries = access_log(work / "gateway.log")
@@ -291,14 +305,30 @@ def main() -> None:
               f"{1000 * direct:.2f} ms, through the gateway {1000 * through:.2f} ms: "
               f"the gateway adds {1000 * (through - direct):+.2f} ms on average")  # fmt: skip
     if paired:
-        added = [t - e["engine_ttft_s"] for e, t in paired]
-        own = [e["gateway_s"] for e, _ in paired]
-        print(f"\nper request ({len(paired)} requests; client time to first event less the engine's share in the "
-              f"access log; holds the client's own time too, so an upper bound):")  # fmt: skip
-        print(f"{'':<26} | {'p50':>8} | {'p90':>8} | {'p99':>8}  (ms)")
-        for name, values in (("added TTFT", added), ("  of it before the engine", own)):
-            print(f"{name:<26} | {1000 * statistics.median(values):>8.2f} | {1000 * pct(values, 0.9):>8.2f} | "
-                  f"{1000 * pct(values, 0.99):>8.2f}")  # fmt: skip
+        print_per_request(paired, gate.on_wire)
+
+
+def print_per_request(paired: list[tuple[dict, float]], on_wire: dict[str, float]) -> None:
+    """What the gateway added to each request's time to first event, with the engine's share (logged) taken out."""
+    rows = [("from the client's start (upper bound)", [t - e["engine_ttft_s"] for e, t in paired])]
+    wired = [(e, t - on_wire[e["request_id"]]) for e, t in paired if e["request_id"] in on_wire]
+    if wired:
+        # The client's own time before its request is on the wire (building and writing it) is not the
+        # gateway's: a direct request pays it too. What is left: the hop in, the gateway's work, the hop out.
+        rows.append(("from the request on the wire", [t - e["engine_ttft_s"] for e, t in wired]))
+    rows.append(("  gateway before the engine", [e["gateway_s"] for e, _ in paired]))
+    sends = [e["upstream_send_s"] for e, _ in paired if e.get("upstream_send_s") is not None]
+    if sends:
+        rows.append(("  gateway writing it to the engine", sends))
+    relayed = [e["relay_first_s"] for e, _ in paired if e.get("relay_first_s") is not None]
+    if relayed:
+        rows.append(("  gateway relaying the first", relayed))
+    print(f"\nper request ({len(paired)} requests): time to first event at the client less the engine's share "
+          f"(engine_ttft_s in the access log)")  # fmt: skip
+    print(f"{'added TTFT':<38} | {'p50':>8} | {'p90':>8} | {'p99':>8}  (ms)")
+    for name, values in rows:
+        print(f"{name:<38} | {1000 * statistics.median(values):>8.2f} | {1000 * pct(values, 0.9):>8.2f} | "
+              f"{1000 * pct(values, 0.99):>8.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -49,8 +49,19 @@ class Engine(Protocol):
 
     async def unload_adapter(self, name: str) -> None: ...
 
-    async def send(self, path: str, body: dict, *, stream: bool, request_id: str | None = None) -> httpx.Response:
-        """POST ``body`` to the engine's OpenAI route ``path``; the caller closes the response."""
+    async def send(
+        self,
+        path: str,
+        body: dict,
+        *,
+        stream: bool,
+        request_id: str | None = None,
+        on_sent: Callable[[], None] | None = None,
+    ) -> httpx.Response:
+        """POST ``body`` to the engine's OpenAI route ``path``; the caller closes the response.
+
+        ``on_sent`` is called once the request is written to the engine's connection.
+        """
         ...
 
     async def metrics(self) -> bytes:
@@ -230,9 +241,25 @@ class VLLMEngine:
             raise EngineError(f"engine metrics unreachable: {exc}") from exc
         return resp.content
 
-    async def send(self, path: str, body: dict, *, stream: bool, request_id: str | None = None) -> httpx.Response:
+    async def send(
+        self,
+        path: str,
+        body: dict,
+        *,
+        stream: bool,
+        request_id: str | None = None,
+        on_sent: Callable[[], None] | None = None,
+    ) -> httpx.Response:
         headers = {"X-Request-Id": request_id} if request_id else None
-        request = self.client.build_request("POST", path, json=body, headers=headers)
+        extensions = {}
+        if on_sent is not None:  # httpx's request trace says when the body is on the connection
+
+            async def trace(event: str, info: dict) -> None:
+                if event == "http11.send_request_body.complete":
+                    on_sent()
+
+            extensions["trace"] = trace
+        request = self.client.build_request("POST", path, json=body, headers=headers, extensions=extensions)
         try:
             return await self.client.send(request, stream=stream)
         except httpx.HTTPError as exc:

@@ -78,8 +78,10 @@ class RequestRecord:
     version: int | None = None
     variant: str | None = None
     stream: bool = False
-    upstream_at: float | None = None  # when the request left for the engine
-    first_token: float | None = None
+    upstream_at: float | None = None  # when the gateway handed the request to its engine client
+    upstream_sent: float | None = None  # when that client had written it to the engine's connection
+    first_token: float | None = None  # the engine's first event reached the gateway
+    first_sent: float | None = None  # the first body bytes were handed to the client's connection
     finished: float | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
@@ -99,10 +101,21 @@ class RequestRecord:
 
     @property
     def engine_ttft(self) -> float | None:
-        """From sending the request to the engine to its first event arriving (streams): the engine's share."""
-        if self.first_token is None or self.upstream_at is None:
+        """From the request written to the engine to its first event arriving (streams): the engine's share."""
+        sent = self.upstream_sent or self.upstream_at
+        if self.first_token is None or sent is None:
             return None
-        return round(self.first_token - self.upstream_at, 6)
+        return round(self.first_token - sent, 6)
+
+    def mark_sent(self) -> None:
+        self.upstream_sent = time.perf_counter()
+
+    @property
+    def relay_first(self) -> float | None:
+        """From the engine's first event reaching the gateway to the client's connection taking it (streams)."""
+        if self.first_token is None or self.first_sent is None:
+            return None
+        return round(self.first_sent - self.first_token, 6)
 
     @property
     def tpot(self) -> float | None:
@@ -125,7 +138,10 @@ class RequestRecord:
             "version": self.version, "variant": self.variant, "stream": self.stream,
             "ttft_s": None if self.ttft is None else round(self.ttft, 4),
             "gateway_s": None if self.upstream_at is None else round(self.upstream_at - self.started, 6),
+            "upstream_send_s": None if self.upstream_sent is None or self.upstream_at is None
+            else round(self.upstream_sent - self.upstream_at, 6),
             "engine_ttft_s": self.engine_ttft,
+            "relay_first_s": self.relay_first,
             "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
             "json_mode": self.json_mode, "json_outcome": self.json_outcomes[0] if self.json_outcomes else None,
         }  # fmt: skip

@@ -57,6 +57,8 @@ class Observe:
             elif capture and message["type"] == "http.response.body":
                 content["response"].append(message.get("body", b""))
             await send(message)
+            if record.first_sent is None and message["type"] == "http.response.body" and message.get("body"):
+                record.first_sent = time.perf_counter()
 
         self.metrics.in_flight.inc()
         try:

@@ -68,6 +68,29 @@ def test_streaming_gives_the_same_greedy_answer(gateway: Gateway) -> None:
     assert usage is not None and usage.completion_tokens > 0
 
 
+def test_the_access_log_splits_a_streams_first_token_time_between_gateway_and_engine(gateway: Gateway) -> None:
+    rid = f"split-{time.time_ns()}"
+    stream = client(gateway).chat.completions.create(
+        model="orders", messages=[{"role": "user", "content": PROMPT}], max_tokens=4, stream=True,
+        extra_headers={"X-Request-ID": rid},
+    )  # fmt: skip
+    assert list(stream)
+    marker = "lorafleet.access: "
+    for _ in range(50):  # the line is written as the request ends, just after the client's last event
+        lines = (gateway.running.data_dir / "gateway.log").read_text(errors="replace").splitlines()
+        entries = [json.loads(line.split(marker, 1)[1]) for line in lines if marker in line and rid in line]
+        if entries:
+            break
+        time.sleep(0.1)
+    (entry,) = entries
+    # The gateway's own work, its client writing the request to vLLM (httpx's trace), vLLM to its first event,
+    # then the relay of that event: every part measured, and the first three add up to the time to first token.
+    assert entry["gateway_s"] > 0 and entry["upstream_send_s"] > 0 and entry["engine_ttft_s"] > 0
+    assert entry["relay_first_s"] >= 0
+    parts = entry["gateway_s"] + entry["upstream_send_s"] + entry["engine_ttft_s"]
+    assert parts == pytest.approx(entry["ttft_s"], abs=3e-4)
+
+
 def test_bad_key_and_foreign_alias_are_openai_errors(gateway: Gateway) -> None:
     with pytest.raises(openai.AuthenticationError) as auth:
         client(gateway, key="lf-not-a-key").models.list()

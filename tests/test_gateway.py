@@ -108,9 +108,20 @@ class FakeEngine:
             b'vllm:num_requests_running{model_name="base"} 0.0\n'
         )
 
-    async def send(self, path: str, body: dict, *, stream: bool, request_id: str | None = None) -> httpx.Response:
+    async def send(
+        self,
+        path: str,
+        body: dict,
+        *,
+        stream: bool,
+        request_id: str | None = None,
+        on_sent: Callable[[], None] | None = None,
+    ) -> httpx.Response:
         self.request_ids.append(request_id)
-        return await self.client.send(self.client.build_request("POST", path, json=body), stream=stream)
+        request = self.client.build_request("POST", path, json=body)
+        if on_sent is not None:
+            on_sent()
+        return await self.client.send(request, stream=stream)
 
 
 @pytest.fixture

@@ -161,7 +161,9 @@ async def _proxy(
         if req.stream:  # token counts for the metrics; the usage chunk reaches the client only if it asked
             body["stream_options"] = (body.get("stream_options") or {}) | {"include_usage": True}
         record.upstream_at = time.perf_counter()  # the gateway's own work ends here
-        upstream = await state.engine.send(route, body, stream=req.stream, request_id=record.request_id)
+        upstream = await state.engine.send(
+            route, body, stream=req.stream, request_id=record.request_id, on_sent=record.mark_sent
+        )
     except EngineError as exc:
         slot.release()
         raise APIError(
