@@ -18,7 +18,8 @@ leaves every recipe's first seed). A 135M model trains in ~100 s per job on
 one H200 shared by 12 workers; on a 2-core CPU each job takes ~15 minutes.
 
 Written: ``<out>/results.jsonl`` (one row per job, with each question's
-verdict) and the table on stdout.
+verdict; a later run with the same ``--out`` adds its rows, so more seeds can
+follow) and the table of every row there on stdout.
 """
 
 from __future__ import annotations
@@ -213,7 +214,7 @@ def main() -> None:
         return
     jobs(args.only, args.seeds)  # unknown recipe names fail here, before any worker starts
     args.out.mkdir(parents=True, exist_ok=True)
-    for old in args.out.glob("results*.jsonl"):
+    for old in args.out.glob("results.*.jsonl"):  # the workers' parts of an earlier, interrupted run
         old.unlink()
     env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
     argv = [sys.executable, "-m", "benchmarks.recipe_sweep", *sys.argv[1:]]
@@ -228,9 +229,17 @@ def main() -> None:
             proc.wait(timeout=max(0.0, deadline - time.monotonic()) if deadline else None)
         except subprocess.TimeoutExpired:
             proc.kill()
-    rows = [json.loads(line) for part in sorted(args.out.glob("results.*.jsonl")) for line in part.open()]
-    (args.out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    print(table(rows))
+    print(table(merge_parts(args.out)))
+
+
+def merge_parts(out: Path) -> list[dict]:
+    """Add the workers' rows (``results.<k>.jsonl``) to ``results.jsonl``; every row there, earlier runs' too."""
+    parts = sorted(out.glob("results.*.jsonl"))
+    with (out / "results.jsonl").open("a") as merged:
+        for part in parts:
+            merged.write("".join(line + "\n" for line in part.read_text().splitlines()))
+            part.unlink()
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
 
 
 if __name__ == "__main__":

@@ -53,6 +53,15 @@ def test_the_table_shows_each_recipes_mean_and_every_seed() -> None:
     assert lines == ["| b | 1 | 80.0 (80.0) | 95.0 (95.0) |", "| a | 2 | 60.0 (70.0 / 50.0) | 95.0 (90.0 / 100.0) |"]
 
 
+def test_a_second_run_adds_its_rows_to_the_first(tmp_path: Path) -> None:
+    (tmp_path / "results.jsonl").write_text('{"recipe": "a", "seed": 0}\n')
+    (tmp_path / "results.0.jsonl").write_text('{"recipe": "a", "seed": 1}\n')
+    (tmp_path / "results.1.jsonl").write_text('{"recipe": "b", "seed": 1}\n')
+    rows = recipe_sweep.merge_parts(tmp_path)
+    assert [(r["recipe"], r["seed"]) for r in rows] == [("a", 0), ("a", 1), ("b", 1)]
+    assert [p.name for p in tmp_path.iterdir()] == ["results.jsonl"]
+
+
 def test_a_smoke_job_trains_generates_and_scores(base_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "benchmarks.recipe_sweep", "--only", "shipped", "--seeds", "0", "--max-steps", "1",
