@@ -58,6 +58,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.wire_timing import pct
 from contract.settings import CommonSettings
 from contract.store import AdapterStore
 from lorafleet.launch import start_gateway
@@ -201,11 +202,6 @@ def access_log(log: Path) -> dict[str, dict]:
             if entry.get("route") == ENDPOINT:
                 entries[entry["request_id"]] = entry
     return entries
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def main() -> None:

@@ -77,6 +77,7 @@ def jobs(only: list[str], seeds: list[int]) -> list[tuple[str, int]]:
 
 def config_values(name: str, seed: int, extra: list[Path] | None, work: Path) -> tuple[dict[str, Any], float | None]:
     """The shipped config with the recipe's changes; (values, NEFTune alpha or None)."""
+    shipped = yaml.safe_load(SHIPPED.read_text())
     change = dict(RECIPES[name])
     neftune = change.pop("neftune", None)
     if change.pop("extra", False):
@@ -85,10 +86,10 @@ def config_values(name: str, seed: int, extra: list[Path] | None, work: Path) ->
         combined = work / "train+extra.jsonl"
         if not combined.exists():
             rows, _ = bfcl_rows(*extra)
-            shipped = (ROOT / yaml.safe_load(SHIPPED.read_text())["data"]).read_text("utf-8")
-            combined.write_text(shipped + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+            added = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            combined.write_text((ROOT / shipped["data"]).read_text("utf-8") + added, "utf-8")
         change["data"] = str(combined)
-    values = yaml.safe_load(SHIPPED.read_text()) | change | {"seed": seed, "out": str(work / f"{name}-{seed}")}
+    values = shipped | change | {"seed": seed, "out": str(work / f"{name}-{seed}")}
     values["max_lora_rank"] = max(values.get("rank", 16), 16)
     return values, neftune
 

@@ -137,6 +137,7 @@ def timings(packets: list[Packet], gateway_port: int, engine_port: int) -> Timin
 
 
 def pct(values: list[float], q: float) -> float:
+    """The ``q`` quantile, nearest rank (the value below which ``q`` of the values lie)."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
