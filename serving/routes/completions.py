@@ -11,7 +11,6 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,7 +20,7 @@ from contract.manifest import AdapterManifest
 from contract.store import AdapterVersion
 from serving.adapters import AdapterMisfit
 from serving.deps import GatewayState, StateDep, TenantDep
-from serving.engine import EngineError
+from serving.engine import EngineError, EngineResponse
 from serving.errors import APIError
 from serving.jsoncheck import JsonCheck, JsonPlan
 from serving.limits import Slot, cap_max_tokens
@@ -166,9 +165,7 @@ async def _proxy(
         )
     except EngineError as exc:
         slot.release()
-        raise APIError(
-            503, "The engine is not reachable; retry shortly.", code="engine_unavailable", headers={"Retry-After": "5"}
-        ) from exc
+        raise _engine_unavailable() from exc
     except BaseException:
         slot.release()
         raise
@@ -177,6 +174,8 @@ async def _proxy(
     if upstream.status_code != 200 or not req.stream:
         try:
             content = await upstream.aread()
+        except EngineError as exc:
+            raise _engine_unavailable() from exc
         finally:
             await upstream.aclose()
             slot.release()
@@ -212,13 +211,19 @@ class RelayResponse(StreamingResponse):
                 await body.aclose()
 
 
+def _engine_unavailable() -> APIError:
+    return APIError(
+        503, "The engine is not reachable; retry shortly.", code="engine_unavailable", headers={"Retry-After": "5"}
+    )
+
+
 def _cache_salt(state: GatewayState, tenant: Tenant) -> str:
     secret = state.settings.admin_key.get_secret_value() if state.settings.admin_key else "dev"
     return hmac.new(secret.encode(), f"tenant:{tenant.id}".encode(), hashlib.sha256).hexdigest()[:32]
 
 
 async def _relay(
-    upstream: httpx.Response,
+    upstream: EngineResponse,
     slot: Slot,
     record: RequestRecord,
     check: JsonCheck | None,
