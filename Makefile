@@ -1,7 +1,7 @@
 # The two commands a newcomer needs:
 #   make run    install, provision the base model, train the demo adapter if missing, serve on :8000
 #   make test   install what the tests need and run the suite
-# Also: make lint, make bench (all benchmarks), make bench-train / bench-gateway / bench-eval (one each),
+# Also: make lint, make bench (all benchmarks), make bench-train / bench-gateway / bench-client / bench-eval (one each),
 #       make eval-demo (the demo adapters against the base model on held-out data).
 
 PYTHON ?= python3
@@ -9,7 +9,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint bench bench-train bench-gateway bench-eval eval-demo venv model tools clean-venv
+.PHONY: run test lint bench bench-train bench-gateway bench-client bench-eval eval-demo venv model tools clean-venv
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -53,6 +53,9 @@ bench-train: model
 
 bench-gateway: model
 	$(PY) -m benchmarks.gateway_overhead
+
+bench-client: venv
+	$(PY) -m benchmarks.engine_client
 
 bench-eval: model
 	$(PY) -m benchmarks.eval_speed

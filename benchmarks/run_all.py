@@ -5,7 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ["benchmarks.train_speed", "benchmarks.gateway_overhead", "benchmarks.eval_speed"]
+BENCHMARKS = [
+    "benchmarks.train_speed",
+    "benchmarks.engine_client",
+    "benchmarks.gateway_overhead",
+    "benchmarks.eval_speed",
+]
 
 if __name__ == "__main__":
     failed = [name for name in BENCHMARKS if subprocess.run([sys.executable, "-m", name]).returncode != 0]

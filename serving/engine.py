@@ -6,10 +6,11 @@ HTTP client for a vLLM OpenAI server, which either is given (``engine_url``)
 or is started here as a supervised child process (restarted if it dies, and
 killed with its whole process group when the gateway stops or dies).
 
-The client is aiohttp: every request and every streamed chunk passes through
-it, and it costs a quarter of httpx's CPU time per streamed request (0.14
-against 0.54 ms, measured on a loopback server; see docs/benchmarks.md). On a
-machine whose cores the engine keeps busy, that CPU time is latency.
+The client is aiohttp: every request and every streamed event passes through
+it, and against httpx it takes under half the CPU time per streamed request
+and writes the request in a quarter of the time (``make bench-client``;
+figures in docs/benchmarks.md). On a machine whose cores the engine keeps
+busy, the gateway's CPU time is latency.
 """
 
 from __future__ import annotations
