@@ -1,11 +1,15 @@
 """What the gateway costs on top of vLLM: one streamed LoRA workload, straight to the engine vs through the gateway.
 
-    python -m benchmarks.gateway_overhead [--requests 200] [--concurrency 8] [--max-tokens 64] [--adapters 4]
-                                          [--client own|vllm]
+    python -m benchmarks.gateway_overhead [--requests 200] [--concurrency 8] [--request-rate 1.5]
+                                          [--max-tokens 64] [--adapters 4] [--client own|vllm]
 
 One vLLM server (the one the gateway supervises), one workload: ``--requests``
-streamed chat completions, ``--concurrency`` in flight at a time (a closed loop:
-each worker sends its next request when the previous one ends), exactly
+streamed chat completions arriving open-loop, ``--request-rate`` per second
+at random (Poisson) times, as vLLM's serving benchmark sends them, with at
+most ``--concurrency`` in flight (a request arriving while they are waits for
+one to end; the default rate is above what a 2-core CPU serves, so the
+concurrency stays full; ``--request-rate inf`` is a closed loop: all arrive at
+once and each of ``--concurrency`` slots sends the next when one ends), exactly
 ``--max-tokens`` output tokens each (``ignore_eos``), spread round-robin over
 ``--adapters`` LoRA adapters. Baseline: straight to vLLM's OpenAI server, naming
 the loaded adapter (``a1@1``) and the chat template. Candidate: through the
@@ -48,6 +52,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import statistics
 import tempfile
 import time
@@ -138,23 +143,35 @@ async def one(client: httpx.AsyncClient, url: str, headers: dict[str, str], body
     result.e2e.append(end - started)
 
 
-async def run_pass(target: dict, n: int, concurrency: int, max_tokens: int, adapters: int) -> Pass:
-    result = Pass()
-    queue = list(range(n))
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+async def run_pass(
+    target: dict, n: int, concurrency: int, max_tokens: int, adapters: int, rate: float = float("inf"), seed: int = 0
+) -> Pass:
+    """``n`` requests arriving ``rate`` per second (Poisson; ``inf``: all at once), ``concurrency`` at most in flight.
 
-        async def worker() -> None:
-            while queue:
-                i = queue.pop()
-                body = {"model": target["models"][i % adapters],
-                        "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                        "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "stream": True,
-                        "stream_options": {"include_usage": True}} | target["extra"]  # fmt: skip
+    Arrivals as vLLM's serving benchmark makes them (``--request-rate``, ``--max-concurrency``): a request that
+    arrives while ``concurrency`` are in flight waits for one to end.
+    """
+    result = Pass()
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    gaps = random.Random(seed)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        slots = asyncio.Semaphore(concurrency)
+
+        async def send(i: int) -> None:
+            body = {"model": target["models"][i % adapters],
+                    "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                    "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "stream": True,
+                    "stream_options": {"include_usage": True}} | target["extra"]  # fmt: skip
+            async with slots:
                 await one(client, f"{target['base']}{ENDPOINT}", target["headers"], body, result)
 
         started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        requests = []
+        for i in range(n):
+            requests.append(asyncio.create_task(send(i)))
+            if rate != float("inf"):
+                await asyncio.sleep(gaps.expovariate(rate))
+        await asyncio.gather(*requests)
         result.wall = time.perf_counter() - started
     return result
 
@@ -171,7 +188,8 @@ def run_vllm_pass(target: dict, n: int, args: argparse.Namespace, tokenizer: str
     argv = ["--backend", "openai-chat", "--base-url", target["base"], "--endpoint", ENDPOINT,
             "--model", target["models"][0], "--tokenizer", tokenizer, "--dataset-name", "random",
             "--random-input-len", str(args.input_len), "--random-output-len", str(args.max_tokens), "--ignore-eos",
-            "--num-prompts", str(n), "--max-concurrency", str(args.concurrency), "--request-rate", "inf",
+            "--num-prompts", str(n), "--max-concurrency", str(args.concurrency),
+            "--request-rate", str(args.request_rate),
             "--temperature", "0", "--lora-modules", *target["models"], "--lora-assignment", "round-robin",
             "--request-id-prefix", prefix, "--seed", str(seed), "--disable-tqdm",
             "--percentile-metrics", "ttft,e2el", "--metric-percentiles", "50,99", "--save-detailed"]  # fmt: skip
@@ -210,6 +228,13 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--adapters", type=int, default=4)
+    parser.add_argument(
+        "--request-rate",
+        type=float,
+        default=1.5,
+        help="requests per second, Poisson arrivals (inf: all at once, a closed loop of --concurrency workers); "
+        "the default is above a 2-core CPU's capacity, so --concurrency stays full",
+    )
     parser.add_argument("--rounds", type=int, default=2, help="alternating pass pairs; each pass is --requests/rounds")
     parser.add_argument(
         "--client",
@@ -253,7 +278,8 @@ def main() -> None:
                     if args.client == "vllm":  # the same prompts (seed) for both targets in a round
                         p = run_vllm_pass(target, per_round, args, settings.base_model_path(), seed=round_)
                     else:
-                        p = asyncio.run(run_pass(target, per_round, args.concurrency, args.max_tokens, args.adapters))
+                        p = asyncio.run(run_pass(target, per_round, args.concurrency, args.max_tokens, args.adapters,
+                                                 args.request_rate, seed=round_))  # fmt: skip
                     after = engine_ttft_totals(gw.engine_url)
                     m = merged[name]
                     m.engine_ttft += after[0] - before[0]
@@ -269,7 +295,8 @@ def main() -> None:
         entries = access_log(work / "gateway.log")
 
     base, gate = merged["direct to vLLM (baseline)"], merged["through the gateway"]
-    print(f"\ngateway overhead: {len(base.e2e)} streamed requests per target, {args.concurrency} concurrent, "
+    print(f"\ngateway overhead: {len(base.e2e)} streamed requests per target, {args.request_rate}/s, "
+          f"at most {args.concurrency} concurrent, "
           f"{args.max_tokens} output tokens each, over {args.adapters} LoRA adapters on "
           f"{Path(settings.base_model_path()).name}; {args.rounds} alternating rounds; "
           f"load from {LOAD_GENERATORS[args.client]}")  # fmt: skip
