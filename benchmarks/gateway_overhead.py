@@ -63,7 +63,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.wire_timing import pct
+from benchmarks.wire_timing import WARM_UP, pct
 from contract.settings import CommonSettings
 from contract.store import AdapterStore
 from lorafleet.launch import start_gateway
@@ -117,8 +117,10 @@ def engine_ttft_totals(engine_url: str) -> tuple[float, float]:
     return total, count
 
 
-async def one(client: httpx.AsyncClient, url: str, headers: dict[str, str], body: dict, result: Pass) -> None:
-    rid = uuid.uuid4().hex
+async def one(
+    client: httpx.AsyncClient, url: str, headers: dict[str, str], body: dict, result: Pass, id_prefix: str = ""
+) -> None:
+    rid = id_prefix + uuid.uuid4().hex
     started = time.perf_counter()
     first = None
 
@@ -144,7 +146,14 @@ async def one(client: httpx.AsyncClient, url: str, headers: dict[str, str], body
 
 
 async def run_pass(
-    target: dict, n: int, concurrency: int, max_tokens: int, adapters: int, rate: float = float("inf"), seed: int = 0
+    target: dict,
+    n: int,
+    concurrency: int,
+    max_tokens: int,
+    adapters: int,
+    rate: float = float("inf"),
+    seed: int = 0,
+    id_prefix: str = "",
 ) -> Pass:
     """``n`` requests arriving ``rate`` per second (Poisson; ``inf``: all at once), ``concurrency`` at most in flight.
 
@@ -163,7 +172,7 @@ async def run_pass(
                     "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "stream": True,
                     "stream_options": {"include_usage": True}} | target["extra"]  # fmt: skip
             async with slots:
-                await one(client, f"{target['base']}{ENDPOINT}", target["headers"], body, result)
+                await one(client, f"{target['base']}{ENDPOINT}", target["headers"], body, result, id_prefix)
 
         started = time.perf_counter()
         requests = []
@@ -268,8 +277,8 @@ def main() -> None:
                 "through the gateway": {"base": gw.url, "headers": {"Authorization": f"Bearer {key}"},
                                         "models": names, "extra": {}},
             }  # fmt: skip
-            for target in targets.values():  # warm-up: every adapter loaded, paths compiled
-                asyncio.run(run_pass(target, 2 * args.adapters, args.adapters, 4, args.adapters))
+            for target in targets.values():  # warm-up: every adapter loaded, paths compiled; its ids say so
+                asyncio.run(run_pass(target, 2 * args.adapters, args.adapters, 4, args.adapters, id_prefix=WARM_UP))
             per_round = max(1, args.requests // args.rounds)
             merged = {name: Pass() for name in targets}
             for round_ in range(args.rounds):

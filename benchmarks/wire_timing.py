@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REQUEST_ID = re.compile(rb"(?i)\r\nx-request-id: ([A-Za-z0-9._:-]+)\r\n")
+WARM_UP = "warmup-"  # the id prefix of gateway_overhead's warm-up requests (cold code paths, first loads)
 LINKTYPES = {1: 14, 113: 16}  # Ethernet (loopback), Linux cooked capture: header bytes before IP
 
 
@@ -59,6 +60,7 @@ class Timings:
     inbound: list[float] = field(default_factory=list)  # t2 - t1
     relay: list[float] = field(default_factory=list)  # t4 - t3
     total: list[float] = field(default_factory=list)
+    skipped: int = 0  # warm-up requests left out
 
 
 def read_pcap(path: Path) -> list[Packet]:
@@ -122,10 +124,14 @@ def detect_ports(packets: list[Packet]) -> tuple[int, int]:
     return max(set(pairs), key=pairs.count)
 
 
-def timings(packets: list[Packet], gateway_port: int, engine_port: int) -> Timings:
+def timings(packets: list[Packet], gateway_port: int, engine_port: int, skip_prefix: str = WARM_UP) -> Timings:
+    """Per request id; ids starting with ``skip_prefix`` (the benchmark's warm-up requests) are left out."""
     client, engine = legs(packets, gateway_port), legs(packets, engine_port)
     out = Timings()
     for rid, front in client.items():
+        if skip_prefix and rid.startswith(skip_prefix):
+            out.skipped += 1
+            continue
         back = engine.get(rid)
         if back is None or front.first_event is None or back.first_event is None:
             continue
@@ -147,15 +153,18 @@ def main() -> None:
     parser.add_argument("pcap", type=Path)
     parser.add_argument("--gateway-port", type=int, default=None)
     parser.add_argument("--engine-port", type=int, default=None)
+    parser.add_argument("--skip-prefix", default=WARM_UP, help="leave out request ids starting with this ('': none)")
     args = parser.parse_args()
     packets = read_pcap(args.pcap)
     if args.gateway_port is None or args.engine_port is None:
         args.gateway_port, args.engine_port = detect_ports(packets)
         print(f"gateway port {args.gateway_port}, engine port {args.engine_port} (from the request ids)")
-    t = timings(packets, args.gateway_port, args.engine_port)
+    t = timings(packets, args.gateway_port, args.engine_port, args.skip_prefix)
     if not t.total:
         raise SystemExit("no streamed request was seen on both legs: check the ports and that requests carry ids")
-    print(f"time inside the gateway on the first-token path, {len(t.total)} streamed requests (from the wire)")
+    skipped = f"; {t.skipped} warm-up requests ({args.skip_prefix}*) left out" if t.skipped else ""
+    print(f"time inside the gateway on the first-token path, {len(t.total)} streamed requests (from the wire)"
+          f"{skipped}")  # fmt: skip
     print(f"{'':<34} | {'p50':>7} | {'p90':>7} | {'p99':>7} | {'mean':>7}  (ms)")
     rows = (("request in -> request to engine", t.inbound), ("engine's first event -> client", t.relay),
             ("added TTFT", t.total))  # fmt: skip

@@ -298,6 +298,8 @@ class VLLMEngine:
         request_id: str | None = None,
         on_sent: Callable[[], None] | None = None,
     ) -> EngineResponse:
+        # aiohttp returns once the answer's headers are in and reads its body only when asked, so ``stream``
+        # needs nothing here: the caller reads a stream with ``aiter_bytes`` and a whole answer with ``aread``.
         headers = {"Content-Type": "application/json"}
         if request_id:
             headers["X-Request-Id"] = request_id

@@ -47,6 +47,9 @@ def test_the_time_inside_the_gateway_is_read_per_request_from_the_four_packets(t
         (13.000, ENGINE, 50101, b"data: {}"), (13.003, GATEWAY, 50001, b"data: {}"),
         # request c never got its first event: left out
         (14.000, 50002, GATEWAY, request("c")), (14.001, 50102, ENGINE, request("c")),
+        # a warm-up request of the benchmark: left out (and counted as such)
+        (15.000, 50003, GATEWAY, request("warmup-d") + b"{}"), (15.009, 50103, ENGINE, request("warmup-d") + b"{}"),
+        (16.000, ENGINE, 50103, b"data: {}"), (16.001, GATEWAY, 50003, b"data: {}"),
     ])  # fmt: skip
     packets = wire_timing.read_pcap(pcap)
     assert wire_timing.detect_ports(packets) == (GATEWAY, ENGINE)
@@ -54,6 +57,8 @@ def test_the_time_inside_the_gateway_is_read_per_request_from_the_four_packets(t
     assert t.inbound == pytest.approx([0.0021, 0.001], abs=2e-6)
     assert t.relay == pytest.approx([0.0007, 0.003], abs=2e-6)
     assert t.total == pytest.approx([0.0028, 0.004], abs=2e-6)
+    assert t.skipped == 1
+    assert len(wire_timing.timings(packets, GATEWAY, ENGINE, skip_prefix="").total) == 3  # '' keeps them all
 
 
 def test_a_file_that_is_not_a_pcap_is_refused_with_the_reason(tmp_path: Path) -> None:
