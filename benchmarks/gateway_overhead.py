@@ -44,7 +44,8 @@ With ``--client vllm`` the load comes from vLLM's own serving benchmark
 needs package metadata the CPU wheel lacks): random-token prompts of
 ``--input-len`` tokens, the same concurrency, output length, adapters
 (round-robin) and alternation, and its request ids joined with the access log.
-Goals: throughput >= 0.97x direct; added median TTFT <= 3 ms; added p99 <= 10 ms.
+Goals: throughput >= 0.97x direct; added median TTFT <= 3 ms; added p99 <= 10 ms, judged at the end of the
+output on the per-request figure counted from the request on the wire.
 """
 
 from __future__ import annotations
@@ -322,7 +323,11 @@ def main() -> None:
           f"{1000 * (pct(gate.ttft, 0.99) - pct(base.ttft, 0.99)):>+8.1f} | "
           f"{1000 * (statistics.median(gate.e2e) - statistics.median(base.e2e)):>+8.1f} | "
           f"{1000 * (pct(gate.e2e, 0.99) - pct(base.e2e, 0.99)):>+8.1f}")  # fmt: skip
-    print("goals: throughput >= 0.97x; added TTFT p50 <= 3 ms; added p99 <= 10 ms")
+    if base.engine_requests and gate.engine_requests:
+        engine = [1000 * p.engine_ttft / p.engine_requests for p in (base, gate)]
+        print(f"(two sets of requests: vLLM's own mean TTFT was {engine[0]:.1f} ms in the direct passes and "
+              f"{engine[1]:.1f} ms in the gateway's, so the differences above are mostly the engine's; "
+              f"what the gateway adds is measured below)")  # fmt: skip
     # Per request: the client's time to first event less the engine's share the gateway logged for that request.
     paired = [(entries[rid], t) for rid, t in gate.first_event.items() if entries.get(rid, {}).get("engine_ttft_s")]
     if base.engine_requests and gate.engine_requests:
@@ -336,12 +341,30 @@ def main() -> None:
         print(f"\nmean time to first event outside the engine (client's mean less vLLM's own mean TTFT): direct "
               f"{1000 * direct:.2f} ms, through the gateway {1000 * through:.2f} ms: "
               f"the gateway adds {1000 * (through - direct):+.2f} ms on average")  # fmt: skip
-    if paired:
-        print_per_request(paired, gate.on_wire)
+    added = print_per_request(paired, gate.on_wire) if paired else []
+    print_goals(ratio, added)
 
 
-def print_per_request(paired: list[tuple[dict, float]], on_wire: dict[str, float]) -> None:
-    """What the gateway added to each request's time to first event, with the engine's share (logged) taken out."""
+def print_goals(ratio: float, added: list[float]) -> None:
+    """The verdict on the issue's goals: the throughput ratio, and the added TTFT per request (engine taken out)."""
+    print("\ngoals (added TTFT: per request from the request on the wire, the engine's share taken out)")
+    checks = [("throughput >= 0.97x direct", f"{ratio:.3f}x", ratio >= 0.97)]
+    if added:
+        p50, p99 = statistics.median(added), pct(added, 0.99)
+        checks += [("added TTFT p50 <= 3 ms", f"{1000 * p50:.2f} ms", p50 <= 0.003),
+                   ("added TTFT p99 <= 10 ms", f"{1000 * p99:.2f} ms", p99 <= 0.010)]  # fmt: skip
+    for goal, value, met in checks:
+        print(f"  {goal:<28} {value:>10}  {'met' if met else 'NOT MET'}")
+    if not added:
+        print("  added TTFT: no request was matched in the gateway's access log")
+
+
+def print_per_request(paired: list[tuple[dict, float]], on_wire: dict[str, float]) -> list[float]:
+    """What the gateway added to each request's time to first event, with the engine's share (logged) taken out.
+
+    Returns the figure the goals are judged on: counted from the request on the wire where the client's trace
+    gave it, else from the client's start.
+    """
     rows = [("from the client's start (upper bound)", [t - e["engine_ttft_s"] for e, t in paired])]
     wired = [(e, t - on_wire[e["request_id"]]) for e, t in paired if e["request_id"] in on_wire]
     if wired:
@@ -361,6 +384,7 @@ def print_per_request(paired: list[tuple[dict, float]], on_wire: dict[str, float
     for name, values in rows:
         print(f"{name:<38} | {1000 * statistics.median(values):>8.2f} | {1000 * pct(values, 0.9):>8.2f} | "
               f"{1000 * pct(values, 0.99):>8.2f}")  # fmt: skip
+    return rows[1][1] if wired else rows[0][1]
 
 
 if __name__ == "__main__":

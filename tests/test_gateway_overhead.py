@@ -7,9 +7,10 @@ import json
 import random
 import time
 
+import pytest
 from aiohttp import web
 
-from benchmarks.gateway_overhead import ENDPOINT, Pass, run_pass
+from benchmarks.gateway_overhead import ENDPOINT, Pass, print_goals, run_pass
 from tests.test_engine_client import serve
 
 
@@ -66,3 +67,14 @@ def test_open_loop_arrivals_follow_the_seeded_poisson_schedule() -> None:
     span = open_loop.arrivals[-1] - open_loop.arrivals[0]
     assert span >= 0.9 * expected  # a timer never fires early
     assert closed_loop.arrivals[-1] - closed_loop.arrivals[0] < expected / 2  # all at once
+
+
+def test_the_goals_verdict_names_each_goal_missed(capsys: pytest.CaptureFixture[str]) -> None:
+    print_goals(0.99, [0.001] * 98 + [0.012] * 2)  # p99 is the 99th of 100 values: 12 ms
+    out = " ".join(capsys.readouterr().out.split())
+    assert "throughput >= 0.97x direct 0.990x met" in out
+    assert "added TTFT p50 <= 3 ms 1.00 ms met" in out
+    assert "added TTFT p99 <= 10 ms 12.00 ms NOT MET" in out
+    print_goals(0.95, [])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "0.950x NOT MET" in out and "no request was matched" in out
