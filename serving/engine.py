@@ -40,6 +40,8 @@ BASE_MODEL_NAME = "base"
 # vLLM's server closes an idle connection after 5 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE); the client gives it up
 # sooner, so it never sends a request on a connection the server is closing.
 KEEPALIVE_S = 4.0
+# What the client raises when the engine cannot be reached or its answer breaks off (timeouts included).
+TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
 
 
 class EngineError(RuntimeError):
@@ -225,7 +227,7 @@ class VLLMEngine:
         try:
             async with self.client.get(f"{self.url}/health", timeout=aiohttp.ClientTimeout(total=2.0)) as resp:
                 return resp.status == 200
-        except (aiohttp.ClientError, TimeoutError):
+        except TRANSPORT_ERRORS:
             return False
 
     async def _watch(self) -> None:
@@ -278,7 +280,7 @@ class VLLMEngine:
         try:
             async with self.client.post(f"{self.url}{path}", json=body) as resp:
                 return resp.status, await resp.text()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except TRANSPORT_ERRORS as exc:
             raise EngineError(f"engine unreachable: {exc!r}") from exc
 
     async def metrics(self) -> bytes:
@@ -286,7 +288,7 @@ class VLLMEngine:
             async with self.client.get(f"{self.url}/metrics", timeout=aiohttp.ClientTimeout(total=10)) as resp:
                 resp.raise_for_status()
                 return await resp.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except TRANSPORT_ERRORS as exc:
             raise EngineError(f"engine metrics unreachable: {exc!r}") from exc
 
     async def send(
@@ -307,7 +309,7 @@ class VLLMEngine:
         try:
             # ``trace_request_ctx`` reaches ``_body_written``, which calls ``on_sent`` once the body is written.
             resp = await self.client.post(f"{self.url}{path}", data=data, headers=headers, trace_request_ctx=on_sent)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except TRANSPORT_ERRORS as exc:
             raise EngineError(f"engine unreachable: {exc!r}") from exc
         return StreamedResponse(resp)
 
@@ -336,13 +338,13 @@ class StreamedResponse:
         try:
             async for chunk in self._resp.content.iter_any():
                 yield chunk
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except TRANSPORT_ERRORS as exc:
             raise EngineError(f"the engine's stream broke off: {exc!r}") from exc
 
     async def aread(self) -> bytes:
         try:
             return await self._resp.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except TRANSPORT_ERRORS as exc:
             raise EngineError(f"the engine's answer broke off: {exc!r}") from exc
 
     async def aclose(self) -> None:

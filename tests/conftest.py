@@ -6,15 +6,17 @@ import json
 import math
 import struct
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import openai
 import pytest
+from aiohttp import web
 
 from contract.settings import CommonSettings
-from lorafleet.launch import RunningGateway, start_gateway
+from lorafleet.launch import RunningGateway, free_port, start_gateway
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDERS = ROOT / "data" / "orders"
@@ -191,3 +193,16 @@ def live_gateway(e2e_gateway: Gateway) -> Gateway:
 
 def client(gw: Gateway, key: str | None = None) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key or gw.key, max_retries=0, timeout=120)
+
+
+@asynccontextmanager
+async def serve(app: web.Application) -> AsyncIterator[str]:
+    """Serve ``app`` (aiohttp) on a free loopback port for the block; yields its base URL (trailing slash)."""
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        await runner.cleanup()

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from aiohttp import web
 from lorafleet.launch import free_port
 from serving.config import GatewaySettings
 from serving.engine import EngineError, VLLMEngine
+from tests.conftest import serve
 
 Run = Callable[[Callable[[VLLMEngine], Awaitable[None]]], None]
 
@@ -91,18 +91,6 @@ def run(tmp_path: Path, played: PlayedEngine) -> Run:
         asyncio.run(asyncio.wait_for(main(), timeout=30))
 
     return go
-
-
-@asynccontextmanager
-async def serve(app: web.Application) -> AsyncIterator[str]:
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        await runner.cleanup()
 
 
 def test_a_stream_is_relayed_as_it_arrives_and_the_write_is_reported(run: Run, played: PlayedEngine) -> None:

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from benchmarks.gateway_overhead import ENDPOINT, Pass, print_goals, run_pass
-from tests.test_engine_client import serve
+from tests.conftest import serve
 
 
 class Server:
