@@ -38,14 +38,16 @@ from typing import Any
 
 import yaml
 
-from training.toolcall import bfcl_rows
+from training.toolcall import BFCL_ANSWERS, BFCL_FILE, bfcl_rows, is_held_out
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "configs/toolcall.yaml"
 TEST = ROOT / "data/toolcall/test.jsonl"
 ANSWERS = ROOT / "data/toolcall/test_answers.jsonl"
 
-# Changes to the shipped recipe. "extra": the rows of --extra-bfcl (another BFCL category) added to the shipped ones.
+# Changes to the shipped recipe. "extra": the rows of --extra-bfcl (another BFCL category) added to the shipped ones;
+# "omit_optional": training calls leave out the arguments BFCL lets be omitted (instead of the value it lists);
+# "prompt": "signature" shows the functions as Python signatures (signature_prompt) instead of JSON specs.
 RECIPES: dict[str, dict[str, Any]] = {
     "shipped": {},
     "lr5e-4": {"learning_rate": 5e-4},
@@ -65,7 +67,40 @@ RECIPES: dict[str, dict[str, Any]] = {
     "alpha16lr2e-3": {"alpha": 16, "learning_rate": 2e-3},
     "linear": {"scheduler": "linear"},
     "attention-only": {"targets": "attention", "learning_rate": 2e-3},
+    "omit": {"omit_optional": True},
+    "signature": {"prompt": "signature"},
+    "omit-signature": {"omit_optional": True, "prompt": "signature"},
 }
+BFCL_SOURCE = ROOT.parent / "shared/data/toolcall"
+
+
+def python_type(schema: dict[str, Any]) -> str:
+    """A JSON Schema type as a Python annotation (``list[str]``, ``Literal['a', 'b']``)."""
+    if "enum" in schema:
+        return "Literal[" + ", ".join(repr(v) for v in schema["enum"]) + "]"
+    kind = schema.get("type")
+    if kind == "array":
+        return f"list[{python_type(schema.get('items') or {})}]"
+    names = {"integer": "int", "number": "float", "string": "str", "boolean": "bool", "object": "dict"}
+    return names.get(kind, "Any") if isinstance(kind, str) else "Any"
+
+
+def signature_prompt(functions: list[dict[str, Any]]) -> str:
+    """The functions as Python signatures with docstrings (the ``signature`` recipes' prompt format)."""
+    blocks = []
+    for f in functions:
+        params = f.get("parameters") or {}
+        required = set(params.get("required") or [])
+        props = params.get("properties") or {}
+        args = [f"{n}: {python_type(p)}" + ("" if n in required else " = None") for n, p in props.items()]
+        doc = [f"    {n}: {p.get('description', '')}".rstrip() for n, p in props.items()]
+        blocks.append(f"def {f['name']}({', '.join(args)}):\n    \"\"\"{f.get('description', '')}\n\n"
+                      + "\n".join(doc) + '\n    """')  # fmt: skip
+    return (
+        "You can call the functions below. To call one, answer with only a JSON object "
+        '{"name": <function name>, "arguments": {<argument>: <value>, ...}}.\n\n'
+        "Functions:\n" + "\n\n".join(blocks)
+    )
 
 
 def jobs(only: list[str], seeds: list[int]) -> list[tuple[str, int]]:
@@ -80,6 +115,14 @@ def config_values(name: str, seed: int, extra: list[Path] | None, work: Path) ->
     shipped = yaml.safe_load(SHIPPED.read_text())
     change = dict(RECIPES[name])
     neftune = change.pop("neftune", None)
+    change.pop("prompt", None)  # applied by the worker (use_prompt_format)
+    if change.pop("omit_optional", False):
+        omitted = work / "train-omit.jsonl"
+        if not omitted.exists():
+            rows, _ = bfcl_rows(BFCL_SOURCE / BFCL_FILE, BFCL_SOURCE / BFCL_ANSWERS, omit_optional=True)
+            kept = [r for r in rows if not is_held_out(r["id"])]
+            omitted.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), "utf-8")
+        change["data"] = str(omitted)
     if change.pop("extra", False):
         if extra is None:
             raise ValueError(f"{name}: needs --extra-bfcl QUESTIONS ANSWERS (a BFCL category to add)")
@@ -131,6 +174,20 @@ def generate_and_score(model: Any, tokenizer: Any, evalset: Any, batch: int = 32
     }
 
 
+def use_prompt_format(name: str | None) -> None:
+    """Present tools to the model in the recipe's prompt format, for training and scoring alike.
+
+    An experiment only: ``contract.prompt.with_tools`` (which both call) looks the
+    renderer up in its module, so the worker swaps it there. Serving knows only
+    the shipped format (``contract.tools.TOOLS_FORMAT``).
+    """
+    import contract.prompt
+    import contract.tools
+
+    renderer = signature_prompt if name == "signature" else contract.tools.tools_system_prompt
+    contract.prompt.tools_system_prompt = renderer
+
+
 def run_worker(args: argparse.Namespace) -> None:
     from evaluation.run import load_examples
     from training.config import TrainConfig
@@ -147,6 +204,7 @@ def run_worker(args: argparse.Namespace) -> None:
             continue
         started = time.perf_counter()
         try:
+            use_prompt_format(RECIPES[name].get("prompt"))
             values, neftune = config_values(name, seed, args.extra_bfcl, work)
             if args.max_steps:
                 values |= {"max_steps": args.max_steps, "eval_every": 0}

@@ -103,3 +103,5 @@ def test_toolcall_conversion_is_bundled_valid_and_holds_out_bfcl(tmp_path: Path)
 def test_bfcl_ground_truth_becomes_one_canonical_call() -> None:
     args = toolcall.canonical_arguments({"base": [10], "unit": ["", "units"], "z": [""]})
     assert args == {"base": 10, "unit": "units"}
+    args = toolcall.canonical_arguments({"base": [10], "unit": ["", "units"], "z": [""]}, omit_optional=True)
+    assert args == {"base": 10}

@@ -11,6 +11,7 @@ import pytest
 
 from benchmarks import recipe_sweep
 from tests.conftest import ROOT
+from training import toolcall
 from training.config import TrainConfig
 
 BFCL = ROOT.parent / "shared/data/toolcall"
@@ -26,6 +27,42 @@ def test_every_recipe_is_a_valid_training_config(tmp_path: Path) -> None:
     combined = (tmp_path / "train+extra.jsonl").read_text().splitlines()
     shipped = (ROOT / "data/toolcall/train.jsonl").read_text().splitlines()
     assert combined[: len(shipped)] == shipped and len(combined) > len(shipped)
+
+
+def test_the_omit_recipes_train_on_calls_without_the_arguments_bfcl_lets_be_omitted(tmp_path: Path) -> None:
+    values, _ = recipe_sweep.config_values("omit", 0, None, tmp_path)
+    rows = [json.loads(line) for line in Path(values["data"]).read_text().splitlines()]
+    assert len(rows) > 290 and not any(toolcall.is_held_out(r["id"]) for r in rows)
+    by_id = {r["id"]: json.loads(r["messages"][-1]["content"])["arguments"] for r in rows}
+    assert by_id["simple_python_1"] == {"number": 5}
+    answer_lines = (BFCL / "bfcl_simple_python_answers.jsonl").read_text().splitlines()
+    answers = {a["id"]: a["ground_truth"][0] for a in map(json.loads, answer_lines)}
+    for rid, args in by_id.items():
+        (acceptable,) = answers[rid].values()
+        assert all("" not in acceptable[name] for name in args), rid
+        assert all(name in args for name, values in acceptable.items() if "" not in values), rid
+
+
+def test_the_signature_prompt_shows_each_function_as_a_python_signature() -> None:
+    spec = {
+        "name": "geo.find",
+        "description": "Find places.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "description": "Where."},
+                "kinds": {"type": "array", "items": {"type": "string", "enum": ["cafe", "bar"]}},
+                "limit": {"type": "integer", "description": "How many."},
+            },
+            "required": ["city"],
+        },
+    }
+    text = recipe_sweep.signature_prompt([spec])
+    assert text.endswith(
+        "def geo.find(city: str, kinds: list[Literal['cafe', 'bar']] = None, limit: int = None):\n"
+        '    """Find places.\n\n    city: Where.\n    kinds:\n    limit: How many.\n    """'
+    )
+    assert text.startswith("You can call the functions below.")
 
 
 def test_unknown_recipes_and_missing_extra_data_are_refused(tmp_path: Path) -> None:

@@ -66,17 +66,20 @@ def from_glaive(path: Path) -> tuple[list[dict], int]:
     return rows, skipped
 
 
-def canonical_arguments(acceptable: dict[str, list[Any]]) -> dict[str, Any]:
-    """BFCL lists acceptable values per argument ("" = may be omitted); the first real one is the answer."""
+def canonical_arguments(acceptable: dict[str, list[Any]], omit_optional: bool = False) -> dict[str, Any]:
+    """BFCL lists acceptable values per argument ("" = may be omitted); the first real one is the answer.
+
+    With ``omit_optional`` an argument BFCL lets be omitted is left out instead.
+    """
     args = {}
     for name, values in acceptable.items():
         real = [v for v in values if v != ""]
-        if real:
+        if real and not (omit_optional and "" in values):
             args[name] = real[0]
     return args
 
 
-def bfcl_rows(questions: Path, answers: Path) -> tuple[list[dict], int]:
+def bfcl_rows(questions: Path, answers: Path, omit_optional: bool = False) -> tuple[list[dict], int]:
     """One row per BFCL question of one category (first turn, one call); returns (rows, questions skipped)."""
     truth = {entry["id"]: entry["ground_truth"][0] for entry in _answers(answers)}
     rows: list[dict] = []
@@ -87,9 +90,8 @@ def bfcl_rows(questions: Path, answers: Path) -> tuple[list[dict], int]:
             skipped += 1
             continue
         (name, acceptable), *_ = truth[q["id"]].items()
-        row = _row(
-            q["id"], q["question"][0], q["function"], {"name": name, "arguments": canonical_arguments(acceptable)}
-        )
+        call = {"name": name, "arguments": canonical_arguments(acceptable, omit_optional)}
+        row = _row(q["id"], q["question"][0], q["function"], call)
         if row is None:
             skipped += 1
         else:
