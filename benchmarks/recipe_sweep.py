@@ -15,7 +15,8 @@ recipe runs on several seeds and the table shows their mean and every run.
 
 Jobs run in ``--workers`` processes (seed by seed, so a time limit still
 leaves every recipe's first seed). A 135M model trains in ~100 s per job on
-one H200 shared by 12 workers; on a 2-core CPU each job takes ~15 minutes.
+one H200 shared by 12 workers; on a 2-core CPU each job takes ~12 minutes,
+and a worker peaks near 12 GiB, so a 24 GiB machine runs one worker.
 
 Written: ``<out>/results.jsonl`` (one row per job, with each question's
 verdict; a later run with the same ``--out`` adds its rows, so more seeds can
