@@ -19,7 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks.recipe_sweep import ANSWERS, TEST, generate_and_score
+from benchmarks.recipe_sweep import generate_and_score, held_out_set
 
 
 def agreement(calls_ok: list[list[bool]]) -> dict[str, int]:
@@ -47,12 +47,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from contract.settings import CommonSettings
-    from evaluation.run import load_examples
 
     base = args.model or str(CommonSettings().base_model_path())
-    evalset = load_examples(TEST, None, ANSWERS)
-    if args.limit:
-        evalset.examples, evalset.ground_truth = evalset.examples[: args.limit], evalset.ground_truth[: args.limit]
+    evalset = held_out_set(args.limit)
     tokenizer = AutoTokenizer.from_pretrained(base)
     names = [f"seed-run-{i}" for i in range(len(args.adapters))]
     model = PeftModel.from_pretrained(

@@ -39,7 +39,9 @@ from typing import Any
 
 import yaml
 
-from training.toolcall import BFCL_ANSWERS, BFCL_FILE, bfcl_rows, is_held_out
+from contract.examples import jsonl_text
+from contract.tools import TOOLS_INSTRUCTION
+from training.toolcall import BFCL_ANSWERS, BFCL_FILE, bfcl_rows, from_bfcl
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "configs/toolcall.yaml"
@@ -97,11 +99,7 @@ def signature_prompt(functions: list[dict[str, Any]]) -> str:
         doc = [f"    {n}: {p.get('description', '')}".rstrip() for n, p in props.items()]
         blocks.append(f"def {f['name']}({', '.join(args)}):\n    \"\"\"{f.get('description', '')}\n\n"
                       + "\n".join(doc) + '\n    """')  # fmt: skip
-    return (
-        "You can call the functions below. To call one, answer with only a JSON object "
-        '{"name": <function name>, "arguments": {<argument>: <value>, ...}}.\n\n'
-        "Functions:\n" + "\n\n".join(blocks)
-    )
+    return TOOLS_INSTRUCTION + "\n\n".join(blocks)
 
 
 def jobs(only: list[str], seeds: list[int]) -> list[tuple[str, int]]:
@@ -120,9 +118,8 @@ def config_values(name: str, seed: int, extra: list[Path] | None, work: Path) ->
     if change.pop("omit_optional", False):
         omitted = work / "train-omit.jsonl"
         if not omitted.exists():
-            rows, _ = bfcl_rows(BFCL_SOURCE / BFCL_FILE, BFCL_SOURCE / BFCL_ANSWERS, omit_optional=True)
-            kept = [r for r in rows if not is_held_out(r["id"])]
-            omitted.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), "utf-8")
+            train, _, _ = from_bfcl(BFCL_SOURCE / BFCL_FILE, BFCL_SOURCE / BFCL_ANSWERS, omit_optional=True)
+            omitted.write_text(jsonl_text(train), "utf-8")
         change["data"] = str(omitted)
     if change.pop("extra", False):
         if extra is None:
@@ -130,8 +127,7 @@ def config_values(name: str, seed: int, extra: list[Path] | None, work: Path) ->
         combined = work / "train+extra.jsonl"
         if not combined.exists():
             rows, _ = bfcl_rows(*extra)
-            added = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-            combined.write_text((ROOT / shipped["data"]).read_text("utf-8") + added, "utf-8")
+            combined.write_text((ROOT / shipped["data"]).read_text("utf-8") + jsonl_text(rows), "utf-8")
         change["data"] = str(combined)
     values = shipped | change | {"seed": seed, "out": str(work / f"{name}-{seed}")}
     values["max_lora_rank"] = max(values.get("rank", 16), 16)
@@ -189,14 +185,21 @@ def use_prompt_format(name: str | None) -> None:
     contract.prompt.tools_system_prompt = renderer
 
 
-def run_worker(args: argparse.Namespace) -> None:
+def held_out_set(limit: int = 0) -> Any:
+    """The held-out toolcall questions with BFCL's answers; the first ``limit`` only when given (a smoke run)."""
     from evaluation.run import load_examples
+
+    evalset = load_examples(TEST, None, ANSWERS)
+    if limit:
+        evalset.examples, evalset.ground_truth = evalset.examples[:limit], evalset.ground_truth[:limit]
+    return evalset
+
+
+def run_worker(args: argparse.Namespace) -> None:
     from training.config import TrainConfig
     from training.train import prepare
 
-    evalset = load_examples(TEST, None, ANSWERS)
-    if args.limit:
-        evalset.examples, evalset.ground_truth = evalset.examples[: args.limit], evalset.ground_truth[: args.limit]
+    evalset = held_out_set(args.limit)
     work = args.out / "runs"
     work.mkdir(parents=True, exist_ok=True)
     results = args.out / f"results.{args.worker}.jsonl"

@@ -99,6 +99,11 @@ class DataError(ValueError):
         super().__init__(f"{len(report.errors)} problem(s) in {report.path} ({report.rows} rows):\n  {lines}\n{fix}")
 
 
+def jsonl_text(rows: list[Any]) -> str:
+    """``rows`` as JSONL text: one JSON value per line, non-ASCII characters kept as they are."""
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
 def read_rows(path: Path) -> tuple[list[tuple[int, Any]], list[Problem]]:
     """``(line, value)`` for every row of a JSONL file or JSON array, and the rows that are not JSON."""
     text = Path(path).read_text("utf-8")

@@ -65,11 +65,13 @@ def any_call_schema(functions: list[dict[str, Any]]) -> dict[str, Any]:
     return schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
 
 
+# How the system text of ``lorafleet-tools-v1`` begins: what to answer, before the functions are listed.
+TOOLS_INSTRUCTION = (
+    "You can call the functions below. To call one, answer with only a JSON object "
+    '{"name": <function name>, "arguments": {<argument>: <value>, ...}}.\n\nFunctions:\n'
+)
+
+
 def tools_system_prompt(functions: list[dict[str, Any]]) -> str:
     """The system text that presents ``functions`` to the model (format ``lorafleet-tools-v1``)."""
-    listing = "\n".join(json.dumps(f, ensure_ascii=False, sort_keys=True) for f in functions)
-    return (
-        "You can call the functions below. To call one, answer with only a JSON object "
-        '{"name": <function name>, "arguments": {<argument>: <value>, ...}}.\n\n'
-        f"Functions:\n{listing}"
-    )
+    return TOOLS_INSTRUCTION + "\n".join(json.dumps(f, ensure_ascii=False, sort_keys=True) for f in functions)

@@ -18,6 +18,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from contract.examples import jsonl_text
+
 STATUSES = ["pending", "processing", "shipped", "delivered", "cancelled", "refunded", "on_hold"]
 
 ORDERS_SCHEMA: dict = {
@@ -369,7 +371,7 @@ def write(out_dir: Path, seed: int = 0) -> list[Path]:
     written = []
     for name, rows in generate(seed).items():
         path = out_dir / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+        path.write_text(jsonl_text(rows), "utf-8")
         written.append(path)
     schema_path = out_dir / "schema.json"
     schema_path.write_text(json.dumps(ORDERS_SCHEMA, indent=2) + "\n", "utf-8")

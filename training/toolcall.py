@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from contract.examples import jsonl_text
 from contract.judge import schema_errors
 from contract.tools import call_schema, json_schema_of
 
@@ -99,9 +100,9 @@ def bfcl_rows(questions: Path, answers: Path, omit_optional: bool = False) -> tu
     return rows, skipped
 
 
-def from_bfcl(questions: Path, answers: Path) -> tuple[list[dict], list[dict], int]:
+def from_bfcl(questions: Path, answers: Path, omit_optional: bool = False) -> tuple[list[dict], list[dict], int]:
     """(train rows, held-out test rows, questions skipped)."""
-    rows, skipped = bfcl_rows(questions, answers)
+    rows, skipped = bfcl_rows(questions, answers, omit_optional)
     train = [r for r in rows if not is_held_out(r["id"])]
     test = [r for r in rows if is_held_out(r["id"])]
     return train, test, skipped
@@ -122,7 +123,7 @@ def write(source: Path, out: Path) -> dict[str, int]:
     bfcl_train, bfcl_test, bfcl_skipped = from_bfcl(source / BFCL_FILE, source / BFCL_ANSWERS)
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", bfcl_train), ("glaive", glaive), ("test", bfcl_test)):
-        (out / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+        (out / f"{name}.jsonl").write_text(jsonl_text(rows), "utf-8")
     held_out = {r["id"] for r in bfcl_test}
     answers = [a for a in _answers(source / BFCL_ANSWERS) if a["id"] in held_out]
     (out / "test_answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers), "utf-8")
