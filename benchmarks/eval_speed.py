@@ -25,7 +25,7 @@ from contract.settings import CommonSettings
 from contract.store import AdapterStore
 from evaluation.report import write_report
 from evaluation.run import Target, evaluate, load_examples, open_engine
-from lorafleet.cli import _require_base_model
+from lorafleet.commands.model import require_base_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA, SCHEMA = ROOT / "data/orders/test.jsonl", ROOT / "data/orders/schema.json"
@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
     settings = CommonSettings()
-    _require_base_model(settings)
+    require_base_model(settings)
     base_model = settings.base_model_path()
     published = AdapterStore(settings.adapters_dir).serving("orders")
     target = Target(published.ref, published.path, published) if published else Target("base")

@@ -7,6 +7,7 @@ Layout::
     <root>/<alias>/stable.json  which version is stable (served by default), and how it got there
     <root>/<alias>/<version>/retired.json  present once the version is retired (out of service)
     <root>/<alias>/events.jsonl every promotion, rollback and retirement, forced or not (the audit trail)
+    <root>/<alias>/training.json  a training run that will publish the next version: step, total, ETA
     <root>/.staging/            copies in progress; never read by anyone
 
 A version is an integer that only grows. An alias with no stable version
@@ -40,6 +41,9 @@ GATE_FILE = "gate.json"
 STABLE_FILE = "stable.json"
 EVENTS_FILE = "events.jsonl"
 RETIRED_FILE = "retired.json"
+TRAINING_FILE = "training.json"
+# A training announcement not refreshed for this long is from a run that died without cleaning up.
+TRAINING_STALE_S = 120.0
 
 
 class StoreError(ValueError):
@@ -218,7 +222,34 @@ class AdapterStore:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        (alias_dir / TRAINING_FILE).unlink(missing_ok=True)  # the run it announced has published
         return AdapterVersion(alias, version, target)
+
+    def announce_training(self, alias: str, status: dict[str, Any]) -> None:
+        """Say that a run is training the next version of ``alias`` (``status``: step, max_steps, eta_s, ...).
+
+        The gateway answers a request for an alias that has no version yet but
+        an announcement with 503 and the ETA instead of 404. Publishing ends the
+        announcement; so does ``end_training``, and a run that dies stops
+        refreshing it (stale after ``TRAINING_STALE_S``).
+        """
+        alias_dir = self.root / check_alias(alias)
+        alias_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(alias_dir / TRAINING_FILE, json.dumps(status | {"updated_at": time.time()}) + "\n")
+
+    def training(self, alias: str) -> dict[str, Any] | None:
+        """The live training announcement of ``alias``, or ``None`` (none, or a stale one)."""
+        path = self.root / check_alias(alias) / TRAINING_FILE
+        try:
+            status: dict[str, Any] = json.loads(path.read_text("utf-8"))
+        except (OSError, ValueError):
+            return None
+        if time.time() - float(status.get("updated_at", 0)) > TRAINING_STALE_S:
+            return None
+        return status
+
+    def end_training(self, alias: str) -> None:
+        (self.root / check_alias(alias) / TRAINING_FILE).unlink(missing_ok=True)
 
     @staticmethod
     def _clean_staging(staging_root: Path) -> None:

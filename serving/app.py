@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 
@@ -24,7 +27,7 @@ from contract.store import AdapterStore
 from serving import errors
 from serving.adapters import AdapterRegistry
 from serving.canary import CanaryManager
-from serving.config import GatewaySettings
+from serving.config import GATEWAY_FILE, GatewaySettings
 from serving.deps import GatewayState
 from serving.engine import Engine, VLLMEngine
 from serving.limits import TenantLimiter
@@ -72,9 +75,11 @@ def build_app(settings: GatewaySettings, engine: Engine | None = None) -> FastAP
         gc.collect()
         gc.freeze()
         analysis = asyncio.create_task(canaries.run(settings.canary_poll_s))
+        announced = _announce(settings)
         try:
             yield
         finally:
+            announced.unlink(missing_ok=True)
             analysis.cancel()
             await eng.stop()
 
@@ -91,6 +96,16 @@ def build_app(settings: GatewaySettings, engine: Engine | None = None) -> FastAP
     app.include_router(admin.router)
     app.include_router(canaries_route.router)
     return app
+
+
+def _announce(settings: GatewaySettings) -> Path:
+    """Say where this gateway listens (``data_dir/gateway.json``): the CLI sends its writes here while it runs."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    path = settings.data_dir / GATEWAY_FILE
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps({"url": f"http://{host}:{settings.port}", "pid": os.getpid()}) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def create_app() -> FastAPI:

@@ -9,6 +9,9 @@ from pydantic import Field, SecretStr, model_validator
 
 from contract.settings import CommonSettings
 
+# Where a running gateway says where it listens (the CLI's admin client reads it).
+GATEWAY_FILE = "gateway.json"
+
 
 class GatewaySettings(CommonSettings):
     host: str = Field(default="127.0.0.1", description="Address the gateway listens on.")

@@ -116,7 +116,7 @@ def vllm_command(settings: GatewaySettings) -> list[str]:
     ]  # fmt: skip
 
 
-def _child_setup(nice: int) -> Callable[[], None]:
+def child_setup(nice: int) -> Callable[[], None]:
     def setup() -> None:
         # Runs in the child before exec: its own process group (so a stop kills the
         # whole group: vLLM spawns an engine-core process), SIGTERM if the gateway
@@ -208,7 +208,7 @@ class VLLMEngine:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=_child_setup(self.settings.engine_nice),
+                preexec_fn=child_setup(self.settings.engine_nice),
             )
         log.info("started vLLM (pid %d); its log: %s", self._proc.pid, log_path)
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from contract.judge import judge
-from contract.manifest import AdapterManifest
 from serving.policies import AliasPolicy, JsonMode
 from serving.toolcalls import ToolPlan
 
@@ -36,12 +35,15 @@ class JsonPlan:
     def for_request(
         cls,
         body: dict[str, Any],
-        manifest: AdapterManifest,
+        output_schema: dict[str, Any] | None,
         policy: AliasPolicy,
         mode: JsonMode | None = None,
         tools: ToolPlan | None = None,
     ) -> JsonPlan:
-        """The plan for ``body``, which is rewritten for the engine (``response_format`` set or removed)."""
+        """The plan for ``body``, which is rewritten for the engine (``response_format`` set or removed).
+
+        ``output_schema``: the adapter manifest's schema (``None`` for the base model).
+        """
         fmt = body.pop("response_format", None)
         kind = fmt.get("type") if isinstance(fmt, dict) else None
         schema: dict[str, Any] | None
@@ -57,7 +59,7 @@ class JsonPlan:
         elif policy.default_schema is not None:
             schema, source = policy.default_schema, "alias"
         else:
-            schema, source = manifest.output_schema, "adapter"
+            schema, source = output_schema, "adapter"
         chosen = mode or policy.json_mode or ("enforce" if source in ("request", "tools") else "validate")
         plan = cls(schema, chosen if schema is not None else "off", source)
         if plan.mode == "enforce" and plan.schema is not None:

@@ -21,7 +21,6 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from contract.manifest import AdapterManifest
 from contract.prompt import with_tools
 from contract.tools import TOOLS_FORMAT, any_call_schema, call_schema, json_schema_of
 from serving.errors import APIError
@@ -47,11 +46,12 @@ class ToolPlan:
         return any_call_schema(self.functions)
 
     @classmethod
-    def from_request(cls, body: dict[str, Any], manifest: AdapterManifest, alias: str) -> ToolPlan | None:
+    def from_request(cls, body: dict[str, Any], tools_format: str | None, alias: str) -> ToolPlan | None:
         """Take ``tools``/``tool_choice`` out of ``body`` and render them into its messages.
 
         ``None`` when the request has no tools or ``tool_choice`` is ``"none"``
-        (the tools are then left out of the prompt).
+        (the tools are then left out of the prompt). ``tools_format``: the one the
+        adapter was trained with (its manifest's ``prompt_format.tools_format``).
         """
         tools = body.pop("tools", None)
         choice = body.pop("tool_choice", None)
@@ -64,7 +64,7 @@ class ToolPlan:
         chosen = _chosen(choice, {f["name"] for f in functions})
         if choice == "none":
             return None
-        if manifest.prompt_format.tools_format != TOOLS_FORMAT:
+        if tools_format != TOOLS_FORMAT:
             raise APIError(400, f"The model '{alias}' was not trained for function calling; send no 'tools'.",
                            param="tools", code="tools_unsupported")  # fmt: skip
         body["messages"] = with_tools(_flatten_history(body["messages"]), functions)

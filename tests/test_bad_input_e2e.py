@@ -14,7 +14,7 @@ import pytest
 
 from contract.store import AdapterStore
 from tests.conftest import Gateway
-from tests.test_gateway import tar_of
+from tests.fakes import tar_of
 
 pytestmark = pytest.mark.e2e
 

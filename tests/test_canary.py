@@ -19,7 +19,7 @@ from serving.config import GatewaySettings
 from serving.metrics import RequestRecord
 from serving.tenants import TenantStore
 from tests.conftest import make_adapter
-from tests.test_gateway import ADMIN_KEY, FakeEngine, assert_openai_error, fake_base
+from tests.fakes import ADMIN_KEY, FakeEngine, assert_openai_error, fake_base
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 SCHEMA = {"type": "object", "required": ["a"]}

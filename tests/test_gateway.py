@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import tarfile
 import time
 import uuid
 import zipfile
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -17,111 +16,13 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
-from contract.basemodel import BaseModelRecord, write_record
 from contract.store import AdapterStore
 from serving.app import build_app
 from serving.config import GatewaySettings
-from serving.engine import EngineError
 from serving.policies import AliasPolicies, AliasPolicy
 from serving.tenants import TenantStore, key_id_of
 from tests.conftest import make_adapter
-
-ADMIN_KEY = "admin-key-for-tests-0123456789"
-
-
-class FakeEngine:
-    """Implements ``serving.engine.Engine`` over an httpx MockTransport that plays vLLM."""
-
-    def __init__(self) -> None:
-        self.restarts = 0
-        self.ready = True
-        self.loaded: list[str] = []
-        self.requests: list[dict] = []
-        self.answer = '{"a": 1}'
-        self.answers: dict[str, str] = {}  # per engine-side model name, e.g. {"orders@2": "broken"}
-        self.request_ids: list[str | None] = []
-        self.client = httpx.AsyncClient(transport=httpx.MockTransport(self._handle), base_url="http://engine")
-
-    def _handle(self, request: httpx.Request) -> httpx.Response:
-        body = json.loads(request.content)
-        self.requests.append(body)
-        if body["model"] not in self.loaded:
-            return httpx.Response(
-                404, json={"error": {"message": "no such model", "type": "NotFoundError", "param": None, "code": 404}}
-            )
-        answer = self.answers.get(body["model"], self.answer)
-        if body.get("stream"):
-            third = max(1, len(answer) // 3)
-            pieces = [answer[:third], answer[third : 2 * third], answer[2 * third :]]
-            chunks = [
-                {
-                    "id": "c1",
-                    "object": "chat.completion.chunk",
-                    "model": body["model"],
-                    "choices": [{"index": 0, "delta": {"content": tok}, "finish_reason": "stop" if last else None}],
-                }
-                for tok, last in zip(pieces, (False, False, True), strict=True)
-            ]
-            if (body.get("stream_options") or {}).get("include_usage"):
-                usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
-                chunks.append({"id": "c1", "object": "chat.completion.chunk", "model": body["model"], "choices": [],
-                               "usage": usage})  # fmt: skip
-            # vLLM's compact JSON, which the gateway's relay reads
-            sse = "".join(f"data: {json.dumps(c, separators=(',', ':'))}\n\n" for c in chunks) + "data: [DONE]\n\n"
-            return httpx.Response(200, content=sse.encode(), headers={"content-type": "text/event-stream"})
-        if request.url.path == "/v1/completions":
-            choice = {"index": 0, "text": answer, "finish_reason": "stop"}
-            return httpx.Response(200, json={"id": "c1", "object": "text_completion", "model": body["model"],
-                                             "choices": [choice]})  # fmt: skip
-        message = {"role": "assistant", "content": answer}
-        return httpx.Response(
-            200,
-            json={
-                "id": "c1",
-                "object": "chat.completion",
-                "model": body["model"],
-                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
-            },
-        )
-
-    def is_ready(self) -> bool:
-        return self.ready
-
-    async def start(self, on_ready: Callable[[], Awaitable[None]]) -> None:
-        await on_ready()
-
-    async def stop(self) -> None:
-        await self.client.aclose()
-
-    async def load_adapter(self, name: str, path: Path) -> None:
-        self.loaded.append(name)
-
-    async def unload_adapter(self, name: str) -> None:
-        self.loaded.remove(name)
-
-    async def metrics(self) -> bytes:
-        if not self.ready:
-            raise EngineError("engine metrics unreachable")
-        return (
-            b"# HELP vllm:num_requests_running Running requests.\n# TYPE vllm:num_requests_running gauge\n"
-            b'vllm:num_requests_running{model_name="base"} 0.0\n'
-        )
-
-    async def send(
-        self,
-        path: str,
-        body: dict,
-        *,
-        stream: bool,
-        request_id: str | None = None,
-        on_sent: Callable[[], None] | None = None,
-    ) -> httpx.Response:
-        self.request_ids.append(request_id)
-        request = self.client.build_request("POST", path, json=body)
-        if on_sent is not None:
-            on_sent()
-        return await self.client.send(request, stream=stream)
+from tests.fakes import ADMIN_KEY, FakeEngine, assert_openai_error, chat, fake_base, tar_of
 
 
 @pytest.fixture
@@ -141,32 +42,6 @@ def gateway(tmp_path: Path) -> Iterator[tuple[TestClient, FakeEngine, dict[str, 
         yield client, engine, keys
 
 
-def fake_base(tmp_path: Path) -> Path:
-    """A base model directory with its identity record and layer sizes, no weights: fit checks run for real."""
-    base = tmp_path / "base-model"
-    base.mkdir()
-    write_record(base, BaseModelRecord(name="m", sha256="ab", source="test"))
-    config = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
-              "intermediate_size": 32}  # fmt: skip
-    (base / "config.json").write_text(json.dumps(config))
-    return base
-
-
-def chat(client: TestClient, key: str | None, **body: object) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    payload = {"model": "orders", "messages": [{"role": "user", "content": "hi"}]} | body
-    return client.post("/v1/chat/completions", json=payload, headers=headers)
-
-
-def assert_openai_error(resp: httpx.Response, status: int, code: str | None = None) -> dict:
-    assert resp.status_code == status, resp.text
-    error = resp.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    if code:
-        assert error["code"] == code
-    return error
-
-
 def test_alias_routes_to_its_newest_version_with_the_recorded_template(gateway) -> None:
     client, engine, keys = gateway
     resp = chat(client, keys["acme"])
@@ -176,6 +51,42 @@ def test_alias_routes_to_its_newest_version_with_the_recorded_template(gateway) 
     sent = engine.requests[-1]
     assert sent["model"] == "orders@2"
     assert sent["chat_template"] == "{% for m in messages %}{{ m.content }}{% endfor %}"
+
+
+def test_the_base_alias_is_the_bare_base_model_for_tenants_granted_it(gateway, tmp_path: Path) -> None:
+    client, engine, keys = gateway
+    assert_openai_error(chat(client, keys["acme"], model="base"), 404, "model_not_found")
+    assert admin(client, "PUT", "/tenants/acme/grants/base").status_code == 200
+    resp = chat(client, keys["acme"], model="base")
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-lorafleet-adapter"] == "base"
+    sent = engine.requests[-1]
+    assert sent["model"] == "base" and "chat_template" not in sent  # the base model's own template
+    models = client.get("/v1/models", headers={"Authorization": f"Bearer {keys['acme']}"}).json()["data"]
+    assert {m["id"] for m in models} == {"base", "orders"}
+
+
+def test_an_alias_still_training_is_503_with_its_eta(gateway, tmp_path: Path) -> None:
+    client, _, keys = gateway
+    store = AdapterStore(tmp_path / "adapters")
+    assert admin(client, "PUT", "/tenants/acme/grants/fresh").status_code == 200
+    assert_openai_error(chat(client, keys["acme"], model="fresh"), 404, "model_not_found")
+    store.announce_training("fresh", {"phase": "training", "step": 30, "max_steps": 60, "eta_s": 150.2})
+    resp = chat(client, keys["acme"], model="fresh")
+    error = assert_openai_error(resp, 503, "model_training")
+    assert resp.headers["retry-after"] == "151"
+    assert "still training (step 30 of 60)" in error["message"] and "about 3 min" in error["message"]
+    store.announce_training("fresh", {"phase": "preparing"})
+    resp = chat(client, keys["acme"], model="fresh")
+    assert_openai_error(resp, 503, "model_training")
+    assert resp.headers["retry-after"] == "30"
+    # An announcement nobody refreshes is from a run that died: the alias is back to not existing.
+    path = tmp_path / "adapters" / "fresh" / "training.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"updated_at": time.time() - 600}))
+    assert_openai_error(chat(client, keys["acme"], model="fresh"), 404, "model_not_found")
+    # Another tenant never learns that the alias is training.
+    store.announce_training("fresh", {"phase": "training", "step": 1, "max_steps": 2, "eta_s": 5})
+    assert_openai_error(chat(client, keys["other"], model="fresh"), 404, "model_not_found")
 
 
 @pytest.mark.parametrize("header", [None, "Bearer ", "Bearer lf-wrong", "Basic abc", "lf-x"])
@@ -490,20 +401,6 @@ def test_path_tricks_never_reach_a_route_without_auth(gateway, path: str) -> Non
 # -- the adapter registry through the admin API ---------------------------------------------------
 
 
-def tar_of(files: dict[str, bytes], *, link: str | None = None) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        if link:
-            info = tarfile.TarInfo(link)
-            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
-            tar.addfile(info)
-    return buf.getvalue()
-
-
 def adapter_files(tmp_path: Path, prefix: str = "", **kw: object) -> dict[str, bytes]:
     src = make_adapter(tmp_path / f"src-{uuid.uuid4().hex}", **kw)  # type: ignore[arg-type]
     return {f"{prefix}{p.name}": p.read_bytes() for p in src.iterdir()}
@@ -699,14 +596,14 @@ def test_the_engine_child_runs_at_lower_priority_in_its_own_session_and_autogrou
     import subprocess
     import sys
 
-    from serving.engine import _child_setup
+    from serving.engine import child_setup
 
     probe = (
         "import os, pathlib; p = pathlib.Path('/proc/self/autogroup');"
         "print(os.getsid(0) == os.getpid(), os.nice(0), p.read_text().split()[-1] if p.exists() else '-')"
     )
     out = subprocess.run(
-        [sys.executable, "-c", probe], preexec_fn=_child_setup(7), capture_output=True, text=True, check=True
+        [sys.executable, "-c", probe], preexec_fn=child_setup(7), capture_output=True, text=True, check=True
     ).stdout.split()
     assert out[0] == "True"  # its own session: a stop signals the whole vLLM process group
     assert int(out[1]) == os.nice(0) + 7 or int(out[1]) == 19

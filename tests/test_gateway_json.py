@@ -16,7 +16,7 @@ from serving.app import build_app
 from serving.config import GatewaySettings
 from serving.tenants import TenantStore
 from tests.conftest import make_adapter
-from tests.test_gateway import ADMIN_KEY, FakeEngine, assert_openai_error, chat, fake_base
+from tests.fakes import ADMIN_KEY, FakeEngine, assert_openai_error, chat, fake_base
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 WEATHER = {

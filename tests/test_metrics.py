@@ -19,7 +19,7 @@ from serving.app import build_app
 from serving.config import GatewaySettings
 from serving.tenants import TenantStore
 from tests.conftest import make_adapter
-from tests.test_gateway import ADMIN_KEY, FakeEngine, chat, fake_base
+from tests.fakes import ADMIN_KEY, FakeEngine, chat, fake_base
 
 SERIES_CAP = 400  # what 1,000 bogus aliases and keys must not push the exposition past
 

@@ -150,6 +150,42 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(base_model: Path, tiny_tr
     assert not out.with_name("adapter.partial").exists()
 
 
+def test_ctrl_c_checkpoints_ends_the_announcement_and_resume_publishes(
+    base_model: Path, tiny_train_file: Path, tmp_path: Path
+) -> None:
+    """``train --publish`` announces its progress in the store; SIGINT stops it cleanly; ``--resume`` finishes."""
+    from contract.store import AdapterStore
+
+    out, store = tmp_path / "runs" / "tiny", AdapterStore(tmp_path / "adapters")
+    args = ["train", "--data", str(tiny_train_file), "--out", str(out), "--max-steps", "8", "--batch-size", "4",
+            "--rank", "4", "--val-fraction", "0", "--max-length", "160", "--publish", "tiny"]  # fmt: skip
+    env = os.environ | {"LORAFLEET_DATA_DIR": str(tmp_path), "LORAFLEET_BASE_MODEL": str(base_model)}
+    proc = subprocess.Popen([sys.executable, "-m", "lorafleet", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    deadline = time.monotonic() + 300
+    status = None
+    while not (status and status.get("step")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        status = store.training("tiny")
+        time.sleep(0.2)
+    assert status is not None and status["max_steps"] == 8 and status["eta_s"] >= 0 and status["tokens_per_s"] > 0
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output[-2000:]
+    assert "--resume" in output and store.training("tiny") is None and store.latest("tiny") is None
+    checkpoints = list((out.with_name("tiny.partial") / "checkpoints").glob("checkpoint-*"))
+    assert checkpoints, "the stop saves a checkpoint"
+    stopped_at = max(int(c.name.rsplit("-", 1)[1]) for c in checkpoints)
+    assert 1 <= stopped_at < 8
+
+    done = subprocess.run([sys.executable, "-m", "lorafleet", *args, "--resume"], cwd=ROOT, env=env, text=True,
+                          capture_output=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    published = store.latest("tiny")
+    assert published is not None and published.manifest().metrics["steps"] == 8
+    assert store.training("tiny") is None
+
+
 def test_resume_without_a_checkpoint_says_so(tmp_path: Path) -> None:
     proc = run_cli("train", "--data", str(ORDERS / "train.jsonl"), "--out", str(tmp_path / "x"), "--resume")
     assert proc.returncode == 2 and "no checkpoint" in proc.stderr

@@ -1,9 +1,12 @@
-"""Training callbacks: a live progress bar (loss, tokens/s, ETA) and a metrics JSONL file."""
+"""Training callbacks: a live progress bar (loss, tokens/s, ETA), a metrics JSONL file, status announcements,
+and a clean stop on Ctrl-C."""
 
 from __future__ import annotations
 
 import json
+import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +96,82 @@ class RichProgress(TrainerCallback):
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+class Announce(TrainerCallback):
+    """Hands a status (step, max_steps, loss, tokens/s, ETA) to ``announce`` every ``every_s`` seconds.
+
+    ``lorafleet train --publish ALIAS`` announces it in the adapter store
+    (``AdapterStore.announce_training``), where a gateway reads it to tell a
+    client when the alias's first version will be servable, and ``lorafleet
+    demo`` to draw its progress lines. Evaluation steps refresh it too, so a
+    long evaluation does not look like a dead run.
+    """
+
+    def __init__(self, announce: Callable[[dict[str, Any]], None], every_s: float = 2.0) -> None:
+        self.announce, self.every_s = announce, every_s
+        self.started = 0.0
+        self.first_step = 0
+        self.tokens_at_start = 0
+        self.last = 0.0
+        self.status: dict[str, Any] = {"phase": "preparing"}
+
+    def _send(self, state: Any, phase: str, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not state.is_world_process_zero or (not force and now - self.last < self.every_s):
+            return
+        self.last = now
+        elapsed = now - self.started
+        done = state.global_step - self.first_step
+        self.status |= {"phase": phase, "step": state.global_step, "max_steps": state.max_steps}
+        if done > 0 and elapsed > 0:
+            self.status["eta_s"] = round(elapsed / done * (state.max_steps - state.global_step), 1)
+        if state.num_input_tokens_seen and elapsed > 0:
+            self.status["tokens_per_s"] = round((state.num_input_tokens_seen - self.tokens_at_start) / elapsed, 1)
+        self.announce(dict(self.status))
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        self.started = time.perf_counter()
+        self.first_step = state.global_step
+        self.tokens_at_start = int(state.num_input_tokens_seen or 0)
+        self._send(state, "training", force=True)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        self._send(state, "training")
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **_: Any) -> None:
+        if logs and "loss" in logs:
+            self.status["loss"] = round(float(logs["loss"]), 4)
+        if logs and "eval_loss" in logs:
+            self.status["eval_loss"] = round(float(logs["eval_loss"]), 4)
+
+    def on_prediction_step(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        self._send(state, "evaluating")
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        self._send(state, "saving", force=True)
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGINT or SIGTERM: finish the current step, save a checkpoint, stop (``--resume`` continues from it)."""
+
+    def __init__(self) -> None:
+        self.stopped_at: int | None = None
+        self._asked = False
+
+    def install(self) -> None:
+        """Take over SIGINT/SIGTERM (main thread only; the first signal asks, a second one kills)."""
+
+        def ask(signum: int, frame: Any) -> None:
+            if self._asked:
+                signal.default_int_handler(signum, frame)
+            self._asked = True
+
+        signal.signal(signal.SIGINT, ask)
+        signal.signal(signal.SIGTERM, ask)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        if self._asked and self.stopped_at is None:
+            self.stopped_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True

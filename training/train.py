@@ -26,8 +26,10 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version as package_version
 from pathlib import Path
@@ -40,7 +42,7 @@ from contract.manifest import AdapterManifest, BaseModelRef, DataRef, LoraSpec, 
 from contract.prompt import render, with_tools
 from contract.tools import TOOLS_FORMAT
 from training.config import TrainConfig
-from training.progress import MetricsLog, RichProgress
+from training.progress import Announce, MetricsLog, RichProgress, StopOnSignal
 
 CHECKPOINTS = "checkpoints"
 
@@ -112,8 +114,8 @@ def _precision(cfg: TrainConfig) -> str:
     return "bf16" if _cpu_has_bf16() else "fp32"
 
 
-def prepare(cfg: TrainConfig, base_model: str, staging: Path) -> Prepared:
-    """Check the data, build the datasets, the model and the ``SFTTrainer``."""
+def prepare(cfg: TrainConfig, base_model: str, staging: Path, callbacks: list[Any] | None = None) -> Prepared:
+    """Check the data, build the datasets, the model and the ``SFTTrainer`` (``callbacks`` added to its own)."""
     import datasets
     import torch
     from datasets import Dataset
@@ -202,7 +204,7 @@ def prepare(cfg: TrainConfig, base_model: str, staging: Path) -> Prepared:
         include_num_input_tokens_seen="non_padding",
         ddp_find_unused_parameters=False,  # every LoRA weight is used in every step
     )
-    callbacks: list[Any] = [MetricsLog(staging / "metrics.jsonl"), RichProgress()]
+    callbacks = [MetricsLog(staging / "metrics.jsonl"), RichProgress(), *(callbacks or [])]
     if cfg.early_stopping:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping))
     datasets.disable_progress_bars()
@@ -248,7 +250,11 @@ def _qlora_kwargs(torch: Any) -> dict[str, Any]:
     from transformers import BitsAndBytesConfig
 
     if not torch.cuda.is_available():
-        warnings.warn("QLoRA on the CPU works but is much slower than LoRA; use it on a GPU", stacklevel=3)
+        warnings.warn(
+            "QLoRA on the CPU works but is much slower than LoRA; use it on a GPU (on a CPU, bitsandbytes' "
+            "4-bit kernel comes from the optional `kernels` package)",
+            stacklevel=3,
+        )
     compute = torch.bfloat16 if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else torch.float16
     quant = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
@@ -262,10 +268,26 @@ def last_checkpoint(staging: Path) -> Path | None:
     return max(complete, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
 
 
-def train(cfg: TrainConfig, base_model: str, *, resume: bool = False) -> AdapterManifest:
+class Interrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint; ``--resume`` continues from it."""
+
+    def __init__(self, step: int, staging: Path) -> None:
+        super().__init__(f"stopped at step {step} (checkpoint in {staging})")
+        self.step, self.staging = step, staging
+
+
+def train(
+    cfg: TrainConfig,
+    base_model: str,
+    *,
+    resume: bool = False,
+    announce: Callable[[dict[str, Any]], None] | None = None,
+) -> AdapterManifest:
     """Train, then move the finished artifact to ``cfg.out`` in one rename.
 
-    ``resume``: continue from the last checkpoint in ``<out>.partial`` (left by a killed run).
+    ``resume``: continue from the last checkpoint in ``<out>.partial`` (left by a killed or stopped run).
+    ``announce``: called every few seconds with the run's status (step, ETA, ...).
+    Ctrl-C (or SIGTERM) finishes the current step, saves a checkpoint and raises ``Interrupted``.
     """
     staging = cfg.out.with_name(cfg.out.name + ".partial")
     checkpoint = last_checkpoint(staging) if resume else None
@@ -275,12 +297,19 @@ def train(cfg: TrainConfig, base_model: str, *, resume: bool = False) -> Adapter
     if checkpoint is None and main_process:
         shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True, exist_ok=True)
+    callbacks: list[Any] = [Announce(announce)] if announce is not None else []
+    stop = StopOnSignal()
+    if threading.current_thread() is threading.main_thread():
+        stop.install()
+        callbacks.append(stop)
     try:
-        manifest = _train_into(cfg, base_model, staging, checkpoint)
+        manifest = _train_into(cfg, base_model, staging, checkpoint, callbacks)
     except DataError:
         if main_process:
             shutil.rmtree(staging, ignore_errors=True)
         raise
+    if stop.stopped_at is not None:
+        raise Interrupted(stop.stopped_at, staging)
     if not main_process:  # under `accelerate launch`, process 0 writes the artifact
         return manifest
     # Any other failure keeps the staging folder: its checkpoints are what --resume continues from.
@@ -290,11 +319,15 @@ def train(cfg: TrainConfig, base_model: str, *, resume: bool = False) -> Adapter
     return manifest
 
 
-def _train_into(cfg: TrainConfig, base_model: str, staging: Path, checkpoint: Path | None) -> AdapterManifest:
-    prepared = prepare(cfg, base_model, staging)
+def _train_into(
+    cfg: TrainConfig, base_model: str, staging: Path, checkpoint: Path | None, callbacks: list[Any]
+) -> AdapterManifest:
+    prepared = prepare(cfg, base_model, staging, callbacks)
     trainer = prepared.trainer
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if any(isinstance(c, StopOnSignal) and c.stopped_at is not None for c in callbacks):
+        return AdapterManifest.model_construct()  # stopped early: train() keeps the checkpoint, writes nothing
     elapsed = time.perf_counter() - started
     eval_loss = None
     if prepared.eval_examples:

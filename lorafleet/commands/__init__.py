@@ -1,0 +1,1 @@
+"""The command groups of ``lorafleet``, one module each (registered in ``lorafleet.cli``)."""

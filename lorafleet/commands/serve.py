@@ -1,0 +1,87 @@
+"""``lorafleet serve``: run the gateway (it starts and supervises vLLM unless ``LORAFLEET_ENGINE_URL`` names one)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from lorafleet.commands.model import require_base_model
+from lorafleet.console import console, fail
+
+if TYPE_CHECKING:
+    from serving.config import GatewaySettings
+
+HostOpt = Annotated[str | None, typer.Option(help="Listen address (default: LORAFLEET_HOST or 127.0.0.1).")]
+PortOpt = Annotated[int | None, typer.Option(help="Listen port (default: LORAFLEET_PORT or 8000).")]
+
+
+def serve(host: HostOpt = None, port: PortOpt = None) -> None:
+    """Run the gateway; it starts and supervises vLLM. Ctrl-C stops both."""
+    settings = gateway_settings(host, port)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console.print(f"gateway on {settings_url(settings)}; starting vLLM (about 30 s)…")
+    threading.Thread(target=_say_when_ready, args=(settings_url(settings),), daemon=True).start()
+    run_gateway(settings)
+
+
+def gateway_settings(host: str | None, port: int | None) -> GatewaySettings:
+    """The gateway's settings from the environment, with ``--host`` / ``--port`` on top; refused ones exit 2."""
+    from serving.config import GatewaySettings
+
+    overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    try:
+        settings = GatewaySettings(**overrides)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise fail(f"invalid settings: {exc}") from exc
+    require_base_model(settings)
+    return settings
+
+
+def settings_url(settings: GatewaySettings) -> str:
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    return f"http://{host}:{settings.port}"
+
+
+def run_gateway(settings: GatewaySettings, log_file: Path | None = None) -> None:
+    """Serve until Ctrl-C/SIGTERM: stop accepting, let in-flight requests finish (up to the grace period), stop vLLM.
+
+    ``log_file``: the gateway's log goes there instead of the terminal (the demo draws its own screen).
+    """
+    import uvicorn
+
+    from serving.app import build_app
+
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine health check is noise
+    # With a log file, uvicorn's loggers propagate to it (log_config=None leaves logging as configured above).
+    log_config = None if log_file is not None else uvicorn.config.LOGGING_CONFIG
+    uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level="info", log_config=log_config,
+                timeout_graceful_shutdown=settings.shutdown_grace_s)  # fmt: skip
+
+
+def wait_ready(url: str, stop: threading.Event | None = None) -> bool:
+    """Block until the gateway's ``/readyz`` says ready (``False`` if ``stop`` is set first)."""
+    import httpx
+
+    while stop is None or not stop.is_set():
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(1.0)
+    return False
+
+
+def _say_when_ready(url: str) -> None:
+    wait_ready(url)
+    console.print(f"\n[bold green]ready[/] at {url}  (Ctrl-C stops the gateway and vLLM)")

@@ -1,0 +1,136 @@
+"""The pure part of a canary: its config, what each variant served, and the comparison that decides.
+
+Nothing here touches the database, the store or the clock beyond time stamps:
+``analyze`` is a function of two windows and a config, and ``user_point`` of a
+canary id and a user.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from contract.stats import mann_whitney_greater, two_proportion_drop
+from serving.metrics import RequestRecord
+
+
+class CanaryConfig(BaseModel):
+    """A canary's steps and thresholds (defaults after Flagger and Kayenta; tests use short intervals)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: list[int] = Field(default=[5, 25, 50, 100], min_length=1, max_length=20,
+                             description="Candidate weights in %, rising; reaching 100 promotes.")  # fmt: skip
+    interval_s: float = Field(default=60.0, ge=0.5, le=86_400, description="Analysis interval per step.")
+    min_samples: int = Field(default=50, ge=1, le=1_000_000, description="Requests per variant before judging.")
+    max_validity_drop: float = Field(default=0.02, ge=0, le=1, description="Tolerated drop in JSON validity.")
+    max_error_increase: float = Field(default=0.01, ge=0, le=1, description="Tolerated rise in the 5xx rate.")
+    max_latency_ratio: float = Field(default=1.5, ge=1, le=100, description="Tolerated candidate/stable p95 latency.")
+    confidence: float = Field(default=0.95, ge=0.5, lt=1, description="Of each test (alpha = 1 - confidence).")
+
+    @field_validator("steps")
+    @classmethod
+    def _rising(cls, steps: list[int]) -> list[int]:
+        if any(not 1 <= s <= 100 for s in steps) or any(b <= a for a, b in itertools.pairwise(steps)):
+            raise ValueError("steps must be rising weights between 1 and 100, e.g. [5, 25, 50, 100]")
+        return steps
+
+
+@dataclass
+class Window:
+    """What one variant served since the step began."""
+
+    requests: int = 0
+    errors: int = 0
+    checked: int = 0
+    valid: int = 0
+    latency: list[float] = field(default_factory=list)
+    ttft: list[float] = field(default_factory=list)
+
+    def add(self, record: RequestRecord) -> None:
+        if 400 <= record.status < 500:
+            return  # the client's mistake says nothing about the version
+        self.requests += 1
+        if record.status >= 500 or record.status == 0:
+            self.errors += 1
+            return
+        self.latency.append(record.latency)
+        if record.ttft is not None:
+            self.ttft.append(record.ttft)
+        for outcome in record.json_outcomes:
+            self.checked += 1
+            self.valid += outcome == "valid"
+
+    def summary(self) -> dict[str, int]:
+        return {"requests": self.requests, "errors": self.errors, "json_checked": self.checked, "valid": self.valid,
+                "streams": len(self.ttft)}  # fmt: skip
+
+
+@dataclass
+class Analysis:
+    decision: Literal["wait", "rollback", "pass"]
+    reason: str
+    metrics: list[dict[str, Any]]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"decision": self.decision, "reason": self.reason, "metrics": self.metrics, "at": time.time()}
+
+
+def analyze(stable: Window, canary: Window, config: CanaryConfig) -> Analysis:
+    """Compare the variants' windows: wait for samples, roll back on a significant regression, else pass."""
+    alpha = 1 - config.confidence
+    need = config.min_samples
+    if min(stable.requests, canary.requests) < need:
+        return Analysis("wait", f"waiting for samples: stable {stable.requests}, canary {canary.requests}, "
+                        f"need {need} each", [])  # fmt: skip
+    metrics: list[dict[str, Any]] = []
+
+    def rate(name: str, s_ok: int, s_n: int, c_ok: int, c_n: int, margin: float, unit: str) -> None:
+        drop = two_proportion_drop(s_ok, s_n, c_ok, c_n, margin=margin)
+        metrics.append({"metric": name, "stable": drop.baseline, "canary": drop.candidate, "n_stable": s_n,
+                        "n_canary": c_n, "threshold": f"{unit} drop <= {margin:g}", "p_value": drop.p_value,
+                        "test": drop.test, "regression": drop.drop > margin and drop.significant(alpha)})  # fmt: skip
+
+    def latency(name: str, s: list[float], c: list[float]) -> None:
+        if min(len(s), len(c)) < need:
+            metrics.append({"metric": name, "n_stable": len(s), "n_canary": len(c), "regression": False,
+                            "note": f"not judged: fewer than {need} samples per variant"})  # fmt: skip
+            return
+        shift = mann_whitney_greater(s, c)
+        ratio = _p95(c) / _p95(s) if _p95(s) > 0 else 1.0
+        metrics.append({"metric": name, "stable": _p95(s), "canary": _p95(c), "p95_ratio": ratio,
+                        "n_stable": len(s), "n_canary": len(c), "p_value": shift.p_value, "test": shift.test,
+                        "threshold": f"p95 ratio <= {config.max_latency_ratio:g}",
+                        "regression": ratio > config.max_latency_ratio and shift.significant(alpha)})  # fmt: skip
+
+    if stable.checked or canary.checked:
+        if min(stable.checked, canary.checked) < need:
+            return Analysis("wait", f"waiting for JSON-checked answers: stable {stable.checked}, canary "
+                            f"{canary.checked}, need {need} each", [])  # fmt: skip
+        rate("json_validity", stable.valid, stable.checked, canary.valid, canary.checked, config.max_validity_drop,
+             "validity")  # fmt: skip
+    rate("success_rate", stable.requests - stable.errors, stable.requests, canary.requests - canary.errors,
+         canary.requests, config.max_error_increase, "success")  # fmt: skip
+    latency("latency_e2e", stable.latency, canary.latency)
+    latency("ttft", stable.ttft, canary.ttft)
+    regressions = [m["metric"] for m in metrics if m["regression"]]
+    if regressions:
+        return Analysis("rollback", f"significant regression at {config.confidence:.0%} confidence: "
+                        + ", ".join(regressions), metrics)  # fmt: skip
+    return Analysis("pass", "no significant regression", metrics)
+
+
+def _p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+
+
+def user_point(canary_id: int, user: str) -> float:
+    """The user's fixed point in [0, 1) for this canary."""
+    digest = hashlib.sha256(f"{canary_id}:{user}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64

@@ -1,0 +1,250 @@
+"""The canary decision loop and the manual operations: start, analyse each window, step, promote, roll back.
+
+The manager keeps the running canaries and the samples of each step's window
+in memory (``analysis.Window``), asks ``analysis.analyze`` for a decision every
+``interval_s``, and records each decision through ``state.CanaryRecords``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import sqlalchemy as sa
+
+from contract.store import AdapterStore, AdapterVersion, StoreError, VersionNotFound
+from serving.adapters import AdapterRegistry
+from serving.canary.analysis import CanaryConfig, Window, analyze, user_point
+from serving.canary.state import ACTIVE, Canary, CanaryError, CanaryRecords, State, Variant
+from serving.metrics import GatewayMetrics, RequestRecord
+
+log = logging.getLogger("lorafleet.canary")
+
+
+class CanaryManager:
+    def __init__(self, engine: sa.Engine, registry: AdapterRegistry, metrics: GatewayMetrics | None = None) -> None:
+        self.records, self.registry, self.metrics = CanaryRecords(engine), registry, metrics
+        self.windows: dict[int, dict[str, Window]] = {}
+        self.active: dict[str, Canary] = {}
+        for canary in self.records.active():
+            self.active[canary.alias] = canary
+            canary.step_started_at = time.time()
+            self._save(canary)
+            self._event(canary, "resume_after_restart", "the gateway restarted: this step's window starts again")
+
+    @property
+    def store(self) -> AdapterStore:
+        return self.registry.store
+
+    # -- reads ------------------------------------------------------------------------------------
+
+    def latest(self, alias: str) -> Canary:
+        """The alias's active canary, else its most recent one."""
+        canary = self.active.get(alias) or self.records.latest(alias)
+        if canary is None:
+            raise CanaryError(404, f"alias {alias!r} has had no canary; start one first", "no_canary")
+        return canary
+
+    def status(self, alias: str) -> dict[str, Any]:
+        canary = self.latest(alias)
+        windows = self.windows.get(canary.id, {})
+        return canary.as_dict() | {
+            "window": {v: windows.get(v, Window()).summary() for v in ("stable", "canary")},
+            "window_age_s": round(time.time() - canary.step_started_at, 1) if canary.state in ACTIVE else None,
+        }
+
+    def events(self, alias: str) -> list[dict[str, Any]]:
+        return self.records.events(alias)
+
+    def weights(self) -> dict[str, float]:
+        return {alias: canary.weight for alias, canary in self.active.items()}
+
+    # -- serving ----------------------------------------------------------------------------------
+
+    def assign(self, alias: str, user: str) -> tuple[Variant, AdapterVersion] | None:
+        """The variant and version that serve ``user`` on ``alias``, or ``None`` with no canary."""
+        canary = self.active.get(alias)
+        if canary is None:
+            return None
+        if user_point(canary.id, user) < canary.weight:
+            return "canary", self.store.get(alias, canary.candidate)
+        return "stable", self.store.get(alias, canary.stable)
+
+    def observe(self, canary_id: int, variant: str, record: RequestRecord) -> None:
+        if not any(c.id == canary_id for c in self.active.values()):
+            return  # the canary ended while this request ran
+        self.windows.setdefault(canary_id, {}).setdefault(variant, Window()).add(record)
+
+    # -- decisions --------------------------------------------------------------------------------
+
+    async def start(self, alias: str, version: int, config: CanaryConfig, *, force: bool = False,
+                    reason: str = "", actor: str = "admin-api") -> Canary:  # fmt: skip
+        if alias in self.active:
+            other = self.active[alias]
+            raise CanaryError(409, f"alias {alias!r} already has a canary ({alias}@{other.candidate}, "
+                              f"{other.state}); abort it or let it finish first", "canary_exists")  # fmt: skip
+        if alias not in self.store.aliases():
+            raise CanaryError(404, f"no alias {alias!r} in the adapter store", "alias_not_found")
+        try:
+            target = self.store.get(alias, version)
+        except VersionNotFound as exc:
+            raise CanaryError(404, str(exc), "adapter_not_found") from exc
+        stable = self.store.stable(alias)
+        if stable is None:
+            raise CanaryError(400, f"alias {alias!r} has no stable version to compare with; promote one first",
+                              "no_stable_version")  # fmt: skip
+        if stable.version == version:
+            raise CanaryError(400, f"{target.ref} is already the stable version", "already_stable")
+        if self.store.is_retired(target):
+            raise CanaryError(400, f"{target.ref} is retired; publish it again to try it", "version_retired")
+        refusal = self.store.gate_refusal(target)
+        if refusal and not force:
+            raise CanaryError(400, refusal, "gate_required")
+        problems = self.registry.fit_problems(target.path)
+        if problems:
+            raise CanaryError(400, f"{target.ref} cannot be served: " + "; ".join(problems), "adapter_refused")
+        if self.registry.engine.is_ready():
+            await self.registry.ensure_loaded(target)  # loaded before its first request
+        canary = self.records.insert(alias, version, stable.version, config, forced=bool(refusal and force))
+        self.active[alias] = canary
+        why = f"forced without a passing gate ({refusal})" if refusal and force else "gate passed"
+        self._event(canary, "start", f"{reason or 'canary started'}; {why}", {"config": config.model_dump()}, actor)
+        log.info("canary %s@%d started at %d%% against %s@%d", alias, version, config.steps[0], alias, stable.version)
+        return canary
+
+    async def tick(self, now: float | None = None) -> None:
+        """Analyse every running canary whose interval has passed (and keep analysing one that waits)."""
+        now = time.time() if now is None else now
+        for canary in list(self.active.values()):
+            if canary.state != "running" or now - canary.step_started_at < canary.config.interval_s:
+                continue
+            windows = self.windows.get(canary.id, {})
+            analysis = analyze(windows.get("stable", Window()), windows.get("canary", Window()), canary.config)
+            waited = (canary.last_analysis or {}).get("decision") == "wait"
+            analysed = analysis.as_dict() | {"step": canary.step + 1}
+            if analysed != canary.last_analysis:  # a canary waiting with no new samples writes nothing
+                canary.last_analysis = analysed
+                self._save(canary)
+            numbers = {"analysis": canary.last_analysis, "window": {v: w.summary() for v, w in windows.items()}}
+            if analysis.decision == "wait":
+                if not waited:  # once per window, not every tick
+                    self._event(canary, "wait", analysis.reason, numbers, "canary")
+                    self._count(canary, "wait")
+                continue
+            if analysis.decision == "rollback":
+                await self._rollback(canary, analysis.reason, numbers, "canary")
+                continue
+            await self._advance(canary, numbers)
+
+    async def _advance(self, canary: Canary, numbers: dict[str, Any]) -> None:
+        if canary.step + 1 >= len(canary.config.steps) or canary.config.steps[canary.step + 1] >= 100:
+            await self._promote(canary, f"passed step {canary.step + 1} of {len(canary.config.steps)}", numbers,
+                                "canary")  # fmt: skip
+            return
+        before = canary.config.steps[canary.step]
+        canary.step += 1
+        self._new_window(canary)
+        self._event(canary, "step", f"no significant regression: {before}% -> {canary.config.steps[canary.step]}%",
+                    numbers, "canary")  # fmt: skip
+        self._count(canary, "step")
+
+    async def _promote(self, canary: Canary, reason: str, numbers: dict[str, Any] | None, actor: str) -> None:
+        try:
+            self.store.promote(canary.alias, canary.candidate, force=canary.forced, reason=f"canary: {reason}",
+                               actor=actor)  # fmt: skip
+        except StoreError as exc:
+            raise CanaryError(400, f"cannot promote: {exc}", "promote_refused") from exc
+        old = self.store.get(canary.alias, canary.stable)
+        self._finish(canary, "promoted")
+        self._event(canary, "promote", reason, numbers, actor)
+        self._count(canary, "promote")
+        self.store.retire(canary.alias, old.version, reason=f"replaced by {canary.alias}@{canary.candidate}",
+                          actor=actor)  # fmt: skip
+        await self.registry.retire(old)  # unloaded once its in-flight requests finish
+
+    async def _rollback(self, canary: Canary, reason: str, numbers: dict[str, Any] | None, actor: str) -> None:
+        candidate = self.store.get(canary.alias, canary.candidate)
+        self._finish(canary, "rolled_back")
+        self._event(canary, "rollback", reason, numbers, actor)
+        self._count(canary, "rollback")
+        self.store.retire(canary.alias, candidate.version, reason=f"canary rolled back: {reason}", actor=actor)
+        await self.registry.retire(candidate)
+        log.warning("canary %s rolled back: %s", candidate.ref, reason)
+
+    # -- manual -----------------------------------------------------------------------------------
+
+    def _require_active(self, alias: str, *states: State) -> Canary:
+        canary = self.active.get(alias)
+        if canary is None:
+            raise CanaryError(404, f"alias {alias!r} has no canary running", "no_canary")
+        if states and canary.state not in states:
+            raise CanaryError(409, f"the canary of {alias!r} is {canary.state}", "canary_state")
+        return canary
+
+    def pause(self, alias: str, reason: str = "", actor: str = "admin-api") -> Canary:
+        canary = self._require_active(alias, "running")
+        canary.state = "paused"
+        self._save(canary)
+        self._event(canary, "pause", reason or "paused: traffic stays at this weight, no decisions", None, actor)
+        return canary
+
+    def resume(self, alias: str, reason: str = "", actor: str = "admin-api") -> Canary:
+        canary = self._require_active(alias, "paused")
+        canary.state = "running"
+        self._new_window(canary)
+        self._event(canary, "resume", reason or "resumed: this step's window starts again", None, actor)
+        return canary
+
+    async def promote(self, alias: str, reason: str = "", actor: str = "admin-api") -> Canary:
+        canary = self._require_active(alias)
+        await self._promote(canary, reason or "promoted by hand", canary.last_analysis, actor)
+        return canary
+
+    async def rollback(self, alias: str, reason: str = "", actor: str = "admin-api") -> Canary:
+        canary = self._require_active(alias)
+        await self._rollback(canary, reason or "rolled back by hand", canary.last_analysis, actor)
+        return canary
+
+    def abort(self, alias: str, reason: str = "", actor: str = "admin-api") -> Canary:
+        """Stop sending traffic to the candidate; it stays published (not retired)."""
+        canary = self._require_active(alias)
+        self._finish(canary, "aborted")
+        self._event(canary, "abort", reason or "aborted by hand", canary.last_analysis, actor)
+        self._count(canary, "abort")
+        return canary
+
+    async def run(self, poll_s: float = 1.0) -> None:
+        """The analysis loop (the app's lifespan runs it)."""
+        while True:
+            try:
+                await self.tick()
+            except Exception:  # one failed analysis must not stop the loop
+                log.exception("canary analysis failed")
+            await asyncio.sleep(poll_s)
+
+    # -- bookkeeping --------------------------------------------------------------------------------
+
+    def _new_window(self, canary: Canary) -> None:
+        canary.step_started_at = time.time()
+        canary.last_analysis = None
+        self.windows.pop(canary.id, None)
+        self._save(canary)
+
+    def _finish(self, canary: Canary, state: State) -> None:
+        canary.state = state
+        self.active.pop(canary.alias, None)
+        self.windows.pop(canary.id, None)
+        self._save(canary)
+
+    def _save(self, canary: Canary) -> None:
+        self.records.save(canary)
+
+    def _event(self, canary: Canary, action: str, reason: str, numbers: dict[str, Any] | None = None,
+               actor: str = "canary") -> None:  # fmt: skip
+        self.records.event(canary, action, reason, numbers, actor)
+
+    def _count(self, canary: Canary, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.canary_decisions.labels(canary.alias, outcome).inc()

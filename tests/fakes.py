@@ -1,0 +1,158 @@
+"""Test doubles and helpers shared by the gateway's unit tests: a fake vLLM engine, a fake base model, request helpers.
+
+``FakeEngine`` implements ``serving.engine.Engine`` over an httpx
+``MockTransport`` that answers like vLLM's OpenAI server (404 for an adapter it
+does not hold, SSE streams with a usage chunk when asked); the gateway under
+test runs for real.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import httpx
+from fastapi.testclient import TestClient
+
+from contract.basemodel import BaseModelRecord, write_record
+from serving.engine import BASE_MODEL_NAME, EngineError
+
+ADMIN_KEY = "admin-key-for-tests-0123456789"
+
+
+class FakeEngine:
+    """Implements ``serving.engine.Engine`` over an httpx MockTransport that plays vLLM."""
+
+    def __init__(self) -> None:
+        self.restarts = 0
+        self.ready = True
+        self.loaded: list[str] = []
+        self.requests: list[dict] = []
+        self.answer = '{"a": 1}'
+        self.answers: dict[str, str] = {}  # per engine-side model name, e.g. {"orders@2": "broken"}
+        self.request_ids: list[str | None] = []
+        self.client = httpx.AsyncClient(transport=httpx.MockTransport(self._handle), base_url="http://engine")
+
+    def _handle(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        self.requests.append(body)
+        if body["model"] not in self.loaded and body["model"] != BASE_MODEL_NAME:
+            return httpx.Response(
+                404, json={"error": {"message": "no such model", "type": "NotFoundError", "param": None, "code": 404}}
+            )
+        answer = self.answers.get(body["model"], self.answer)
+        if body.get("stream"):
+            third = max(1, len(answer) // 3)
+            pieces = [answer[:third], answer[third : 2 * third], answer[2 * third :]]
+            chunks = [
+                {
+                    "id": "c1",
+                    "object": "chat.completion.chunk",
+                    "model": body["model"],
+                    "choices": [{"index": 0, "delta": {"content": tok}, "finish_reason": "stop" if last else None}],
+                }
+                for tok, last in zip(pieces, (False, False, True), strict=True)
+            ]
+            if (body.get("stream_options") or {}).get("include_usage"):
+                usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+                chunks.append({"id": "c1", "object": "chat.completion.chunk", "model": body["model"], "choices": [],
+                               "usage": usage})  # fmt: skip
+            # vLLM's compact JSON, which the gateway's relay reads
+            sse = "".join(f"data: {json.dumps(c, separators=(',', ':'))}\n\n" for c in chunks) + "data: [DONE]\n\n"
+            return httpx.Response(200, content=sse.encode(), headers={"content-type": "text/event-stream"})
+        if request.url.path == "/v1/completions":
+            choice = {"index": 0, "text": answer, "finish_reason": "stop"}
+            return httpx.Response(200, json={"id": "c1", "object": "text_completion", "model": body["model"],
+                                             "choices": [choice]})  # fmt: skip
+        message = {"role": "assistant", "content": answer}
+        return httpx.Response(
+            200,
+            json={
+                "id": "c1",
+                "object": "chat.completion",
+                "model": body["model"],
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+            },
+        )
+
+    def is_ready(self) -> bool:
+        return self.ready
+
+    async def start(self, on_ready: Callable[[], Awaitable[None]]) -> None:
+        await on_ready()
+
+    async def stop(self) -> None:
+        await self.client.aclose()
+
+    async def load_adapter(self, name: str, path: Path) -> None:
+        self.loaded.append(name)
+
+    async def unload_adapter(self, name: str) -> None:
+        self.loaded.remove(name)
+
+    async def metrics(self) -> bytes:
+        if not self.ready:
+            raise EngineError("engine metrics unreachable")
+        return (
+            b"# HELP vllm:num_requests_running Running requests.\n# TYPE vllm:num_requests_running gauge\n"
+            b'vllm:num_requests_running{model_name="base"} 0.0\n'
+        )
+
+    async def send(
+        self,
+        path: str,
+        body: dict,
+        *,
+        stream: bool,
+        request_id: str | None = None,
+        on_sent: Callable[[], None] | None = None,
+    ) -> httpx.Response:
+        self.request_ids.append(request_id)
+        request = self.client.build_request("POST", path, json=body)
+        if on_sent is not None:
+            on_sent()
+        return await self.client.send(request, stream=stream)
+
+
+def fake_base(tmp_path: Path) -> Path:
+    """A base model directory with its identity record and layer sizes, no weights: fit checks run for real."""
+    base = tmp_path / "base-model"
+    base.mkdir()
+    write_record(base, BaseModelRecord(name="m", sha256="ab", source="test"))
+    config = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+              "intermediate_size": 32}  # fmt: skip
+    (base / "config.json").write_text(json.dumps(config))
+    return base
+
+
+def chat(client: TestClient, key: str | None, **body: object) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    payload = {"model": "orders", "messages": [{"role": "user", "content": "hi"}]} | body
+    return client.post("/v1/chat/completions", json=payload, headers=headers)
+
+
+def assert_openai_error(resp: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if code:
+        assert error["code"] == code
+    return error
+
+
+def tar_of(files: dict[str, bytes], *, link: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        if link:
+            info = tarfile.TarInfo(link)
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(info)
+    return buf.getvalue()
