@@ -75,6 +75,8 @@ def test_the_demo_serves_base_at_once_and_each_adapter_when_trained(
             seen.append(orders.status_code)
             if orders.status_code == 503 and orders.json()["error"]["code"] == "model_training":
                 training_refusal = orders
+                queued = _chat(url, (data / "demo-keys" / "toolcall.key").read_text().strip(), "toolcall")
+                assert queued.status_code == 503 and "queued" in queued.json()["error"]["message"], queued.text
             if orders.status_code == 200:
                 break
             time.sleep(0.3)

@@ -80,6 +80,8 @@ def test_an_alias_still_training_is_503_with_its_eta(gateway, tmp_path: Path) ->
     resp = chat(client, keys["acme"], model="fresh")
     assert_openai_error(resp, 503, "model_training")
     assert resp.headers["retry-after"] == "30"
+    store.announce_training("fresh", {"phase": "queued"})
+    assert "queued behind another training run" in chat(client, keys["acme"], model="fresh").json()["error"]["message"]
     # An announcement nobody refreshes is from a run that died: the alias is back to not existing.
     path = tmp_path / "adapters" / "fresh" / "training.json"
     path.write_text(json.dumps(json.loads(path.read_text()) | {"updated_at": time.time() - 600}))

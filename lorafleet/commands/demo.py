@@ -40,7 +40,7 @@ from rich.text import Text
 from contract.settings import CommonSettings
 from contract.store import AdapterStore
 from lorafleet.commands.model import model_pull
-from lorafleet.commands.serve import gateway_settings, run_gateway, settings_url, wait_ready
+from lorafleet.commands.serve import gateway_settings, is_ready, run_gateway, settings_url
 from lorafleet.console import console, fail
 
 DEMO_ALIASES = ("orders", "toolcall")
@@ -80,7 +80,7 @@ def demo(
 
         for alias in missing:
             console.print(f"[bold]training the demo adapter '{alias}'[/]")
-            out = run_dir(settings, alias)
+            out = run_dir(settings.data_dir, alias)
             train(config=configs / f"{alias}.yaml", resume=_resumable(out), publish=alias, out=out)
         return
     keys = demo_keys(settings)
@@ -98,9 +98,9 @@ def demo(
         screen.goodbye()
 
 
-def run_dir(settings: CommonSettings, alias: str) -> Path:
+def run_dir(data_dir: Path, alias: str) -> Path:
     """Where the demo trains ``alias`` (its unfinished run, with checkpoints, is ``<run_dir>.partial``)."""
-    return settings.data_dir / "runs" / alias
+    return data_dir / "runs" / alias
 
 
 def _resumable(out: Path) -> bool:
@@ -131,7 +131,7 @@ class BackgroundTraining:
         for alias in self.aliases:
             if self._stopping.is_set():
                 return
-            out = self.data_dir / "runs" / alias
+            out = run_dir(self.data_dir, alias)
             args = [sys.executable, "-m", "lorafleet", "train", "--config", str(self.configs / f"{alias}.yaml"),
                     "--out", str(out), "--publish", alias, *(["--resume"] if _resumable(out) else [])]  # fmt: skip
             with open(logs / f"train-{alias}.log", "ab") as log:
@@ -148,9 +148,18 @@ class BackgroundTraining:
     def queued(self) -> list[str]:
         return [a for a in self.aliases if a not in self.outcome and a != self.current]
 
+    def announce_queued(self) -> None:
+        """Announce the aliases waiting their turn, so a request for one gets 503 (queued), not 404."""
+        if self._stopping.is_set():
+            return
+        for alias in self.queued():
+            self.store.announce_training(alias, {"phase": "queued"})
+
     def stop(self, timeout: float = 60.0) -> None:
         """SIGINT to the child: it finishes its step and saves a checkpoint (SIGKILL after ``timeout``)."""
         self._stopping.set()
+        for alias in self.queued():
+            self.store.end_training(alias)
         proc = self.proc
         if proc is None or proc.poll() is not None:
             return
@@ -191,8 +200,12 @@ class Screen:
         if live is not None:
             live.start()
         try:
+            announced = 0.0
             while not self._stop.is_set():
-                if self.ready_at is None and wait_ready(self.url, self._stop):
+                if time.monotonic() - announced > 30:  # well inside the store's staleness limit
+                    self.training.announce_queued()
+                    announced = time.monotonic()
+                if self.ready_at is None and is_ready(self.url):
                     self.ready_at = time.monotonic()
                     trainer = threading.Thread(target=self.training.run, daemon=True, name="demo-training")
                     trainer.start()

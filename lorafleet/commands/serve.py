@@ -68,18 +68,20 @@ def run_gateway(settings: GatewaySettings, log_file: Path | None = None) -> None
                 timeout_graceful_shutdown=settings.shutdown_grace_s)  # fmt: skip
 
 
-def wait_ready(url: str, stop: threading.Event | None = None) -> bool:
-    """Block until the gateway's ``/readyz`` says ready (``False`` if ``stop`` is set first)."""
+def is_ready(url: str) -> bool:
+    """One probe of the gateway's ``/readyz``."""
     import httpx
 
-    while stop is None or not stop.is_set():
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
-                return True
-        except httpx.HTTPError:
-            pass
+    try:
+        return httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def wait_ready(url: str) -> None:
+    """Block until the gateway's ``/readyz`` says ready."""
+    while not is_ready(url):
         time.sleep(1.0)
-    return False
 
 
 def _say_when_ready(url: str) -> None:

@@ -384,6 +384,8 @@ def _training(alias: str, status: dict[str, Any] | None) -> APIError | None:
     eta = status.get("eta_s")
     step, total = status.get("step"), status.get("max_steps")
     progress = f" (step {step} of {total})" if step is not None and total else ""
+    if status.get("phase") == "queued":
+        progress = " (queued behind another training run)"
     if isinstance(eta, int | float) and eta >= 0:
         retry = max(5, min(600, math.ceil(eta)))
         when = f"it should be servable in about {_duration(eta)}"

@@ -1,0 +1,44 @@
+"""The demo's screen: one line per adapter from the store's training announcements, a curl per servable alias."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+from contract.store import AdapterStore
+from lorafleet.commands.demo import BackgroundTraining, Screen
+from tests.conftest import make_adapter
+
+
+def screen(tmp_path: Path) -> Screen:
+    store = AdapterStore(tmp_path / "adapters")
+    training = BackgroundTraining(store, tmp_path, ["orders", "toolcall"])
+    keys = {"orders": "lf-orders-key", "toolcall": "lf-toolcall-key"}
+    return Screen("http://127.0.0.1:8000", keys, training, tmp_path / "logs" / "gateway.log", tmp_path)
+
+
+def test_progress_lines_follow_the_store(tmp_path: Path) -> None:
+    s = screen(tmp_path)
+    store = s.training.store
+    s.training.current = "orders"
+    assert s.progress_line("toolcall").split() == ["toolcall", "queued"]
+    store.announce_training("orders", {"phase": "training", "step": 30, "max_steps": 120, "loss": 0.03125,
+                                       "tokens_per_s": 191.4, "eta_s": 275.0})  # fmt: skip
+    assert s.progress_line("orders").split() == ["orders", "training", "step", "30/120", "loss", "0.0312", "191",
+                                                 "tok/s", "ETA", "4:35"]  # fmt: skip
+    store.publish(make_adapter(tmp_path / "src"), "orders")
+    assert s.progress_line("orders").split() == ["orders", "ready:", "served", "as", "orders@1"]
+    assert s.servable() == ["base", "orders"]
+
+
+def test_each_curl_is_a_request_the_gateway_takes(tmp_path: Path) -> None:
+    s = screen(tmp_path)
+    for alias in ("base", "orders", "toolcall"):
+        words = shlex.split(s.curl(alias))
+        assert words[:3] == ["curl", "-s", "http://127.0.0.1:8000/v1/chat/completions"]
+        body = json.loads(words[words.index("-d") + 1])
+        assert body["model"] == alias and body["messages"][0]["role"] == "user"
+        key = "lf-toolcall-key" if alias == "toolcall" else "lf-orders-key"
+        assert f"Authorization: Bearer {key}" in words
+    assert json.loads(shlex.split(s.curl("toolcall"))[-1])["tools"][0]["type"] == "function"
