@@ -41,10 +41,9 @@ from contract.judge import check_schema
 from contract.manifest import AdapterManifest, BaseModelRef, DataRef, LoraSpec, PromptFormat
 from contract.prompt import render, with_tools
 from contract.tools import TOOLS_FORMAT
+from training.checkpoints import CHECKPOINTS, last_checkpoint, staging_of
 from training.config import TrainConfig
 from training.progress import Announce, MetricsLog, RichProgress, StopOnSignal
-
-CHECKPOINTS = "checkpoints"
 
 
 @dataclass
@@ -121,7 +120,10 @@ def prepare(cfg: TrainConfig, base_model: str, staging: Path, callbacks: list[An
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, PrinterCallback
+    from transformers.utils import logging as hf_logging
     from trl import SFTConfig, SFTTrainer
+
+    hf_logging.disable_progress_bar()  # the weights' loading bar; RichProgress shows the training itself
 
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     if not tokenizer.chat_template:
@@ -262,12 +264,6 @@ def _qlora_kwargs(torch: Any) -> dict[str, Any]:
     return {"quantization_config": quant, "dtype": compute}
 
 
-def last_checkpoint(staging: Path) -> Path | None:
-    """The newest complete checkpoint: a run killed mid-save leaves one without its trainer state, written last."""
-    complete = [p for p in (staging / CHECKPOINTS).glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return max(complete, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
-
-
 class Interrupted(Exception):
     """Training stopped on SIGINT/SIGTERM after saving a checkpoint; ``--resume`` continues from it."""
 
@@ -289,7 +285,7 @@ def train(
     ``announce``: called every few seconds with the run's status (step, ETA, ...).
     Ctrl-C (or SIGTERM) finishes the current step, saves a checkpoint and raises ``Interrupted``.
     """
-    staging = cfg.out.with_name(cfg.out.name + ".partial")
+    staging = staging_of(cfg.out)
     checkpoint = last_checkpoint(staging) if resume else None
     if resume and checkpoint is None:
         raise ValueError(f"--resume: no checkpoint in {staging / CHECKPOINTS}; run without --resume to start over")

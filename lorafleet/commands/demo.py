@@ -104,9 +104,9 @@ def run_dir(data_dir: Path, alias: str) -> Path:
 
 
 def _resumable(out: Path) -> bool:
-    from training.train import last_checkpoint
+    from training.checkpoints import last_checkpoint, staging_of
 
-    return last_checkpoint(out.with_name(out.name + ".partial")) is not None
+    return last_checkpoint(staging_of(out)) is not None
 
 
 @dataclass
@@ -163,7 +163,8 @@ class BackgroundTraining:
         proc = self.proc
         if proc is None or proc.poll() is not None:
             return
-        console.print(f"stopping the training of '{self.current}' (it saves a checkpoint; the next run resumes it)…")
+        if self.current is not None and self.store.latest(self.current) is None:  # else it is only exiting
+            console.print(f"stopping the training of '{self.current}' (it saves a checkpoint; the next run resumes)…")
         proc.send_signal(signal.SIGINT)
         try:
             proc.wait(timeout=timeout)
