@@ -41,15 +41,17 @@ def running_gateway(settings: CommonSettings) -> str | None:
         return explicit.rstrip("/")
     try:
         info = json.loads((settings.data_dir / GATEWAY_FILE).read_text("utf-8"))
-        url, pid = str(info["url"]), int(info["pid"])
+        url, pid, instance = str(info["url"]), int(info["pid"]), str(info["instance"])
         os.kill(pid, 0)
     except (OSError, ValueError, KeyError, TypeError):
         return None
     try:
-        httpx.get(f"{url}/healthz", timeout=2.0).raise_for_status()
-    except httpx.HTTPError:
+        health = httpx.get(f"{url}/healthz", timeout=2.0)
+        answered = health.json().get("instance") if health.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError):
         return None
-    return url
+    # Another gateway on that port (or an app not listening where its settings say) is not this data dir's.
+    return url if answered == instance else None
 
 
 def admin_key_of(settings: CommonSettings, given: str | None = None) -> str | None:

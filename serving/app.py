@@ -15,6 +15,7 @@ import gc
 import json
 import logging
 import os
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -75,7 +76,8 @@ def build_app(settings: GatewaySettings, engine: Engine | None = None) -> FastAP
         gc.collect()
         gc.freeze()
         analysis = asyncio.create_task(canaries.run(settings.canary_poll_s))
-        announced = _announce(settings)
+        app.state.instance = secrets.token_hex(8)
+        announced = _announce(settings, app.state.instance)
         try:
             yield
         finally:
@@ -98,12 +100,17 @@ def build_app(settings: GatewaySettings, engine: Engine | None = None) -> FastAP
     return app
 
 
-def _announce(settings: GatewaySettings) -> Path:
-    """Say where this gateway listens (``data_dir/gateway.json``): the CLI sends its writes here while it runs."""
+def _announce(settings: GatewaySettings, instance: str) -> Path:
+    """Say where this gateway listens (``data_dir/gateway.json``): the CLI sends its writes here while it runs.
+
+    ``instance`` (also in ``/healthz``) lets the CLI check that what answers at
+    that address is this gateway, not another one on the same port.
+    """
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     path = settings.data_dir / GATEWAY_FILE
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps({"url": f"http://{host}:{settings.port}", "pid": os.getpid()}) + "\n")
+    record = {"url": f"http://{host}:{settings.port}", "pid": os.getpid(), "instance": instance}
+    tmp.write_text(json.dumps(record) + "\n")
     os.replace(tmp, path)
     return path
 

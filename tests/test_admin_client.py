@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -83,6 +84,18 @@ def test_writes_go_through_the_running_gateway(running: tuple[str, FakeEngine], 
     assert [e["actor"] for e in events] == ["admin-api", "admin-api"]
 
 
+def test_another_gateway_on_the_same_port_is_not_this_data_dirs(
+    running: tuple[str, FakeEngine], tmp_path: Path
+) -> None:
+    """A live process and a gateway answering at the recorded URL are not enough: its instance id must match."""
+    other = tmp_path / "other"
+    other.mkdir()
+    record = json.loads((tmp_path / "gateway.json").read_text())
+    (other / "gateway.json").write_text(json.dumps(record | {"instance": "0" * 16}))
+    assert running_gateway(GatewaySettings(data_dir=other, admin_key=ADMIN_KEY)) is None
+    assert running_gateway(GatewaySettings(data_dir=tmp_path, admin_key=ADMIN_KEY)) == record["url"]
+
+
 def test_a_refusal_is_the_gateways_own_message(running: tuple[str, FakeEngine], tmp_path: Path) -> None:
     url, _ = running
     client = AdminClient(url, ADMIN_KEY)
@@ -100,7 +113,7 @@ def test_without_a_gateway_writes_go_to_the_store(tmp_path: Path, monkeypatch: p
     monkeypatch.setenv("LORAFLEET_BASE_MODEL", str(fake_base(tmp_path)))
     monkeypatch.delenv("LORAFLEET_GATEWAY_URL", raising=False)
     # A gateway.json left by a process that is gone is ignored.
-    (tmp_path / "gateway.json").write_text('{"url": "http://127.0.0.1:9", "pid": 999999999}')
+    (tmp_path / "gateway.json").write_text('{"url": "http://127.0.0.1:9", "pid": 999999999, "instance": "x"}')
     out = cli("adapters", "publish", str(make_adapter(tmp_path / "src")), "orders")
     assert f"published orders@1 at {tmp_path}" in out
     assert AdapterStore(tmp_path / "adapters").latest("orders") is not None

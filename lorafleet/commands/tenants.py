@@ -143,24 +143,23 @@ def tenants_limits(
 @app.command("grant")
 def tenants_grant(name: str, alias: str, admin_key: AdminKeyOpt = None) -> None:
     """Let the tenant use ALIAS."""
-    client = gateway_client(CommonSettings(), admin_key)
-    if client is not None:
-        _show(admin_call(client.grant, name, alias))
-        return
-    store = _store()
-    store.grant(_local(store.require, name), alias)
-    _show(store.require(name).as_dict())
+    _grant(name, alias, admin_key, granted=True)
 
 
 @app.command("revoke")
 def tenants_revoke(name: str, alias: str, admin_key: AdminKeyOpt = None) -> None:
     """Take ALIAS away from the tenant."""
+    _grant(name, alias, admin_key, granted=False)
+
+
+def _grant(name: str, alias: str, admin_key: str | None, *, granted: bool) -> None:
     client = gateway_client(CommonSettings(), admin_key)
     if client is not None:
-        _show(admin_call(client.revoke_grant, name, alias))
+        _show(admin_call(client.grant if granted else client.revoke_grant, name, alias))
         return
     store = _store()
-    store.revoke_grant(_local(store.require, name), alias)
+    tenant = _local(store.require, name)
+    (store.grant if granted else store.revoke_grant)(tenant, alias)
     _show(store.require(name).as_dict())
 
 

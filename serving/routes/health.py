@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from serving.deps import StateDep
@@ -11,9 +11,9 @@ router = APIRouter()
 
 
 @router.get("/healthz")
-async def healthz() -> dict[str, str]:
-    """The gateway process is up."""
-    return {"status": "ok"}
+async def healthz(request: Request) -> dict[str, str]:
+    """The gateway process is up (``instance``: a random id per start, matched by the CLI against gateway.json)."""
+    return {"status": "ok", "instance": getattr(request.app.state, "instance", "")}
 
 
 @router.get("/readyz")
