@@ -228,3 +228,16 @@ def test_two_process_data_parallel_run_on_the_cpu(tiny_train_file: Path, tmp_pat
     assert first["epoch"] == pytest.approx(4 / 48)
     assert read_manifest(out).metrics["steps"] == 2
     assert proc.stdout.count("adapter task") == 1, "only process 0 reports"
+
+
+def test_the_stop_handler_asks_once_then_interrupts_and_is_restored() -> None:
+    from training.progress import StopOnSignal
+
+    before = signal.getsignal(signal.SIGINT)
+    stop = StopOnSignal()
+    with stop:
+        os.kill(os.getpid(), signal.SIGINT)  # first Ctrl-C: finish the step, save, stop
+        assert stop._asked
+        with pytest.raises(KeyboardInterrupt):  # a second one does not wait
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before

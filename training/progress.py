@@ -158,17 +158,22 @@ class StopOnSignal(TrainerCallback):
     def __init__(self) -> None:
         self.stopped_at: int | None = None
         self._asked = False
+        self._previous: dict[int, Any] = {}
 
-    def install(self) -> None:
-        """Take over SIGINT/SIGTERM (main thread only; the first signal asks, a second one kills)."""
+    def __enter__(self) -> StopOnSignal:
+        """Take over SIGINT/SIGTERM (main thread only; the first signal asks, a second one interrupts)."""
 
         def ask(signum: int, frame: Any) -> None:
             if self._asked:
                 signal.default_int_handler(signum, frame)
             self._asked = True
 
-        signal.signal(signal.SIGINT, ask)
-        signal.signal(signal.SIGTERM, ask)
+        self._previous = {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
         if self._asked and self.stopped_at is None:

@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -295,11 +296,12 @@ def train(
     staging.mkdir(parents=True, exist_ok=True)
     callbacks: list[Any] = [Announce(announce)] if announce is not None else []
     stop = StopOnSignal()
-    if threading.current_thread() is threading.main_thread():
-        stop.install()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
         callbacks.append(stop)
     try:
-        manifest = _train_into(cfg, base_model, staging, checkpoint, callbacks)
+        with stop if in_main_thread else contextlib.nullcontext():  # the signal handlers are restored after
+            manifest = _train_into(cfg, base_model, staging, checkpoint, callbacks)
     except DataError:
         if main_process:
             shutil.rmtree(staging, ignore_errors=True)
