@@ -42,3 +42,15 @@ def test_each_curl_is_a_request_the_gateway_takes(tmp_path: Path) -> None:
         key = "lf-toolcall-key" if alias == "toolcall" else "lf-orders-key"
         assert f"Authorization: Bearer {key}" in words
     assert json.loads(shlex.split(s.curl("toolcall"))[-1])["tools"][0]["type"] == "function"
+
+
+def test_a_stopped_run_is_resumed_and_a_half_saved_one_is_not(tmp_path: Path) -> None:
+    from lorafleet.commands.demo import _resumable, run_dir
+
+    out = run_dir(tmp_path, "orders")
+    assert not _resumable(out)
+    checkpoint = tmp_path / "runs" / "orders.partial" / "checkpoints" / "checkpoint-80"
+    checkpoint.mkdir(parents=True)
+    assert not _resumable(out), "a checkpoint without its trainer state was cut off mid-save"
+    (checkpoint / "trainer_state.json").write_text("{}")
+    assert _resumable(out)
