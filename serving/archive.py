@@ -1,7 +1,10 @@
 """Unpack an uploaded adapter archive (tar, tar.gz or zip) without trusting it.
 
 Refused, each with the member named: absolute paths, ``..`` components,
-links, devices and other special files, more than ``MAX_MEMBERS`` members, and
+links, devices and other special files, two members whose names clash (the
+same name twice, or a file where another member needs a folder), more than
+``MAX_MEMBERS`` members (a tar's headers are read one at a time and the
+reading stops there), and
 more than ``max_bytes`` once unpacked (sizes are read from the archive's index
 and enforced again while copying, so a lying index cannot fill the disk).
 """
@@ -83,8 +86,15 @@ def _extract(members: list[_Member], dest: Path, max_bytes: int) -> None:
     if claimed > max_bytes:
         raise ArchiveError(f"unpacks to {claimed} bytes; the limit is {max_bytes}")
     budget = max_bytes
+    files: set[PurePosixPath] = set()
+    dirs: set[PurePosixPath] = set()  # named ones and every file's parents
     for m in members:
         path = _safe_name(m.name)
+        parents = {p for p in path.parents if p.parts}
+        if path in files or (m.is_file and path in dirs) or parents & files:
+            raise ArchiveError(f"member {m.name!r}: its name clashes with another member's")
+        (dirs if m.is_dir else files).add(path)
+        dirs |= parents
         if not (m.is_dir or m.is_file):
             raise ArchiveError(f"member {m.name!r}: links and special files are refused")
         if m.is_dir:
@@ -104,10 +114,11 @@ def _untar(data: bytes, dest: Path, max_bytes: int) -> None:
     except tarfile.TarError as exc:
         raise ArchiveError(f"not a tar or zip archive ({exc})") from exc
     with archive:
-        members = [
-            _Member(m.name, m.size, m.isdir(), m.isfile(), functools.partial(archive.extractfile, m))
-            for m in archive.getmembers()
-        ]
+        members: list[_Member] = []
+        for m in archive:  # one header at a time: an archive of a million members stops at the first over the limit
+            if len(members) == MAX_MEMBERS:
+                raise ArchiveError(f"more than {MAX_MEMBERS} members; at most {MAX_MEMBERS}")
+            members.append(_Member(m.name, m.size, m.isdir(), m.isfile(), functools.partial(archive.extractfile, m)))
         _extract(members, dest, max_bytes)
 
 

@@ -1,11 +1,13 @@
 """One error shape on the wire: OpenAI's ``{"error": {"message", "type", "param", "code"}}``.
 
 Routes raise ``APIError`` (or let FastAPI's own errors through); the handlers
-registered here turn every one of them into that shape with the right status.
+registered here turn every one of them into that shape with the right status,
+and an unexpected exception into a 500 of the same shape (``internal_error``).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,6 +17,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.metrics import rejection_reason
 from serving.observe import record_of
+
+log = logging.getLogger("lorafleet.gateway")
 
 _TYPES = {
     400: "invalid_request_error",
@@ -68,6 +72,13 @@ def install(app: FastAPI) -> None:
         param = ".".join(loc) or None
         message = f"{param}: {first.get('msg', 'invalid value')}" if param else str(first.get("msg", "invalid body"))
         return _refuse(request, 422, message, "invalid_field", param)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not the client's fault: the same shape, no internals in the message (they go to the log).
+        log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _refuse(request, 500, "The gateway failed on this request; it is logged. Retry, or report it with "
+                       "the x-request-id header.", "internal_error")  # fmt: skip
 
 
 def _refuse(

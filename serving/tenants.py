@@ -123,9 +123,26 @@ def check_name(name: str) -> str:
     return name
 
 
+def state_engine(url: str) -> sa.Engine:
+    """The state database's engine. SQLite runs in WAL mode with a busy timeout: the gateway's threads, its
+    canary loop and the CLI all write the same file, and readers should never wait for a writer."""
+    if not url.startswith("sqlite"):
+        return sa.create_engine(url, pool_pre_ping=True)
+    engine = sa.create_engine(url, connect_args={"timeout": 30})
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(connection: Any, _record: Any) -> None:
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    return engine
+
+
 class TenantStore:
     def __init__(self, url: str, cache_s: float = 0.0) -> None:
-        self.engine = sa.create_engine(url)
+        self.engine = state_engine(url)
         metadata.create_all(self.engine)
         self._add_missing_columns()
         self._known: ReadCache[Tenant] = ReadCache(cache_s)  # key digest -> tenant; every write below clears it

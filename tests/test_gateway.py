@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import tarfile
 import time
 import uuid
 import zipfile
@@ -448,6 +449,9 @@ def test_publish_from_the_import_root_or_an_archive(gateway, tmp_path: Path) -> 
         ("bad_alias", 400, "invalid alias"),
         ("content_type", 415, "Unsupported content type"),
         ("too_big", 413, "Request body too large"),
+        ("name_twice", 400, "its name clashes with another member's"),
+        ("file_as_folder", 400, "its name clashes with another member's"),
+        ("too_many_members", 400, "more than 64 members"),
     ],
 )
 def test_bad_publishes_are_refused_and_leave_nothing(
@@ -479,6 +483,10 @@ def test_bad_publishes_are_refused_and_leave_nothing(
         resp = upload(client, "Bad Alias", tar_of(files))
     elif case == "content_type":
         resp = upload(client, alias, tar_of(files), kind="text/plain")
+    elif case in ("name_twice", "file_as_folder", "too_many_members"):
+        extra = {"name_twice": [("lorafleet.json", b"{}")], "file_as_folder": [("notes", b"x"), ("notes/a", b"y")],
+                 "too_many_members": [(f"f{i}", b"") for i in range(70)]}[case]  # fmt: skip
+        resp = upload(client, alias, _tar_members([*files.items(), *extra]))
     else:
         resp = upload(client, alias, b"\0" * (256 << 20 | 1))
     error = assert_openai_error(resp, status)
@@ -486,6 +494,17 @@ def test_bad_publishes_are_refused_and_leave_nothing(
     store = client.app.state.gateway.adapters.store  # type: ignore[attr-defined]
     assert [v.version for v in store.versions("orders")] == [1, 2]
     assert not any((store.root / ".staging").iterdir()) if (store.root / ".staging").is_dir() else True
+
+
+def _tar_members(members: list[tuple[str, bytes]]) -> bytes:
+    """A tar with these members in this order, duplicates included (``tar_of`` takes a dict)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
 
 
 def test_promote_needs_a_passing_gate_and_rollback_and_retire_drain(gateway) -> None:
@@ -612,3 +631,28 @@ def test_the_engine_child_runs_at_lower_priority_in_its_own_session_and_autogrou
     assert int(out[1]) == os.nice(0) + 7 or int(out[1]) == 19
     if out[2] != "-":  # a kernel with scheduler autogroups
         assert int(out[2]) == 7
+
+
+def test_an_unexpected_failure_is_a_500_in_openais_shape(tmp_path: Path) -> None:
+    settings = GatewaySettings(data_dir=tmp_path, base_model=str(fake_base(tmp_path)), admin_key=ADMIN_KEY)
+    AdapterStore(settings.adapters_dir).publish(make_adapter(tmp_path / "src"), "orders")
+    tenants = TenantStore(settings.state_url)
+    acme = tenants.create("acme")
+    tenants.grant(acme, "orders")
+    key = tenants.issue_key(acme)
+
+    class BrokenEngine(FakeEngine):
+        async def send(self, *args: object, **kw: object) -> httpx.Response:
+            raise RuntimeError("a bug, with internals nobody should see")
+
+    with TestClient(build_app(settings, engine=BrokenEngine()), raise_server_exceptions=False) as client:
+        resp = chat(client, key)
+    error = assert_openai_error(resp, 500, "internal_error")
+    assert error["type"] == "server_error" and "internals" not in error["message"]
+
+
+def test_the_sqlite_state_database_runs_in_wal_mode_with_a_busy_timeout(tmp_path: Path) -> None:
+    tenants = TenantStore(f"sqlite:///{tmp_path / 'state.db'}")
+    with tenants.engine.connect() as db:
+        assert db.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert db.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
