@@ -656,3 +656,40 @@ def test_the_sqlite_state_database_runs_in_wal_mode_with_a_busy_timeout(tmp_path
     with tenants.engine.connect() as db:
         assert db.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert db.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+
+
+def test_a_stream_that_breaks_off_ends_with_an_error_event_and_done(tmp_path: Path) -> None:
+    from serving.engine import EngineError
+
+    settings = GatewaySettings(data_dir=tmp_path, base_model=str(fake_base(tmp_path)), admin_key=ADMIN_KEY)
+    AdapterStore(settings.adapters_dir).publish(make_adapter(tmp_path / "src"), "orders")
+    tenants = TenantStore(settings.state_url)
+    acme = tenants.create("acme")
+    tenants.grant(acme, "orders")
+    key = tenants.issue_key(acme)
+
+    class Broken:
+        status_code = 200
+
+        async def aiter_bytes(self):  # type: ignore[no-untyped-def]
+            yield b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"{\\"a\\""}}]}\n\n'
+            raise EngineError("engine connection lost")
+
+        async def aread(self) -> bytes:
+            return b""
+
+        async def aclose(self) -> None:
+            return None
+
+    class BreakingEngine(FakeEngine):
+        async def send(self, *args: object, **kw: object) -> Broken:  # type: ignore[override]
+            return Broken()
+
+    with TestClient(build_app(settings, engine=BreakingEngine())) as client:
+        resp = chat(client, key, stream=True)
+    assert resp.status_code == 200
+    events = [e for e in resp.text.split("\n\n") if e.strip()]
+    assert events[0].startswith('data: {"id":"c1"')
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert error["code"] == "engine_stream_broken" and error["type"] == "server_error"
+    assert events[-1] == "data: [DONE]"

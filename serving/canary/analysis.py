@@ -56,7 +56,7 @@ class Window:
         if 400 <= record.status < 500:
             return  # the client's mistake says nothing about the version
         self.requests += 1
-        if record.status >= 500 or record.status == 0:
+        if record.status >= 500 or record.status == 0 or record.error_code == "engine_stream_broken":
             self.errors += 1
             return
         self.latency.append(record.latency)

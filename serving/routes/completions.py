@@ -54,6 +54,12 @@ router = APIRouter(prefix="/v1")
 # rendering, reach an adapter by path, or share another tenant's prefix cache.
 GATEWAY_ONLY_FIELDS = ("chat_template", "chat_template_kwargs", "lora_request", "lora_path", "cache_salt")
 CHAT = "/v1/chat/completions"
+# What a client gets when the engine's stream breaks off after the first byte (OpenAI's error shape, then [DONE]).
+BROKEN_STREAM = "engine_stream_broken"
+STREAM_BROKEN_EVENT = (
+    b'data: {"error": {"message": "The engine stopped answering mid-stream; the answer is incomplete. Retry.", '
+    b'"type": "server_error", "param": null, "code": "engine_stream_broken"}}\n\ndata: [DONE]\n\n'
+)
 # The alias of the bare base model (granted like any alias).
 BASE_ALIAS = BASE_MODEL_NAME
 
@@ -322,26 +328,33 @@ async def _relay(
     """
     try:
         pending = b""
-        async for chunk in upstream.aiter_bytes():
-            if record.first_token is None:
-                record.first_token = time.perf_counter()
-            pending += chunk
-            *events, pending = pending.split(b"\n\n")
-            for event in events:
-                usage_event = b'"choices":[]' in event and b'"usage"' in event  # vLLM's usage event
-                # Parsed once, and only when something reads it.
-                data = event_data(event) if usage_event or check is not None or tools is not None else None
-                if usage_event:
-                    record.usage((data or {}).get("usage"))
-                    if not wants_usage:
-                        continue
-                if event.strip() == b"data: [DONE]" and check is not None:
-                    yield check.final_event()
-                    record.json_outcomes = [c["outcome"] for c in check.checks]
-                elif check is not None and data is not None:
-                    check.observe(data)
-                for out in tools.on_event(event + b"\n\n", data) if tools is not None else [event + b"\n\n"]:
-                    yield out
+        try:
+            async for chunk in upstream.aiter_bytes():
+                if record.first_token is None:
+                    record.first_token = time.perf_counter()
+                pending += chunk
+                *events, pending = pending.split(b"\n\n")
+                for event in events:
+                    usage_event = b'"choices":[]' in event and b'"usage"' in event  # vLLM's usage event
+                    # Parsed once, and only when something reads it.
+                    data = event_data(event) if usage_event or check is not None or tools is not None else None
+                    if usage_event:
+                        record.usage((data or {}).get("usage"))
+                        if not wants_usage:
+                            continue
+                    if event.strip() == b"data: [DONE]" and check is not None:
+                        yield check.final_event()
+                        record.json_outcomes = [c["outcome"] for c in check.checks]
+                    elif check is not None and data is not None:
+                        check.observe(data)
+                    for out in tools.on_event(event + b"\n\n", data) if tools is not None else [event + b"\n\n"]:
+                        yield out
+        except EngineError:
+            # The status line went out long ago: the client learns of the break from an error event, and the
+            # stream still ends the way every SSE client waits for.
+            record.error_code = BROKEN_STREAM
+            yield STREAM_BROKEN_EVENT
+            return
         if pending:
             yield pending
     finally:
