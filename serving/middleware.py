@@ -10,12 +10,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from serving.errors import error_body
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 class BodySizeLimit:
-    """413 for a body over ``max_bytes``: by its Content-Length up front, or by counting a chunked body."""
+    """413 for a body over ``max_bytes``: by its Content-Length up front, or by counting a chunked body as it comes."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, uploads: tuple[str, int] | None = None) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -32,28 +28,35 @@ class BodySizeLimit:
         if length is not None and (not length.isdigit() or int(length) > limit):
             await self._refuse(send, limit)
             return
+        # A body without a length (chunked) is read here, up to the limit, and handed on whole: counting it
+        # while the app reads would surface as the app's own parse error (400), not as 413.
+        chunks: list[bytes] = []
         seen = 0
-        started = False
-
-        async def counting_receive() -> Message:
-            nonlocal seen
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise BodyTooLarge
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except BodyTooLarge:
-            if not started:
+            if message["type"] != "http.request":  # the client left before the body ended
+                chunks = []
+                first: Message = message
+                break
+            body = message.get("body", b"")
+            seen += len(body)
+            if seen > limit:
                 await self._refuse(send, limit)
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                first = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return first
+            return await receive()  # later messages (a disconnect while a stream is relayed) pass through
+
+        await self.app(scope, replay, send)
 
     async def _refuse(self, send: Send, limit: int) -> None:
         message = f"Request body too large: the limit is {limit} bytes."

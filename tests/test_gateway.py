@@ -362,6 +362,15 @@ def test_body_over_the_limit_is_413(gateway) -> None:
     resp = chat(client, keys["acme"], messages=[{"role": "user", "content": huge}])
     assert_openai_error(resp, 413, "body_too_large")
     assert len(engine.requests) == sent
+    # Without a Content-Length (chunked), counted as it arrives: still 413, not the parser's 400.
+    headers = {"Authorization": f"Bearer {keys['acme']}", "Content-Type": "application/json"}
+    payload = json.dumps({"model": "orders", "messages": [{"role": "user", "content": huge}]}).encode()
+    pieces = iter([payload[i : i + 65536] for i in range(0, len(payload), 65536)])
+    assert_openai_error(client.post("/v1/chat/completions", content=pieces, headers=headers), 413, "body_too_large")
+    small = json.dumps({"model": "orders", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    resp = client.post("/v1/chat/completions", content=iter([small[:10], small[10:]]), headers=headers)
+    assert resp.status_code == 200, resp.text
+    assert len(engine.requests) == sent + 1
 
 
 def test_each_tenant_gets_its_own_prefix_cache_salt(gateway) -> None:
