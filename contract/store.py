@@ -203,8 +203,11 @@ class AdapterStore:
         try:
             names = [WEIGHTS_FILE, CONFIG_FILE, MANIFEST_FILE]
             names += [n for n in OPTIONAL_FILES if (Path(source) / n).is_file()]
+            links = [n for n in names if (Path(source) / n).is_symlink()]
+            if links:  # a link could make the store copy any file the publisher can read
+                raise StoreError(f"{source}: {', '.join(links)} are symbolic links; publish the files themselves")
             for name in names:
-                shutil.copy2(Path(source) / name, staging / name)
+                shutil.copy2(Path(source) / name, staging / name, follow_symlinks=False)
                 _fsync(staging / name)
             alias_dir = self.root / alias
             alias_dir.mkdir(exist_ok=True)
@@ -217,7 +220,11 @@ class AdapterStore:
                     target.mkdir()
                 except FileExistsError:
                     continue
-                os.replace(staging, target)
+                try:
+                    os.replace(staging, target)
+                except BaseException:
+                    target.rmdir()  # an empty claimed number must not become the alias's newest version
+                    raise
                 break
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

@@ -67,14 +67,40 @@ def test_copy_failure_leaves_no_version(tmp_path: Path, monkeypatch: pytest.Monk
     calls = {"n": 0}
     real_copy = shutil.copy2
 
-    def failing_copy(a: object, b: object) -> object:
+    def failing_copy(a: object, b: object, **kw: object) -> object:
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError("disk full")
-        return real_copy(a, b)  # type: ignore[arg-type]
+        return real_copy(a, b, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(shutil, "copy2", failing_copy)
     with pytest.raises(OSError, match="disk full"):
         store.publish(src, "orders")
     assert store.versions("orders") == []
     assert os.listdir(tmp_path / "store" / ".staging") == []
+
+
+def test_symlinked_files_are_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path / "store")
+    src = make_adapter(tmp_path / "a")
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes((src / WEIGHTS_FILE).read_bytes())
+    (src / WEIGHTS_FILE).unlink()
+    (src / WEIGHTS_FILE).symlink_to(secret)
+    with pytest.raises(StoreError, match="symbolic links"):
+        store.publish(src, "orders")
+    assert store.versions("orders") == [] and os.listdir(tmp_path / "store" / ".staging") == []
+
+
+def test_a_failed_rename_leaves_no_empty_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = AdapterStore(tmp_path / "store")
+    store.publish(make_adapter(tmp_path / "a"), "orders")
+
+    def failing_replace(a: object, b: object) -> None:
+        raise OSError("no space left")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="no space left"):
+        store.publish(make_adapter(tmp_path / "b"), "orders")
+    monkeypatch.undo()
+    assert [v.version for v in store.versions("orders")] == [1] and store.serving("orders").version == 1  # type: ignore[union-attr]
