@@ -234,6 +234,11 @@ def test_pause_resume_abort_and_manual_promote(gw) -> None:
     assert status(client)["state"] == "paused"  # no decisions while paused
     assert_openai_error(client.post("/admin/canaries/orders/pause", headers=ADMIN), 409, "canary_state")
     assert client.post("/admin/canaries/orders/resume", headers=ADMIN).json()["state"] == "running"
+    # Promoting or retiring behind the canary's back is refused until it ends.
+    for method, path, body in [("POST", "/admin/adapters/orders/promote", {"version": 2}),
+                               ("DELETE", "/admin/adapters/orders/versions/2", None)]:  # fmt: skip
+        error = assert_openai_error(client.request(method, path, json=body, headers=ADMIN), 409, "canary_running")
+        assert "end it first" in error["message"]
     assert client.post("/admin/canaries/orders/abort", json={"reason": "not today"}, headers=ADMIN).json()[
         "state"] == "aborted"  # fmt: skip
     store = client.app.state.gateway.adapters.store  # type: ignore[attr-defined]

@@ -278,6 +278,15 @@ async def _load(state: GatewayState, version: Any) -> dict[str, Any]:
     return {"loaded": True}
 
 
+def _no_canary_running(state: GatewayState, alias: str) -> None:
+    """A promotion or retirement behind a running canary's back would change what it compares: refused."""
+    canary = state.canaries.active.get(alias)
+    if canary is not None:
+        raise APIError(409, f"{alias} has a canary {canary.state} ({alias}@{canary.candidate} against "
+                       f"{alias}@{canary.stable}); end it first: `lorafleet canary promote|rollback|abort {alias}`.",
+                       param="alias", code="canary_running")  # fmt: skip
+
+
 def _under_import_root(state: GatewayState, raw: str) -> Path:
     root = import_root_of(state.settings)
     path = Path(raw)
@@ -310,6 +319,7 @@ def _checked_publish(state: GatewayState, source: Path, alias: str) -> Any:
 @router.post("/adapters/{alias}/promote")
 async def promote(alias: str, body: PromoteBody, state: StateDep) -> dict[str, Any]:
     """Move the stable pointer (an earlier version rolls back); the version is loaded before this returns."""
+    _no_canary_running(state, alias)
     store: AdapterStore = state.adapters.store
     try:
         event = store.promote(alias, body.version, force=body.force, reason=body.reason, actor="admin-api")
@@ -321,6 +331,7 @@ async def promote(alias: str, body: PromoteBody, state: StateDep) -> dict[str, A
 @router.delete("/adapters/{alias}/versions/{version}")
 async def retire(alias: str, version: int, state: StateDep, reason: str = "") -> dict[str, Any]:
     """Take a version out of service; it leaves the engine once its in-flight requests finish."""
+    _no_canary_running(state, alias)
     store: AdapterStore = state.adapters.store
     try:
         event = store.retire(alias, version, reason=reason, actor="admin-api")
