@@ -6,6 +6,7 @@ process; the demo's training configs are swapped for tiny ones (``--configs``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -57,18 +58,16 @@ def test_the_demo_serves_base_at_once_and_each_adapter_when_trained(
         deadline = time.monotonic() + 600
         seen: list[int] = []
         training_refusal = None
+        base: httpx.Response | None = None
         while time.monotonic() < deadline:
             assert demo.poll() is None, out.read_text()[-3000:]
             if not key_file.is_file():
                 time.sleep(0.5)
                 continue
             key = key_file.read_text().strip()
-            try:
-                base = _chat(url, key, "base")
-            except httpx.HTTPError:
-                time.sleep(0.5)
-                continue
-            if base.status_code != 200:
+            if base is None or base.status_code != 200:  # once answered, left alone: the engine's load would
+                with contextlib.suppress(httpx.HTTPError):  # starve the low-priority training this test waits for
+                    base = _chat(url, key, "base")
                 time.sleep(0.5)
                 continue
             orders = _chat(url, key, "orders")
@@ -79,9 +78,9 @@ def test_the_demo_serves_base_at_once_and_each_adapter_when_trained(
                 assert queued.status_code == 503 and "queued" in queued.json()["error"]["message"], queued.text
             if orders.status_code == 200:
                 break
-            time.sleep(0.3)
+            time.sleep(1.0)
         assert seen and seen[-1] == 200, (seen, out.read_text()[-3000:])
-        assert base.headers["x-lorafleet-adapter"] == "base"
+        assert base is not None and base.headers["x-lorafleet-adapter"] == "base"
         # Before its adapter was published, `orders` was training: 503 with the ETA, never 404.
         assert 404 not in seen
         assert training_refusal is not None, seen
