@@ -642,13 +642,19 @@ def test_the_engine_child_runs_at_lower_priority_in_its_own_session_and_autogrou
         assert int(out[2]) == 7
 
 
-def test_an_unexpected_failure_is_a_500_in_openais_shape(tmp_path: Path) -> None:
+def one_tenant(tmp_path: Path) -> tuple[GatewaySettings, str]:
+    """Settings over ``tmp_path`` with one adapter (``orders``) and one tenant granted it; the tenant's key."""
     settings = GatewaySettings(data_dir=tmp_path, base_model=str(fake_base(tmp_path)), admin_key=ADMIN_KEY)
     AdapterStore(settings.adapters_dir).publish(make_adapter(tmp_path / "src"), "orders")
     tenants = TenantStore(settings.state_url)
     acme = tenants.create("acme")
     tenants.grant(acme, "orders")
     key = tenants.issue_key(acme)
+    return settings, key
+
+
+def test_an_unexpected_failure_is_a_500_in_openais_shape(tmp_path: Path) -> None:
+    settings, key = one_tenant(tmp_path)
 
     class BrokenEngine(FakeEngine):
         async def send(self, *args: object, **kw: object) -> httpx.Response:
@@ -670,12 +676,7 @@ def test_the_sqlite_state_database_runs_in_wal_mode_with_a_busy_timeout(tmp_path
 def test_a_stream_that_breaks_off_ends_with_an_error_event_and_done(tmp_path: Path) -> None:
     from serving.engine import EngineError
 
-    settings = GatewaySettings(data_dir=tmp_path, base_model=str(fake_base(tmp_path)), admin_key=ADMIN_KEY)
-    AdapterStore(settings.adapters_dir).publish(make_adapter(tmp_path / "src"), "orders")
-    tenants = TenantStore(settings.state_url)
-    acme = tenants.create("acme")
-    tenants.grant(acme, "orders")
-    key = tenants.issue_key(acme)
+    settings, key = one_tenant(tmp_path)
 
     class Broken:
         status_code = 200
