@@ -28,7 +28,7 @@ from contract.store import AdapterStore
 from serving import errors
 from serving.adapters import AdapterRegistry
 from serving.canary import CanaryManager
-from serving.config import GATEWAY_FILE, GatewaySettings
+from serving.config import GATEWAY_FILE, GatewaySettings, local_url
 from serving.deps import GatewayState
 from serving.engine import Engine, VLLMEngine
 from serving.limits import TenantLimiter
@@ -106,10 +106,9 @@ def _announce(settings: GatewaySettings, instance: str) -> Path:
     ``instance`` (also in ``/healthz``) lets the CLI check that what answers at
     that address is this gateway, not another one on the same port.
     """
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     path = settings.data_dir / GATEWAY_FILE
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    record = {"url": f"http://{host}:{settings.port}", "pid": os.getpid(), "instance": instance}
+    record = {"url": local_url(settings), "pid": os.getpid(), "instance": instance}
     tmp.write_text(json.dumps(record) + "\n")
     os.replace(tmp, path)
     return path

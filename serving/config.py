@@ -113,5 +113,11 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def local_url(settings: GatewaySettings) -> str:
+    """Where a process on this host reaches the gateway (a wildcard listen address is reached on loopback)."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    return f"http://{host}:{settings.port}"
+
+
 def import_root_of(settings: GatewaySettings) -> Path:
     return (settings.import_root or settings.data_dir / "runs").resolve()

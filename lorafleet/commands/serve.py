@@ -43,8 +43,9 @@ def gateway_settings(host: str | None, port: int | None) -> GatewaySettings:
 
 
 def settings_url(settings: GatewaySettings) -> str:
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
-    return f"http://{host}:{settings.port}"
+    from serving.config import local_url
+
+    return local_url(settings)
 
 
 def run_gateway(settings: GatewaySettings, log_file: Path | None = None) -> None:
