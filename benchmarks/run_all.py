@@ -9,6 +9,7 @@ BENCHMARKS = [
     "benchmarks.train_speed",
     "benchmarks.engine_client",
     "benchmarks.gateway_overhead",
+    "benchmarks.key_flood",
     "benchmarks.eval_speed",
 ]
 

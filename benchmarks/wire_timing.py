@@ -8,7 +8,8 @@ The benchmark's per-request figures come from clocks in the client and in the
 gateway: the client's own time can only be bounded, and a first event the
 gateway reads late counts as engine time. A packet capture on the loopback
 interface has neither problem. For each request id (the ``X-Request-ID`` the
-client sends, which the gateway passes on to vLLM) it finds four packets:
+client sends; the gateway's own id for vLLM ends with it, ``gw<12 hex>-<id>``)
+it finds four packets:
 
 - t1: the last packet of the client's request to the gateway,
 - t2: the last packet of the gateway's request to the engine,
@@ -33,7 +34,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REQUEST_ID = re.compile(rb"(?i)\r\nx-request-id: ([A-Za-z0-9._:-]+)\r\n")
+REQUEST_ID = re.compile(rb"(?i)\r\nx-request-id: (?:gw[0-9a-f]{12}-)?([A-Za-z0-9._:-]+)\r\n")  # the client's part
 WARM_UP = "warmup-"  # the id prefix of gateway_overhead's warm-up requests (cold code paths, first loads)
 LINKTYPES = {1: 14, 113: 16}  # Ethernet (loopback), Linux cooked capture: header bytes before IP
 

@@ -72,6 +72,8 @@ class AdminClient:
     def call(self, method: str, path: str, body: dict[str, Any] | None = None, **kw: Any) -> Any:
         """One call; an error response raises ``AdminError`` with the gateway's message."""
         headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
+        if method == "POST" and body is None and "content" not in kw:
+            body = {}  # every admin POST carries a JSON body
         try:
             resp = httpx.request(method, f"{self.url}{path}", json=body, headers=headers | kw.pop("headers", {}),
                                  timeout=self.timeout, **kw)  # fmt: skip

@@ -1,4 +1,4 @@
-"""Start ``lorafleet serve`` as a child process and wait until it is ready (tests and benchmarks use it)."""
+"""Start ``lorafleet serve`` (or vLLM alone) as a child process and wait until it is ready (tests and benchmarks)."""
 
 from __future__ import annotations
 
@@ -79,3 +79,50 @@ def start_gateway(data_dir: Path, base_model: Path, *, timeout: float = 400, **s
         time.sleep(1)
     gw.stop()
     raise RuntimeError(f"the gateway was not ready after {timeout:.0f} s:\n{gw.log_tail()}")
+
+
+@dataclass
+class RunningEngine:
+    proc: subprocess.Popen[bytes]
+    url: str
+    key: str  # its API key: what the gateway sends, and what a benchmark calling it directly needs
+
+    def stop(self, timeout: float = 60) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def start_engine(data_dir: Path, base_model: Path, *, timeout: float = 400, **settings: str) -> RunningEngine:
+    """vLLM exactly as the gateway starts its child (command, environment), but with a key the caller knows.
+
+    For comparisons with direct calls: a gateway's own child answers only that gateway. Pass ``url`` and ``key``
+    to ``start_gateway(..., engine_url=..., engine_key=...)``.
+    """
+    from serving.config import GatewaySettings
+    from serving.engine import child_env, child_setup, vllm_command
+
+    config = GatewaySettings(data_dir=data_dir, base_model=str(base_model), engine_port=free_port(), dev_mode=True,
+                             **settings)  # type: ignore[arg-type]  # fmt: skip
+    key = secrets.token_urlsafe(32)
+    (data_dir / "logs").mkdir(parents=True, exist_ok=True)
+    with (data_dir / "logs" / "vllm.log").open("ab") as log:
+        proc = subprocess.Popen(vllm_command(config), env=child_env(config, key), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, preexec_fn=child_setup(config.engine_nice))  # fmt: skip
+    engine = RunningEngine(proc, f"http://127.0.0.1:{config.engine_port}", key)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vLLM exited with code {proc.returncode}; see {data_dir / 'logs' / 'vllm.log'}")
+        try:
+            if httpx.get(f"{engine.url}/health", timeout=2).status_code == 200:
+                return engine
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    engine.stop()
+    raise RuntimeError(f"vLLM was not healthy after {timeout:.0f} s; see {data_dir / 'logs' / 'vllm.log'}")

@@ -22,6 +22,7 @@ from contract.manifest import AdapterManifest
 from contract.store import AdapterStore, AdapterVersion, StoreError
 from serving.engine import Engine
 from serving.metrics import GatewayMetrics
+from serving.statecache import ReadCache
 
 log = logging.getLogger("lorafleet.adapters")
 
@@ -38,9 +39,12 @@ class AdapterRegistry:
         base: BaseModelRecord,
         max_lora_rank: int,
         base_config: dict[str, Any] | None = None,
+        serving_cache_s: float = 1.0,
     ) -> None:
         self.store, self.engine, self.base, self.max_lora_rank = store, engine, base, max_lora_rank
         self.base_config = base_config
+        # alias -> (its serving version,): read off the event loop, kept ``serving_cache_s``, cleared by ``changed``
+        self._serving: ReadCache[tuple[AdapterVersion | None]] = ReadCache(serving_cache_s)
         self.in_flight: dict[str, int] = {}  # requests running per version ref
         self._draining: set[str] = set()  # retired refs to unload when their last request ends
         self.loaded: dict[str, AdapterVersion] = {}
@@ -53,6 +57,20 @@ class AdapterRegistry:
             return self.store.serving(alias)
         except StoreError:
             return None
+
+    async def serving(self, alias: str) -> AdapterVersion | None:
+        """``resolve`` for a request: from memory, else read from the store in a worker thread (the store may be
+        a network volume; the event loop never waits on it)."""
+        if (known := self._serving.get(alias)) is not None:
+            return known[0]
+        generation = self._serving.generation
+        version = await asyncio.to_thread(self.resolve, alias)
+        self._serving.put(alias, (version,), generation)
+        return version
+
+    def changed(self) -> None:
+        """The store was written (publish, promote, retire): what ``serving`` remembers is dropped."""
+        self._serving.changed()
 
     def manifest(self, version: AdapterVersion) -> AdapterManifest:
         if version.ref not in self._manifests:
@@ -73,7 +91,7 @@ class AdapterRegistry:
     async def ensure_loaded(self, version: AdapterVersion) -> AdapterManifest:
         if version.ref in self.loaded:  # it passed check_fits when it was loaded
             return self.manifest(version)
-        manifest = self.check_fits(version)
+        manifest = await asyncio.to_thread(self.check_fits, version)  # reads files: never on the event loop
         async with self._lock(version.ref):  # one load (or unload) of the same adapter at a time
             if version.ref not in self.loaded:
                 started = time.perf_counter()
@@ -89,6 +107,12 @@ class AdapterRegistry:
                 self._draining.discard(version.ref)
                 log.info("loaded adapter %s from %s", version.ref, version.path)
         return manifest
+
+    async def reload(self, version: AdapterVersion) -> None:
+        """Load ``version`` again: the engine answered that it does not have it (restarted, or raced an unload)."""
+        async with self._lock(version.ref):
+            self.loaded.pop(version.ref, None)
+        await self.ensure_loaded(version)
 
     def _lock(self, ref: str) -> asyncio.Lock:
         return self._locks.setdefault(ref, asyncio.Lock())
@@ -120,6 +144,10 @@ class AdapterRegistry:
     async def _unload(self, ref: str) -> None:
         async with self._lock(ref):
             if ref not in self._draining or self.in_flight.get(ref, 0) > 0 or ref not in self.loaded:
+                return
+            # Promoted back (or canaried) since its retirement: it serves again, so its drain is cancelled.
+            if not await asyncio.to_thread(self.store.is_retired, self.loaded[ref]):
+                self._draining.discard(ref)
                 return
             try:
                 await self.engine.unload_adapter(ref)

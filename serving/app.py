@@ -55,13 +55,15 @@ def build_app(settings: GatewaySettings, engine: Engine | None = None) -> FastAP
         eng = engine or VLLMEngine(settings)
         base_path = settings.base_model_path()
         adapters = AdapterRegistry(AdapterStore(settings.adapters_dir), eng, identify(base_path),
-                                   settings.max_lora_rank, base_config(base_path))  # fmt: skip
+                                   settings.max_lora_rank, base_config(base_path),
+                                   serving_cache_s=min(settings.state_cache_s, 1.0))  # fmt: skip
         tenants = TenantStore(settings.state_url, cache_s=settings.state_cache_s)
         policies = AliasPolicies(tenants.engine, cache_s=settings.state_cache_s)
         adapters.metrics = metrics
         canaries = CanaryManager(tenants.engine, adapters, metrics)
         metrics.add_state(StateCollector(eng.is_ready, lambda: eng.restarts, lambda: len(adapters.loaded),
-                                         canaries.weights))  # fmt: skip
+                                         canaries.weights,
+                                         lambda: len(adapters.pending()) if eng.is_ready() else 0))  # fmt: skip
         app.state.gateway = GatewayState(settings, eng, tenants, adapters, TenantLimiter(), policies, metrics,
                                          canaries)  # fmt: skip
 

@@ -23,6 +23,13 @@ class GatewaySettings(CommonSettings):
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True). Unset: the gateway starts and supervises its own."
         ),
     )
+    engine_key: SecretStr | None = Field(
+        default=None,
+        description=(
+            "API key of the engine at engine_url (vLLM --api-key). The supervised child gets a fresh random one "
+            "on every start instead."
+        ),
+    )
     engine_port: int = Field(default=8100, description="Port of the vLLM child process (loopback only).")
     engine_start_timeout_s: float = Field(default=300.0, description="How long vLLM may take to become healthy.")
     max_loras: int = Field(
@@ -58,11 +65,19 @@ class GatewaySettings(CommonSettings):
         default=False, description="Development mode: the admin API needs no key (only on a loopback host)."
     )
     max_body_bytes: int = Field(default=1 << 20, description="Largest request body accepted; larger ones get 413.")
+    max_prompts: int = Field(default=16, ge=1, description="Prompts in one /v1/completions request (a list).")
+    max_sequences: int = Field(
+        default=16, ge=1, description="Sequences in one request: n × prompts (each is a generation the engine runs)."
+    )
     max_upload_bytes: int = Field(
         default=256 << 20, description="Largest adapter archive the admin API accepts (packed and unpacked)."
     )
     metrics_key: SecretStr | None = Field(
-        default=None, description="Bearer token Prometheus must send to read /metrics; unset: /metrics is open."
+        default=None,
+        description=(
+            "Bearer token Prometheus must send to read /metrics; required when the gateway listens beyond loopback, "
+            "optional (open metrics) on a loopback host."
+        ),
     )
     metrics_tenant_label: bool = Field(
         default=False, description="Export lorafleet_tenant_requests_total with a tenant label (capped, see below)."
@@ -95,6 +110,11 @@ class GatewaySettings(CommonSettings):
             problems.append("admin_key: use at least 16 characters")
         if self.dev_mode and self.admin_key is None and not _loopback(self.host):
             problems.append(f"dev_mode without an admin key listens only on loopback, not {self.host}")
+        if self.metrics_key is None and not _loopback(self.host):
+            problems.append(
+                f"no metrics key while listening on {self.host}: set LORAFLEET_METRICS_KEY (Prometheus sends it "
+                "as a bearer token), or listen on a loopback host"
+            )
         if self.max_body_bytes < 1024:
             problems.append(f"max_body_bytes={self.max_body_bytes}: use at least 1024")
         if self.port == self.engine_port and self.engine_url is None:

@@ -21,10 +21,11 @@ import ctypes
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -116,6 +117,28 @@ def vllm_command(settings: GatewaySettings) -> list[str]:
     ]  # fmt: skip
 
 
+# What the vLLM child inherits from the gateway's environment: what Python, torch and vLLM read, nothing of
+# lorafleet's own (the admin key, the database URL, the metrics key stay in the gateway).
+CHILD_ENV_NAMES = {"PATH", "HOME", "USER", "LOGNAME", "LANG", "TZ", "TMPDIR", "TERM", "LD_LIBRARY_PATH", "LD_PRELOAD",
+                   "PYTHONPATH", "PYTHONHOME", "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED",
+                   "VIRTUAL_ENV", "SSL_CERT_FILE", "SSL_CERT_DIR"}  # fmt: skip
+CHILD_ENV_PREFIXES = ("LC_", "VLLM_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "TORCH", "OMP_", "MKL_", "KMP_", "NVPL_",
+                      "OPENBLAS_", "ONEDNN_", "DNNL_", "CUDA_", "NVIDIA_", "NCCL_", "TRITON_", "XDG_")  # fmt: skip
+
+
+def child_env(settings: GatewaySettings, api_key: str, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The supervised engine's environment: the allowlisted part of ``environ``, its fresh key, vLLM's settings.
+
+    The key goes through the environment (``VLLM_API_KEY``), not the command line, which every local user can read.
+    """
+    env = {k: v for k, v in environ.items() if k in CHILD_ENV_NAMES or k.startswith(CHILD_ENV_PREFIXES)}
+    return env | {
+        "VLLM_API_KEY": api_key,
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+        "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib),
+    }
+
+
 def child_setup(nice: int) -> Callable[[], None]:
     def setup() -> None:
         # Runs in the child before exec: its own process group (so a stop kills the
@@ -148,6 +171,8 @@ class VLLMEngine:
         self._proc: subprocess.Popen[bytes] | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
+        # The engine's API key: given for an external engine, fresh for every start of the supervised child.
+        self._key = settings.engine_key.get_secret_value() if settings.engine_key is not None else None
 
     def is_ready(self) -> bool:
         return self._ready
@@ -190,15 +215,16 @@ class VLLMEngine:
                 return
             self.restarts += 1
             log.error("engine is down; restarting in %.0f s (restart %d)", backoff, self.restarts)
-            self._kill()
+            await self._kill()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
 
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._key}"} if self._key else {}
+
     def _spawn(self) -> None:
-        env = os.environ | {
-            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-            "VLLM_CPU_KVCACHE_SPACE": str(self.settings.kv_cache_gib),
-        }
+        self._key = secrets.token_urlsafe(32)  # only this gateway can call the child it starts
+        env = child_env(self.settings, self._key)
         log_path = self.settings.data_dir / "logs" / "vllm.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab") as log_file:
@@ -248,22 +274,22 @@ class VLLMEngine:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
-        self._kill()
+        await self._kill()
         if self._client is not None:
             await self._client.close()
 
-    def _kill(self) -> None:
+    async def _kill(self) -> None:
+        """Stop the child's whole process group: SIGTERM, then SIGKILL after 15 s. Awaited, never blocking: the
+        gateway keeps answering (503 for the engine's requests) while a stuck vLLM is taken down."""
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
+        for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 10.0)):
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+                os.killpg(proc.pid, sig)
+            if await _exited(proc, grace):
+                return
+        log.error("vLLM (pid %d) did not exit after SIGKILL", proc.pid)
 
     async def load_adapter(self, name: str, path: Path) -> None:
         body = {"lora_name": name, "lora_path": str(Path(path).resolve())}
@@ -278,7 +304,7 @@ class VLLMEngine:
 
     async def _post_admin(self, path: str, body: dict) -> tuple[int, str]:
         try:
-            async with self.client.post(f"{self.url}{path}", json=body) as resp:
+            async with self.client.post(f"{self.url}{path}", json=body, headers=self._auth()) as resp:
                 return resp.status, await resp.text()
         except TRANSPORT_ERRORS as exc:
             raise EngineError(f"engine unreachable: {exc!r}") from exc
@@ -302,7 +328,7 @@ class VLLMEngine:
     ) -> EngineResponse:
         # aiohttp returns once the answer's headers are in and reads its body only when asked, so ``stream``
         # needs nothing here: the caller reads a stream with ``aiter_bytes`` and a whole answer with ``aread``.
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json"} | self._auth()
         if request_id:
             headers["X-Request-Id"] = request_id
         data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
@@ -312,6 +338,15 @@ class VLLMEngine:
         except TRANSPORT_ERRORS as exc:
             raise EngineError(f"engine unreachable: {exc!r}") from exc
         return StreamedResponse(resp)
+
+
+async def _exited(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while proc.poll() is None:
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.1)
+    return True
 
 
 async def _body_written(

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.metrics import rejection_reason
 from serving.observe import record_of
+from serving.protocol import unsupported_message
 
 log = logging.getLogger("lorafleet.gateway")
 
@@ -64,7 +65,13 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
+        errors = exc.errors()
+        unknown = next((e for e in errors if e.get("type") == "extra_forbidden"), None)
+        # A field outside the allowlist (serving.protocol): named, with what to use instead.
+        if unknown is not None and request.url.path.startswith("/v1/"):
+            field = ".".join(str(p) for p in unknown.get("loc", ()) if p != "body")
+            return _refuse(request, 400, unsupported_message(field), "unsupported_parameter", field)
+        first = errors[0] if errors else {}
         if first.get("type") == "json_invalid":  # not JSON at all: a bad request, not a bad field
             reason = (first.get("ctx") or {}).get("error", "cannot parse")
             return _refuse(request, 400, f"The body is not valid JSON: {reason}.", "invalid_json")

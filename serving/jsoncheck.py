@@ -17,7 +17,7 @@ Python's ``re`` has no time bound, so a hostile pattern could stall the gateway.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from contract.judge import judge
@@ -30,6 +30,7 @@ class JsonPlan:
     schema: dict[str, Any] | None
     mode: JsonMode
     source: str  # request, tools, alias (admin-set default) or adapter (manifest)
+    unenforced: tuple[str, ...] = ()  # keywords the engine could not enforce: served in validate mode instead
 
     @classmethod
     def for_request(
@@ -74,7 +75,13 @@ class JsonPlan:
         if self.mode == "off" or self.schema is None:
             return None
         client_schema = self.source in ("request", "tools")
-        return JsonCheck(self.schema, self.mode, unchecked=client_schema and _has_regex(self.schema))
+        return JsonCheck(self.schema, self.mode, unchecked=client_schema and _has_regex(self.schema),
+                         unenforced=self.unenforced)  # fmt: skip
+
+    def validate_instead(self, body: dict[str, Any], keywords: tuple[str, ...]) -> JsonPlan:
+        """The plan when the engine cannot enforce the schema: no constraint sent, the answer checked as usual."""
+        body.pop("response_format", None)
+        return replace(self, mode="validate", unenforced=keywords)
 
 
 @dataclass
@@ -82,6 +89,7 @@ class JsonCheck:
     schema: dict[str, Any]
     mode: JsonMode = "validate"
     unchecked: bool = False
+    unenforced: tuple[str, ...] = ()
     texts: dict[int, list[str]] = field(default_factory=dict)
     finish: dict[int, str | None] = field(default_factory=dict)
     checks: list[dict[str, Any]] = field(default_factory=list)
@@ -106,7 +114,7 @@ class JsonCheck:
         """A whole (non-streamed) response with the verdicts added."""
         answers = [(c.get("index", 0), _text(c.get("message", {}).get("content") if "message" in c else c.get("text")),
                     c.get("finish_reason")) for c in data.get("choices", [])]  # fmt: skip
-        data["lorafleet"] = {"json_checks": self.judge_all(answers), "outcome": self.outcome, "mode": self.mode}
+        data["lorafleet"] = self._verdict(self.judge_all(answers))
 
     def observe(self, data: dict[str, Any]) -> None:
         """Collect one server-sent event's text deltas (its payload, ``serving.sse.event_data``)."""
@@ -121,9 +129,14 @@ class JsonCheck:
         """The verdicts as the stream's last event (before ``[DONE]``)."""
         answers = [(i, "".join(parts), self.finish.get(i)) for i, parts in sorted(self.texts.items())]
         checks = self.judge_all(answers)
-        event = {"object": "lorafleet.json_check", "choices": [],
-                 "lorafleet": {"json_checks": checks, "outcome": self.outcome, "mode": self.mode}}  # fmt: skip
+        event = {"object": "lorafleet.json_check", "choices": [], "lorafleet": self._verdict(checks)}
         return b"data: " + json.dumps(event).encode() + b"\n\n"
+
+    def _verdict(self, checks: list[dict[str, Any]]) -> dict[str, Any]:
+        verdict: dict[str, Any] = {"json_checks": checks, "outcome": self.outcome, "mode": self.mode}
+        if self.unenforced:
+            verdict["unenforced_keywords"] = list(self.unenforced)
+        return verdict
 
 
 def _text(value: Any) -> str:

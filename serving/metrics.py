@@ -67,9 +67,10 @@ def status_class(status: int) -> str:
 class RequestRecord:
     """What one request did; filled in as it goes, observed once it ends."""
 
-    request_id: str
+    request_id: str  # the client's X-Request-ID (when sane) or one made here: in the log and the response header
     method: str
     path: str
+    engine_request_id: str | None = None  # the gateway's own id for the engine (unique per request)
     started: float = field(default_factory=time.perf_counter)
     route: str = "unmatched"
     status: int = 0
@@ -85,6 +86,7 @@ class RequestRecord:
     finished: float | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    client_max_tokens: bool = False  # the client set max_tokens itself (an answer cut there is its choice)
     json_mode: str | None = None
     json_outcomes: list[str] = field(default_factory=list)
     rejection: str | None = None
@@ -133,7 +135,8 @@ class RequestRecord:
 
     def log_entry(self) -> dict[str, object]:
         entry: dict[str, object] = {
-            "request_id": self.request_id, "method": self.method, "path": self.path, "route": self.route,
+            "request_id": self.request_id, "engine_request_id": self.engine_request_id, "method": self.method,
+            "path": self.path, "route": self.route,
             "status": self.status, "latency_s": round(self.latency, 4), "tenant": self.tenant, "alias": self.alias,
             "version": self.version, "variant": self.variant, "stream": self.stream,
             "ttft_s": None if self.ttft is None else round(self.ttft, 4),
@@ -250,9 +253,11 @@ class StateCollector(Collector):
         engine_restarts: Callable[[], int],
         adapters_active: Callable[[], int],
         canary_weights: Callable[[], dict[str, float]],
+        adapters_pending: Callable[[], int] = lambda: 0,
     ) -> None:
         self.engine_up, self.engine_restarts = engine_up, engine_restarts
         self.adapters_active, self.canary_weights = adapters_active, canary_weights
+        self.adapters_pending = adapters_pending
 
     def collect(self) -> Iterable[Metric]:
         yield GaugeMetricFamily("lorafleet_engine_up", "1 when the engine answers its health check.",
@@ -261,6 +266,10 @@ class StateCollector(Collector):
                                   value=self.engine_restarts())  # fmt: skip
         yield GaugeMetricFamily("lorafleet_adapters_active", "Adapter versions loaded on the engine.",
                                 value=self.adapters_active())  # fmt: skip
+        yield GaugeMetricFamily("lorafleet_adapters_pending",
+                                "Aliases whose serving version is not loaded while the engine is up (a misfit, or a "
+                                "failed load: see /readyz with the admin key, and the log).",
+                                value=self.adapters_pending())  # fmt: skip
         weights = GaugeMetricFamily("lorafleet_canary_weight", "Share of an alias's traffic on its canary (0-1).",
                                     labels=["alias"])  # fmt: skip
         for alias, weight in sorted(self.canary_weights().items()):

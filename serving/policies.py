@@ -23,6 +23,7 @@ writes shows within ``cache_s``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -60,6 +61,12 @@ class AliasPolicies:
         self.engine = engine
         policies_table.create(engine, checkfirst=True)
         self._known: ReadCache[AliasPolicy] = ReadCache(cache_s)
+
+    async def aget(self, alias: str) -> AliasPolicy:
+        """``get`` for a request: from memory, else read in a worker thread (never on the event loop)."""
+        if (known := self._known.get(alias)) is not None:
+            return known
+        return await asyncio.to_thread(self.get, alias)
 
     def get(self, alias: str) -> AliasPolicy:
         if (known := self._known.get(alias)) is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 from jsonschema import SchemaError
@@ -32,14 +33,19 @@ NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*(?:[+*}]|\|)(?:[^()\\]|\\.)*\
 
 
 async def check_client_schema_bounded(schema: Any, param: str = "response_format") -> None:
-    """``check_client_schema`` off the event loop, refused when compiling takes over ``COMPILE_TIMEOUT_S``.
+    """``check_client_schema`` off the event loop, refused when compiling takes over ``COMPILE_TIMEOUT_S``."""
+    await bounded(lambda: check_client_schema(schema, param), param)
+
+
+async def bounded(check: Callable[[], None], param: str) -> None:
+    """Run ``check`` (schema checks that raise ``APIError``) off the event loop, cut at ``COMPILE_TIMEOUT_S``.
 
     The limits above keep compiling cheap; the timeout is the last line. The
     worker thread cannot be stopped, but the request is answered in bounded
     time and the loop never waits on it.
     """
     try:
-        await asyncio.wait_for(asyncio.to_thread(check_client_schema, schema, param), COMPILE_TIMEOUT_S)
+        await asyncio.wait_for(asyncio.to_thread(check), COMPILE_TIMEOUT_S)
     except TimeoutError as exc:
         raise APIError(400, f"{param} schema refused: compiling it took longer than {COMPILE_TIMEOUT_S:g} s.",
                        param=param, code="schema_refused") from exc  # fmt: skip

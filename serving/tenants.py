@@ -30,6 +30,8 @@ from serving.statecache import ReadCache
 
 KEY_PREFIX = "lf-"
 KEY_ID_CHARS = 8  # characters after the prefix that name a key in listings
+UNKNOWN_KEY_TTL_S = 5.0  # how long a key the database does not know is answered 401 from memory
+UNKNOWN_KEYS_KEPT = 100_000  # at most this many (about 15 MB); the oldest go first
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 metadata = sa.MetaData()
@@ -146,9 +148,12 @@ class TenantStore:
         metadata.create_all(self.engine)
         self._add_missing_columns()
         self._known: ReadCache[Tenant] = ReadCache(cache_s)  # key digest -> tenant; every write below clears it
+        # Digests of keys the database does not know: a flood of made-up keys costs one read per key per TTL.
+        self._unknown: ReadCache[bool] = ReadCache(UNKNOWN_KEY_TTL_S, maxsize=UNKNOWN_KEYS_KEPT)
 
     def _changed(self) -> None:
         self._known.changed()
+        self._unknown.changed()
 
     def _add_missing_columns(self) -> None:
         # State databases made by earlier releases lack the newer nullable columns.
@@ -288,14 +293,24 @@ class TenantStore:
         self._changed()
         return key
 
-    def authenticate(self, key: str) -> Tenant | None:
-        """The enabled tenant owning the unrevoked ``key``, or ``None``."""
+    def remembered(self, key: str) -> tuple[bool, Tenant | None]:
+        """``(True, tenant or None)`` when memory answers for ``key`` (no I/O), else ``(False, None)``."""
         if not key.startswith(KEY_PREFIX):
-            return None
+            return True, None
         digest = _hash(key)
         if (known := self._known.get(digest)) is not None:
-            return known  # found by its digest, the dictionary's own exact comparison
-        generation = self._known.generation
+            return True, known  # found by its digest, the dictionary's own exact comparison
+        if self._unknown.get(digest):
+            return True, None
+        return False, None
+
+    def authenticate(self, key: str) -> Tenant | None:
+        """The enabled tenant owning the unrevoked ``key``, or ``None``."""
+        answered, tenant = self.remembered(key)
+        if answered:
+            return tenant
+        digest = _hash(key)
+        generation, unknown_generation = self._known.generation, self._unknown.generation
         with self.engine.connect() as db:
             row = db.execute(
                 sa.select(keys_table.c.key_hash, *tenants_table.columns)
@@ -308,6 +323,7 @@ class TenantStore:
             ).first()
             # The index lookup finds the row; the final comparison is constant-time.
             if row is None or not hmac.compare_digest(row.key_hash, digest):
+                self._unknown.put(digest, True, unknown_generation)
                 return None
             tenant = self._load(db, row)
         self._known.put(digest, tenant, generation)

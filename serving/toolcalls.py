@@ -97,7 +97,18 @@ class ToolPlan:
                 c["finish_reason"] = "tool_calls"
 
 
-def _functions(tools: Any) -> list[dict[str, Any]]:
+def check_tools(tools: Any) -> None:
+    """Each tool's parameters, and the call schema of them all (what the engine is constrained with), within the
+    limits of a client schema (``serving.schemas``). Run off the event loop (``serving.schemas.bounded``)."""
+    functions = _functions(tools, check=True)
+    try:
+        combined = any_call_schema(functions)
+    except RecursionError as exc:
+        raise _bad("tools: the parameters nest too deeply.", "tools") from exc
+    check_client_schema(combined, param="tools")
+
+
+def _functions(tools: Any, check: bool = False) -> list[dict[str, Any]]:
     if not isinstance(tools, list) or not tools:
         raise _bad('\'tools\' must be a non-empty list of {"type": "function", "function": {...}}.', "tools")
     functions, names = [], set()
@@ -115,7 +126,12 @@ def _functions(tools: Any) -> list[dict[str, Any]]:
         parameters = spec.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(parameters, dict):
             raise _bad(f"{where}.function.parameters: must be a JSON Schema object.", f"{where}.function.parameters")
-        check_client_schema(json_schema_of(parameters), param=f"{where}.function.parameters")
+        if check:
+            try:
+                schema = json_schema_of(parameters)
+            except RecursionError as exc:
+                raise _bad(f"{where}.function.parameters: nested too deeply.", f"{where}.function.parameters") from exc
+            check_client_schema(schema, param=f"{where}.function.parameters")
         functions.append({k: spec[k] for k in FUNCTION_KEYS if k in spec} | {"parameters": parameters})
     return functions
 

@@ -176,6 +176,7 @@ def e2e_gateway(
     tenant = tenants.create("acme")
     tenants.grant(tenant, "orders")
     tenants.grant(tenant, "toolcall")
+    tenants.grant(tenant, "base")  # the bare base model, to compare adapters with
     key = tenants.issue_key(tenant)
     try:
         running = start_gateway(data_dir, base_model)

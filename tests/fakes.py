@@ -34,14 +34,19 @@ class FakeEngine:
         self.answer = '{"a": 1}'
         self.answers: dict[str, str] = {}  # per engine-side model name, e.g. {"orders@2": "broken"}
         self.request_ids: list[str | None] = []
+        self.refuse: Callable[[dict], httpx.Response | None] | None = None  # a hook: an error answer for a body
         self.client = httpx.AsyncClient(transport=httpx.MockTransport(self._handle), base_url="http://engine")
 
     def _handle(self, request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content)
         self.requests.append(body)
+        refused = self.refuse(body) if self.refuse is not None else None
+        if refused is not None:
+            return refused
         if body["model"] not in self.loaded and body["model"] != BASE_MODEL_NAME:
+            missing = f"The model `{body['model']}` does not exist."  # vLLM's own words
             return httpx.Response(
-                404, json={"error": {"message": "no such model", "type": "NotFoundError", "param": None, "code": 404}}
+                404, json={"error": {"message": missing, "type": "NotFoundError", "param": None, "code": 404}}
             )
         answer = self.answers.get(body["model"], self.answer)
         if body.get("stream"):
@@ -52,21 +57,32 @@ class FakeEngine:
                     "id": "c1",
                     "object": "chat.completion.chunk",
                     "model": body["model"],
-                    "choices": [{"index": 0, "delta": {"content": tok}, "finish_reason": "stop" if last else None}],
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": {"content": tok},
+                            "finish_reason": "stop" if last else None,
+                            "stop_reason": None,
+                            "token_ids": [1, 2],
+                        }
+                    ],
+                    "prompt_token_ids": [7, 8, 9],
                 }
                 for tok, last in zip(pieces, (False, False, True), strict=True)
             ]
             if (body.get("stream_options") or {}).get("include_usage"):
                 usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
                 chunks.append({"id": "c1", "object": "chat.completion.chunk", "model": body["model"], "choices": [],
-                               "usage": usage})  # fmt: skip
+                               "usage": usage | {"prompt_tokens_details": None},
+                               "system_fingerprint": "vllm-0.32.0-fake"})  # fmt: skip
             # vLLM's compact JSON, which the gateway's relay reads
             sse = "".join(f"data: {json.dumps(c, separators=(',', ':'))}\n\n" for c in chunks) + "data: [DONE]\n\n"
             return httpx.Response(200, content=sse.encode(), headers={"content-type": "text/event-stream"})
         if request.url.path == "/v1/completions":
-            choice = {"index": 0, "text": answer, "finish_reason": "stop"}
+            choice = {"index": 0, "text": answer, "finish_reason": "stop", "stop_reason": None, "prompt_token_ids": [7]}
             return httpx.Response(200, json={"id": "c1", "object": "text_completion", "model": body["model"],
-                                             "choices": [choice]})  # fmt: skip
+                                             "choices": [choice], "system_fingerprint": "vllm-0.32.0-fake",
+                                             "kv_transfer_params": None})  # fmt: skip
         message = {"role": "assistant", "content": answer}
         return httpx.Response(
             200,
@@ -74,8 +90,20 @@ class FakeEngine:
                 "id": "c1",
                 "object": "chat.completion",
                 "model": body["model"],
-                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": message | {"reasoning": None},
+                        "finish_reason": "stop",
+                        "stop_reason": None,
+                        "token_ids": None,
+                        "routed_experts": None,
+                    }
+                ],
                 "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+                "system_fingerprint": "vllm-0.32.0-fake",
+                "prompt_token_ids": [7, 8, 9],
+                "kv_transfer_params": None,
             },
         )
 

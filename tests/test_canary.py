@@ -28,16 +28,18 @@ SCHEMA = {"type": "object", "required": ["a"]}
 # -- the analysis, on its own -------------------------------------------------------------------------
 
 
-def window(n: int, *, valid: int | None = None, errors: int = 0, latency: float = 1.0, streams: int = 0) -> Window:
+def window(n: int, *, valid: int | None = None, errors: int = 0, latency: float = 1.0, streams: int = 0,
+           tokens: int = 20, outcome: str = "invalid_json", client_max_tokens: bool = False) -> Window:  # fmt: skip
     rng = random.Random(n * 7 + errors)
     w = Window()
     for i in range(n):
         record = RequestRecord(str(i), "POST", "/v1/chat/completions")
         record.status = 500 if i < errors else 200
-        record.started, record.finished = 0.0, latency * rng.uniform(0.9, 1.1)
+        record.started, record.finished = 0.0, latency * tokens / 20 * rng.uniform(0.9, 1.1)
+        record.completion_tokens, record.client_max_tokens = tokens, client_max_tokens
         if i < streams:
-            record.first_token = 0.1 * latency
-        record.json_outcomes = ["valid" if valid is None or i < valid else "invalid_json"]
+            record.stream, record.first_token = True, 0.1 * latency
+        record.json_outcomes = ["valid" if valid is None or i < valid else outcome]
         w.add(record)
     return w
 
@@ -53,7 +55,7 @@ def test_too_few_samples_means_wait_and_says_so() -> None:
 def test_equal_variants_pass() -> None:
     result = analyze(window(200, valid=198), window(200, valid=197), CONFIG)
     assert result.decision == "pass", result
-    assert {m["metric"] for m in result.metrics} == {"json_validity", "success_rate", "latency_e2e", "ttft"}
+    assert {m["metric"] for m in result.metrics} == {"json_validity", "success_rate", "time_per_token", "ttft"}
     ttft = next(m for m in result.metrics if m["metric"] == "ttft")
     assert "not judged" in ttft["note"]  # no streams: TTFT is not compared, and that is said
 
@@ -76,8 +78,21 @@ def test_more_server_errors_roll_back() -> None:
 
 def test_slower_latency_beyond_the_ratio_rolls_back_and_within_it_passes() -> None:
     slow = analyze(window(100, streams=100), window(100, latency=2.0, streams=100), CONFIG)
-    assert slow.decision == "rollback" and "latency_e2e" in slow.reason and "ttft" in slow.reason
+    assert slow.decision == "rollback" and "time_per_token" in slow.reason and "ttft" in slow.reason
     assert analyze(window(100), window(100, latency=1.2), CONFIG).decision == "pass"
+
+
+def test_a_client_cannot_steer_the_canary_with_its_own_max_tokens() -> None:
+    # Every canary answer cut by the client's max_tokens=1: not invalid JSON, counted apart...
+    cut = window(200, valid=0, outcome="truncated", client_max_tokens=True, tokens=1, latency=0.1)
+    result = analyze(window(200, valid=199), cut, CONFIG)
+    assert cut.checked == 0 and cut.cut_by_client == 200 and result.decision == "wait"  # no JSON verdicts to judge
+    # ...and short answers are not "faster", nor long ones "slower": latency is per output token.
+    long_answers = window(200, valid=199, tokens=200, latency=1.0)  # 10x the tokens, 10x the time
+    assert analyze(window(200, valid=199), long_answers, CONFIG).decision == "pass"
+    # An answer the adapter itself let run to the gateway's limit is still a failure of the adapter.
+    rambling = window(200, valid=0, outcome="truncated")
+    assert analyze(window(200, valid=199), rambling, CONFIG).decision == "rollback"
 
 
 @pytest.mark.parametrize(
@@ -171,6 +186,19 @@ def test_assignment_is_sticky_per_user_and_follows_the_weight(gw) -> None:
     assert 'lorafleet_canary_weight{alias="orders"} 0.3' in client.get("/metrics").text
 
 
+def test_a_tenant_cannot_pile_its_requests_into_the_canary_with_chosen_user_keys(gw) -> None:
+    client, _, key = gw
+    assert start(client, steps=[10, 100]).status_code == 201
+    canary_id = status(client)["id"]
+    # user keys whose point (within this tenant) falls in the 10% canary arm: every request would go there
+    tenant_id = client.app.state.gateway.tenants.get("acme").id  # type: ignore[attr-defined]
+    chosen = [u for u in (f"probe{i}" for i in range(2000)) if user_point(canary_id, f"{tenant_id}:user:{u}") < 0.1]
+    variants = [send(client, key, chosen[i % len(chosen)]).headers["x-lorafleet-variant"] for i in range(300)]
+    share = variants.count("canary") / len(variants)
+    assert share < 0.1 + 0.05 + 4 * (0.1 * 0.9 / 300) ** 0.5 + 0.02, share  # the cap, not 100%
+    assert variants[:20] == ["canary"] * 20  # sticky until the tenant's share goes beyond it
+
+
 def test_a_good_candidate_is_promoted_through_every_step(gw) -> None:
     client, _, key = gw
     assert start(client, steps=[20, 50, 100], min_samples=10).status_code == 201
@@ -227,13 +255,13 @@ def test_without_enough_traffic_it_waits_says_so_and_never_promotes(gw) -> None:
 def test_pause_resume_abort_and_manual_promote(gw) -> None:
     client, _, key = gw
     start(client, steps=[50, 100], min_samples=1)
-    assert client.post("/admin/canaries/orders/pause", headers=ADMIN).json()["state"] == "paused"
+    assert client.post("/admin/canaries/orders/pause", json={}, headers=ADMIN).json()["state"] == "paused"
     for i in range(10):
         send(client, key, f"user-{i}")
     tick(client)
     assert status(client)["state"] == "paused"  # no decisions while paused
-    assert_openai_error(client.post("/admin/canaries/orders/pause", headers=ADMIN), 409, "canary_state")
-    assert client.post("/admin/canaries/orders/resume", headers=ADMIN).json()["state"] == "running"
+    assert_openai_error(client.post("/admin/canaries/orders/pause", json={}, headers=ADMIN), 409, "canary_state")
+    assert client.post("/admin/canaries/orders/resume", json={}, headers=ADMIN).json()["state"] == "running"
     # Promoting or retiring behind the canary's back is refused until it ends.
     for method, path, body in [("POST", "/admin/adapters/orders/promote", {"version": 2}),
                                ("DELETE", "/admin/adapters/orders/versions/2", None)]:  # fmt: skip
@@ -276,8 +304,8 @@ def test_other_refusals(gw) -> None:
     client, _, _ = gw
     assert_openai_error(client.post("/admin/canaries/nope", json={"version": 1}, headers=ADMIN), 404,
                         "alias_not_found")  # fmt: skip
-    assert_openai_error(client.post("/admin/canaries/orders/resume", headers=ADMIN), 404, "no_canary")
-    assert_openai_error(client.post("/admin/canaries/orders/explode", headers=ADMIN), 422, "invalid_field")
+    assert_openai_error(client.post("/admin/canaries/orders/resume", json={}, headers=ADMIN), 404, "no_canary")
+    assert_openai_error(client.post("/admin/canaries/orders/explode", json={}, headers=ADMIN), 422, "invalid_field")
     assert_openai_error(client.post("/admin/canaries/orders", json={"version": 2}), 401)
     assert start(client).status_code == 201
     assert_openai_error(start(client), 409, "canary_exists")

@@ -31,9 +31,17 @@ def promtool(*args: str, cwd: Path = DEPLOY) -> subprocess.CompletedProcess[str]
     return subprocess.run(["promtool", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
-def test_prometheus_config_and_rules_check() -> None:
+def test_prometheus_config_and_rules_check(tmp_path: Path) -> None:
+    # Both jobs send the metrics key from the file compose mounts; promtool checks that the file exists.
+    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    (tmp_path / "metrics.key").write_text("k")
+    for job in config["scrape_configs"]:
+        assert job["authorization"]["credentials_file"] == "/run/secrets/metrics_key", job["job_name"]
+        job["authorization"]["credentials_file"] = str(tmp_path / "metrics.key")
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    shutil.copy(DEPLOY / "alerts.yml", tmp_path / "alerts.yml")
     for args in (("check", "config", "prometheus.yml"), ("check", "rules", "alerts.yml")):
-        result = promtool(*args)
+        result = promtool(*args, cwd=tmp_path)
         assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -132,6 +140,13 @@ def test_compose_brings_up_gateway_prometheus_and_grafana_with_what_they_mount()
             source = volume.split(":")[0]
             if source.startswith("."):
                 assert (DEPLOY / source).exists(), f"{source} is mounted but missing"
+    # Credentials from the environment, ports on loopback unless LORAFLEET_BIND says otherwise.
+    assert compose["secrets"]["metrics_key"] == {"environment": "LORAFLEET_METRICS_KEY"}
+    assert "metrics_key" in compose["services"]["prometheus"]["secrets"]
+    assert "LORAFLEET_METRICS_KEY:?" in compose["services"]["gateway"]["environment"]["LORAFLEET_METRICS_KEY"]
+    assert "admin" not in compose["services"]["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
+    for service in compose["services"].values():
+        assert all(port.startswith("${LORAFLEET_BIND:-127.0.0.1}:") for port in service.get("ports", [])), service
     prometheus = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     jobs = {job["job_name"]: job for job in prometheus["scrape_configs"]}
     assert jobs["lorafleet"]["metrics_path"] == "/metrics" and jobs["vllm"]["metrics_path"] == "/metrics/engine"

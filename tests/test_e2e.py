@@ -44,14 +44,31 @@ def test_completion_comes_from_the_adapter(gateway: Gateway) -> None:
     adapter_text = resp.choices[0].message.content
     assert adapter_text
 
-    # The same greedy prompt on the bare base model, straight from the engine.
-    base = httpx.post(
-        f"{gateway.engine_url}/v1/chat/completions",
-        json={"model": "base", "messages": [{"role": "user", "content": PROMPT}], "temperature": 0, "max_tokens": 80},
-        timeout=120,
-    ).json()
-    assert base["model"] == "base"
-    assert base["choices"][0]["message"]["content"] != adapter_text
+    # The same greedy prompt on the bare base model.
+    base = client(gateway).chat.completions.create(
+        model="base", messages=[{"role": "user", "content": PROMPT}], temperature=0, max_tokens=80
+    )
+    assert base.model == "base"
+    assert base.choices[0].message.content != adapter_text
+
+
+def test_the_engine_answers_only_the_gateway(gateway: Gateway) -> None:
+    # vLLM's API (completions, runtime adapter loading by path) needs the key the gateway made for this start.
+    for method, path, body in (("GET", "/v1/models", None),
+                               ("POST", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/etc"}),
+                               ("POST", "/v1/chat/completions", {"model": "base", "messages": []})):  # fmt: skip
+        resp = httpx.request(method, f"{gateway.engine_url}{path}", json=body, timeout=30)
+        assert resp.status_code == 401, (path, resp.text)
+        wrong = httpx.request(method, f"{gateway.engine_url}{path}", json=body, timeout=30,
+                              headers={"Authorization": f"Bearer {gateway.running.admin_key}"})  # fmt: skip
+        assert wrong.status_code == 401, (path, wrong.text)
+    # and it does not hold the gateway's secrets: its environment is an allowlist
+    engine = next(p for p in psutil.Process(gateway.proc.pid).children() if "vllm" in " ".join(p.cmdline()))
+    environ = Path(f"/proc/{engine.pid}/environ").read_bytes().split(b"\0")
+    names = {entry.split(b"=", 1)[0].decode() for entry in environ if entry}
+    assert "LORAFLEET_ADMIN_KEY" not in names and not any(n.startswith("LORAFLEET_") for n in names)
+    assert "VLLM_API_KEY" in names and gateway.running.admin_key.encode() not in b"".join(environ)
+    assert not any(gateway.running.admin_key in part for part in engine.cmdline())
 
 
 def test_streaming_gives_the_same_greedy_answer(gateway: Gateway) -> None:
@@ -236,7 +253,8 @@ def test_a_crashed_engine_is_restarted_and_its_adapters_reloaded(gateway: Gatewa
     deadline = time.monotonic() + 300
     status: dict = {}
     while time.monotonic() < deadline:
-        resp = httpx.get(f"{gateway.url}/readyz", timeout=5)
+        admin = {"Authorization": f"Bearer {gateway.running.admin_key}"}
+        resp = httpx.get(f"{gateway.url}/readyz", headers=admin, timeout=5)
         status = resp.json()
         if resp.status_code == 200 and status["engine_restarts"] >= 1:
             break

@@ -170,3 +170,45 @@ def test_request_bodies_are_compact_utf8_json(run: Run, played: PlayedEngine) ->
         assert played.raw == ['{"a":"é","b":[1,2]}'.encode()]
 
     run(body)
+
+
+def test_an_external_engine_gets_its_key_on_every_call(tmp_path: Path) -> None:
+    seen: list[str | None] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization"))
+        if request.path == "/v1/chat/completions":
+            return web.json_response({"choices": []})
+        return web.Response(text="ok")
+
+    async def main() -> None:
+        app = web.Application()
+        for path in ("/v1/chat/completions", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+            app.router.add_post(path, record)
+        async with serve(app) as url:
+            settings = GatewaySettings(data_dir=tmp_path, engine_url=url, engine_key="engine-secret", dev_mode=True)
+            engine = VLLMEngine(settings)
+            try:
+                await engine.load_adapter("a@1", tmp_path)
+                await (await engine.send("/v1/chat/completions", {"model": "a@1"}, stream=False)).aclose()
+                await engine.unload_adapter("a@1")
+            finally:
+                await engine.stop()
+
+    asyncio.run(asyncio.wait_for(main(), timeout=30))
+    assert seen == ["Bearer engine-secret"] * 3
+
+
+def test_the_supervised_engine_inherits_no_gateway_secret(tmp_path: Path) -> None:
+    from serving.engine import child_env, vllm_command
+
+    settings = GatewaySettings(data_dir=tmp_path, admin_key="admin-key-0123456789abcdef")
+    environ = {"PATH": "/usr/bin", "HOME": "/home/x", "HF_HOME": "/h", "OMP_NUM_THREADS": "2", "LC_ALL": "C",
+               "LORAFLEET_ADMIN_KEY": "admin-key-0123456789abcdef", "LORAFLEET_STATE_URL": "postgresql://u:pw@db/x",
+               "AWS_SECRET_ACCESS_KEY": "s3", "VLLM_API_KEY": "a-users-own"}  # fmt: skip
+    env = child_env(settings, "fresh-key", environ)
+    assert {k: env[k] for k in ("PATH", "HOME", "HF_HOME", "OMP_NUM_THREADS", "LC_ALL")} == {
+        k: environ[k] for k in ("PATH", "HOME", "HF_HOME", "OMP_NUM_THREADS", "LC_ALL")}  # fmt: skip
+    assert not any(k.startswith("LORAFLEET_") or k.startswith("AWS_") for k in env)
+    assert env["VLLM_API_KEY"] == "fresh-key"  # its own key, through the environment...
+    assert "fresh-key" not in vllm_command(settings) and "--api-key" not in vllm_command(settings)  # ...not argv

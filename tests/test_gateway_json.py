@@ -264,7 +264,8 @@ def test_tools_belong_to_chat_completions(gw) -> None:
     client, _, key = gw
     resp = client.post("/v1/completions", json={"model": "calls", "prompt": "x", "tools": [WEATHER]},
                        headers={"Authorization": f"Bearer {key}"})  # fmt: skip
-    assert_openai_error(resp, 400, "invalid_tools")
+    error = assert_openai_error(resp, 400, "unsupported_parameter")
+    assert error["param"] == "tools" and "/v1/chat/completions" in error["message"]
 
 
 def test_the_cli_sets_the_policy_the_gateway_reads(gw, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

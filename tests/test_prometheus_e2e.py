@@ -55,8 +55,10 @@ def prometheus(e2e_gateway: Gateway, tmp_path_factory: pytest.TempPathFactory) -
     work = tmp_path_factory.mktemp("prometheus")
     config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())  # the shipped config, pointed at this gateway
     config["global"] = {"scrape_interval": f"{SCRAPE_S}s", "evaluation_interval": f"{SCRAPE_S}s"}
+    (work / "metrics.key").write_text("any")  # the test gateway listens on loopback: its metrics are open
     for job in config["scrape_configs"]:
         job["static_configs"] = [{"targets": [gw.url.removeprefix("http://")]}]
+        job["authorization"]["credentials_file"] = str(work / "metrics.key")  # compose mounts it elsewhere
     shutil.copy(DEPLOY / "alerts.yml", work / "alerts.yml")
     (work / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()

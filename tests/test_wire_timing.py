@@ -31,24 +31,29 @@ def request(rid: str) -> bytes:
     return f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-request-id: {rid}\r\n\r\n".encode()
 
 
+def engine_id(rid: str) -> str:
+    return f"gw{abs(hash(rid)) % 16**12:012x}-{rid}"  # the gateway's own id for the engine ends with the client's
+
+
 def test_the_time_inside_the_gateway_is_read_per_request_from_the_four_packets(tmp_path: Path) -> None:
     pcap = tmp_path / "lo.pcap"
     write_pcap(pcap, [
         # request a on client port 50001: headers, then the body (t1 = 10.000)
         (9.9990, 50001, GATEWAY, request("a")), (10.000, 50001, GATEWAY, b'{"model": "a1"}'),
         (10.0005, GATEWAY, 50001, b"HTTP/1.1 200 OK\r\n\r\n"),  # response headers: not an event
-        (10.002, 50100, ENGINE, request("a")), (10.0021, 50100, ENGINE, b"{}"),  # t2 = 10.0021
+        (10.002, 50100, ENGINE, request(engine_id("a"))), (10.0021, 50100, ENGINE, b"{}"),  # t2 = 10.0021
         (11.000, ENGINE, 50100, b"7b\r\ndata: {}\r\n\r\n"),  # t3
         (11.0007, GATEWAY, 50001, b"7b\r\ndata: {}\r\n\r\n"),  # t4
         (11.5, ENGINE, 50100, b"data: {}"), (11.6, GATEWAY, 50001, b"data: {}"),  # later events: ignored
         # request b on the same client connection, then on another engine connection
         (12.000, 50001, GATEWAY, request("b") + b"{}"),
-        (12.001, 50101, ENGINE, request("b") + b"{}"),
+        (12.001, 50101, ENGINE, request(engine_id("b")) + b"{}"),
         (13.000, ENGINE, 50101, b"data: {}"), (13.003, GATEWAY, 50001, b"data: {}"),
         # request c never got its first event: left out
-        (14.000, 50002, GATEWAY, request("c")), (14.001, 50102, ENGINE, request("c")),
+        (14.000, 50002, GATEWAY, request("c")), (14.001, 50102, ENGINE, request(engine_id("c"))),
         # a warm-up request of the benchmark: left out (and counted as such)
-        (15.000, 50003, GATEWAY, request("warmup-d") + b"{}"), (15.009, 50103, ENGINE, request("warmup-d") + b"{}"),
+        (15.000, 50003, GATEWAY, request("warmup-d") + b"{}"),
+        (15.009, 50103, ENGINE, request(engine_id("warmup-d")) + b"{}"),
         (16.000, ENGINE, 50103, b"data: {}"), (16.001, GATEWAY, 50003, b"data: {}"),
     ])  # fmt: skip
     packets = wire_timing.read_pcap(pcap)

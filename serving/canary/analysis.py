@@ -49,26 +49,41 @@ class Window:
     errors: int = 0
     checked: int = 0
     valid: int = 0
-    latency: list[float] = field(default_factory=list)
+    cut_by_client: int = 0  # answers cut at the client's own max_tokens: not judged as JSON
+    per_token: list[float] = field(default_factory=list)  # seconds per output token (TPOT for streams)
     ttft: list[float] = field(default_factory=list)
 
     def add(self, record: RequestRecord) -> None:
-        if 400 <= record.status < 500:
-            return  # the client's mistake says nothing about the version
+        """One request's sample. What the client chose does not count against the version: its 4xx, and the
+        JSON verdict of an answer cut by its own ``max_tokens``; latency is per output token, so a client
+        asking for short answers (or long ones) does not move it."""
+        if 400 <= record.status < 500 or record.status == 499:
+            return  # the client's mistake (or its disconnect) says nothing about the version
         self.requests += 1
         if record.status >= 500 or record.status == 0 or record.error_code == "engine_stream_broken":
             self.errors += 1
             return
-        self.latency.append(record.latency)
+        per_token = record.tpot if record.stream else _per_token(record)
+        if per_token is not None:
+            self.per_token.append(per_token)
         if record.ttft is not None:
             self.ttft.append(record.ttft)
         for outcome in record.json_outcomes:
+            if outcome == "truncated" and record.client_max_tokens:
+                self.cut_by_client += 1
+                continue
             self.checked += 1
             self.valid += outcome == "valid"
 
     def summary(self) -> dict[str, int]:
         return {"requests": self.requests, "errors": self.errors, "json_checked": self.checked, "valid": self.valid,
-                "streams": len(self.ttft)}  # fmt: skip
+                "cut_by_client": self.cut_by_client, "streams": len(self.ttft)}  # fmt: skip
+
+
+def _per_token(record: RequestRecord) -> float | None:
+    if not record.completion_tokens or record.finished is None:
+        return None
+    return (record.finished - record.started) / record.completion_tokens
 
 
 @dataclass
@@ -116,7 +131,7 @@ def analyze(stable: Window, canary: Window, config: CanaryConfig) -> Analysis:
              "validity")  # fmt: skip
     rate("success_rate", stable.requests - stable.errors, stable.requests, canary.requests - canary.errors,
          canary.requests, config.max_error_increase, "success")  # fmt: skip
-    latency("latency_e2e", stable.latency, canary.latency)
+    latency("time_per_token", stable.per_token, canary.per_token)
     latency("ttft", stable.ttft, canary.ttft)
     regressions = [m["metric"] for m in metrics if m["regression"]]
     if regressions:

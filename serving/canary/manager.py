@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import Any
 
@@ -22,11 +23,22 @@ from serving.metrics import GatewayMetrics, RequestRecord
 
 log = logging.getLogger("lorafleet.canary")
 
+# A tenant's share of the canary arm, once it has sent SHARE_MIN requests in a window (see ``_share_cap``).
+SHARE_SLACK = 0.05
+SHARE_MIN = 20
+
+
+def _share_cap(weight: float, n: int) -> float:
+    """The most of ``n`` requests' share on an arm of ``weight`` that honest (uniform) users reach: the weight,
+    plus four binomial standard deviations, plus ``SHARE_SLACK``."""
+    return weight + SHARE_SLACK + 4 * math.sqrt(weight * (1 - weight) / n)
+
 
 class CanaryManager:
     def __init__(self, engine: sa.Engine, registry: AdapterRegistry, metrics: GatewayMetrics | None = None) -> None:
         self.records, self.registry, self.metrics = CanaryRecords(engine), registry, metrics
         self.windows: dict[int, dict[str, Window]] = {}
+        self.shares: dict[int, dict[str, list[int]]] = {}  # canary id -> tenant -> [requests, on the canary]
         self.active: dict[str, Canary] = {}
         for canary in self.records.active():
             self.active[canary.alias] = canary
@@ -63,14 +75,27 @@ class CanaryManager:
 
     # -- serving ----------------------------------------------------------------------------------
 
-    def assign(self, alias: str, user: str) -> tuple[Variant, AdapterVersion] | None:
-        """The variant and version that serve ``user`` on ``alias``, or ``None`` with no canary."""
+    def assign(self, alias: str, user: str, tenant: str = "") -> tuple[Variant, AdapterVersion] | None:
+        """The variant and version that serve ``user`` of ``tenant`` on ``alias``, or ``None`` with no canary.
+
+        Sticky: a user's point decides its arm. Capped: within a step's window, once a tenant has sent
+        ``SHARE_MIN`` requests, its share on the canary stays under ``_share_cap`` whatever user keys it sends,
+        so no client can pile its requests into one arm (and steer the decision). Honest traffic, whose users'
+        points are uniform, stays under the cap (4 standard deviations above the weight, plus a slack).
+        """
         canary = self.active.get(alias)
         if canary is None:
             return None
-        if user_point(canary.id, user) < canary.weight:
-            return "canary", self.store.get(alias, canary.candidate)
-        return "stable", self.store.get(alias, canary.stable)
+        to_canary = user_point(canary.id, user) < canary.weight
+        sent = self.shares.setdefault(canary.id, {}).setdefault(tenant, [0, 0])  # [requests, on the canary]
+        if to_canary and sent[0] >= SHARE_MIN and (sent[1] + 1) / (sent[0] + 1) > _share_cap(canary.weight, sent[0]):
+            to_canary = False
+        sent[0] += 1
+        sent[1] += to_canary
+        # Both versions were checked when the canary started; no file is read per request.
+        if to_canary:
+            return "canary", AdapterVersion(alias, canary.candidate, self.store.root / alias / str(canary.candidate))
+        return "stable", AdapterVersion(alias, canary.stable, self.store.root / alias / str(canary.stable))
 
     def observe(self, canary_id: int, variant: str, record: RequestRecord) -> None:
         if not any(c.id == canary_id for c in self.active.values()):
@@ -156,12 +181,14 @@ class CanaryManager:
                                actor=actor)  # fmt: skip
         except StoreError as exc:
             raise CanaryError(400, f"cannot promote: {exc}", "promote_refused") from exc
+        self.registry.changed()
         old = self.store.get(canary.alias, canary.stable)
         self._finish(canary, "promoted")
         self._event(canary, "promote", reason, numbers, actor)
         self._count(canary, "promote")
         self.store.retire(canary.alias, old.version, reason=f"replaced by {canary.alias}@{canary.candidate}",
                           actor=actor)  # fmt: skip
+        self.registry.changed()
         await self.registry.retire(old)  # unloaded once its in-flight requests finish
 
     async def _rollback(self, canary: Canary, reason: str, numbers: dict[str, Any] | None, actor: str) -> None:
@@ -170,6 +197,7 @@ class CanaryManager:
         self._event(canary, "rollback", reason, numbers, actor)
         self._count(canary, "rollback")
         self.store.retire(canary.alias, candidate.version, reason=f"canary rolled back: {reason}", actor=actor)
+        self.registry.changed()
         await self.registry.retire(candidate)
         log.warning("canary %s rolled back: %s", candidate.ref, reason)
 
@@ -230,12 +258,14 @@ class CanaryManager:
         canary.step_started_at = time.time()
         canary.last_analysis = None
         self.windows.pop(canary.id, None)
+        self.shares.pop(canary.id, None)
         self._save(canary)
 
     def _finish(self, canary: Canary, state: State) -> None:
         canary.state = state
         self.active.pop(canary.alias, None)
         self.windows.pop(canary.id, None)
+        self.shares.pop(canary.id, None)
         self._save(canary)
 
     def _save(self, canary: Canary) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Annotated, Any
@@ -33,6 +34,7 @@ from serving.schemas import check_client_schema_bounded
 from serving.tenants import Limits, TenantError, TenantNotFound, key_id_of
 
 UPLOAD_PATH = r"/admin/adapters/[^/]+/versions"
+UPLOAD_RE = re.compile(UPLOAD_PATH)
 ARCHIVE_TYPES = {"application/x-tar", "application/gzip", "application/x-gzip", "application/zip",
                  "application/octet-stream"}  # fmt: skip
 
@@ -51,7 +53,25 @@ def require_admin(request: Request, state: StateDep) -> None:
                        code="invalid_admin_key", headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
 
 
-router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+async def require_json_post(request: Request) -> None:
+    """Every admin POST carries a JSON body (``{}`` when there is nothing to say), or an adapter archive.
+
+    A web page can make a browser send a POST with a form or plain-text body to any address, with none of the
+    gateway's consent; a JSON body needs a CORS preflight, which the gateway never grants. So a key-rotate or a
+    promote can never be triggered by visiting a page, even in development mode with no admin key.
+    """
+    if request.method != "POST":
+        return
+    if UPLOAD_RE.fullmatch(request.url.path):
+        return  # the upload route takes JSON or an archive type, and refuses every type a form can send
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json" or not (await request.body()).strip():
+        raise APIError(415 if kind and kind != "application/json" else 400,
+                       "Admin POSTs take a JSON body with 'Content-Type: application/json' (send {} when there is "
+                       "nothing to set).", code="json_body_required")  # fmt: skip
+
+
+router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin), Depends(require_json_post)])
 
 
 class LimitsBody(BaseModel):
@@ -311,9 +331,11 @@ def _checked_publish(state: GatewayState, source: Path, alias: str) -> Any:
     if problems:
         raise APIError(400, "Adapter refused: " + "; ".join(problems), code="adapter_refused")
     try:
-        return state.adapters.store.publish(source, alias)
+        version = state.adapters.store.publish(source, alias)
     except StoreError as exc:
         raise _store_refused(exc) from exc
+    state.adapters.changed()
+    return version
 
 
 @router.post("/adapters/{alias}/promote")
@@ -322,9 +344,11 @@ async def promote(alias: str, body: PromoteBody, state: StateDep) -> dict[str, A
     _no_canary_running(state, alias)
     store: AdapterStore = state.adapters.store
     try:
-        event = store.promote(alias, body.version, force=body.force, reason=body.reason, actor="admin-api")
+        event = await asyncio.to_thread(store.promote, alias, body.version, force=body.force, reason=body.reason,
+                                        actor="admin-api")  # fmt: skip
     except StoreError as exc:
         raise _store_refused(exc) from exc
+    state.adapters.changed()
     return event | await _load(state, store.get(alias, body.version))
 
 
@@ -334,9 +358,10 @@ async def retire(alias: str, version: int, state: StateDep, reason: str = "") ->
     _no_canary_running(state, alias)
     store: AdapterStore = state.adapters.store
     try:
-        event = store.retire(alias, version, reason=reason, actor="admin-api")
+        event = await asyncio.to_thread(store.retire, alias, version, reason=reason, actor="admin-api")
     except StoreError as exc:
         raise _store_refused(exc) from exc
+    state.adapters.changed()
     target = store.get(alias, version)
     draining = state.adapters.in_flight.get(target.ref, 0)
     await state.adapters.retire(target)

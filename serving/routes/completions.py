@@ -14,11 +14,15 @@ model's own chat template, no default schema.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import math
+import re
+import secrets
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -27,13 +31,14 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
 from contract.manifest import AdapterManifest
 from contract.store import AdapterVersion
 from contract.tools import TOOLS_FORMAT
 from serving.adapters import AdapterMisfit
+from serving.config import GatewaySettings
 from serving.deps import GatewayState, StateDep, TenantDep
 from serving.engine import BASE_MODEL_NAME, EngineError, EngineResponse
 from serving.errors import APIError
@@ -41,18 +46,15 @@ from serving.jsoncheck import JsonCheck, JsonPlan
 from serving.limits import Slot, cap_max_tokens
 from serving.metrics import RequestRecord
 from serving.observe import record_of
-from serving.policies import JsonMode
-from serving.schemas import check_client_schema_bounded
+from serving.protocol import ChatRequest, GatewayOptions, RequestBase, TextRequest, filter_response
+from serving.schemas import bounded, check_client_schema
 from serving.sse import event_data
 from serving.tenants import Tenant
-from serving.toolcalls import ToolPlan, ToolStream
+from serving.toolcalls import ToolPlan, ToolStream, check_tools
 
 log = logging.getLogger("lorafleet.gateway")
 router = APIRouter(prefix="/v1")
 
-# Fields a client may not set: they would let a request pick the engine's prompt
-# rendering, reach an adapter by path, or share another tenant's prefix cache.
-GATEWAY_ONLY_FIELDS = ("chat_template", "chat_template_kwargs", "lora_request", "lora_path", "cache_salt")
 CHAT = "/v1/chat/completions"
 # What a client gets when the engine's stream breaks off after the first byte (OpenAI's error shape, then [DONE]).
 BROKEN_STREAM = "engine_stream_broken"
@@ -60,37 +62,10 @@ STREAM_BROKEN_EVENT = (
     b'data: {"error": {"message": "The engine stopped answering mid-stream; the answer is incomplete. Retry.", '
     b'"type": "server_error", "param": null, "code": "engine_stream_broken"}}\n\ndata: [DONE]\n\n'
 )
+# vLLM's error for a schema its grammar backend cannot compile ("Unimplemented keys: [\"not\"]").
+UNIMPLEMENTED = re.compile(r"[Uu]nimplemented keys?:?\s*(\[[^\]]*\])")
 # The alias of the bare base model (granted like any alias).
 BASE_ALIAS = BASE_MODEL_NAME
-
-
-class GatewayOptions(BaseModel):
-    """The request's own ``lorafleet`` object (``extra_body`` in the openai client); never sent to vLLM."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    json_mode: JsonMode | None = Field(default=None, description="enforce, validate or off, for this request.")
-
-
-class CompletionRequestBase(BaseModel):
-    """The fields the gateway itself reads; everything else goes to the engine as sent."""
-
-    model_config = ConfigDict(extra="allow")
-
-    model: str | None = Field(default=None, description="The alias; empty means the tenant's default alias.")
-    stream: bool = False
-    n: int = Field(default=1, ge=1, le=16)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    lorafleet: GatewayOptions | None = None
-
-
-class ChatCompletionRequest(CompletionRequestBase):
-    messages: list[dict[str, Any]] = Field(min_length=1)
-
-
-class CompletionRequest(CompletionRequestBase):
-    prompt: str | list[str] = Field(min_length=1)
 
 
 class ModelCard(BaseModel):
@@ -131,8 +106,11 @@ class EngineRequest:
     wants_usage: bool  # the client asked for the usage chunk (the gateway always asks, for its metrics)
 
     def headers(self) -> dict[str, str]:
-        return {"x-lorafleet-adapter": self.target.engine_model, "x-lorafleet-variant": self.target.variant,
-                "x-lorafleet-json-mode": self.plan.mode}  # fmt: skip
+        headers = {"x-lorafleet-adapter": self.target.engine_model, "x-lorafleet-variant": self.target.variant,
+                   "x-lorafleet-json-mode": self.plan.mode}  # fmt: skip
+        if self.plan.unenforced:
+            headers["x-lorafleet-json-unenforced"] = ",".join(self.plan.unenforced)
+        return headers
 
 
 @router.get("/models")
@@ -141,43 +119,38 @@ async def list_models(tenant: TenantDep, state: StateDep) -> ModelList:
     cards = [
         ModelCard(id=alias, owned_by="lorafleet")
         for alias in sorted(tenant.aliases)
-        if alias == BASE_ALIAS or state.adapters.resolve(alias) is not None
+        if alias == BASE_ALIAS or await state.adapters.serving(alias) is not None
     ]
     return ModelList(data=cards)
 
 
 @router.post("/chat/completions", response_model=None)
-async def chat_completions(
-    req: ChatCompletionRequest, tenant: TenantDep, state: StateDep, request: Request
-) -> Response:
+async def chat_completions(req: ChatRequest, tenant: TenantDep, state: StateDep, request: Request) -> Response:
     """Chat completion through the alias's current adapter version (SSE when ``stream`` is true)."""
     return await _proxy(CHAT, req, tenant, state, request)
 
 
 @router.post("/completions", response_model=None)
-async def completions(req: CompletionRequest, tenant: TenantDep, state: StateDep, request: Request) -> Response:
+async def completions(req: TextRequest, tenant: TenantDep, state: StateDep, request: Request) -> Response:
     """Text completion (no chat template) through the alias's current adapter version."""
     return await _proxy("/v1/completions", req, tenant, state, request)
 
 
-async def _proxy(
-    route: str, req: CompletionRequestBase, tenant: Tenant, state: GatewayState, request: Request
-) -> Response:
+async def _proxy(route: str, req: RequestBase, tenant: Tenant, state: GatewayState, request: Request) -> Response:
     record = record_of(request.scope) or RequestRecord(uuid.uuid4().hex, request.method, request.url.path)
     record.tenant, record.stream = tenant.name, req.stream
-    body = _client_body(route, req, tenant)
-    await _check_response_format(body)
+    record.client_max_tokens = req.max_tokens is not None or getattr(req, "max_completion_tokens", None) is not None
+    body, sequences = _client_body(req, tenant, state.settings)
+    await bounded(lambda: _check_schemas(body), "response_format" if "tools" not in body else "tools")
     alias = req.model or tenant.default_alias
     if not alias:
         raise APIError(400, "'model' is required: name an alias (see GET /v1/models).", param="model",
                        code="missing_model")  # fmt: skip
-    slot = state.limiter.admit(tenant)  # 429 before any work
+    slot = state.limiter.admit(tenant, sequences)  # 429 before any work
     try:
         call = await prepare(route, req, alias, body, tenant, state, request, record, slot)
         record.upstream_at = time.perf_counter()  # the gateway's own work ends here
-        upstream = await state.engine.send(
-            route, call.body, stream=call.stream, request_id=record.request_id, on_sent=record.mark_sent
-        )
+        upstream = await _send(state, call, record)
     except EngineError as exc:
         slot.release()
         raise _engine_unavailable() from exc
@@ -185,34 +158,99 @@ async def _proxy(
         slot.release()
         raise
     if upstream.status_code != 200 or not call.stream:
-        return await full_response(upstream, call, record, slot)
+        return await full_response(upstream, call, record, slot, request)
     return stream_response(upstream, call, record, slot)
 
 
-def _client_body(route: str, req: CompletionRequestBase, tenant: Tenant) -> dict[str, Any]:
-    """The client's fields, checked: none the gateway sets, tools only on chat, ``max_tokens`` within the limit."""
+async def _send(state: GatewayState, call: EngineRequest, record: RequestRecord) -> EngineResponse:
+    """Send ``call`` to the engine, and once more, before any byte reached the client, when it answers that
+
+    - it does not have the adapter (it restarted, or a retirement raced this request): reloaded, then sent again;
+    - it cannot enforce the schema (a keyword its grammar backend lacks, such as ``not``): sent without the
+      constraint, the answer checked in validate mode and flagged (``unenforced_keywords``).
+    """
+    record.engine_request_id = f"gw{secrets.token_hex(6)}-{record.request_id}"  # the gateway's own, unique
+    for attempt in (1, 2):
+        upstream = await state.engine.send(call.route, call.body, stream=call.stream,
+                                           request_id=record.engine_request_id, on_sent=record.mark_sent)  # fmt: skip
+        if upstream.status_code not in (400, 404) or attempt == 2:
+            return upstream
+        content = await _read_whole(upstream)
+        version = call.target.version
+        if upstream.status_code == 404 and version is not None and _adapter_missing(content, version.ref):
+            log.warning("the engine lost adapter %s; reloading it", version.ref)
+            await state.adapters.reload(version)
+        elif upstream.status_code == 400 and call.plan.mode == "enforce" and (keywords := unimplemented(content)):
+            call.plan = call.plan.validate_instead(call.body, keywords)
+        else:
+            return ReadResponse(upstream.status_code, content)
+        record.engine_request_id = f"gw{secrets.token_hex(6)}-{record.request_id}"
+    raise AssertionError("unreachable")
+
+
+async def _read_whole(upstream: EngineResponse) -> bytes:
+    try:
+        return await upstream.aread()
+    finally:
+        await upstream.aclose()
+
+
+@dataclass
+class ReadResponse:
+    """An engine answer already read whole (an ``EngineResponse``)."""
+
+    status_code: int
+    content: bytes
+
+    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        yield self.content
+
+    async def aread(self) -> bytes:
+        return self.content
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _adapter_missing(content: bytes, ref: str) -> bool:
+    """vLLM's 404 for a model name it does not serve (``The model `orders@3` does not exist.``)."""
+    return ref.encode() in content and b"does not exist" in content
+
+
+def unimplemented(content: bytes) -> tuple[str, ...]:
+    """The JSON Schema keywords vLLM's grammar backend reported it cannot enforce (none: an empty tuple)."""
+    found = UNIMPLEMENTED.search(content.decode(errors="replace"))
+    return tuple(re.findall(r'\\?"([^"\\]+)\\?"', found.group(1))) if found else ()
+
+
+def _client_body(req: RequestBase, tenant: Tenant, settings: GatewaySettings) -> tuple[dict[str, Any], int]:
+    """The client's fields (all typed: ``serving.protocol``) and the sequences they ask for, within the limits."""
+    prompts = req.prompts if isinstance(req, TextRequest) else 1
+    if prompts > settings.max_prompts:
+        raise APIError(400, f"'prompt' holds {prompts} prompts; send at most {settings.max_prompts} per request.",
+                       param="prompt", code="too_many_prompts")  # fmt: skip
+    sequences = req.n * prompts
+    if sequences > settings.max_sequences:
+        raise APIError(400, f"n × prompts is {req.n} × {prompts} = {sequences} sequences; the limit is "
+                       f"{settings.max_sequences} per request.", param="n", code="too_many_sequences")  # fmt: skip
     body = req.model_dump(exclude_none=True)
-    for name in GATEWAY_ONLY_FIELDS:
-        if name in body:
-            raise APIError(
-                400, f"'{name}' is set by the gateway and cannot be sent.", param=name, code="forbidden_field"
-            )
     body.pop("lorafleet", None)
-    cap_max_tokens(body, tenant)
-    if route != CHAT and ("tools" in body or "tool_choice" in body):
-        raise APIError(400, "'tools' are for /v1/chat/completions.", param="tools", code="invalid_tools")
-    return body
+    cap_max_tokens(body, tenant, sequences)
+    return body, sequences
 
 
-async def _check_response_format(body: dict[str, Any]) -> None:
+def _check_schemas(body: dict[str, Any]) -> None:
+    """The client's schemas within the limits (``serving.schemas``): its ``response_format`` and its tools."""
     fmt = body.get("response_format")
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
-        await check_client_schema_bounded((fmt.get("json_schema") or {}).get("schema"))
+        check_client_schema((fmt.get("json_schema") or {}).get("schema"))
+    if "tools" in body:
+        check_tools(body["tools"])
 
 
 async def prepare(
     route: str,
-    req: CompletionRequestBase,
+    req: RequestBase,
     alias: str,
     body: dict[str, Any],
     tenant: Tenant,
@@ -222,7 +260,7 @@ async def prepare(
     slot: Slot,
 ) -> EngineRequest:
     """Route the request to a version of ``alias``, load it, and build what the engine gets."""
-    target = await _target(state, tenant, alias, _user(request, body), slot)
+    target = await _target(state, tenant, alias, _user(request, body, tenant), slot)
     record.alias, record.variant = alias, target.variant
     record.version = target.version.version if target.version is not None else 0
     if target.canary_id is not None:  # the canary judges on what each variant served
@@ -230,7 +268,8 @@ async def prepare(
         record.on_end.append(lambda r: state.canaries.observe(canary_id, variant, r))
     options = req.lorafleet or GatewayOptions()
     tools = ToolPlan.from_request(body, target.tools_format, alias) if route == CHAT else None
-    plan = JsonPlan.for_request(body, target.output_schema, state.policies.get(alias), options.json_mode, tools)
+    policy = await state.policies.aget(alias)
+    plan = JsonPlan.for_request(body, target.output_schema, policy, options.json_mode, tools)
     record.json_mode = plan.mode
     body["model"] = target.engine_model
     if route == CHAT and target.chat_template is not None:
@@ -243,29 +282,75 @@ async def prepare(
     return EngineRequest(route, body, req.stream, target, plan, tools, wants_usage)
 
 
-async def full_response(upstream: EngineResponse, call: EngineRequest, record: RequestRecord, slot: Slot) -> Response:
-    """A whole answer (or the engine's error): the JSON verdict added, tool calls rewritten."""
+async def full_response(
+    upstream: EngineResponse, call: EngineRequest, record: RequestRecord, slot: Slot, request: Request | None = None
+) -> Response:
+    """A whole answer (or the engine's error): the JSON verdict added, tool calls rewritten.
+
+    If the client hangs up while the engine generates, the engine connection is
+    closed, and vLLM aborts the generation (``vllm:request_success_total``
+    counts it with ``finished_reason="abort"``).
+    """
     try:
-        content = await upstream.aread()
+        content = await _read_unless_gone(upstream, request)
     except EngineError as exc:
         raise _engine_unavailable() from exc
     finally:
         await upstream.aclose()
         slot.release()
+    if content is None:
+        record.error_code = "client_disconnected"
+        return Response(status_code=499)  # nobody reads it; the access log and metrics do
     headers = call.headers()
+    if upstream.status_code != 200:
+        raise _engine_refused(upstream.status_code, content, record)
     check = call.plan.check()
-    if upstream.status_code == 200:
-        data = json.loads(content)
-        record.usage(data.get("usage"))
-        if check is not None:
-            check.add_to(data)
-            headers["x-lorafleet-json"] = check.outcome
-            record.json_outcomes = [c["outcome"] for c in check.checks]
-        if call.tools is not None:
-            call.tools.rewrite_body(data)
-        if check is not None or call.tools is not None:
-            content = json.dumps(data, ensure_ascii=False).encode()
-    return Response(content, upstream.status_code, headers=headers, media_type="application/json")
+    data = filter_response(json.loads(content))
+    record.usage(data.get("usage"))
+    if check is not None:
+        check.add_to(data)
+        headers["x-lorafleet-json"] = check.outcome
+        record.json_outcomes = [c["outcome"] for c in check.checks]
+    if call.tools is not None:
+        call.tools.rewrite_body(data)
+    return Response(json.dumps(data, ensure_ascii=False).encode(), 200, headers=headers, media_type="application/json")
+
+
+async def _read_unless_gone(upstream: EngineResponse, request: Request | None) -> bytes | None:
+    """The engine's whole answer, or ``None`` when the client disconnected first."""
+    if request is None:
+        return await upstream.aread()
+    read = asyncio.ensure_future(upstream.aread())
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((read, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if read.done():
+        return read.result()
+    read.cancel()
+    with contextlib.suppress(asyncio.CancelledError, EngineError):
+        await read
+    return None
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _engine_refused(status: int, content: bytes, record: RequestRecord) -> APIError:
+    """The engine's own error (a prompt beyond the context, a schema its grammar cannot compile, ...) in the
+    gateway's error shape: its message kept, its exception type and version not."""
+    try:
+        message = str(json.loads(content)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        message = content.decode(errors="replace")[:500]
+    if status >= 500:
+        log.error("engine answered %d: %s", status, message)
+        return APIError(502, "The engine failed on this request; retry, or report it with the x-request-id header.",
+                        code="engine_error")  # fmt: skip
+    return APIError(status if 400 <= status < 500 else 502, message, code="engine_rejected")
 
 
 def stream_response(upstream: EngineResponse, call: EngineRequest, record: RequestRecord, slot: Slot) -> Response:
@@ -297,13 +382,14 @@ def _engine_unavailable() -> APIError:
     )
 
 
-def _user(request: Request, body: dict[str, Any]) -> str:
-    """Who the request is for, for sticky canary assignment: ``user``, else the header, else the API key."""
+def _user(request: Request, body: dict[str, Any], tenant: Tenant) -> str:
+    """Who the request is for, for sticky canary assignment: ``user``, else the header, else the API key;
+    within the tenant (two tenants' users never share a point)."""
     user = body.get("user") or request.headers.get("x-lorafleet-user")
     if isinstance(user, str) and user:
-        return f"user:{user}"
+        return f"{tenant.id}:user:{user}"
     key = request.headers.get("authorization", "")
-    return "key:" + hashlib.sha256(key.encode()).hexdigest()
+    return f"{tenant.id}:key:" + hashlib.sha256(key.encode()).hexdigest()
 
 
 def _cache_salt(state: GatewayState, tenant: Tenant) -> str:
@@ -335,9 +421,12 @@ async def _relay(
                 pending += chunk
                 *events, pending = pending.split(b"\n\n")
                 for event in events:
-                    usage_event = b'"choices":[]' in event and b'"usage"' in event  # vLLM's usage event
-                    # Parsed once, and only when something reads it.
-                    data = event_data(event) if usage_event or check is not None or tools is not None else None
+                    # Every event is parsed and relayed with OpenAI's fields only (``serving.protocol``).
+                    data = event_data(event)
+                    if data is not None:
+                        data = filter_response(data)
+                        event = b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+                    usage_event = data is not None and not data.get("choices") and "usage" in data
                     if usage_event:
                         record.usage((data or {}).get("usage"))
                         if not wants_usage:
@@ -370,11 +459,12 @@ async def _target(state: GatewayState, tenant: Tenant, alias: str, user: str, sl
     if alias == BASE_ALIAS:
         _require_engine(state)
         return Target(alias, BASE_MODEL_NAME, None, "stable", None, None, None, TOOLS_FORMAT)
-    version = state.adapters.resolve(alias)
+    version = await state.adapters.serving(alias)
     if version is None:
-        raise _training(alias, state.adapters.store.training(alias)) or _not_found(alias)
+        status = await asyncio.to_thread(state.adapters.store.training, alias)
+        raise _training(alias, status) or _not_found(alias)
     variant, canary_id = "stable", None
-    assigned = state.canaries.assign(alias, user)
+    assigned = state.canaries.assign(alias, user, tenant.name)
     if assigned is not None:
         variant, version = assigned
         canary_id = state.canaries.active[alias].id

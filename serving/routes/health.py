@@ -1,4 +1,12 @@
-"""Liveness and readiness probes."""
+"""Liveness and readiness probes.
+
+``/readyz`` answers whether this gateway can serve: its engine is up (and has
+had every alias's adapter offered to it). It names nothing: a load balancer or
+a Kubernetes probe needs no tenant's aliases, and one tenant's new or broken
+adapter never takes the replica out of service. With the admin key it adds the
+details: the engine's restarts, the adapters loaded, and the aliases whose
+serving version is not (also ``lorafleet_adapters_pending`` in the metrics).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from serving.deps import StateDep
+from serving.errors import APIError
+from serving.routes.admin import require_admin
 
 router = APIRouter()
 
@@ -17,16 +27,26 @@ async def healthz(request: Request) -> dict[str, str]:
 
 
 @router.get("/readyz")
-async def readyz(state: StateDep) -> JSONResponse:
-    """The engine answers and every alias's current adapter is loaded."""
-    engine_ready = state.engine.is_ready()
-    pending = state.adapters.pending() if engine_ready else []
-    ready = engine_ready and not pending
-    body = {
-        "status": "ready" if ready else "not_ready",
-        "engine": "ready" if engine_ready else "starting",
-        "engine_restarts": state.engine.restarts,
-        "adapters_loaded": sorted(state.adapters.loaded),
-        "adapters_pending": pending,
-    }
+async def readyz(request: Request, state: StateDep) -> JSONResponse:
+    """200 when the engine answers; 503 with ``Retry-After`` while it starts or restarts."""
+    ready = state.engine.is_ready()
+    body: dict[str, object] = {"status": "ready" if ready else "not_ready",
+                               "reason": None if ready else "the engine is starting"}  # fmt: skip
+    if _is_admin(request, state):
+        body |= {
+            "engine": "ready" if ready else "starting",
+            "engine_restarts": state.engine.restarts,
+            "adapters_loaded": sorted(state.adapters.loaded),
+            "adapters_pending": state.adapters.pending() if ready else [],
+        }
     return JSONResponse(body, status_code=200 if ready else 503, headers={} if ready else {"Retry-After": "5"})
+
+
+def _is_admin(request: Request, state: StateDep) -> bool:
+    if not request.headers.get("authorization") and state.settings.admin_key is not None:
+        return False
+    try:
+        require_admin(request, state)
+    except APIError:
+        return False
+    return True
