@@ -11,11 +11,14 @@ output is known, how many leaf fields are right.
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Literal
 
-from jsonschema import validators
+import re2
+from jsonschema import ValidationError, validators
 
 Outcome = Literal["valid", "invalid_json", "schema_mismatch", "truncated"]
 OUTCOMES: tuple[Outcome, ...] = ("valid", "invalid_json", "schema_mismatch", "truncated")
@@ -34,10 +37,80 @@ class Verdict:
         return self.outcome in ("valid", "schema_mismatch")
 
 
+# Regular expressions in schemas (``pattern``, ``patternProperties``) run on RE2, whose time is linear in the
+# text: a client's schema can never make a check backtrack for minutes. A pattern RE2 cannot run (lookaround,
+# backreferences) is refused in client schemas before it gets here (``serving.schemas``); in a trusted schema
+# (an adapter's manifest, the evaluation's) it falls back to Python's ``re``.
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False
+
+
+@lru_cache(maxsize=1024)
+def compiled_pattern(pattern: str) -> Any:
+    """``pattern`` compiled by RE2, else by ``re`` (trusted schemas only; see above)."""
+    try:
+        return re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error:
+        return re.compile(pattern)
+
+
+def re2_unsupported(pattern: str) -> str | None:
+    """Why RE2 cannot run ``pattern`` (``None`` when it can)."""
+    try:
+        re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as exc:
+        return exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+    return None
+
+
+def _matches(pattern: str, text: str) -> bool:
+    return compiled_pattern(pattern).search(text) is not None
+
+
+def _pattern(validator: Any, pattern: str, instance: Any, schema: dict[str, Any]) -> Iterator[ValidationError]:
+    if validator.is_type(instance, "string") and not _matches(pattern, instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+def _pattern_properties(validator: Any, patterns: dict[str, Any], instance: Any, schema: dict[str, Any]) -> Any:
+    if not validator.is_type(instance, "object"):
+        return
+    for pattern, subschema in patterns.items():
+        for key, value in instance.items():
+            if _matches(pattern, key):
+                yield from validator.descend(value, subschema, path=key, schema_path=pattern)
+
+
+def _additional_properties(validator: Any, extra_schema: Any, instance: Any, schema: dict[str, Any]) -> Any:
+    if not validator.is_type(instance, "object"):
+        return
+    known, patterns = schema.get("properties", {}), list(schema.get("patternProperties", {}))
+    extras = [k for k in instance if k not in known and not any(_matches(p, k) for p in patterns)]
+    if validator.is_type(extra_schema, "object"):
+        for extra in extras:
+            yield from validator.descend(instance[extra], extra_schema, path=extra)
+    elif not extra_schema and extras:
+        names = ", ".join(repr(e) for e in sorted(extras, key=str))
+        if patterns:
+            verb = "does" if len(extras) == 1 else "do"
+            yield ValidationError(f"{names} {verb} not match any of the regexes: "
+                                  + ", ".join(repr(p) for p in sorted(patterns)))  # fmt: skip
+        else:
+            verb = "was" if len(extras) == 1 else "were"
+            yield ValidationError(f"Additional properties are not allowed ({names} {verb} unexpected)")
+
+
+@lru_cache(maxsize=16)
+def _with_re2(cls: Any) -> Any:
+    """The draft's validator class with its regex keywords on RE2."""
+    return validators.extend(cls, {"pattern": _pattern, "patternProperties": _pattern_properties,
+                                   "additionalProperties": _additional_properties})  # fmt: skip
+
+
 @lru_cache(maxsize=256)
 def _validator(schema_json: str) -> Any:
     schema = json.loads(schema_json)
-    cls = validators.validator_for(schema)
+    cls = _with_re2(validators.validator_for(schema))
     cls.check_schema(schema)
     return cls(schema, format_checker=cls.FORMAT_CHECKER)
 

@@ -10,8 +10,8 @@ object in the body (``json_checks``: per choice, valid, outcome, errors with
 JSON paths); for a stream, in a last event before ``[DONE]`` shaped like a chunk
 with no choices, which OpenAI clients accept.
 
-A client's schema with ``pattern`` keywords is left to vLLM's enforcement:
-Python's ``re`` has no time bound, so a hostile pattern could stall the gateway.
+Every answer gets a verdict: ``pattern`` keywords run on RE2 (linear time,
+``contract.judge``), so a client's schema cannot stall the check.
 """
 
 from __future__ import annotations
@@ -74,9 +74,7 @@ class JsonPlan:
     def check(self) -> JsonCheck | None:
         if self.mode == "off" or self.schema is None:
             return None
-        client_schema = self.source in ("request", "tools")
-        return JsonCheck(self.schema, self.mode, unchecked=client_schema and _has_regex(self.schema),
-                         unenforced=self.unenforced)  # fmt: skip
+        return JsonCheck(self.schema, self.mode, unenforced=self.unenforced)
 
     def validate_instead(self, body: dict[str, Any], keywords: tuple[str, ...]) -> JsonPlan:
         """The plan when the engine cannot enforce the schema: no constraint sent, the answer checked as usual."""
@@ -88,7 +86,6 @@ class JsonPlan:
 class JsonCheck:
     schema: dict[str, Any]
     mode: JsonMode = "validate"
-    unchecked: bool = False
     unenforced: tuple[str, ...] = ()
     texts: dict[int, list[str]] = field(default_factory=dict)
     finish: dict[int, str | None] = field(default_factory=dict)
@@ -96,13 +93,9 @@ class JsonCheck:
 
     @property
     def outcome(self) -> str:
-        if self.unchecked:
-            return "unchecked"
         return self.checks[0]["outcome"] if self.checks else "none"
 
     def judge_all(self, answers: list[tuple[int, str, str | None]]) -> list[dict[str, Any]]:
-        if self.unchecked:
-            return []
         self.checks = []
         for index, text, finish_reason in answers:
             verdict = judge(text, self.schema, finish_reason=finish_reason)
@@ -141,11 +134,3 @@ class JsonCheck:
 
 def _text(value: Any) -> str:
     return value if isinstance(value, str) else ""
-
-
-def _has_regex(schema: Any) -> bool:
-    if isinstance(schema, dict):
-        return bool({"pattern", "patternProperties"} & schema.keys()) or any(_has_regex(v) for v in schema.values())
-    if isinstance(schema, list):
-        return any(_has_regex(v) for v in schema)
-    return False

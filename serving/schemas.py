@@ -5,9 +5,11 @@ gateway's judge, so a hostile one could cost unbounded time. Refused with a 400
 naming the limit: more than ``MAX_BYTES`` serialised, nesting deeper than
 ``MAX_DEPTH``, more than ``MAX_PROPERTIES`` properties in all, a schema that is
 not valid JSON Schema, and ``pattern``/``patternProperties`` regexes that do
-not compile, are too long, or nest quantifiers (``(a+)+``, ``(a|aa)*``: the
-shapes that backtrack catastrophically). The check itself runs off the event
-loop and is cut at ``COMPILE_TIMEOUT_S``.
+not compile, are too long, use what RE2 cannot run (lookarounds,
+backreferences: the gateway checks answers with RE2, in linear time), or nest
+quantifiers (``(a+)+``, ``(a|aa)*``: the shapes that backtrack catastrophically
+in the engine's own regex handling). The check itself runs off the event loop
+and is cut at ``COMPILE_TIMEOUT_S``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 from jsonschema import SchemaError
 
-from contract.judge import check_schema
+from contract.judge import check_schema, re2_unsupported
 from serving.errors import APIError
 
 MAX_BYTES = 64 * 1024
@@ -69,6 +71,9 @@ def check_client_schema(schema: Any, param: str = "response_format") -> None:
         if depth > MAX_DEPTH:
             raise refuse(f"nested deeper than {MAX_DEPTH} levels")
         if isinstance(node, dict):
+            if "unevaluatedProperties" in node and "patternProperties" in node:
+                raise refuse("'unevaluatedProperties' beside 'patternProperties' is not supported; use "
+                             "'additionalProperties'")  # fmt: skip
             if isinstance(node.get("properties"), dict):
                 properties += len(node["properties"])
             for key, value in node.items():
@@ -95,5 +100,9 @@ def _check_pattern(pattern: str, refuse: Any) -> None:
         re.compile(pattern)
     except re.error as exc:
         raise refuse(f"pattern {pattern!r} does not compile ({exc})") from exc
+    unsupported = re2_unsupported(pattern)
+    if unsupported is not None:  # the gateway checks answers with RE2 (linear time), which lacks a few features
+        raise refuse(f"pattern {pattern!r} uses a feature the gateway's linear-time regex engine (RE2) lacks "
+                     f"({unsupported}; lookarounds and backreferences are not supported)")  # fmt: skip
     if NESTED_QUANTIFIER.search(pattern):
         raise refuse(f"pattern {pattern!r} nests quantifiers, which can backtrack catastrophically")

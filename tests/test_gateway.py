@@ -262,12 +262,21 @@ def test_json_answers_are_checked_by_the_shared_judge(
     assert engine.requests[-1]["response_format"] == response_format  # vLLM still enforces it
 
 
-def test_client_regex_schemas_are_not_run_by_the_gateway(gateway) -> None:
-    client, _, keys = gateway
-    regex = {"type": "json_schema", "json_schema": {"name": "e", "schema": {"pattern": "^[a-z]+$"}}}
-    resp = chat(client, keys["acme"], response_format=regex)
-    assert resp.status_code == 200 and resp.headers["x-lorafleet-json"] == "unchecked"
-    assert resp.json()["lorafleet"] == {"json_checks": [], "outcome": "unchecked", "mode": "enforce"}
+def test_client_regex_schemas_get_a_verdict_too(gateway) -> None:
+    client, engine, keys = gateway
+    schema = {"type": "object", "properties": {"a": {"type": "string", "pattern": "^[0-9]{5}$"}}}
+    regex = {"type": "json_schema", "json_schema": {"name": "e", "schema": schema}}
+    engine.answer = '{"a": "27049"}'
+    good = chat(client, keys["acme"], response_format=regex)
+    assert good.status_code == 200 and good.headers["x-lorafleet-json"] == "valid"
+    engine.answer = '{"a": "2704"}'
+    bad = chat(client, keys["acme"], response_format=regex)
+    assert bad.headers["x-lorafleet-json"] == "schema_mismatch"
+    assert bad.json()["lorafleet"]["json_checks"][0]["errors"] == ["$.a: '2704' does not match '^[0-9]{5}$'"]
+    engine.answer = "not json at all"  # parse failures are reported whatever the schema holds
+    assert chat(client, keys["acme"], response_format=regex).headers["x-lorafleet-json"] == "invalid_json"
+    engine.answer = '{"a": 1}'
+
     plain = chat(client, keys["acme"])  # no response_format and no schema in the manifest: nothing to check
     assert "x-lorafleet-json" not in plain.headers and "lorafleet" not in plain.json()
 
@@ -583,6 +592,9 @@ def _deep(n: int) -> dict:
         ({"pattern": "^(a+)+$"}, "nests quantifiers"),
         ({"patternProperties": {"(x|xx)*y": {}}}, "nests quantifiers"),
         ({"pattern": "(unclosed"}, "does not compile"),
+        ({"pattern": "^(?=.*[0-9])[a-z0-9]+$"}, "lookarounds and backreferences are not supported"),
+        ({"pattern": "^(a)\\1$"}, "RE2"),
+        ({"patternProperties": {"^x": {}}, "unevaluatedProperties": False}, "use 'additionalProperties'"),
         ({"pattern": "a" * 600}, "a pattern of 600 characters"),
         (_deep(40), "nested deeper than 32 levels"),
         ({"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(1200)}}, "1200 properties"),
