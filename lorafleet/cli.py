@@ -8,6 +8,7 @@
     lorafleet adapters ...        publish, list, promote, retire versions; an alias's JSON policy
     lorafleet tenants ...         create tenants, grant aliases, set limits, issue keys
     lorafleet canary ...          canary rollouts on a running gateway
+    lorafleet db ...              the state database's schema (Alembic migrations)
     lorafleet report              latency and validity per alias from Prometheus
     lorafleet serve               run the gateway (starts vLLM)
     lorafleet demo                serve the demo, training its adapters behind it (``make run``)
@@ -21,7 +22,20 @@ import os
 
 import typer
 
-from lorafleet.commands import adapters, canary, data, demo, evaluate, export, model, report, serve, tenants, train
+from lorafleet.commands import (
+    adapters,
+    canary,
+    data,
+    db,
+    demo,
+    evaluate,
+    export,
+    model,
+    report,
+    serve,
+    tenants,
+    train,
+)  # fmt: skip
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fine-tune LoRA adapters and serve them on vLLM.")
 app.add_typer(model.app, name="model")
@@ -29,6 +43,7 @@ app.add_typer(data.app, name="data")
 app.add_typer(adapters.app, name="adapters")
 app.add_typer(tenants.app, name="tenants")
 app.add_typer(canary.app, name="canary")
+app.add_typer(db.app, name="db")
 app.command(name="train")(train.train)
 app.command(name="eval")(evaluate.eval_)
 app.command(name="export")(export.export)

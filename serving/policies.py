@@ -32,7 +32,7 @@ from typing import Any, Literal, get_args
 import sqlalchemy as sa
 
 from serving.statecache import ReadCache
-from serving.tenants import metadata
+from serving.statedb import ensure_schema, metadata
 
 JsonMode = Literal["enforce", "validate", "off"]
 JSON_MODES: tuple[str, ...] = get_args(JsonMode)
@@ -59,7 +59,7 @@ class AliasPolicy:
 class AliasPolicies:
     def __init__(self, engine: sa.Engine, cache_s: float = 0.0) -> None:
         self.engine = engine
-        policies_table.create(engine, checkfirst=True)
+        ensure_schema(engine)
         self._known: ReadCache[AliasPolicy] = ReadCache(cache_s)
 
     async def aget(self, alias: str) -> AliasPolicy:

@@ -27,6 +27,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from serving.statecache import ReadCache
+from serving.statedb import ensure_schema, metadata, state_engine
 
 KEY_PREFIX = "lf-"
 KEY_ID_CHARS = 8  # characters after the prefix that name a key in listings
@@ -34,7 +35,6 @@ UNKNOWN_KEY_TTL_S = 5.0  # how long a key the database does not know is answered
 UNKNOWN_KEYS_KEPT = 100_000  # at most this many (about 15 MB); the oldest go first
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
-metadata = sa.MetaData()
 tenants_table = sa.Table(
     "tenants",
     metadata,
@@ -125,28 +125,10 @@ def check_name(name: str) -> str:
     return name
 
 
-def state_engine(url: str) -> sa.Engine:
-    """The state database's engine. SQLite runs in WAL mode with a busy timeout: the gateway's threads, its
-    canary loop and the CLI all write the same file, and readers should never wait for a writer."""
-    if not url.startswith("sqlite"):
-        return sa.create_engine(url, pool_pre_ping=True)
-    engine = sa.create_engine(url, connect_args={"timeout": 30})
-
-    @sa.event.listens_for(engine, "connect")
-    def _on_connect(connection: Any, _record: Any) -> None:
-        cursor = connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
-        cursor.close()
-
-    return engine
-
-
 class TenantStore:
     def __init__(self, url: str, cache_s: float = 0.0) -> None:
         self.engine = state_engine(url)
-        metadata.create_all(self.engine)
-        self._add_missing_columns()
+        ensure_schema(self.engine)
         self._known: ReadCache[Tenant] = ReadCache(cache_s)  # key digest -> tenant; every write below clears it
         # Digests of keys the database does not know: a flood of made-up keys costs one read per key per TTL.
         self._unknown: ReadCache[bool] = ReadCache(UNKNOWN_KEY_TTL_S, maxsize=UNKNOWN_KEYS_KEPT)
@@ -154,17 +136,6 @@ class TenantStore:
     def _changed(self) -> None:
         self._known.changed()
         self._unknown.changed()
-
-    def _add_missing_columns(self) -> None:
-        # State databases made by earlier releases lack the newer nullable columns.
-        inspector = sa.inspect(self.engine)
-        with self.engine.begin() as db:
-            for table in (tenants_table, keys_table):
-                have = {c["name"] for c in inspector.get_columns(table.name)}
-                for column in table.columns:
-                    if column.name not in have and column.nullable:
-                        kind = column.type.compile(dialect=self.engine.dialect)
-                        db.execute(sa.text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
 
     # -- tenants -------------------------------------------------------------------------------
 

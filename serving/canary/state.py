@@ -16,7 +16,7 @@ from typing import Any, Literal
 import sqlalchemy as sa
 
 from serving.canary.analysis import CanaryConfig
-from serving.tenants import metadata
+from serving.statedb import ensure_schema, metadata
 
 State = Literal["running", "paused", "promoted", "rolled_back", "aborted"]
 ACTIVE = ("running", "paused")
@@ -92,7 +92,7 @@ class CanaryRecords:
 
     def __init__(self, db: sa.Engine) -> None:
         self.db = db
-        metadata.create_all(db, tables=[canaries_table, events_table])
+        ensure_schema(db)
 
     def active(self) -> list[Canary]:
         with self.db.connect() as db:

@@ -1,0 +1,65 @@
+"""The state database's schema: Alembic migrations, applied at start and by `lorafleet db upgrade`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+import serving.canary.state
+import serving.policies  # noqa: F401
+from serving.statedb import current, head, metadata, state_engine, upgrade
+from serving.tenants import TenantStore
+from tests.conftest import ROOT
+
+
+def test_the_migrations_build_exactly_the_schema_the_code_uses(tmp_path: Path) -> None:
+    engine = state_engine(f"sqlite:///{tmp_path / 'state.db'}")
+    assert current(engine) is None
+    assert upgrade(engine) == head() == current(engine)
+    with engine.connect() as db:
+        diffs = compare_metadata(MigrationContext.configure(db), metadata)
+    assert diffs == []  # a model change without its migration fails here
+    assert upgrade(engine) == head()  # and again: nothing to do
+
+
+def test_a_database_from_before_migrations_is_adopted_with_its_data(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    old = sa.create_engine(url)
+    with old.begin() as db:  # an early release's tables: no limits, no default alias, no key ids, no canaries
+        db.execute(sa.text("CREATE TABLE tenants (id INTEGER PRIMARY KEY, name VARCHAR(64) UNIQUE NOT NULL, "
+                           "disabled BOOLEAN NOT NULL, created_at DATETIME NOT NULL)"))  # fmt: skip
+        db.execute(sa.text("CREATE TABLE api_keys (id INTEGER PRIMARY KEY, tenant_id INTEGER NOT NULL "
+                           "REFERENCES tenants(id) ON DELETE CASCADE, key_hash VARCHAR(64) UNIQUE NOT NULL, "
+                           "created_at DATETIME NOT NULL, revoked_at DATETIME)"))  # fmt: skip
+        db.execute(sa.text("CREATE TABLE grants (tenant_id INTEGER NOT NULL REFERENCES tenants(id) ON DELETE CASCADE,"
+                           " alias VARCHAR(64) NOT NULL, PRIMARY KEY (tenant_id, alias))"))  # fmt: skip
+        db.execute(sa.text("INSERT INTO tenants VALUES (1, 'acme', 0, '2026-01-01 00:00:00')"))
+        db.execute(sa.text("INSERT INTO grants VALUES (1, 'orders')"))
+    old.dispose()
+    store = TenantStore(url)
+    assert current(store.engine) == head()
+    acme = store.require("acme")
+    assert acme.aliases == frozenset({"orders"}) and acme.limits.max_tokens is None
+    key = store.issue_key(acme)
+    assert store.authenticate(key) == store.require("acme")
+
+
+def test_the_cli_reports_and_applies_the_migrations(tmp_path: Path) -> None:
+    env = os.environ | {"LORAFLEET_DATA_DIR": str(tmp_path)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "lorafleet", "db", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+
+    before = cli("current")
+    assert before.returncode == 1 and "no migration applied" in before.stdout
+    applied = cli("upgrade")
+    assert applied.returncode == 0 and f"upgraded from nothing to revision {head()}" in applied.stdout
+    assert cli("upgrade").stdout.strip() == f"state database already at revision {head()}"
+    assert cli("current").returncode == 0
