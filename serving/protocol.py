@@ -13,7 +13,8 @@ constraint it built).
 Besides OpenAI's parameters, a few vLLM sampling extras are accepted because
 they only shape the sampling of the caller's own sequences and cost nothing
 extra per token: ``top_k``, ``min_p``, ``repetition_penalty``,
-``stop_token_ids``, ``min_tokens`` (bounded by ``max_tokens``).
+``stop_token_ids``, ``min_tokens`` and ``ignore_eos`` (both bounded by
+``max_tokens``, itself within the tenant's budget).
 
 Responses: ``filter_response`` / ``filter_chunk`` keep OpenAI's fields (and
 the gateway's own ``lorafleet`` object) and drop the engine's internals:
@@ -119,6 +120,7 @@ class RequestBase(_Strict):
     repetition_penalty: float | None = Field(default=None, gt=0, le=2)
     stop_token_ids: list[int] | None = Field(default=None, max_length=16)
     min_tokens: int | None = Field(default=None, ge=0)
+    ignore_eos: bool | None = None
     lorafleet: GatewayOptions | None = None
 
     @field_validator("stop")

@@ -130,6 +130,9 @@ class FakeEngine:
             b'vllm:num_requests_running{model_name="base"} 0.0\n'
         )
 
+    async def adapters(self) -> list[str]:
+        return sorted(self.loaded)
+
     async def send(
         self,
         path: str,

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -30,6 +31,7 @@ class Env:
     revoked_key: str
     disabled_key: str
     restarts: int
+    other_key: str  # tenant "other": alias "secret"
 
     def tenant(self, key: str | None = None) -> dict[str, str]:
         return {"Authorization": f"Bearer {key or self.key}"}
@@ -64,13 +66,13 @@ def env(e2e_gateway: Gateway, tiny_adapter: Path) -> Env:
         assert resp.status_code == 201, resp.text
         return str(resp.json()["api_key"])
 
-    tenant("other", ["secret"])
+    other_key = tenant("other", ["secret"])
     revoked = http.post("/admin/tenants/acme/keys", json={}, headers=admin).json()
     assert http.delete(f"/admin/tenants/acme/keys/{revoked['key_id']}", headers=admin).status_code == 204
     disabled = tenant("gone", ["orders"])
     assert http.patch("/admin/tenants/gone", json={"disabled": True}, headers=admin).status_code == 200
     restarts = http.get("/readyz", headers=admin).json()["engine_restarts"]
-    return Env(http, e2e_gateway, e2e_gateway.key, revoked["api_key"], disabled, restarts)
+    return Env(http, e2e_gateway, e2e_gateway.key, revoked["api_key"], disabled, restarts, other_key)
 
 
 def _edit_json(name: str, **fields: object) -> Callable[[Path], None]:
@@ -131,6 +133,40 @@ CASES: list[Case] = [
         "name": "f"}}]), 400, "tools_unsupported"),
     ("tool_choice naming no tool", lambda e, _: e.chat(model="toolcall", tools=[{"type": "function", "function": {
         "name": "f"}}], tool_choice={"type": "function", "function": {"name": "g"}}), 400, "invalid_tools"),
+    # -- the allowlist: vLLM's own request fields never reach it ---------------------------------------
+    ("vLLM's structured_outputs regex", lambda e, _: e.chat(structured_outputs={"regex": "[0-9]{5}"}), 400,
+     "unsupported_parameter"),
+    ("guided_json", lambda e, _: e.chat(guided_json={"type": "object"}), 400, "unsupported_parameter"),
+    ("guided_grammar", lambda e, _: e.chat(guided_grammar="root ::= 'a'"), 400, "unsupported_parameter"),
+    ("vllm_xargs", lambda e, _: e.chat(vllm_xargs={"a": 1}), 400, "unsupported_parameter"),
+    ("kv_transfer_params", lambda e, _: e.chat(kv_transfer_params={"do_remote_decode": True}), 400,
+     "unsupported_parameter"),
+    ("priority", lambda e, _: e.chat(priority=-1000), 400, "unsupported_parameter"),
+    ("logits_processors", lambda e, _: e.chat(logits_processors=["x"]), 400, "unsupported_parameter"),
+    ("return_tokens_as_token_ids", lambda e, _: e.chat(return_tokens_as_token_ids=True), 400,
+     "unsupported_parameter"),
+    ("unknown field in a message", lambda e, _: e.chat(messages=[{"role": "user", "content": "x", "extra": 1}]),
+     400, "unsupported_parameter"),
+    # -- bounds on what one request makes the engine do ------------------------------------------------
+    ("64 prompts", lambda e, _: e.http.post("/v1/completions", json={"model": "orders", "prompt": ["a"] * 64,
+                                                                      "max_tokens": 1}, headers=e.tenant()),
+     400, "too_many_prompts"),
+    ("5000 prompts", lambda e, _: e.http.post("/v1/completions", json={"model": "orders", "prompt": ["a"] * 5000,
+                                                                        "max_tokens": 1}, headers=e.tenant()),
+     400, "too_many_prompts"),
+    ("16 prompts times n 16", lambda e, _: e.http.post("/v1/completions", json={
+        "model": "orders", "prompt": ["a"] * 16, "n": 16, "max_tokens": 1}, headers=e.tenant()), 400,
+     "too_many_sequences"),
+    ("129 tools", lambda e, _: e.chat(model="toolcall", tools=[{"type": "function", "function": {"name": f"f{i}"}}
+                                                                for i in range(129)]), 422, "invalid_field"),
+    ("tools whose combined schema is too big", lambda e, _: e.chat(model="toolcall", tools=[
+        {"type": "function", "function": {"name": f"f{i}", "parameters": {"type": "object", "properties": {
+            f"p{j}": {"type": "string", "description": "x" * 60} for j in range(9)}}}} for i in range(120)]),
+     400, "schema_refused"),
+    ("a tool schema with a hostile pattern", lambda e, _: e.chat(model="toolcall", tools=[{"type": "function",
+        "function": {"name": "f", "parameters": HOSTILE_PATTERN}}]), 400, "schema_refused"),
+    ("a pattern RE2 cannot run", lambda e, _: e.chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "string", "pattern": "^(?=.*1)[0-9]+$"}}}), 400, "schema_refused"),
     ("unknown route", lambda e, _: e.http.post("/v1/embeddings", json={}, headers=e.tenant()), 404, None),
     ("path trick", lambda e, _: e.http.get("/v1/%2e%2e/admin/tenants", headers=e.tenant()), 404, None),
     ("wrong method", lambda e, _: e.http.get(CHAT, headers=e.tenant()), 405, None),
@@ -141,6 +177,10 @@ CASES: list[Case] = [
      422, "invalid_field"),
     ("tenant exists", lambda e, _: e.http.post("/admin/tenants", json={"name": "acme"}, headers=e.admin), 400,
      "tenant_refused"),
+    ("admin POST with a form body", lambda e, _: e.http.post("/admin/tenants/acme/keys", data={"rotate": "true"},
+                                                             headers=e.admin), 415, "json_body_required"),
+    ("admin POST with no body", lambda e, _: e.http.post("/admin/tenants/acme/keys", headers=e.admin), 400,
+     "json_body_required"),
     ("limits out of range", lambda e, _: e.http.patch("/admin/tenants/acme", json={"limits": {
         "requests_per_minute": -5}}, headers=e.admin), 422, "invalid_field"),
     ("grant to no tenant", lambda e, _: e.http.put("/admin/tenants/nobody/grants/orders", headers=e.admin), 404,
@@ -174,9 +214,51 @@ CASES: list[Case] = [
 ]  # fmt: skip
 
 
+@dataclass
+class Bystander:
+    """Tenant "other" streaming from its own alias in a loop, while the catalogue runs."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    completed: int = 0
+    failures: list[str] = field(default_factory=list)
+    thread: threading.Thread | None = None
+
+
+@pytest.fixture(scope="module")
+def bystander(env: Env) -> Iterator[Bystander]:
+    state = Bystander()
+
+    def loop() -> None:
+        body = {"model": "secret", "messages": [{"role": "user", "content": "order 1"}], "max_tokens": 12,
+                "stream": True}  # fmt: skip
+        with httpx.Client(base_url=env.gw.url, timeout=120) as http:
+            while not state.done.is_set():
+                try:
+                    with http.stream("POST", CHAT, json=body, headers=env.tenant(env.other_key)) as resp:
+                        text = resp.read().decode()
+                    if resp.status_code != 200 or '"error"' in text or not text.rstrip().endswith("data: [DONE]"):
+                        state.failures.append(f"{resp.status_code}: {text[-300:]}")
+                    else:
+                        state.completed += 1
+                except httpx.HTTPError as exc:
+                    state.failures.append(repr(exc))
+
+    state.thread = threading.Thread(target=loop, daemon=True)
+    state.thread.start()
+    yield state
+    state.done.set()
+    state.thread.join(timeout=120)
+
+
 @pytest.mark.parametrize(("name", "send", "status", "code"), CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_refused_and_harms_nothing(
-    env: Env, tiny_adapter: Path, name: str, send: Callable[[Env, Path], httpx.Response], status: int, code: str | None
+    env: Env,
+    bystander: Bystander,
+    tiny_adapter: Path,
+    name: str,
+    send: Callable[[Env, Path], httpx.Response],
+    status: int,
+    code: str | None,
 ) -> None:
     resp = send(env, tiny_adapter)
     assert resp.status_code == status, f"{name}: {resp.status_code} {resp.text[:500]}"
@@ -189,8 +271,13 @@ def test_bad_input_is_refused_and_harms_nothing(
     assert httpx.get(f"{env.gw.engine_url}/health", timeout=10).status_code == 200
 
 
-def test_after_the_catalogue_the_engine_still_answers_and_the_store_is_clean(env: Env) -> None:
-    assert len(CASES) >= 30
+def test_after_the_catalogue_the_engine_still_answers_and_the_store_is_clean(env: Env, bystander: Bystander) -> None:
+    assert len(CASES) >= 50
+    bystander.done.set()
+    assert bystander.thread is not None
+    bystander.thread.join(timeout=120)
+    # the other tenant's streams ran through the whole catalogue, none disturbed
+    assert bystander.failures == [] and bystander.completed >= 3, (bystander.failures, bystander.completed)
     assert env.chat(max_tokens=4).status_code == 200
     store = AdapterStore(env.gw.running.data_dir / "adapters")
     assert "bad" not in store.aliases()  # no refused publish left a version behind
@@ -210,3 +297,17 @@ def test_another_tenants_alias_costs_the_engine_nothing(env: Env) -> None:
     assert _generated_tokens(env) == before  # refused before the engine: zero tokens generated
     other = env.http.get("/v1/models", headers=env.tenant()).json()
     assert "secret" not in [m["id"] for m in other["data"]]
+
+
+def test_a_schema_the_engine_cannot_enforce_is_served_and_checked_by_the_gateway(env: Env) -> None:
+    # vLLM's grammar backends leave "not" unimplemented: the gateway sends the request again without the
+    # constraint, checks the answer itself, and says so (header and body), instead of relaying vLLM's 400.
+    schema = {"type": "object", "properties": {"a": {"not": {"type": "string"}}}, "required": ["a"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    for stream in (False, True):
+        resp = env.chat(response_format=fmt, max_tokens=8, stream=stream)
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["x-lorafleet-json-mode"] == "validate"
+        assert resp.headers["x-lorafleet-json-unenforced"] == "not"
+        verdict = resp.text if stream else json.dumps(resp.json()["lorafleet"])
+        assert '"unenforced_keywords": ["not"]' in verdict

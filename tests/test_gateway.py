@@ -195,6 +195,7 @@ def test_readiness_names_nothing_without_the_admin_key(gateway) -> None:
         assert ready.status_code == 200 and ready.json() == {"status": "ready", "reason": None}
     details = client.get("/readyz", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()
     assert details["adapters_loaded"] == ["orders@2", "secret@1"] and details["adapters_pending"] == []
+    assert details["engine_adapters"] == details["adapters_loaded"]  # what the engine itself says it holds
 
 
 def test_misfit_adapter_is_refused_before_the_engine(tmp_path: Path) -> None:

@@ -38,8 +38,10 @@ def _show_canary(status: dict[str, Any]) -> None:
     if status["state"] in ("running", "paused"):
         for variant in ("stable", "canary"):
             w = windows.get(variant, {})
+            cut = f" ({w['cut_by_client']} cut by the client's max_tokens)" if w.get("cut_by_client") else ""
             console.print(f"  {variant:<7} {w.get('requests', 0)} requests, {w.get('errors', 0)} errors, "
-                          f"{w.get('valid', 0)}/{w.get('json_checked', 0)} JSON valid, {w.get('streams', 0)} streams "
+                          f"{w.get('valid', 0)}/{w.get('json_checked', 0)} JSON valid{cut}, "
+                          f"{w.get('streams', 0)} streams "
                           f"(window {status.get('window_age_s')} s of {status['config']['interval_s']:g} s)",
                           highlight=False)  # fmt: skip
     analysis = status.get("last_analysis")

@@ -10,10 +10,13 @@ serving version is not (also ``lorafleet_adapters_pending`` in the metrics).
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from serving.deps import StateDep
+from serving.engine import EngineError
 from serving.errors import APIError
 from serving.routes.admin import require_admin
 
@@ -37,9 +40,18 @@ async def readyz(request: Request, state: StateDep) -> JSONResponse:
             "engine": "ready" if ready else "starting",
             "engine_restarts": state.engine.restarts,
             "adapters_loaded": sorted(state.adapters.loaded),
-            "adapters_pending": state.adapters.pending() if ready else [],
+            "adapters_pending": await asyncio.to_thread(state.adapters.pending) if ready else [],
+            "engine_adapters": await _engine_adapters(state) if ready else None,
         }
     return JSONResponse(body, status_code=200 if ready else 503, headers={} if ready else {"Retry-After": "5"})
+
+
+async def _engine_adapters(state: StateDep) -> list[str] | None:
+    """What the engine itself holds (to compare with ``adapters_loaded``); ``None`` if it does not answer."""
+    try:
+        return await state.engine.adapters()
+    except EngineError:
+        return None
 
 
 def _is_admin(request: Request, state: StateDep) -> bool:
