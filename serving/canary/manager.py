@@ -8,6 +8,7 @@ in memory (``analysis.Window``), asks ``analysis.analyze`` for a decision every
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import math
 import time
@@ -40,11 +41,12 @@ class CanaryManager:
         self.windows: dict[int, dict[str, Window]] = {}
         self.shares: dict[int, dict[str, list[int]]] = {}  # canary id -> tenant -> [requests, on the canary]
         self.active: dict[str, Canary] = {}
-        for canary in self.records.active():
+        self._writes = asyncio.Lock()
+        for canary in self.records.active():  # at start, before the gateway serves: written directly
             self.active[canary.alias] = canary
             canary.step_started_at = time.time()
-            self._save(canary)
-            self._event(canary, "resume_after_restart", "the gateway restarted: this step's window starts again")
+            self.records.save(canary)
+            self.records.event(canary, "resume_after_restart", "the gateway restarted: this step's window starts again")
 
     @property
     def store(self) -> AdapterStore:
@@ -132,10 +134,13 @@ class CanaryManager:
             raise CanaryError(400, f"{target.ref} cannot be served: " + "; ".join(problems), "adapter_refused")
         if self.registry.engine.is_ready():
             await self.registry.ensure_loaded(target)  # loaded before its first request
-        canary = self.records.insert(alias, version, stable.version, config, forced=bool(refusal and force))
+        canary = await asyncio.to_thread(self.records.insert, alias, version, stable.version, config,
+                                         bool(refusal and force))  # fmt: skip
         self.active[alias] = canary
         why = f"forced without a passing gate ({refusal})" if refusal and force else "gate passed"
-        self._event(canary, "start", f"{reason or 'canary started'}; {why}", {"config": config.model_dump()}, actor)
+        await self._event(
+            canary, "start", f"{reason or 'canary started'}; {why}", {"config": config.model_dump()}, actor
+        )
         log.info("canary %s@%d started at %d%% against %s@%d", alias, version, config.steps[0], alias, stable.version)
         return canary
 
@@ -151,11 +156,11 @@ class CanaryManager:
             analysed = analysis.as_dict() | {"step": canary.step + 1}
             if analysed != canary.last_analysis:  # a canary waiting with no new samples writes nothing
                 canary.last_analysis = analysed
-                self._save(canary)
+                await self._save(canary)
             numbers = {"analysis": canary.last_analysis, "window": {v: w.summary() for v, w in windows.items()}}
             if analysis.decision == "wait":
                 if not waited:  # once per window, not every tick
-                    self._event(canary, "wait", analysis.reason, numbers, "canary")
+                    await self._event(canary, "wait", analysis.reason, numbers, "canary")
                     self._count(canary, "wait")
                 continue
             if analysis.decision == "rollback":
@@ -170,33 +175,34 @@ class CanaryManager:
             return
         before = canary.config.steps[canary.step]
         canary.step += 1
-        self._new_window(canary)
-        self._event(canary, "step", f"no significant regression: {before}% -> {canary.config.steps[canary.step]}%",
-                    numbers, "canary")  # fmt: skip
+        await self._new_window(canary)
+        after = canary.config.steps[canary.step]
+        await self._event(canary, "step", f"no significant regression: {before}% -> {after}%", numbers, "canary")
         self._count(canary, "step")
 
     async def _promote(self, canary: Canary, reason: str, numbers: dict[str, Any] | None, actor: str) -> None:
         try:
-            self.store.promote(canary.alias, canary.candidate, force=canary.forced, reason=f"canary: {reason}",
-                               actor=actor)  # fmt: skip
+            await asyncio.to_thread(self.store.promote, canary.alias, canary.candidate, force=canary.forced,
+                                    reason=f"canary: {reason}", actor=actor)  # fmt: skip
         except StoreError as exc:
             raise CanaryError(400, f"cannot promote: {exc}", "promote_refused") from exc
         self.registry.changed()
         old = self.store.get(canary.alias, canary.stable)
-        self._finish(canary, "promoted")
-        self._event(canary, "promote", reason, numbers, actor)
+        await self._finish(canary, "promoted")
+        await self._event(canary, "promote", reason, numbers, actor)
         self._count(canary, "promote")
-        self.store.retire(canary.alias, old.version, reason=f"replaced by {canary.alias}@{canary.candidate}",
-                          actor=actor)  # fmt: skip
+        await asyncio.to_thread(self.store.retire, canary.alias, old.version,
+                                reason=f"replaced by {canary.alias}@{canary.candidate}", actor=actor)  # fmt: skip
         self.registry.changed()
         await self.registry.retire(old)  # unloaded once its in-flight requests finish
 
     async def _rollback(self, canary: Canary, reason: str, numbers: dict[str, Any] | None, actor: str) -> None:
         candidate = self.store.get(canary.alias, canary.candidate)
-        self._finish(canary, "rolled_back")
-        self._event(canary, "rollback", reason, numbers, actor)
+        await self._finish(canary, "rolled_back")
+        await self._event(canary, "rollback", reason, numbers, actor)
         self._count(canary, "rollback")
-        self.store.retire(canary.alias, candidate.version, reason=f"canary rolled back: {reason}", actor=actor)
+        await asyncio.to_thread(self.store.retire, canary.alias, candidate.version,
+                                reason=f"canary rolled back: {reason}", actor=actor)  # fmt: skip
         self.registry.changed()
         await self.registry.retire(candidate)
         log.warning("canary %s rolled back: %s", candidate.ref, reason)
@@ -211,18 +217,18 @@ class CanaryManager:
             raise CanaryError(409, f"the canary of {alias!r} is {canary.state}", "canary_state")
         return canary
 
-    def pause(self, alias: str, reason: str = "", actor: str = "admin-api") -> Canary:
+    async def pause(self, alias: str, reason: str = "", actor: str = "admin-api") -> Canary:
         canary = self._require_active(alias, "running")
         canary.state = "paused"
-        self._save(canary)
-        self._event(canary, "pause", reason or "paused: traffic stays at this weight, no decisions", None, actor)
+        await self._save(canary)
+        await self._event(canary, "pause", reason or "paused: traffic stays at this weight, no decisions", None, actor)
         return canary
 
-    def resume(self, alias: str, reason: str = "", actor: str = "admin-api") -> Canary:
+    async def resume(self, alias: str, reason: str = "", actor: str = "admin-api") -> Canary:
         canary = self._require_active(alias, "paused")
         canary.state = "running"
-        self._new_window(canary)
-        self._event(canary, "resume", reason or "resumed: this step's window starts again", None, actor)
+        await self._new_window(canary)
+        await self._event(canary, "resume", reason or "resumed: this step's window starts again", None, actor)
         return canary
 
     async def promote(self, alias: str, reason: str = "", actor: str = "admin-api") -> Canary:
@@ -235,11 +241,11 @@ class CanaryManager:
         await self._rollback(canary, reason or "rolled back by hand", canary.last_analysis, actor)
         return canary
 
-    def abort(self, alias: str, reason: str = "", actor: str = "admin-api") -> Canary:
+    async def abort(self, alias: str, reason: str = "", actor: str = "admin-api") -> Canary:
         """Stop sending traffic to the candidate; it stays published (not retired)."""
         canary = self._require_active(alias)
-        self._finish(canary, "aborted")
-        self._event(canary, "abort", reason or "aborted by hand", canary.last_analysis, actor)
+        await self._finish(canary, "aborted")
+        await self._event(canary, "abort", reason or "aborted by hand", canary.last_analysis, actor)
         self._count(canary, "abort")
         return canary
 
@@ -254,26 +260,31 @@ class CanaryManager:
 
     # -- bookkeeping --------------------------------------------------------------------------------
 
-    def _new_window(self, canary: Canary) -> None:
+    async def _new_window(self, canary: Canary) -> None:
         canary.step_started_at = time.time()
         canary.last_analysis = None
         self.windows.pop(canary.id, None)
         self.shares.pop(canary.id, None)
-        self._save(canary)
+        await self._save(canary)
 
-    def _finish(self, canary: Canary, state: State) -> None:
+    async def _finish(self, canary: Canary, state: State) -> None:
         canary.state = state
         self.active.pop(canary.alias, None)
         self.windows.pop(canary.id, None)
         self.shares.pop(canary.id, None)
-        self._save(canary)
+        await self._save(canary)
 
-    def _save(self, canary: Canary) -> None:
-        self.records.save(canary)
+    # The database writes run in a worker thread (the event loop relays every stream meanwhile), one at a time
+    # and in order, each on a copy of the canary as it was when the write was asked for.
 
-    def _event(self, canary: Canary, action: str, reason: str, numbers: dict[str, Any] | None = None,
-               actor: str = "canary") -> None:  # fmt: skip
-        self.records.event(canary, action, reason, numbers, actor)
+    async def _save(self, canary: Canary) -> None:
+        async with self._writes:
+            await asyncio.to_thread(self.records.save, copy.copy(canary))
+
+    async def _event(self, canary: Canary, action: str, reason: str, numbers: dict[str, Any] | None = None,
+                     actor: str = "canary") -> None:  # fmt: skip
+        async with self._writes:
+            await asyncio.to_thread(self.records.event, copy.copy(canary), action, reason, numbers, actor)
 
     def _count(self, canary: Canary, outcome: str) -> None:
         if self.metrics is not None:

@@ -8,6 +8,7 @@ POST /admin/canaries/{alias}/{action}   pause, resume, promote, rollback, abort:
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends
@@ -59,7 +60,7 @@ async def status(alias: str, state: StateDep) -> dict[str, Any]:
 
 @router.get("/{alias}/events")
 async def events(alias: str, state: StateDep) -> dict[str, Any]:
-    return {"object": "list", "data": state.canaries.events(alias)}
+    return {"object": "list", "data": await asyncio.to_thread(state.canaries.events, alias)}
 
 
 @router.post("/{alias}/{action}")
@@ -73,15 +74,15 @@ async def act(
     canaries = state.canaries
     try:
         if action == "pause":
-            canaries.pause(alias, reason)
+            await canaries.pause(alias, reason)
         elif action == "resume":
-            canaries.resume(alias, reason)
+            await canaries.resume(alias, reason)
         elif action == "promote":
             await canaries.promote(alias, reason)
         elif action == "rollback":
             await canaries.rollback(alias, reason)
         else:
-            canaries.abort(alias, reason)
+            await canaries.abort(alias, reason)
         return canaries.status(alias)
     except CanaryError as exc:
         raise _refused(exc) from exc
