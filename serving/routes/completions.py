@@ -25,7 +25,7 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,6 +150,8 @@ async def _proxy(route: str, req: RequestBase, tenant: Tenant, state: GatewaySta
     try:
         call = await prepare(route, req, alias, body, tenant, state, request, record, slot)
         record.upstream_at = time.perf_counter()  # the gateway's own work ends here
+        if not call.stream:  # vLLM sends nothing before the whole answer: the client may leave meanwhile
+            return await _unless_client_leaves(request, _whole_answer(state, call, record, slot), record)
         upstream = await _send(state, call, record)
     except EngineError as exc:
         slot.release()
@@ -157,9 +159,39 @@ async def _proxy(route: str, req: RequestBase, tenant: Tenant, state: GatewaySta
     except BaseException:
         slot.release()
         raise
-    if upstream.status_code != 200 or not call.stream:
-        return await full_response(upstream, call, record, slot, request)
+    if upstream.status_code != 200:
+        return await full_response(upstream, call, record, slot)
     return stream_response(upstream, call, record, slot)
+
+
+async def _whole_answer(state: GatewayState, call: EngineRequest, record: RequestRecord, slot: Slot) -> Response:
+    return await full_response(await _send(state, call, record), call, record, slot)
+
+
+async def _unless_client_leaves(request: Request, answer: Awaitable[Response], record: RequestRecord) -> Response:
+    """``answer``, unless the client disconnects first: then the engine request is cancelled, which closes its
+    connection, and vLLM aborts the generation (``vllm:request_success_total{finished_reason="abort"}``)."""
+    work = asyncio.ensure_future(answer)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        work.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if work.done():
+        return work.result()
+    work.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await work
+    record.error_code = "client_disconnected"
+    return Response(status_code=499)  # nobody reads it; the access log and metrics do
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _send(state: GatewayState, call: EngineRequest, record: RequestRecord) -> EngineResponse:
@@ -282,25 +314,15 @@ async def prepare(
     return EngineRequest(route, body, req.stream, target, plan, tools, wants_usage)
 
 
-async def full_response(
-    upstream: EngineResponse, call: EngineRequest, record: RequestRecord, slot: Slot, request: Request | None = None
-) -> Response:
-    """A whole answer (or the engine's error): the JSON verdict added, tool calls rewritten.
-
-    If the client hangs up while the engine generates, the engine connection is
-    closed, and vLLM aborts the generation (``vllm:request_success_total``
-    counts it with ``finished_reason="abort"``).
-    """
+async def full_response(upstream: EngineResponse, call: EngineRequest, record: RequestRecord, slot: Slot) -> Response:
+    """A whole answer (or the engine's error): the JSON verdict added, tool calls rewritten."""
     try:
-        content = await _read_unless_gone(upstream, request)
+        content = await upstream.aread()
     except EngineError as exc:
         raise _engine_unavailable() from exc
     finally:
         await upstream.aclose()
         slot.release()
-    if content is None:
-        record.error_code = "client_disconnected"
-        return Response(status_code=499)  # nobody reads it; the access log and metrics do
     headers = call.headers()
     if upstream.status_code != 200:
         raise _engine_refused(upstream.status_code, content, record)
@@ -314,29 +336,6 @@ async def full_response(
     if call.tools is not None:
         call.tools.rewrite_body(data)
     return Response(json.dumps(data, ensure_ascii=False).encode(), 200, headers=headers, media_type="application/json")
-
-
-async def _read_unless_gone(upstream: EngineResponse, request: Request | None) -> bytes | None:
-    """The engine's whole answer, or ``None`` when the client disconnected first."""
-    if request is None:
-        return await upstream.aread()
-    read = asyncio.ensure_future(upstream.aread())
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait((read, gone), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if read.done():
-        return read.result()
-    read.cancel()
-    with contextlib.suppress(asyncio.CancelledError, EngineError):
-        await read
-    return None
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def _engine_refused(status: int, content: bytes, record: RequestRecord) -> APIError:
