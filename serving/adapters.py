@@ -91,7 +91,8 @@ class AdapterRegistry:
     async def ensure_loaded(self, version: AdapterVersion) -> AdapterManifest:
         if version.ref in self.loaded:  # it passed check_fits when it was loaded
             return self.manifest(version)
-        manifest = await asyncio.to_thread(self.check_fits, version)  # reads files: never on the event loop
+        # Reads files: never on the event loop.
+        manifest, retired = await asyncio.to_thread(lambda: (self.check_fits(version), self.store.is_retired(version)))
         async with self._lock(version.ref):  # one load (or unload) of the same adapter at a time
             if version.ref not in self.loaded:
                 started = time.perf_counter()
@@ -104,7 +105,10 @@ class AdapterRegistry:
                 if self.metrics is not None:
                     self.metrics.adapter_loaded(time.perf_counter() - started, ok=True)
                 self.loaded[version.ref] = version
-                self._draining.discard(version.ref)
+                if retired:  # a request routed here before the retirement: unloaded again once such ones end
+                    self._draining.add(version.ref)
+                else:
+                    self._draining.discard(version.ref)
                 log.info("loaded adapter %s from %s", version.ref, version.path)
         return manifest
 

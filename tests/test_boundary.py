@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -286,3 +286,45 @@ def test_promoting_a_draining_version_back_cancels_its_drain(tmp_path: Path) -> 
         await engine.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_retired_version_a_late_request_reloads_is_unloaded_after_it(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        store = AdapterStore(tmp_path / "adapters")
+        v1 = store.publish(make_adapter(tmp_path / "a1"), "orders")
+        engine = FakeEngine()
+        registry = AdapterRegistry(store, engine, identify(fake_base(tmp_path)), 64)
+        release = registry.lease(v1)  # a request routed to v1 just before it was retired...
+        store.retire("orders", 1)
+        await registry.reload(v1)  # ...whose engine lost it: reloaded for that request
+        assert "orders@1" in engine.loaded
+        release()
+        await asyncio.sleep(0.05)
+        assert "orders@1" not in engine.loaded and "orders@1" not in registry.loaded  # and gone after it
+        await engine.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_stream_whose_client_leaves_before_its_first_byte_releases_its_slot() -> None:
+    from serving.routes.completions import RelayResponse
+
+    closed: list[bool] = []
+    started: list[bool] = []
+
+    async def relay() -> AsyncIterator[bytes]:
+        started.append(True)
+        yield b"data: {}\n\n"
+
+    async def close() -> None:
+        closed.append(True)
+
+    async def receive() -> dict:
+        return {"type": "http.disconnect"}  # the client is already gone
+
+    async def send(message: dict) -> None:
+        await asyncio.sleep(0.01)
+
+    scope = {"type": "http", "asgi": {"spec_version": "2.0"}, "method": "POST", "path": "/", "headers": []}
+    asyncio.run(RelayResponse(relay(), close, media_type="text/event-stream")(scope, receive, send))  # type: ignore[arg-type]
+    assert closed == [True]  # released even though the relay may never have started

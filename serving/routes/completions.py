@@ -25,7 +25,7 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -355,16 +355,31 @@ def _engine_refused(status: int, content: bytes, record: RequestRecord) -> APIEr
 def stream_response(upstream: EngineResponse, call: EngineRequest, record: RequestRecord, slot: Slot) -> Response:
     """Server-sent events relayed one at a time, the JSON verdict as the last event before ``[DONE]``."""
     tools = ToolStream(call.tools) if call.tools is not None else None
-    relay = _relay(upstream, slot, record, call.plan.check(), tools, call.wants_usage)
-    return RelayResponse(relay, headers=call.headers(), media_type="text/event-stream")
+    closed = False
+
+    async def close() -> None:
+        nonlocal closed
+        if not closed:
+            closed = True
+            record.finished = record.finished or time.perf_counter()
+            await upstream.aclose()
+            slot.release()
+
+    relay = _relay(upstream, record, call.plan.check(), tools, call.wants_usage, close)
+    return RelayResponse(relay, close, headers=call.headers(), media_type="text/event-stream")
 
 
 class RelayResponse(StreamingResponse):
-    """A stream whose relay is always closed, also when the client hangs up while it waits at a ``yield``.
+    """A stream whose relay is always closed, also when the client hangs up while it waits at a ``yield``, or
+    before its first byte (the relay then never started, and its own ``finally`` never runs).
 
     Closing it closes the engine connection (vLLM then aborts the generation)
     and releases the request's slot and adapter lease.
     """
+
+    def __init__(self, content: AsyncIterator[bytes], close: Callable[[], Awaitable[None]], **kw: Any) -> None:
+        super().__init__(content, **kw)
+        self.close = close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -373,6 +388,7 @@ class RelayResponse(StreamingResponse):
             body = self.body_iterator
             if isinstance(body, AsyncGenerator):
                 await body.aclose()
+            await self.close()
 
 
 def _engine_unavailable() -> APIError:
@@ -398,11 +414,11 @@ def _cache_salt(state: GatewayState, tenant: Tenant) -> str:
 
 async def _relay(
     upstream: EngineResponse,
-    slot: Slot,
     record: RequestRecord,
     check: JsonCheck | None,
     tools: ToolStream | None,
     wants_usage: bool,
+    close: Callable[[], Awaitable[None]],
 ) -> AsyncIterator[bytes]:
     """Relay the engine's server-sent events, one event at a time.
 
@@ -447,8 +463,7 @@ async def _relay(
             yield pending
     finally:
         record.finished = time.perf_counter()
-        await upstream.aclose()
-        slot.release()
+        await close()
 
 
 async def _target(state: GatewayState, tenant: Tenant, alias: str, user: str, slot: Slot) -> Target:
