@@ -153,12 +153,16 @@ class AdapterRegistry:
             if not await asyncio.to_thread(self.store.is_retired, self.loaded[ref]):
                 self._draining.discard(ref)
                 return
+            if self.in_flight.get(ref, 0) > 0 or ref not in self.loaded:  # a request came while the store was read
+                return
+            # Out of ``loaded`` first: what the gateway believes loaded is always on the engine (a request for it
+            # meanwhile loads it again, once this unload is done).
+            self.loaded.pop(ref, None)
+            self._draining.discard(ref)
             try:
                 await self.engine.unload_adapter(ref)
             except Exception as exc:  # the engine may be restarting; it forgets adapters then anyway
                 log.warning("could not unload %s: %s", ref, exc)
-            self.loaded.pop(ref, None)
-            self._draining.discard(ref)
             if self.metrics is not None:
                 self.metrics.adapter_unloads.inc()
             log.info("unloaded retired adapter %s", ref)

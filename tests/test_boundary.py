@@ -240,6 +240,43 @@ def test_a_schema_keyword_the_engine_cannot_enforce_is_served_in_validate_mode(g
     assert "response_format" not in engine.requests[-1]  # sent again without the constraint
 
 
+def test_a_stream_whose_schema_the_engine_cannot_enforce_is_served_in_validate_mode(gw) -> None:
+    client, engine, keys, _ = gw
+
+    def grammar_error_event(body: dict) -> httpx.Response | None:
+        # vLLM reports it inside a 200 stream, as the first event
+        if body.get("stream") and '"uniqueItems"' in json.dumps(body.get("response_format") or {}):
+            error = {"error": {"message": 'Grammar error: Unimplemented keys: ["uniqueItems"]',
+                               "type": "BadRequestError", "param": None, "code": 400}}  # fmt: skip
+            sse = f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n"
+            return httpx.Response(200, content=sse.encode(), headers={"content-type": "text/event-stream"})
+        return None
+
+    engine.refuse = grammar_error_event
+    schema = {"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    resp = chat(client, keys["acme"], response_format=fmt, stream=True)
+    assert resp.status_code == 200 and resp.headers["x-lorafleet-json-unenforced"] == "uniqueItems"
+    assert '"error"' not in resp.text and '"unenforced_keywords": ["uniqueItems"]' in resp.text
+    assert resp.text.rstrip().endswith("data: [DONE]")
+
+
+def test_an_error_event_of_the_engines_comes_in_the_gateways_shape(gw) -> None:
+    client, engine, keys, _ = gw
+    failure = {"error": {"message": "CUDA out of memory in vllm/worker.py", "type": "InternalServerError",
+                         "code": 500}}  # fmt: skip
+    engine.refuse = lambda body: httpx.Response(
+        200,
+        content=f"data: {json.dumps(failure)}\n\ndata: [DONE]\n\n".encode(),
+        headers={"content-type": "text/event-stream"},
+    )
+    resp = chat(client, keys["acme"], stream=True)
+    events = [json.loads(e[6:]) for e in resp.text.split("\n\n") if e.startswith("data: {")]
+    error = events[0]["error"]
+    assert error["code"] == "engine_error" and error["type"] == "server_error" and "vllm" not in error["message"]
+    assert resp.text.rstrip().endswith("data: [DONE]")
+
+
 def test_an_engine_refusal_comes_back_in_the_gateways_shape(gw) -> None:
     client, engine, keys, _ = gw
     too_long = "This model's maximum context length is 2048 tokens. However, you requested 5000 tokens."

@@ -60,7 +60,11 @@ class Window:
         if 400 <= record.status < 500 or record.status == 499:
             return  # the client's mistake (or its disconnect) says nothing about the version
         self.requests += 1
-        if record.status >= 500 or record.status == 0 or record.error_code == "engine_stream_broken":
+        if (
+            record.status >= 500
+            or record.status == 0
+            or record.error_code in ("engine_stream_broken", "engine_stream_error")
+        ):
             self.errors += 1
             return
         per_token = record.tpot if record.stream else _per_token(record)

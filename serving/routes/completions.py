@@ -41,7 +41,7 @@ from serving.adapters import AdapterMisfit
 from serving.config import GatewaySettings
 from serving.deps import GatewayState, StateDep, TenantDep
 from serving.engine import BASE_MODEL_NAME, EngineError, EngineResponse
-from serving.errors import APIError
+from serving.errors import APIError, error_body
 from serving.jsoncheck import JsonCheck, JsonPlan
 from serving.limits import Slot, cap_max_tokens
 from serving.metrics import RequestRecord
@@ -58,6 +58,7 @@ router = APIRouter(prefix="/v1")
 CHAT = "/v1/chat/completions"
 # What a client gets when the engine's stream breaks off after the first byte (OpenAI's error shape, then [DONE]).
 BROKEN_STREAM = "engine_stream_broken"
+ENGINE_STREAM_ERROR = "engine_stream_error"
 STREAM_BROKEN_EVENT = (
     b'data: {"error": {"message": "The engine stopped answering mid-stream; the answer is incomplete. Retry.", '
     b'"type": "server_error", "param": null, "code": "engine_stream_broken"}}\n\ndata: [DONE]\n\n'
@@ -205,6 +206,17 @@ async def _send(state: GatewayState, call: EngineRequest, record: RequestRecord)
     for attempt in (1, 2):
         upstream = await state.engine.send(call.route, call.body, stream=call.stream,
                                            request_id=record.engine_request_id, on_sent=record.mark_sent)  # fmt: skip
+        if upstream.status_code == 200 and call.stream and call.plan.mode == "enforce" and attempt == 1:
+            # vLLM reports a schema it cannot compile inside a 200 stream, as its first event: looked at before
+            # anything reaches the client, and handled like the 400 a whole answer gets.
+            peeked = await PeekedStream.of(upstream)
+            keywords = unimplemented(peeked.first) if b'"error"' in peeked.first else ()
+            if not keywords:
+                return peeked
+            await peeked.aclose()
+            call.plan = call.plan.validate_instead(call.body, keywords)
+            record.engine_request_id = f"gw{secrets.token_hex(6)}-{record.request_id}"
+            continue
         if upstream.status_code not in (400, 404) or attempt == 2:
             return upstream
         content = await _read_whole(upstream)
@@ -225,6 +237,38 @@ async def _read_whole(upstream: EngineResponse) -> bytes:
         return await upstream.aread()
     finally:
         await upstream.aclose()
+
+
+class PeekedStream:
+    """A streamed engine answer whose first chunk was read ahead (an ``EngineResponse``)."""
+
+    def __init__(self, upstream: EngineResponse, chunks: AsyncIterator[bytes], first: bytes) -> None:
+        self.status_code, self._upstream, self._chunks, self.first = upstream.status_code, upstream, chunks, first
+
+    @classmethod
+    async def of(cls, upstream: EngineResponse) -> PeekedStream:
+        chunks = upstream.aiter_bytes()
+        try:
+            first = await anext(chunks, b"")
+        except BaseException:
+            await upstream.aclose()
+            raise
+        return cls(upstream, chunks, first)
+
+    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        if self.first:
+            yield self.first
+        async for chunk in self._chunks:
+            yield chunk
+
+    async def aread(self) -> bytes:
+        return self.first + b"".join([chunk async for chunk in self._chunks])
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        await self._upstream.aclose()
 
 
 @dataclass
@@ -391,6 +435,19 @@ class RelayResponse(StreamingResponse):
             await self.close()
 
 
+def _stream_error(data: dict[str, Any]) -> dict[str, Any]:
+    """An error event of the engine's, as the gateway words one: its message for a request the engine refused,
+    none of its internals for a failure of its own."""
+    found = data.get("error")
+    error: dict[str, Any] = found if isinstance(found, dict) else {}
+    code = error.get("code")
+    if isinstance(code, int) and 400 <= code < 500:
+        return error_body(code, str(error.get("message", "The engine refused the request.")), "engine_rejected")
+    log.error("engine stream error: %s", error)
+    return error_body(502, "The engine failed on this request; the answer is incomplete. Retry, or report it with "
+                      "the x-request-id header.", "engine_error")  # fmt: skip
+
+
 def _engine_unavailable() -> APIError:
     return APIError(
         503, "The engine is not reachable; retry shortly.", code="engine_unavailable", headers={"Retry-After": "5"}
@@ -438,6 +495,10 @@ async def _relay(
                 for event in events:
                     # Every event is parsed and relayed with OpenAI's fields only (``serving.protocol``).
                     data = event_data(event)
+                    if data is not None and "error" in data:  # vLLM's error event, in the gateway's shape
+                        record.error_code = ENGINE_STREAM_ERROR
+                        yield b"data: " + json.dumps(_stream_error(data)).encode() + b"\n\n"
+                        continue
                     if data is not None:
                         data = filter_response(data)
                         event = b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
