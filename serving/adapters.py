@@ -61,12 +61,7 @@ class AdapterRegistry:
     async def serving(self, alias: str) -> AdapterVersion | None:
         """``resolve`` for a request: from memory, else read from the store in a worker thread (the store may be
         a network volume; the event loop never waits on it)."""
-        if (known := self._serving.get(alias)) is not None:
-            return known[0]
-        generation = self._serving.generation
-        version = await asyncio.to_thread(self.resolve, alias)
-        self._serving.put(alias, (version,), generation)
-        return version
+        return (await self._serving.aget(alias, lambda: (self.resolve(alias),)))[0]
 
     def changed(self) -> None:
         """The store was written (publish, promote, retire): what ``serving`` remembers is dropped."""

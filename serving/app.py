@@ -56,7 +56,7 @@ def build_app(settings: GatewaySettings, engine: Engine | None = None) -> FastAP
         base_path = settings.base_model_path()
         adapters = AdapterRegistry(AdapterStore(settings.adapters_dir), eng, identify(base_path),
                                    settings.max_lora_rank, base_config(base_path),
-                                   serving_cache_s=min(settings.state_cache_s, 1.0))  # fmt: skip
+                                   serving_cache_s=settings.state_cache_s)  # fmt: skip
         tenants = TenantStore(settings.state_url, cache_s=settings.state_cache_s)
         policies = AliasPolicies(tenants.engine, cache_s=settings.state_cache_s)
         adapters.metrics = metrics

@@ -50,8 +50,9 @@ class GatewaySettings(CommonSettings):
         default=10.0,
         ge=0,
         description=(
-            "How long the gateway keeps API keys and alias policies in memory. Admin API changes apply at once; "
-            "changes the CLI writes to the database apply within this. 0: read the database on every request."
+            "How long the gateway keeps API keys, alias policies and each alias's serving version in memory. Admin "
+            "API changes apply at once; changes written to the database or the store by another process apply "
+            "within this. 0: read them on every request."
         ),
     )
     shutdown_grace_s: int = Field(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -52,9 +51,7 @@ async def get_tenant(request: Request, state: StateDep) -> Tenant:
             code="invalid_api_key",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    answered, tenant = state.tenants.remembered(key.strip())
-    if not answered:
-        tenant = await asyncio.to_thread(state.tenants.authenticate, key.strip())
+    tenant = await state.tenants.aauthenticate(key.strip())
     if tenant is None:
         raise APIError(
             401, "Incorrect API key provided.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}

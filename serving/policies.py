@@ -23,7 +23,6 @@ writes shows within ``cache_s``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -63,22 +62,23 @@ class AliasPolicies:
         self._known: ReadCache[AliasPolicy] = ReadCache(cache_s)
 
     async def aget(self, alias: str) -> AliasPolicy:
-        """``get`` for a request: from memory, else read in a worker thread (never on the event loop)."""
-        if (known := self._known.get(alias)) is not None:
-            return known
-        return await asyncio.to_thread(self.get, alias)
+        """``get`` for a request: never waiting on the database (``ReadCache.aget``)."""
+        return await self._known.aget(alias, lambda: self._read(alias))
 
     def get(self, alias: str) -> AliasPolicy:
         if (known := self._known.get(alias)) is not None:
             return known
         generation = self._known.generation
-        with self.engine.connect() as db:
-            row = db.execute(sa.select(policies_table).where(policies_table.c.alias == alias)).first()
-        policy = AliasPolicy()
-        if row is not None:
-            policy = AliasPolicy(row.json_mode, json.loads(row.default_schema) if row.default_schema else None)
+        policy = self._read(alias)
         self._known.put(alias, policy, generation)
         return policy
+
+    def _read(self, alias: str) -> AliasPolicy:
+        with self.engine.connect() as db:
+            row = db.execute(sa.select(policies_table).where(policies_table.c.alias == alias)).first()
+        if row is None:
+            return AliasPolicy()
+        return AliasPolicy(row.json_mode, json.loads(row.default_schema) if row.default_schema else None)
 
     def set(self, alias: str, policy: AliasPolicy) -> AliasPolicy:
         """Replace the alias's policy; an all-empty policy removes the row."""

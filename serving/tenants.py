@@ -16,6 +16,7 @@ works at once.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import re
@@ -30,6 +31,7 @@ from serving.statecache import ReadCache
 from serving.statedb import ensure_schema, metadata, state_engine
 
 KEY_PREFIX = "lf-"
+KEY_SHAPE = re.compile(r"lf-[A-Za-z0-9_-]{43}")  # what issue_key makes: anything else is refused unread
 KEY_ID_CHARS = 8  # characters after the prefix that name a key in listings
 UNKNOWN_KEY_TTL_S = 5.0  # how long a key the database does not know is answered 401 from memory
 UNKNOWN_KEYS_KEPT = 100_000  # at most this many (about 15 MB); the oldest go first
@@ -264,23 +266,34 @@ class TenantStore:
         self._changed()
         return key
 
-    def remembered(self, key: str) -> tuple[bool, Tenant | None]:
-        """``(True, tenant or None)`` when memory answers for ``key`` (no I/O), else ``(False, None)``."""
-        if not key.startswith(KEY_PREFIX):
-            return True, None
+    async def aauthenticate(self, key: str) -> Tenant | None:
+        """``authenticate`` for a request: known keys (and known bogus ones) from memory, a stale one read again
+        behind the answer, an unknown one read in a worker thread; the event loop never waits on the database."""
+        if not KEY_SHAPE.fullmatch(key):
+            return None
         digest = _hash(key)
-        if (known := self._known.get(digest)) is not None:
-            return True, known  # found by its digest, the dictionary's own exact comparison
         if self._unknown.get(digest):
-            return True, None
-        return False, None
+            return None
+        known, fresh = self._known.lookup(digest)
+        if known is not None:  # found by its digest, the dictionary's own exact comparison
+            if not fresh:
+                self._known.refresh(digest, lambda: self._read_key(digest))
+            return known
+        return await asyncio.to_thread(self._read_key, digest)
 
     def authenticate(self, key: str) -> Tenant | None:
         """The enabled tenant owning the unrevoked ``key``, or ``None``."""
-        answered, tenant = self.remembered(key)
-        if answered:
-            return tenant
+        if not key.startswith(KEY_PREFIX):
+            return None
         digest = _hash(key)
+        if (known := self._known.get(digest)) is not None:
+            return known
+        if self._unknown.get(digest):
+            return None
+        return self._read_key(digest)
+
+    def _read_key(self, digest: str) -> Tenant | None:
+        """The key's tenant from the database (kept in memory either way: known, or known to be bogus)."""
         generation, unknown_generation = self._known.generation, self._unknown.generation
         with self.engine.connect() as db:
             row = db.execute(
@@ -295,6 +308,7 @@ class TenantStore:
             # The index lookup finds the row; the final comparison is constant-time.
             if row is None or not hmac.compare_digest(row.key_hash, digest):
                 self._unknown.put(digest, True, unknown_generation)
+                self._known.drop(digest)  # revoked or disabled since it was kept
                 return None
             tenant = self._load(db, row)
         self._known.put(digest, tenant, generation)

@@ -632,7 +632,7 @@ def test_keys_and_policies_are_cached_and_every_change_shows(tmp_path: Path) -> 
     queries: list[str] = []
     sa.event.listen(gateway.engine, "before_cursor_execute", lambda *args: queries.append(args[2]))
     acme = cli.create("acme")
-    key = cli.issue_key(acme)  # issued elsewhere: unknown keys are never cached, so it works at once
+    key = cli.issue_key(acme)  # issued elsewhere (a new random key was never seen, so never cached as bogus)
     assert gateway.authenticate(key) == cli.get("acme")
     queries.clear()
     assert gateway.authenticate(key) is not None and queries == []  # from memory
@@ -655,6 +655,34 @@ def test_keys_and_policies_are_cached_and_every_change_shows(tmp_path: Path) -> 
     other.set("orders", AliasPolicy(json_mode="off"))
     time.sleep(0.25)
     assert policies.get("orders").json_mode == "off"
+
+
+def test_the_event_loop_never_waits_on_the_database_for_a_key(tmp_path: Path) -> None:
+    """Known keys from memory; a stale one answered at once and read again behind the answer; a bogus one read
+    once, then refused from memory (a flood of made-up keys is not a flood of database reads)."""
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    gateway, cli = TenantStore(url, cache_s=0.2), TenantStore(url)
+    reads: list[str] = []
+    sa.event.listen(gateway.engine, "before_cursor_execute", lambda *args: reads.append(args[2]))
+    acme = cli.create("acme")
+    key = cli.issue_key(acme)
+
+    async def scenario() -> None:
+        assert (await gateway.aauthenticate(key)) == cli.get("acme")
+        reads.clear()
+        assert await gateway.aauthenticate(key) is not None and reads == []  # fresh: from memory
+        cli.revoke_key(acme, key_id_of(key))  # elsewhere
+        await asyncio.sleep(0.25)  # stale now
+        assert await gateway.aauthenticate(key) is not None  # answered at once, read again behind the answer
+        await asyncio.sleep(0.2)
+        assert await gateway.aauthenticate(key) is None  # the read found the revocation
+        reads.clear()
+        bogus = "lf-" + "x" * 43
+        for _ in range(50):
+            assert await gateway.aauthenticate(bogus) is None
+        assert len([q for q in reads if "api_keys" in q]) == 1  # one database read for fifty attempts
+
+    asyncio.run(scenario())
 
 
 def test_the_engine_child_runs_at_lower_priority_in_its_own_session_and_autogroup() -> None:

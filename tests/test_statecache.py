@@ -45,3 +45,30 @@ def test_reads_writes_and_expiry_from_many_threads() -> None:
     finally:
         sys.setswitchinterval(switch)
     assert not errors, errors[:3]
+
+
+def test_aget_answers_stale_values_at_once_and_reads_them_again_behind() -> None:
+    import asyncio
+    import time
+
+    cache: ReadCache[str] = ReadCache(0.1)
+    source = {"k": "v1"}
+    reads: list[str] = []
+
+    def read() -> str:
+        reads.append(source["k"])
+        return source["k"]
+
+    async def scenario() -> None:
+        assert await cache.aget("k", read) == "v1" and reads == ["v1"]  # missing: read (in a worker thread)
+        assert await cache.aget("k", read) == "v1" and reads == ["v1"]  # fresh: memory
+        source["k"] = "v2"
+        time.sleep(0.15)  # stale now
+        assert await cache.aget("k", read) == "v1"  # at once, the old answer...
+        await asyncio.sleep(0.05)
+        assert reads == ["v1", "v2"] and await cache.aget("k", read) == "v2"  # ...read again behind it
+        source["k"] = "v3"
+        cache.changed()  # a write of the owner's: nothing stale is served after it
+        assert await cache.aget("k", read) == "v3"
+
+    asyncio.run(scenario())

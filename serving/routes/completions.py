@@ -142,7 +142,8 @@ async def _proxy(route: str, req: RequestBase, tenant: Tenant, state: GatewaySta
     record.tenant, record.stream = tenant.name, req.stream
     record.client_max_tokens = req.max_tokens is not None or getattr(req, "max_completion_tokens", None) is not None
     body, sequences = _client_body(req, tenant, state.settings)
-    await bounded(lambda: _check_schemas(body), "response_format" if "tools" not in body else "tools")
+    if "tools" in body or (body.get("response_format") or {}).get("type") == "json_schema":
+        await bounded(lambda: _check_schemas(body), "response_format" if "tools" not in body else "tools")
     alias = req.model or tenant.default_alias
     if not alias:
         raise APIError(400, "'model' is required: name an alias (see GET /v1/models).", param="model",
