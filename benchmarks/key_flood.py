@@ -41,6 +41,9 @@ async def streams(url: str, key: str, seconds: float, concurrency: int, tag: str
 
     async def worker(client: httpx.AsyncClient, w: int) -> None:
         nonlocal done
+        # Staggered starts: 8 streams in steady state, not 8 requests arriving in the same millisecond at each
+        # pass's start (the loop would handle them one after another: a queue the harness made, not the flood).
+        await asyncio.sleep(w * 0.4)
         i = 0
         while time.monotonic() < deadline:
             body = {"model": "orders", "messages": [{"role": "user", "content": PROMPTS[(w * 31 + i) % len(PROMPTS)]}],
