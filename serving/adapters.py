@@ -1,10 +1,15 @@
 """Alias → adapter version → engine-side name, and loading adapters onto the engine.
 
-An alias serves its newest version in the store. Before an adapter reaches the
+An alias serves its newest version in the store. Before an adapter reaches an
 engine it is checked against the served base model (weights checksum, rank,
 target modules), so a misfit is refused with a clear error instead of failing
-inside vLLM. Loading is guarded by a lock per adapter, so concurrent first
-requests load it once.
+inside vLLM. Loading is guarded by a lock per adapter and engine, so
+concurrent first requests load it once.
+
+``AdapterRegistry`` is the store's side (which version serves an alias, fit
+checks) over one ``EngineAdapters`` per engine (what that engine holds, the
+requests in flight there, the drains of retired versions). With one engine,
+every method's ``engine`` argument can be left out.
 """
 
 from __future__ import annotations
@@ -31,26 +36,172 @@ class AdapterMisfit(ValueError):
     """The adapter cannot be served on this engine; the message says why."""
 
 
+class EngineAdapters:
+    """The adapters one engine holds, its requests in flight per version, and the drains of retired versions."""
+
+    def __init__(self, name: str, engine: Engine, registry: AdapterRegistry) -> None:
+        self.name, self.engine, self.registry = name, engine, registry
+        self.loaded: dict[str, AdapterVersion] = {}
+        self.in_flight: dict[str, int] = {}  # requests running per version ref
+        self._draining: set[str] = set()  # retired refs to unload when their last request ends
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.last_used: dict[str, float] = {}  # ref -> when a request last leased it (the idle one to swap out)
+
+    @property
+    def store(self) -> AdapterStore:
+        return self.registry.store
+
+    async def ensure_loaded(self, version: AdapterVersion) -> AdapterManifest:
+        if version.ref in self.loaded:  # it passed check_fits when it was loaded
+            return self.registry.manifest(version)
+        # Reads files: never on the event loop.
+        manifest, retired = await asyncio.to_thread(
+            lambda: (self.registry.check_fits(version), self.store.is_retired(version))
+        )
+        async with self._lock(version.ref):  # one load (or unload) of the same adapter at a time
+            if version.ref not in self.loaded:
+                metrics = self.registry.metrics
+                started = time.perf_counter()
+                try:
+                    await self.engine.load_adapter(version.ref, version.path)
+                except BaseException:
+                    if metrics is not None:
+                        metrics.adapter_loaded(time.perf_counter() - started, ok=False)
+                    raise
+                if metrics is not None:
+                    metrics.adapter_loaded(time.perf_counter() - started, ok=True)
+                self.loaded[version.ref] = version
+                if retired:  # a request routed here before the retirement: unloaded again once such ones end
+                    self._draining.add(version.ref)
+                else:
+                    self._draining.discard(version.ref)
+                log.info("loaded adapter %s on %s from %s", version.ref, self.name, version.path)
+        return manifest
+
+    async def reload(self, version: AdapterVersion) -> None:
+        """Load ``version`` again: the engine answered that it does not have it (restarted, or raced an unload)."""
+        async with self._lock(version.ref):
+            self.loaded.pop(version.ref, None)
+        await self.ensure_loaded(version)
+
+    def _lock(self, ref: str) -> asyncio.Lock:
+        return self._locks.setdefault(ref, asyncio.Lock())
+
+    def lease(self, version: AdapterVersion) -> Callable[[], None]:
+        """Count a request on ``version`` until the returned release function is called (idempotent)."""
+        self.in_flight[version.ref] = self.in_flight.get(version.ref, 0) + 1
+        self.last_used[version.ref] = time.monotonic()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            self.in_flight[version.ref] -= 1
+            if self.in_flight[version.ref] == 0 and version.ref in self._draining:
+                asyncio.get_running_loop().create_task(self._unload(version.ref))
+
+        return release
+
+    def busy(self) -> int:
+        """Requests in flight on this engine (the gateway's own count, exact between metric polls)."""
+        return sum(self.in_flight.values())
+
+    async def retire(self, version: AdapterVersion) -> None:
+        """Unload a retired version now, or after its last in-flight request when some are running."""
+        if version.ref not in self.loaded:
+            return
+        self._draining.add(version.ref)
+        if self.in_flight.get(version.ref, 0) == 0:
+            await self._unload(version.ref)
+
+    async def evict(self, ref: str) -> None:
+        """Unload an adapter no request needs, to make room for another (routing's idle slot)."""
+        async with self._lock(ref):
+            if self.in_flight.get(ref, 0) > 0 or ref not in self.loaded:
+                return
+            self.loaded.pop(ref, None)
+            try:
+                await self.engine.unload_adapter(ref)
+            except Exception as exc:
+                log.warning("could not unload %s from %s: %s", ref, self.name, exc)
+            if self.registry.metrics is not None:
+                self.registry.metrics.adapter_unloads.inc()
+            log.info("swapped adapter %s out of %s", ref, self.name)
+
+    async def _unload(self, ref: str) -> None:
+        async with self._lock(ref):
+            if ref not in self._draining or self.in_flight.get(ref, 0) > 0 or ref not in self.loaded:
+                return
+            # Promoted back (or canaried) since its retirement: it serves again, so its drain is cancelled.
+            if not await asyncio.to_thread(self.store.is_retired, self.loaded[ref]):
+                self._draining.discard(ref)
+                return
+            if self.in_flight.get(ref, 0) > 0 or ref not in self.loaded:  # a request came while the store was read
+                return
+            # Out of ``loaded`` first: what the gateway believes loaded is always on the engine (a request for it
+            # meanwhile loads it again, once this unload is done).
+            self.loaded.pop(ref, None)
+            self._draining.discard(ref)
+            try:
+                await self.engine.unload_adapter(ref)
+            except Exception as exc:  # the engine may be restarting; it forgets adapters then anyway
+                log.warning("could not unload %s: %s", ref, exc)
+            if self.registry.metrics is not None:
+                self.registry.metrics.adapter_unloads.inc()
+            log.info("unloaded retired adapter %s from %s", ref, self.name)
+
+    async def reconcile(self) -> None:
+        """After the engine (re)started: it holds only what it says it holds (vLLM forgets runtime loads)."""
+        try:
+            held = set(await self.engine.adapters())
+        except Exception as exc:
+            log.warning("cannot read the adapters %s holds: %s", self.name, exc)
+            held = set()
+        self.loaded = {ref: v for ref, v in self.loaded.items() if ref in held}
+
+
 class AdapterRegistry:
     def __init__(
         self,
         store: AdapterStore,
-        engine: Engine,
+        engine: Engine | dict[str, Engine],
         base: BaseModelRecord,
         max_lora_rank: int,
         base_config: dict[str, Any] | None = None,
         serving_cache_s: float = 1.0,
     ) -> None:
-        self.store, self.engine, self.base, self.max_lora_rank = store, engine, base, max_lora_rank
+        self.store, self.base, self.max_lora_rank = store, base, max_lora_rank
         self.base_config = base_config
+        engines = engine if isinstance(engine, dict) else {"engine": engine}
+        self.engines: dict[str, EngineAdapters] = {name: EngineAdapters(name, e, self) for name, e in engines.items()}
         # alias -> (its serving version,): read off the event loop, kept ``serving_cache_s``, cleared by ``changed``
         self._serving: ReadCache[tuple[AdapterVersion | None]] = ReadCache(serving_cache_s)
-        self.in_flight: dict[str, int] = {}  # requests running per version ref
-        self._draining: set[str] = set()  # retired refs to unload when their last request ends
-        self.loaded: dict[str, AdapterVersion] = {}
         self.metrics: GatewayMetrics | None = None  # set by the app: load/unload counts and durations
         self._manifests: dict[str, AdapterManifest] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+
+    def on(self, engine: str | None = None) -> EngineAdapters:
+        """One engine's side (the first, when not named)."""
+        return self.engines[engine] if engine is not None else next(iter(self.engines.values()))
+
+    @property
+    def engine(self) -> Engine:
+        return self.on().engine
+
+    @property
+    def loaded(self) -> dict[str, AdapterVersion]:
+        """Every version loaded on some engine."""
+        return {ref: v for side in self.engines.values() for ref, v in side.loaded.items()}
+
+    @property
+    def in_flight(self) -> dict[str, int]:
+        """Requests in flight per version, all engines together."""
+        total: dict[str, int] = {}
+        for side in self.engines.values():
+            for ref, n in side.in_flight.items():
+                total[ref] = total.get(ref, 0) + n
+        return total
 
     def resolve(self, alias: str) -> AdapterVersion | None:
         try:
@@ -79,109 +230,46 @@ class AdapterRegistry:
         return self.manifest(version)
 
     def fit_problems(self, adapter_dir: Path) -> list[str]:
-        """Every reason this engine cannot serve the adapter in ``adapter_dir`` (``contract.fit``)."""
+        """Every reason the engines cannot serve the adapter in ``adapter_dir`` (``contract.fit``)."""
         return fit_problems(adapter_dir, base_name=self.base.name, base_sha256=self.base.sha256,
                             base_config=self.base_config, max_lora_rank=self.max_lora_rank)  # fmt: skip
 
-    async def ensure_loaded(self, version: AdapterVersion) -> AdapterManifest:
-        if version.ref in self.loaded:  # it passed check_fits when it was loaded
-            return self.manifest(version)
-        # Reads files: never on the event loop.
-        manifest, retired = await asyncio.to_thread(lambda: (self.check_fits(version), self.store.is_retired(version)))
-        async with self._lock(version.ref):  # one load (or unload) of the same adapter at a time
-            if version.ref not in self.loaded:
-                started = time.perf_counter()
-                try:
-                    await self.engine.load_adapter(version.ref, version.path)
-                except BaseException:
-                    if self.metrics is not None:
-                        self.metrics.adapter_loaded(time.perf_counter() - started, ok=False)
-                    raise
-                if self.metrics is not None:
-                    self.metrics.adapter_loaded(time.perf_counter() - started, ok=True)
-                self.loaded[version.ref] = version
-                if retired:  # a request routed here before the retirement: unloaded again once such ones end
-                    self._draining.add(version.ref)
-                else:
-                    self._draining.discard(version.ref)
-                log.info("loaded adapter %s from %s", version.ref, version.path)
-        return manifest
+    async def ensure_loaded(self, version: AdapterVersion, engine: str | None = None) -> AdapterManifest:
+        return await self.on(engine).ensure_loaded(version)
 
-    async def reload(self, version: AdapterVersion) -> None:
-        """Load ``version`` again: the engine answered that it does not have it (restarted, or raced an unload)."""
-        async with self._lock(version.ref):
-            self.loaded.pop(version.ref, None)
-        await self.ensure_loaded(version)
+    async def reload(self, version: AdapterVersion, engine: str | None = None) -> None:
+        await self.on(engine).reload(version)
 
-    def _lock(self, ref: str) -> asyncio.Lock:
-        return self._locks.setdefault(ref, asyncio.Lock())
-
-    def lease(self, version: AdapterVersion) -> Callable[[], None]:
-        """Count a request on ``version`` until the returned release function is called (idempotent)."""
-        self.in_flight[version.ref] = self.in_flight.get(version.ref, 0) + 1
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if released:
-                return
-            released = True
-            self.in_flight[version.ref] -= 1
-            if self.in_flight[version.ref] == 0 and version.ref in self._draining:
-                asyncio.get_running_loop().create_task(self._unload(version.ref))
-
-        return release
+    def lease(self, version: AdapterVersion, engine: str | None = None) -> Callable[[], None]:
+        return self.on(engine).lease(version)
 
     async def retire(self, version: AdapterVersion) -> None:
-        """Unload a retired version now, or after its last in-flight request when some are running."""
-        if version.ref not in self.loaded:
-            return
-        self._draining.add(version.ref)
-        if self.in_flight.get(version.ref, 0) == 0:
-            await self._unload(version.ref)
+        """Unload a retired version from every engine, each once its in-flight requests there are done."""
+        for side in self.engines.values():
+            await side.retire(version)
 
-    async def _unload(self, ref: str) -> None:
-        async with self._lock(ref):
-            if ref not in self._draining or self.in_flight.get(ref, 0) > 0 or ref not in self.loaded:
-                return
-            # Promoted back (or canaried) since its retirement: it serves again, so its drain is cancelled.
-            if not await asyncio.to_thread(self.store.is_retired, self.loaded[ref]):
-                self._draining.discard(ref)
-                return
-            if self.in_flight.get(ref, 0) > 0 or ref not in self.loaded:  # a request came while the store was read
-                return
-            # Out of ``loaded`` first: what the gateway believes loaded is always on the engine (a request for it
-            # meanwhile loads it again, once this unload is done).
-            self.loaded.pop(ref, None)
-            self._draining.discard(ref)
-            try:
-                await self.engine.unload_adapter(ref)
-            except Exception as exc:  # the engine may be restarting; it forgets adapters then anyway
-                log.warning("could not unload %s: %s", ref, exc)
-            if self.metrics is not None:
-                self.metrics.adapter_unloads.inc()
-            log.info("unloaded retired adapter %s", ref)
-
-    async def load_all(self) -> list[str]:
-        """Load every alias's current version (at engine start and after a restart); returns the problems."""
-        self.loaded.clear()
+    async def load_all(self, engine: str | None = None) -> list[str]:
+        """Load every alias's current version on an engine (at its start and after a restart); the problems."""
+        side = self.on(engine)
+        side.loaded.clear()
         problems = []
         for alias in self.store.aliases():
             version = self.resolve(alias)
             if version is None:
                 continue
             try:
-                await self.ensure_loaded(version)
+                await side.ensure_loaded(version)
             except Exception as exc:  # one bad adapter must not keep the others off the engine
                 problems.append(str(exc))
                 log.error("%s", exc)
         return problems
 
     def pending(self) -> list[str]:
-        """Aliases whose current version is not loaded yet."""
+        """Aliases whose current version is loaded on no engine."""
+        loaded = self.loaded
         missing = []
         for alias in self.store.aliases():
             version = self.resolve(alias)
-            if version is not None and version.ref not in self.loaded:
+            if version is not None and version.ref not in loaded:
                 missing.append(alias)
         return missing

@@ -201,7 +201,9 @@ def test_a_tenant_cannot_pile_its_requests_into_the_canary_with_chosen_user_keys
 
 def test_a_good_candidate_is_promoted_through_every_step(gw) -> None:
     client, _, key = gw
-    assert start(client, steps=[20, 50, 100], min_samples=10).status_code == 201
+    # Latency is not what this test is about: in-process timings of a fake engine are noise, and a noisy
+    # latency comparison could roll back a good candidate on a busy machine.
+    assert start(client, steps=[20, 50, 100], min_samples=10, max_latency_ratio=100).status_code == 201
     weights = []
     while status(client)["state"] == "running" and len(weights) < 5:
         weights.append(status(client)["weight"])
@@ -323,7 +325,7 @@ def test_a_canary_survives_a_gateway_restart(setup) -> None:
     settings, key = setup
     engine = FakeEngine()
     with TestClient(build_app(settings, engine=engine)) as client:
-        start(client, steps=[10, 40, 100], min_samples=3)
+        start(client, steps=[10, 40, 100], min_samples=3, max_latency_ratio=100)  # fake-engine timings are noise
         for i in range(100):
             send(client, key, f"user-{i}")
         tick(client)
