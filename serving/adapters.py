@@ -218,6 +218,10 @@ class AdapterRegistry:
         """The store was written (publish, promote, retire): what ``serving`` remembers is dropped."""
         self._serving.changed()
 
+    def expected(self) -> set[str]:
+        """The versions requests go to now: the serving versions of the aliases asked for lately."""
+        return {found[0].ref for found in self._serving.values() if found[0] is not None}
+
     def manifest(self, version: AdapterVersion) -> AdapterManifest:
         if version.ref not in self._manifests:
             self._manifests[version.ref] = version.manifest()

@@ -31,6 +31,8 @@ from serving.canary import CanaryManager
 from serving.config import GATEWAY_FILE, GatewaySettings, local_url
 from serving.deps import GatewayState
 from serving.engine import Engine, VLLMEngine
+from serving.fleet.config import engine_specs
+from serving.fleet.fleet import Fleet
 from serving.limits import TenantLimiter
 from serving.metrics import GatewayMetrics, StateCollector
 from serving.middleware import BodySizeLimit
@@ -44,19 +46,25 @@ from serving.tenants import TenantStore
 log = logging.getLogger("lorafleet.gateway")
 
 
-def build_app(settings: GatewaySettings, engine: Engine | None = None) -> FastAPI:
-    """The gateway app; ``engine`` replaces the vLLM engine (tests pass a fake one)."""
+def build_app(settings: GatewaySettings, engine: Engine | dict[str, Engine] | None = None) -> FastAPI:
+    """The gateway app; ``engine`` replaces the vLLM engines (tests pass fakes: one, or several by name)."""
 
     metrics = GatewayMetrics(tenant_label=settings.metrics_tenant_label, max_tenants=settings.metrics_max_tenants)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        eng = engine or VLLMEngine(settings)
+        specs = {spec.name: spec for spec in engine_specs(settings)}
+        if engine is None:
+            engines: dict[str, Engine] = {name: VLLMEngine(settings, spec) for name, spec in specs.items()}
+        else:
+            engines = engine if isinstance(engine, dict) else {next(iter(specs)): engine}
         base_path = settings.base_model_path()
-        adapters = AdapterRegistry(AdapterStore(settings.adapters_dir), eng, identify(base_path),
+        adapters = AdapterRegistry(AdapterStore(settings.adapters_dir), engines, identify(base_path),
                                    settings.max_lora_rank, base_config(base_path),
                                    serving_cache_s=settings.state_cache_s)  # fmt: skip
+        max_loras = {name: specs[name].max_loras if name in specs else settings.max_loras for name in engines}
+        eng = Fleet(engines, adapters, max_loras, epsilon=settings.route_epsilon, poll_s=settings.engine_poll_s)
         tenants = TenantStore(settings.state_url, cache_s=settings.state_cache_s)
         policies = AliasPolicies(tenants.engine, cache_s=settings.state_cache_s)
         adapters.metrics = metrics
@@ -67,8 +75,12 @@ def build_app(settings: GatewaySettings, engine: Engine | None = None) -> FastAP
         app.state.gateway = GatewayState(settings, eng, tenants, adapters, TenantLimiter(), policies, metrics,
                                          canaries)  # fmt: skip
 
-        async def on_engine_ready() -> None:
-            problems = await adapters.load_all()
+        async def on_engine_ready(name: str) -> None:
+            eng.up(name)
+            if len(engines) > 1:  # a fleet loads adapters where requests are routed; it holds what it says
+                await adapters.on(name).reconcile()
+                return
+            problems = await adapters.load_all(name)
             for problem in problems:
                 log.error("adapter not loaded: %s", problem)
 

@@ -31,6 +31,15 @@ class GatewaySettings(CommonSettings):
         ),
     )
     engine_port: int = Field(default=8100, description="Port of the vLLM child process (loopback only).")
+    engines_file: Path | None = Field(
+        default=None,
+        description="A YAML file listing several engines to route across (docs/operations.md); unset: one engine.",
+    )
+    route_epsilon: float = Field(
+        default=0.25, ge=0, le=10, description="Bounded-load slack: an engine above (1 + this) × the mean load "
+        "takes no more of an adapter's requests while another engine can.",
+    )  # fmt: skip
+    engine_poll_s: float = Field(default=1.0, gt=0, description="How often each engine's load is read (metrics).")
     engine_start_timeout_s: float = Field(default=300.0, description="How long vLLM may take to become healthy.")
     max_loras: int = Field(
         default=4,

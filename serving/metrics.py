@@ -184,6 +184,9 @@ class GatewayMetrics:
         self.adapter_loads = Counter("lorafleet_adapter_loads", "Adapter loads onto the engine, by outcome.",
                                      ["outcome"], registry=r)  # fmt: skip
         self.adapter_unloads = Counter("lorafleet_adapter_unloads", "Adapter unloads from the engine.", registry=r)
+        self.failovers = Counter("lorafleet_engine_failovers", "Requests moved to another engine before their first "
+                                 "byte, by the engine that failed them (one of the configured engines).",
+                                 ["engine"], registry=r)  # fmt: skip
         self.load_duration = Histogram("lorafleet_adapter_load_duration_seconds", "Time to load an adapter.",
                                        buckets=LOAD_BUCKETS, registry=r)  # fmt: skip
         self.canary_decisions = Counter("lorafleet_canary_decisions", "Canary analysis decisions, by outcome.",

@@ -72,6 +72,13 @@ class ReadCache(Generic[V]):
             if self._known is not None:
                 self._known.clear()
 
+    def values(self) -> list[V]:
+        """Every value kept now (fresh or stale)."""
+        if self._known is None:
+            return []
+        with self._lock:
+            return [value for value, _ in self._known.values()]
+
     def drop(self, key: str) -> None:
         with self._lock:
             if self._known is not None:

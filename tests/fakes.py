@@ -35,6 +35,8 @@ class FakeEngine:
         self.answers: dict[str, str] = {}  # per engine-side model name, e.g. {"orders@2": "broken"}
         self.request_ids: list[str | None] = []
         self.refuse: Callable[[dict], httpx.Response | None] | None = None  # a hook: an error answer for a body
+        self.unreachable = False  # every call fails to connect, as a dead engine's would
+        self.exposition = b""  # what its /metrics says (its load), when set
         self.client = httpx.AsyncClient(transport=httpx.MockTransport(self._handle), base_url="http://engine")
 
     def _handle(self, request: httpx.Request) -> httpx.Response:
@@ -117,14 +119,18 @@ class FakeEngine:
         await self.client.aclose()
 
     async def load_adapter(self, name: str, path: Path) -> None:
+        if self.unreachable:
+            raise EngineError("engine unreachable")
         self.loaded.append(name)
 
     async def unload_adapter(self, name: str) -> None:
         self.loaded.remove(name)
 
     async def metrics(self) -> bytes:
-        if not self.ready:
+        if not self.ready or self.unreachable:
             raise EngineError("engine metrics unreachable")
+        if self.exposition:
+            return self.exposition
         return (
             b"# HELP vllm:num_requests_running Running requests.\n# TYPE vllm:num_requests_running gauge\n"
             b'vllm:num_requests_running{model_name="base"} 0.0\n'
@@ -142,6 +148,8 @@ class FakeEngine:
         request_id: str | None = None,
         on_sent: Callable[[], None] | None = None,
     ) -> httpx.Response:
+        if self.unreachable:
+            raise EngineError("engine unreachable: connection refused")
         self.request_ids.append(request_id)
         request = self.client.build_request("POST", path, json=body)
         if on_sent is not None:

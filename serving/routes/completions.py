@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -25,7 +26,7 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +93,7 @@ class Target:
     chat_template: str | None  # None: the engine's own (the base model's)
     output_schema: dict[str, Any] | None
     tools_format: str | None
+    engine: str  # the engine it was routed to (serving.fleet)
 
 
 @dataclass
@@ -105,6 +107,7 @@ class EngineRequest:
     plan: JsonPlan
     tools: ToolPlan | None
     wants_usage: bool  # the client asked for the usage chunk (the gateway always asks, for its metrics)
+    lease: Callable[[], None] = lambda: None  # ends the request's count on its version and engine
 
     def headers(self) -> dict[str, str]:
         headers = {"x-lorafleet-adapter": self.target.engine_model, "x-lorafleet-variant": self.target.variant,
@@ -154,7 +157,7 @@ async def _proxy(route: str, req: RequestBase, tenant: Tenant, state: GatewaySta
         record.upstream_at = time.perf_counter()  # the gateway's own work ends here
         if not call.stream:  # vLLM sends nothing before the whole answer: the client may leave meanwhile
             return await _unless_client_leaves(request, _whole_answer(state, call, record, slot), record)
-        upstream = await _send(state, call, record)
+        upstream = await _send(state, call, record, slot)
     except EngineError as exc:
         slot.release()
         raise _engine_unavailable() from exc
@@ -167,7 +170,7 @@ async def _proxy(route: str, req: RequestBase, tenant: Tenant, state: GatewaySta
 
 
 async def _whole_answer(state: GatewayState, call: EngineRequest, record: RequestRecord, slot: Slot) -> Response:
-    return await full_response(await _send(state, call, record), call, record, slot)
+    return await full_response(await _send(state, call, record, slot), call, record, slot)
 
 
 async def _unless_client_leaves(request: Request, answer: Awaitable[Response], record: RequestRecord) -> Response:
@@ -196,18 +199,34 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _send(state: GatewayState, call: EngineRequest, record: RequestRecord) -> EngineResponse:
-    """Send ``call`` to the engine, and once more, before any byte reached the client, when it answers that
+async def _send(state: GatewayState, call: EngineRequest, record: RequestRecord, slot: Slot) -> EngineResponse:
+    """Send ``call`` to its engine, and again, before any byte reached the client, when
 
+    - the engine cannot be reached, or answers 502/503: once, on another engine (``serving.fleet``), the failed
+      one out of routing until its health check passes;
     - it does not have the adapter (it restarted, or a retirement raced this request): reloaded, then sent again;
     - it cannot enforce the schema (a keyword its grammar backend lacks, such as ``not``): sent without the
       constraint, the answer checked in validate mode and flagged (``unenforced_keywords``).
     """
-    record.engine_request_id = f"gw{secrets.token_hex(6)}-{record.request_id}"  # the gateway's own, unique
-    for attempt in (1, 2):
-        upstream = await state.engine.send(call.route, call.body, stream=call.stream,
-                                           request_id=record.engine_request_id, on_sent=record.mark_sent)  # fmt: skip
-        if upstream.status_code == 200 and call.stream and call.plan.mode == "enforce" and attempt == 1:
+    retried: set[str] = set()
+    while True:
+        record.engine_request_id = f"gw{secrets.token_hex(6)}-{record.request_id}"  # the gateway's own, unique
+        engine = state.engine.members[call.target.engine]
+        try:
+            upstream = await engine.send(call.route, call.body, stream=call.stream,
+                                         request_id=record.engine_request_id, on_sent=record.mark_sent)  # fmt: skip
+        except EngineError:
+            if "failover" in retried or not await _fail_over(state, call, slot):
+                raise
+            retried.add("failover")
+            continue
+        if upstream.status_code in (502, 503) and "failover" not in retried:
+            content = await _read_whole(upstream)
+            if await _fail_over(state, call, slot):
+                retried.add("failover")
+                continue
+            return ReadResponse(upstream.status_code, content)
+        if upstream.status_code == 200 and call.stream and call.plan.mode == "enforce" and "schema" not in retried:
             # vLLM reports a schema it cannot compile inside a 200 stream, as its first event: looked at before
             # anything reaches the client, and handled like the 400 a whole answer gets.
             peeked = await PeekedStream.of(upstream)
@@ -216,21 +235,48 @@ async def _send(state: GatewayState, call: EngineRequest, record: RequestRecord)
                 return peeked
             await peeked.aclose()
             call.plan = call.plan.validate_instead(call.body, keywords)
-            record.engine_request_id = f"gw{secrets.token_hex(6)}-{record.request_id}"
+            retried.add("schema")
             continue
-        if upstream.status_code not in (400, 404) or attempt == 2:
+        if upstream.status_code not in (400, 404):
             return upstream
         content = await _read_whole(upstream)
         version = call.target.version
-        if upstream.status_code == 404 and version is not None and _adapter_missing(content, version.ref):
-            log.warning("the engine lost adapter %s; reloading it", version.ref)
-            await state.adapters.reload(version)
-        elif upstream.status_code == 400 and call.plan.mode == "enforce" and (keywords := unimplemented(content)):
+        missing = upstream.status_code == 404 and version is not None and _adapter_missing(content, version.ref)
+        if missing and version is not None and "reload" not in retried:
+            log.warning("engine %s lost adapter %s; reloading it", call.target.engine, version.ref)
+            await state.adapters.reload(version, call.target.engine)
+            retried.add("reload")
+            continue
+        keywords = unimplemented(content) if upstream.status_code == 400 and call.plan.mode == "enforce" else ()
+        if keywords and "schema" not in retried:
             call.plan = call.plan.validate_instead(call.body, keywords)
-        else:
-            return ReadResponse(upstream.status_code, content)
-        record.engine_request_id = f"gw{secrets.token_hex(6)}-{record.request_id}"
-    raise AssertionError("unreachable")
+            retried.add("schema")
+            continue
+        return ReadResponse(upstream.status_code, content)
+
+
+async def _fail_over(state: GatewayState, call: EngineRequest, slot: Slot) -> bool:
+    """Move ``call`` to another engine (its adapter loaded there); ``False`` when there is none."""
+    failed = call.target.engine
+    state.engine.mark_down(failed)
+    version = call.target.version
+    chosen = state.engine.pick(version.ref if version is not None else None, {failed}, state.adapters.expected())
+    if chosen is None:
+        return False
+    log.warning("engine %s failed a request before its first byte: retrying it on %s", failed, chosen.engine)
+    if version is not None:
+        call.lease()  # its count moves to the new engine
+        call.lease = state.adapters.lease(version, chosen.engine)
+        slot.on_release(call.lease)
+        try:
+            if chosen.evict is not None:
+                await state.adapters.on(chosen.engine).evict(chosen.evict)
+            await state.adapters.ensure_loaded(version, chosen.engine)
+        except (EngineError, AdapterMisfit):
+            return False
+    call.target = dataclasses.replace(call.target, engine=chosen.engine)
+    state.metrics.failovers.labels(failed).inc()
+    return True
 
 
 async def _read_whole(upstream: EngineResponse) -> bytes:
@@ -337,7 +383,7 @@ async def prepare(
     slot: Slot,
 ) -> EngineRequest:
     """Route the request to a version of ``alias``, load it, and build what the engine gets."""
-    target = await _target(state, tenant, alias, _user(request, body, tenant), slot)
+    target, lease = await _target(state, tenant, alias, _user(request, body, tenant), slot)
     record.alias, record.variant = alias, target.variant
     record.version = target.version.version if target.version is not None else 0
     if target.canary_id is not None:  # the canary judges on what each variant served
@@ -356,7 +402,7 @@ async def prepare(
     wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     if req.stream:  # token counts for the metrics; the usage chunk reaches the client only if it asked
         body["stream_options"] = (body.get("stream_options") or {}) | {"include_usage": True}
-    return EngineRequest(route, body, req.stream, target, plan, tools, wants_usage)
+    return EngineRequest(route, body, req.stream, target, plan, tools, wants_usage, lease)
 
 
 async def full_response(upstream: EngineResponse, call: EngineRequest, record: RequestRecord, slot: Slot) -> Response:
@@ -390,6 +436,9 @@ def _engine_refused(status: int, content: bytes, record: RequestRecord) -> APIEr
         message = str(json.loads(content)["error"]["message"])
     except (ValueError, KeyError, TypeError):
         message = content.decode(errors="replace")[:500]
+    if status == 503:  # overloaded or starting: the client may retry
+        log.warning("engine answered 503: %s", message)
+        return _engine_unavailable()
     if status >= 500:
         log.error("engine answered %d: %s", status, message)
         return APIError(502, "The engine failed on this request; retry, or report it with the x-request-id header.",
@@ -528,13 +577,17 @@ async def _relay(
         await close()
 
 
-async def _target(state: GatewayState, tenant: Tenant, alias: str, user: str, slot: Slot) -> Target:
-    """The version that serves this request (canary split applied), loaded on the engine."""
+async def _target(
+    state: GatewayState, tenant: Tenant, alias: str, user: str, slot: Slot
+) -> tuple[Target, Callable[[], None]]:
+    """The version that serves this request (canary split applied), loaded on the engine it is routed to."""
     if alias not in tenant.aliases:
         raise _not_found(alias)
     if alias == BASE_ALIAS:
-        _require_engine(state)
-        return Target(alias, BASE_MODEL_NAME, None, "stable", None, None, None, TOOLS_FORMAT)
+        chosen = state.engine.pick(None)
+        if chosen is None:
+            raise _engine_starting()
+        return Target(alias, BASE_MODEL_NAME, None, "stable", None, None, None, TOOLS_FORMAT, chosen.engine), _no_lease
     version = await state.adapters.serving(alias)
     if version is None:
         status = await asyncio.to_thread(state.adapters.store.training, alias)
@@ -544,9 +597,13 @@ async def _target(state: GatewayState, tenant: Tenant, alias: str, user: str, sl
     if assigned is not None:
         variant, version = assigned
         canary_id = state.canaries.active[alias].id
-    manifest = await _load(state, version, alias, slot)
+    manifest, engine, lease = await _load(state, version, alias, slot)
     return Target(alias, version.ref, version, variant, canary_id, manifest.prompt_format.chat_template,
-                  manifest.output_schema, manifest.prompt_format.tools_format)  # fmt: skip
+                  manifest.output_schema, manifest.prompt_format.tools_format, engine), lease  # fmt: skip
+
+
+def _no_lease() -> None:
+    return None
 
 
 def _not_found(alias: str) -> APIError:
@@ -580,25 +637,31 @@ def _duration(seconds: float) -> str:
     return f"{round(seconds / 60)} min"
 
 
-def _require_engine(state: GatewayState) -> None:
-    if not state.engine.is_ready():
-        raise APIError(
-            503, "The engine is starting; retry shortly.", code="engine_starting", headers={"Retry-After": "5"}
-        )
+def _engine_starting() -> APIError:
+    return APIError(503, "The engine is starting; retry shortly.", code="engine_starting", headers={"Retry-After": "5"})
 
 
-async def _load(state: GatewayState, version: AdapterVersion, alias: str, slot: Slot) -> AdapterManifest:
-    _require_engine(state)
+async def _load(
+    state: GatewayState, version: AdapterVersion, alias: str, slot: Slot, exclude: Collection[str] = ()
+) -> tuple[AdapterManifest, str, Callable[[], None]]:
+    """Route ``version`` to an engine (``serving.fleet``) and load it there; its manifest, the engine, the lease."""
+    chosen = state.engine.pick(version.ref, exclude, state.adapters.expected())
+    if chosen is None:
+        raise _engine_starting()
     # Counted from here, so a retirement waits for this request before unloading the version.
-    slot.on_release(state.adapters.lease(version))
+    lease = state.adapters.lease(version, chosen.engine)
+    slot.on_release(lease)
     try:
-        return await state.adapters.ensure_loaded(version)
+        if chosen.evict is not None:
+            await state.adapters.on(chosen.engine).evict(chosen.evict)
+        return await state.adapters.ensure_loaded(version, chosen.engine), chosen.engine, lease
     except AdapterMisfit as exc:
         log.error("%s", exc)
         raise APIError(
             503, f"The model '{alias}' is unavailable: its adapter cannot be served.", code="adapter_unavailable"
         ) from exc
     except EngineError as exc:
+        state.engine.mark_down(chosen.engine)
         raise APIError(
             503,
             "The engine could not load the adapter; retry shortly.",

@@ -1,0 +1,136 @@
+"""The engines behind one gateway, as one: health, load, and the choice of engine per request.
+
+Each engine is a ``serving.engine.Engine`` (supervised child or external
+server) watching its own ``/health``. With more than one, a poller reads each
+healthy engine's ``/metrics`` every ``engine_poll_s`` (``serving.fleet.load``);
+an engine whose request fails to connect is marked down at once and left out of
+routing until its health check passes again; after an engine (re)starts, the
+adapters it holds are read back from its ``/v1/models`` (vLLM forgets
+runtime-loaded ones). ``pick`` asks ``serving.fleet.router`` for the engine of a
+request, from a snapshot of all that and of what the gateway itself has in
+flight (exact between polls).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Collection
+
+from serving.adapters import AdapterRegistry
+from serving.engine import Engine, EngineError
+from serving.fleet.load import EngineLoad, parse_load
+from serving.fleet.router import EngineView, Route, route
+
+log = logging.getLogger("lorafleet.fleet")
+
+BASE = "base"  # one base model per gateway for now: every engine serves it
+
+
+class Fleet:
+    """Several engines answering as one ``Engine`` for readiness, restarts and metrics; ``pick`` routes."""
+
+    def __init__(self, engines: dict[str, Engine], registry: AdapterRegistry, max_loras: dict[str, int],
+                 epsilon: float = 0.25, poll_s: float = 1.0) -> None:  # fmt: skip
+        self.members, self.registry, self.max_loras = engines, registry, max_loras
+        self.epsilon, self.poll_s = epsilon, poll_s
+        self.loads: dict[str, EngineLoad] = {name: EngineLoad() for name in engines}
+        self.down: set[str] = set()  # failed a request: out of routing until its health check passes again
+        self._poller: asyncio.Task[None] | None = None
+
+    # -- as one engine ------------------------------------------------------------------------------------
+
+    @property
+    def restarts(self) -> int:
+        return sum(e.restarts for e in self.members.values())
+
+    def is_ready(self) -> bool:
+        return any(self.healthy(name) for name in self.members)
+
+    def healthy(self, name: str) -> bool:
+        return self.members[name].is_ready() and name not in self.down
+
+    async def start(self, on_ready: Callable[[str], Awaitable[None]]) -> None:
+        for name, engine in self.members.items():
+            await engine.start(_bound(on_ready, name))
+        if len(self.members) > 1:
+            self._poller = asyncio.create_task(self._poll(), name="fleet-poller")
+
+    async def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        await asyncio.gather(*(engine.stop() for engine in self.members.values()))
+
+    async def metrics(self) -> bytes:
+        """The first engine's own exposition (a fleet's engines are best scraped one by one: docs/operations.md)."""
+        return await next(iter(self.members.values())).metrics()
+
+    async def adapters(self) -> list[str]:
+        held: set[str] = set()
+        for engine in self.members.values():
+            if engine.is_ready():
+                held |= set(await engine.adapters())
+        return sorted(held)
+
+    # -- routing ------------------------------------------------------------------------------------------
+
+    def up(self, name: str) -> None:
+        """The engine became healthy (its supervisor says so): back in routing."""
+        self.down.discard(name)
+
+    def mark_down(self, name: str) -> None:
+        """A request to it failed to connect: out of routing until its health check passes again."""
+        if name not in self.down and len(self.members) > 1:
+            log.warning("engine %s failed a request: routing around it", name)
+            self.down.add(name)
+
+    def views(self) -> list[EngineView]:
+        views = []
+        for name in self.members:
+            side = self.registry.on(name)
+            load = self.loads[name]
+            busy = {ref for ref, n in side.in_flight.items() if n > 0}
+            views.append(EngineView(name, BASE, self.max_loras[name], healthy=self.healthy(name),
+                                    queued=max(load.queued, side.busy()), resident=frozenset(side.loaded),
+                                    working=frozenset(busy | (load.working_set & set(side.loaded)))))  # fmt: skip
+        return views
+
+    def pick(self, adapter: str | None, exclude: Collection[str] = (), expected: Collection[str] = ()) -> Route | None:
+        """The engine for a request to ``adapter`` (``None``: the bare base model), not one of ``exclude``."""
+        views = [v for v in self.views() if v.name not in exclude]
+        if adapter is None:
+            healthy = [v for v in views if v.healthy]
+            if not healthy:
+                return None
+            least = min(healthy, key=lambda v: (v.queued, views.index(v)))
+            return Route(least.name, False, None, "least_loaded")
+        return route(views, adapter, BASE, self.epsilon, expected)
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.gather(*(self._read_load(name) for name in self.members))
+            await asyncio.sleep(self.poll_s)
+
+    async def _read_load(self, name: str) -> None:
+        engine = self.members[name]
+        if not engine.is_ready():
+            return
+        try:
+            self.loads[name] = parse_load((await engine.metrics()).decode(errors="replace"))
+        except EngineError as exc:
+            log.warning("engine %s: its load is not readable: %s", name, exc)
+            self.mark_down(name)
+        except ValueError as exc:  # an exposition that does not parse: keep the last load
+            log.warning("engine %s: its metrics do not parse: %s", name, exc)
+        else:
+            self.up(name)
+
+
+def _bound(on_ready: Callable[[str], Awaitable[None]], name: str) -> Callable[[], Awaitable[None]]:
+    async def ready() -> None:
+        await on_ready(name)
+
+    return ready

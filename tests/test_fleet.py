@@ -1,0 +1,159 @@
+"""One gateway over several engines (fake ones here): the engines file, affinity, failover, load polling."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from contract.store import AdapterStore
+from serving.app import build_app
+from serving.config import GatewaySettings
+from serving.engine import VLLMEngine
+from serving.fleet.config import EnginesFileError, load_engines_file
+from serving.tenants import TenantStore
+from tests.conftest import make_adapter
+from tests.fakes import ADMIN_KEY, FakeEngine, assert_openai_error, chat, fake_base
+
+ALIASES = ["a", "b", "c", "d"]
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, FakeEngine], str]]:
+    """Two engines with two adapter slots each, four aliases (they fit the fleet's four slots)."""
+    settings = GatewaySettings(data_dir=tmp_path, base_model=str(fake_base(tmp_path)), admin_key=ADMIN_KEY,
+                               max_loras=2, engine_poll_s=3600)  # fmt: skip
+    store = AdapterStore(settings.adapters_dir)
+    tenants = TenantStore(settings.state_url)
+    acme = tenants.create("acme")
+    for alias in ALIASES:
+        store.publish(make_adapter(tmp_path / f"src-{alias}"), alias)
+        tenants.grant(acme, alias)
+    engines = {"e1": FakeEngine(), "e2": FakeEngine()}
+    with TestClient(build_app(settings, engine=engines)) as client:  # type: ignore[arg-type]
+        yield client, engines, tenants.issue_key(acme)
+
+
+def test_each_adapter_is_loaded_once_and_requests_follow_it(fleet) -> None:
+    client, engines, key = fleet
+    assert all(e.loaded == [] for e in engines.values())  # a fleet loads where requests are routed, not all
+    for _ in range(5):
+        for alias in ALIASES:
+            resp = chat(client, key, model=alias)
+            assert resp.status_code == 200, resp.text
+    loads = sorted(engines["e1"].loaded + engines["e2"].loaded)
+    assert loads == [f"{a}@1" for a in ALIASES]  # each loaded once: no thrash
+    assert all(len(e.loaded) == 2 for e in engines.values())  # spread over the two engines' slots
+    for alias in ALIASES:  # and every request for an alias went where it is loaded
+        holder = next(name for name, e in engines.items() if f"{alias}@1" in e.loaded)
+        assert all(r["model"] != f"{alias}@1" for r in engines["e1" if holder == "e2" else "e2"].requests)
+
+
+def test_a_dead_engine_is_routed_around_before_the_first_byte(fleet) -> None:
+    client, engines, key = fleet
+    assert chat(client, key, model="a").status_code == 200
+    holder = next(name for name, e in engines.items() if "a@1" in e.loaded)
+    other = "e2" if holder == "e1" else "e1"
+    engines[holder].unreachable = True  # dies: connections refused
+    for stream in (False, True):
+        resp = chat(client, key, model="a", stream=stream)
+        assert resp.status_code == 200, resp.text  # retried on the other engine, which loaded the adapter
+    assert "a@1" in engines[other].loaded
+    assert f'lorafleet_engine_failovers_total{{engine="{holder}"}} 1.0' in client.get("/metrics").text
+    before = len(engines[holder].request_ids)
+    assert chat(client, key, model="b").status_code == 200  # marked down: not even tried any more
+    assert len(engines[holder].request_ids) == before
+
+
+def test_a_502_or_503_before_the_first_byte_is_retried_elsewhere_and_only_once(fleet) -> None:
+    client, engines, key = fleet
+    for engine in engines.values():
+        engine.refuse = lambda body: httpx.Response(503, json={"error": {"message": "overloaded", "code": 503}})
+    resp = chat(client, key, model="c")
+    assert_openai_error(resp, 503, "engine_unavailable")  # both refused: the second answer comes back, no loop
+    assert sum(len(e.request_ids) for e in engines.values()) == 2
+
+
+def test_when_every_engine_is_down_requests_get_503_and_no_hang(fleet) -> None:
+    client, engines, key = fleet
+    for engine in engines.values():
+        engine.unreachable = True
+    resp = chat(client, key, model="a")
+    assert_openai_error(resp, 503)
+    assert resp.headers["retry-after"]
+
+
+def test_the_poller_reads_each_engines_load_and_marks_a_silent_one_down(fleet) -> None:
+    client, engines, _ = fleet
+    fleet_state = client.app.state.gateway.engine  # type: ignore[attr-defined]
+    engines["e1"].exposition = (b'vllm:num_requests_running{engine="0",model_name="base"} 3.0\n'
+                                b'vllm:num_requests_waiting{engine="0",model_name="base"} 4.0\n')  # fmt: skip
+    engines["e2"].unreachable = True
+    client.portal.call(fleet_state._read_load, "e1")  # type: ignore[union-attr]
+    client.portal.call(fleet_state._read_load, "e2")  # type: ignore[union-attr]
+    assert fleet_state.loads["e1"].queued == 7
+    assert not fleet_state.healthy("e2") and fleet_state.is_ready()  # one engine down: the fleet still serves
+    engines["e2"].unreachable = False
+    client.portal.call(fleet_state._read_load, "e2")  # type: ignore[union-attr]
+    assert fleet_state.healthy("e2")  # back once it answers
+
+
+# -- the engines file ---------------------------------------------------------------------------------------------
+
+
+def test_an_engines_file_is_read_with_its_keys_and_store_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPU_A_KEY", "engine-a-secret")
+    path = tmp_path / "engines.yaml"
+    path.write_text("""
+engines:
+  - name: local
+    port: 8101
+    max_loras: 2
+  - name: gpu-a
+    url: http://10.0.0.5:8000
+    key_env: GPU_A_KEY
+    max_loras: 8
+    store_prefix: /mnt/adapters
+""")
+    local, remote = load_engines_file(path)
+    assert (local.port, local.url, local.max_loras) == (8101, None, 2)
+    assert remote.api_key() is not None and remote.api_key().get_secret_value() == "engine-a-secret"  # type: ignore[union-attr]
+    settings = GatewaySettings(data_dir=tmp_path, admin_key=ADMIN_KEY, engines_file=path)
+    engine = VLLMEngine(settings, remote)
+    adapter = settings.adapters_dir / "orders" / "3"
+    assert engine.engine_path(adapter) == "/mnt/adapters/orders/3"  # where that engine mounts the store
+    assert VLLMEngine(settings, local).engine_path(adapter) == str(adapter.resolve())
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("engines: []", "engines: List should have at least 1 item"),
+        ("engines:\n  - name: x\n", "engine 'x': : Value error, give either 'url'"),
+        ("engines:\n  - name: x\n    port: 1\n  - name: x\n    port: 2\n", "engine names must be unique"),
+        ("engines:\n  - name: x\n    port: 1\n  - name: y\n    port: 1\n", "different ports"),
+        ("engines:\n  - name: x\n    url: http://h\n    port: 3\n", "'port' and 'extra_args' are for a supervised"),
+        ("engines:\n  - name: x\n    url: http://h\n    key_env: NOT_SET_ANYWHERE\n", "NOT_SET_ANYWHERE is not set"),
+        ("engines:\n  - name: x\n    port: 1\n    colour: red\n", "engine 'x': colour: Extra inputs"),
+        ("engines: [", "cannot be read as YAML"),
+    ],
+)
+def test_a_bad_engines_file_names_the_engine_and_the_field(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "engines.yaml"
+    path.write_text(text)
+    with pytest.raises(EnginesFileError) as refused:
+        load_engines_file(path)
+    assert str(path) in str(refused.value) and message in str(refused.value), str(refused.value)
+
+
+def test_without_an_engines_file_the_gateway_has_its_one_engine(tmp_path: Path) -> None:
+    settings = GatewaySettings(data_dir=tmp_path, admin_key=ADMIN_KEY, engine_url="http://127.0.0.1:9999",
+                               engine_key="k" * 20, max_loras=3)  # fmt: skip
+    engine = VLLMEngine(settings)
+    assert engine.name == "engine" and engine.url == "http://127.0.0.1:9999" and engine.external
+    assert engine.spec.max_loras == 3
+    asyncio.run(engine.stop())
