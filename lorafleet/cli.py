@@ -9,6 +9,7 @@
     lorafleet tenants ...         create tenants, grant aliases, set limits, issue keys
     lorafleet canary ...          canary rollouts on a running gateway
     lorafleet db ...              the state database's schema (Alembic migrations)
+    lorafleet engines             the engines behind the running gateway: health, load, adapters
     lorafleet report              latency and validity per alias from Prometheus
     lorafleet serve               run the gateway (starts vLLM)
     lorafleet demo                serve the demo, training its adapters behind it (``make run``)
@@ -28,6 +29,7 @@ from lorafleet.commands import (
     data,
     db,
     demo,
+    engines,
     evaluate,
     export,
     model,
@@ -48,6 +50,7 @@ app.command(name="train")(train.train)
 app.command(name="eval")(evaluate.eval_)
 app.command(name="export")(export.export)
 app.command(name="report")(report.report)
+app.command(name="engines")(engines.engines)
 app.command(name="serve")(serve.serve)
 app.command(name="demo")(demo.demo)
 

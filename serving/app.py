@@ -71,7 +71,8 @@ def build_app(settings: GatewaySettings, engine: Engine | dict[str, Engine] | No
         canaries = CanaryManager(tenants.engine, adapters, metrics)
         metrics.add_state(StateCollector(eng.is_ready, lambda: eng.restarts, lambda: len(adapters.loaded),
                                          canaries.weights,
-                                         lambda: len(adapters.pending()) if eng.is_ready() else 0))  # fmt: skip
+                                         lambda: len(adapters.pending()) if eng.is_ready() else 0,
+                                         eng.describe))  # fmt: skip
         app.state.gateway = GatewayState(settings, eng, tenants, adapters, TenantLimiter(), policies, metrics,
                                          canaries)  # fmt: skip
 

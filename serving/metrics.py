@@ -24,6 +24,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -257,10 +258,12 @@ class StateCollector(Collector):
         adapters_active: Callable[[], int],
         canary_weights: Callable[[], dict[str, float]],
         adapters_pending: Callable[[], int] = lambda: 0,
+        engines: Callable[[], list[dict[str, Any]]] = list,
     ) -> None:
         self.engine_up, self.engine_restarts = engine_up, engine_restarts
         self.adapters_active, self.canary_weights = adapters_active, canary_weights
         self.adapters_pending = adapters_pending
+        self.engines = engines
 
     def collect(self) -> Iterable[Metric]:
         yield GaugeMetricFamily("lorafleet_engine_up", "1 when the engine answers its health check.",
@@ -278,3 +281,19 @@ class StateCollector(Collector):
         for alias, weight in sorted(self.canary_weights().items()):
             weights.add_metric([alias], weight)
         yield weights
+        # Per engine: the label takes only the configured engines' names (the engines file), so it is bounded.
+        up = GaugeMetricFamily("lorafleet_fleet_engine_up", "1 when the engine is in routing (healthy).",
+                               labels=["engine"])  # fmt: skip
+        queued = GaugeMetricFamily("lorafleet_fleet_engine_requests",
+                                   "Requests on the engine, by state (vLLM's own running and waiting, the gateway's "
+                                   "in flight).", labels=["engine", "state"])  # fmt: skip
+        held = GaugeMetricFamily("lorafleet_fleet_engine_adapters", "Adapters the engine holds.", labels=["engine"])
+        for engine in self.engines():
+            name = str(engine["name"])
+            up.add_metric([name], 1.0 if engine["healthy"] else 0.0)
+            for state in ("running", "waiting", "in_flight"):
+                queued.add_metric([name, state], float(engine[state]))
+            held.add_metric([name], float(len(engine["adapters"])))
+        yield up
+        yield queued
+        yield held

@@ -128,3 +128,15 @@ def test_the_archive_carries_only_the_adapters_files(tmp_path: Path) -> None:
     with tarfile.open(fileobj=io.BytesIO(adapter_archive(src))) as tar:
         names = tar.getnames()
     assert sorted(names) == ["adapter_config.json", "adapter_model.safetensors", "lorafleet.json"]
+
+
+def test_lorafleet_engines_lists_the_engines_behind_the_gateway(running: tuple[str, FakeEngine]) -> None:
+    url, engine = running
+    engine.exposition = b'vllm:num_requests_running{engine="0",model_name="base"} 2.0\n'
+    table = cli("engines", "--gateway", url)
+    assert "engine" in table and "up" in table
+    listing = json.loads(cli("engines", "--gateway", url, "--json"))
+    assert [e["name"] for e in listing] == ["engine"] and listing[0]["healthy"] is True
+    assert listing[0]["max_loras"] == 4 and isinstance(listing[0]["adapters"], list)
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    assert 'lorafleet_fleet_engine_up{engine="engine"} 1.0' in metrics

@@ -157,3 +157,14 @@ def test_without_an_engines_file_the_gateway_has_its_one_engine(tmp_path: Path) 
     assert engine.name == "engine" and engine.url == "http://127.0.0.1:9999" and engine.external
     assert engine.spec.max_loras == 3
     asyncio.run(engine.stop())
+
+
+def test_the_admin_api_and_the_metrics_show_each_engine(fleet) -> None:
+    client, _, key = fleet
+    assert chat(client, key, model="a").status_code == 200
+    listing = client.get("/admin/engines", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()["data"]
+    assert [e["name"] for e in listing] == ["e1", "e2"] and all(e["healthy"] for e in listing)
+    assert sorted(a for e in listing for a in e["adapters"]) == ["a@1"]
+    metrics = client.get("/metrics").text
+    assert 'lorafleet_fleet_engine_up{engine="e1"} 1.0' in metrics and 'engine="e2"' in metrics
+    assert 'lorafleet_fleet_engine_adapters{engine="' in metrics

@@ -75,6 +75,20 @@ class Fleet:
                 held |= set(await engine.adapters())
         return sorted(held)
 
+    def describe(self) -> list[dict[str, object]]:
+        """Each engine: where, health, load (vLLM's own figures) and the adapters it holds (admin, CLI)."""
+        out = []
+        for name, engine in self.members.items():
+            side, load = self.registry.on(name), self.loads[name]
+            out.append({
+                "name": name, "url": getattr(engine, "url", None), "healthy": self.healthy(name),
+                "marked_down": name in self.down, "restarts": engine.restarts, "max_loras": self.max_loras[name],
+                "running": load.running, "waiting": load.waiting, "kv_cache_usage": load.kv_cache_usage,
+                "in_flight": side.busy(), "adapters": sorted(side.loaded),
+                "working_set": sorted(load.working_set),
+            })  # fmt: skip
+        return out
+
     # -- routing ------------------------------------------------------------------------------------------
 
     def up(self, name: str) -> None:

@@ -216,6 +216,12 @@ def _store_refused(exc: StoreError) -> APIError:
     return APIError(400, str(exc), code="adapter_refused")
 
 
+@router.get("/engines")
+async def list_engines(state: StateDep) -> dict[str, Any]:
+    """The engines behind this gateway: health, load, the adapters each holds."""
+    return {"object": "list", "data": state.engine.describe()}
+
+
 @router.get("/adapters")
 def list_adapters(state: StateDep) -> dict[str, Any]:
     store, registry = state.adapters.store, state.adapters
