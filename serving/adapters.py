@@ -46,14 +46,29 @@ class EngineAdapters:
         self._draining: set[str] = set()  # retired refs to unload when their last request ends
         self._locks: dict[str, asyncio.Lock] = {}
         self.last_used: dict[str, float] = {}  # ref -> when a request last leased it (the idle one to swap out)
+        self.loading: set[str] = set()  # routed here and being loaded: resident, as far as routing goes
 
     @property
     def store(self) -> AdapterStore:
         return self.registry.store
 
+    def reserve(self, ref: str) -> None:
+        """Routing chose this engine for ``ref``: counted as resident from now on, while it loads (without
+        this, requests arriving during the load would find it nowhere and load it on another engine too)."""
+        if ref not in self.loaded:
+            self.loading.add(ref)
+
     async def ensure_loaded(self, version: AdapterVersion) -> AdapterManifest:
         if version.ref in self.loaded:  # it passed check_fits when it was loaded
+            self.loading.discard(version.ref)
             return self.registry.manifest(version)
+        self.loading.add(version.ref)
+        try:
+            return await self._load(version)
+        finally:
+            self.loading.discard(version.ref)
+
+    async def _load(self, version: AdapterVersion) -> AdapterManifest:
         # Reads files: never on the event loop.
         manifest, retired = await asyncio.to_thread(
             lambda: (self.registry.check_fits(version), self.store.is_retired(version))
@@ -178,6 +193,7 @@ class AdapterRegistry:
         self.engines: dict[str, EngineAdapters] = {name: EngineAdapters(name, e, self) for name, e in engines.items()}
         # alias -> (its serving version,): read off the event loop, kept ``serving_cache_s``, cleared by ``changed``
         self._serving: ReadCache[tuple[AdapterVersion | None]] = ReadCache(serving_cache_s)
+        self._all_serving: ReadCache[frozenset[str]] = ReadCache(serving_cache_s)
         self.metrics: GatewayMetrics | None = None  # set by the app: load/unload counts and durations
         self._manifests: dict[str, AdapterManifest] = {}
 
@@ -217,10 +233,14 @@ class AdapterRegistry:
     def changed(self) -> None:
         """The store was written (publish, promote, retire): what ``serving`` remembers is dropped."""
         self._serving.changed()
+        self._all_serving.changed()
 
-    def expected(self) -> set[str]:
-        """The versions requests go to now: the serving versions of the aliases asked for lately."""
-        return {found[0].ref for found in self._serving.values() if found[0] is not None}
+    async def expected(self) -> frozenset[str]:
+        """The versions requests may go to: every alias's serving version (routing keeps slots for them)."""
+        return await self._all_serving.aget("all", self._read_all_serving)
+
+    def _read_all_serving(self) -> frozenset[str]:
+        return frozenset(v.ref for alias in self.store.aliases() if (v := self.resolve(alias)) is not None)
 
     def manifest(self, version: AdapterVersion) -> AdapterManifest:
         if version.ref not in self._manifests:

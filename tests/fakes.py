@@ -8,6 +8,7 @@ test runs for real.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import tarfile
@@ -37,6 +38,7 @@ class FakeEngine:
         self.refuse: Callable[[dict], httpx.Response | None] | None = None  # a hook: an error answer for a body
         self.unreachable = False  # every call fails to connect, as a dead engine's would
         self.exposition = b""  # what its /metrics says (its load), when set
+        self.load_delay = 0.0  # seconds an adapter load takes
         self.client = httpx.AsyncClient(transport=httpx.MockTransport(self._handle), base_url="http://engine")
 
     def _handle(self, request: httpx.Request) -> httpx.Response:
@@ -121,6 +123,7 @@ class FakeEngine:
     async def load_adapter(self, name: str, path: Path) -> None:
         if self.unreachable:
             raise EngineError("engine unreachable")
+        await asyncio.sleep(self.load_delay)
         self.loaded.append(name)
 
     async def unload_adapter(self, name: str) -> None:

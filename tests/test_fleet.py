@@ -53,6 +53,39 @@ def test_each_adapter_is_loaded_once_and_requests_follow_it(fleet) -> None:
         assert all(r["model"] != f"{alias}@1" for r in engines["e1" if holder == "e2" else "e2"].requests)
 
 
+def test_requests_arriving_while_an_adapter_loads_wait_for_that_load_not_another(tmp_path: Path) -> None:
+    # A load-bound cap this wide never spreads the adapter: a second copy could only come from the race, a
+    # request routed while the first load was still on its way finding the adapter resident nowhere.
+    settings = GatewaySettings(data_dir=tmp_path, base_model=str(fake_base(tmp_path)), admin_key=ADMIN_KEY,
+                               max_loras=2, engine_poll_s=3600, route_epsilon=10)  # fmt: skip
+    AdapterStore(settings.adapters_dir).publish(make_adapter(tmp_path / "src"), "a")
+    tenants = TenantStore(settings.state_url)
+    acme = tenants.create("acme")
+    tenants.grant(acme, "a")
+    key = tenants.issue_key(acme)
+    engines = {"e1": FakeEngine(), "e2": FakeEngine()}
+    for engine in engines.values():
+        engine.load_delay = 0.3  # a slow load: the other requests arrive meanwhile
+
+    async def burst() -> list[int]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            body = {"model": "a", "messages": [{"role": "user", "content": "hi"}]}
+            answers = await asyncio.gather(*(client.post("/v1/chat/completions", json=body,
+                                                         headers={"Authorization": f"Bearer {key}"})
+                                             for _ in range(6)))  # fmt: skip
+        return [r.status_code for r in answers]
+
+    app = build_app(settings, engine=engines)  # type: ignore[arg-type]
+
+    async def main() -> list[int]:
+        async with app.router.lifespan_context(app):
+            return await burst()
+
+    assert asyncio.run(main()) == [200] * 6
+    assert sorted(engines["e1"].loaded + engines["e2"].loaded) == ["a@1"]  # loaded once, on one engine
+
+
 def test_a_dead_engine_is_routed_around_before_the_first_byte(fleet) -> None:
     client, engines, key = fleet
     assert chat(client, key, model="a").status_code == 200

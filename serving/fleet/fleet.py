@@ -108,7 +108,8 @@ class Fleet:
             load = self.loads[name]
             busy = {ref for ref, n in side.in_flight.items() if n > 0}
             views.append(EngineView(name, BASE, self.max_loras[name], healthy=self.healthy(name),
-                                    queued=max(load.queued, side.busy()), resident=frozenset(side.loaded),
+                                    queued=max(load.queued, side.busy()),
+                                    resident=frozenset(side.loaded) | frozenset(side.loading),
                                     working=frozenset(busy | (load.working_set & set(side.loaded)))))  # fmt: skip
         return views
 

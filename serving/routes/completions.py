@@ -260,11 +260,13 @@ async def _fail_over(state: GatewayState, call: EngineRequest, slot: Slot) -> bo
     failed = call.target.engine
     state.engine.mark_down(failed)
     version = call.target.version
-    chosen = state.engine.pick(version.ref if version is not None else None, {failed}, state.adapters.expected())
+    expected = await state.adapters.expected()
+    chosen = state.engine.pick(version.ref if version is not None else None, {failed}, expected)
     if chosen is None:
         return False
     log.warning("engine %s failed a request before its first byte: retrying it on %s", failed, chosen.engine)
     if version is not None:
+        state.adapters.on(chosen.engine).reserve(version.ref)
         call.lease()  # its count moves to the new engine
         call.lease = state.adapters.lease(version, chosen.engine)
         slot.on_release(call.lease)
@@ -645,9 +647,10 @@ async def _load(
     state: GatewayState, version: AdapterVersion, alias: str, slot: Slot, exclude: Collection[str] = ()
 ) -> tuple[AdapterManifest, str, Callable[[], None]]:
     """Route ``version`` to an engine (``serving.fleet``) and load it there; its manifest, the engine, the lease."""
-    chosen = state.engine.pick(version.ref, exclude, state.adapters.expected())
+    chosen = state.engine.pick(version.ref, exclude, await state.adapters.expected())
     if chosen is None:
         raise _engine_starting()
+    state.adapters.on(chosen.engine).reserve(version.ref)  # before any await: the next request sees it there
     # Counted from here, so a retirement waits for this request before unloading the version.
     lease = state.adapters.lease(version, chosen.engine)
     slot.on_release(lease)
