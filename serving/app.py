@@ -79,6 +79,8 @@ def build_app(settings: GatewaySettings, engine: Engine | dict[str, Engine] | No
         async def on_engine_ready(name: str) -> None:
             eng.up(name)
             if len(engines) > 1:  # a fleet loads adapters where requests are routed; it holds what it says
+                if not await eng.check_base(name, Path(base_path).name):
+                    return
                 await adapters.on(name).reconcile()
                 return
             problems = await adapters.load_all(name)

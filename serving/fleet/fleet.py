@@ -37,6 +37,7 @@ class Fleet:
         self.epsilon, self.poll_s = epsilon, poll_s
         self.loads: dict[str, EngineLoad] = {name: EngineLoad() for name in engines}
         self.down: set[str] = set()  # failed a request: out of routing until its health check passes again
+        self.refused: dict[str, str] = {}  # serves another base model than the gateway's: never routed, and why
         self._poller: asyncio.Task[None] | None = None
 
     # -- as one engine ------------------------------------------------------------------------------------
@@ -49,7 +50,25 @@ class Fleet:
         return any(self.healthy(name) for name in self.members)
 
     def healthy(self, name: str) -> bool:
-        return self.members[name].is_ready() and name not in self.down
+        return self.members[name].is_ready() and name not in self.down and name not in self.refused
+
+    async def check_base(self, name: str, expected: str) -> bool:
+        """Whether engine ``name`` serves the base model named ``expected`` (vLLM exposes where it loaded it
+        from, not a checksum: the directory's or the hub id's last part is compared). Refused otherwise."""
+        try:
+            root = await self.members[name].base_root()
+        except EngineError as exc:
+            log.warning("engine %s: cannot read its models: %s", name, exc)
+            return False
+        if root is None:
+            self.refused[name] = "it serves no model named 'base' (start it with --served-model-name base)"
+        elif root.rstrip("/").rsplit("/", 1)[-1] != expected:
+            self.refused[name] = f"it serves {root!r}, not the gateway's base model {expected!r}"
+        else:
+            self.refused.pop(name, None)
+            return True
+        log.error("engine %s refused: %s", name, self.refused[name])
+        return False
 
     async def start(self, on_ready: Callable[[str], Awaitable[None]]) -> None:
         for name, engine in self.members.items():
@@ -82,7 +101,8 @@ class Fleet:
             side, load = self.registry.on(name), self.loads[name]
             out.append({
                 "name": name, "url": getattr(engine, "url", None), "healthy": self.healthy(name),
-                "marked_down": name in self.down, "restarts": engine.restarts, "max_loras": self.max_loras[name],
+                "marked_down": name in self.down, "refused": self.refused.get(name), "restarts": engine.restarts,
+                "max_loras": self.max_loras[name],
                 "running": load.running, "waiting": load.waiting, "kv_cache_usage": load.kv_cache_usage,
                 "in_flight": side.busy(), "adapters": sorted(side.loaded),
                 "working_set": sorted(load.working_set),
