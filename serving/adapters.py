@@ -197,6 +197,13 @@ class AdapterRegistry:
         self.metrics: GatewayMetrics | None = None  # set by the app: load/unload counts and durations
         self._manifests: dict[str, AdapterManifest] = {}
 
+    def add_engine(self, name: str, engine: Engine) -> None:
+        self.engines[name] = EngineAdapters(name, engine, self)
+
+    def remove_engine(self, name: str) -> None:
+        """Forget an engine's side (its in-flight requests keep their leases, which end normally)."""
+        self.engines.pop(name, None)
+
     def on(self, engine: str | None = None) -> EngineAdapters:
         """One engine's side (the first, when not named)."""
         return self.engines[engine] if engine is not None else next(iter(self.engines.values()))

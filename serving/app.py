@@ -31,7 +31,8 @@ from serving.canary import CanaryManager
 from serving.config import GATEWAY_FILE, GatewaySettings, local_url
 from serving.deps import GatewayState
 from serving.engine import Engine, VLLMEngine
-from serving.fleet.config import engine_specs
+from serving.fleet.config import EngineSpec, engine_specs
+from serving.fleet.discovery import discovered
 from serving.fleet.fleet import Fleet
 from serving.limits import TenantLimiter
 from serving.metrics import GatewayMetrics, StateCollector
@@ -54,7 +55,9 @@ def build_app(settings: GatewaySettings, engine: Engine | dict[str, Engine] | No
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        specs = {spec.name: spec for spec in engine_specs(settings)}
+        declared = engine_specs(settings)
+        dynamic = engine is None and any(spec.discover for spec in declared)
+        specs = {spec.name: spec for spec in (await discovered(declared) if dynamic else declared)}
         if engine is None:
             engines: dict[str, Engine] = {name: VLLMEngine(settings, spec) for name, spec in specs.items()}
         else:
@@ -64,7 +67,8 @@ def build_app(settings: GatewaySettings, engine: Engine | dict[str, Engine] | No
                                    settings.max_lora_rank, base_config(base_path),
                                    serving_cache_s=settings.state_cache_s)  # fmt: skip
         max_loras = {name: specs[name].max_loras if name in specs else settings.max_loras for name in engines}
-        eng = Fleet(engines, adapters, max_loras, epsilon=settings.route_epsilon, poll_s=settings.engine_poll_s)
+        eng = Fleet(engines, adapters, max_loras, epsilon=settings.route_epsilon, poll_s=settings.engine_poll_s,
+                    dynamic=dynamic)  # fmt: skip
         tenants = TenantStore(settings.state_url, cache_s=settings.state_cache_s)
         policies = AliasPolicies(tenants.engine, cache_s=settings.state_cache_s)
         adapters.metrics = metrics
@@ -78,7 +82,7 @@ def build_app(settings: GatewaySettings, engine: Engine | dict[str, Engine] | No
 
         async def on_engine_ready(name: str) -> None:
             eng.up(name)
-            if len(engines) > 1:  # a fleet loads adapters where requests are routed; it holds what it says
+            if eng.several:  # a fleet loads adapters where requests are routed; it holds what it says
                 if not await eng.check_base(name, Path(base_path).name):
                     return
                 await adapters.on(name).reconcile()
@@ -93,6 +97,7 @@ def build_app(settings: GatewaySettings, engine: Engine | dict[str, Engine] | No
         gc.collect()
         gc.freeze()
         analysis = asyncio.create_task(canaries.run(settings.canary_poll_s))
+        discovery = asyncio.create_task(_rediscover(settings, declared, eng)) if dynamic else None
         app.state.instance = secrets.token_hex(8)
         announced = _announce(settings, app.state.instance)
         try:
@@ -100,6 +105,8 @@ def build_app(settings: GatewaySettings, engine: Engine | dict[str, Engine] | No
         finally:
             announced.unlink(missing_ok=True)
             analysis.cancel()
+            if discovery is not None:
+                discovery.cancel()
             await eng.stop()
 
     # Only the listed routes exist: no docs pages, and no redirect from "/v1/models/" to "/v1/models".
@@ -115,6 +122,21 @@ def build_app(settings: GatewaySettings, engine: Engine | dict[str, Engine] | No
     app.include_router(admin.router)
     app.include_router(canaries_route.router)
     return app
+
+
+async def _rediscover(settings: GatewaySettings, declared: list[EngineSpec], fleet: Fleet) -> None:
+    """Resolve the discovered entries again every ``discovery_s``; add the engines that appeared, remove the gone."""
+    static = {spec.name for spec in declared if spec.discover is None}
+    while True:
+        await asyncio.sleep(settings.discovery_s)
+        try:
+            now = {spec.name: spec for spec in await discovered(declared)}
+            for name in set(fleet.members) - set(now) - static:
+                await fleet.remove(name, grace_s=settings.upstream_timeout_s)
+            for name in set(now) - set(fleet.members):
+                await fleet.add(name, VLLMEngine(settings, now[name]), now[name].max_loras)
+        except Exception:  # one failed round must not end discovery
+            log.exception("engine discovery failed")
 
 
 def _announce(settings: GatewaySettings, instance: str) -> Path:

@@ -40,6 +40,9 @@ class GatewaySettings(CommonSettings):
         "takes no more of an adapter's requests while another engine can.",
     )  # fmt: skip
     engine_poll_s: float = Field(default=1.0, gt=0, description="How often each engine's load is read (metrics).")
+    discovery_s: float = Field(
+        default=30.0, gt=0, description="How often an engine entry with 'discover: dns' has its host resolved again."
+    )
     engine_start_timeout_s: float = Field(default=300.0, description="How long vLLM may take to become healthy.")
     max_loras: int = Field(
         default=4,

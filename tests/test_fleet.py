@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -222,3 +223,56 @@ def test_an_engine_serving_another_base_model_is_refused_and_never_routed(tmp_pa
         assert listing["wrong"]["healthy"] is False
         assert "Llama-3-8B" in listing["wrong"]["refused"] and "base-model" in listing["wrong"]["refused"]
         assert listing["right"]["refused"] is None
+
+
+# -- engines found by DNS (a headless Service) ---------------------------------------------------------------------
+
+
+def test_a_discovered_entry_is_one_engine_per_address() -> None:
+    from serving.fleet.config import EngineSpec
+    from serving.fleet.discovery import discovered
+
+    pool = EngineSpec(name="pool", url="http://vllm-headless:8000", discover="dns", max_loras=8, key="k" * 20)
+    fixed = EngineSpec(name="local", port=8101)
+    addresses = {"vllm-headless": ["10.0.0.7", "10.0.0.5", "fd00::1"]}
+
+    def resolver(host: str, port: int) -> list[str]:
+        assert port == 8000
+        if host not in addresses:
+            raise OSError("Name or service not known")
+        return sorted(addresses[host])
+
+    specs = asyncio.run(discovered([fixed, pool], resolver))
+    assert [s.name for s in specs] == ["local", "pool-10-0-0-5", "pool-10-0-0-7", "pool-fd00--1"]
+    assert [s.url for s in specs[1:]] == ["http://10.0.0.5:8000", "http://10.0.0.7:8000", "http://[fd00::1]:8000"]
+    assert all(s.max_loras == 8 and s.key is not None and s.discover is None for s in specs[1:])
+    addresses.clear()  # the name does not resolve (no ready pod): none of its engines, the others stay
+    assert [s.name for s in asyncio.run(discovered([fixed, pool], resolver))] == ["local"]
+
+
+def test_discovery_adds_and_removes_engines_as_the_name_resolves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from serving.fleet import discovery
+
+    answer = {"addresses": ["127.0.0.2"]}
+    monkeypatch.setattr(discovery, "resolve", lambda host, port: list(answer["addresses"]))
+    path = tmp_path / "engines.yaml"
+    path.write_text("engines:\n  - name: pool\n    url: http://svc:9\n    discover: dns\n")
+    settings = GatewaySettings(data_dir=tmp_path, base_model=str(fake_base(tmp_path)), admin_key=ADMIN_KEY,
+                               engines_file=path, discovery_s=0.05, upstream_timeout_s=0.1)  # fmt: skip
+    with TestClient(build_app(settings)) as client:
+        state = client.app.state.gateway  # type: ignore[attr-defined]
+
+        def settles_on(expected: list[str]) -> bool:
+            deadline = time.monotonic() + 10
+            while sorted(state.engine.members) != expected and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return sorted(state.engine.members) == expected
+
+        assert settles_on(["pool-127-0-0-2"]) and state.engine.several
+        answer["addresses"] = ["127.0.0.2", "127.0.0.3"]  # a pod came up
+        assert settles_on(["pool-127-0-0-2", "pool-127-0-0-3"])
+        answer["addresses"] = ["127.0.0.3"]  # the other one went away
+        assert settles_on(["pool-127-0-0-3"])
+        assert sorted(state.adapters.engines) == ["pool-127-0-0-3"]  # its adapters' side is gone too

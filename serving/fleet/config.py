@@ -9,6 +9,9 @@
         key_env: GPU_A_KEY           # its API key, from this environment variable (or `key:`)
         max_loras: 8
         store_prefix: /mnt/adapters  # where that engine mounts the adapter store
+      - name: pool
+        url: http://vllm-headless:8000  # a name with several addresses: one engine each
+        discover: dns
 
 Every engine serves the gateway's base model (``LORAFLEET_BASE_MODEL``): the
 gateway checks each one's ``/v1/models`` for it. Without the file, the gateway
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -42,6 +46,11 @@ class EngineSpec(BaseModel):
         default=None, description="Where this engine mounts the adapter store, when not at the gateway's path."
     )
     extra_args: list[str] = Field(default_factory=list, description="More vLLM arguments for a supervised child.")
+    discover: Literal["dns"] | None = Field(
+        default=None,
+        description="dns: the url's host names several engines (a Kubernetes headless Service): one engine per "
+        "address, re-resolved every LORAFLEET_DISCOVERY_S.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> EngineSpec:
@@ -49,6 +58,8 @@ class EngineSpec(BaseModel):
             raise ValueError("give either 'url' (an engine running elsewhere) or 'port' (a supervised child)")
         if self.url is not None and (self.port is not None or self.extra_args):
             raise ValueError("'port' and 'extra_args' are for a supervised child, not an engine at 'url'")
+        if self.discover is not None and self.url is None:
+            raise ValueError("'discover: dns' needs the 'url' whose host to resolve")
         if self.key is not None and self.key_env is not None:
             raise ValueError("give 'key' or 'key_env', not both")
         return self

@@ -32,9 +32,11 @@ class Fleet:
     """Several engines answering as one ``Engine`` for readiness, restarts and metrics; ``pick`` routes."""
 
     def __init__(self, engines: dict[str, Engine], registry: AdapterRegistry, max_loras: dict[str, int],
-                 epsilon: float = 0.25, poll_s: float = 1.0) -> None:  # fmt: skip
-        self.members, self.registry, self.max_loras = engines, registry, max_loras
+                 epsilon: float = 0.25, poll_s: float = 1.0, dynamic: bool = False) -> None:  # fmt: skip
+        self.members, self.registry, self.max_loras = dict(engines), registry, dict(max_loras)
         self.epsilon, self.poll_s = epsilon, poll_s
+        self.dynamic = dynamic  # engines come and go (DNS discovery)
+        self._on_ready: Callable[[str], Awaitable[None]] | None = None
         self.loads: dict[str, EngineLoad] = {name: EngineLoad() for name in engines}
         self.down: set[str] = set()  # failed a request: out of routing until its health check passes again
         self.refused: dict[str, str] = {}  # serves another base model than the gateway's: never routed, and why
@@ -50,7 +52,8 @@ class Fleet:
         return any(self.healthy(name) for name in self.members)
 
     def healthy(self, name: str) -> bool:
-        return self.members[name].is_ready() and name not in self.down and name not in self.refused
+        engine = self.members.get(name)
+        return engine is not None and engine.is_ready() and name not in self.down and name not in self.refused
 
     async def check_base(self, name: str, expected: str) -> bool:
         """Whether engine ``name`` serves the base model named ``expected`` (vLLM exposes where it loaded it
@@ -70,11 +73,43 @@ class Fleet:
         log.error("engine %s refused: %s", name, self.refused[name])
         return False
 
+    @property
+    def several(self) -> bool:
+        """More than one engine, now or to come: routing, polling and lazy loading apply."""
+        return len(self.members) > 1 or self.dynamic
+
     async def start(self, on_ready: Callable[[str], Awaitable[None]]) -> None:
+        self._on_ready = on_ready
         for name, engine in self.members.items():
             await engine.start(_bound(on_ready, name))
-        if len(self.members) > 1:
+        if self.several:
             self._poller = asyncio.create_task(self._poll(), name="fleet-poller")
+
+    async def add(self, name: str, engine: Engine, max_loras: int) -> None:
+        """A new engine (found by discovery): watched from now on, in routing once healthy."""
+        log.info("engine %s added", name)
+        self.members[name], self.max_loras[name], self.loads[name] = engine, max_loras, EngineLoad()
+        self.registry.add_engine(name, engine)
+        assert self._on_ready is not None, "add() before start()"
+        await engine.start(_bound(self._on_ready, name))
+
+    async def remove(self, name: str, grace_s: float = 60.0) -> None:
+        """An engine gone from discovery: out of routing at once, stopped once its requests had time to end."""
+        engine = self.members.pop(name, None)
+        if engine is None:
+            return
+        log.info("engine %s removed", name)
+        self.registry.remove_engine(name)
+        self.max_loras.pop(name, None)
+        self.loads.pop(name, None)
+        self.refused.pop(name, None)
+        self.down.discard(name)
+
+        async def stop_later() -> None:
+            await asyncio.sleep(grace_s)
+            await engine.stop()
+
+        asyncio.get_running_loop().create_task(stop_later())
 
     async def stop(self) -> None:
         if self._poller is not None:
@@ -117,7 +152,7 @@ class Fleet:
 
     def mark_down(self, name: str) -> None:
         """A request to it failed to connect: out of routing until its health check passes again."""
-        if name not in self.down and len(self.members) > 1:
+        if name not in self.down and self.several:
             log.warning("engine %s failed a request: routing around it", name)
             self.down.add(name)
 
@@ -146,12 +181,12 @@ class Fleet:
 
     async def _poll(self) -> None:
         while True:
-            await asyncio.gather(*(self._read_load(name) for name in self.members))
+            await asyncio.gather(*(self._read_load(name) for name in list(self.members)))
             await asyncio.sleep(self.poll_s)
 
     async def _read_load(self, name: str) -> None:
-        engine = self.members[name]
-        if not engine.is_ready():
+        engine = self.members.get(name)
+        if engine is None or not engine.is_ready():
             return
         try:
             self.loads[name] = parse_load((await engine.metrics()).decode(errors="replace"))

@@ -211,8 +211,10 @@ async def _send(state: GatewayState, call: EngineRequest, record: RequestRecord,
     retried: set[str] = set()
     while True:
         record.engine_request_id = f"gw{secrets.token_hex(6)}-{record.request_id}"  # the gateway's own, unique
-        engine = state.engine.members[call.target.engine]
+        engine = state.engine.members.get(call.target.engine)
         try:
+            if engine is None:  # removed (discovery) since the request was routed
+                raise EngineError(f"engine {call.target.engine} is gone")
             upstream = await engine.send(call.route, call.body, stream=call.stream,
                                          request_id=record.engine_request_id, on_sent=record.mark_sent)  # fmt: skip
         except EngineError:
