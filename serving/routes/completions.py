@@ -175,7 +175,8 @@ async def _whole_answer(state: GatewayState, call: EngineRequest, record: Reques
 
 async def _unless_client_leaves(request: Request, answer: Awaitable[Response], record: RequestRecord) -> Response:
     """``answer``, unless the client disconnects first: then the engine request is cancelled, which closes its
-    connection, and vLLM aborts the generation (``vllm:request_success_total{finished_reason="abort"}``)."""
+    connection, and vLLM aborts the generation (``vllm:num_requests_running`` drops; vLLM 0.32 counts no
+    aborts in its metrics)."""
     work = asyncio.ensure_future(answer)
     gone = asyncio.ensure_future(_disconnected(request))
     try:
