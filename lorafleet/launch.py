@@ -67,18 +67,28 @@ def start_gateway(data_dir: Path, base_model: Path, *, timeout: float = 400, **s
             stderr=subprocess.STDOUT,
         )
     gw = RunningGateway(proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{engine_port}", data_dir, admin_key)
+    if _answers(proc, f"{gw.url}/readyz", timeout):
+        return gw
+    if proc.poll() is not None:
+        raise RuntimeError(f"the gateway exited with code {proc.returncode}:\n{gw.log_tail()}")
+    gw.stop()
+    raise RuntimeError(f"the gateway was not ready after {timeout:.0f} s:\n{gw.log_tail()}")
+
+
+def _answers(proc: subprocess.Popen[bytes], url: str, timeout: float) -> bool:
+    """Whether ``url`` answered 200 within ``timeout`` seconds (asked every second); ``False`` at once when
+    ``proc`` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the gateway exited with code {proc.returncode}:\n{gw.log_tail()}")
+            return False
         try:
-            if httpx.get(f"{gw.url}/readyz", timeout=2).status_code == 200:
-                return gw
+            if httpx.get(url, timeout=2).status_code == 200:
+                return True
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    gw.stop()
-    raise RuntimeError(f"the gateway was not ready after {timeout:.0f} s:\n{gw.log_tail()}")
+    return False
 
 
 @dataclass
@@ -114,15 +124,9 @@ def start_engine(data_dir: Path, base_model: Path, *, timeout: float = 400, **se
         proc = subprocess.Popen(vllm_command(config), env=child_env(config, key), stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, preexec_fn=child_setup(config.engine_nice))  # fmt: skip
     engine = RunningEngine(proc, f"http://127.0.0.1:{config.engine_port}", key)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vLLM exited with code {proc.returncode}; see {data_dir / 'logs' / 'vllm.log'}")
-        try:
-            if httpx.get(f"{engine.url}/health", timeout=2).status_code == 200:
-                return engine
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
+    if _answers(proc, f"{engine.url}/health", timeout):
+        return engine
+    if proc.poll() is not None:
+        raise RuntimeError(f"vLLM exited with code {proc.returncode}; see {data_dir / 'logs' / 'vllm.log'}")
     engine.stop()
     raise RuntimeError(f"vLLM was not healthy after {timeout:.0f} s; see {data_dir / 'logs' / 'vllm.log'}")

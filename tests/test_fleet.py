@@ -23,20 +23,27 @@ from tests.fakes import ADMIN_KEY, FakeEngine, assert_openai_error, chat, fake_b
 ALIASES = ["a", "b", "c", "d"]
 
 
+def published(tmp_path: Path, aliases: list[str], **settings: object) -> tuple[GatewaySettings, str]:
+    """Settings over ``tmp_path`` (the fake base model, no load polling) with ``aliases`` published and
+    granted to tenant acme; and acme's key."""
+    config = GatewaySettings(data_dir=tmp_path, base_model=str(fake_base(tmp_path)), admin_key=ADMIN_KEY,
+                             engine_poll_s=3600, **settings)  # type: ignore[arg-type]  # fmt: skip
+    store = AdapterStore(config.adapters_dir)
+    tenants = TenantStore(config.state_url)
+    acme = tenants.create("acme")
+    for alias in aliases:
+        store.publish(make_adapter(tmp_path / f"src-{alias}"), alias)
+        tenants.grant(acme, alias)
+    return config, tenants.issue_key(acme)
+
+
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, FakeEngine], str]]:
     """Two engines with two adapter slots each, four aliases (they fit the fleet's four slots)."""
-    settings = GatewaySettings(data_dir=tmp_path, base_model=str(fake_base(tmp_path)), admin_key=ADMIN_KEY,
-                               max_loras=2, engine_poll_s=3600)  # fmt: skip
-    store = AdapterStore(settings.adapters_dir)
-    tenants = TenantStore(settings.state_url)
-    acme = tenants.create("acme")
-    for alias in ALIASES:
-        store.publish(make_adapter(tmp_path / f"src-{alias}"), alias)
-        tenants.grant(acme, alias)
+    settings, key = published(tmp_path, ALIASES, max_loras=2)
     engines = {"e1": FakeEngine(), "e2": FakeEngine()}
     with TestClient(build_app(settings, engine=engines)) as client:  # type: ignore[arg-type]
-        yield client, engines, tenants.issue_key(acme)
+        yield client, engines, key
 
 
 def test_each_adapter_is_loaded_once_and_requests_follow_it(fleet) -> None:
@@ -57,13 +64,7 @@ def test_each_adapter_is_loaded_once_and_requests_follow_it(fleet) -> None:
 def test_requests_arriving_while_an_adapter_loads_wait_for_that_load_not_another(tmp_path: Path) -> None:
     # A load-bound cap this wide never spreads the adapter: a second copy could only come from the race, a
     # request routed while the first load was still on its way finding the adapter resident nowhere.
-    settings = GatewaySettings(data_dir=tmp_path, base_model=str(fake_base(tmp_path)), admin_key=ADMIN_KEY,
-                               max_loras=2, engine_poll_s=3600, route_epsilon=10)  # fmt: skip
-    AdapterStore(settings.adapters_dir).publish(make_adapter(tmp_path / "src"), "a")
-    tenants = TenantStore(settings.state_url)
-    acme = tenants.create("acme")
-    tenants.grant(acme, "a")
-    key = tenants.issue_key(acme)
+    settings, key = published(tmp_path, ["a"], max_loras=2, route_epsilon=10)
     engines = {"e1": FakeEngine(), "e2": FakeEngine()}
     for engine in engines.values():
         engine.load_delay = 0.3  # a slow load: the other requests arrive meanwhile
@@ -205,13 +206,7 @@ def test_the_admin_api_and_the_metrics_show_each_engine(fleet) -> None:
 
 
 def test_an_engine_serving_another_base_model_is_refused_and_never_routed(tmp_path: Path) -> None:
-    settings = GatewaySettings(data_dir=tmp_path, base_model=str(fake_base(tmp_path)), admin_key=ADMIN_KEY,
-                               engine_poll_s=3600)  # fmt: skip
-    AdapterStore(settings.adapters_dir).publish(make_adapter(tmp_path / "src"), "a")
-    tenants = TenantStore(settings.state_url)
-    acme = tenants.create("acme")
-    tenants.grant(acme, "a")
-    key = tenants.issue_key(acme)
+    settings, key = published(tmp_path, ["a"])
     engines = {"right": FakeEngine(), "wrong": FakeEngine()}
     engines["wrong"].root = "/models/Llama-3-8B"
     with TestClient(build_app(settings, engine=engines)) as client:  # type: ignore[arg-type]
