@@ -45,7 +45,6 @@ class EngineAdapters:
         self.in_flight: dict[str, int] = {}  # requests running per version ref
         self._draining: set[str] = set()  # retired refs to unload when their last request ends
         self._locks: dict[str, asyncio.Lock] = {}
-        self.last_used: dict[str, float] = {}  # ref -> when a request last leased it (the idle one to swap out)
         self.loading: set[str] = set()  # routed here and being loaded: resident, as far as routing goes
 
     @property
@@ -105,7 +104,6 @@ class EngineAdapters:
     def lease(self, version: AdapterVersion) -> Callable[[], None]:
         """Count a request on ``version`` until the returned release function is called (idempotent)."""
         self.in_flight[version.ref] = self.in_flight.get(version.ref, 0) + 1
-        self.last_used[version.ref] = time.monotonic()
         released = False
 
         def release() -> None:
