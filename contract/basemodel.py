@@ -6,15 +6,25 @@ import hashlib
 import json
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 RECORD_FILE = "lorafleet-model.json"
+
+
+class MergedFrom(BaseModel):
+    """What a merged model (``lorafleet export --merge``) was made from."""
+
+    adapter: str = Field(description="The adapter directory merged (a store path names its alias and version).")
+    adapter_sha256: str = Field(description="sha256 of its adapter_model.safetensors.")
+    base_name: str
+    base_sha256: str
 
 
 class BaseModelRecord(BaseModel):
     name: str
     sha256: str
     source: str
+    merged_from: MergedFrom | None = None
 
 
 def sha256_of_model_dir(model_dir: Path) -> str:
@@ -28,6 +38,14 @@ def sha256_of_model_dir(model_dir: Path) -> str:
         with path.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
     return digest.hexdigest()
 
 

@@ -62,10 +62,14 @@ class CommonSettings(BaseSettings):
 
     def base_model_path(self) -> str:
         """The local directory of the base model, or the hub id if it is not local."""
-        as_path = Path(self.base_model).expanduser()
+        return self.model_path(self.base_model)
+
+    def model_path(self, model: str) -> str:
+        """Where ``model`` is: a local directory as given, one provisioned under ``data_dir/models``, else a hub id."""
+        as_path = Path(model).expanduser()
         if as_path.is_dir():
             return str(as_path)
-        provisioned = self.models_dir / self.base_model
-        if provisioned.is_dir() or self.base_model == DEFAULT_BASE_MODEL:
+        provisioned = self.models_dir / model
+        if provisioned.is_dir() or model == DEFAULT_BASE_MODEL:
             return str(provisioned)
-        return self.base_model
+        return model

@@ -23,9 +23,10 @@ from typing import Any
 
 from contract.basemodel import BaseModelRecord
 from contract.fit import fit_problems
-from contract.manifest import AdapterManifest
+from contract.manifest import AdapterManifest, ManifestError, read_manifest
 from contract.store import AdapterStore, AdapterVersion, StoreError
 from serving.engine import Engine
+from serving.fleet.bases import ServedBase, base_for
 from serving.metrics import GatewayMetrics
 from serving.statecache import ReadCache
 
@@ -70,7 +71,7 @@ class EngineAdapters:
     async def _load(self, version: AdapterVersion) -> AdapterManifest:
         # Reads files: never on the event loop.
         manifest, retired = await asyncio.to_thread(
-            lambda: (self.registry.check_fits(version), self.store.is_retired(version))
+            lambda: (self.registry.check_fits(version, self.name), self.store.is_retired(version))
         )
         async with self._lock(version.ref):  # one load (or unload) of the same adapter at a time
             if version.ref not in self.loaded:
@@ -78,12 +79,14 @@ class EngineAdapters:
                 started = time.perf_counter()
                 try:
                     await self.engine.load_adapter(version.ref, version.path)
-                except BaseException:
+                except BaseException as exc:
+                    self.registry.load_failures[version.ref] = str(exc) or type(exc).__name__
                     if metrics is not None:
-                        metrics.adapter_loaded(time.perf_counter() - started, ok=False)
+                        metrics.adapter_loaded(time.perf_counter() - started, ok=False, engine=self.name)
                     raise
+                self.registry.load_failures.pop(version.ref, None)
                 if metrics is not None:
-                    metrics.adapter_loaded(time.perf_counter() - started, ok=True)
+                    metrics.adapter_loaded(time.perf_counter() - started, ok=True, engine=self.name)
                 self.loaded[version.ref] = version
                 if retired:  # a request routed here before the retirement: unloaded again once such ones end
                     self._draining.add(version.ref)
@@ -140,7 +143,7 @@ class EngineAdapters:
             except Exception as exc:
                 log.warning("could not unload %s from %s: %s", ref, self.name, exc)
             if self.registry.metrics is not None:
-                self.registry.metrics.adapter_unloads.inc()
+                self.registry.metrics.adapter_unloaded(self.name, evicted=True)
             log.info("swapped adapter %s out of %s", ref, self.name)
 
     async def _unload(self, ref: str) -> None:
@@ -162,7 +165,7 @@ class EngineAdapters:
             except Exception as exc:  # the engine may be restarting; it forgets adapters then anyway
                 log.warning("could not unload %s: %s", ref, exc)
             if self.registry.metrics is not None:
-                self.registry.metrics.adapter_unloads.inc()
+                self.registry.metrics.adapter_unloaded(self.name, evicted=False)
             log.info("unloaded retired adapter %s from %s", ref, self.name)
 
     async def reconcile(self) -> None:
@@ -180,27 +183,56 @@ class AdapterRegistry:
         self,
         store: AdapterStore,
         engine: Engine | dict[str, Engine],
-        base: BaseModelRecord,
+        base: BaseModelRecord | ServedBase,
         max_lora_rank: int,
         base_config: dict[str, Any] | None = None,
         serving_cache_s: float = 1.0,
+        engine_bases: dict[str, ServedBase] | None = None,
     ) -> None:
-        self.store, self.base, self.max_lora_rank = store, base, max_lora_rank
-        self.base_config = base_config
+        # The gateway's base model (LORAFLEET_BASE_MODEL), and the engines that serve another one (engines file).
+        self.default_base = base if isinstance(base, ServedBase) else ServedBase("", base, base_config)
+        self.store, self.base, self.max_lora_rank = store, self.default_base.record, max_lora_rank
+        self.engine_bases = dict(engine_bases or {})
         engines = engine if isinstance(engine, dict) else {"engine": engine}
         self.engines: dict[str, EngineAdapters] = {name: EngineAdapters(name, e, self) for name, e in engines.items()}
         # alias -> (its serving version,): read off the event loop, kept ``serving_cache_s``, cleared by ``changed``
         self._serving: ReadCache[tuple[AdapterVersion | None]] = ReadCache(serving_cache_s)
-        self._all_serving: ReadCache[frozenset[str]] = ReadCache(serving_cache_s)
+        self._all_serving: ReadCache[dict[str, frozenset[str]]] = ReadCache(serving_cache_s)
         self.metrics: GatewayMetrics | None = None  # set by the app: load/unload counts and durations
         self._manifests: dict[str, AdapterManifest] = {}
+        self.load_failures: dict[str, str] = {}  # version ref -> why its last load failed (cleared by a success)
 
-    def add_engine(self, name: str, engine: Engine) -> None:
+    def add_engine(self, name: str, engine: Engine, base: ServedBase | None = None) -> None:
         self.engines[name] = EngineAdapters(name, engine, self)
+        if base is not None:
+            self.engine_bases[name] = base
+
+    def base_of(self, engine: str) -> ServedBase:
+        """The base model engine ``engine`` serves."""
+        return self.engine_bases.get(engine, self.default_base)
+
+    def served_bases(self) -> list[ServedBase]:
+        """The base models the engines serve, the gateway's own first (each once)."""
+        bases = {self.default_base.key: self.default_base} if set(self.engines) - set(self.engine_bases) else {}
+        for name in self.engines:
+            base = self.base_of(name)
+            bases.setdefault(base.key, base)
+        return list(bases.values())
+
+    def base_for(self, manifest: AdapterManifest) -> ServedBase | None:
+        """The served base model an adapter was trained on; ``None`` when no engine serves it."""
+        return base_for(manifest, self.served_bases())
+
+    async def amanifest(self, version: AdapterVersion) -> AdapterManifest:
+        """``manifest``, read in a worker thread the first time (the store may be a network volume)."""
+        if version.ref in self._manifests:
+            return self._manifests[version.ref]
+        return await asyncio.to_thread(self.manifest, version)
 
     def remove_engine(self, name: str) -> None:
         """Forget an engine's side (its in-flight requests keep their leases, which end normally)."""
         self.engines.pop(name, None)
+        self.engine_bases.pop(name, None)
 
     def on(self, engine: str | None = None) -> EngineAdapters:
         """One engine's side (the first, when not named)."""
@@ -240,28 +272,64 @@ class AdapterRegistry:
         self._serving.changed()
         self._all_serving.changed()
 
-    async def expected(self) -> frozenset[str]:
-        """The versions requests may go to: every alias's serving version (routing keeps slots for them)."""
-        return await self._all_serving.aget("all", self._read_all_serving)
+    async def expected(self, base: str | None = None) -> frozenset[str]:
+        """The versions requests may go to on the base model keyed ``base`` (the gateway's own when None): every
+        such alias's serving version (routing keeps slots for them)."""
+        every = await self._all_serving.aget("all", self._read_all_serving)
+        return every.get(base or self.default_base.key, frozenset())
 
-    def _read_all_serving(self) -> frozenset[str]:
-        return frozenset(v.ref for alias in self.store.aliases() if (v := self.resolve(alias)) is not None)
+    def _read_all_serving(self) -> dict[str, frozenset[str]]:
+        by_base: dict[str, set[str]] = {}
+        for alias in self.store.aliases():
+            version = self.resolve(alias)
+            if version is None:
+                continue
+            try:
+                base = self.base_for(self.manifest(version))
+            except (ManifestError, OSError):
+                continue
+            if base is not None:
+                by_base.setdefault(base.key, set()).add(version.ref)
+        return {key: frozenset(refs) for key, refs in by_base.items()}
 
     def manifest(self, version: AdapterVersion) -> AdapterManifest:
         if version.ref not in self._manifests:
             self._manifests[version.ref] = version.manifest()
         return self._manifests[version.ref]
 
-    def check_fits(self, version: AdapterVersion) -> AdapterManifest:
-        problems = self.fit_problems(version.path)
+    def check_fits(self, version: AdapterVersion, engine: str | None = None) -> AdapterManifest:
+        """The manifest of ``version`` if ``engine`` (the first, when not named) can serve it; else AdapterMisfit."""
+        problems = self.fit_problems(version.path, self.base_of(engine or next(iter(self.engines))))
         if problems:
             raise AdapterMisfit(f"adapter {version.ref} cannot be served: " + "; ".join(problems))
         return self.manifest(version)
 
-    def fit_problems(self, adapter_dir: Path) -> list[str]:
-        """Every reason the engines cannot serve the adapter in ``adapter_dir`` (``contract.fit``)."""
-        return fit_problems(adapter_dir, base_name=self.base.name, base_sha256=self.base.sha256,
-                            base_config=self.base_config, max_lora_rank=self.max_lora_rank)  # fmt: skip
+    def fit_problems(self, adapter_dir: Path, base: ServedBase | None = None) -> list[str]:
+        """Every reason the adapter in ``adapter_dir`` cannot be served on ``base`` (``contract.fit``).
+
+        Without ``base``: on the served base model it was trained on; if no engine serves that one, everything
+        but the base (which ``unserved_base`` reports) is checked, so it can be published ahead of its engines.
+        """
+        if base is None:
+            try:
+                manifest = read_manifest(adapter_dir)
+            except ManifestError as exc:
+                return [str(exc)]
+            base = self.base_for(manifest)
+            if base is None:
+                wanted = manifest.base_model
+                base = ServedBase("", BaseModelRecord(name=wanted.name, sha256=wanted.sha256, source="manifest"))
+        return fit_problems(adapter_dir, base_name=base.record.name, base_sha256=base.record.sha256,
+                            base_config=base.config, max_lora_rank=self.max_lora_rank)  # fmt: skip
+
+    def unserved_base(self, manifest: AdapterManifest) -> str | None:
+        """Why no engine can serve an adapter with this manifest (its base model is served by none), or None."""
+        if self.base_for(manifest) is not None:
+            return None
+        wanted = manifest.base_model
+        served = ", ".join(f"{b.record.name} ({b.record.sha256[:12]})" for b in self.served_bases())
+        return (f"no engine serves its base model {wanted.name} ({wanted.sha256[:12]}); the engines serve {served}. "
+                "It is stored, and served once an engine with that base joins (docs/operations.md)")  # fmt: skip
 
     async def ensure_loaded(self, version: AdapterVersion, engine: str | None = None) -> AdapterManifest:
         return await self.on(engine).ensure_loaded(version)
@@ -287,18 +355,41 @@ class AdapterRegistry:
             if version is None:
                 continue
             try:
+                base = self.base_for(self.manifest(version))
+                if base is None or base.key != self.base_of(side.name).key:
+                    continue  # for another base model (``unserved`` lists it when no engine serves that one)
                 await side.ensure_loaded(version)
             except Exception as exc:  # one bad adapter must not keep the others off the engine
                 problems.append(str(exc))
                 log.error("%s", exc)
         return problems
 
-    def pending(self) -> list[str]:
-        """Aliases whose current version is loaded on no engine."""
+    def pending(self, lazy: bool = False) -> list[str]:
+        """Aliases whose serving version cannot be answered now: loaded on no engine, or (``lazy``, a fleet, which
+        loads an adapter on its first request) whose last load failed or whose base model no engine serves."""
         loaded = self.loaded
         missing = []
         for alias in self.store.aliases():
             version = self.resolve(alias)
-            if version is not None and version.ref not in loaded:
-                missing.append(alias)
+            if version is None or version.ref in loaded:
+                continue
+            if lazy and version.ref not in self.load_failures and not self.unserved(version):
+                continue
+            missing.append(alias)
         return missing
+
+    def unserved(self, version: AdapterVersion) -> str | None:
+        """``unserved_base`` for a stored version (an unreadable manifest: it says so)."""
+        try:
+            return self.unserved_base(self.manifest(version))
+        except (ManifestError, OSError) as exc:
+            return str(exc)
+
+    def unserved_aliases(self) -> dict[str, str]:
+        """Alias -> why its serving version has no engine (its base model is served by none)."""
+        out = {}
+        for alias in self.store.aliases():
+            version = self.resolve(alias)
+            if version is not None and (why := self.unserved(version)):
+                out[alias] = f"{version.ref}: {why}"
+        return out

@@ -11,6 +11,7 @@ the engine becomes healthy. Nothing happens at import time.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import json
 import logging
@@ -22,8 +23,6 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from contract.basemodel import identify
-from contract.fit import base_config
 from contract.store import AdapterStore
 from serving import errors
 from serving.adapters import AdapterRegistry
@@ -31,6 +30,7 @@ from serving.canary import CanaryManager
 from serving.config import GATEWAY_FILE, GatewaySettings, local_url
 from serving.deps import GatewayState
 from serving.engine import Engine, VLLMEngine
+from serving.fleet.bases import ServedBase
 from serving.fleet.config import EngineSpec, engine_specs
 from serving.fleet.discovery import discovered
 from serving.fleet.fleet import Fleet
@@ -62,20 +62,21 @@ def build_app(settings: GatewaySettings, engine: Engine | dict[str, Engine] | No
             engines: dict[str, Engine] = {name: VLLMEngine(settings, spec) for name, spec in specs.items()}
         else:
             engines = engine if isinstance(engine, dict) else {next(iter(specs)): engine}
-        base_path = settings.base_model_path()
-        adapters = AdapterRegistry(AdapterStore(settings.adapters_dir), engines, identify(base_path),
-                                   settings.max_lora_rank, base_config(base_path),
-                                   serving_cache_s=settings.state_cache_s)  # fmt: skip
+        default = ServedBase.of(settings.base_model_path())
+        adapters = AdapterRegistry(AdapterStore(settings.adapters_dir), engines, default, settings.max_lora_rank,
+                                   serving_cache_s=settings.state_cache_s,
+                                   engine_bases=_engine_bases(settings, specs, engines))  # fmt: skip
         max_loras = {name: specs[name].max_loras if name in specs else settings.max_loras for name in engines}
+        merged = {name: spec.merged for name, spec in specs.items() if spec.merged and name in engines}
         eng = Fleet(engines, adapters, max_loras, epsilon=settings.route_epsilon, poll_s=settings.engine_poll_s,
-                    dynamic=dynamic)  # fmt: skip
+                    dynamic=dynamic, merged=merged)  # fmt: skip
         tenants = TenantStore(settings.state_url, cache_s=settings.state_cache_s)
         policies = AliasPolicies(tenants.engine, cache_s=settings.state_cache_s)
         adapters.metrics = metrics
-        canaries = CanaryManager(tenants.engine, adapters, metrics)
+        canaries = CanaryManager(tenants.engine, adapters, metrics, warm=eng.warm)
         metrics.add_state(StateCollector(eng.is_ready, lambda: eng.restarts, lambda: len(adapters.loaded),
                                          canaries.weights,
-                                         lambda: len(adapters.pending()) if eng.is_ready() else 0,
+                                         lambda: len(adapters.pending(eng.several)) if eng.is_ready() else 0,
                                          eng.describe))  # fmt: skip
         app.state.gateway = GatewayState(settings, eng, tenants, adapters, TenantLimiter(), policies, metrics,
                                          canaries)  # fmt: skip
@@ -83,7 +84,7 @@ def build_app(settings: GatewaySettings, engine: Engine | dict[str, Engine] | No
         async def on_engine_ready(name: str) -> None:
             eng.up(name)
             if eng.several:  # a fleet loads adapters where requests are routed; it holds what it says
-                if not await eng.check_base(name, Path(base_path).name):
+                if not await eng.check_base(name):
                     return
                 await adapters.on(name).reconcile()
                 return
@@ -134,9 +135,27 @@ async def _rediscover(settings: GatewaySettings, declared: list[EngineSpec], fle
             for name in set(fleet.members) - set(now) - static:
                 await fleet.remove(name, grace_s=settings.upstream_timeout_s)
             for name in set(now) - set(fleet.members):
-                await fleet.add(name, VLLMEngine(settings, now[name]), now[name].max_loras)
+                spec = now[name]
+                base = _served_base(settings, spec.base) if spec.base else None
+                await fleet.add(name, VLLMEngine(settings, spec), spec.max_loras, base, spec.merged)
         except Exception:  # one failed round must not end discovery
             log.exception("engine discovery failed")
+
+
+def _engine_bases(settings: GatewaySettings, specs: dict[str, EngineSpec], engines: dict[str, Engine]) -> dict[
+        str, ServedBase]:  # fmt: skip
+    """The engines that serve a base model of their own (``base:`` in the engines file)."""
+    return {name: _served_base(settings, spec.base) for name, spec in specs.items() if spec.base and name in engines}
+
+
+@functools.cache
+def _served_base_at(path: str) -> ServedBase:
+    return ServedBase.of(path)
+
+
+def _served_base(settings: GatewaySettings, model: str) -> ServedBase:
+    """A base model named as in ``LORAFLEET_BASE_MODEL``, identified once per path (its weights are hashed)."""
+    return _served_base_at(settings.model_path(model))
 
 
 def _announce(settings: GatewaySettings, instance: str) -> Path:

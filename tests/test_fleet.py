@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from contract.basemodel import BaseModelRecord, MergedFrom, sha256_file, write_record
 from contract.store import AdapterStore
 from serving.app import build_app
 from serving.config import GatewaySettings
@@ -21,6 +23,9 @@ from tests.conftest import make_adapter
 from tests.fakes import ADMIN_KEY, FakeEngine, assert_openai_error, chat, fake_base
 
 ALIASES = ["a", "b", "c", "d"]
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+BASE_SIZES = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+              "intermediate_size": 32}  # fmt: skip  # as tests.fakes.fake_base
 
 
 def published(tmp_path: Path, aliases: list[str], **settings: object) -> tuple[GatewaySettings, str]:
@@ -271,3 +276,111 @@ def test_discovery_adds_and_removes_engines_as_the_name_resolves(
         answer["addresses"] = ["127.0.0.3"]  # the other one went away
         assert settles_on(["pool-127-0-0-3"])
         assert sorted(state.adapters.engines) == ["pool-127-0-0-3"]  # its adapters' side is gone too
+
+
+# -- several base models, and an engine serving one adapter version merged ------------------------------------------
+
+
+def other_base(tmp_path: Path, name: str, sha256: str, merged_from: MergedFrom | None = None) -> Path:
+    """Another base model directory (identity record and layer sizes, no weights), like ``fake_base``."""
+    path = tmp_path / name
+    path.mkdir()
+    write_record(path, BaseModelRecord(name=name, sha256=sha256, source="test", merged_from=merged_from))
+    (path / "config.json").write_text(json.dumps(BASE_SIZES))
+    return path
+
+
+def engines_yaml(tmp_path: Path, *entries: str) -> Path:
+    path = tmp_path / "engines.yaml"
+    path.write_text("engines:\n" + "".join(f"  - {{{entry}}}\n" for entry in entries))
+    return path
+
+
+def test_each_adapter_goes_only_to_engines_serving_its_base_model(tmp_path: Path) -> None:
+    gemma = other_base(tmp_path, "gemma-like", "cd" * 32)
+    settings, key = published(tmp_path, ["a"], max_loras=2,
+                              engines_file=engines_yaml(tmp_path, "name: m1, port: 9001", "name: m2, port: 9002",
+                                                        f"name: g, port: 9003, base: {gemma}"))  # fmt: skip
+    tenants = TenantStore(settings.state_url)
+    AdapterStore(settings.adapters_dir).publish(make_adapter(tmp_path / "src-g", base_sha256="cd" * 32), "g")
+    acme = tenants.get("acme")
+    assert acme is not None
+    tenants.grant(acme, "g")
+    tenants.grant(acme, "base")
+    engines = {"m1": FakeEngine(), "m2": FakeEngine(), "g": FakeEngine()}
+    engines["g"].root = str(gemma)
+    with TestClient(build_app(settings, engine=engines)) as client:  # type: ignore[arg-type]
+        for _ in range(6):  # many at once and one by one: neither spreads an adapter to the other base's engine
+            for alias in ("a", "g", "base"):
+                assert chat(client, key, model=alias).status_code == 200
+        assert engines["g"].loaded == ["g@1"]
+        assert {r["model"] for r in engines["g"].requests} == {"g@1"}
+        for name in ("m1", "m2"):
+            assert "g@1" not in engines[name].loaded
+            assert {r["model"] for r in engines[name].requests} <= {"a@1", "base"}
+        listing = {e["name"]: e for e in client.get("/admin/engines", headers=ADMIN).json()["data"]}
+        assert listing["g"]["base"] == "gemma-like" and listing["m1"]["base"] == "m"
+        engines["g"].unreachable = True  # its only engine is down: 503, never the other base's engines
+        assert_openai_error(chat(client, key, model="g"), 503, "engine_unavailable")  # it failed this one
+        assert_openai_error(chat(client, key, model="g"), 503, "engine_starting")  # and is out of routing
+        assert {r["model"] for e in ("m1", "m2") for r in engines[e].requests} <= {"a@1", "base"}
+
+
+def test_an_adapter_for_a_base_no_engine_serves_is_stored_with_a_warning(tmp_path: Path) -> None:
+    settings, key = published(tmp_path, ["a"])
+    tenants = TenantStore(settings.state_url)
+    acme = tenants.get("acme")
+    assert acme is not None
+    tenants.grant(acme, "x")
+    make_adapter(settings.data_dir / "runs" / "x", base_sha256="ef" * 32)
+    with TestClient(build_app(settings, engine=FakeEngine())) as client:  # type: ignore[arg-type]
+        resp = client.post("/admin/adapters/x/versions", json={"path": "x"}, headers=ADMIN)
+        assert resp.status_code == 201, resp.text
+        warning = resp.json()["warnings"][0]
+        assert warning.startswith("x@1: no engine serves its base model m (efefefefefef)") and "m (ab)" in warning
+        ready = client.get("/readyz", headers=ADMIN).json()
+        assert ready["adapters_unserved"] == {"x": warning} and ready["adapters_pending"] == ["x"]
+        assert "lorafleet_adapters_pending 1.0" in client.get("/metrics").text  # the not-servable alert's input
+        error = assert_openai_error(chat(client, key, model="x"), 503, "adapter_unavailable")
+        assert "no engine serves the base model" in error["message"]
+        assert chat(client, key, model="a").status_code == 200  # the others are unaffected
+
+
+def test_a_merged_engine_takes_its_version_first_and_the_lora_path_takes_over(tmp_path: Path) -> None:
+    settings, key = published(tmp_path, ["a", "b"], max_loras=2)
+    store = AdapterStore(settings.adapters_dir)
+    weights = sha256_file(store.get("a", 1).path / "adapter_model.safetensors")
+    fast = other_base(tmp_path, "a1-merged", "0e" * 32, MergedFrom(adapter="a@1", adapter_sha256=weights,
+                                                                   base_name="m", base_sha256="ab"))  # fmt: skip
+    stale = other_base(tmp_path, "b1-merged", "0f" * 32, MergedFrom(adapter="old", adapter_sha256="00" * 32,
+                                                                    base_name="m", base_sha256="ab"))  # fmt: skip
+    settings.engines_file = engines_yaml(tmp_path, "name: lora, port: 9001",
+                                         f"name: fast, port: 9002, base: {fast}, merged: a@1",
+                                         f"name: stale, port: 9003, base: {stale}, merged: b@1")  # fmt: skip
+    engines = {"lora": FakeEngine(), "fast": FakeEngine(), "stale": FakeEngine()}
+    engines["fast"].root, engines["stale"].root = str(fast), str(stale)
+    with TestClient(build_app(settings, engine=engines)) as client:  # type: ignore[arg-type]
+        for _ in range(4):
+            assert chat(client, key, model="a").status_code == 200
+            assert chat(client, key, model="b").status_code == 200
+        assert [r["model"] for r in engines["fast"].requests] == ["base"] * 4  # a@1 at base-model speed
+        assert engines["fast"].loaded == [] and "a@1" not in engines["lora"].loaded
+        listing = {e["name"]: e for e in client.get("/admin/engines", headers=ADMIN).json()["data"]}
+        assert listing["fast"]["merged"] == "a@1" and listing["fast"]["healthy"]
+        assert "merged from other adapter weights" in listing["stale"]["refused"]  # b@1 is not what it holds
+        assert engines["stale"].requests == []
+        metrics = client.get("/metrics").text
+        assert 'lorafleet_fleet_routed_total{engine="fast",reason="merged"} 4.0' in metrics
+
+        engines["fast"].unreachable = True  # down: a@1 falls back to the LoRA path, before any byte
+        assert chat(client, key, model="a").status_code == 200
+        assert engines["lora"].requests[-1]["model"] == "a@1" and "a@1" in engines["lora"].loaded
+        engines["fast"].unreachable = False
+        client.app.state.gateway.engine.up("fast")  # type: ignore[attr-defined]  # its health check passed
+
+        store.publish(make_adapter(tmp_path / "src-a2"), "a")
+        resp = client.post("/admin/adapters/a/promote", json={"version": 2, "force": True}, headers=ADMIN)
+        assert resp.status_code == 200, resp.text
+        sent = len(engines["fast"].requests)
+        assert chat(client, key, model="a").status_code == 200  # promoted: at once, no longer the merged engine's
+        assert len(engines["fast"].requests) == sent and engines["lora"].requests[-1]["model"] == "a@2"

@@ -151,6 +151,22 @@ vllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapt
 """
 
 
+@given(fleets(), st.sampled_from(ADAPTERS), st.booleans(), st.integers(0, 40))
+def test_a_merged_engine_takes_its_version_first_and_nothing_else(
+    engines: list[EngineView], adapter: str, healthy: bool, queued: int
+) -> None:
+    fast = EngineView("fast", "merge-of-" + adapter, 1, healthy=healthy, queued=queued, merged=adapter)
+    others = [a for a in ADAPTERS if a != adapter]
+    choice = route([*engines, fast], adapter, "B")
+    if healthy:  # its version goes there first, however busy: it is base-model speed, and loads nothing
+        assert choice is not None and (choice.engine, choice.reason, choice.load_adapter) == ("fast", "merged", False)
+    else:  # down: the LoRA path, exactly as without it
+        assert choice == route(engines, adapter, "B")
+    for other in others:  # no other adapter, and no request for its own base, ever goes there
+        picked = route([*engines, fast], other, "B")
+        assert picked is None or picked.engine != "fast"
+
+
 def test_the_load_is_read_from_vllms_metrics_the_latest_lora_series_wins() -> None:
     load = parse_load(EXPOSITION)
     assert (load.running, load.waiting, load.queued, load.kv_cache_usage) == (3, 2, 5, 0.375)

@@ -296,8 +296,12 @@ def test_the_cli_sets_the_policy_the_gateway_reads(gw, tmp_path: Path, monkeypat
     run = CliRunner().invoke(app, ["adapters", "policy", "nope", "--reset"])
     assert run.exit_code != 0 and "no alias 'nope'" in run.output
     assert CliRunner().invoke(app, ["adapters", "policy", "orders", "--reset"]).exit_code == 0
-    time.sleep(0.25)  # the CLI writes the database: a running gateway sees it within state_cache_s
-    assert chat(client, key).headers["x-lorafleet-json"] == "valid"
+    # The CLI writes the database: a running gateway sees it once its cached policy is older than state_cache_s
+    # (the first request after that may still get the old one while the new one is read: stale-while-revalidate).
+    deadline = time.monotonic() + 5
+    while chat(client, key).headers["x-lorafleet-json"] != "valid":
+        assert time.monotonic() < deadline, "the gateway never saw the policy reset"
+        time.sleep(0.05)
 
 
 def test_a_schema_that_takes_too_long_to_compile_is_refused_in_bounded_time(gw, monkeypatch) -> None:

@@ -3,7 +3,9 @@
     lorafleet export var/adapters/orders/1 --out var/models/orders-merged --merge
 
 The merge is done in fp32 and saved in bf16 safetensors with the tokenizer; the
-result gets its own checksum record, and is written atomically.
+result gets its own checksum record, which names the adapter weights it was
+made from (an engine serving it for one alias version is checked against them:
+``serving.fleet.bases``), and is written atomically.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from contract.basemodel import BaseModelRecord, identify, sha256_of_model_dir, write_record
-from contract.manifest import read_manifest
+from contract.basemodel import BaseModelRecord, MergedFrom, identify, sha256_file, sha256_of_model_dir, write_record
+from contract.manifest import WEIGHTS_FILE, read_manifest
 
 
 def merge(adapter_dir: Path, out: Path, base_model: str) -> BaseModelRecord:
@@ -32,9 +34,10 @@ def merge(adapter_dir: Path, out: Path, base_model: str) -> BaseModelRecord:
         merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
         merged.to(torch.bfloat16).save_pretrained(staging, safe_serialization=True)
         AutoTokenizer.from_pretrained(base_model).save_pretrained(staging)
-        record = BaseModelRecord(
-            name=out.name, sha256=sha256_of_model_dir(staging), source=f"merged:{base.name}+{Path(adapter_dir)}"
-        )
+        merged_from = MergedFrom(adapter=str(adapter_dir), adapter_sha256=sha256_file(Path(adapter_dir) / WEIGHTS_FILE),
+                                 base_name=base.name, base_sha256=base.sha256)  # fmt: skip
+        record = BaseModelRecord(name=out.name, sha256=sha256_of_model_dir(staging),
+                                 source=f"merged:{base.name}+{Path(adapter_dir)}", merged_from=merged_from)  # fmt: skip
         write_record(staging, record)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -21,17 +21,19 @@ def engines(
     admin_key: AdminKeyOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the admin API's JSON.")] = False,
 ) -> None:
-    """List the engines behind the running gateway: health, load, and the adapters each holds."""
+    """List the engines behind the running gateway: base model, health, load, and the adapters each holds."""
     from rich.table import Table
 
     listing = _call(gateway, admin_key, "GET", "/admin/engines")["data"]
     if as_json:
         console.print_json(json.dumps(listing))
         return
-    table = Table("engine", "health", "running", "waiting", "in flight", "KV cache", "adapters (max)")
+    table = Table("engine", "base model", "health", "running", "waiting", "in flight", "KV cache", "adapters (max)")
     for e in listing:
-        health = "up" if e["healthy"] else ("marked down" if e["marked_down"] else "down")
+        health = "up" if e["healthy"] else ("refused: " + e["refused"] if e["refused"] else
+                                            "marked down" if e["marked_down"] else "down")  # fmt: skip
         held = f"{', '.join(e['adapters']) or '-'} ({e['max_loras']})"
-        table.add_row(e["name"], health, str(e["running"]), str(e["waiting"]), str(e["in_flight"]),
+        base = f"{e['base']} (merged {e['merged']})" if e["merged"] else e["base"]
+        table.add_row(e["name"], base, health, str(e["running"]), str(e["waiting"]), str(e["in_flight"]),
                       f"{100 * e['kv_cache_usage']:.0f}%", held)  # fmt: skip
     console.print(table)

@@ -12,6 +12,7 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -36,8 +37,10 @@ def _share_cap(weight: float, n: int) -> float:
 
 
 class CanaryManager:
-    def __init__(self, engine: sa.Engine, registry: AdapterRegistry, metrics: GatewayMetrics | None = None) -> None:
+    def __init__(self, engine: sa.Engine, registry: AdapterRegistry, metrics: GatewayMetrics | None = None,
+                 warm: Callable[[AdapterVersion], Awaitable[object]] | None = None) -> None:  # fmt: skip
         self.records, self.registry, self.metrics = CanaryRecords(engine), registry, metrics
+        self.warm = warm  # loads a version where its requests will go (serving.fleet.Fleet.warm)
         self.windows: dict[int, dict[str, Window]] = {}
         self.shares: dict[int, dict[str, list[int]]] = {}  # canary id -> tenant -> [requests, on the canary]
         self.active: dict[str, Canary] = {}
@@ -130,10 +133,13 @@ class CanaryManager:
         if refusal and not force:
             raise CanaryError(400, refusal, "gate_required")
         problems = self.registry.fit_problems(target.path)
+        unserved = self.registry.unserved(target)
+        if unserved:
+            problems.append(unserved)
         if problems:
             raise CanaryError(400, f"{target.ref} cannot be served: " + "; ".join(problems), "adapter_refused")
-        if self.registry.engine.is_ready():
-            await self.registry.ensure_loaded(target)  # loaded before its first request
+        if self.warm is not None:
+            await self.warm(target)  # loaded before its first request
         canary = await asyncio.to_thread(self.records.insert, alias, version, stable.version, config,
                                          bool(refusal and force))  # fmt: skip
         self.active[alias] = canary

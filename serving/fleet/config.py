@@ -12,11 +12,21 @@
       - name: pool
         url: http://vllm-headless:8000  # a name with several addresses: one engine each
         discover: dns
+      - name: gemma
+        port: 8101
+        base: gemma-3-270m           # another base model: its adapters go only here
+      - name: orders-fast
+        port: 8102
+        base: /models/orders-3-merged  # `lorafleet export --merge` of orders@3 ...
+        merged: orders@3               # ... which gets its requests first, at base-model speed
 
-Every engine serves the gateway's base model (``LORAFLEET_BASE_MODEL``): the
-gateway checks each one's ``/v1/models`` for it. Without the file, the gateway
-has one engine made from ``LORAFLEET_ENGINE_URL`` / ``LORAFLEET_ENGINE_PORT``
-/ ``LORAFLEET_MAX_LORAS``, as before.
+An engine serves the gateway's base model (``LORAFLEET_BASE_MODEL``) unless
+``base`` names another (in the same forms: a directory, a model under
+``data_dir/models``, a hub id); the gateway checks each one's ``/v1/models``
+for it, and routes an adapter only to engines serving the base it was trained
+on. Without the file, the gateway has one engine made from
+``LORAFLEET_ENGINE_URL`` / ``LORAFLEET_ENGINE_PORT`` / ``LORAFLEET_MAX_LORAS``,
+as before.
 """
 
 from __future__ import annotations
@@ -46,6 +56,15 @@ class EngineSpec(BaseModel):
         default=None, description="Where this engine mounts the adapter store, when not at the gateway's path."
     )
     extra_args: list[str] = Field(default_factory=list, description="More vLLM arguments for a supervised child.")
+    base: str | None = Field(
+        default=None, description="The base model it serves (as LORAFLEET_BASE_MODEL); unset: the gateway's."
+    )
+    merged: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,62}@[1-9][0-9]*$",
+        description="The adapter version (alias@N) its base is merged from (`lorafleet export --merge`): requests "
+        "to that version come here first; 'base' is then the merged model's directory.",
+    )
     discover: Literal["dns"] | None = Field(
         default=None,
         description="dns: the url's host names several engines (a Kubernetes headless Service): one engine per "
@@ -62,6 +81,8 @@ class EngineSpec(BaseModel):
             raise ValueError("'discover: dns' needs the 'url' whose host to resolve")
         if self.key is not None and self.key_env is not None:
             raise ValueError("give 'key' or 'key_env', not both")
+        if self.merged is not None and self.base is None:
+            raise ValueError(f"'merged: {self.merged}' needs 'base': the directory `lorafleet export --merge` wrote")
         return self
 
     def api_key(self) -> SecretStr | None:

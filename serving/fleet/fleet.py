@@ -8,7 +8,11 @@ routing until its health check passes again; after an engine (re)starts, the
 adapters it holds are read back from its ``/v1/models`` (vLLM forgets
 runtime-loaded ones). ``pick`` asks ``serving.fleet.router`` for the engine of a
 request, from a snapshot of all that and of what the gateway itself has in
-flight (exact between polls).
+flight (exact between polls); ``place`` also loads the adapter there.
+
+Engines may serve different base models (``serving.fleet.bases``): an adapter
+goes only to engines serving the base it was trained on, and first to an
+engine serving it merged, if one is bound to its version.
 """
 
 from __future__ import annotations
@@ -17,23 +21,50 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
 
-from serving.adapters import AdapterRegistry
-from serving.engine import Engine, EngineError
+from contract.manifest import AdapterManifest
+from contract.store import AdapterVersion, StoreError
+from serving.adapters import AdapterMisfit, AdapterRegistry
+from serving.engine import BASE_MODEL_NAME, Engine, EngineError
+from serving.fleet.bases import ServedBase, merged_problem
 from serving.fleet.load import EngineLoad, parse_load
-from serving.fleet.router import EngineView, Route, route
+from serving.fleet.router import EngineView, Reason, Route, route
 
 log = logging.getLogger("lorafleet.fleet")
 
-BASE = "base"  # one base model per gateway for now: every engine serves it
+
+class NoEngine(Exception):
+    """No engine can take the request now: ``unserved`` when none serves the adapter's base model at all."""
+
+    def __init__(self, message: str, unserved: bool = False) -> None:
+        super().__init__(message)
+        self.unserved = unserved
+
+
+@dataclass
+class Placement:
+    """Where a request to an adapter version runs: the engine, the model name it has there, its lease."""
+
+    engine: str
+    engine_model: str  # the version's ref, or "base" on an engine serving it merged
+    manifest: AdapterManifest
+    release: Callable[[], None]  # ends the request's count on the version there (idempotent)
+    reason: Reason
+
+
+def _nothing() -> None:
+    return None
 
 
 class Fleet:
     """Several engines answering as one ``Engine`` for readiness, restarts and metrics; ``pick`` routes."""
 
     def __init__(self, engines: dict[str, Engine], registry: AdapterRegistry, max_loras: dict[str, int],
-                 epsilon: float = 0.25, poll_s: float = 1.0, dynamic: bool = False) -> None:  # fmt: skip
+                 epsilon: float = 0.25, poll_s: float = 1.0, dynamic: bool = False,
+                 merged: dict[str, str] | None = None) -> None:  # fmt: skip
         self.members, self.registry, self.max_loras = dict(engines), registry, dict(max_loras)
+        self.merged = dict(merged or {})  # engine -> the adapter version ("orders@3") it serves merged
         self.epsilon, self.poll_s = epsilon, poll_s
         self.dynamic = dynamic  # engines come and go (DNS discovery)
         self._on_ready: Callable[[str], Awaitable[None]] | None = None
@@ -55,9 +86,11 @@ class Fleet:
         engine = self.members.get(name)
         return engine is not None and engine.is_ready() and name not in self.down and name not in self.refused
 
-    async def check_base(self, name: str, expected: str) -> bool:
-        """Whether engine ``name`` serves the base model named ``expected`` (vLLM exposes where it loaded it
-        from, not a checksum: the directory's or the hub id's last part is compared). Refused otherwise."""
+    async def check_base(self, name: str) -> bool:
+        """Whether engine ``name`` serves the base model it should (vLLM exposes where it loaded it from, not a
+        checksum: the directory's or the hub id's last part is compared), and, for a merged engine, whether that
+        model is its adapter version merged. Refused, with the reason, otherwise."""
+        base = self.registry.base_of(name)
         try:
             root = await self.members[name].base_root()
         except EngineError as exc:
@@ -65,13 +98,23 @@ class Fleet:
             return False
         if root is None:
             self.refused[name] = "it serves no model named 'base' (start it with --served-model-name base)"
-        elif root.rstrip("/").rsplit("/", 1)[-1] != expected:
-            self.refused[name] = f"it serves {root!r}, not the gateway's base model {expected!r}"
+        elif root.rstrip("/").rsplit("/", 1)[-1] != base.dir_name:
+            self.refused[name] = f"it serves {root!r}, not the base model {base.dir_name!r} it is configured with"
+        elif name in self.merged and (problem := await asyncio.to_thread(self._merge_problem, name, base)):
+            self.refused[name] = f"it cannot serve {self.merged[name]} merged: {problem}"
         else:
             self.refused.pop(name, None)
             return True
         log.error("engine %s refused: %s", name, self.refused[name])
         return False
+
+    def _merge_problem(self, name: str, base: ServedBase) -> str | None:
+        alias, _, number = self.merged[name].partition("@")
+        try:
+            version = self.registry.store.get(alias, int(number))
+        except (StoreError, ValueError) as exc:
+            return f"{self.merged[name]} is not in the adapter store ({exc})"
+        return merged_problem(base, version)
 
     @property
     def several(self) -> bool:
@@ -85,11 +128,14 @@ class Fleet:
         if self.several:
             self._poller = asyncio.create_task(self._poll(), name="fleet-poller")
 
-    async def add(self, name: str, engine: Engine, max_loras: int) -> None:
+    async def add(self, name: str, engine: Engine, max_loras: int, base: ServedBase | None = None,
+                  merged: str | None = None) -> None:  # fmt: skip
         """A new engine (found by discovery): watched from now on, in routing once healthy."""
         log.info("engine %s added", name)
         self.members[name], self.max_loras[name], self.loads[name] = engine, max_loras, EngineLoad()
-        self.registry.add_engine(name, engine)
+        if merged is not None:
+            self.merged[name] = merged
+        self.registry.add_engine(name, engine, base)
         assert self._on_ready is not None, "add() before start()"
         await engine.start(_bound(self._on_ready, name))
 
@@ -103,6 +149,7 @@ class Fleet:
         self.max_loras.pop(name, None)
         self.loads.pop(name, None)
         self.refused.pop(name, None)
+        self.merged.pop(name, None)
         self.down.discard(name)
 
         async def stop_later() -> None:
@@ -134,8 +181,10 @@ class Fleet:
         out = []
         for name, engine in self.members.items():
             side, load = self.registry.on(name), self.loads[name]
+            base = self.registry.base_of(name)
             out.append({
                 "name": name, "url": getattr(engine, "url", None), "healthy": self.healthy(name),
+                "base": base.record.name, "base_sha256": base.record.sha256, "merged": self.merged.get(name),
                 "marked_down": name in self.down, "refused": self.refused.get(name), "restarts": engine.restarts,
                 "max_loras": self.max_loras[name],
                 "running": load.running, "waiting": load.waiting, "kv_cache_usage": load.kv_cache_usage,
@@ -162,22 +211,70 @@ class Fleet:
             side = self.registry.on(name)
             load = self.loads[name]
             busy = {ref for ref, n in side.in_flight.items() if n > 0}
-            views.append(EngineView(name, BASE, self.max_loras[name], healthy=self.healthy(name),
-                                    queued=max(load.queued, side.busy()),
+            views.append(EngineView(name, self.registry.base_of(name).key, self.max_loras[name],
+                                    healthy=self.healthy(name), queued=max(load.queued, side.busy()),
                                     resident=frozenset(side.loaded) | frozenset(side.loading),
-                                    working=frozenset(busy | (load.working_set & set(side.loaded)))))  # fmt: skip
+                                    working=frozenset(busy | (load.working_set & set(side.loaded))),
+                                    merged=self.merged.get(name)))  # fmt: skip
         return views
 
-    def pick(self, adapter: str | None, exclude: Collection[str] = (), expected: Collection[str] = ()) -> Route | None:
-        """The engine for a request to ``adapter`` (``None``: the bare base model), not one of ``exclude``."""
+    def pick(self, adapter: str | None, base: str | None = None, exclude: Collection[str] = (),
+             expected: Collection[str] = ()) -> Route | None:  # fmt: skip
+        """The engine for a request to ``adapter`` on the base model keyed ``base`` (``ServedBase.key``), not one
+        of ``exclude``; ``adapter`` None: the bare base model (the gateway's own)."""
         views = [v for v in self.views() if v.name not in exclude]
         if adapter is None:
-            healthy = [v for v in views if v.healthy]
+            healthy = [v for v in views if v.healthy and v.base == self.registry.default_base.key]
             if not healthy:
                 return None
             least = min(healthy, key=lambda v: (v.queued, views.index(v)))
-            return Route(least.name, False, None, "least_loaded")
-        return route(views, adapter, BASE, self.epsilon, expected)
+            return Route(least.name, False, None, "base")
+        return route(views, adapter, base or self.registry.default_base.key, self.epsilon, expected)
+
+    async def place(self, version: AdapterVersion, exclude: Collection[str] = (), lease: bool = True) -> Placement:
+        """Route a request to ``version`` and load the adapter there (an idle one swapped out if routing says so).
+
+        ``lease``: the request is counted on the version there from the routing on (a retirement waits for it);
+        the caller ends it with ``Placement.release``. Raises ``NoEngine``, ``AdapterMisfit``, ``EngineError``.
+        """
+        registry = self.registry
+        manifest = await registry.amanifest(version)
+        base = registry.base_for(manifest)
+        if base is None and version.ref not in self.merged.values():
+            raise NoEngine(registry.unserved_base(manifest) or "no engine serves its base model", unserved=True)
+        key = base.key if base is not None else (manifest.base_model.sha256 or manifest.base_model.name)
+        chosen = self.pick(version.ref, key, exclude, await registry.expected(key))
+        if chosen is None:
+            raise NoEngine("no engine serving its base model is up")
+        side = registry.on(chosen.engine)
+        release = side.lease(version) if lease else _nothing
+        if registry.metrics is not None:
+            registry.metrics.routed.labels(chosen.engine, chosen.reason).inc()
+        if chosen.reason == "merged":
+            return Placement(chosen.engine, BASE_MODEL_NAME, manifest, release, chosen.reason)
+        side.reserve(version.ref)  # before any await: the next request sees it there
+        try:
+            if chosen.evict is not None:
+                await side.evict(chosen.evict)
+            manifest = await side.ensure_loaded(version)
+        except BaseException as exc:
+            release()
+            if isinstance(exc, EngineError):
+                self.mark_down(chosen.engine)
+            raise
+        return Placement(chosen.engine, version.ref, manifest, release, chosen.reason)
+
+    async def warm(self, version: AdapterVersion) -> dict[str, object]:
+        """Load ``version`` where its first request will go, so that request does not wait (admin writes)."""
+        if not self.is_ready():
+            return {"loaded": False}  # loaded once an engine is up (one engine: with every alias; a fleet: on demand)
+        try:
+            placed = await self.place(version, lease=False)
+        except NoEngine as exc:
+            return {"loaded": False, "warning" if exc.unserved else "load_error": str(exc)}
+        except (EngineError, AdapterMisfit) as exc:
+            return {"loaded": False, "load_error": str(exc)}
+        return {"loaded": True, "engine": placed.engine}
 
     async def _poll(self) -> None:
         while True:

@@ -1,7 +1,9 @@
 """Which engine serves a request: affinity with bounded load, as a pure function of a snapshot.
 
-For a request to adapter ``a`` on base model ``B``, the candidates are the
-healthy engines serving ``B``. In order:
+For a request to adapter ``a`` on base model ``B``: first, a healthy engine
+serving ``a`` merged into its base (``lorafleet export --merge``: base-model
+speed, no adapter slot), the least loaded if several. Otherwise the candidates
+are the healthy engines serving ``B``. In order:
 
 1. **Affinity.** An engine where ``a`` is resident, unless taking the request
    would put it above the bounded-load cap, ``ceil((1 + ε) × (total load + 1)
@@ -36,7 +38,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-Reason = Literal["resident", "free_slot", "idle_slot", "queued_at_resident", "least_loaded"]
+Reason = Literal["base", "merged", "resident", "free_slot", "idle_slot", "queued_at_resident", "least_loaded"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class EngineView:
     queued: int = 0  # requests running and waiting there
     resident: frozenset[str] = field(default_factory=frozenset)  # adapters loaded there
     working: frozenset[str] = field(default_factory=frozenset)  # adapters its requests need now
+    merged: str | None = None  # the adapter it serves merged into its base model (its base is that merge)
 
     def working_with(self, adapter: str) -> int:
         return len(self.working | {adapter})
@@ -71,6 +74,9 @@ def route(
     ``expected``: the adapters on ``base`` the gateway may route to (each alias's serving version and canary),
     for which spreading keeps slots free.
     """
+    merged = [e for e in engines if e.healthy and e.merged == adapter]
+    if merged:
+        return Route(min(merged, key=lambda e: (e.queued, merged.index(e))).name, False, None, "merged")
     candidates = [e for e in engines if e.healthy and e.base == base]
     if not candidates:
         return None

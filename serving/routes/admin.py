@@ -6,13 +6,15 @@ and never again. Adapter routes publish a version (from a directory under the
 import root, or an uploaded tar/zip archive), promote or roll back the stable
 pointer (a passing evaluation gate required unless forced, recorded), and
 retire versions (unloaded from the engine once their last request finishes).
-Every publish is checked by ``contract.fit`` first; a refused one leaves nothing.
+Every publish is checked by ``contract.fit`` first; a refused one leaves nothing. An adapter
+for a base model no engine serves is stored, with a warning in the answer and in ``/readyz``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import os
 import re
 import uuid
@@ -27,11 +29,12 @@ from contract.store import STAGING, AdapterStore, StoreError, VersionNotFound, c
 from serving.archive import ArchiveError, discard, unpack
 from serving.config import import_root_of
 from serving.deps import GatewayState, StateDep
-from serving.engine import EngineError
 from serving.errors import APIError
 from serving.policies import AliasPolicy, JsonMode
 from serving.schemas import check_client_schema_bounded
 from serving.tenants import Limits, TenantError, TenantNotFound, key_id_of
+
+log = logging.getLogger("lorafleet.admin")
 
 UPLOAD_PATH = r"/admin/adapters/[^/]+/versions"
 UPLOAD_RE = re.compile(UPLOAD_PATH)
@@ -289,19 +292,17 @@ async def publish(alias: str, request: Request, state: StateDep) -> dict[str, An
                        '{"path": ...} or a tar/zip archive (application/x-tar, application/gzip, application/zip).',
                        code="unsupported_content_type")  # fmt: skip
     serving = store.serving(alias) or version
-    return {"alias": alias, "version": version.version, "ref": version.ref,
-            "serving": serving.version} | await _load(state, serving)  # fmt: skip
+    # Stored either way; a base model no engine serves is said, not refused (its engines may join later).
+    unserved = await asyncio.to_thread(state.adapters.unserved, version)
+    if unserved:
+        log.warning("published %s: %s", version.ref, unserved)
+    return {"alias": alias, "version": version.version, "ref": version.ref, "serving": serving.version,
+            "warnings": [f"{version.ref}: {unserved}"] if unserved else []} | await _load(state, serving)  # fmt: skip
 
 
 async def _load(state: GatewayState, version: Any) -> dict[str, Any]:
-    """Load ``version`` on the engine now, so neither its first request nor readiness waits for it."""
-    if not state.engine.is_ready():
-        return {"loaded": False}  # loaded with every other alias once the engine is up
-    try:
-        await state.adapters.ensure_loaded(version)
-    except (EngineError, ValueError) as exc:
-        return {"loaded": False, "load_error": str(exc)}
-    return {"loaded": True}
+    """Load ``version`` where its requests go, so neither its first request nor readiness waits for it."""
+    return await state.engine.warm(version)
 
 
 def _no_canary_running(state: GatewayState, alias: str) -> None:

@@ -26,7 +26,7 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +35,6 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
-from contract.manifest import AdapterManifest
 from contract.store import AdapterVersion
 from contract.tools import TOOLS_FORMAT
 from serving.adapters import AdapterMisfit
@@ -43,6 +42,7 @@ from serving.config import GatewaySettings
 from serving.deps import GatewayState, StateDep, TenantDep
 from serving.engine import BASE_MODEL_NAME, EngineError, EngineResponse
 from serving.errors import APIError, error_body
+from serving.fleet.fleet import NoEngine, Placement
 from serving.jsoncheck import JsonCheck, JsonPlan
 from serving.limits import Slot, cap_max_tokens
 from serving.metrics import RequestRecord
@@ -263,23 +263,23 @@ async def _fail_over(state: GatewayState, call: EngineRequest, slot: Slot) -> bo
     failed = call.target.engine
     state.engine.mark_down(failed)
     version = call.target.version
-    expected = await state.adapters.expected()
-    chosen = state.engine.pick(version.ref if version is not None else None, {failed}, expected)
-    if chosen is None:
-        return False
-    log.warning("engine %s failed a request before its first byte: retrying it on %s", failed, chosen.engine)
-    if version is not None:
-        state.adapters.on(chosen.engine).reserve(version.ref)
-        call.lease()  # its count moves to the new engine
-        call.lease = state.adapters.lease(version, chosen.engine)
-        slot.on_release(call.lease)
-        try:
-            if chosen.evict is not None:
-                await state.adapters.on(chosen.engine).evict(chosen.evict)
-            await state.adapters.ensure_loaded(version, chosen.engine)
-        except (EngineError, AdapterMisfit):
+    if version is None:
+        chosen = state.engine.pick(None, exclude={failed})
+        if chosen is None:
             return False
-    call.target = dataclasses.replace(call.target, engine=chosen.engine)
+        engine, model = chosen.engine, BASE_MODEL_NAME
+    else:
+        try:
+            placed = await state.engine.place(version, exclude={failed})
+        except (NoEngine, EngineError, AdapterMisfit):
+            return False
+        call.lease()  # its count moves to the new engine
+        call.lease = placed.release
+        slot.on_release(placed.release)
+        engine, model = placed.engine, placed.engine_model
+    log.warning("engine %s failed a request before its first byte: retrying it on %s", failed, engine)
+    call.target = dataclasses.replace(call.target, engine=engine, engine_model=model)
+    call.body["model"] = model
     state.metrics.failovers.labels(failed).inc()
     return True
 
@@ -592,6 +592,7 @@ async def _target(
         chosen = state.engine.pick(None)
         if chosen is None:
             raise _engine_starting()
+        state.metrics.routed.labels(chosen.engine, chosen.reason).inc()
         return Target(alias, BASE_MODEL_NAME, None, "stable", None, None, None, TOOLS_FORMAT, chosen.engine), _no_lease
     version = await state.adapters.serving(alias)
     if version is None:
@@ -602,9 +603,10 @@ async def _target(
     if assigned is not None:
         variant, version = assigned
         canary_id = state.canaries.active[alias].id
-    manifest, engine, lease = await _load(state, version, alias, slot)
-    return Target(alias, version.ref, version, variant, canary_id, manifest.prompt_format.chat_template,
-                  manifest.output_schema, manifest.prompt_format.tools_format, engine), lease  # fmt: skip
+    placed = await _load(state, version, alias, slot)
+    fmt = placed.manifest.prompt_format
+    return Target(alias, placed.engine_model, version, variant, canary_id, fmt.chat_template,
+                  placed.manifest.output_schema, fmt.tools_format, placed.engine), placed.release  # fmt: skip
 
 
 def _no_lease() -> None:
@@ -646,31 +648,27 @@ def _engine_starting() -> APIError:
     return APIError(503, "The engine is starting; retry shortly.", code="engine_starting", headers={"Retry-After": "5"})
 
 
-async def _load(
-    state: GatewayState, version: AdapterVersion, alias: str, slot: Slot, exclude: Collection[str] = ()
-) -> tuple[AdapterManifest, str, Callable[[], None]]:
-    """Route ``version`` to an engine (``serving.fleet``) and load it there; its manifest, the engine, the lease."""
-    chosen = state.engine.pick(version.ref, exclude, await state.adapters.expected())
-    if chosen is None:
-        raise _engine_starting()
-    state.adapters.on(chosen.engine).reserve(version.ref)  # before any await: the next request sees it there
-    # Counted from here, so a retirement waits for this request before unloading the version.
-    lease = state.adapters.lease(version, chosen.engine)
-    slot.on_release(lease)
+async def _load(state: GatewayState, version: AdapterVersion, alias: str, slot: Slot) -> Placement:
+    """Route ``version`` to an engine (``serving.fleet``) and load it there; counted on it until ``slot`` ends."""
     try:
-        if chosen.evict is not None:
-            await state.adapters.on(chosen.engine).evict(chosen.evict)
-        return await state.adapters.ensure_loaded(version, chosen.engine), chosen.engine, lease
+        placed = await state.engine.place(version)
+    except NoEngine as exc:
+        if not exc.unserved:
+            raise _engine_starting() from exc
+        log.error("%s: %s", version.ref, exc)
+        raise APIError(503, f"The model '{alias}' is unavailable: no engine serves the base model its adapter was "
+                       "trained on.", code="adapter_unavailable") from exc  # fmt: skip
     except AdapterMisfit as exc:
         log.error("%s", exc)
         raise APIError(
             503, f"The model '{alias}' is unavailable: its adapter cannot be served.", code="adapter_unavailable"
         ) from exc
-    except EngineError as exc:
-        state.engine.mark_down(chosen.engine)
+    except EngineError as exc:  # the engine is out of routing until its health check passes (Fleet.place)
         raise APIError(
             503,
             "The engine could not load the adapter; retry shortly.",
             code="engine_unavailable",
             headers={"Retry-After": "5"},
         ) from exc
+    slot.on_release(placed.release)  # a retirement waits for this request before unloading the version
+    return placed

@@ -4,8 +4,9 @@
 had every alias's adapter offered to it). It names nothing: a load balancer or
 a Kubernetes probe needs no tenant's aliases, and one tenant's new or broken
 adapter never takes the replica out of service. With the admin key it adds the
-details: the engine's restarts, the adapters loaded, and the aliases whose
-serving version is not (also ``lorafleet_adapters_pending`` in the metrics).
+details: the engine's restarts, the adapters loaded, the aliases whose
+serving version is not (also ``lorafleet_adapters_pending`` in the metrics),
+those whose base model no engine serves, and each engine (``/admin/engines``).
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ async def readyz(request: Request, state: StateDep) -> JSONResponse:
             "engine": "ready" if ready else "starting",
             "engine_restarts": state.engine.restarts,
             "adapters_loaded": sorted(state.adapters.loaded),
-            "adapters_pending": await asyncio.to_thread(state.adapters.pending) if ready else [],
+            "adapters_pending": await asyncio.to_thread(state.adapters.pending, state.engine.several) if ready else [],
+            "adapters_unserved": await asyncio.to_thread(state.adapters.unserved_aliases),
             "engine_adapters": await _engine_adapters(state) if ready else None,
+            "engines": state.engine.describe(),
         }
     return JSONResponse(body, status_code=200 if ready else 503, headers={} if ready else {"Retry-After": "5"})
 
