@@ -1,7 +1,8 @@
 # The two commands a newcomer needs:
 #   make run    install, provision the base model, serve on :8000 at once, train the missing demo adapters behind it
 #   make test   install what the tests need and run the suite
-# Also: make lint, make bench (all benchmarks), make bench-train / bench-gateway / bench-client / bench-eval (one each),
+# Also: make lint, make bench (all benchmarks), make bench-train / bench-gateway / bench-client / bench-eval /
+#       bench-fleet (one each),
 #       make first-answer (seconds from a fresh `lorafleet demo` to the first answers),
 #       make eval-demo (the demo adapters against the base model on held-out data).
 
@@ -10,7 +11,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint bench bench-train bench-gateway bench-client bench-eval first-answer eval-demo venv model tools clean-venv
+.PHONY: run test lint bench bench-train bench-gateway bench-client bench-eval bench-fleet first-answer eval-demo venv model tools clean-venv
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -60,6 +61,9 @@ bench-client: venv
 
 bench-eval: model
 	$(PY) -m benchmarks.eval_speed
+
+bench-fleet: model
+	$(PY) -m benchmarks.fleet_routing
 
 first-answer: venv
 	$(PY) -m benchmarks.first_answer

@@ -11,6 +11,7 @@ BENCHMARKS = [
     "benchmarks.gateway_overhead",
     "benchmarks.key_flood",
     "benchmarks.eval_speed",
+    "benchmarks.fleet_routing",
 ]
 
 if __name__ == "__main__":

@@ -107,7 +107,9 @@ class RunningEngine:
                 self.proc.wait()
 
 
-def start_engine(data_dir: Path, base_model: Path, *, timeout: float = 400, **settings: str) -> RunningEngine:
+def start_engine(
+    data_dir: Path, base_model: Path, *, timeout: float = 400, cpus: str | None = None, **settings: str
+) -> RunningEngine:
     """vLLM exactly as the gateway starts its child (command, environment), but with a key the caller knows.
 
     For comparisons with direct calls: a gateway's own child answers only that gateway. Pass ``url`` and ``key``
@@ -115,14 +117,17 @@ def start_engine(data_dir: Path, base_model: Path, *, timeout: float = 400, **se
     """
     from serving.config import GatewaySettings
     from serving.engine import child_env, child_setup, vllm_command
+    from serving.fleet.config import EngineSpec
 
     config = GatewaySettings(data_dir=data_dir, base_model=str(base_model), engine_port=free_port(), dev_mode=True,
                              **settings)  # type: ignore[arg-type]  # fmt: skip
     key = secrets.token_urlsafe(32)
     (data_dir / "logs").mkdir(parents=True, exist_ok=True)
     with (data_dir / "logs" / "vllm.log").open("ab") as log:
-        proc = subprocess.Popen(vllm_command(config), env=child_env(config, key), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, preexec_fn=child_setup(config.engine_nice))  # fmt: skip
+        spec = EngineSpec(name="engine", port=config.engine_port, max_loras=config.max_loras, cpus=cpus)
+        proc = subprocess.Popen(vllm_command(config, spec), env=child_env(config, key, spec=spec), stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                preexec_fn=child_setup(config.engine_nice))  # fmt: skip
     engine = RunningEngine(proc, f"http://127.0.0.1:{config.engine_port}", key)
     if _answers(proc, f"{engine.url}/health", timeout):
         return engine

@@ -69,7 +69,7 @@ def build_app(settings: GatewaySettings, engine: Engine | dict[str, Engine] | No
         max_loras = {name: specs[name].max_loras if name in specs else settings.max_loras for name in engines}
         merged = {name: spec.merged for name, spec in specs.items() if spec.merged and name in engines}
         eng = Fleet(engines, adapters, max_loras, epsilon=settings.route_epsilon, poll_s=settings.engine_poll_s,
-                    dynamic=dynamic, merged=merged)  # fmt: skip
+                    dynamic=dynamic, merged=merged, policy=settings.route_policy)  # fmt: skip
         tenants = TenantStore(settings.state_url, cache_s=settings.state_cache_s)
         policies = AliasPolicies(tenants.engine, cache_s=settings.state_cache_s)
         adapters.metrics = metrics

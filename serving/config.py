@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 
@@ -39,6 +40,11 @@ class GatewaySettings(CommonSettings):
         default=0.25, ge=0, le=10, description="Bounded-load slack: an engine above (1 + this) × the mean load "
         "takes no more of an adapter's requests while another engine can.",
     )  # fmt: skip
+    route_policy: Literal["affinity", "round_robin", "random"] = Field(
+        default="affinity",
+        description="How requests are spread over engines: affinity with bounded load (serving.fleet.router); "
+        "round_robin and random ignore where adapters are, and exist as baselines for `make bench-fleet`.",
+    )
     engine_poll_s: float = Field(default=1.0, gt=0, description="How often each engine's load is read (metrics).")
     discovery_s: float = Field(
         default=30.0, gt=0, description="How often an engine entry with 'discover: dns' has its host resolved again."

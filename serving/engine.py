@@ -139,17 +139,25 @@ CHILD_ENV_PREFIXES = ("LC_", "VLLM_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "TO
                       "OPENBLAS_", "ONEDNN_", "DNNL_", "CUDA_", "NVIDIA_", "NCCL_", "TRITON_", "XDG_")  # fmt: skip
 
 
-def child_env(settings: GatewaySettings, api_key: str, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """The supervised engine's environment: the allowlisted part of ``environ``, its fresh key, vLLM's settings.
+def child_env(
+    settings: GatewaySettings, api_key: str, environ: Mapping[str, str] = os.environ, spec: EngineSpec | None = None
+) -> dict[str, str]:
+    """The supervised engine's environment: the allowlisted part of ``environ``, its fresh key, vLLM's settings,
+    and the CPU cores or GPUs its engines-file entry gives it.
 
     The key goes through the environment (``VLLM_API_KEY``), not the command line, which every local user can read.
     """
     env = {k: v for k, v in environ.items() if k in CHILD_ENV_NAMES or k.startswith(CHILD_ENV_PREFIXES)}
-    return env | {
+    env |= {
         "VLLM_API_KEY": api_key,
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
         "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib),
     }
+    if spec is not None and spec.cpus is not None:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = spec.cpus  # vLLM-CPU's compute threads, one per listed core
+    if spec is not None and spec.gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = spec.gpus
+    return env
 
 
 def child_setup(nice: int) -> Callable[[], None]:
@@ -241,7 +249,7 @@ class VLLMEngine:
 
     def _spawn(self) -> None:
         self._key = secrets.token_urlsafe(32)  # only this gateway can call the child it starts
-        env = child_env(self.settings, self._key)
+        env = child_env(self.settings, self._key, spec=self.spec)
         log_name = "vllm.log" if self.name == "engine" else f"vllm-{self.name}.log"
         log_path = self.settings.data_dir / "logs" / log_name
         log_path.parent.mkdir(parents=True, exist_ok=True)

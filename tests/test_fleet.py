@@ -169,6 +169,19 @@ engines:
     assert VLLMEngine(settings, local).engine_path(adapter) == str(adapter.resolve())
 
 
+def test_a_supervised_engine_gets_its_own_cores_or_gpus_and_base_model(tmp_path: Path) -> None:
+    from serving.engine import child_env, vllm_command
+    from serving.fleet.config import EngineSpec
+
+    settings = GatewaySettings(data_dir=tmp_path, admin_key=ADMIN_KEY)
+    pinned = EngineSpec(name="cpu", port=8101, cpus="0-3,8", base=str(tmp_path))
+    assert child_env(settings, "k", {}, pinned)["VLLM_CPU_OMP_THREADS_BIND"] == "0-3,8"
+    assert child_env(settings, "k", {}, EngineSpec(name="gpu", port=8102, gpus="1"))["CUDA_VISIBLE_DEVICES"] == "1"
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in child_env(settings, "k", {}, EngineSpec(name="all", port=8103))
+    command = vllm_command(settings, pinned)
+    assert command[command.index("--model") + 1] == str(tmp_path)  # its own base model
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -176,7 +189,9 @@ engines:
         ("engines:\n  - name: x\n", "engine 'x': : Value error, give either 'url'"),
         ("engines:\n  - name: x\n    port: 1\n  - name: x\n    port: 2\n", "engine names must be unique"),
         ("engines:\n  - name: x\n    port: 1\n  - name: y\n    port: 1\n", "different ports"),
-        ("engines:\n  - name: x\n    url: http://h\n    port: 3\n", "'port' and 'extra_args' are for a supervised"),
+        ("engines:\n  - name: x\n    url: http://h\n    port: 3\n", "'port', 'extra_args', 'cpus' and 'gpus' are for"),
+        ("engines:\n  - name: x\n    port: 1\n    cpus: all\n", "engine 'x': cpus: String should match pattern"),
+        ("engines:\n  - name: x\n    port: 1\n    merged: orders@3\n", "'merged: orders@3' needs 'base'"),
         ("engines:\n  - name: x\n    url: http://h\n    key_env: NOT_SET_ANYWHERE\n", "NOT_SET_ANYWHERE is not set"),
         ("engines:\n  - name: x\n    port: 1\n    colour: red\n", "engine 'x': colour: Extra inputs"),
         ("engines: [", "cannot be read as YAML"),

@@ -1,6 +1,9 @@
-"""One gateway over two real vLLM engines (supervised children on loopback): affinity and failover.
+"""One gateway over four real vLLM engines (supervised children on loopback), started once for the module.
 
-Both engines serve the test base model with two adapter slots each; four aliases fit those four slots.
+``e1`` and ``e2`` serve the test base model with two adapter slots each (four aliases fit those four slots):
+affinity, spreading and failover. ``tiny`` serves another base model (a tiny randomly initialised Llama, made
+here): its adapter goes there and nowhere else. ``fast`` serves the ``ok`` adapter merged into the base model,
+bound to ``ok@1``: that version's requests go there, until a promotion moves the alias.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ CHAT = "/v1/chat/completions"
 
 
 @dataclass
-class TwoEngines:
+class Fleet:
     gw: RunningGateway
     key: str
     ports: dict[str, int]
@@ -55,24 +58,67 @@ class TwoEngines:
         pytest.fail(f"the engines did not both come up: {self.engines()}\n{self.gw.log_tail()}")
 
 
+def tiny_llama(base_model: Path, out: Path) -> Path:
+    """A second base model: a randomly initialised two-layer Llama with the test base model's tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=2048,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(base_model).save_pretrained(out)
+    return out
+
+
+def trained_on(base: Path, data: Path, out: Path) -> Path:
+    """A real adapter for ``base``: two steps, enough for a manifest naming that base's weights."""
+    from training.config import TrainConfig
+    from training.train import train
+
+    cfg = TrainConfig.model_validate({"data": data, "out": out, "task": "orders", "rank": 8, "alpha": 16,
+                                      "max_steps": 2, "batch_size": 4, "learning_rate": 1e-3, "max_length": 128,
+                                      "log_every": 1, "val_fraction": 0.0})  # fmt: skip
+    train(cfg, str(base))
+    return out
+
+
 @pytest.fixture(scope="module")
-def two(tiny_adapter: Path, base_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoEngines]:
+def two(
+    tiny_adapter: Path,
+    flag_adapters: dict[str, Path],
+    tiny_train_file: Path,
+    base_model: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Fleet]:
+    from training.export import merge
+
     data_dir = tmp_path_factory.mktemp("fleet")
     store = AdapterStore(data_dir / "adapters")
     tenants = TenantStore(f"sqlite:///{data_dir / 'state.db'}")
     tenant = tenants.create("acme")
     for alias in ALIASES:
         store.publish(tiny_adapter, alias)
+    tiny = tiny_llama(base_model, data_dir / "models" / "tiny-llama")
+    store.publish(trained_on(tiny, tiny_train_file, data_dir / "runs" / "tiny"), "ft")
+    store.publish(flag_adapters["good"], "ok")
+    merged = data_dir / "models" / "ok-1-merged"
+    merge(store.get("ok", 1).path, merged, str(base_model))
+    for alias in [*ALIASES, "ft", "ok", "base"]:
         tenants.grant(tenant, alias)
-    ports = {"e1": free_port(), "e2": free_port()}
+    ports = {"e1": free_port(), "e2": free_port(), "tiny": free_port(), "fast": free_port()}
+    extra = {"e1": "", "e2": "", "tiny": f"    base: {tiny}\n", "fast": f"    base: {merged}\n    merged: ok@1\n"}
+    slots = {"e1": 2, "e2": 2, "tiny": 1, "fast": 1}
     engines_file = data_dir / "engines.yaml"
-    engines_file.write_text("engines:\n" + "".join(f"  - name: {name}\n    port: {port}\n    max_loras: 2\n"
-                                                  for name, port in ports.items()))  # fmt: skip
+    entries = [f"  - name: {name}\n    port: {port}\n    max_loras: {slots[name]}\n{extra[name]}"
+               for name, port in ports.items()]  # fmt: skip
+    engines_file.write_text("engines:\n" + "".join(entries))
     try:
         gw = start_gateway(data_dir, base_model, engines_file=str(engines_file), kv_cache_gib="1")
     except RuntimeError as exc:
         pytest.fail(str(exc))
-    fleet = TwoEngines(gw, tenants.issue_key(tenant), ports)
+    fleet = Fleet(gw, tenants.issue_key(tenant), ports)
     try:
         fleet.wait_healthy()
         yield fleet
@@ -80,13 +126,13 @@ def two(tiny_adapter: Path, base_model: Path, tmp_path_factory: pytest.TempPathF
         gw.stop()
 
 
-def _loads(fleet: TwoEngines) -> float:
+def _loads(fleet: Fleet) -> float:
     text = httpx.get(f"{fleet.gw.url}/metrics", timeout=10).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith('lorafleet_adapter_loads_total{outcome="success"}'))  # fmt: skip
 
 
-def test_four_adapters_on_two_engines_with_two_slots_each_are_loaded_once(two: TwoEngines) -> None:
+def test_four_adapters_on_two_engines_with_two_slots_each_are_loaded_once(two: Fleet) -> None:
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         for _ in range(3):  # three rounds of every alias at once: routing, not luck, keeps them apart
             answers = list(pool.map(lambda alias: two.chat(alias), ALIASES * 2))
@@ -94,13 +140,81 @@ def test_four_adapters_on_two_engines_with_two_slots_each_are_loaded_once(two: T
     engines = two.engines()
     held = sorted(a for e in engines.values() for a in e["adapters"])
     assert held == sorted(f"{alias}@1" for alias in ALIASES), engines  # each on exactly one engine
-    assert all(len(e["adapters"]) == 2 for e in engines.values()), engines
+    assert len(engines["e1"]["adapters"]) == len(engines["e2"]["adapters"]) == 2, engines
     assert _loads(two) == 4  # loaded once each: no thrash
     ready = httpx.get(f"{two.gw.url}/readyz", headers=two.admin, timeout=10).json()
     assert sorted(ready["engine_adapters"]) == held  # what the engines themselves say they hold
 
 
-def _stream(two: TwoEngines, alias: str) -> str:
+def _routed(fleet: Fleet) -> dict[tuple[str, str], float]:
+    """lorafleet_fleet_routed_total by (engine, reason)."""
+    text = httpx.get(f"{fleet.gw.url}/metrics", timeout=10).text
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("lorafleet_fleet_routed_total{"):
+            labels = dict(part.split("=") for part in line[line.index("{") + 1 : line.index("}")].split(","))
+            out[(labels["engine"].strip('"'), labels["reason"].strip('"'))] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_a_hot_adapter_spreads_to_a_free_slot_under_load_and_only_then(two: Fleet) -> None:
+    engines = two.engines()
+    holder = next(name for name in ("e1", "e2") if "fa@1" in engines[name]["adapters"])
+    other = "e2" if holder == "e1" else "e1"
+    for alias in ALIASES[2:]:  # two slots come free (retired versions leave their engine)
+        resp = httpx.delete(f"{two.gw.url}/admin/adapters/{alias}/versions/1", headers=two.admin, timeout=30)
+        assert resp.status_code == 200, resp.text
+    loads = _loads(two)
+    assert two.chat("fa").status_code == 200 and "fa@1" not in two.engines()[other]["adapters"]  # cold: stays
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda _: _stream(two, "fa"), range(12)))
+    assert all(a.startswith("200 ") and '"error"' not in a for a in answers), answers
+    engines = two.engines()
+    assert "fa@1" in engines[holder]["adapters"] and "fa@1" in engines[other]["adapters"], engines  # hot: spread
+    assert _loads(two) - loads <= 2  # a copy on the free slot (fb may have taken the other), not a load per request
+    assert _routed(two).get((other, "resident"), 0) > 0  # and requests followed it there
+
+
+def test_two_base_models_at_once_each_alias_answered_by_its_own(two: Fleet) -> None:
+    def per_engine() -> dict[str, float]:
+        routed: dict[str, float] = {}
+        for (engine, _), n in _routed(two).items():
+            routed[engine] = routed.get(engine, 0) + n
+        return routed
+
+    before = per_engine()
+    for alias in ("ft", "base", "fa", "ft"):
+        resp = two.chat(alias)
+        assert resp.status_code == 200, resp.text
+    engines = two.engines()
+    assert engines["tiny"]["adapters"] == ["ft@1"] and engines["tiny"]["base"] == "tiny-llama"
+    assert all("ft@1" not in engines[name]["adapters"] for name in ("e1", "e2", "fast"))
+    grown = {name: n - before.get(name, 0) for name, n in per_engine().items()}
+    assert grown.get("tiny") == 2 and grown.get("fast", 0) == 0  # ft there, and nothing else
+    assert grown.get("e1", 0) + grown.get("e2", 0) == 2  # base and fa on the test base model's engines
+
+
+def test_a_merged_engine_serves_its_version_until_a_promotion_moves_the_alias(
+    two: Fleet, flag_adapters: dict[str, Path]
+) -> None:
+    before = _routed(two).get(("fast", "merged"), 0)
+    for _ in range(3):
+        resp = two.chat("ok", max_tokens=12)
+        assert resp.status_code == 200, resp.text
+        assert json.loads(resp.json()["choices"][0]["message"]["content"]) == {"ok": True}  # the merged weights
+    assert _routed(two)[("fast", "merged")] == before + 3
+    assert all("ok@1" not in e["adapters"] for e in two.engines().values())  # never loaded as LoRA
+    AdapterStore(two.gw.data_dir / "adapters").publish(flag_adapters["good2"], "ok")
+    resp = httpx.post(f"{two.gw.url}/admin/adapters/ok/promote", json={"version": 2, "force": True},
+                      headers=two.admin, timeout=60)  # fmt: skip
+    assert resp.status_code == 200, resp.text
+    answer = two.chat("ok", max_tokens=12)
+    assert answer.status_code == 200 and answer.headers["x-lorafleet-adapter"] == "ok@2", answer.text
+    assert json.loads(answer.json()["choices"][0]["message"]["content"]) == {"ok": True}
+    assert _routed(two)[("fast", "merged")] == before + 3  # at once: the merged engine got nothing more
+
+
+def _stream(two: Fleet, alias: str) -> str:
     """A whole streamed answer's text (error events included), or the exception's name."""
     body = {"model": alias, "messages": [{"role": "user", "content": "Order 9: Bo, bo@x.io"}], "max_tokens": 48,
             "stream": True, "ignore_eos": True}  # fmt: skip
@@ -112,7 +226,7 @@ def _stream(two: TwoEngines, alias: str) -> str:
         return type(exc).__name__
 
 
-def test_an_engine_killed_under_load_loses_no_request_started_after_it(two: TwoEngines) -> None:
+def test_an_engine_killed_under_load_loses_no_request_started_after_it(two: Fleet) -> None:
     holder = next(name for name, e in two.engines().items() if "fa@1" in e["adapters"])
     child = next(p for p in psutil.Process(two.gw.proc.pid).children()
                  if f"--port {two.ports[holder]}" in " ".join(p.cmdline()))  # fmt: skip

