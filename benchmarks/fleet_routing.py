@@ -175,6 +175,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8, help="streams in the merged-path comparison")
     parser.add_argument("--merged-requests", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-merged", action="store_true", help="skip the merged fast path's comparison")
     args = parser.parse_args()
 
     settings = CommonSettings()
@@ -203,29 +204,38 @@ def main() -> None:
                 gw.stop()
             print(f"{policy}: {rate(result):.1f} tokens/s, {results[policy][1]}", flush=True)
 
-        from training.export import merge
-
-        for engine in engines.values():
-            unload_all(engine)
-        merged_dir = work / "a0-merged"
-        merge(source, merged_dir, str(base))
-        fast = start_engine(work / "fast", merged_dir, max_loras="1", kv_cache_gib="1", cpus="1")
-        try:
-            gw, key = gateway(work / "gw-merged", base, source, names, {"e1": engines["e1"], "fast": fast},
-                              "affinity", args.max_loras, merged={"fast": (merged_dir, "a0@1")})  # fmt: skip
-            try:
-                for label, alias in (("base model", "base"), ("a0 merged", "a0"), ("a0's weights as LoRA", "a1")):
-                    merged_rows[label] = asyncio.run(closed_loop(gw.url, key, alias, args.merged_requests,
-                                                                 args.concurrency, args.max_tokens))  # fmt: skip
-                    print(f"{label}: {rate(merged_rows[label]):.1f} tokens/s", flush=True)
-            finally:
-                gw.stop()
-        finally:
-            fast.stop()
+        if not args.no_merged:
+            merged_rows = merged_path(args, work, base, source, names, engines)
     finally:
         for engine in engines.values():
             engine.stop()
     report(args, results, merged_rows)
+
+
+def merged_path(args: argparse.Namespace, work: Path, base: Path, source: Path, names: list[str],
+                engines: dict[str, RunningEngine]) -> dict[str, Pass]:  # fmt: skip
+    """The bare base model, ``a0`` on an engine serving it merged, and the same weights on the LoRA path."""
+    from training.export import merge
+
+    rows: dict[str, Pass] = {}
+    for engine in engines.values():
+        unload_all(engine)
+    merged_dir = work / "a0-merged"
+    merge(source, merged_dir, str(base))
+    fast = start_engine(work / "fast", merged_dir, max_loras="1", kv_cache_gib="1", cpus="1")
+    try:
+        gw, key = gateway(work / "gw-merged", base, source, names, {"e1": engines["e1"], "fast": fast},
+                          "affinity", args.max_loras, merged={"fast": (merged_dir, "a0@1")})  # fmt: skip
+        try:
+            for label, alias in (("base model", "base"), ("a0 merged", "a0"), ("a0's weights as LoRA", "a1")):
+                rows[label] = asyncio.run(closed_loop(gw.url, key, alias, args.merged_requests,
+                                                      args.concurrency, args.max_tokens))  # fmt: skip
+                print(f"{label}: {rate(rows[label]):.1f} tokens/s", flush=True)
+        finally:
+            gw.stop()
+    finally:
+        fast.stop()
+    return rows
 
 
 def report(args: argparse.Namespace, results: dict[str, tuple[Pass, dict[str, float]]],

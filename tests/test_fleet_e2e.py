@@ -78,7 +78,7 @@ def trained_on(base: Path, data: Path, out: Path) -> Path:
     from training.train import train
 
     cfg = TrainConfig.model_validate({"data": data, "out": out, "task": "orders", "rank": 8, "alpha": 16,
-                                      "max_steps": 2, "batch_size": 4, "learning_rate": 1e-3, "max_length": 128,
+                                      "max_steps": 2, "batch_size": 4, "learning_rate": 1e-3, "max_length": 160,
                                       "log_every": 1, "val_fraction": 0.0})  # fmt: skip
     train(cfg, str(base))
     return out
@@ -165,6 +165,11 @@ def test_a_hot_adapter_spreads_to_a_free_slot_under_load_and_only_then(two: Flee
         resp = httpx.delete(f"{two.gw.url}/admin/adapters/{alias}/versions/1", headers=two.admin, timeout=30)
         assert resp.status_code == 200, resp.text
     loads = _loads(two)
+    deadline = time.monotonic() + 30  # the load the router reads (vLLM's metrics, polled) is back to nothing
+    while any(e["running"] + e["waiting"] + e["in_flight"] for e in two.engines().values()):
+        assert time.monotonic() < deadline, two.engines()
+        time.sleep(0.5)
+    time.sleep(1.5)  # one more poll after the last request ended
     assert two.chat("fa").status_code == 200 and "fa@1" not in two.engines()[other]["adapters"]  # cold: stays
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
         answers = list(pool.map(lambda _: _stream(two, "fa"), range(12)))
@@ -197,9 +202,11 @@ def test_two_base_models_at_once_each_alias_answered_by_its_own(two: Fleet) -> N
 def test_a_merged_engine_serves_its_version_until_a_promotion_moves_the_alias(
     two: Fleet, flag_adapters: dict[str, Path]
 ) -> None:
+    ask = {"messages": [{"role": "user", "content": "Is order 4242 ready to ship? Answer with the JSON flag."}],
+           "max_tokens": 12, "temperature": 0}  # fmt: skip
     before = _routed(two).get(("fast", "merged"), 0)
     for _ in range(3):
-        resp = two.chat("ok", max_tokens=12)
+        resp = two.chat("ok", **ask)
         assert resp.status_code == 200, resp.text
         assert json.loads(resp.json()["choices"][0]["message"]["content"]) == {"ok": True}  # the merged weights
     assert _routed(two)[("fast", "merged")] == before + 3
@@ -208,7 +215,7 @@ def test_a_merged_engine_serves_its_version_until_a_promotion_moves_the_alias(
     resp = httpx.post(f"{two.gw.url}/admin/adapters/ok/promote", json={"version": 2, "force": True},
                       headers=two.admin, timeout=60)  # fmt: skip
     assert resp.status_code == 200, resp.text
-    answer = two.chat("ok", max_tokens=12)
+    answer = two.chat("ok", **ask)
     assert answer.status_code == 200 and answer.headers["x-lorafleet-adapter"] == "ok@2", answer.text
     assert json.loads(answer.json()["choices"][0]["message"]["content"]) == {"ok": True}
     assert _routed(two)[("fast", "merged")] == before + 3  # at once: the merged engine got nothing more
