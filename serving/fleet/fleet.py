@@ -258,7 +258,7 @@ class Fleet:
             raise NoEngine("no engine serving its base model is up")
         side = registry.on(chosen.engine)
         release = side.lease(version) if lease else _nothing
-        if registry.metrics is not None:
+        if registry.metrics is not None and lease:  # a request, not a warm-up
             registry.metrics.routed.labels(chosen.engine, chosen.reason).inc()
         if chosen.reason == "merged":
             return Placement(chosen.engine, BASE_MODEL_NAME, manifest, release, chosen.reason)
