@@ -308,16 +308,20 @@ class AdapterRegistry:
         """Every reason the adapter in ``adapter_dir`` cannot be served on ``base`` (``contract.fit``).
 
         Without ``base``: on the served base model it was trained on; if no engine serves that one, everything
-        but the base (which ``unserved_base`` reports) is checked, so it can be published ahead of its engines.
+        but the base (which ``unserved_base`` reports) is checked, so it can be published ahead of its engines,
+        unless a served base has its base's name with other weights: then it is checked against that one.
         """
         if base is None:
             try:
                 manifest = read_manifest(adapter_dir)
             except ManifestError as exc:
                 return [str(exc)]
-            base = self.base_for(manifest)
+            wanted = manifest.base_model
+            namesake = [b for b in self.served_bases() if b.record.name == wanted.name]
+            # Trained on other weights under the name of a base the engines serve (another revision, a tampered
+            # manifest): the served one is what it claims to fit, so it is checked (and refused) against it.
+            base = self.base_for(manifest) or (namesake[0] if namesake else None)
             if base is None:
-                wanted = manifest.base_model
                 base = ServedBase("", BaseModelRecord(name=wanted.name, sha256=wanted.sha256, source="manifest"))
         return fit_problems(adapter_dir, base_name=base.record.name, base_sha256=base.record.sha256,
                             base_config=base.config, max_lora_rank=self.max_lora_rank)  # fmt: skip

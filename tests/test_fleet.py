@@ -347,12 +347,15 @@ def test_an_adapter_for_a_base_no_engine_serves_is_stored_with_a_warning(tmp_pat
     acme = tenants.get("acme")
     assert acme is not None
     tenants.grant(acme, "x")
-    make_adapter(settings.data_dir / "runs" / "x", base_sha256="ef" * 32)
+    source = make_adapter(settings.data_dir / "runs" / "x", base_sha256="ef" * 32)
+    manifest = json.loads((source / "lorafleet.json").read_text())
+    manifest["base_model"]["name"] = "gemma-x"  # a base model no engine serves (under any name)
+    (source / "lorafleet.json").write_text(json.dumps(manifest))
     with TestClient(build_app(settings, engine=FakeEngine())) as client:  # type: ignore[arg-type]
         resp = client.post("/admin/adapters/x/versions", json={"path": "x"}, headers=ADMIN)
         assert resp.status_code == 201, resp.text
         warning = resp.json()["warnings"][0]
-        assert warning.startswith("x@1: no engine serves its base model m (efefefefefef)") and "m (ab)" in warning
+        assert warning.startswith("x@1: no engine serves its base model gemma-x (efefefefefef)") and "m (ab)" in warning
         ready = client.get("/readyz", headers=ADMIN).json()
         assert ready["adapters_unserved"] == {"x": warning} and ready["adapters_pending"] == ["x"]
         assert "lorafleet_adapters_pending 1.0" in client.get("/metrics").text  # the not-servable alert's input

@@ -484,6 +484,7 @@ def test_publish_from_the_import_root_or_an_archive(gateway, tmp_path: Path) -> 
         ("dotdot", 400, "'..' would escape the archive"),
         ("symlink", 400, "links and special files are refused"),
         ("pickle", 400, "pickle-format files ['adapter_model.bin'] are refused"),
+        ("wrong_base", 400, "trained on m (ff), not the base"),
         ("rank", 400, "rank 64 exceeds the engine's max_lora_rank 16"),
         ("modules_to_save", 400, "has modules_to_save"),
         ("not_an_archive", 400, "not a tar or zip archive"),
@@ -511,6 +512,8 @@ def test_bad_publishes_are_refused_and_leave_nothing(
         resp = upload(client, alias, tar_of(files, link="passwd"))
     elif case == "pickle":
         resp = upload(client, alias, tar_of({**files, "adapter_model.bin": b"\x80\x04evil"}))
+    elif case == "wrong_base":  # the served base's name, other weights (a base no engine serves is only a warning)
+        resp = upload(client, alias, tar_of(adapter_files(tmp_path, base_sha256="ff")))
     elif case == "rank":
         resp = upload(client, alias, tar_of(adapter_files(tmp_path, rank=64)))
     elif case == "modules_to_save":
