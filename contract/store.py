@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -36,6 +37,9 @@ from contract.manifest import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, AdapterM
 
 ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 STAGING = ".staging"
+# Staging folders are named <host>.<pid>.<random>: the store may be a volume several hosts (pods) write, each with
+# its own process ids, so only this host's own dead processes' folders are ever cleaned up.
+STAGING_NAME = re.compile(r"^(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>[0-9]+)\.")
 OPTIONAL_FILES = ("metrics.jsonl", "loss.png")  # the training record travels with the weights
 GATE_FILE = "gate.json"
 STABLE_FILE = "stable.json"
@@ -198,7 +202,7 @@ class AdapterStore:
         staging_root = self.root / STAGING
         staging_root.mkdir(parents=True, exist_ok=True)
         self._clean_staging(staging_root)
-        staging = staging_root / f"{os.getpid()}-{uuid.uuid4().hex}"
+        staging = staging_root / staging_name()
         staging.mkdir()
         try:
             names = [WEIGHTS_FILE, CONFIG_FILE, MANIFEST_FILE]
@@ -260,11 +264,22 @@ class AdapterStore:
 
     @staticmethod
     def _clean_staging(staging_root: Path) -> None:
-        # A staging folder whose process is gone is debris from a crash.
+        # A staging folder of this host whose process is gone is debris from a crash; another host's is never
+        # touched (its process ids mean nothing here).
         for leftover in staging_root.iterdir():
-            pid = leftover.name.split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
+            named = STAGING_NAME.match(leftover.name)
+            if named and named["host"] == host_id() and not _alive(int(named["pid"])):
                 shutil.rmtree(leftover, ignore_errors=True)
+
+
+def host_id() -> str:
+    """This host's name as staging folders carry it (a Kubernetes pod's name)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+def staging_name(kind: str = "publish") -> str:
+    """A fresh staging folder name for this host and process (see ``STAGING_NAME``)."""
+    return f"{host_id()}.{os.getpid()}.{kind}-{uuid.uuid4().hex}"
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from contract.manifest import MANIFEST_FILE, WEIGHTS_FILE, ManifestError
-from contract.store import AdapterStore, StoreError
+from contract.store import AdapterStore, StoreError, host_id
 from tests.conftest import make_adapter
 
 
@@ -52,13 +52,16 @@ def test_invalid_alias_is_refused(tmp_path: Path, alias: str) -> None:
 def test_debris_of_a_crashed_publish_is_invisible_and_cleaned(tmp_path: Path) -> None:
     store = AdapterStore(tmp_path / "store")
     # A publisher that died mid-copy (a pid that cannot exist) left a staging folder.
-    debris = tmp_path / "store" / ".staging" / "999999999-dead"
+    debris = tmp_path / "store" / ".staging" / f"{host_id()}.999999999.publish-dead"
     debris.mkdir(parents=True)
     (debris / WEIGHTS_FILE).write_bytes(b"half")
+    # Another host (a pod sharing the store volume) is publishing: its process id means nothing here.
+    elsewhere = tmp_path / "store" / ".staging" / "gateway-7f9c-x2b.999999999.publish-live"
+    elsewhere.mkdir()
     assert store.aliases() == []
     store.publish(make_adapter(tmp_path / "a"), "orders")
     assert not debris.exists()
-    assert os.listdir(tmp_path / "store" / ".staging") == []
+    assert os.listdir(tmp_path / "store" / ".staging") == [elsewhere.name]  # never touched
 
 
 def test_copy_failure_leaves_no_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,9 +15,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import os
 import re
-import uuid
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,7 +23,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from contract.manifest import ManifestError
-from contract.store import STAGING, AdapterStore, StoreError, VersionNotFound, check_alias
+from contract.store import STAGING, AdapterStore, StoreError, VersionNotFound, check_alias, staging_name
 from serving.archive import ArchiveError, discard, unpack
 from serving.config import import_root_of
 from serving.deps import GatewayState, StateDep
@@ -281,7 +279,7 @@ async def publish(alias: str, request: Request, state: StateDep) -> dict[str, An
         version = await asyncio.to_thread(_checked_publish, state, source, alias)
     elif kind in ARCHIVE_TYPES:
         data = await request.body()
-        work = store.root / STAGING / f"{os.getpid()}-upload-{uuid.uuid4().hex}"
+        work = store.root / STAGING / staging_name("upload")
         try:
             source = await asyncio.to_thread(_unpack, data, work, state.settings.max_upload_bytes)
             version = await asyncio.to_thread(_checked_publish, state, source, alias)
