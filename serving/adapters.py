@@ -262,6 +262,10 @@ class AdapterRegistry:
         except StoreError:
             return None
 
+    def serving_versions(self) -> list[tuple[str, AdapterVersion]]:
+        """Every alias with a serving version, and that version (read from the store: not on the event loop)."""
+        return [(alias, version) for alias in self.store.aliases() if (version := self.resolve(alias)) is not None]
+
     async def serving(self, alias: str) -> AdapterVersion | None:
         """``resolve`` for a request: from memory, else read from the store in a worker thread (the store may be
         a network volume; the event loop never waits on it)."""
@@ -280,10 +284,7 @@ class AdapterRegistry:
 
     def _read_all_serving(self) -> dict[str, frozenset[str]]:
         by_base: dict[str, set[str]] = {}
-        for alias in self.store.aliases():
-            version = self.resolve(alias)
-            if version is None:
-                continue
+        for _, version in self.serving_versions():
             try:
                 base = self.base_for(self.manifest(version))
             except (ManifestError, OSError):
@@ -354,10 +355,7 @@ class AdapterRegistry:
         side = self.on(engine)
         side.loaded.clear()
         problems = []
-        for alias in self.store.aliases():
-            version = self.resolve(alias)
-            if version is None:
-                continue
+        for _, version in self.serving_versions():
             try:
                 base = self.base_for(self.manifest(version))
                 if base is None or base.key != self.base_of(side.name).key:
@@ -373,9 +371,8 @@ class AdapterRegistry:
         loads an adapter on its first request) whose last load failed or whose base model no engine serves."""
         loaded = self.loaded
         missing = []
-        for alias in self.store.aliases():
-            version = self.resolve(alias)
-            if version is None or version.ref in loaded:
+        for alias, version in self.serving_versions():
+            if version.ref in loaded:
                 continue
             if lazy and version.ref not in self.load_failures and not self.unserved(version):
                 continue
@@ -392,8 +389,7 @@ class AdapterRegistry:
     def unserved_aliases(self) -> dict[str, str]:
         """Alias -> why its serving version has no engine (its base model is served by none)."""
         out = {}
-        for alias in self.store.aliases():
-            version = self.resolve(alias)
-            if version is not None and (why := self.unserved(version)):
+        for alias, version in self.serving_versions():
+            if why := self.unserved(version):
                 out[alias] = f"{version.ref}: {why}"
         return out

@@ -294,13 +294,9 @@ async def publish(alias: str, request: Request, state: StateDep) -> dict[str, An
     unserved = await asyncio.to_thread(state.adapters.unserved, version)
     if unserved:
         log.warning("published %s: %s", version.ref, unserved)
+    warnings = [f"{version.ref}: {unserved}"] if unserved else []
     return {"alias": alias, "version": version.version, "ref": version.ref, "serving": serving.version,
-            "warnings": [f"{version.ref}: {unserved}"] if unserved else []} | await _load(state, serving)  # fmt: skip
-
-
-async def _load(state: GatewayState, version: Any) -> dict[str, Any]:
-    """Load ``version`` where its requests go, so neither its first request nor readiness waits for it."""
-    return await state.engine.warm(version)
+            "warnings": warnings} | await state.engine.warm(serving)  # fmt: skip
 
 
 def _no_canary_running(state: GatewayState, alias: str) -> None:
@@ -354,7 +350,7 @@ async def promote(alias: str, body: PromoteBody, state: StateDep) -> dict[str, A
     except StoreError as exc:
         raise _store_refused(exc) from exc
     state.adapters.changed()
-    return event | await _load(state, store.get(alias, body.version))
+    return event | await state.engine.warm(store.get(alias, body.version))  # loaded where its requests will go
 
 
 @router.delete("/adapters/{alias}/versions/{version}")
