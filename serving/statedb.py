@@ -1,7 +1,7 @@
 """The state database (tenants, keys, grants, alias policies, canaries): its engine and its schema.
 
 SQLite on one machine (the default, ``data_dir/state.db``), PostgreSQL for a
-fleet of gateways (``LORAFLEET_STATE_URL=postgresql+psycopg://...``). The schema
+fleet of gateways (``LORAFLEET_DATABASE_URL=postgresql+psycopg://...``). The schema
 is managed by Alembic migrations (``serving/migrations``): ``upgrade`` applies
 the missing ones, at start and with ``lorafleet db upgrade``. On PostgreSQL it
 holds an advisory lock for its transaction, so replicas starting together never

