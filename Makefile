@@ -33,11 +33,12 @@ model: venv
 run: venv
 	$(PY) -m lorafleet demo
 
-# Debian's prometheus: promtool (rule and metric checks) and a real server for the observability tests.
+# Debian's prometheus (promtool, and a real server for the observability tests) and redis-server (limits
+# shared by several gateways), for the tests.
 tools:
-	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
-		echo "installing Debian's prometheus package (promtool and a server for the tests)"; \
-		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q prometheus; }
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v redis-server >/dev/null || { \
+		echo "installing Debian's prometheus and redis-server packages (real servers for the tests)"; \
+		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q prometheus redis-server; }
 
 test: model tools
 	$(PY) -m pytest

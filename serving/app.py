@@ -34,7 +34,7 @@ from serving.fleet.bases import ServedBase
 from serving.fleet.config import EngineSpec, engine_specs
 from serving.fleet.discovery import discovered
 from serving.fleet.fleet import Fleet
-from serving.limits import TenantLimiter
+from serving.limits import RedisLimiter, TenantLimiter
 from serving.metrics import GatewayMetrics, StateCollector
 from serving.middleware import BodySizeLimit
 from serving.observe import Observe
@@ -78,8 +78,15 @@ def build_app(settings: GatewaySettings, engine: Engine | dict[str, Engine] | No
                                          canaries.weights,
                                          lambda: len(adapters.pending(eng.several)) if eng.is_ready() else 0,
                                          eng.describe))  # fmt: skip
-        app.state.gateway = GatewayState(settings, eng, tenants, adapters, TenantLimiter(), policies, metrics,
-                                         canaries)  # fmt: skip
+        limiter: TenantLimiter | RedisLimiter = TenantLimiter()
+        if settings.redis_url is not None:  # a lease outlives the longest request the engine may take
+            limiter = RedisLimiter(
+                settings.redis_url,
+                timeout_s=settings.redis_timeout_s,
+                fail_open=settings.redis_fail_open,
+                lease_s=settings.upstream_timeout_s + 60,
+            )
+        app.state.gateway = GatewayState(settings, eng, tenants, adapters, limiter, policies, metrics, canaries)
 
         async def on_engine_ready(name: str) -> None:
             eng.up(name)
@@ -109,6 +116,8 @@ def build_app(settings: GatewaySettings, engine: Engine | dict[str, Engine] | No
             if discovery is not None:
                 discovery.cancel()
             await eng.stop()
+            if isinstance(limiter, RedisLimiter):
+                await limiter.close()
 
     # Only the listed routes exist: no docs pages, and no redirect from "/v1/models/" to "/v1/models".
     app = FastAPI(title="lorafleet gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,

@@ -107,6 +107,23 @@ class GatewaySettings(CommonSettings):
     log_content: bool = Field(
         default=False, description="Put prompts and outputs in the access log (debugging only: they may be private)."
     )
+    redis_url: str | None = Field(
+        default=None,
+        description=(
+            "Redis (redis://HOST:6379/0) where every gateway replica counts each tenant's requests per minute and "
+            "requests in flight together. Unset: each replica counts its own (N replicas admit up to N × a limit)."
+        ),
+    )
+    redis_timeout_s: float = Field(
+        default=0.5, gt=0, le=10, description="Longest wait for Redis on a request before it counts as unreachable."
+    )
+    redis_fail_open: bool = Field(
+        default=False,
+        description=(
+            "With Redis configured and unreachable: false (default) refuses requests of limited tenants with 503 "
+            "limits_unavailable; true admits them under this replica's own counts until Redis answers again."
+        ),
+    )
     canary_poll_s: float = Field(default=1.0, description="How often running canaries are checked for a decision.")
     import_root: Path | None = Field(
         default=None,

@@ -12,7 +12,7 @@ from serving.canary import CanaryManager
 from serving.config import GatewaySettings
 from serving.errors import APIError
 from serving.fleet.fleet import Fleet
-from serving.limits import TenantLimiter
+from serving.limits import RedisLimiter, TenantLimiter
 from serving.metrics import GatewayMetrics
 from serving.policies import AliasPolicies
 from serving.tenants import Tenant, TenantStore
@@ -24,7 +24,7 @@ class GatewayState:
     engine: Fleet  # the engines, as one for readiness and restarts; ``pick`` routes a request
     tenants: TenantStore
     adapters: AdapterRegistry
-    limiter: TenantLimiter
+    limiter: TenantLimiter | RedisLimiter
     policies: AliasPolicies
     metrics: GatewayMetrics
     canaries: CanaryManager

@@ -15,18 +15,28 @@ a request for ``n`` answers to each of ``p`` prompts is ``n × p`` of them.
 
 A request costing more than a limit allows at all is refused with 400, not 429.
 
-State is in memory: limits are per gateway replica.
+``TenantLimiter`` counts in this process: with N gateway replicas a tenant gets
+up to N times its limits. ``RedisLimiter`` (``LORAFLEET_REDIS_URL``) counts in
+Redis for every replica at once, with the same rules, each admission one atomic
+script: the bucket refills by Redis's clock, and every sequence in flight is a
+lease that expires on its own if its gateway dies before releasing it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import logging
 import math
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from serving.errors import APIError
-from serving.tenants import Tenant
+from serving.tenants import Limits, Tenant
+
+log = logging.getLogger("lorafleet.limits")
 
 
 @dataclass
@@ -41,15 +51,13 @@ class TenantLimiter:
     _buckets: dict[int, _Bucket] = field(default_factory=dict)
     _in_flight: dict[int, int] = field(default_factory=dict)
 
+    async def acquire(self, tenant: Tenant, cost: int = 1) -> Slot:
+        return self.admit(tenant, cost)
+
     def admit(self, tenant: Tenant, cost: int = 1) -> Slot:
         """Take ``cost`` sequences' slots for ``tenant`` or raise 429; release the slot when the request ends."""
         limits = tenant.limits
-        for limit, what in ((limits.requests_per_minute, "requests per minute"),
-                            (limits.max_concurrent, "concurrent requests")):  # fmt: skip
-            if limit and cost > limit:
-                raise APIError(400, f"This request is {cost} sequences (n × prompts); this key's limit is {limit} "
-                               f"{what}. Send fewer prompts or a smaller n.", param="n",
-                               code="sequences_over_limit")  # fmt: skip
+        _refuse_oversized(limits, cost)
         now = self.clock()  # type: ignore[operator]
         if limits.requests_per_minute:
             rate = limits.requests_per_minute / 60.0
@@ -58,13 +66,10 @@ class TenantLimiter:
             bucket.stamp = now
             self._buckets[tenant.id] = bucket
             if bucket.tokens < cost:
-                wait = math.ceil((cost - bucket.tokens) / rate)
-                raise APIError(429, f"Rate limit reached: {limits.requests_per_minute} requests per minute.",
-                               code="rate_limit_exceeded", headers={"Retry-After": str(wait)})  # fmt: skip
+                raise _over_rate(limits, math.ceil((cost - bucket.tokens) / rate))
         in_flight = self._in_flight.get(tenant.id, 0)
         if limits.max_concurrent and in_flight + cost > limits.max_concurrent:
-            raise APIError(429, f"Too many concurrent requests: the limit is {limits.max_concurrent}.",
-                           code="concurrency_limit_exceeded", headers={"Retry-After": "1"})  # fmt: skip
+            raise _over_concurrency(limits)
         if limits.requests_per_minute:
             self._buckets[tenant.id].tokens -= cost
         self._in_flight[tenant.id] = in_flight + cost
@@ -75,6 +80,143 @@ class TenantLimiter:
 
     def in_flight(self, tenant: Tenant) -> int:
         return self._in_flight.get(tenant.id, 0)
+
+
+def _refuse_oversized(limits: Limits, cost: int) -> None:
+    for limit, what in ((limits.requests_per_minute, "requests per minute"),
+                        (limits.max_concurrent, "concurrent requests")):  # fmt: skip
+        if limit and cost > limit:
+            raise APIError(400, f"This request is {cost} sequences (n × prompts); this key's limit is {limit} "
+                           f"{what}. Send fewer prompts or a smaller n.", param="n",
+                           code="sequences_over_limit")  # fmt: skip
+
+
+def _over_rate(limits: Limits, wait_s: int) -> APIError:
+    return APIError(429, f"Rate limit reached: {limits.requests_per_minute} requests per minute.",
+                    code="rate_limit_exceeded", headers={"Retry-After": str(wait_s)})  # fmt: skip
+
+
+def _over_concurrency(limits: Limits) -> APIError:
+    return APIError(429, f"Too many concurrent requests: the limit is {limits.max_concurrent}.",
+                    code="concurrency_limit_exceeded", headers={"Retry-After": "1"})  # fmt: skip
+
+
+# One admission, atomically: refill the bucket by Redis's clock, check it, drop the expired leases of gateways
+# that died, check the sequences in flight, then take both. KEYS: bucket, leases. ARGV: requests per minute (0:
+# none), concurrent (0: none), cost, slot id, lease seconds. Returns {1} admitted, {0, wait_s} over the rate,
+# {-1} over the concurrency.
+ADMIT = """
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000
+local rpm, cap, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local tokens = 0
+if rpm > 0 then
+  local bucket = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
+  tokens = tonumber(bucket[1]) or rpm
+  local stamp = tonumber(bucket[2]) or now
+  tokens = math.min(rpm, tokens + math.max(0, now - stamp) * rpm / 60)
+  if tokens < cost then
+    return {0, math.ceil((cost - tokens) / (rpm / 60))}
+  end
+end
+if cap > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  if redis.call('ZCARD', KEYS[2]) + cost > cap then
+    return {-1, 1}
+  end
+  local expires = now + tonumber(ARGV[5])
+  for i = 1, cost do
+    redis.call('ZADD', KEYS[2], expires, ARGV[4] .. ':' .. i)
+  end
+  redis.call('EXPIRE', KEYS[2], math.ceil(tonumber(ARGV[5])) + 60)
+end
+if rpm > 0 then
+  redis.call('HSET', KEYS[1], 'tokens', tokens - cost, 'stamp', now)
+  redis.call('EXPIRE', KEYS[1], 120)
+end
+return {1, 0}
+"""
+
+
+class RedisLimiter:
+    """The same limits as ``TenantLimiter``, counted in Redis for every gateway replica.
+
+    Redis unreachable (or slower than ``timeout_s``): a limited tenant's request gets 503 ``limits_unavailable``
+    (``fail_open`` false), or is admitted under this replica's own counts (``fail_open`` true). A tenant with no
+    counting limit never waits for Redis.
+    """
+
+    def __init__(self, url: str, *, timeout_s: float = 0.5, fail_open: bool = False, lease_s: float = 660.0,
+                 prefix: str = "lorafleet:limits") -> None:  # fmt: skip
+        import redis.asyncio as redis
+
+        self.client = redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                     retry_on_timeout=False)  # fmt: skip
+        self.timeout_s, self.fail_open, self.lease_s, self.prefix = timeout_s, fail_open, lease_s, prefix
+        self.local = TenantLimiter()  # fail-open counts; also what this replica holds, for in_flight
+        self._admit = self.client.register_script(ADMIT)
+        self._releases: set[asyncio.Task[None]] = set()
+        self._warned_at = 0.0
+
+    async def acquire(self, tenant: Tenant, cost: int = 1) -> Slot:
+        limits = tenant.limits
+        _refuse_oversized(limits, cost)
+        if not limits.requests_per_minute and not limits.max_concurrent:
+            return self.local.admit(tenant, cost)
+        slot_id = uuid.uuid4().hex
+        keys = [f"{self.prefix}:{tenant.id}:bucket", f"{self.prefix}:{tenant.id}:leases"]
+        try:
+            verdict, wait = await asyncio.wait_for(
+                self._admit(keys=keys, args=[limits.requests_per_minute or 0, limits.max_concurrent or 0, cost,
+                                             slot_id, self.lease_s]),
+                timeout=2 * self.timeout_s,
+            )  # fmt: skip
+        except Exception as exc:  # connection refused, timeout, a Redis error: never hang, never crash
+            return self._unreachable(tenant, cost, exc)
+        if verdict == 0:
+            raise _over_rate(limits, int(wait))
+        if verdict == -1:
+            raise _over_concurrency(limits)
+        slot = self.local.admit(_unlimited(tenant), cost)  # this replica's view of what it holds
+        if limits.max_concurrent:
+            slot.on_release(lambda: self._release(keys[1], [f"{slot_id}:{i}" for i in range(1, cost + 1)]))
+        return slot
+
+    def _unreachable(self, tenant: Tenant, cost: int, exc: BaseException) -> Slot:
+        now = time.monotonic()
+        if now - self._warned_at > 10:
+            self._warned_at = now
+            then = "admitting under this replica's own counts" if self.fail_open else "refusing limited tenants"
+            log.warning("Redis unreachable for limits (%s: %s); %s", type(exc).__name__, exc, then)
+        if self.fail_open:
+            return self.local.admit(tenant, cost)
+        raise APIError(503, "Rate limits cannot be checked right now (their store is unreachable); retry shortly.",
+                       code="limits_unavailable", headers={"Retry-After": "2"})  # fmt: skip
+
+    def _release(self, key: str, members: list[str]) -> None:
+        async def release() -> None:
+            try:
+                await asyncio.wait_for(self.client.zrem(key, *members), timeout=2 * self.timeout_s)
+            except Exception as exc:  # the leases expire on their own
+                log.warning("could not release %d sequence(s) in Redis (%s); their leases expire on their own",
+                            len(members), exc)  # fmt: skip
+
+        task = asyncio.get_running_loop().create_task(release())
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    def in_flight(self, tenant: Tenant) -> int:
+        """Sequences this replica holds for ``tenant`` (Redis has every replica's)."""
+        return self.local.in_flight(tenant)
+
+    async def close(self) -> None:
+        if self._releases:
+            await asyncio.wait(self._releases, timeout=2 * self.timeout_s)
+        await self.client.aclose()
+
+
+def _unlimited(tenant: Tenant) -> Tenant:
+    return dataclasses.replace(tenant, limits=Limits())
 
 
 class Slot:

@@ -207,3 +207,56 @@ async def serve(app: web.Application) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{port}/"
     finally:
         await runner.cleanup()
+
+
+@dataclass
+class RedisServer:
+    """A throwaway ``redis-server`` on loopback (Debian's package; ``make test`` installs it)."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    workdir: Path
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @classmethod
+    def start(cls, workdir: Path, port: int | None = None) -> RedisServer:
+        import shutil
+        import socket
+        import time
+
+        if shutil.which("redis-server") is None:
+            pytest.fail("redis-server is missing: `apt-get install redis-server` (make test does it)")
+        port = port or free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                 "--appendonly", "no", "--dir", str(workdir)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # fmt: skip
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                return cls(proc, port, workdir)
+            except OSError:
+                if proc.poll() is not None:
+                    break
+                time.sleep(0.05)
+        proc.kill()
+        pytest.fail(f"redis-server did not start on port {port}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer.start(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()

@@ -39,7 +39,7 @@ DATABASE = {"database": {"url": "postgresql+psycopg://lorafleet:secret@postgres:
 KUBERNETES = ("1.29.0", kubernetes_validate.utils.latest_version() + ".0")
 # Settings the chart sets itself, and those only a gateway supervising its own engine reads.
 CHART_SETS = {"host", "port", "data_dir", "base_model", "engines_file", "max_lora_rank", "max_model_len",
-              "admin_key", "metrics_key", "database_url"}  # fmt: skip
+              "admin_key", "metrics_key", "database_url", "redis_url"}  # fmt: skip
 CHILD_ONLY = {"engine_url", "engine_key", "engine_port", "engine_nice", "engine_start_timeout_s", "kv_cache_gib",
               "max_loras", "dev_mode"}  # fmt: skip
 
@@ -47,6 +47,7 @@ CHILD_ONLY = {"engine_url", "engine_key", "engine_port", "engine_nice", "engine_
 def everything_on() -> dict[str, Any]:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     values["gateway"]["autoscaling"]["enabled"] = True
+    values["redis"]["url"] = "redis://redis-master:6379/0"
     engine = values["engines"][0]
     engine |= {"extraArgs": ["--enforce-eager"], "env": {"VLLM_CPU_KVCACHE_SPACE": 4}}
     engine["autoscaling"]["enabled"] = True
@@ -291,6 +292,7 @@ def test_engines_take_traffic_only_from_gateways() -> None:
     [
         ({}, helm.HelmError, "database.url is empty"),
         ({"database": {"url": "sqlite:///var/state.db"}}, helm.HelmError, "not a PostgreSQL URL"),
+        (DATABASE | {"redis": {"url": "localhost:6379"}}, helm.HelmError, "redis"),
         (DATABASE | {"gateway": {"settings": {"state_cache": 5}}}, helm.HelmError, "state_cache"),
         (DATABASE | {"engines": [{"name": "a", "baseModel": "SmolLM2-135M-Instruct", "device": "tpu", "maxLoras": 4,
                                   "autoscaling": {}, "podDisruptionBudget": {}}]}, helm.HelmError, "device"),
@@ -299,7 +301,8 @@ def test_engines_take_traffic_only_from_gateways() -> None:
          helm.HelmError, "no engine serves the gateways' base model"),
         (DATABASE | {"secrets": {"adminKey": "short"}}, helm.HelmError, "adminKey"),
     ],
-    ids=["no-database", "sqlite", "unknown-setting", "bad-device", "base-unserved", "short-admin-key"],
+    ids=["no-database", "sqlite", "redis-not-a-url", "unknown-setting", "bad-device", "base-unserved",
+         "short-admin-key"],
 )  # fmt: skip
 def test_bad_values_are_refused_with_the_fix(values: dict[str, Any], error: type[Exception], says: str) -> None:
     with pytest.raises(error) as caught:
@@ -312,3 +315,16 @@ def test_a_duplicate_engine_name_is_refused() -> None:
     engine = yaml.safe_load((CHART / "values.yaml").read_text())["engines"][0]
     with pytest.raises(helm.HelmError, match="used twice"):
         render(DATABASE | {"engines": [engine, engine]})
+
+
+def test_redis_is_set_only_when_given() -> None:
+    def gateway_env(values: dict[str, Any]) -> dict[str, Any]:
+        [container] = containers(render(values), "gateway")
+        return {v["name"]: v for v in container["env"]}
+
+    assert "LORAFLEET_REDIS_URL" not in gateway_env(SCENARIOS["cpu"])
+    ref = gateway_env(SCENARIOS["everything"])["LORAFLEET_REDIS_URL"]["valueFrom"]["secretKeyRef"]
+    secret = one(render(SCENARIOS["everything"]), "Secret", "lf-lorafleet-keys")
+    assert ref["key"] in secret["data"]
+    optional = gateway_env(SCENARIOS["existing-secret"])["LORAFLEET_REDIS_URL"]["valueFrom"]["secretKeyRef"]
+    assert optional["optional"] is True  # a Secret of your own may leave Redis out

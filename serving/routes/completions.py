@@ -151,7 +151,7 @@ async def _proxy(route: str, req: RequestBase, tenant: Tenant, state: GatewaySta
     if not alias:
         raise APIError(400, "'model' is required: name an alias (see GET /v1/models).", param="model",
                        code="missing_model")  # fmt: skip
-    slot = state.limiter.admit(tenant, sequences)  # 429 before any work
+    slot = await state.limiter.acquire(tenant, sequences)  # 429 before any work
     try:
         call = await prepare(route, req, alias, body, tenant, state, request, record, slot)
         record.upstream_at = time.perf_counter()  # the gateway's own work ends here
