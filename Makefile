@@ -33,12 +33,14 @@ model: venv
 run: venv
 	$(PY) -m lorafleet demo
 
-# Debian's prometheus (promtool, and a real server for the observability tests) and redis-server (limits
-# shared by several gateways), for the tests.
+# Real servers for the tests, from Debian: prometheus (and promtool) for the observability tests, redis-server
+# and postgresql for several gateways sharing limits and state.
+TOOLS_PKGS := prometheus redis-server postgresql
 tools:
-	@command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v redis-server >/dev/null || { \
-		echo "installing Debian's prometheus and redis-server packages (real servers for the tests)"; \
-		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q prometheus redis-server; }
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v redis-server >/dev/null \
+		&& ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+		echo "installing Debian's $(TOOLS_PKGS) (real servers for the tests)"; \
+		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $(TOOLS_PKGS); }
 
 test: model tools
 	$(PY) -m pytest

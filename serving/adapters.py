@@ -25,6 +25,7 @@ from contract.basemodel import BaseModelRecord
 from contract.fit import fit_problems
 from contract.manifest import AdapterManifest, ManifestError, read_manifest
 from contract.store import AdapterStore, AdapterVersion, StoreError
+from serving.changes import SERVING
 from serving.engine import Engine
 from serving.fleet.bases import ServedBase, base_for
 from serving.metrics import GatewayMetrics
@@ -198,6 +199,7 @@ class AdapterRegistry:
         # alias -> (its serving version,): read off the event loop, kept ``serving_cache_s``, cleared by ``changed``
         self._serving: ReadCache[tuple[AdapterVersion | None]] = ReadCache(serving_cache_s)
         self._all_serving: ReadCache[dict[str, frozenset[str]]] = ReadCache(serving_cache_s)
+        self.announce: Callable[[str], None] | None = None  # tells the other gateways (serving.changes.announcer)
         self.metrics: GatewayMetrics | None = None  # set by the app: load/unload counts and durations
         self._manifests: dict[str, AdapterManifest] = {}
         self.load_failures: dict[str, str] = {}  # version ref -> why its last load failed (cleared by a success)
@@ -272,7 +274,14 @@ class AdapterRegistry:
         return (await self._serving.aget(alias, lambda: (self.resolve(alias),)))[0]
 
     def changed(self) -> None:
-        """The store was written (publish, promote, retire): what ``serving`` remembers is dropped."""
+        """The store was written (publish, promote, retire): what ``serving`` remembers is dropped, here and, through
+        ``announce`` (``serving.changes``), in every other gateway."""
+        self.forget()
+        if self.announce is not None:
+            self.announce(SERVING)
+
+    def forget(self) -> None:
+        """Drop what ``serving`` remembers (another gateway announced a write to the store)."""
         self._serving.changed()
         self._all_serving.changed()
 

@@ -27,6 +27,7 @@ from contract.store import AdapterStore
 from serving import errors
 from serving.adapters import AdapterRegistry
 from serving.canary import CanaryManager
+from serving.changes import POLICIES, SERVING, TENANTS, ChangeFeed, announcer
 from serving.config import GATEWAY_FILE, GatewaySettings, local_url
 from serving.deps import GatewayState
 from serving.engine import Engine, VLLMEngine
@@ -105,6 +106,13 @@ def build_app(settings: GatewaySettings, engine: Engine | dict[str, Engine] | No
         gc.collect()
         gc.freeze()
         analysis = asyncio.create_task(canaries.run(settings.canary_poll_s))
+        feed = None
+        if ChangeFeed.wanted(settings.state_url):  # several gateways on PostgreSQL: hear each other's writes
+            adapters.announce = announcer(tenants.engine)
+            feed = ChangeFeed(settings.state_url, {TENANTS: tenants.changed, POLICIES: policies.changed,
+                                                   SERVING: adapters.forget})  # fmt: skip
+            app.state.changes = feed
+        listening = asyncio.create_task(feed.run()) if feed is not None else None
         discovery = asyncio.create_task(_rediscover(settings, declared, eng)) if dynamic else None
         app.state.instance = secrets.token_hex(8)
         announced = _announce(settings, app.state.instance)
@@ -113,6 +121,8 @@ def build_app(settings: GatewaySettings, engine: Engine | dict[str, Engine] | No
         finally:
             announced.unlink(missing_ok=True)
             analysis.cancel()
+            if listening is not None:
+                listening.cancel()
             if discovery is not None:
                 discovery.cancel()
             await eng.stop()

@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.metrics import rejection_reason
@@ -79,6 +80,15 @@ def install(app: FastAPI) -> None:
         param = ".".join(loc) or None
         message = f"{param}: {first.get('msg', 'invalid value')}" if param else str(first.get("msg", "invalid body"))
         return _refuse(request, 422, message, "invalid_field", param)
+
+    @app.exception_handler(sa_exc.OperationalError)
+    @app.exception_handler(sa_exc.InterfaceError)
+    async def _state_unreachable(request: Request, exc: Exception) -> JSONResponse:
+        # The state database is down or restarting: nothing was written; the client may retry. Requests whose
+        # key and policy are cached keep being served meanwhile.
+        log.warning("state database unreachable on %s %s: %s", request.method, request.url.path, exc)
+        return _refuse(request, 503, "The state database is unreachable right now; nothing was changed. Retry "
+                       "shortly.", "state_unavailable", headers={"Retry-After": "2"})  # fmt: skip
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -30,6 +30,7 @@ from typing import Any, Literal, get_args
 
 import sqlalchemy as sa
 
+from serving.changes import POLICIES, announce
 from serving.statecache import ReadCache
 from serving.statedb import ensure_schema, metadata
 
@@ -91,5 +92,10 @@ class AliasPolicies:
                 row = {"alias": alias, "json_mode": policy.json_mode, "default_schema": schema,
                        "updated_at": datetime.now(UTC)}  # fmt: skip
                 db.execute(sa.insert(policies_table).values(**row))
-        self._known.changed()
+            announce(db, POLICIES)  # the other gateways forget theirs when this commits
+        self.changed()
         return policy
+
+    def changed(self) -> None:
+        """Forget the cached policies (after a write here, or one another gateway announced)."""
+        self._known.changed()

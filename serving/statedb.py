@@ -35,8 +35,8 @@ _lock = threading.Lock()
 def state_engine(url: str) -> sa.Engine:
     """The state database's engine. SQLite runs in WAL mode with a busy timeout: the gateway's threads, its
     canary loop and the CLI all write the same file, and readers should never wait for a writer."""
-    if not url.startswith("sqlite"):
-        return sa.create_engine(url, pool_pre_ping=True)
+    if not url.startswith("sqlite"):  # PostgreSQL: a dead connection is replaced, an unreachable server fails fast
+        return sa.create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 5})
     engine = sa.create_engine(url, connect_args={"timeout": 30})
 
     @sa.event.listens_for(engine, "connect")

@@ -21,12 +21,15 @@ import hashlib
 import hmac
 import re
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
 
+from serving.changes import TENANTS, announce
 from serving.statecache import ReadCache
 from serving.statedb import ensure_schema, metadata, state_engine
 
@@ -135,22 +138,31 @@ class TenantStore:
         # Digests of keys the database does not know: a flood of made-up keys costs one read per key per TTL.
         self._unknown: ReadCache[bool] = ReadCache(UNKNOWN_KEY_TTL_S, maxsize=UNKNOWN_KEYS_KEPT)
 
-    def _changed(self) -> None:
+    def changed(self) -> None:
+        """Forget what is cached: after a write here, or one another gateway announced (``serving.changes``)."""
         self._known.changed()
         self._unknown.changed()
+
+    @contextmanager
+    def _write(self) -> Iterator[sa.Connection]:
+        """One write transaction; every gateway's cache forgets what it knew once it commits (this one at once,
+        the others when PostgreSQL delivers the announcement: within a second)."""
+        with self.engine.begin() as db:
+            yield db
+            announce(db, TENANTS)
+        self.changed()  # not when the write failed: the cache stays as good as it was (the database may be away)
 
     # -- tenants -------------------------------------------------------------------------------
 
     def create(self, name: str) -> Tenant:
         check_name(name)
-        with self.engine.begin() as db:
+        with self._write() as db:
             if db.execute(sa.select(tenants_table.c.id).where(tenants_table.c.name == name)).first():
                 raise TenantError(f"tenant {name!r} already exists")
             result = db.execute(tenants_table.insert().values(name=name, disabled=False, created_at=datetime.now(UTC)))
             tenant_id = result.inserted_primary_key[0] if result.inserted_primary_key else None
             if tenant_id is None:
                 raise TenantError(f"tenant {name!r} was not created")
-        self._changed()
         return self.require(name)
 
     def get(self, name: str) -> Tenant | None:
@@ -185,39 +197,36 @@ class TenantStore:
         return self._update(name, **vars(limits))
 
     def _update(self, name: str, **values: Any) -> Tenant:
-        with self.engine.begin() as db:
+        with self._write() as db:
             result = db.execute(tenants_table.update().where(tenants_table.c.name == name).values(**values))
             if result.rowcount == 0:
                 raise TenantNotFound(f"no tenant {name!r}; list them with `lorafleet tenants list`")
-        self._changed()
         return self.require(name)
 
     # -- grants --------------------------------------------------------------------------------
 
     def grant(self, tenant: Tenant, alias: str) -> None:
-        with self.engine.begin() as db:
+        with self._write() as db:
             exists = db.execute(
                 sa.select(grants_table).where(grants_table.c.tenant_id == tenant.id, grants_table.c.alias == alias)
             ).first()
             if not exists:
                 db.execute(grants_table.insert().values(tenant_id=tenant.id, alias=alias))
-        self._changed()
 
     def revoke_grant(self, tenant: Tenant, alias: str) -> None:
-        with self.engine.begin() as db:
+        with self._write() as db:
             db.execute(
                 grants_table.delete().where(grants_table.c.tenant_id == tenant.id, grants_table.c.alias == alias)
             )
             if tenant.default_alias == alias:
                 db.execute(tenants_table.update().where(tenants_table.c.id == tenant.id).values(default_alias=None))
-        self._changed()
 
     # -- keys ----------------------------------------------------------------------------------
 
     def issue_key(self, tenant: Tenant) -> str:
         """A new API key for ``tenant``; the plaintext is returned once and never stored."""
         key = KEY_PREFIX + secrets.token_urlsafe(32)
-        with self.engine.begin() as db:
+        with self._write() as db:
             db.execute(
                 keys_table.insert().values(
                     tenant_id=tenant.id, key_hash=_hash(key), key_id=key_id_of(key), created_at=datetime.now(UTC)
@@ -234,7 +243,7 @@ class TenantStore:
 
     def revoke_key(self, tenant: Tenant, key_id: str) -> int:
         """Revoke the tenant's live keys whose public id is ``key_id``; returns how many."""
-        with self.engine.begin() as db:
+        with self._write() as db:
             result = db.execute(
                 keys_table.update()
                 .where(
@@ -244,7 +253,6 @@ class TenantStore:
                 )
                 .values(revoked_at=datetime.now(UTC))
             )
-        self._changed()
         if result.rowcount == 0:
             raise TenantError(f"tenant {tenant.name!r} has no live key {key_id!r}; list them with `tenants keys`")
         return int(result.rowcount)
@@ -253,7 +261,7 @@ class TenantStore:
         """Issue a new key and revoke every other live key of the tenant, in one transaction."""
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         now = datetime.now(UTC)
-        with self.engine.begin() as db:
+        with self._write() as db:
             db.execute(
                 keys_table.update()
                 .where(keys_table.c.tenant_id == tenant.id, keys_table.c.revoked_at.is_(None))
@@ -263,7 +271,6 @@ class TenantStore:
                 keys_table.insert().values(tenant_id=tenant.id, key_hash=_hash(key), key_id=key_id_of(key),
                                            created_at=now)
             )  # fmt: skip
-        self._changed()
         return key
 
     async def aauthenticate(self, key: str) -> Tenant | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import struct
@@ -260,3 +261,75 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server = RedisServer.start(tmp_path_factory.mktemp("redis"))
     yield server
     server.stop()
+
+
+@dataclass
+class PostgresServer:
+    """A throwaway PostgreSQL cluster on loopback (Debian's ``postgresql``; ``make test`` installs it): made with
+    ``initdb`` in a temporary directory (as the ``postgres`` user when the tests run as root, which initdb
+    refuses), trust authentication, no fsync."""
+
+    datadir: Path
+    port: int
+    run_as: list[str]
+    bindir: Path
+
+    @classmethod
+    def create(cls, port: int | None = None) -> PostgresServer:
+        """A new cluster in its own directory under the system's temporary folder (pytest's are private to
+        root: the ``postgres`` user could not reach them)."""
+        import os
+        import shutil
+        import tempfile
+
+        bindir = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None)
+        if bindir is None or not (bindir / "initdb").exists():
+            pytest.fail("PostgreSQL is missing: `apt-get install postgresql` (make test does it)")
+        run_as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        workdir = Path(tempfile.mkdtemp(prefix="lorafleet-pg-"))
+        if run_as:
+            shutil.chown(workdir, "postgres", "postgres")
+        datadir = workdir / "data"
+        made = subprocess.run([*run_as, str(bindir / "initdb"), "-D", str(datadir), "-U", "postgres", "-A", "trust",
+                               "--no-sync"], capture_output=True, text=True)  # fmt: skip
+        if made.returncode != 0:
+            pytest.fail(f"initdb failed: {made.stderr or made.stdout}")
+        server = cls(datadir, port or free_port(), run_as, bindir)
+        server.start()
+        return server
+
+    def _ctl(self, *args: str) -> None:
+        command = [*self.run_as, str(self.bindir / "pg_ctl"), "-D", str(self.datadir), *args]
+        subprocess.run(command, check=True, capture_output=True, timeout=60)
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.datadir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._ctl("-w", "-l", str(self.datadir / "server.log"), "-o", options, "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._ctl("-w", "-m", mode, "stop")
+
+    def remove(self) -> None:
+        import shutil
+
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.stop("immediate")
+        shutil.rmtree(self.datadir.parent, ignore_errors=True)
+
+    def database(self) -> str:
+        """The URL of a new, empty database of its own."""
+        import uuid
+
+        import psycopg
+
+        name = f"t{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{self.port}/postgres", autocommit=True) as db:
+            db.execute(f"CREATE DATABASE {name}")
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    server = PostgresServer.create()
+    yield server
+    server.remove()

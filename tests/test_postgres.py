@@ -1,0 +1,120 @@
+"""Several gateways on one real PostgreSQL (a throwaway cluster on loopback, ``tests/conftest.py``).
+
+The schema migrates under an advisory lock when replicas start together; a change written through one
+gateway (a key revoked, a policy set, a version promoted) reaches another within a second by LISTEN/NOTIFY,
+though each caches for a minute here; a PostgreSQL restart makes admin writes fail with 503 while requests
+with cached keys keep being served, and everything recovers without a restart. The gateways are two apps
+in this process with fake engines (their own logic is under test; ``tests/test_fleet_e2e.py`` has real
+engines).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+
+from contract.store import AdapterStore
+from serving.app import build_app
+from serving.config import GatewaySettings
+from serving.statedb import head, state_engine
+from serving.tenants import TenantStore, key_id_of
+from tests.conftest import ROOT, PostgresServer, make_adapter
+from tests.fakes import ADMIN_KEY, FakeEngine, assert_openai_error, chat, fake_base
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+def eventually(check: Callable[[], bool], within_s: float) -> float:
+    """Seconds until ``check`` held; fails if it did not within ``within_s``."""
+    started = time.monotonic()
+    while time.monotonic() - started < within_s:
+        if check():
+            return time.monotonic() - started
+        time.sleep(0.02)
+    pytest.fail(f"not within {within_s} s")
+
+
+def test_replicas_starting_together_migrate_once(postgres_server: PostgresServer) -> None:
+    url = postgres_server.database()
+    env = {"LORAFLEET_DATABASE_URL": url, "PATH": "/usr/bin:/bin"}
+
+    def upgrade(_: int) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "lorafleet", "db", "upgrade"], capture_output=True, text=True,
+                              cwd=ROOT, env=env, timeout=120)  # fmt: skip
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(upgrade, range(4)))
+    assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
+    with state_engine(url).connect() as db:
+        assert db.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all() == [head()]
+
+
+@pytest.fixture
+def two_gateways(tmp_path: Path, postgres_server: PostgresServer) -> Iterator[tuple[TestClient, TestClient, str]]:
+    """Replicas A and B over one database and one adapter store, each caching state for a minute."""
+    settings = GatewaySettings(data_dir=tmp_path, base_model=str(fake_base(tmp_path)), admin_key=ADMIN_KEY,
+                               database_url=postgres_server.database(), state_cache_s=60)  # fmt: skip
+    store = AdapterStore(settings.adapters_dir)
+    store.publish(make_adapter(tmp_path / "v1"), "orders")
+    store.publish(make_adapter(tmp_path / "v2"), "orders")
+    tenants = TenantStore(settings.state_url)
+    acme = tenants.create("acme")
+    tenants.grant(acme, "orders")
+    key = tenants.issue_key(acme)
+    replicas = [TestClient(build_app(settings, engine=FakeEngine())) for _ in range(2)]
+    with replicas[0] as a, replicas[1] as b:
+        for gateway in (a, b):  # both hear the other's announcements before the test writes anything
+            eventually(lambda g=gateway: listening(g), within_s=10)
+        yield a, b, key
+
+
+def listening(gateway: TestClient) -> bool:
+    return gateway.app.state.changes.listening.is_set()  # type: ignore[attr-defined]
+
+
+def test_a_key_revoked_through_one_gateway_is_refused_by_another_within_a_second(two_gateways) -> None:
+    a, b, key = two_gateways
+    assert chat(b, key).status_code == 200  # B now holds the key in its cache, for a minute
+    revoked = a.delete(f"/admin/tenants/acme/keys/{key_id_of(key)}", headers=ADMIN)
+    assert revoked.status_code == 204
+    eventually(lambda: chat(b, key).status_code == 401, within_s=1.0)
+    assert_openai_error(chat(b, key), 401)
+
+
+def test_policies_and_promotions_reach_the_other_gateway_within_a_second(two_gateways) -> None:
+    a, b, key = two_gateways
+    assert chat(b, key).json()["model"] == "orders@2"
+    assert b.get("/admin/aliases/orders/policy", headers=ADMIN).json()["json_mode"] is None
+    body = {"version": 1, "force": True, "reason": "roll back"}
+    assert a.post("/admin/adapters/orders/promote", headers=ADMIN, json=body).status_code == 200
+    eventually(lambda: chat(b, key).json()["model"] == "orders@1", within_s=1.0)
+    assert a.put("/admin/aliases/orders/policy", headers=ADMIN, json={"json_mode": "off"}).status_code == 200
+    eventually(lambda: b.get("/admin/aliases/orders/policy", headers=ADMIN).json()["json_mode"] == "off", 1.0)
+
+
+def test_a_postgres_restart_refuses_writes_keeps_serving_and_recovers(two_gateways, postgres_server) -> None:
+    a, b, key = two_gateways
+    assert chat(a, key).status_code == 200 and chat(b, key).status_code == 200
+    postgres_server.stop()
+    try:
+        refused = a.post("/admin/tenants", headers=ADMIN, json={"name": "late"})
+        error = assert_openai_error(refused, 503, "state_unavailable")
+        assert "nothing was changed" in error["message"] and refused.headers["Retry-After"]
+        assert [chat((a, b)[i % 2], key).status_code for i in range(6)] == [200] * 6  # cached keys still served
+    finally:
+        postgres_server.start()
+    # Back without restarting either gateway: writes work, and B hears A's changes again.
+    created = eventually(lambda: a.post("/admin/tenants", headers=ADMIN, json={"name": "late"}).status_code == 201,
+                         within_s=15)  # fmt: skip
+    assert created < 15
+    eventually(lambda: listening(b), within_s=10)
+    assert a.delete(f"/admin/tenants/acme/keys/{key_id_of(key)}", headers=ADMIN).status_code == 204
+    eventually(lambda: chat(b, key).status_code == 401, within_s=1.0)
