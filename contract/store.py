@@ -22,6 +22,8 @@ in the store (only a staging folder, removed by the next publish).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -29,9 +31,10 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from contract.manifest import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, AdapterManifest, read_manifest
 
@@ -45,6 +48,7 @@ GATE_FILE = "gate.json"
 STABLE_FILE = "stable.json"
 EVENTS_FILE = "events.jsonl"
 RETIRED_FILE = "retired.json"
+LOCK_FILE = ".lock"  # held while the stable pointer or a retirement changes (_alias_lock)
 TRAINING_FILE = "training.json"
 # A training announcement not refreshed for this long is from a run that died without cleaning up.
 TRAINING_STALE_S = 120.0
@@ -56,6 +60,26 @@ class StoreError(ValueError):
 
 class VersionNotFound(StoreError):
     """No such alias or version."""
+
+
+class StoreConflict(StoreError):
+    """Another writer changed the alias first (or is changing it now): look again, then retry."""
+
+
+@contextlib.contextmanager
+def _alias_lock(alias_dir: Path) -> Iterator[None]:
+    """Hold ``alias_dir``'s lock for one change of its stable pointer or retirements; a writer that finds it held
+    (another gateway, another host: ``flock`` holds across NFSv4 clients) gets ``StoreConflict`` at once."""
+    with open(alias_dir / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise StoreConflict(f"another promotion or retirement of {alias_dir.name!r} is in progress; look at "
+                                "`lorafleet adapters history` and retry") from exc  # fmt: skip
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @dataclass(frozen=True)
@@ -128,6 +152,11 @@ class AdapterStore:
     def retire(self, alias: str, version: int, *, reason: str = "", actor: str = "cli") -> dict[str, Any]:
         """Take a version out of service (its files stay, for the record). The stable version cannot be retired."""
         target = self.get(alias, version)
+        with _alias_lock(self.root / alias):
+            return self._retire(target, reason, actor)
+
+    def _retire(self, target: AdapterVersion, reason: str, actor: str) -> dict[str, Any]:
+        alias, version = target.alias, target.version
         stable = self.stable(alias)
         if stable is not None and stable.version == version:
             raise StoreError(f"{target.ref} is the stable version; promote or roll back to another version first")
@@ -156,15 +185,30 @@ class AdapterStore:
         return (f"{target.ref} {why}; run `lorafleet eval --gate --target {target.ref} ...` first, "
                 "or force it (recorded in the audit trail)")  # fmt: skip
 
-    def promote(self, alias: str, version: int, *, force: bool = False, reason: str = "", actor: str = "cli") -> dict:
+    def promote(self, alias: str, version: int, *, force: bool = False, reason: str = "", actor: str = "cli",
+                expected: int | Literal["any"] | None = "any") -> dict:  # fmt: skip
         """Make ``alias@version`` stable. It must have passed its evaluation gate unless ``force``.
 
         Rolling back to an earlier version is a promotion too; a version that
         was stable before has proven itself and needs no new gate. Returns the
         audit event, which is also appended to the alias's ``events.jsonl``.
+
+        ``expected``: the stable version the caller saw (``None``: none); if another writer moved the pointer
+        since, ``StoreConflict`` and nothing changes. Two gateways promoting at once: one wins, the other is told.
         """
         target = self.get(alias, version)
-        previous = self.stable(alias)
+        with _alias_lock(self.root / alias):
+            previous = self.stable(alias)
+            if expected != "any" and (previous.version if previous else None) != expected:
+                now = f"v{previous.version}" if previous else "no stable version"
+                raise StoreConflict(f"{alias} changed meanwhile: it is at {now}, not "
+                                    f"{'v' + str(expected) if expected else 'no stable version'}; look at "
+                                    "`lorafleet adapters history` and retry")  # fmt: skip
+            return self._promote(target, previous, force, reason, actor)
+
+    def _promote(self, target: AdapterVersion, previous: AdapterVersion | None, force: bool, reason: str,
+                 actor: str) -> dict:  # fmt: skip
+        alias, version = target.alias, target.version
         gate = self.gate(target)
         refusal = None if force else self.gate_refusal(target)
         if refusal:

@@ -768,3 +768,13 @@ def test_a_stream_that_breaks_off_ends_with_an_error_event_and_done(tmp_path: Pa
     error = json.loads(events[-2].removeprefix("data: "))["error"]
     assert error["code"] == "engine_stream_broken" and error["type"] == "server_error"
     assert events[-1] == "data: [DONE]"
+
+
+def test_a_promotion_from_a_stale_view_is_409(gateway) -> None:
+    client, _, _ = gateway
+    promoted = admin(client, "POST", "/adapters/orders/promote", json={"version": 1, "force": True,
+                                                                        "expected_stable": 2})  # fmt: skip
+    error = assert_openai_error(promoted, 409, "alias_changed")
+    assert "no stable version" in error["message"] and "retry" in error["message"]
+    ok = admin(client, "POST", "/adapters/orders/promote", json={"version": 1, "force": True, "expected_stable": None})
+    assert ok.status_code == 200, ok.text

@@ -107,3 +107,49 @@ def test_a_failed_rename_leaves_no_empty_version(tmp_path: Path, monkeypatch: py
         store.publish(make_adapter(tmp_path / "b"), "orders")
     monkeypatch.undo()
     assert [v.version for v in store.versions("orders")] == [1] and store.serving("orders").version == 1  # type: ignore[union-attr]
+
+
+def test_promotions_at_once_have_one_winner_and_the_others_are_told(tmp_path: Path) -> None:
+    """Eight writers (gateway replicas) promote different versions at the same moment, each having seen no
+    stable version: one wins; every other gets StoreConflict, and the audit trail has one promotion."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from contract.store import StoreConflict
+
+    store = AdapterStore(tmp_path / "store")
+    for i in range(8):
+        store.publish(make_adapter(tmp_path / f"v{i}"), "orders")
+    start = threading.Barrier(8)
+
+    def promote(version: int) -> str:
+        start.wait()
+        try:
+            store.promote("orders", version, force=True, expected=None)
+        except StoreConflict as exc:
+            assert "orders" in str(exc) and "retry" in str(exc)
+            return "conflict"
+        return "won"
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(promote, range(1, 9)))
+    assert sorted(outcomes) == ["conflict"] * 7 + ["won"]
+    winner = outcomes.index("won") + 1
+    assert store.stable("orders").version == winner  # type: ignore[union-attr]
+    assert [e["to"] for e in store.events("orders")] == [winner]
+
+
+def test_a_promotion_from_a_stale_view_changes_nothing(tmp_path: Path) -> None:
+    from contract.store import StoreConflict
+
+    store = AdapterStore(tmp_path / "store")
+    for i in range(3):
+        store.publish(make_adapter(tmp_path / f"v{i}"), "orders")
+    store.promote("orders", 2, force=True, expected=None)
+    with pytest.raises(StoreConflict, match="it is at v2, not v1"):
+        store.promote("orders", 3, force=True, expected=1)
+    assert store.stable("orders").version == 2  # type: ignore[union-attr]
+    assert len(store.events("orders")) == 1
+    store.promote("orders", 3, force=True, expected=2)  # with what is really there, it goes through
+    assert "1" in [p.name for p in (tmp_path / "store" / "orders").iterdir()]
+    assert [v.version for v in store.versions("orders")] == [1, 2, 3]  # the lock file is not a version

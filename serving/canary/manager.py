@@ -189,7 +189,7 @@ class CanaryManager:
     async def _promote(self, canary: Canary, reason: str, numbers: dict[str, Any] | None, actor: str) -> None:
         try:
             await asyncio.to_thread(self.store.promote, canary.alias, canary.candidate, force=canary.forced,
-                                    reason=f"canary: {reason}", actor=actor)  # fmt: skip
+                                    reason=f"canary: {reason}", actor=actor, expected=canary.stable)  # fmt: skip
         except StoreError as exc:
             raise CanaryError(400, f"cannot promote: {exc}", "promote_refused") from exc
         self.registry.changed()

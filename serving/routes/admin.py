@@ -23,7 +23,15 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from contract.manifest import ManifestError
-from contract.store import STAGING, AdapterStore, StoreError, VersionNotFound, check_alias, staging_name
+from contract.store import (
+    STAGING,
+    AdapterStore,
+    StoreConflict,
+    StoreError,
+    VersionNotFound,
+    check_alias,
+    staging_name,
+)
 from serving.archive import ArchiveError, discard, unpack
 from serving.config import import_root_of
 from serving.deps import GatewayState, StateDep
@@ -209,11 +217,17 @@ class PromoteBody(BaseModel):
     version: int = Field(ge=1)
     force: bool = False
     reason: str = Field(default="", max_length=2000)
+    expected_stable: int | None = Field(
+        default=None, description="The stable version you saw (null: none); 409 if another writer moved it since. "
+        "Unset: the one this gateway sees when the request arrives.",
+    )  # fmt: skip
 
 
 def _store_refused(exc: StoreError) -> APIError:
     if isinstance(exc, VersionNotFound):
         return APIError(404, str(exc), code="adapter_not_found")
+    if isinstance(exc, StoreConflict):
+        return APIError(409, str(exc), code="alias_changed")
     return APIError(400, str(exc), code="adapter_refused")
 
 
@@ -345,8 +359,13 @@ async def promote(alias: str, body: PromoteBody, state: StateDep) -> dict[str, A
     _no_canary_running(state, alias)
     store: AdapterStore = state.adapters.store
     try:
+        if "expected_stable" in body.model_fields_set:
+            expected = body.expected_stable
+        else:  # two gateways promoting at once: the one whose write comes second is told, not silently overridden
+            seen = await asyncio.to_thread(store.stable, alias)
+            expected = seen.version if seen else None
         event = await asyncio.to_thread(store.promote, alias, body.version, force=body.force, reason=body.reason,
-                                        actor="admin-api")  # fmt: skip
+                                        actor="admin-api", expected=expected)  # fmt: skip
     except StoreError as exc:
         raise _store_refused(exc) from exc
     state.adapters.changed()
