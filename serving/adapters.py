@@ -28,10 +28,15 @@ from contract.store import AdapterStore, AdapterVersion, StoreError
 from serving.changes import SERVING
 from serving.engine import Engine
 from serving.fleet.bases import ServedBase, base_for
+from serving.fleet.load import parse_load
 from serving.metrics import GatewayMetrics
 from serving.statecache import ReadCache
 
 log = logging.getLogger("lorafleet.adapters")
+
+
+# How often a retired version's unload is tried again while the engine reports requests for it.
+DRAIN_POLL_S = 1.0
 
 
 class AdapterMisfit(ValueError):
@@ -48,6 +53,8 @@ class EngineAdapters:
         self._draining: set[str] = set()  # retired refs to unload when their last request ends
         self._locks: dict[str, asyncio.Lock] = {}
         self.loading: set[str] = set()  # routed here and being loaded: resident, as far as routing goes
+        self._drain_since: dict[str, float] = {}  # retired refs waiting for the engine's other requests on them
+        self._later: dict[str, asyncio.Task[None]] = {}  # their next unload attempt
 
     @property
     def store(self) -> AdapterStore:
@@ -105,6 +112,30 @@ class EngineAdapters:
     def _lock(self, ref: str) -> asyncio.Lock:
         return self._locks.setdefault(ref, asyncio.Lock())
 
+    async def _others_running(self, ref: str) -> bool:
+        """Whether the engine itself has requests for ``ref`` running or waiting: another gateway's, when this
+        one has none (``vllm:lora_requests_info``). Past ``drain_limit_s`` since the drain began, or when the
+        engine does not answer, no: no request outlives the gateways' upstream timeout."""
+        since = self._drain_since.setdefault(ref, time.monotonic())
+        if time.monotonic() - since > self.registry.drain_limit_s:
+            log.warning("unloading %s from %s although the engine still reports requests for it, %.0f s after its "
+                        "retirement", ref, self.name, time.monotonic() - since)  # fmt: skip
+            return False
+        try:
+            load = parse_load((await self.engine.metrics()).decode("utf-8", "replace"))
+        except Exception:  # the engine is restarting (it forgets its adapters then) or unreachable
+            return False
+        return ref in load.working_set
+
+    def _unload_later(self, ref: str) -> None:
+        async def later() -> None:
+            await asyncio.sleep(DRAIN_POLL_S)
+            self._later.pop(ref, None)  # from here on, the next attempt may be scheduled
+            await self._unload(ref)
+
+        if ref not in self._later:
+            self._later[ref] = asyncio.get_running_loop().create_task(later())
+
     def lease(self, version: AdapterVersion) -> Callable[[], None]:
         """Count a request on ``version`` until the returned release function is called (idempotent)."""
         self.in_flight[version.ref] = self.in_flight.get(version.ref, 0) + 1
@@ -157,6 +188,10 @@ class EngineAdapters:
                 return
             if self.in_flight.get(ref, 0) > 0 or ref not in self.loaded:  # a request came while the store was read
                 return
+            if await self._others_running(ref):  # other gateways' requests on this engine: unload after them
+                self._unload_later(ref)
+                return
+            self._drain_since.pop(ref, None)
             # Out of ``loaded`` first: what the gateway believes loaded is always on the engine (a request for it
             # meanwhile loads it again, once this unload is done).
             self.loaded.pop(ref, None)
@@ -200,6 +235,9 @@ class AdapterRegistry:
         self._serving: ReadCache[tuple[AdapterVersion | None]] = ReadCache(serving_cache_s)
         self._all_serving: ReadCache[dict[str, frozenset[str]]] = ReadCache(serving_cache_s)
         self.announce: Callable[[str], None] | None = None  # tells the other gateways (serving.changes.announcer)
+        # The longest a retired version waits on the engine for requests other gateways sent there (the app sets
+        # it past their upstream timeout).
+        self.drain_limit_s = 660.0
         self.metrics: GatewayMetrics | None = None  # set by the app: load/unload counts and durations
         self._manifests: dict[str, AdapterManifest] = {}
         self.load_failures: dict[str, str] = {}  # version ref -> why its last load failed (cleared by a success)

@@ -74,6 +74,7 @@ def build_app(settings: GatewaySettings, engine: Engine | dict[str, Engine] | No
         tenants = TenantStore(settings.state_url, cache_s=settings.state_cache_s)
         policies = AliasPolicies(tenants.engine, cache_s=settings.state_cache_s)
         adapters.metrics = metrics
+        adapters.drain_limit_s = settings.upstream_timeout_s + 60  # past any request another gateway sent
         canaries = CanaryManager(tenants.engine, adapters, metrics, warm=eng.warm)
         metrics.add_state(StateCollector(eng.is_ready, lambda: eng.restarts, lambda: len(adapters.loaded),
                                          canaries.weights,

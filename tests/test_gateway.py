@@ -778,3 +778,20 @@ def test_a_promotion_from_a_stale_view_is_409(gateway) -> None:
     assert "no stable version" in error["message"] and "retry" in error["message"]
     ok = admin(client, "POST", "/adapters/orders/promote", json={"version": 1, "force": True, "expected_stable": None})
     assert ok.status_code == 200, ok.text
+
+
+def test_a_retired_version_stays_while_the_engine_runs_other_gateways_requests_for_it(gateway) -> None:
+    client, engine, _ = gateway
+    for version in (1, 2):  # 1 is loaded while stable, then replaced
+        assert admin(client, "POST", "/adapters/orders/promote", json={"version": version, "force": True}).is_success
+    info = 'vllm:lora_requests_info{{max_lora="4",running_lora_adapters="{}",waiting_lora_adapters=""}} 1.8e9\n'
+    engine.exposition = info.format("orders@1").encode()  # another gateway's request runs on orders@1 there
+    retired = admin(client, "DELETE", "/adapters/orders/versions/1").json()
+    assert retired["draining_requests"] == 0  # none of this gateway's own
+    time.sleep(1.5)
+    assert "orders@1" in engine.loaded
+    engine.exposition = info.format("").encode()  # that request ended
+    deadline = time.monotonic() + 5
+    while "orders@1" in engine.loaded and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "orders@1" not in engine.loaded and "orders@2" in engine.loaded
