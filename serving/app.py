@@ -27,7 +27,7 @@ from contract.store import AdapterStore
 from serving import errors
 from serving.adapters import AdapterRegistry
 from serving.canary import CanaryManager
-from serving.changes import POLICIES, SERVING, TENANTS, ChangeFeed, announcer
+from serving.changes import CANARIES, POLICIES, SERVING, TENANTS, ChangeFeed, announcer
 from serving.config import GATEWAY_FILE, GatewaySettings, local_url
 from serving.deps import GatewayState
 from serving.engine import Engine, VLLMEngine
@@ -111,7 +111,7 @@ def build_app(settings: GatewaySettings, engine: Engine | dict[str, Engine] | No
         if ChangeFeed.wanted(settings.state_url):  # several gateways on PostgreSQL: hear each other's writes
             adapters.announce = announcer(tenants.engine)
             feed = ChangeFeed(settings.state_url, {TENANTS: tenants.changed, POLICIES: policies.changed,
-                                                   SERVING: adapters.forget})  # fmt: skip
+                                                   SERVING: adapters.forget, CANARIES: canaries.wake})  # fmt: skip
             app.state.changes = feed
         listening = asyncio.create_task(feed.run()) if feed is not None else None
         discovery = asyncio.create_task(_rediscover(settings, declared, eng)) if dynamic else None

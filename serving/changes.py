@@ -28,6 +28,7 @@ CHANNEL = "lorafleet_changes"
 TENANTS = "tenants"  # tenants, grants, keys, limits
 POLICIES = "policies"  # alias JSON policies
 SERVING = "serving"  # which version each alias serves (publish, promote, retire, canary decisions)
+CANARIES = "canaries"  # a canary started, stepped, paused, ended
 
 
 def announce(db: sa.Connection, topic: str) -> None:

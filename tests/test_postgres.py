@@ -118,3 +118,83 @@ def test_a_postgres_restart_refuses_writes_keeps_serving_and_recovers(two_gatewa
     eventually(lambda: listening(b), within_s=10)
     assert a.delete(f"/admin/tenants/acme/keys/{key_id_of(key)}", headers=ADMIN).status_code == 204
     eventually(lambda: chat(b, key).status_code == 401, within_s=1.0)
+
+
+@pytest.fixture
+def canary_replicas(tmp_path: Path, postgres_server: PostgresServer) -> Iterator[tuple[list[TestClient], str]]:
+    """Replicas A and B over one database and store, with orders@1 stable and orders@2 gated, ready to canary."""
+    settings = GatewaySettings(data_dir=tmp_path, base_model=str(fake_base(tmp_path)), admin_key=ADMIN_KEY,
+                               database_url=postgres_server.database(), canary_poll_s=0.2)  # fmt: skip
+    store = AdapterStore(settings.adapters_dir)
+    for i in (1, 2):
+        store.publish(make_adapter(tmp_path / f"v{i}"), "orders")
+        store.record_gate(store.get("orders", i), {"passed": True})
+    store.promote("orders", 1)
+    tenants = TenantStore(settings.state_url)
+    acme = tenants.create("acme")
+    tenants.grant(acme, "orders")
+    key = tenants.issue_key(acme)
+    replicas = [TestClient(build_app(settings, engine=FakeEngine())) for _ in range(2)]
+    for replica in replicas:
+        replica.__enter__()
+    try:
+        yield replicas, key
+    finally:
+        for replica in replicas:
+            replica.__exit__(None, None, None)
+
+
+def canary_of(gateway: TestClient) -> dict:
+    return dict(gateway.get("/admin/canaries/orders", headers=ADMIN).json())
+
+
+def leader_of(replicas: list[TestClient]) -> int:
+    leaders = [i for i, r in enumerate(replicas) if r.app.state.gateway.canaries.leadership._held is not None]  # type: ignore[attr-defined]
+    assert len(leaders) == 1, leaders
+    return leaders[0]
+
+
+def send_both(replicas: list[TestClient], key: str, n: int) -> None:
+    for i in range(n):
+        body = {"model": "orders", "messages": [{"role": "user", "content": "hi"}], "user": f"user-{i}"}
+        answer = replicas[i % 2].post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+        assert answer.status_code == 200, answer.text
+
+
+def test_a_canary_driven_through_two_gateways_gets_one_decision_both_follow(canary_replicas) -> None:
+    (a, b), key = canary_replicas
+    # Neither gateway alone sees min_samples per variant (about 12 of 24 each): only the merged windows decide.
+    config = {"version": 2, "steps": [50, 100], "min_samples": 20, "interval_s": 0.5, "max_latency_ratio": 100}
+    assert a.post("/admin/canaries/orders", json=config, headers=ADMIN).status_code == 201
+    eventually(lambda: canary_of(b)["weight"] == 0.5, within_s=1.0)  # B follows the start within a second
+    send_both([a, b], key, 48)
+    eventually(lambda: canary_of(a)["state"] != "running", within_s=10)
+    assert canary_of(a)["state"] == "promoted", canary_of(a)
+    eventually(lambda: canary_of(b)["state"] == "promoted", within_s=1.0)
+    actions = [e["action"] for e in a.get("/admin/canaries/orders/events", headers=ADMIN).json()["data"]]
+    assert actions.count("promote") == 1 and "rollback" not in actions and "step" not in actions, actions
+    promoted = next(e for e in a.get("/admin/canaries/orders/events", headers=ADMIN).json()["data"]
+                    if e["action"] == "promote")  # fmt: skip
+    window = promoted["numbers"]["window"]
+    assert window["stable"]["requests"] + window["canary"]["requests"] == 48  # both gateways' samples
+    for gateway in (a, b):  # both serve the new stable version now
+        eventually(lambda g=gateway: chat(g, key).json()["model"] == "orders@2", within_s=1.0)
+
+
+def test_when_the_deciding_gateway_dies_another_decides_on_everyones_samples(canary_replicas) -> None:
+    replicas, key = canary_replicas
+    config = {"version": 2, "steps": [50, 100], "min_samples": 20, "interval_s": 3, "max_latency_ratio": 100}
+    assert replicas[0].post("/admin/canaries/orders", json=config, headers=ADMIN).status_code == 201
+    eventually(lambda: all(canary_of(r)["weight"] == 0.5 for r in replicas), within_s=1.0)
+    send_both(replicas, key, 48)
+    time.sleep(0.6)  # both have shared their samples
+    dead = leader_of(replicas)
+    assert canary_of(replicas[dead])["state"] == "running"  # the interval has not passed: no decision yet
+    replicas[dead].__exit__(None, None, None)  # the leader goes away mid-canary (its lock with its session)
+    survivor = replicas[1 - dead]
+    replicas.remove(replicas[dead])  # the fixture does not close it twice
+    eventually(lambda: canary_of(survivor)["state"] == "promoted", within_s=10)
+    events = survivor.get("/admin/canaries/orders/events", headers=ADMIN).json()["data"]
+    assert [e["action"] for e in events].count("promote") == 1
+    window = next(e for e in events if e["action"] == "promote")["numbers"]["window"]
+    assert window["stable"]["requests"] + window["canary"]["requests"] == 48  # the dead one's samples too

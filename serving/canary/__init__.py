@@ -21,8 +21,11 @@ significant), each at ``confidence``. Too few samples: wait
 Otherwise: next step, and after the last one, promote.
 
 Canaries and their audit events live in the state database, so a canary
-survives a gateway restart; the samples of the step under way do not (the
-window starts again, which is recorded).
+survives a gateway restart; on SQLite the samples of the step under way do
+not (the window starts again, which is recorded). With several gateways on
+PostgreSQL, each shares its samples of the window and follows the canaries'
+state in the database, and one (``manager.Leadership``, an advisory lock)
+analyses the merged samples and decides.
 
 The package, one concept a module:
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -82,6 +84,43 @@ class Window:
     def summary(self) -> dict[str, int]:
         return {"requests": self.requests, "errors": self.errors, "json_checked": self.checked, "valid": self.valid,
                 "cut_by_client": self.cut_by_client, "streams": len(self.ttft)}  # fmt: skip
+
+    def to_json(self) -> str:
+        """The compact form one gateway shares with the others: the counts, and each latency as a sketch (how
+        many samples fell in each 1%-wide logarithmic bucket), whatever the number of requests."""
+        counts = {k: getattr(self, k) for k in ("requests", "errors", "checked", "valid", "cut_by_client")}
+        return json.dumps(counts | {"per_token": _sketch(self.per_token), "ttft": _sketch(self.ttft)})
+
+    @classmethod
+    def merged(cls, shared: list[str]) -> Window:
+        """The windows several gateways shared (``to_json``), as one; each latency at its bucket's middle (within
+        0.5%: the tests and the p95 see the same order of samples, up to ties within a bucket)."""
+        total = cls()
+        for text in shared:
+            part = json.loads(text)
+            for key in ("requests", "errors", "checked", "valid", "cut_by_client"):
+                setattr(total, key, getattr(total, key) + int(part[key]))
+            total.per_token += _unsketch(part["per_token"])
+            total.ttft += _unsketch(part["ttft"])
+        return total
+
+
+SKETCH_BASE = 1.01  # bucket width: 1%
+
+
+def _sketch(values: list[float]) -> dict[str, int]:
+    buckets: dict[str, int] = {}
+    for value in values:
+        key = "z" if value <= 0 else str(math.floor(math.log(value, SKETCH_BASE)))
+        buckets[key] = buckets.get(key, 0) + 1
+    return buckets
+
+
+def _unsketch(buckets: dict[str, int]) -> list[float]:
+    out: list[float] = []
+    for key, count in buckets.items():
+        out += [0.0 if key == "z" else SKETCH_BASE ** (int(key) + 0.5)] * int(count)
+    return out
 
 
 def _per_token(record: RequestRecord) -> float | None:

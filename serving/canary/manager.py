@@ -8,10 +8,14 @@ in memory (``analysis.Window``), asks ``analysis.analyze`` for a decision every
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import math
+import os
+import socket
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,6 +25,7 @@ from contract.store import AdapterStore, AdapterVersion, StoreError, VersionNotF
 from serving.adapters import AdapterRegistry
 from serving.canary.analysis import CanaryConfig, Window, analyze, user_point
 from serving.canary.state import ACTIVE, Canary, CanaryError, CanaryRecords, State, Variant
+from serving.changes import CANARIES, announcer
 from serving.metrics import GatewayMetrics, RequestRecord
 
 log = logging.getLogger("lorafleet.canary")
@@ -36,17 +41,70 @@ def _share_cap(weight: float, n: int) -> float:
     return weight + SHARE_SLACK + 4 * math.sqrt(weight * (1 - weight) / n)
 
 
+# pg_try_advisory_lock's key for "this gateway decides for every canary": any fixed number, the same everywhere.
+LEADER_LOCK = 0x6C66_6361_6E61  # "lfcana"
+
+
+class Leadership:
+    """Which gateway analyses and decides: on PostgreSQL, the holder of an advisory lock, on a connection of its
+    own (the lock lives as long as that session: a gateway that dies, or loses the database, hands it over); on
+    SQLite (one gateway), this one. ``held`` blocks on the database: call it in a worker thread."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.shared = engine.dialect.name == "postgresql"
+        # Not pooled: closing the connection must end the session, and with it the lock.
+        self._engine = sa.create_engine(engine.url, poolclass=sa.pool.NullPool) if self.shared else None
+        self._held: sa.Connection | None = None
+
+    def held(self) -> bool:
+        if self._engine is None:
+            return True
+        if self._held is not None:
+            try:
+                self._held.execute(sa.text("SELECT 1"))
+                return True
+            except sa.exc.DBAPIError:  # the session is gone, and the lock with it
+                self.release()
+        try:
+            connection = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        except sa.exc.DBAPIError:
+            return False
+        if connection.execute(sa.text("SELECT pg_try_advisory_lock(:key)"), {"key": LEADER_LOCK}).scalar():
+            self._held = connection
+            log.info("this gateway now analyses and decides the canaries")
+            return True
+        connection.close()
+        return False
+
+    def release(self) -> None:
+        if self._held is not None:
+            with contextlib.suppress(sa.exc.DBAPIError):
+                self._held.close()
+            self._held = None
+
+
 class CanaryManager:
     def __init__(self, engine: sa.Engine, registry: AdapterRegistry, metrics: GatewayMetrics | None = None,
                  warm: Callable[[AdapterVersion], Awaitable[object]] | None = None) -> None:  # fmt: skip
         self.records, self.registry, self.metrics = CanaryRecords(engine), registry, metrics
         self.warm = warm  # loads a version where its requests will go (serving.fleet.Fleet.warm)
-        self.windows: dict[int, dict[str, Window]] = {}
+        self.windows: dict[int, dict[str, Window]] = {}  # this gateway's samples of each canary's window
         self.shares: dict[int, dict[str, list[int]]] = {}  # canary id -> tenant -> [requests, on the canary]
         self.active: dict[str, Canary] = {}
         self._writes = asyncio.Lock()
+        # Several gateways on PostgreSQL: each shares its samples, one (the leader) merges them and decides, every
+        # one follows the canaries' state in the database.
+        self.leadership = Leadership(engine)
+        self.shared = self.leadership.shared
+        self.replica = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.merged: dict[int, dict[str, Window]] = {}  # every gateway's samples, as of the last analysis
+        self._unshared: set[int] = set()  # canaries with samples not shared yet
+        self._wake = asyncio.Event()
+        self.announce = announcer(engine)
         for canary in self.records.active():  # at start, before the gateway serves: written directly
             self.active[canary.alias] = canary
+            if self.shared:
+                continue  # the other gateways kept the window going: this one joins it
             canary.step_started_at = time.time()
             self.records.save(canary)
             self.records.event(canary, "resume_after_restart", "the gateway restarted: this step's window starts again")
@@ -66,7 +124,8 @@ class CanaryManager:
 
     def status(self, alias: str) -> dict[str, Any]:
         canary = self.latest(alias)
-        windows = self.windows.get(canary.id, {})
+        windows = self.merged.get(canary.id) if self.shared else None
+        windows = windows or self.windows.get(canary.id, {})
         return canary.as_dict() | {
             "window": {v: windows.get(v, Window()).summary() for v in ("stable", "canary")},
             "window_age_s": round(time.time() - canary.step_started_at, 1) if canary.state in ACTIVE else None,
@@ -106,6 +165,7 @@ class CanaryManager:
         if not any(c.id == canary_id for c in self.active.values()):
             return  # the canary ended while this request ran
         self.windows.setdefault(canary_id, {}).setdefault(variant, Window()).add(record)
+        self._unshared.add(canary_id)
 
     # -- decisions --------------------------------------------------------------------------------
 
@@ -143,6 +203,7 @@ class CanaryManager:
         canary = await asyncio.to_thread(self.records.insert, alias, version, stable.version, config,
                                          bool(refusal and force))  # fmt: skip
         self.active[alias] = canary
+        self.announce(CANARIES)
         why = f"forced without a passing gate ({refusal})" if refusal and force else "gate passed"
         await self._event(
             canary, "start", f"{reason or 'canary started'}; {why}", {"config": config.model_dump()}, actor
@@ -151,18 +212,29 @@ class CanaryManager:
         return canary
 
     async def tick(self, now: float | None = None) -> None:
-        """Analyse every running canary whose interval has passed (and keep analysing one that waits)."""
+        """Analyse every running canary whose interval has passed (and keep analysing one that waits).
+
+        Several gateways: first follow the database (canaries started, stepped or ended elsewhere) and share this
+        gateway's samples; only the leader goes on to analyse, on every gateway's samples."""
+        if self.shared:
+            await self._follow()
+            await self._share()
+            if not await asyncio.to_thread(self.leadership.held):
+                return
         now = time.time() if now is None else now
         for canary in list(self.active.values()):
             if canary.state != "running" or now - canary.step_started_at < canary.config.interval_s:
                 continue
             windows = self.windows.get(canary.id, {})
+            if self.shared:
+                every = await asyncio.to_thread(self.records.shared, canary.id, canary.step_started_at)
+                windows = self.merged[canary.id] = {v: Window.merged(texts) for v, texts in every.items()}
             analysis = analyze(windows.get("stable", Window()), windows.get("canary", Window()), canary.config)
             waited = (canary.last_analysis or {}).get("decision") == "wait"
             analysed = analysis.as_dict() | {"step": canary.step + 1}
             if analysed != canary.last_analysis:  # a canary waiting with no new samples writes nothing
                 canary.last_analysis = analysed
-                await self._save(canary)
+                await self._save(canary, announce=False)  # the others read it at their next poll
             numbers = {"analysis": canary.last_analysis, "window": {v: w.summary() for v, w in windows.items()}}
             if analysis.decision == "wait":
                 if not waited:  # once per window, not every tick
@@ -256,13 +328,52 @@ class CanaryManager:
         return canary
 
     async def run(self, poll_s: float = 1.0) -> None:
-        """The analysis loop (the app's lifespan runs it)."""
-        while True:
-            try:
-                await self.tick()
-            except Exception:  # one failed analysis must not stop the loop
-                log.exception("canary analysis failed")
-            await asyncio.sleep(poll_s)
+        """The analysis loop (the app's lifespan runs it); ``wake`` runs it at once."""
+        try:
+            while True:
+                try:
+                    await self.tick()
+                except Exception:  # one failed analysis must not stop the loop
+                    log.exception("canary analysis failed")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), poll_s)
+                self._wake.clear()
+        finally:
+            await asyncio.to_thread(self.leadership.release)
+
+    def wake(self) -> None:
+        """Another gateway changed a canary (``serving.changes``): follow it now rather than at the next poll."""
+        self._wake.set()
+
+    # -- several gateways ---------------------------------------------------------------------------
+
+    async def _follow(self) -> None:
+        """Take the canaries' state from the database: what the leader (or an admin call on another gateway)
+        decided. A new window drops this gateway's samples of the old one; an ended canary, all of them."""
+        now_active = {c.alias: c for c in await asyncio.to_thread(self.records.active)}
+        ended = False
+        for alias, mine in list(self.active.items()):
+            theirs = now_active.get(alias)
+            if theirs is None or theirs.id != mine.id:
+                ended = True
+                self.windows.pop(mine.id, None)
+                self.shares.pop(mine.id, None)
+                self.merged.pop(mine.id, None)
+            elif theirs.step_started_at != mine.step_started_at:
+                self.windows.pop(mine.id, None)
+                self.shares.pop(mine.id, None)
+                self.merged.pop(mine.id, None)
+        self.active = now_active
+        if ended:
+            self.registry.forget()  # a promotion or a rollback moved what the alias serves
+
+    async def _share(self) -> None:
+        for canary in list(self.active.values()):
+            if canary.id not in self._unshared:
+                continue
+            self._unshared.discard(canary.id)
+            windows = {variant: w.to_json() for variant, w in self.windows.get(canary.id, {}).items()}
+            await asyncio.to_thread(self.records.share, canary.id, canary.step_started_at, self.replica, windows)
 
     # -- bookkeeping --------------------------------------------------------------------------------
 
@@ -283,9 +394,11 @@ class CanaryManager:
     # The database writes run in a worker thread (the event loop relays every stream meanwhile), one at a time
     # and in order, each on a copy of the canary as it was when the write was asked for.
 
-    async def _save(self, canary: Canary) -> None:
+    async def _save(self, canary: Canary, announce: bool = True) -> None:
         async with self._writes:
             await asyncio.to_thread(self.records.save, copy.copy(canary))
+        if announce:  # a new state, step or window: the other gateways follow at once
+            self.announce(CANARIES)
 
     async def _event(self, canary: Canary, action: str, reason: str, numbers: dict[str, Any] | None = None,
                      actor: str = "canary") -> None:  # fmt: skip

@@ -1,8 +1,10 @@
 """A canary's record and where it is kept: the ``canaries`` and ``canary_events`` tables of the state database.
 
 Canaries and their audit events live in the database, so a canary survives a
-gateway restart; the samples of the step under way live in the manager's
-memory and do not (the window starts again, which is recorded).
+gateway restart. The samples of the step under way live in each gateway's
+memory; with several gateways on PostgreSQL each also shares its window's
+compact form (``Window.to_json``) in ``canary_windows``, one row per gateway,
+variant and window, which the deciding gateway merges.
 """
 
 from __future__ import annotations
@@ -48,6 +50,18 @@ events_table = sa.Table(
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("numbers", sa.Text, nullable=True),
     sa.Column("actor", sa.String(64), nullable=False),
+)
+
+
+windows_table = sa.Table(
+    "canary_windows",
+    metadata,
+    sa.Column("canary_id", sa.ForeignKey("canaries.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("window", sa.Float, primary_key=True),  # the step_started_at the samples belong to
+    sa.Column("variant", sa.String(8), primary_key=True),
+    sa.Column("replica", sa.String(96), primary_key=True),
+    sa.Column("data", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
 )
 
 
@@ -125,6 +139,27 @@ class CanaryRecords:
             db.execute(sa.update(canaries_table).where(canaries_table.c.id == canary.id).values(
                 state=canary.state, step=canary.step, step_started_at=canary.step_started_at,
                 last_analysis=json.dumps(canary.last_analysis) if canary.last_analysis else None))  # fmt: skip
+
+    def share(self, canary_id: int, window: float, replica: str, windows: dict[str, str]) -> None:
+        """This gateway's samples of a canary's window, per variant (``Window.to_json``), replacing its last."""
+        keys = (windows_table.c.canary_id == canary_id, windows_table.c.window == window,
+                windows_table.c.replica == replica)  # fmt: skip
+        with self.db.begin() as db:
+            db.execute(sa.delete(windows_table).where(*keys))
+            rows = [{"canary_id": canary_id, "window": window, "variant": variant, "replica": replica, "data": data,
+                     "updated_at": time.time()} for variant, data in windows.items()]  # fmt: skip
+            if rows:
+                db.execute(sa.insert(windows_table), rows)
+
+    def shared(self, canary_id: int, window: float) -> dict[str, list[str]]:
+        """Every gateway's samples of a window, per variant."""
+        with self.db.connect() as db:
+            rows = db.execute(sa.select(windows_table.c.variant, windows_table.c.data).where(
+                windows_table.c.canary_id == canary_id, windows_table.c.window == window)).all()  # fmt: skip
+        out: dict[str, list[str]] = {}
+        for variant, data in rows:
+            out.setdefault(variant, []).append(data)
+        return out
 
     def event(self, canary: Canary, action: str, reason: str, numbers: dict[str, Any] | None = None,
               actor: str = "canary") -> None:  # fmt: skip
