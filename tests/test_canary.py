@@ -338,3 +338,23 @@ def test_a_canary_survives_a_gateway_restart(setup) -> None:
         assert events[-1]["action"] == "resume_after_restart"  # ...and that is recorded
         variants = {send(client, key, f"user-{i}").headers["x-lorafleet-variant"] for i in range(40)}
         assert variants == {"stable", "canary"}
+
+
+def test_windows_shared_as_sketches_merge_to_the_same_counts_and_latencies() -> None:
+    import random
+
+    rng = random.Random(3)
+    parts = [
+        Window(requests=n, errors=1, checked=n - 1, valid=n - 2,
+               per_token=[rng.lognormvariate(-4, 0.5) for _ in range(n)],
+               ttft=[rng.uniform(0.05, 2) for _ in range(n // 2)] + [0.0])
+        for n in (40, 60)
+    ]  # fmt: skip
+    merged = Window.merged([w.to_json() for w in parts])
+    assert (merged.requests, merged.errors, merged.checked, merged.valid) == (100, 2, 98, 96)
+    exact = sorted(parts[0].per_token + parts[1].per_token)
+    assert len(merged.per_token) == len(exact) and len(merged.ttft) == 52
+    for got, want in zip(sorted(merged.per_token), exact, strict=True):
+        assert abs(got - want) / want < 0.01  # within its 1% bucket
+    assert min(merged.ttft) == 0.0
+    assert len(parts[0].to_json()) < 2000  # compact: buckets, not samples
