@@ -220,7 +220,11 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self.database(0)
+
+    def database(self, number: int) -> str:
+        """The URL of one of its 16 databases: tests whose gateways count the same tenant ids use different ones."""
+        return f"redis://127.0.0.1:{self.port}/{number}"
 
     @classmethod
     def start(cls, workdir: Path, port: int | None = None) -> RedisServer:

@@ -152,7 +152,7 @@ def two_gateways(tmp_path: Path, redis_url: str, limits: Limits) -> tuple[list[T
 
 
 def test_two_gateways_answer_a_30_per_minute_tenant_30_times(tmp_path: Path, redis_server: RedisServer) -> None:
-    clients, key = two_gateways(tmp_path, redis_server.url, Limits(requests_per_minute=30))
+    clients, key = two_gateways(tmp_path, redis_server.database(1), Limits(requests_per_minute=30))
     with clients[0] as a, clients[1] as b:
         started = time.monotonic()
         statuses = [chat((a, b)[i % 2], key).status_code for i in range(40)]
