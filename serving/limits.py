@@ -8,6 +8,10 @@ a request for ``n`` answers to each of ``p`` prompts is ``n × p`` of them.
   429 with the seconds until the next request would pass as ``Retry-After``;
 - concurrent requests: a counter per tenant, held for the whole request
   (a stream holds it until its last byte);
+- tokens per minute: a token bucket of prompt + completion tokens, charged
+  with what each request really used when it ends (the engine's usage); a
+  request is admitted while the bucket is above zero, so one request may
+  overdraw it, and the next waits until it has refilled (429, ``Retry-After``);
 - max tokens per request: the budget of the whole request, every sequence
   together (``n × prompts × max_tokens``); a request asking for more is refused
   (400: a retry would not help); one asking for nothing gets the budget shared
@@ -30,8 +34,9 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from serving.errors import APIError
 from serving.tenants import Limits, Tenant
@@ -49,6 +54,7 @@ class _Bucket:
 class TenantLimiter:
     clock: object = time.monotonic
     _buckets: dict[int, _Bucket] = field(default_factory=dict)
+    _token_buckets: dict[int, _Bucket] = field(default_factory=dict)
     _in_flight: dict[int, int] = field(default_factory=dict)
 
     async def acquire(self, tenant: Tenant, cost: int = 1) -> Slot:
@@ -67,6 +73,10 @@ class TenantLimiter:
             self._buckets[tenant.id] = bucket
             if bucket.tokens < cost:
                 raise _over_rate(limits, math.ceil((cost - bucket.tokens) / rate))
+        if limits.tokens_per_minute:
+            tokens = self._refilled(self._token_buckets, tenant.id, limits.tokens_per_minute, now)
+            if tokens.tokens <= 0:
+                raise _over_tokens(limits, math.ceil(-tokens.tokens / (limits.tokens_per_minute / 60.0)) + 1)
         in_flight = self._in_flight.get(tenant.id, 0)
         if limits.max_concurrent and in_flight + cost > limits.max_concurrent:
             raise _over_concurrency(limits)
@@ -74,6 +84,19 @@ class TenantLimiter:
             self._buckets[tenant.id].tokens -= cost
         self._in_flight[tenant.id] = in_flight + cost
         return Slot(self, tenant.id, cost)
+
+    def charge(self, tenant: Tenant, tokens: int) -> None:
+        """What a finished request used, against its tenant's tokens per minute."""
+        per_minute = tenant.limits.tokens_per_minute
+        if per_minute and tokens > 0:
+            self._refilled(self._token_buckets, tenant.id, per_minute, self.clock()).tokens -= tokens  # type: ignore[operator]
+
+    @staticmethod
+    def _refilled(buckets: dict[int, _Bucket], tenant_id: int, capacity: int, now: float) -> _Bucket:
+        bucket = buckets.setdefault(tenant_id, _Bucket(float(capacity), now))
+        bucket.tokens = min(float(capacity), bucket.tokens + (now - bucket.stamp) * capacity / 60.0)
+        bucket.stamp = now
+        return bucket
 
     def _release(self, tenant_id: int, cost: int) -> None:
         self._in_flight[tenant_id] = max(0, self._in_flight.get(tenant_id, cost) - cost)
@@ -96,15 +119,21 @@ def _over_rate(limits: Limits, wait_s: int) -> APIError:
                     code="rate_limit_exceeded", headers={"Retry-After": str(wait_s)})  # fmt: skip
 
 
+def _over_tokens(limits: Limits, wait_s: int) -> APIError:
+    return APIError(429, f"Token rate limit reached: {limits.tokens_per_minute} tokens per minute (prompt and "
+                    "completion).", code="token_rate_limit_exceeded", headers={"Retry-After": str(wait_s)})  # fmt: skip
+
+
 def _over_concurrency(limits: Limits) -> APIError:
     return APIError(429, f"Too many concurrent requests: the limit is {limits.max_concurrent}.",
                     code="concurrency_limit_exceeded", headers={"Retry-After": "1"})  # fmt: skip
 
 
-# One admission, atomically: refill the bucket by Redis's clock, check it, drop the expired leases of gateways
-# that died, check the sequences in flight, then take both. KEYS: bucket, leases. ARGV: requests per minute (0:
-# none), concurrent (0: none), cost, slot id, lease seconds. Returns {1} admitted, {0, wait_s} over the rate,
-# {-1} over the concurrency.
+# One admission, atomically: refill the bucket by Redis's clock, check it, check the token bucket is above zero,
+# drop the expired leases of gateways that died, check the sequences in flight, then take both. KEYS: bucket,
+# leases, token bucket. ARGV: requests per minute (0: none), concurrent (0: none), cost, slot id, lease seconds,
+# tokens per minute (0: none). Returns {1} admitted, {0, wait_s} over the rate, {-1} over the concurrency,
+# {-2, wait_s} over the tokens per minute.
 ADMIT = """
 local now_parts = redis.call('TIME')
 local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000
@@ -117,6 +146,15 @@ if rpm > 0 then
   tokens = math.min(rpm, tokens + math.max(0, now - stamp) * rpm / 60)
   if tokens < cost then
     return {0, math.ceil((cost - tokens) / (rpm / 60))}
+  end
+end
+local tpm = tonumber(ARGV[6])
+if tpm > 0 then
+  local spent = redis.call('HMGET', KEYS[3], 'tokens', 'stamp')
+  local left = tonumber(spent[1]) or tpm
+  left = math.min(tpm, left + math.max(0, now - (tonumber(spent[2]) or now)) * tpm / 60)
+  if left <= 0 then
+    return {-2, math.ceil(-left / (tpm / 60)) + 1}
   end
 end
 if cap > 0 then
@@ -138,6 +176,20 @@ return {1, 0}
 """
 
 
+# What a finished request used, against the token bucket. KEYS: token bucket. ARGV: tokens per minute, tokens.
+CHARGE = """
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000
+local tpm, used = tonumber(ARGV[1]), tonumber(ARGV[2])
+local spent = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
+local left = tonumber(spent[1]) or tpm
+left = math.min(tpm, left + math.max(0, now - (tonumber(spent[2]) or now)) * tpm / 60) - used
+redis.call('HSET', KEYS[1], 'tokens', left, 'stamp', now)
+redis.call('EXPIRE', KEYS[1], math.max(120, math.ceil(-left / (tpm / 60)) + 60))
+return 1
+"""
+
+
 class RedisLimiter:
     """The same limits as ``TenantLimiter``, counted in Redis for every gateway replica.
 
@@ -155,20 +207,21 @@ class RedisLimiter:
         self.timeout_s, self.fail_open, self.lease_s, self.prefix = timeout_s, fail_open, lease_s, prefix
         self.local = TenantLimiter()  # fail-open counts; also what this replica holds, for in_flight
         self._admit = self.client.register_script(ADMIT)
+        self._charge = self.client.register_script(CHARGE)
         self._releases: set[asyncio.Task[None]] = set()
         self._warned_at = 0.0
 
     async def acquire(self, tenant: Tenant, cost: int = 1) -> Slot:
         limits = tenant.limits
         _refuse_oversized(limits, cost)
-        if not limits.requests_per_minute and not limits.max_concurrent:
+        if not limits.requests_per_minute and not limits.max_concurrent and not limits.tokens_per_minute:
             return self.local.admit(tenant, cost)
         slot_id = uuid.uuid4().hex
-        keys = [f"{self.prefix}:{tenant.id}:bucket", f"{self.prefix}:{tenant.id}:leases"]
+        keys = [f"{self.prefix}:{tenant.id}:bucket", f"{self.prefix}:{tenant.id}:leases", self._tokens_key(tenant)]
         try:
             verdict, wait = await asyncio.wait_for(
                 self._admit(keys=keys, args=[limits.requests_per_minute or 0, limits.max_concurrent or 0, cost,
-                                             slot_id, self.lease_s]),
+                                             slot_id, self.lease_s, limits.tokens_per_minute or 0]),
                 timeout=2 * self.timeout_s,
             )  # fmt: skip
         except Exception as exc:  # connection refused, timeout, a Redis error: never hang, never crash
@@ -177,6 +230,8 @@ class RedisLimiter:
             raise _over_rate(limits, int(wait))
         if verdict == -1:
             raise _over_concurrency(limits)
+        if verdict == -2:
+            raise _over_tokens(limits, int(wait))
         slot = self.local.admit(_unlimited(tenant), cost)  # this replica's view of what it holds
         if limits.max_concurrent:
             slot.on_release(lambda: self._release(keys[1], [f"{slot_id}:{i}" for i in range(1, cost + 1)]))
@@ -193,15 +248,30 @@ class RedisLimiter:
         raise APIError(503, "Rate limits cannot be checked right now (their store is unreachable); retry shortly.",
                        code="limits_unavailable", headers={"Retry-After": "2"})  # fmt: skip
 
-    def _release(self, key: str, members: list[str]) -> None:
-        async def release() -> None:
-            try:
-                await asyncio.wait_for(self.client.zrem(key, *members), timeout=2 * self.timeout_s)
-            except Exception as exc:  # the leases expire on their own
-                log.warning("could not release %d sequence(s) in Redis (%s); their leases expire on their own",
-                            len(members), exc)  # fmt: skip
+    def _tokens_key(self, tenant: Tenant) -> str:
+        return f"{self.prefix}:{tenant.id}:tokens"
 
-        task = asyncio.get_running_loop().create_task(release())
+    def charge(self, tenant: Tenant, tokens: int) -> None:
+        """What a finished request used, against its tenant's tokens per minute (in Redis, in the background)."""
+        per_minute = tenant.limits.tokens_per_minute
+        if not per_minute or tokens <= 0:
+            return
+        self.local.charge(tenant, tokens)  # what failing open counts with
+        charge = self._charge(keys=[self._tokens_key(tenant)], args=[per_minute, tokens])
+        self._background(charge, f"could not charge {tokens} tokens in Redis")
+
+    def _release(self, key: str, members: list[str]) -> None:
+        failure = f"could not release {len(members)} sequence(s) in Redis; their leases expire on their own"
+        self._background(self.client.zrem(key, *members), failure)
+
+    def _background(self, call: Awaitable[Any], failure: str) -> None:
+        async def run() -> None:
+            try:
+                await asyncio.wait_for(call, timeout=2 * self.timeout_s)
+            except Exception as exc:  # never the request's problem
+                log.warning("%s (%s)", failure, exc)
+
+        task = asyncio.get_running_loop().create_task(run())
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
 

@@ -50,6 +50,7 @@ tenants_table = sa.Table(
     sa.Column("default_alias", sa.String(64), nullable=True),
     sa.Column("requests_per_minute", sa.Integer, nullable=True),
     sa.Column("max_concurrent", sa.Integer, nullable=True),
+    sa.Column("tokens_per_minute", sa.Integer, nullable=True),
     sa.Column("max_tokens", sa.Integer, nullable=True),
 )
 keys_table = sa.Table(
@@ -77,6 +78,7 @@ class Limits:
     requests_per_minute: int | None = None
     max_concurrent: int | None = None
     max_tokens: int | None = None
+    tokens_per_minute: int | None = None  # prompt + completion tokens, charged when each request ends
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ class Tenant:
                 "requests_per_minute": self.limits.requests_per_minute,
                 "max_concurrent": self.limits.max_concurrent,
                 "max_tokens": self.limits.max_tokens,
+                "tokens_per_minute": self.limits.tokens_per_minute,
             },
         }
 
@@ -330,7 +333,7 @@ class TenantStore:
             frozenset(a for (a,) in aliases),
             disabled=bool(row.disabled),
             default_alias=row.default_alias,
-            limits=Limits(row.requests_per_minute, row.max_concurrent, row.max_tokens),
+            limits=Limits(row.requests_per_minute, row.max_concurrent, row.max_tokens, row.tokens_per_minute),
         )
 
 

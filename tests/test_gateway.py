@@ -795,3 +795,15 @@ def test_a_retired_version_stays_while_the_engine_runs_other_gateways_requests_f
     while "orders@1" in engine.loaded and time.monotonic() < deadline:
         time.sleep(0.05)
     assert "orders@1" not in engine.loaded and "orders@2" in engine.loaded
+
+
+def test_tokens_per_minute_are_charged_with_what_requests_used(gateway) -> None:
+    client, _, keys = gateway
+    patched = admin(client, "PATCH", "/tenants/acme", json={"limits": {"tokens_per_minute": 20}})
+    assert patched.json()["limits"]["tokens_per_minute"] == 20
+    # The fake engine reports 5 prompt + 3 completion tokens: 8 a request; the third overdraws the 20.
+    assert [chat(client, keys["acme"]).status_code for _ in range(3)] == [200, 200, 200]
+    refused = chat(client, keys["acme"])
+    error = assert_openai_error(refused, 429, "token_rate_limit_exceeded")
+    assert "20 tokens per minute" in error["message"] and 1 <= int(refused.headers["Retry-After"]) <= 15
+    assert chat(client, keys["other"], model="secret").status_code == 200  # another tenant is not charged

@@ -168,3 +168,18 @@ def test_a_gateway_whose_redis_is_down_refuses_limited_tenants_with_503(tmp_path
     with clients[0] as gateway:
         error = assert_openai_error(chat(gateway, key), 503, "limits_unavailable")
         assert "retry" in error["message"]
+
+
+def test_tokens_per_minute_are_shared_across_replicas(redis_server: RedisServer) -> None:
+    async def main() -> None:
+        a, b = replicas(redis_server.url)
+        acme = tenant(tokens_per_minute=20)
+        (await a.acquire(acme)).release()
+        a.charge(acme, 24)  # what the request used, reported when it ended
+        await asyncio.sleep(0.2)  # the charge reaches Redis in the background
+        refused = await outcome(b, acme)
+        assert isinstance(refused, APIError) and refused.status == 429 and refused.code == "token_rate_limit_exceeded"
+        assert 1 <= int(refused.headers["Retry-After"]) <= 15
+        await close(a, b)
+
+    asyncio.run(main())

@@ -20,6 +20,7 @@ app = typer.Typer(no_args_is_help=True, help="Tenants and API keys.")
 RpmOpt = Annotated[int | None, typer.Option(help="Requests per minute (unset: unlimited).")]
 ConcurrentOpt = Annotated[int | None, typer.Option(help="Requests in flight at once (unset: unlimited).")]
 MaxTokensOpt = Annotated[int | None, typer.Option(help="Largest max_tokens per request (unset: unlimited).")]
+TpmOpt = Annotated[int | None, typer.Option(help="Prompt + completion tokens per minute (unset: unlimited).")]
 
 
 def _store() -> Any:
@@ -47,8 +48,9 @@ def _show(tenant: dict[str, Any]) -> None:
                   f"limits {limits}", highlight=False)  # fmt: skip
 
 
-def _limits(rpm: int | None, concurrent: int | None, max_tokens: int | None) -> dict[str, int | None]:
-    return {"requests_per_minute": rpm, "max_concurrent": concurrent, "max_tokens": max_tokens}
+def _limits(rpm: int | None, concurrent: int | None, max_tokens: int | None, tpm: int | None) -> dict[str, int | None]:
+    return {"requests_per_minute": rpm, "max_concurrent": concurrent, "max_tokens": max_tokens,
+            "tokens_per_minute": tpm}  # fmt: skip
 
 
 @app.command("create")
@@ -58,6 +60,7 @@ def tenants_create(
     rpm: RpmOpt = None,
     concurrent: ConcurrentOpt = None,
     max_tokens: MaxTokensOpt = None,
+    tpm: TpmOpt = None,
     admin_key: AdminKeyOpt = None,
 ) -> None:
     """Create a tenant, grant it aliases, set its limits, and print its API key (shown once)."""
@@ -65,14 +68,14 @@ def tenants_create(
 
     client = gateway_client(CommonSettings(), admin_key)
     if client is not None:
-        created = admin_call(client.create_tenant, name, alias or [], _limits(rpm, concurrent, max_tokens))
+        created = admin_call(client.create_tenant, name, alias or [], _limits(rpm, concurrent, max_tokens, tpm))
         console.print(created["api_key"], highlight=False)
         return
     store = _store()
     tenant = _local(store.create, name)
     for a in alias or []:
         store.grant(tenant, a)
-    _local(store.set_limits, name, Limits(rpm, concurrent, max_tokens))
+    _local(store.set_limits, name, Limits(rpm, concurrent, max_tokens, tpm))
     console.print(store.issue_key(tenant), highlight=False)
 
 
@@ -131,13 +134,14 @@ def tenants_limits(
     rpm: RpmOpt = None,
     concurrent: ConcurrentOpt = None,
     max_tokens: MaxTokensOpt = None,
+    tpm: TpmOpt = None,
     admin_key: AdminKeyOpt = None,
 ) -> None:
     """Replace the tenant's limits (an option left out means no limit)."""
     from serving.tenants import Limits
 
-    _patch(name, admin_key, {"limits": _limits(rpm, concurrent, max_tokens)},
-           lambda s: s.set_limits(name, Limits(rpm, concurrent, max_tokens)))  # fmt: skip
+    _patch(name, admin_key, {"limits": _limits(rpm, concurrent, max_tokens, tpm)},
+           lambda s: s.set_limits(name, Limits(rpm, concurrent, max_tokens, tpm)))  # fmt: skip
 
 
 @app.command("grant")

@@ -89,6 +89,7 @@ class LimitsBody(BaseModel):
     requests_per_minute: int | None = Field(default=None, ge=1, le=1_000_000)
     max_concurrent: int | None = Field(default=None, ge=1, le=100_000)
     max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    tokens_per_minute: int | None = Field(default=None, ge=1, le=1_000_000_000)
 
 
 class TenantCreate(BaseModel):

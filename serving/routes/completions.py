@@ -152,6 +152,10 @@ async def _proxy(route: str, req: RequestBase, tenant: Tenant, state: GatewaySta
         raise APIError(400, "'model' is required: name an alias (see GET /v1/models).", param="model",
                        code="missing_model")  # fmt: skip
     slot = await state.limiter.acquire(tenant, sequences)  # 429 before any work
+    if tenant.limits.tokens_per_minute:  # charged with what the engine says it used, once the request ends
+        record.on_end.append(
+            lambda r: state.limiter.charge(tenant, (r.prompt_tokens or 0) + (r.completion_tokens or 0))
+        )
     try:
         call = await prepare(route, req, alias, body, tenant, state, request, record, slot)
         record.upstream_at = time.perf_counter()  # the gateway's own work ends here
