@@ -111,7 +111,8 @@ class GatewaySettings(CommonSettings):
         default=None,
         description=(
             "Redis (redis://HOST:6379/0) where every gateway replica counts each tenant's requests and tokens per "
-            "minute and requests in flight together. Unset: each replica counts its own (N replicas admit up to N × a limit)."
+            "minute and requests in flight together. Unset: each replica counts its own (N replicas admit up to "
+            "N × a limit)."
         ),
     )
     redis_timeout_s: float = Field(
