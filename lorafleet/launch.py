@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -135,3 +136,121 @@ def start_engine(
         raise RuntimeError(f"vLLM exited with code {proc.returncode}; see {data_dir / 'logs' / 'vllm.log'}")
     engine.stop()
     raise RuntimeError(f"vLLM was not healthy after {timeout:.0f} s; see {data_dir / 'logs' / 'vllm.log'}")
+
+
+# Real servers for tests and benchmarks of several gateways (Debian's packages; `make test` installs them).
+
+
+@dataclass
+class RedisServer:
+    """A throwaway ``redis-server`` on loopback (Debian's package; ``make test`` installs it)."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    workdir: Path
+
+    @property
+    def url(self) -> str:
+        return self.database(0)
+
+    def database(self, number: int) -> str:
+        """The URL of one of its 16 databases: tests whose gateways count the same tenant ids use different ones."""
+        return f"redis://127.0.0.1:{self.port}/{number}"
+
+    @classmethod
+    def start(cls, workdir: Path, port: int | None = None) -> RedisServer:
+        import shutil
+        import socket
+        import time
+
+        if shutil.which("redis-server") is None:
+            raise RuntimeError("redis-server is missing: `apt-get install redis-server` (make test does it)")
+        port = port or free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                 "--appendonly", "no", "--dir", str(workdir)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # fmt: skip
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                return cls(proc, port, workdir)
+            except OSError:
+                if proc.poll() is not None:
+                    break
+                time.sleep(0.05)
+        proc.kill()
+        raise RuntimeError(f"redis-server did not start on port {port}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@dataclass
+class PostgresServer:
+    """A throwaway PostgreSQL cluster on loopback (Debian's ``postgresql``; ``make test`` installs it): made with
+    ``initdb`` in a temporary directory (as the ``postgres`` user when the tests run as root, which initdb
+    refuses), trust authentication, no fsync."""
+
+    datadir: Path
+    port: int
+    run_as: list[str]
+    bindir: Path
+
+    @classmethod
+    def create(cls, port: int | None = None) -> PostgresServer:
+        """A new cluster in its own directory under the system's temporary folder (pytest's are private to
+        root: the ``postgres`` user could not reach them)."""
+        import os
+        import shutil
+        import tempfile
+
+        bindir = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None)
+        if bindir is None or not (bindir / "initdb").exists():
+            raise RuntimeError("PostgreSQL is missing: `apt-get install postgresql` (make test does it)")
+        run_as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        workdir = Path(tempfile.mkdtemp(prefix="lorafleet-pg-"))
+        if run_as:
+            shutil.chown(workdir, "postgres", "postgres")
+        datadir = workdir / "data"
+        made = subprocess.run([*run_as, str(bindir / "initdb"), "-D", str(datadir), "-U", "postgres", "-A", "trust",
+                               "--no-sync"], capture_output=True, text=True)  # fmt: skip
+        if made.returncode != 0:
+            raise RuntimeError(f"initdb failed: {made.stderr or made.stdout}")
+        server = cls(datadir, port or free_port(), run_as, bindir)
+        server.start()
+        return server
+
+    def _ctl(self, *args: str) -> None:
+        command = [*self.run_as, str(self.bindir / "pg_ctl"), "-D", str(self.datadir), *args]
+        subprocess.run(command, check=True, capture_output=True, timeout=60)
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.datadir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._ctl("-w", "-l", str(self.datadir / "server.log"), "-o", options, "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._ctl("-w", "-m", mode, "stop")
+
+    def remove(self) -> None:
+        import shutil
+
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.stop("immediate")
+        shutil.rmtree(self.datadir.parent, ignore_errors=True)
+
+    def database(self) -> str:
+        """The URL of a new, empty database of its own."""
+        import uuid
+
+        import psycopg
+
+        name = f"t{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{self.port}/postgres", autocommit=True) as db:
+            db.execute(f"CREATE DATABASE {name}")
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"

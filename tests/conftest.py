@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import struct
@@ -17,7 +16,7 @@ import pytest
 from aiohttp import web
 
 from contract.settings import CommonSettings
-from lorafleet.launch import RunningGateway, free_port, start_gateway
+from lorafleet.launch import PostgresServer, RedisServer, RunningGateway, free_port, start_gateway
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDERS = ROOT / "data" / "orders"
@@ -210,130 +209,21 @@ async def serve(app: web.Application) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
-@dataclass
-class RedisServer:
-    """A throwaway ``redis-server`` on loopback (Debian's package; ``make test`` installs it)."""
-
-    proc: subprocess.Popen[bytes]
-    port: int
-    workdir: Path
-
-    @property
-    def url(self) -> str:
-        return self.database(0)
-
-    def database(self, number: int) -> str:
-        """The URL of one of its 16 databases: tests whose gateways count the same tenant ids use different ones."""
-        return f"redis://127.0.0.1:{self.port}/{number}"
-
-    @classmethod
-    def start(cls, workdir: Path, port: int | None = None) -> RedisServer:
-        import shutil
-        import socket
-        import time
-
-        if shutil.which("redis-server") is None:
-            pytest.fail("redis-server is missing: `apt-get install redis-server` (make test does it)")
-        port = port or free_port()
-        workdir.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                 "--appendonly", "no", "--dir", str(workdir)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # fmt: skip
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                return cls(proc, port, workdir)
-            except OSError:
-                if proc.poll() is not None:
-                    break
-                time.sleep(0.05)
-        proc.kill()
-        pytest.fail(f"redis-server did not start on port {port}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer.start(tmp_path_factory.mktemp("redis"))
+    try:
+        server = RedisServer.start(tmp_path_factory.mktemp("redis"))
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
     yield server
     server.stop()
 
 
-@dataclass
-class PostgresServer:
-    """A throwaway PostgreSQL cluster on loopback (Debian's ``postgresql``; ``make test`` installs it): made with
-    ``initdb`` in a temporary directory (as the ``postgres`` user when the tests run as root, which initdb
-    refuses), trust authentication, no fsync."""
-
-    datadir: Path
-    port: int
-    run_as: list[str]
-    bindir: Path
-
-    @classmethod
-    def create(cls, port: int | None = None) -> PostgresServer:
-        """A new cluster in its own directory under the system's temporary folder (pytest's are private to
-        root: the ``postgres`` user could not reach them)."""
-        import os
-        import shutil
-        import tempfile
-
-        bindir = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None)
-        if bindir is None or not (bindir / "initdb").exists():
-            pytest.fail("PostgreSQL is missing: `apt-get install postgresql` (make test does it)")
-        run_as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        workdir = Path(tempfile.mkdtemp(prefix="lorafleet-pg-"))
-        if run_as:
-            shutil.chown(workdir, "postgres", "postgres")
-        datadir = workdir / "data"
-        made = subprocess.run([*run_as, str(bindir / "initdb"), "-D", str(datadir), "-U", "postgres", "-A", "trust",
-                               "--no-sync"], capture_output=True, text=True)  # fmt: skip
-        if made.returncode != 0:
-            pytest.fail(f"initdb failed: {made.stderr or made.stdout}")
-        server = cls(datadir, port or free_port(), run_as, bindir)
-        server.start()
-        return server
-
-    def _ctl(self, *args: str) -> None:
-        command = [*self.run_as, str(self.bindir / "pg_ctl"), "-D", str(self.datadir), *args]
-        subprocess.run(command, check=True, capture_output=True, timeout=60)
-
-    def start(self) -> None:
-        options = f"-p {self.port} -k {self.datadir} -c listen_addresses=127.0.0.1 -c fsync=off"
-        self._ctl("-w", "-l", str(self.datadir / "server.log"), "-o", options, "start")
-
-    def stop(self, mode: str = "fast") -> None:
-        self._ctl("-w", "-m", mode, "stop")
-
-    def remove(self) -> None:
-        import shutil
-
-        with contextlib.suppress(subprocess.CalledProcessError):
-            self.stop("immediate")
-        shutil.rmtree(self.datadir.parent, ignore_errors=True)
-
-    def database(self) -> str:
-        """The URL of a new, empty database of its own."""
-        import uuid
-
-        import psycopg
-
-        name = f"t{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{self.port}/postgres", autocommit=True) as db:
-            db.execute(f"CREATE DATABASE {name}")
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
-
-
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
-    server = PostgresServer.create()
+    try:
+        server = PostgresServer.create()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
     yield server
     server.remove()
