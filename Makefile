@@ -2,7 +2,7 @@
 #   make run    install, provision the base model, serve on :8000 at once, train the missing demo adapters behind it
 #   make test   install what the tests need and run the suite
 # Also: make lint, make bench (all benchmarks), make bench-train / bench-gateway / bench-client / bench-eval /
-#       bench-fleet (one each),
+#       bench-fleet (one each), make soak (the fleet under operations, 10 minutes),
 #       make first-answer (seconds from a fresh `lorafleet demo` to the first answers),
 #       make eval-demo (the demo adapters against the base model on held-out data).
 
@@ -11,7 +11,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint bench bench-train bench-gateway bench-client bench-eval bench-fleet first-answer eval-demo venv model tools clean-venv
+.PHONY: run test lint bench bench-train bench-gateway bench-client bench-eval bench-fleet soak first-answer eval-demo venv model tools clean-venv
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -67,6 +67,11 @@ bench-eval: model
 
 bench-fleet: model
 	$(PY) -m benchmarks.fleet_routing
+
+# Two gateways, two engines, PostgreSQL and Redis under open-loop traffic with publishes, a canary, a key
+# revocation and an engine kill on a schedule (10 minutes; SOAK_ARGS="--minutes 60" for longer).
+soak: model tools
+	$(PY) -m benchmarks.soak $(SOAK_ARGS)
 
 first-answer: venv
 	$(PY) -m benchmarks.first_answer

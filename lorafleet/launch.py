@@ -109,20 +109,22 @@ class RunningEngine:
 
 
 def start_engine(
-    data_dir: Path, base_model: Path, *, timeout: float = 400, cpus: str | None = None, **settings: str
-) -> RunningEngine:
+    data_dir: Path, base_model: Path, *, timeout: float = 400, cpus: str | None = None, port: int | None = None,
+    key: str | None = None, **settings: str,
+) -> RunningEngine:  # fmt: skip
     """vLLM exactly as the gateway starts its child (command, environment), but with a key the caller knows.
 
     For comparisons with direct calls: a gateway's own child answers only that gateway. Pass ``url`` and ``key``
-    to ``start_gateway(..., engine_url=..., engine_key=...)``.
+    to ``start_gateway(..., engine_url=..., engine_key=...)``. ``port`` and ``key``: an engine started again where
+    its gateways expect it.
     """
     from serving.config import GatewaySettings
     from serving.engine import child_env, child_setup, vllm_command
     from serving.fleet.config import EngineSpec
 
-    config = GatewaySettings(data_dir=data_dir, base_model=str(base_model), engine_port=free_port(), dev_mode=True,
-                             **settings)  # type: ignore[arg-type]  # fmt: skip
-    key = secrets.token_urlsafe(32)
+    config = GatewaySettings(data_dir=data_dir, base_model=str(base_model), engine_port=port or free_port(),
+                             dev_mode=True, **settings)  # type: ignore[arg-type]  # fmt: skip
+    key = key or secrets.token_urlsafe(32)
     (data_dir / "logs").mkdir(parents=True, exist_ok=True)
     with (data_dir / "logs" / "vllm.log").open("ab") as log:
         spec = EngineSpec(name="engine", port=config.engine_port, max_loras=config.max_loras, cpus=cpus)
