@@ -124,8 +124,7 @@ class CanaryManager:
 
     def status(self, alias: str) -> dict[str, Any]:
         canary = self.latest(alias)
-        windows = self.merged.get(canary.id) if self.shared else None
-        windows = windows or self.windows.get(canary.id, {})
+        windows = self.merged.get(canary.id) or self.windows.get(canary.id, {})  # merged: the leader's, shared
         return canary.as_dict() | {
             "window": {v: windows.get(v, Window()).summary() for v in ("stable", "canary")},
             "window_age_s": round(time.time() - canary.step_started_at, 1) if canary.state in ACTIVE else None,
@@ -356,13 +355,9 @@ class CanaryManager:
             theirs = now_active.get(alias)
             if theirs is None or theirs.id != mine.id:
                 ended = True
-                self.windows.pop(mine.id, None)
-                self.shares.pop(mine.id, None)
-                self.merged.pop(mine.id, None)
+                self._drop_samples(mine.id)
             elif theirs.step_started_at != mine.step_started_at:
-                self.windows.pop(mine.id, None)
-                self.shares.pop(mine.id, None)
-                self.merged.pop(mine.id, None)
+                self._drop_samples(mine.id)
         self.active = now_active
         if ended:
             self.registry.forget()  # a promotion or a rollback moved what the alias serves
@@ -380,16 +375,20 @@ class CanaryManager:
     async def _new_window(self, canary: Canary) -> None:
         canary.step_started_at = time.time()
         canary.last_analysis = None
-        self.windows.pop(canary.id, None)
-        self.shares.pop(canary.id, None)
+        self._drop_samples(canary.id)
         await self._save(canary)
 
     async def _finish(self, canary: Canary, state: State) -> None:
         canary.state = state
         self.active.pop(canary.alias, None)
-        self.windows.pop(canary.id, None)
-        self.shares.pop(canary.id, None)
+        self._drop_samples(canary.id)
         await self._save(canary)
+
+    def _drop_samples(self, canary_id: int) -> None:
+        """Forget what this gateway counted of a canary's window: its samples, the tenants' shares, the merge."""
+        self.windows.pop(canary_id, None)
+        self.shares.pop(canary_id, None)
+        self.merged.pop(canary_id, None)
 
     # The database writes run in a worker thread (the event loop relays every stream meanwhile), one at a time
     # and in order, each on a copy of the canary as it was when the write was asked for.
