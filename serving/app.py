@@ -11,6 +11,7 @@ the engine becomes healthy. Nothing happens at import time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import json
@@ -122,6 +123,8 @@ def build_app(settings: GatewaySettings, engine: Engine | dict[str, Engine] | No
         finally:
             announced.unlink(missing_ok=True)
             analysis.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await analysis  # its end gives up canary leadership now, for another gateway to take at once
             if listening is not None:
                 listening.cancel()
             if discovery is not None:
