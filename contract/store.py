@@ -4,11 +4,16 @@ Layout::
 
     <root>/<alias>/<version>/   a complete adapter directory (see ``contract.manifest``)
     <root>/<alias>/<version>/gate.json   the latest evaluation gate verdict for that version
-    <root>/<alias>/stable.json  which version is stable (served by default), and how it got there
-    <root>/<alias>/<version>/retired.json  present once the version is retired (out of service)
-    <root>/<alias>/events.jsonl every promotion, rollback and retirement, forced or not (the audit trail)
     <root>/<alias>/training.json  a training run that will publish the next version: step, total, ETA
     <root>/.staging/            copies in progress; never read by anyone
+
+and, kept by the store's *ledger* (``Ledger``): which version of each alias is
+stable, which versions are retired, and the audit trail of every promotion,
+rollback and retirement. On one machine the ledger is files beside the versions
+(``FileLedger``: ``<alias>/stable.json``, ``<alias>/events.jsonl``,
+``<alias>/<version>/retired.json``); with several gateways on PostgreSQL it is
+tables of the state database (``serving.ledger.SqlLedger``), so a change is a
+transaction every gateway hears of.
 
 A version is an integer that only grows. An alias with no stable version
 serves its newest one (the first publish needs no ceremony); once a version
@@ -32,9 +37,10 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from contract.manifest import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, AdapterManifest, read_manifest
 
@@ -48,7 +54,7 @@ GATE_FILE = "gate.json"
 STABLE_FILE = "stable.json"
 EVENTS_FILE = "events.jsonl"
 RETIRED_FILE = "retired.json"
-LOCK_FILE = ".lock"  # held while the stable pointer or a retirement changes (_alias_lock)
+LOCK_FILE = ".lock"  # held while the stable pointer or a retirement changes (FileLedger.change)
 TRAINING_FILE = "training.json"
 # A training announcement not refreshed for this long is from a run that died without cleaning up.
 TRAINING_STALE_S = 120.0
@@ -66,20 +72,91 @@ class StoreConflict(StoreError):
     """Another writer changed the alias first (or is changing it now): look again, then retry."""
 
 
-@contextlib.contextmanager
-def _alias_lock(alias_dir: Path) -> Iterator[None]:
-    """Hold ``alias_dir``'s lock for one change of its stable pointer or retirements; a writer that finds it held
-    (another gateway, another host: ``flock`` holds across NFSv4 clients) gets ``StoreConflict`` at once."""
-    with open(alias_dir / LOCK_FILE, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise StoreConflict(f"another promotion or retirement of {alias_dir.name!r} is in progress; look at "
-                                "`lorafleet adapters history` and retry") from exc  # fmt: skip
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+class LedgerChange(Protocol):
+    """One change of an alias's ledger, made while ``Ledger.change`` holds the alias: all of it or none."""
+
+    def stable(self) -> int | None:
+        """The stable version as it is now (read under the change's lock)."""
+
+    def set_stable(self, version: int, event: dict[str, Any]) -> None:
+        """Make ``version`` stable (and not retired), recording ``event`` in the audit trail."""
+
+    def retire(self, version: int, event: dict[str, Any]) -> None:
+        """Take ``version`` out of service, recording ``event`` in the audit trail."""
+
+
+class Ledger(Protocol):
+    """Where an alias's stable pointer, retired versions and audit trail are kept."""
+
+    def stable(self, alias: str) -> int | None: ...
+
+    def retired(self, alias: str) -> frozenset[int]: ...
+
+    def events(self, alias: str) -> list[dict[str, Any]]: ...
+
+    def change(self, alias: str) -> AbstractContextManager[LedgerChange]:
+        """Hold ``alias`` for one change; a writer that finds it held (another gateway, another host) gets
+        ``StoreConflict`` at once rather than waiting."""
+        ...
+
+
+class FileLedger:
+    """The ledger as files beside the versions: ``stable.json``, ``events.jsonl`` and each version's
+    ``retired.json``; a change holds the alias folder's ``flock`` (which holds across NFSv4 clients)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def stable(self, alias: str) -> int | None:
+        pointer = self.root / alias / STABLE_FILE
+        return int(json.loads(pointer.read_text("utf-8"))["version"]) if pointer.is_file() else None
+
+    def retired(self, alias: str) -> frozenset[int]:
+        alias_dir = self.root / alias
+        if not alias_dir.is_dir():
+            return frozenset()
+        return frozenset(int(p.parent.name) for p in alias_dir.glob(f"*/{RETIRED_FILE}") if p.parent.name.isdigit())
+
+    def events(self, alias: str) -> list[dict[str, Any]]:
+        path = self.root / alias / EVENTS_FILE
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
+
+    @contextlib.contextmanager
+    def change(self, alias: str) -> Iterator[LedgerChange]:
+        alias_dir = self.root / alias
+        with open(alias_dir / LOCK_FILE, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                raise StoreConflict(f"another promotion or retirement of {alias!r} is in progress; look at "
+                                    "`lorafleet adapters history` and retry") from exc  # fmt: skip
+            try:
+                yield _FileChange(self, alias_dir)
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class _FileChange:
+    def __init__(self, ledger: FileLedger, alias_dir: Path) -> None:
+        self.ledger, self.alias_dir = ledger, alias_dir
+
+    def stable(self) -> int | None:
+        return self.ledger.stable(self.alias_dir.name)
+
+    def set_stable(self, version: int, event: dict[str, Any]) -> None:
+        _write_atomic(self.alias_dir / STABLE_FILE, json.dumps({"version": version, "event": event}) + "\n")
+        (self.alias_dir / str(version) / RETIRED_FILE).unlink(missing_ok=True)  # promoting brings it back
+        self._log(event)
+
+    def retire(self, version: int, event: dict[str, Any]) -> None:
+        _write_atomic(self.alias_dir / str(version) / RETIRED_FILE, json.dumps(event) + "\n")
+        self._log(event)
+
+    def _log(self, event: dict[str, Any]) -> None:
+        with open(self.alias_dir / EVENTS_FILE, "a", encoding="utf-8") as log:
+            log.write(json.dumps(event) + "\n")
 
 
 @dataclass(frozen=True)
@@ -106,8 +183,9 @@ def check_alias(alias: str) -> str:
 
 
 class AdapterStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, ledger: Ledger | None = None) -> None:
         self.root = Path(root)
+        self.ledger: Ledger = ledger if ledger is not None else FileLedger(self.root)
 
     def aliases(self) -> list[str]:
         if not self.root.is_dir():
@@ -133,37 +211,30 @@ class AdapterStore:
 
     def stable(self, alias: str) -> AdapterVersion | None:
         """The version made stable by the last promotion or rollback, if any."""
-        pointer = self.root / check_alias(alias) / STABLE_FILE
-        if not pointer.is_file():
-            return None
-        return self.get(alias, int(json.loads(pointer.read_text("utf-8"))["version"]))
+        version = self.ledger.stable(check_alias(alias))
+        return None if version is None else self.get(alias, version)
 
     def serving(self, alias: str) -> AdapterVersion | None:
         """The version requests for ``alias`` go to: the stable one, else the newest not retired."""
         stable = self.stable(alias)
         if stable is not None:
             return stable
-        live = [v for v in self.versions(alias) if not self.is_retired(v)]
+        retired = self.ledger.retired(alias)
+        live = [v for v in self.versions(alias) if v.version not in retired]
         return live[-1] if live else None
 
     def is_retired(self, version: AdapterVersion) -> bool:
-        return (version.path / RETIRED_FILE).is_file()
+        return version.version in self.ledger.retired(version.alias)
 
     def retire(self, alias: str, version: int, *, reason: str = "", actor: str = "cli") -> dict[str, Any]:
         """Take a version out of service (its files stay, for the record). The stable version cannot be retired."""
         target = self.get(alias, version)
-        with _alias_lock(self.root / alias):
-            return self._retire(target, reason, actor)
-
-    def _retire(self, target: AdapterVersion, reason: str, actor: str) -> dict[str, Any]:
-        alias, version = target.alias, target.version
-        stable = self.stable(alias)
-        if stable is not None and stable.version == version:
-            raise StoreError(f"{target.ref} is the stable version; promote or roll back to another version first")
-        event = {"at": time.time(), "alias": alias, "action": "retire", "from": None, "to": version,
-                 "forced": False, "gate_passed": None, "reason": reason, "actor": actor}  # fmt: skip
-        _write_atomic(target.path / RETIRED_FILE, json.dumps(event) + "\n")
-        self._log_event(alias, event)
+        with self.ledger.change(alias) as change:
+            if change.stable() == version:
+                raise StoreError(f"{target.ref} is the stable version; promote or roll back to another version first")
+            event = {"at": time.time(), "alias": alias, "action": "retire", "from": None, "to": version,
+                     "forced": False, "gate_passed": None, "reason": reason, "actor": actor}  # fmt: skip
+            change.retire(version, event)
         return event
 
     def gate(self, version: AdapterVersion) -> dict[str, Any] | None:
@@ -197,47 +268,34 @@ class AdapterStore:
         since, ``StoreConflict`` and nothing changes. Two gateways promoting at once: one wins, the other is told.
         """
         target = self.get(alias, version)
-        with _alias_lock(self.root / alias):
-            previous = self.stable(alias)
-            if expected != "any" and (previous.version if previous else None) != expected:
-                now = f"v{previous.version}" if previous else "no stable version"
+        with self.ledger.change(alias) as change:
+            previous = change.stable()
+            if expected != "any" and previous != expected:
+                now = f"v{previous}" if previous else "no stable version"
                 raise StoreConflict(f"{alias} changed meanwhile: it is at {now}, not "
                                     f"{'v' + str(expected) if expected else 'no stable version'}; look at "
                                     "`lorafleet adapters history` and retry")  # fmt: skip
-            return self._promote(target, previous, force, reason, actor)
-
-    def _promote(self, target: AdapterVersion, previous: AdapterVersion | None, force: bool, reason: str,
-                 actor: str) -> dict:  # fmt: skip
-        alias, version = target.alias, target.version
-        gate = self.gate(target)
-        refusal = None if force else self.gate_refusal(target)
-        if refusal:
-            raise StoreError(refusal)
-        event = {
-            "at": time.time(),
-            "alias": alias,
-            "action": "rollback" if previous and version < previous.version else "promote",
-            "from": previous.version if previous else None,
-            "to": version,
-            "forced": bool(force),
-            "gate_passed": gate.get("passed") if gate else None,
-            "reason": reason,
-            "actor": actor,
-        }
-        _write_atomic(self.root / alias / STABLE_FILE, json.dumps({"version": version, "event": event}) + "\n")
-        (target.path / RETIRED_FILE).unlink(missing_ok=True)  # promoting a retired version brings it back
-        self._log_event(alias, event)
+            gate = self.gate(target)
+            refusal = None if force else self.gate_refusal(target)
+            if refusal:
+                raise StoreError(refusal)
+            event = {
+                "at": time.time(),
+                "alias": alias,
+                "action": "rollback" if previous and version < previous else "promote",
+                "from": previous,
+                "to": version,
+                "forced": bool(force),
+                "gate_passed": gate.get("passed") if gate else None,
+                "reason": reason,
+                "actor": actor,
+            }
+            change.set_stable(version, event)
         return event
 
-    def _log_event(self, alias: str, event: dict[str, Any]) -> None:
-        with open(self.root / alias / EVENTS_FILE, "a", encoding="utf-8") as log:
-            log.write(json.dumps(event) + "\n")
-
     def events(self, alias: str) -> list[dict[str, Any]]:
-        path = self.root / check_alias(alias) / EVENTS_FILE
-        if not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
+        """The audit trail of ``alias``, oldest first."""
+        return self.ledger.events(check_alias(alias))
 
     def publish(self, source: Path, alias: str) -> AdapterVersion:
         """Copy the adapter directory ``source`` into the store as the next version of ``alias``."""

@@ -24,7 +24,6 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from contract.store import AdapterStore
 from serving import errors
 from serving.adapters import AdapterRegistry
 from serving.canary import CanaryManager
@@ -36,6 +35,7 @@ from serving.fleet.bases import ServedBase
 from serving.fleet.config import EngineSpec, engine_specs
 from serving.fleet.discovery import discovered
 from serving.fleet.fleet import Fleet
+from serving.ledger import open_store
 from serving.limits import RedisLimiter, TenantLimiter
 from serving.metrics import GatewayMetrics, StateCollector
 from serving.middleware import BodySizeLimit
@@ -65,14 +65,15 @@ def build_app(settings: GatewaySettings, engine: Engine | dict[str, Engine] | No
         else:
             engines = engine if isinstance(engine, dict) else {next(iter(specs)): engine}
         default = ServedBase.of(settings.base_model_path())
-        adapters = AdapterRegistry(AdapterStore(settings.adapters_dir), engines, default, settings.max_lora_rank,
+        tenants = TenantStore(settings.state_url, cache_s=settings.state_cache_s)
+        store = await asyncio.to_thread(open_store, settings, tenants.engine)
+        adapters = AdapterRegistry(store, engines, default, settings.max_lora_rank,
                                    serving_cache_s=settings.state_cache_s,
                                    engine_bases=_engine_bases(settings, specs, engines))  # fmt: skip
         max_loras = {name: specs[name].max_loras if name in specs else settings.max_loras for name in engines}
         merged = {name: spec.merged for name, spec in specs.items() if spec.merged and name in engines}
         eng = Fleet(engines, adapters, max_loras, epsilon=settings.route_epsilon, poll_s=settings.engine_poll_s,
                     dynamic=dynamic, merged=merged, policy=settings.route_policy)  # fmt: skip
-        tenants = TenantStore(settings.state_url, cache_s=settings.state_cache_s)
         policies = AliasPolicies(tenants.engine, cache_s=settings.state_cache_s)
         adapters.metrics = metrics
         adapters.drain_limit_s = settings.upstream_timeout_s + 60  # past any request another gateway sent

