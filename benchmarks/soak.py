@@ -40,7 +40,6 @@ import httpx
 from benchmarks.gateway_overhead import PROMPTS, adapter_dir
 from benchmarks.wire_timing import pct
 from contract.settings import CommonSettings
-from contract.store import AdapterStore
 from lorafleet.launch import (
     PostgresServer,
     RedisServer,
@@ -50,6 +49,7 @@ from lorafleet.launch import (
     start_engine,
     start_gateway,
 )
+from serving.ledger import open_store
 from serving.tenants import TenantStore, key_id_of
 
 SCHEDULE = [(0.15, "publish"), (0.20, "canary"), (0.45, "revoke"), (0.55, "kill"), (0.70, "restart"),
@@ -146,7 +146,7 @@ async def operate(soak: Soak, args: argparse.Namespace, a: RunningGateway, b: Ru
                 max_loras="2", kv_cache_gib="1", cpus="1")  # type: ignore[arg-type]  # fmt: skip
             result = "engine e2 started again"
         else:
-            stable = AdapterStore(revive["store"]).stable("orders")  # type: ignore[arg-type]
+            stable = await asyncio.to_thread(revive["store"].stable, "orders")  # type: ignore[attr-defined]
             target = 1 if stable is not None and stable.version == 2 else 2
             result = await asyncio.to_thread(admin, b, "POST", "/adapters/orders/promote",
                                              json={"version": target, "force": True, "reason": "soak"})  # fmt: skip
@@ -235,7 +235,7 @@ def main() -> int:
             tenants.grant(tenant, alias)
         keys[name] = tenants.issue_key(tenant)
     store_dir = work / "gw-a" / "adapters"
-    store = AdapterStore(store_dir)
+    store = open_store(CommonSettings(data_dir=work / "gw-a", database_url=database))  # the ledger in PostgreSQL
     store.publish(source, "orders")
     store.promote("orders", 1, force=True, reason="soak baseline")
     (work / "gw-b").mkdir()
@@ -253,7 +253,7 @@ def main() -> int:
     try:
         for name in ("a", "b"):
             gateways[name] = start_gateway(work / f"gw-{name}", base, **shared)
-        revive = {"work": work / "e2", "base": base, "port": port, "candidate": candidate, "store": store_dir}
+        revive = {"work": work / "e2", "base": base, "port": port, "candidate": candidate, "store": store}
         soak = Soak()
         urls = {name: gw.url for name, gw in gateways.items()}
 
