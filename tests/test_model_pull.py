@@ -51,8 +51,18 @@ def test_serve_without_a_base_model_says_what_to_run(tmp_path: Path) -> None:
 
 def test_pull_refuses_a_model_it_cannot_provision(tmp_path: Path) -> None:
     # Another base named by name only: pulling must not write SmolLM2 under that name.
-    env = os.environ | {"LORAFLEET_DATA_DIR": str(tmp_path), "LORAFLEET_BASE_MODEL": "gemma-3-270m"}
+    env = os.environ | {"LORAFLEET_DATA_DIR": str(tmp_path), "LORAFLEET_BASE_MODEL": "llama-3-8b"}
     proc = run_cli("model", "pull", env=env)
     assert proc.returncode == 2
-    assert "provisions SmolLM2-135M-Instruct only" in proc.stderr and "gemma-3-270m" in proc.stderr
-    assert not (tmp_path / "models").exists() and not (ROOT / "gemma-3-270m").exists()
+    assert "provisions SmolLM2-135M-Instruct or gemma-3-270m" in proc.stderr and "llama-3-8b" in proc.stderr
+    assert not (tmp_path / "models").exists() and not (ROOT / "llama-3-8b").exists()
+
+
+def test_gemma_needs_its_terms_accepted_and_nothing_is_fetched_before(tmp_path: Path) -> None:
+    env = os.environ | {"LORAFLEET_DATA_DIR": str(tmp_path)}
+    for extra in ([], ["--accept-license", "apache"]):
+        proc = run_cli("model", "pull", "gemma-3-270m", *extra, env=env)
+        assert proc.returncode == 2, proc.stderr
+        assert "Gemma terms of use (https://ai.google.dev/gemma/terms" in proc.stderr
+        assert "lorafleet model pull gemma-3-270m --accept-license gemma" in proc.stderr
+    assert not (tmp_path / "models").exists() and not (tmp_path / "cache").exists()

@@ -28,10 +28,10 @@ def tiny_config(data: Path, out: Path, **extra: object) -> TrainConfig:
     return TrainConfig.model_validate(values | extra)
 
 
-def test_prompt_rendering_matches_the_tokenizer_chat_template(base_model: Path) -> None:
+def test_prompt_rendering_matches_the_tokenizer_chat_template(each_base: Path) -> None:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(base_model)
+    tok = AutoTokenizer.from_pretrained(each_base)
     example = {"instruction": "Make JSON for order 7.", "input": "status: shipped"}
     tools = [{"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}}]
     for messages in (
@@ -46,9 +46,11 @@ def test_prompt_rendering_matches_the_tokenizer_chat_template(base_model: Path) 
 
 
 def test_labels_mask_the_prompt_and_keep_completion_and_eos(
-    base_model: Path, tiny_train_file: Path, tmp_path: Path
+    each_base: Path, tiny_train_file: Path, tmp_path: Path
 ) -> None:
-    prepared = prepare(tiny_config(tiny_train_file, tmp_path / "out"), str(base_model), tmp_path / "staging")
+    """The train/serve identity: the tokens trained on are the prompt exactly as served (one <bos> where the model
+    has one), then the completion and the end-of-answer token, and only those two are learned."""
+    prepared = prepare(tiny_config(tiny_train_file, tmp_path / "out"), str(each_base), tmp_path / "staging")
     trainer, examples = prepared.trainer, prepared.train_examples
     tok = trainer.processing_class
     batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
@@ -62,7 +64,10 @@ def test_labels_mask_the_prompt_and_keep_completion_and_eos(
         assert tok.decode(kept[prompt_len:]) == examples[i].completion + tok.eos_token, "completion and EOS learned"
         assert tok.decode(ids[real]) == prompt + examples[i].completion + tok.eos_token
         assert (labels[~real] == -100).all(), "padding is masked"
-    assert tok.pad_token_id == tok.eos_token_id  # the pitfall this test guards against
+        if tok("x")["input_ids"][:1] == [tok.bos_token_id]:  # a model that needs <bos>: exactly one, at the start
+            assert ids[real].tolist().count(tok.bos_token_id) == 1 and prompt.startswith(tok.bos_token)
+    if "SmolLM2" in str(each_base):
+        assert tok.pad_token_id == tok.eos_token_id  # the pitfall this test guards against: EOS learned anyway
 
 
 def test_tiny_training_changes_lora_only_and_writes_the_artifact(tiny_adapter: Path, base_model: Path) -> None:
