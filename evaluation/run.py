@@ -3,6 +3,12 @@
     lorafleet eval --data data/orders/test.jsonl --schema data/orders/schema.json \\
         --target base --target orders@1 --mode unconstrained --mode constrained --out var/eval/orders
 
+Targets on several base models in one run: ``base`` is the default base model,
+``base:gemma-3-270m`` another provisioned one, and an adapter trained on
+another base runs on that base (found under the models folder by its name and
+sha256). Each base's targets are generated on its own engine, one base after
+the other, and scored by the same judge into one report.
+
 Everything is checked before generation starts (data rows, answers, targets,
 adapter fit). Generation runs in-process on vLLM, batched and greedy, or
 through a running gateway (``--gateway URL``) exactly as a client would call
@@ -25,7 +31,7 @@ from typing import Any
 
 import httpx
 
-from contract.basemodel import identify
+from contract.basemodel import identify, read_record
 from contract.examples import DataError, Example, check, read_rows
 from contract.manifest import ManifestError, read_manifest
 from contract.prompt import render, with_tools
@@ -42,9 +48,10 @@ class EvalError(ValueError):
 
 @dataclass(frozen=True)
 class Target:
-    name: str  # "base" or "alias@version" (through a gateway: the alias as a client names it)
+    name: str  # "base", "base:MODEL" or "alias@version" (through a gateway: the alias as a client names it)
     path: Path | None = None  # adapter directory; None for the base model or a gateway alias
     version: AdapterVersion | None = None
+    base: str | None = None  # the base model directory it runs on; None: the run's default base
 
 
 @dataclass
@@ -60,10 +67,13 @@ class EvalSet:
             self.ground_truth = [None] * len(self.examples)
 
 
-def resolve_targets(names: list[str], store: AdapterStore, base_model: str) -> list[Target]:
-    """Every target, checked against the store and the base model; all problems at once.
+def resolve_targets(names: list[str], store: AdapterStore, base_model: str,
+                    models_dir: Path | None = None) -> list[Target]:  # fmt: skip
+    """Every target, checked against the store and the base models; all problems at once.
 
-    ``ALIAS`` means the version the gateway serves for it (stable, else newest).
+    ``ALIAS`` means the version the gateway serves for it (stable, else newest); ``base:MODEL`` a base model
+    provisioned under ``models_dir``. An adapter that does not fit ``base_model`` runs on its own base, if that is
+    provisioned under ``models_dir`` (the same name and sha256).
     """
     base = identify(base_model)
     targets: list[Target] = []
@@ -71,6 +81,14 @@ def resolve_targets(names: list[str], store: AdapterStore, base_model: str) -> l
     for name in names:
         if name == "base":
             targets.append(Target("base"))
+            continue
+        if name.startswith("base:"):
+            other = _provisioned(models_dir, name.removeprefix("base:"))
+            if other is None:
+                problems.append(f"target {name}: no base model {name.removeprefix('base:')!r} in {models_dir}; "
+                                f"run `lorafleet model pull {name.removeprefix('base:')}`")  # fmt: skip
+            else:
+                targets.append(Target(name, base=str(other)))
             continue
         alias, _, version = name.partition("@")
         try:
@@ -81,16 +99,30 @@ def resolve_targets(names: list[str], store: AdapterStore, base_model: str) -> l
         except (StoreError, ManifestError) as exc:
             problems.append(f"target {name}: {exc}; list versions with `lorafleet adapters list`")
             continue
+        own_base = None
         mismatch = manifest.base_mismatch(base.name, base.sha256)
         if mismatch:
-            problems.append(f"target {name}: {mismatch}")
-            continue
+            own_base = _provisioned(models_dir, manifest.base_model.name, manifest.base_model.sha256)
+            if own_base is None:
+                problems.append(f"target {name}: {mismatch}, and {manifest.base_model.name} is not provisioned in "
+                                f"{models_dir} (`lorafleet model pull {manifest.base_model.name}`)")  # fmt: skip
+                continue
         if any(t.name == found.ref for t in targets):
             continue  # `orders` and `orders@2` may name the same version
-        targets.append(Target(found.ref, found.path, found))
+        targets.append(Target(found.ref, found.path, found, str(own_base) if own_base else None))
     if problems:
         raise EvalError("cannot evaluate:\n  " + "\n  ".join(problems))
     return targets
+
+
+def _provisioned(models_dir: Path | None, name: str, sha256: str | None = None) -> Path | None:
+    """The provisioned model ``name`` (with that sha256, if given), or ``None``."""
+    if models_dir is None or "/" in name or name in ("", ".", ".."):
+        return None
+    record = read_record(models_dir / name)
+    if record is None or (sha256 and record.sha256 != sha256):
+        return None
+    return models_dir / name
 
 
 def load_examples(path: Path, schema_path: Path | None, answers: Path | None = None) -> EvalSet:
@@ -184,31 +216,64 @@ def evaluate(
     max_tokens: int = 256,
     llm: Any = None,
 ) -> list[TargetScores]:
-    """Generate every example for every target and mode on in-process vLLM, one batch each, and score it."""
+    """Generate every example for every target and mode on in-process vLLM, one batch each, and score it. Targets
+    on other base models (``Target.base``) run on an engine of their own, opened after the default base's."""
+    by_base: dict[str, list[Target]] = {}
+    for target in targets:
+        by_base.setdefault(target.base or base_model, []).append(target)
+    results: dict[str, list[TargetScores]] = {}
+    for model, group in by_base.items():
+        own = llm if model == base_model else None
+        results |= _evaluate_on(evalset, group, modes, model, max_tokens, own)
+    return [scores for target in targets for scores in results[target.name]]
+
+
+def _evaluate_on(evalset: EvalSet, targets: list[Target], modes: list[str], base_model: str, max_tokens: int,
+                 llm: Any) -> dict[str, list[TargetScores]]:  # fmt: skip
     from vllm.lora.request import LoRARequest
 
+    opened = llm is None
     if llm is None:
         ranks = [read_manifest(t.path).lora.rank for t in targets if t.path is not None]
         # vLLM sizes its LoRA buffers for one of a few ranks: the smallest that fits every target.
         max_rank = next(r for r in (8, 16, 32, 64, 128, 256, 512) if r >= max(ranks, default=8))
         llm = open_engine(base_model, len(ranks), max_rank)
-    prompts = prompts_of(evalset.examples, llm.get_tokenizer())
-    results = []
-    for lora_id, target in enumerate(targets, start=1):
-        lora = LoRARequest(target.name, lora_id, str(target.path)) if target.path else None
-        for mode in modes:
-            started = time.perf_counter()
-            outputs = llm.generate(
-                prompts, sampling_params(evalset.examples, mode, max_tokens), lora_request=lora, use_tqdm=False
-            )
-            wall = time.perf_counter() - started
-            generations = [
-                Generation(c.text, c.finish_reason, _latency(o, wall), len(c.token_ids))
-                for o in outputs
-                for c in o.outputs[:1]
-            ]
-            results.append(_scored(evalset, target.name, mode, generations, wall))
-    return results
+    try:
+        tokenizer = llm.get_tokenizer()
+        # As the gateway's chat route is served: the rendered prompt (with the template's own <bos>, if it writes
+        # one) tokenized without adding special tokens; a text prompt would get the tokenizer's <bos> on top.
+        prompts = [{"prompt_token_ids": tokenizer(p, add_special_tokens=False)["input_ids"]}
+                   for p in prompts_of(evalset.examples, tokenizer)]  # fmt: skip
+        results: dict[str, list[TargetScores]] = {}
+        for lora_id, target in enumerate(targets, start=1):
+            lora = LoRARequest(target.name, lora_id, str(target.path)) if target.path else None
+            for mode in modes:
+                started = time.perf_counter()
+                outputs = llm.generate(
+                    prompts, sampling_params(evalset.examples, mode, max_tokens), lora_request=lora, use_tqdm=False
+                )
+                wall = time.perf_counter() - started
+                generations = [
+                    Generation(c.text, c.finish_reason, _latency(o, wall), len(c.token_ids))
+                    for o in outputs
+                    for c in o.outputs[:1]
+                ]
+                results.setdefault(target.name, []).append(_scored(evalset, target.name, mode, generations, wall))
+        return results
+    finally:
+        if opened:
+            close_engine(llm)
+
+
+def close_engine(llm: Any) -> None:
+    """Stop an engine ``open_engine`` made (its engine-core process), so another base's can start."""
+    import gc
+
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+    del llm
+    gc.collect()
 
 
 def _scored(evalset: EvalSet, target: str, mode: str, generations: list[Generation], wall: float) -> TargetScores:

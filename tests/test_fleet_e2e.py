@@ -1,9 +1,9 @@
 """One gateway over four real vLLM engines (supervised children on loopback), started once for the module.
 
 ``e1`` and ``e2`` serve the test base model with two adapter slots each (four aliases fit those four slots):
-affinity, spreading and failover. ``tiny`` serves another base model (a tiny randomly initialised Llama, made
-here): its adapter goes there and nowhere else. ``fast`` serves the ``ok`` adapter merged into the base model,
-bound to ``ok@1``: that version's requests go there, until a promotion moves the alias.
+affinity, spreading and failover. ``gemma`` serves another base model, Gemma 3 270M (as `lorafleet model pull
+gemma-3-270m` provisions it): its adapter goes there and nowhere else. ``fast`` serves the ``ok`` adapter merged
+into the base model, bound to ``ok@1``: that version's requests go there, until a promotion moves the alias.
 """
 
 from __future__ import annotations
@@ -58,20 +58,6 @@ class Fleet:
         pytest.fail(f"the engines did not both come up: {self.engines()}\n{self.gw.log_tail()}")
 
 
-def tiny_llama(base_model: Path, out: Path) -> Path:
-    """A second base model: a randomly initialised two-layer Llama with the test base model's tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=2048,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)  # fmt: skip
-    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(base_model).save_pretrained(out)
-    return out
-
-
 def trained_on(base: Path, data: Path, out: Path) -> Path:
     """A real adapter for ``base``: two steps, enough for a manifest naming that base's weights."""
     from training.config import TrainConfig
@@ -90,6 +76,7 @@ def two(
     flag_adapters: dict[str, Path],
     tiny_train_file: Path,
     base_model: Path,
+    gemma_model: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Fleet]:
     from training.export import merge
@@ -100,16 +87,20 @@ def two(
     tenant = tenants.create("acme")
     for alias in ALIASES:
         store.publish(tiny_adapter, alias)
-    tiny = tiny_llama(base_model, data_dir / "models" / "tiny-llama")
-    store.publish(trained_on(tiny, tiny_train_file, data_dir / "runs" / "tiny"), "ft")
+    store.publish(trained_on(gemma_model, tiny_train_file, data_dir / "runs" / "gemma"), "ft")
     store.publish(flag_adapters["good"], "ok")
     merged = data_dir / "models" / "ok-1-merged"
     merge(store.get("ok", 1).path, merged, str(base_model))
     for alias in [*ALIASES, "ft", "ok", "base"]:
         tenants.grant(tenant, alias)
-    ports = {"e1": free_port(), "e2": free_port(), "tiny": free_port(), "fast": free_port()}
-    extra = {"e1": "", "e2": "", "tiny": f"    base: {tiny}\n", "fast": f"    base: {merged}\n    merged: ok@1\n"}
-    slots = {"e1": 2, "e2": 2, "tiny": 1, "fast": 1}
+    ports = {"e1": free_port(), "e2": free_port(), "gemma": free_port(), "fast": free_port()}
+    extra = {
+        "e1": "",
+        "e2": "",
+        "gemma": f"    base: {gemma_model}\n",
+        "fast": f"    base: {merged}\n    merged: ok@1\n",
+    }
+    slots = {"e1": 2, "e2": 2, "gemma": 1, "fast": 1}
     engines_file = data_dir / "engines.yaml"
     entries = [f"  - name: {name}\n    port: {port}\n    max_loras: {slots[name]}\n{extra[name]}"
                for name, port in ports.items()]  # fmt: skip
@@ -192,10 +183,10 @@ def test_two_base_models_at_once_each_alias_answered_by_its_own(two: Fleet) -> N
         resp = two.chat(alias)
         assert resp.status_code == 200, resp.text
     engines = two.engines()
-    assert engines["tiny"]["adapters"] == ["ft@1"] and engines["tiny"]["base"] == "tiny-llama"
+    assert engines["gemma"]["adapters"] == ["ft@1"] and engines["gemma"]["base"] == "gemma-3-270m"
     assert all("ft@1" not in engines[name]["adapters"] for name in ("e1", "e2", "fast"))
     grown = {name: n - before.get(name, 0) for name, n in per_engine().items()}
-    assert grown.get("tiny") == 2 and grown.get("fast", 0) == 0  # ft there, and nothing else
+    assert grown.get("gemma") == 2 and grown.get("fast", 0) == 0  # ft there, and nothing else
     assert grown.get("e1", 0) + grown.get("e2", 0) == 2  # base and fa on the test base model's engines
 
 

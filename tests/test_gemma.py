@@ -44,14 +44,24 @@ def test_the_tokenizer_adds_bos_and_renders_gemma_turns(gemma_model: Path) -> No
     assert tok.eos_token_id in stops and tok.convert_tokens_to_ids("<eos>") in stops
 
 
-def test_with_bos_its_greedy_output_is_coherent(gemma_model: Path) -> None:
+def test_with_bos_its_greedy_output_is_coherent_and_without_it_degenerates(gemma_model: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gemma_model)
     model = AutoModelForCausalLM.from_pretrained(gemma_model, dtype=torch.float32)
-    ids = tok("The capital of France is", return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=6, do_sample=False)
-    text = tok.decode(out[0][ids["input_ids"].shape[1] :], skip_special_tokens=True)
-    assert "Paris" in text, text
+
+    def continue_(prompt: str, bos: bool) -> str:
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=bos)
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=16, do_sample=False)
+        return str(tok.decode(out[0][ids["input_ids"].shape[1] :], skip_special_tokens=True))
+
+    def variety(text: str) -> float:
+        words = text.split()
+        return len(set(words)) / max(len(words), 1)
+
+    assert "100 degrees Celsius" in continue_("Water boils at a temperature of", bos=True)
+    with_bos, without = (continue_("The capital of France is", bos=b) for b in (True, False))
+    assert "France" in with_bos and variety(with_bos) > 0.6, with_bos
+    assert variety(without) < 0.4, without  # "France. The The The The ...": what the missing <bos> did

@@ -87,7 +87,7 @@ def _finish_gemma(tokenizer: Any, model: Any) -> None:
 
     bos, eot = tokenizer.bos_token or "<bos>", "<end_of_turn>"
     bos_id, eot_id = tokenizer.convert_tokens_to_ids(bos), tokenizer.convert_tokens_to_ids(eot)
-    if bos_id is None or eot_id is None or eot_id == tokenizer.unk_token_id:
+    if bos not in tokenizer.get_vocab() or eot not in tokenizer.get_vocab():
         raise ProvisionError(f"the Gemma tokenizer lacks {bos} or {eot}: is this the Gemma 3 GGUF?")
     tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]

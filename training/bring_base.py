@@ -110,7 +110,7 @@ def _check_tokens(tokenizer: Any) -> list[str]:
         return ["the tokenizer has no chat template (a pretrained, not instruction-tuned, model); give one with "
                 "--chat-template FILE (a Jinja template rendering `messages`, as Hugging Face's)"]  # fmt: skip
     eos, bos = tokenizer.eos_token, tokenizer.bos_token
-    if not eos or tokenizer.convert_tokens_to_ids(eos) in (None, tokenizer.unk_token_id):
+    if not eos or eos not in tokenizer.get_vocab():
         return ["the tokenizer has no end-of-answer token (eos_token); set one in tokenizer_config.json"]
     try:
         text = render(template, SAMPLE, add_generation_prompt=False, bos_token=bos or "", eos_token=eos)

@@ -44,7 +44,11 @@ class TrainConfig(BaseModel):
     )
     skip_invalid: bool = Field(default=False, description="Drop rows with errors (counted) instead of refusing.")
     task: str = Field(default="task", description="Task name recorded in the manifest, e.g. 'orders'.")
-    base_model: str | None = Field(default=None, description="Base model directory or hub id; default: the setting.")
+    base_model: str | None = Field(
+        default=None,
+        description="Base model: a directory, one provisioned under data_dir/models (e.g. gemma-3-270m) or a hub "
+        "id; default: the setting.",
+    )
     max_length: int = Field(default=512, ge=16, description="Longest example in tokens; longer ones are errors.")
     # adapter
     rank: int = Field(default=16, ge=1, description="LoRA rank r.")

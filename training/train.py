@@ -148,9 +148,18 @@ def prepare(cfg: TrainConfig, base_model: str, staging: Path, callbacks: list[An
         eval_examples, split = [], {"source": "none"}
     split |= {"train": len(train_examples), "validation": len(eval_examples)}
 
+    # TRL tokenizes the prompt text with the tokenizer's special tokens; the server tokenizes the rendered chat
+    # prompt without them. A template that writes <bos> itself (Gemma's) for a tokenizer that adds one would get
+    # two here and one when served: the template's is left to the tokenizer instead, so both have exactly one.
+    bos = prompt_format.bos_token
+    adds_bos = bool(bos) and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+
+    def as_trained(prompt: str) -> str:
+        return prompt[len(bos) :] if adds_bos and prompt.startswith(bos) else prompt
+
     def to_dataset(examples: list[Example]) -> Dataset:
         return Dataset.from_list(
-            [{"prompt": render_prompt(prompt_format, e), "completion": e.completion} for e in examples]
+            [{"prompt": as_trained(render_prompt(prompt_format, e)), "completion": e.completion} for e in examples]
         )
 
     precision = _precision(cfg)

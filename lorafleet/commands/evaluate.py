@@ -17,7 +17,11 @@ def eval_(
         Path, typer.Option(help="Held-out examples (any training format; the answer is the expected output).")
     ],
     target: Annotated[
-        list[str], typer.Option(help="base, ALIAS (the version it serves) or ALIAS@VERSION; repeatable.")
+        list[str],
+        typer.Option(
+            help="base, base:MODEL (another provisioned base model), ALIAS (the version it "
+            "serves) or ALIAS@VERSION, on its own base model; repeatable."
+        ),
     ],
     out: Annotated[Path, typer.Option(help="Folder for the reports (json, md, png, failures, review sheet).")],
     schema: Annotated[
@@ -78,7 +82,7 @@ def eval_(
             stable_ref = _stable_for_gate(store, names, stable) if gate else None
             if stable_ref and stable_ref not in names:
                 names.append(stable_ref)
-            targets = resolve_targets(names, store, settings.base_model_path())
+            targets = resolve_targets(names, store, settings.base_model_path(), settings.models_dir)
     except EvalError as exc:
         raise fail(str(exc)) from exc
     if gateway:
