@@ -358,3 +358,22 @@ def test_windows_shared_as_sketches_merge_to_the_same_counts_and_latencies() -> 
         assert abs(got - want) / want < 0.01  # within its 1% bucket
     assert min(merged.ttft) == 0.0
     assert len(parts[0].to_json()) < 2000  # compact: buckets, not samples
+
+
+def test_a_promotion_committed_by_a_gateway_that_died_is_finished_once(gw) -> None:
+    """The deciding gateway moved the stable pointer and died before recording the canary's end: the next decision
+    finds the candidate already stable and finishes the canary (one promotion in the audit trail, old retired)."""
+    client, _, key = gw
+    assert start(client, steps=[50, 100], min_samples=10, max_latency_ratio=100).status_code == 201
+    store = client.app.state.gateway.adapters.store  # type: ignore[attr-defined]
+    store.promote("orders", 2, reason="canary: passed step 1 of 2", actor="canary", expected=1)  # and then it died
+    for i in range(60):
+        send(client, key, f"user-{i}")
+    tick(client)
+    final = status(client)
+    assert final["state"] == "promoted", final
+    assert [e["action"] for e in store.events("orders")].count("promote") == 2  # the fixture's, and the dead one's
+    assert [e["action"] for e in store.events("orders")][-2:] == ["promote", "retire"]
+    assert store.is_retired(store.get("orders", 1)) and store.stable("orders").version == 2
+    events = client.get("/admin/canaries/orders/events", headers=ADMIN).json()["data"]
+    assert events[-1]["action"] == "promote" and "stopped before recording it" in events[-1]["reason"]

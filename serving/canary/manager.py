@@ -21,7 +21,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from contract.store import AdapterStore, AdapterVersion, StoreError, VersionNotFound
+from contract.store import AdapterStore, AdapterVersion, StoreConflict, StoreError, VersionNotFound
 from serving.adapters import AdapterRegistry
 from serving.canary.analysis import CanaryConfig, Window, analyze, user_point
 from serving.canary.state import ACTIVE, Canary, CanaryError, CanaryRecords, State, Variant
@@ -267,6 +267,13 @@ class CanaryManager:
         try:
             await asyncio.to_thread(self.store.promote, canary.alias, canary.candidate, force=canary.forced,
                                     reason=f"canary: {reason}", actor=actor, expected=canary.stable)  # fmt: skip
+        except StoreConflict as exc:
+            # The deciding gateway that died promoted the candidate and did not live to record the end: its
+            # decision stands (once), and this one finishes it. Anything else moved the alias: refused.
+            stable = await asyncio.to_thread(self.store.stable, canary.alias)
+            if stable is None or stable.version != canary.candidate:
+                raise CanaryError(409, f"cannot promote: {exc}", "alias_changed") from exc
+            reason = f"{reason} (the promotion was made by a gateway that stopped before recording it)"
         except StoreError as exc:
             raise CanaryError(400, f"cannot promote: {exc}", "promote_refused") from exc
         self.registry.changed()
@@ -274,8 +281,9 @@ class CanaryManager:
         await self._finish(canary, "promoted")
         await self._event(canary, "promote", reason, numbers, actor)
         self._count(canary, "promote")
-        await asyncio.to_thread(self.store.retire, canary.alias, old.version,
-                                reason=f"replaced by {canary.alias}@{canary.candidate}", actor=actor)  # fmt: skip
+        if not await asyncio.to_thread(self.store.is_retired, old):
+            await asyncio.to_thread(self.store.retire, canary.alias, old.version,
+                                    reason=f"replaced by {canary.alias}@{canary.candidate}", actor=actor)  # fmt: skip
         self.registry.changed()
         await self.registry.retire(old)  # unloaded once its in-flight requests finish
 
