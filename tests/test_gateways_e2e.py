@@ -92,6 +92,36 @@ def test_a_key_revoked_through_one_gateway_is_refused_by_the_other_within_a_seco
         time.sleep(0.05)
 
 
+def test_a_postgres_restart_under_traffic_refuses_writes_serves_cached_keys_and_recovers(
+    replicas, postgres_server: PostgresServer
+) -> None:
+    """Traffic through both gateways while PostgreSQL stops and starts again: every request is answered once (the
+    key is cached), admin writes in between get 503 state_unavailable, and afterwards writes work and reach the
+    other gateway, with neither gateway restarted."""
+    (a, b), _ = replicas
+    admin = {"Authorization": f"Bearer {a.admin_key}"}
+    made = httpx.post(f"{a.url}/admin/tenants", json={"name": "steady", "aliases": ["base"]}, headers=admin)
+    assert made.status_code == 201, made.text
+    key = made.json()["api_key"]
+    assert complete(a, key) == 200 and complete(b, key) == 200  # both hold the key in their cache now
+    postgres_server.stop()
+    try:
+        statuses = [complete((a, b)[i % 2], key) for i in range(8)]
+        refused = httpx.post(f"{a.url}/admin/tenants", json={"name": "while-down"}, headers=admin, timeout=30)
+    finally:
+        postgres_server.start()
+    assert statuses == [200] * 8, statuses  # none lost, none refused: answered from the cached key
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "state_unavailable"
+    assert refused.headers["retry-after"]
+    deadline = time.monotonic() + 20
+    while (created := httpx.post(f"{a.url}/admin/tenants", json={"name": "after", "aliases": ["base"]},
+                                 headers=admin, timeout=30)).status_code != 201:  # fmt: skip
+        assert time.monotonic() < deadline, created.text
+        time.sleep(0.5)
+    new_key = created.json()["api_key"]
+    assert complete(b, new_key) == 200  # B reads what A wrote after the restart
+
+
 def test_a_canary_through_two_gateways_survives_the_death_of_the_one_deciding(
     base_model: Path,
     engine: RunningEngine,
