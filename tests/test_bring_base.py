@@ -135,3 +135,26 @@ def test_the_cli_names_each_problem_and_its_fix(base_model: Path, tmp_path: Path
     assert proc.returncode == 2
     assert "not with LoRA adapters" in proc.stderr and "--chat-template FILE" in proc.stderr
     assert not (tmp_path / "data" / "models" / "g").exists()
+
+
+def test_an_adapter_trained_on_a_brought_base_publishes_against_that_base(base_model: Path, tmp_path: Path) -> None:
+    """`lorafleet adapters publish` checks an adapter's fit against the base it was trained on when that base is
+    provisioned too (a second engine's), not against LORAFLEET_BASE_MODEL."""
+    from tests.test_fleet_e2e import trained_on
+
+    data_dir = tmp_path / "data"
+    (data_dir / "models").mkdir(parents=True)
+    (data_dir / "models" / base_model.name).symlink_to(base_model)
+    bring(tiny_model(tmp_path / "src", base_model), "mine", data_dir / "models", tmp_path / "cache")
+    rows = (ROOT / "data" / "orders" / "train.jsonl").read_text().splitlines(keepends=True)[:8]
+    (tmp_path / "train.jsonl").write_text("".join(rows))
+    adapter = trained_on(data_dir / "models" / "mine", tmp_path / "train.jsonl", tmp_path / "run")
+    env = os.environ | {"LORAFLEET_DATA_DIR": str(data_dir)}
+    proc = subprocess.run([sys.executable, "-m", "lorafleet", "adapters", "publish", str(adapter), "mine-orders"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (data_dir / "adapters" / "mine-orders" / "1" / "lorafleet.json").is_file()
+    (data_dir / "models" / "mine" / "lorafleet-model.json").unlink()  # its base no longer provisioned: refused
+    proc = subprocess.run([sys.executable, "-m", "lorafleet", "adapters", "publish", str(adapter), "mine-orders"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)  # fmt: skip
+    assert proc.returncode == 2 and "cannot be served, not published" in proc.stderr and "not the base" in proc.stderr
