@@ -87,7 +87,7 @@ def demo(
     aliases = list(DEMO_ALIASES)
     if gemma:
         model_pull(GEMMA_BASE, accept_license=accept_license)
-        two_engines(settings)
+        os.environ.setdefault("LORAFLEET_ENGINES_FILE", str(two_engines(settings)))  # the gateway reads it
         aliases.append(GEMMA_ALIAS)
     store = open_store(settings)
     missing = [a for a in aliases if store.latest(a) is None]
@@ -118,8 +118,8 @@ def demo(
 
 
 def two_engines(settings: CommonSettings) -> Path:
-    """The engines file of a two-base demo: SmolLM2 and Gemma 3 270M, each a supervised child on a core of its
-    own (the gateway reads it from LORAFLEET_ENGINES_FILE, set here unless one is set already)."""
+    """The engines file of a two-base demo (unless LORAFLEET_ENGINES_FILE names one already): SmolLM2 and Gemma 3
+    270M, each a supervised child on a core (or half the cores) of its own."""
     if os.environ.get("LORAFLEET_ENGINES_FILE"):
         return Path(os.environ["LORAFLEET_ENGINES_FILE"])
     cores = os.cpu_count() or 2
@@ -138,7 +138,6 @@ engines:
     cpus: "{split[1]}"
     base: {GEMMA_BASE}
 """)
-    os.environ["LORAFLEET_ENGINES_FILE"] = str(path)
     return path
 
 
