@@ -60,6 +60,16 @@ def write_record(model_dir: Path, record: BaseModelRecord) -> None:
     (Path(model_dir) / RECORD_FILE).write_text(json.dumps(record.model_dump(), indent=2) + "\n")
 
 
+def provisioned(models_dir: Path | None, name: str, sha256: str | None = None) -> Path | None:
+    """The model ``name`` provisioned under ``models_dir`` (with that sha256, if given), or ``None``."""
+    if models_dir is None or "/" in name or name in ("", ".", ".."):
+        return None
+    record = read_record(models_dir / name)
+    if record is None or (sha256 and record.sha256 != sha256):
+        return None
+    return models_dir / name
+
+
 def identify(model: str) -> BaseModelRecord:
     """The record of a local model directory: the stored one, or computed from its weights."""
     model_dir = Path(model)

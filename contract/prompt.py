@@ -65,3 +65,8 @@ def render(
             eos_token=eos_token,
         )
     )
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` starts plain text with its ``<bos>`` (Gemma's does; SmolLM2's does not)."""
+    return bool(tokenizer.bos_token) and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]

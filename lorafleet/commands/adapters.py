@@ -58,7 +58,7 @@ def adapters_publish(source: Path, alias: str, admin_key: AdminKeyOpt = None) ->
 def publish_adapter(settings: CommonSettings, source: Path, alias: str, admin_key: str | None = None) -> None:
     """Publish after the same checks the gateway runs (``contract.fit``) against the adapter's base model: the
     configured one, or the one it was trained on when that is provisioned too (a second engine's base)."""
-    from contract.basemodel import identify, read_record
+    from contract.basemodel import identify, provisioned
     from contract.fit import base_config, fit_problems
     from contract.manifest import ManifestError, read_manifest
     from contract.store import StoreError
@@ -76,9 +76,9 @@ def publish_adapter(settings: CommonSettings, source: Path, alias: str, admin_ke
         own = read_manifest(source).base_model
     except ManifestError as exc:
         raise fail(str(exc)) from exc
-    record = read_record(settings.models_dir / own.name) if "/" not in own.name else None
-    if record is not None and record.sha256 == own.sha256:
-        base_path = str(settings.models_dir / own.name)
+    own_base = provisioned(settings.models_dir, own.name, own.sha256)
+    if own_base is not None:
+        base_path = str(own_base)
     if Path(base_path).is_dir():
         base = identify(base_path)
         problems = fit_problems(source, base_name=base.name, base_sha256=base.sha256,
