@@ -344,7 +344,7 @@ def test_a_retired_version_a_late_request_reloads_is_unloaded_after_it(tmp_path:
 
 
 def test_a_stream_whose_client_leaves_before_its_first_byte_releases_its_slot() -> None:
-    from serving.routes.completions import RelayResponse
+    from serving.upstream import RelayResponse
 
     closed: list[bool] = []
     started: list[bool] = []
