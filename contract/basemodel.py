@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -58,6 +60,22 @@ def read_record(model_dir: Path) -> BaseModelRecord | None:
 
 def write_record(model_dir: Path, record: BaseModelRecord) -> None:
     (Path(model_dir) / RECORD_FILE).write_text(json.dumps(record.model_dump(), indent=2) + "\n")
+
+
+def install(staging: Path, record: BaseModelRecord, target: Path) -> None:
+    """Record ``record`` in the finished model directory ``staging`` and move it to ``target`` in one rename
+    (replacing a directory there without a record: an earlier attempt's). Its files get the usual permissions
+    (the process's umask), not the private ones a temporary directory's files were written with."""
+    write_record(staging, record)
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in staging.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~mask)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
 
 
 def provisioned(models_dir: Path | None, name: str, sha256: str | None = None) -> Path | None:

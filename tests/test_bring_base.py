@@ -124,6 +124,11 @@ def test_a_gguf_file_is_converted_and_checked_like_the_default_model(base_model:
     assert "LORAFLEET_BASE_MODEL=smol-again" in proc.stdout
     record = read_record(tmp_path / "data" / "models" / "smol-again")
     assert record is not None and record.sha256 == read_record(base_model).sha256  # type: ignore[union-attr]
+    # The weights were staged in a private temporary directory; installed, they are readable like any file made here.
+    umask = os.umask(0)
+    os.umask(umask)
+    weights = tmp_path / "data" / "models" / "smol-again" / "model.safetensors"
+    assert weights.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_the_cli_names_each_problem_and_its_fix(base_model: Path, tmp_path: Path) -> None:

