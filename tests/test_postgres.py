@@ -181,6 +181,21 @@ def test_a_canary_driven_through_two_gateways_gets_one_decision_both_follow(cana
         eventually(lambda g=gateway: chat(g, key).json()["model"] == "orders@2", within_s=1.0)
 
 
+def test_a_canary_started_through_two_gateways_at_once_starts_once(canary_replicas) -> None:
+    """Neither gateway has seen the other's canary when both start one: the database's unique index lets one
+    insert, the other answers 409 like any second canary of an alias."""
+    replicas, _ = canary_replicas
+    config = {"version": 2, "steps": [50, 100], "min_samples": 20, "interval_s": 60}
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda r: r.post("/admin/canaries/orders", json=config, headers=ADMIN), replicas))
+    assert sorted(a.status_code for a in answers) == [201, 409], [a.text for a in answers]
+    refused = next(a for a in answers if a.status_code == 409)
+    assert_openai_error(refused, 409, "canary_exists")
+    with state_engine(replicas[0].app.state.gateway.settings.state_url).connect() as db:  # type: ignore[attr-defined]
+        active = db.execute(sa.text("SELECT count(*) FROM canaries WHERE state IN ('running', 'paused')")).scalar()
+    assert active == 1
+
+
 def test_when_the_deciding_gateway_dies_another_decides_on_everyones_samples(canary_replicas) -> None:
     replicas, key = canary_replicas
     config = {"version": 2, "steps": [50, 100], "min_samples": 20, "interval_s": 3, "max_latency_ratio": 100}

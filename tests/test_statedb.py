@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -27,6 +28,34 @@ def test_the_migrations_build_exactly_the_schema_the_code_uses(tmp_path: Path) -
         diffs = compare_metadata(MigrationContext.configure(db), metadata)
     assert diffs == []  # a model change without its migration fails here
     assert upgrade(engine) == head()  # and again: nothing to do
+
+
+def test_two_active_canaries_of_one_alias_are_resolved_by_the_migration(tmp_path: Path) -> None:
+    """Before 0005 two gateways could both start a canary for one alias; upgrading keeps the newest, aborts
+    the older with an event, and from then on the database refuses a second active canary."""
+    from alembic import command
+
+    from serving.canary.analysis import CanaryConfig
+    from serving.canary.state import CanaryError, CanaryRecords
+    from serving.statedb import _config
+
+    engine = state_engine(f"sqlite:///{tmp_path / 'state.db'}")
+    with engine.begin() as db:
+        command.upgrade(_config(db), "0004")
+        for candidate in (2, 3):
+            db.execute(sa.text("INSERT INTO canaries (alias, candidate, stable, state, step, config, forced, "
+                               "step_started_at, created_at) VALUES ('orders', :c, 1, 'running', 0, '{}', 0, 0, 0)"),
+                       {"c": candidate})  # fmt: skip
+    assert upgrade(engine) == head()
+    with engine.connect() as db:
+        states = db.execute(sa.text("SELECT candidate, state FROM canaries ORDER BY id")).all()
+        events = db.execute(sa.text("SELECT canary_id, action, actor FROM canary_events")).all()
+    assert [tuple(r) for r in states] == [(2, "aborted"), (3, "running")]
+    assert [tuple(r) for r in events] == [(1, "abort", "migration")]
+    with pytest.raises(CanaryError) as refused:
+        CanaryRecords(engine).insert("orders", 4, 1, CanaryConfig(), forced=False)
+    assert (refused.value.status, refused.value.code) == (409, "canary_exists")
+    CanaryRecords(engine).insert("other", 2, 1, CanaryConfig(), forced=False)  # another alias: fine
 
 
 def test_a_database_from_before_migrations_is_adopted_with_its_data(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from serving.statedb import ensure_schema, metadata
 
 State = Literal["running", "paused", "promoted", "rolled_back", "aborted"]
 ACTIVE = ("running", "paused")
+ONE_ACTIVE = sa.text("state IN ('running', 'paused')")  # the partial unique index's condition: ACTIVE
 Variant = Literal["stable", "canary"]
 
 canaries_table = sa.Table(
@@ -38,6 +39,8 @@ canaries_table = sa.Table(
     sa.Column("step_started_at", sa.Float, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("last_analysis", sa.Text, nullable=True),
+    # One running or paused canary per alias, however many gateways start one at the same instant.
+    sa.Index("uq_canaries_active_alias", "alias", unique=True, sqlite_where=ONE_ACTIVE, postgresql_where=ONE_ACTIVE),
 )
 events_table = sa.Table(
     "canary_events",
@@ -125,12 +128,18 @@ class CanaryRecords:
             return _canary(db.execute(sa.select(canaries_table).where(canaries_table.c.id == canary_id)).one())
 
     def insert(self, alias: str, candidate: int, stable: int, config: CanaryConfig, forced: bool) -> Canary:
+        """A new running canary; ``CanaryError`` 409 when the alias has one already (started by another gateway
+        since this one last looked: the database's unique index decides)."""
         now = time.time()
-        with self.db.begin() as db:
-            inserted = db.execute(sa.insert(canaries_table).values(
-                alias=alias, candidate=candidate, stable=stable, state="running", step=0,
-                config=config.model_dump_json(), forced=forced, step_started_at=now, created_at=now,
-            )).inserted_primary_key  # fmt: skip
+        try:
+            with self.db.begin() as db:
+                inserted = db.execute(sa.insert(canaries_table).values(
+                    alias=alias, candidate=candidate, stable=stable, state="running", step=0,
+                    config=config.model_dump_json(), forced=forced, step_started_at=now, created_at=now,
+                )).inserted_primary_key  # fmt: skip
+        except sa.exc.IntegrityError as exc:
+            raise CanaryError(409, f"alias {alias!r} already has a canary (started through another gateway); "
+                              "abort it or let it finish first", "canary_exists") from exc  # fmt: skip
         assert inserted is not None
         return self.get(int(inserted[0]))
 
