@@ -60,8 +60,7 @@ def measure(config: Path, steps: int, changes: dict[str, Any]) -> dict[str, floa
     fused = changes.pop("fused_loss", False)
     cfg = load_config(config, {"out": Path(tempfile.mkdtemp()) / "run", **changes})
     settings = CommonSettings(data_dir=ROOT / "var")
-    base = settings.model_path(cfg.base_model) if cfg.base_model else settings.base_model_path()
-    trainer = prepare(cfg, str(base), Path(tempfile.mkdtemp())).trainer
+    trainer = prepare(cfg, settings.model_path(cfg.base_model or settings.base_model), Path(tempfile.mkdtemp())).trainer
     # The trainer's own loss on the CPU is the plain one over whole logits; SFTTrainer's is the fused one.
     compute_loss = SFTTrainer.compute_loss if fused else type(trainer).compute_loss
     model = trainer.model

@@ -63,8 +63,8 @@ def write_record(model_dir: Path, record: BaseModelRecord) -> None:
 
 
 def install(staging: Path, record: BaseModelRecord, target: Path) -> None:
-    """Record ``record`` in the finished model directory ``staging`` and move it to ``target`` in one rename
-    (replacing a directory there without a record: an earlier attempt's). Its files get the usual permissions
+    """Record ``record`` in the finished model directory ``staging`` and move it to ``target`` in one rename,
+    replacing what is there (an earlier attempt, or the previous export). Its files get the usual permissions
     (the process's umask), not the private ones a temporary directory's files were written with."""
     write_record(staging, record)
     mask = os.umask(0)

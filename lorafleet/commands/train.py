@@ -61,7 +61,7 @@ def train(config: Path | None = None, resume: bool = False, publish: str | None 
     for path in [cfg.data, cfg.eval_data, cfg.schema_file]:
         if path is not None and not path.is_file():
             raise fail(f"{path}: no such file")
-    base_model = settings.model_path(cfg.base_model) if cfg.base_model else settings.base_model_path()
+    base_model = settings.model_path(cfg.base_model or settings.base_model)
     require_base_model(settings, base_model)
     # With --publish, the run is announced in the store: a gateway tells clients of a new alias when its first
     # version will be servable (503 with the ETA) instead of 404.

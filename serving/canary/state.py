@@ -22,7 +22,7 @@ from serving.statedb import ensure_schema, metadata
 
 State = Literal["running", "paused", "promoted", "rolled_back", "aborted"]
 ACTIVE = ("running", "paused")
-ONE_ACTIVE = sa.text("state IN ('running', 'paused')")  # the partial unique index's condition: ACTIVE
+ONE_ACTIVE = sa.text("state IN (" + ", ".join(f"'{s}'" for s in ACTIVE) + ")")  # the partial unique index's
 Variant = Literal["stable", "canary"]
 
 canaries_table = sa.Table(
