@@ -30,7 +30,7 @@ COPY configs ./configs
 
 # vLLM and torch come with the image; the train extra adds what training needs (QLoRA: bitsandbytes).
 RUN python3 -m pip install '.[train]' 'bitsandbytes>=0.45' \
-    && python3 -c "import vllm, fastapi, serving.fleet" \
+    && python3 -c "import vllm, fastapi, serving.engines" \
     && lorafleet model pull
 
 # Uid 1000, as in the CPU image (the Helm chart runs pods as it); the base image may already have that user.
@@ -71,7 +71,7 @@ COPY configs ./configs
 # along and break `import vllm` beside it, so they are removed.
 RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu '.[cpu,train]' \
     && pip uninstall -y torchvision torchaudio torchcodec \
-    && python -c "import vllm, fastapi, serving.fleet" \
+    && python -c "import vllm, fastapi, serving.engines" \
     && lorafleet model pull
 
 RUN useradd --create-home --uid 1000 lorafleet && chown -R lorafleet /app

@@ -2,7 +2,7 @@
 #   make run    install, provision the base model, serve on :8000 at once, train the missing demo adapters behind it
 #               (make run GEMMA=1: also Gemma 3 270M on a second engine, accepting its terms of use)
 #   make test   install what the tests need and run the suite
-# Also: make lint, make bench (all benchmarks), make bench-train / bench-gateway / bench-client / bench-eval /
+# Also: make test-fast (tests/unit: no model, engine or services), make lint, make bench (all benchmarks), make bench-train / bench-gateway / bench-client / bench-eval /
 #       bench-fleet (one each), make soak (the fleet under operations, 10 minutes),
 #       make first-answer (seconds from a fresh `lorafleet demo` to the first answers),
 #       make eval-demo (the demo adapters against the base model on held-out data).
@@ -12,7 +12,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint bench bench-train bench-gateway bench-client bench-eval bench-fleet soak first-answer eval-demo venv model tools clean-venv
+.PHONY: run test test-fast lint bench bench-train bench-gateway bench-client bench-eval bench-fleet soak first-answer eval-demo venv model tools clean-venv
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -47,6 +47,10 @@ tools:
 
 test: model tools
 	$(PY) -m pytest
+
+# Everything that needs no model, no engine and no services (tests/unit/): under two minutes.
+test-fast: venv
+	$(PY) -m pytest tests/unit -m "not slow and not gpu"
 
 lint: venv
 	$(PY) -m ruff check .

@@ -80,8 +80,10 @@ def main() -> None:
     for r in rows:
         print(f"| {r['adapter']} | {r['source']} | {100 * r['call_accuracy']:.1f}% | {100 * r['schema_valid']:.1f}% |")
     counts = agreement([r["calls_ok"] for r in rows if r["adapter"] in names])
-    print(f"single adapters: {counts['any']} questions right in at least one, {counts['majority']} in a majority, "
-          f"{counts['all']} in all (of {len(evalset.examples)})")  # fmt: skip
+    print(
+        f"single adapters: {counts['any']} questions right in at least one, {counts['majority']} in a majority, "
+        f"{counts['all']} in all (of {len(evalset.examples)})"
+    )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ messages, chat template, cache salt) and reads every event.
 
 Baseline: ``httpx.AsyncClient`` (what the gateway used before), with its
 request trace reporting when the body is written. Candidate:
-``serving.engine.VLLMEngine.send`` (aiohttp), the gateway's own code path.
+``serving.engines.vllm.VLLMEngine.send`` (aiohttp), the gateway's own code path.
 Printed per client, median over ``--rounds`` alternating rounds: this
 process's CPU time per streamed request, the time from the call until the
 request body is written (the first-token path), and the ratios.
@@ -38,7 +38,7 @@ from aiohttp import web
 
 from lorafleet.launch import free_port
 from serving.config import GatewaySettings
-from serving.engine import VLLMEngine
+from serving.engines.vllm import VLLMEngine
 
 ROUTE = "/v1/chat/completions"
 BODY = {
@@ -150,8 +150,10 @@ def main() -> None:
         server.terminate()
         server.join()
 
-    print(f"\nengine client: {args.requests} streamed requests of {args.events} events per client and round, "
-          f"one at a time, against a loopback server; medians of {args.rounds} alternating rounds")  # fmt: skip
+    print(
+        f"\nengine client: {args.requests} streamed requests of {args.events} events per client and round, "
+        f"one at a time, against a loopback server; medians of {args.rounds} alternating rounds"
+    )
     header = f"{'client':<32} | {'CPU ms/request':>14} | {'x base':>6} | {'body written ms':>15} | {'x base':>6}"
     print(header)
     print("-" * len(header))
@@ -160,8 +162,7 @@ def main() -> None:
         cpu = statistics.median(r[0] for r in rounds)
         written = statistics.median(r[1] for r in rounds)
         base_cpu, base_written = base_cpu or cpu, base_written or written
-        print(f"{name:<32} | {cpu:>14.3f} | {cpu / base_cpu:>6.2f} | {written:>15.3f} | "
-              f"{written / base_written:>6.2f}")  # fmt: skip
+        print(f"{name:<32} | {cpu:>14.3f} | {cpu / base_cpu:>6.2f} | {written:>15.3f} | {written / base_written:>6.2f}")
 
 
 if __name__ == "__main__":

@@ -74,8 +74,10 @@ def main() -> None:
                 walls[name].append(time.perf_counter() - started)
 
     base = statistics.median(walls["vLLM alone (LLM.chat)"])
-    print(f"\nevaluation speed: {args.examples} held-out orders examples, target {target.name}, unconstrained, greedy, "
-          f"max_tokens {args.max_tokens}; median of {args.rounds} interleaved rounds")  # fmt: skip
+    print(
+        f"\nevaluation speed: {args.examples} held-out orders examples, target {target.name}, unconstrained, greedy, "
+        f"max_tokens {args.max_tokens}; median of {args.rounds} interleaved rounds"
+    )
     print(f"{'pipeline':<46} | {'median s':>8} | {'min s':>7} | {'x baseline':>10}")
     print("-" * 82)
     for name, values in walls.items():

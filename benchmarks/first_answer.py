@@ -39,22 +39,31 @@ def main() -> None:
     shutil.rmtree(args.data_dir, ignore_errors=True)
     args.data_dir.mkdir(parents=True)
     port = free_port()
-    env = os.environ | {"LORAFLEET_DATA_DIR": str(args.data_dir), "LORAFLEET_PORT": str(port),
-                        "LORAFLEET_ENGINE_PORT": str(free_port())}  # fmt: skip
+    env = os.environ | {
+        "LORAFLEET_DATA_DIR": str(args.data_dir),
+        "LORAFLEET_PORT": str(port),
+        "LORAFLEET_ENGINE_PORT": str(free_port()),
+    }
     env.pop("LORAFLEET_ADMIN_KEY", None)
     url = f"http://127.0.0.1:{port}"
     started = time.monotonic()
     log = (args.data_dir / "demo.out").open("wb")
-    demo = subprocess.Popen([sys.executable, "-m", "lorafleet", "demo"], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)  # fmt: skip
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "lorafleet", "demo"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     rows: list[tuple[str, float, str]] = []
     try:
         key = _wait_for_key(args.data_dir / "demo-keys" / "orders.key", demo, started + args.timeout)
         rows.append(("demo tenant key written (model pulled)", time.monotonic() - started, ""))
         aliases = ["base", "orders"] + (["toolcall"] if args.until == "toolcall" else [])
         for alias in aliases:
-            note = _first_200(url, key if alias != "toolcall" else _key(args.data_dir, "toolcall"), alias, demo,
-                              started + args.timeout)  # fmt: skip
+            note = _first_200(
+                url,
+                key if alias != "toolcall" else _key(args.data_dir, "toolcall"),
+                alias,
+                demo,
+                started + args.timeout,
+            )
             rows.append((f"first 200 from '{alias}'", time.monotonic() - started, note))
     finally:
         demo.send_signal(signal.SIGINT)
@@ -93,8 +102,9 @@ def _first_200(url: str, key: str, alias: str, demo: subprocess.Popen[bytes], de
         if demo.poll() is not None:
             raise SystemExit(f"the demo exited with code {demo.returncode}")
         try:
-            resp = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60,
-                              headers={"Authorization": f"Bearer {key}"})  # fmt: skip
+            resp = httpx.post(
+                f"{url}/v1/chat/completions", json=body, timeout=60, headers={"Authorization": f"Bearer {key}"}
+            )
         except httpx.HTTPError:
             time.sleep(1)
             continue

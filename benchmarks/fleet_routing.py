@@ -48,7 +48,7 @@ from benchmarks.wire_timing import pct
 from contract.settings import CommonSettings
 from contract.store import AdapterStore
 from lorafleet.launch import RunningEngine, RunningGateway, start_engine, start_gateway
-from serving.tenants import TenantStore
+from serving.state.tenants import TenantStore
 
 POLICIES = ["affinity", "round_robin", "random"]
 CHAT = "/v1/chat/completions"
@@ -93,9 +93,15 @@ async def closed_loop(url: str, key: str, alias: str, n: int, concurrency: int, 
 
 
 def body(alias: str, i: int, max_tokens: int) -> dict:
-    return {"model": alias, "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-            "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
+    return {
+        "model": alias,
+        "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
 
 
 def unload_all(engine: RunningEngine) -> None:
@@ -104,8 +110,9 @@ def unload_all(engine: RunningEngine) -> None:
     models = httpx.get(f"{engine.url}/v1/models", headers=headers, timeout=30).json()["data"]
     for model in models:
         if model["id"] != "base":
-            httpx.post(f"{engine.url}/v1/unload_lora_adapter", json={"lora_name": model["id"]}, headers=headers,
-                       timeout=30).raise_for_status()  # fmt: skip
+            httpx.post(
+                f"{engine.url}/v1/unload_lora_adapter", json={"lora_name": model["id"]}, headers=headers, timeout=30
+            ).raise_for_status()
 
 
 def gateway(
@@ -138,8 +145,14 @@ def gateway(
         if merged and name in merged:
             lines += [f"    base: {merged[name][0]}", f"    merged: {merged[name][1]}"]
     (work / "engines.yaml").write_text("\n".join(lines) + "\n")
-    gw = start_gateway(work, base, engines_file=str(work / "engines.yaml"), route_policy=policy,
-                       max_loras=str(max_loras), state_cache_s="60")  # fmt: skip
+    gw = start_gateway(
+        work,
+        base,
+        engines_file=str(work / "engines.yaml"),
+        route_policy=policy,
+        max_loras=str(max_loras),
+        state_cache_s="60",
+    )
     admin = {"Authorization": f"Bearer {gw.admin_key}"}
     deadline = time.monotonic() + 120
     while not all(e["healthy"] for e in httpx.get(f"{gw.url}/admin/engines", headers=admin).json()["data"]):
@@ -184,12 +197,16 @@ def main() -> None:
     source = adapter_dir(settings, work)
     aliases, gaps = workload(args)
     names = [f"a{k}" for k in range(args.aliases)]
-    print(f"{args.requests} requests at {args.rate}/s over {args.aliases} aliases (Zipf {args.zipf}): "
-          + ", ".join(f"{n} {aliases.count(n)}" for n in names))  # fmt: skip
+    print(
+        f"{args.requests} requests at {args.rate}/s over {args.aliases} aliases (Zipf {args.zipf}): "
+        + ", ".join(f"{n} {aliases.count(n)}" for n in names)
+    )
     # One core each (VLLM_CPU_OMP_THREADS_BIND), as engines sharing a machine should run: on a 2-core machine two
     # engines on every core fight over both.
-    engines = {name: start_engine(work / name, base, max_loras=str(args.max_loras), kv_cache_gib="1", cpus=str(i))
-               for i, name in enumerate(("e1", "e2"))}  # fmt: skip
+    engines = {
+        name: start_engine(work / name, base, max_loras=str(args.max_loras), kv_cache_gib="1", cpus=str(i))
+        for i, name in enumerate(("e1", "e2"))
+    }
     results: dict[str, tuple[Pass, dict[str, float]]] = {}
     merged_rows: dict[str, Pass] = {}
     try:
@@ -212,8 +229,9 @@ def main() -> None:
     report(args, results, merged_rows)
 
 
-def merged_path(args: argparse.Namespace, work: Path, base: Path, source: Path, names: list[str],
-                engines: dict[str, RunningEngine]) -> dict[str, Pass]:  # fmt: skip
+def merged_path(
+    args: argparse.Namespace, work: Path, base: Path, source: Path, names: list[str], engines: dict[str, RunningEngine]
+) -> dict[str, Pass]:
     """The bare base model, ``a0`` on an engine serving it merged, and the same weights on the LoRA path."""
     from training.export import merge
 
@@ -224,12 +242,21 @@ def merged_path(args: argparse.Namespace, work: Path, base: Path, source: Path, 
     merge(source, merged_dir, str(base))
     fast = start_engine(work / "fast", merged_dir, max_loras="1", kv_cache_gib="1", cpus="1")
     try:
-        gw, key = gateway(work / "gw-merged", base, source, names, {"e1": engines["e1"], "fast": fast},
-                          "affinity", args.max_loras, merged={"fast": (merged_dir, "a0@1")})  # fmt: skip
+        gw, key = gateway(
+            work / "gw-merged",
+            base,
+            source,
+            names,
+            {"e1": engines["e1"], "fast": fast},
+            "affinity",
+            args.max_loras,
+            merged={"fast": (merged_dir, "a0@1")},
+        )
         try:
             for label, alias in (("base model", "base"), ("a0 merged", "a0"), ("a0's weights as LoRA", "a1")):
-                rows[label] = asyncio.run(closed_loop(gw.url, key, alias, args.merged_requests,
-                                                      args.concurrency, args.max_tokens))  # fmt: skip
+                rows[label] = asyncio.run(
+                    closed_loop(gw.url, key, alias, args.merged_requests, args.concurrency, args.max_tokens)
+                )
                 print(f"{label}: {rate(rows[label]):.1f} tokens/s", flush=True)
         finally:
             gw.stop()
@@ -238,27 +265,38 @@ def merged_path(args: argparse.Namespace, work: Path, base: Path, source: Path, 
     return rows
 
 
-def report(args: argparse.Namespace, results: dict[str, tuple[Pass, dict[str, float]]],
-           merged: dict[str, Pass]) -> None:  # fmt: skip
+def report(
+    args: argparse.Namespace, results: dict[str, tuple[Pass, dict[str, float]]], merged: dict[str, Pass]
+) -> None:
     rr, rr_counts = results["round_robin"]
-    print(f"\nTwo engines, {args.max_loras} adapter slots each; {args.requests} requests, {args.max_tokens} tokens "
-          f"each, open loop at {args.rate}/s; baseline: round_robin (same engines, same sequence)")  # fmt: skip
-    print(f"{'policy':<12} {'tokens/s':>9} {'x rr':>6} {'TTFT p50':>9} {'TTFT p99':>9} {'loads':>6} {'x rr':>6} "
-          f"{'evictions':>9}")  # fmt: skip
+    print(
+        f"\nTwo engines, {args.max_loras} adapter slots each; {args.requests} requests, {args.max_tokens} tokens "
+        f"each, open loop at {args.rate}/s; baseline: round_robin (same engines, same sequence)"
+    )
+    print(
+        f"{'policy':<12} {'tokens/s':>9} {'x rr':>6} {'TTFT p50':>9} {'TTFT p99':>9} {'loads':>6} {'x rr':>6} "
+        f"{'evictions':>9}"
+    )
     for policy, (p, counts) in results.items():
         load_ratio = counts["loads"] / rr_counts["loads"] if rr_counts["loads"] else float("nan")
-        print(f"{policy:<12} {rate(p):>9.1f} {rate(p) / rate(rr):>6.2f} {statistics.median(p.ttft):>8.2f}s "
-              f"{pct(p.ttft, 0.99):>8.2f}s {counts['loads']:>6.0f} {load_ratio:>6.2f} "
-              f"{counts['evictions']:>9.0f}")  # fmt: skip
+        print(
+            f"{policy:<12} {rate(p):>9.1f} {rate(p) / rate(rr):>6.2f} {statistics.median(p.ttft):>8.2f}s "
+            f"{pct(p.ttft, 0.99):>8.2f}s {counts['loads']:>6.0f} {load_ratio:>6.2f} "
+            f"{counts['evictions']:>9.0f}"
+        )
     affinity, aff_counts = results["affinity"]
     throughput_ok = rate(affinity) >= 1.3 * rate(rr)
     loads_ok = aff_counts["loads"] <= rr_counts["loads"] / 4
-    print(f"goal: affinity >= 1.3x round_robin tokens/s: {'met' if throughput_ok else 'NOT met'} "
-          f"({rate(affinity) / rate(rr):.2f}x); loads <= 1/4: {'met' if loads_ok else 'NOT met'}")  # fmt: skip
+    print(
+        f"goal: affinity >= 1.3x round_robin tokens/s: {'met' if throughput_ok else 'NOT met'} "
+        f"({rate(affinity) / rate(rr):.2f}x); loads <= 1/4: {'met' if loads_ok else 'NOT met'}"
+    )
     if merged:
         baseline = rate(merged["base model"])
-        print(f"\nMerged fast path: {args.merged_requests} requests, {args.concurrency} at a time, one engine each; "
-              "baseline: the bare base model")  # fmt: skip
+        print(
+            f"\nMerged fast path: {args.merged_requests} requests, {args.concurrency} at a time, one engine each; "
+            "baseline: the bare base model"
+        )
         print(f"{'served as':<22} {'tokens/s':>9} {'x base':>7} {'TTFT p50':>9}")
         for label, p in merged.items():
             print(f"{label:<22} {rate(p):>9.1f} {rate(p) / baseline:>7.2f} {statistics.median(p.ttft):>8.2f}s")

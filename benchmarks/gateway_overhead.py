@@ -68,7 +68,7 @@ from benchmarks.wire_timing import WARM_UP, pct
 from contract.settings import CommonSettings
 from contract.store import AdapterStore
 from lorafleet.launch import start_engine, start_gateway
-from serving.tenants import TenantStore
+from serving.state.tenants import TenantStore
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [json.loads(line)["instruction"] for line in (ROOT / "data/orders/test.jsonl").read_text().splitlines()]
@@ -84,10 +84,25 @@ def adapter_dir(settings: CommonSettings, work: Path) -> Path:
 
     out = work / "orders"
     subprocess.run(
-        [sys.executable, "-m", "lorafleet", "train", "--data", str(ROOT / "data/orders/train.jsonl"), "--out", str(out),
-         "--task", "orders", "--max-steps", "4", "--batch-size", "4"],
-        check=True, cwd=ROOT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "lorafleet",
+            "train",
+            "--data",
+            str(ROOT / "data/orders/train.jsonl"),
+            "--out",
+            str(out),
+            "--task",
+            "orders",
+            "--max-steps",
+            "4",
+            "--batch-size",
+            "4",
+        ],
+        check=True,
+        cwd=ROOT,
+    )
     return out
 
 
@@ -168,10 +183,15 @@ async def run_pass(
         slots = asyncio.Semaphore(concurrency)
 
         async def send(i: int) -> None:
-            body = {"model": target["models"][i % adapters],
-                    "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                    "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "stream": True,
-                    "stream_options": {"include_usage": True}} | target["extra"]  # fmt: skip
+            body = {
+                "model": target["models"][i % adapters],
+                "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                "max_tokens": max_tokens,
+                "ignore_eos": True,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            } | target["extra"]
             async with slots:
                 await one(client, f"{target['base']}{ENDPOINT}", target["headers"], body, result, id_prefix)
 
@@ -195,14 +215,47 @@ def run_vllm_pass(target: dict, n: int, args: argparse.Namespace, tokenizer: str
     parser = FlexibleArgumentParser()
     add_cli_args(parser)
     prefix = f"vb-{uuid.uuid4().hex[:12]}-"
-    argv = ["--backend", "openai-chat", "--base-url", target["base"], "--endpoint", ENDPOINT,
-            "--model", target["models"][0], "--tokenizer", tokenizer, "--dataset-name", "random",
-            "--random-input-len", str(args.input_len), "--random-output-len", str(args.max_tokens), "--ignore-eos",
-            "--num-prompts", str(n), "--max-concurrency", str(args.concurrency),
-            "--request-rate", str(args.request_rate),
-            "--temperature", "0", "--lora-modules", *target["models"], "--lora-assignment", "round-robin",
-            "--request-id-prefix", prefix, "--seed", str(seed), "--disable-tqdm",
-            "--percentile-metrics", "ttft,e2el", "--metric-percentiles", "50,99", "--save-detailed"]  # fmt: skip
+    argv = [
+        "--backend",
+        "openai-chat",
+        "--base-url",
+        target["base"],
+        "--endpoint",
+        ENDPOINT,
+        "--model",
+        target["models"][0],
+        "--tokenizer",
+        tokenizer,
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        str(args.input_len),
+        "--random-output-len",
+        str(args.max_tokens),
+        "--ignore-eos",
+        "--num-prompts",
+        str(n),
+        "--max-concurrency",
+        str(args.concurrency),
+        "--request-rate",
+        str(args.request_rate),
+        "--temperature",
+        "0",
+        "--lora-modules",
+        *target["models"],
+        "--lora-assignment",
+        "round-robin",
+        "--request-id-prefix",
+        prefix,
+        "--seed",
+        str(seed),
+        "--disable-tqdm",
+        "--percentile-metrics",
+        "ttft,e2el",
+        "--metric-percentiles",
+        "50,99",
+        "--save-detailed",
+    ]
     if target["extra"]:
         argv += ["--extra-body", json.dumps(target["extra"])]
     for name, value in target["headers"].items():
@@ -272,16 +325,28 @@ def main() -> None:
         # vLLM started as the gateway starts its child, with a key this program knows: the baseline calls it
         # directly, and the gateway is pointed at it (a gateway's own child answers only that gateway).
         vllm = start_engine(work, Path(settings.base_model_path()), max_loras=str(args.adapters))
-        gw = start_gateway(work, Path(settings.base_model_path()), max_loras=str(args.adapters),
-                           engine_url=vllm.url, engine_key=vllm.key)  # fmt: skip
+        gw = start_gateway(
+            work,
+            Path(settings.base_model_path()),
+            max_loras=str(args.adapters),
+            engine_url=vllm.url,
+            engine_key=vllm.key,
+        )
         try:
             targets = {
-                "direct to vLLM (baseline)": {"base": vllm.url, "headers": {"Authorization": f"Bearer {vllm.key}"},
-                                              "models": [f"{n}@1" for n in names],
-                                              "extra": {"chat_template": template}},
-                "through the gateway": {"base": gw.url, "headers": {"Authorization": f"Bearer {key}"},
-                                        "models": names, "extra": {}},
-            }  # fmt: skip
+                "direct to vLLM (baseline)": {
+                    "base": vllm.url,
+                    "headers": {"Authorization": f"Bearer {vllm.key}"},
+                    "models": [f"{n}@1" for n in names],
+                    "extra": {"chat_template": template},
+                },
+                "through the gateway": {
+                    "base": gw.url,
+                    "headers": {"Authorization": f"Bearer {key}"},
+                    "models": names,
+                    "extra": {},
+                },
+            }
             for target in targets.values():  # warm-up: every adapter loaded, paths compiled; its ids say so
                 asyncio.run(run_pass(target, 2 * args.adapters, args.adapters, 4, args.adapters, id_prefix=WARM_UP))
             per_round = max(1, args.requests // args.rounds)
@@ -292,8 +357,17 @@ def main() -> None:
                     if args.client == "vllm":  # the same prompts (seed) for both targets in a round
                         p = run_vllm_pass(target, per_round, args, settings.base_model_path(), seed=round_)
                     else:
-                        p = asyncio.run(run_pass(target, per_round, args.concurrency, args.max_tokens, args.adapters,
-                                                 args.request_rate, seed=round_))  # fmt: skip
+                        p = asyncio.run(
+                            run_pass(
+                                target,
+                                per_round,
+                                args.concurrency,
+                                args.max_tokens,
+                                args.adapters,
+                                args.request_rate,
+                                seed=round_,
+                            )
+                        )
                     after = engine_ttft_totals(vllm.url)
                     m = merged[name]
                     m.engine_ttft += after[0] - before[0]
@@ -310,29 +384,37 @@ def main() -> None:
         entries = access_log(work / "gateway.log")
 
     base, gate = merged["direct to vLLM (baseline)"], merged["through the gateway"]
-    print(f"\ngateway overhead: {len(base.e2e)} streamed requests per target, {args.request_rate}/s, "
-          f"at most {args.concurrency} concurrent, "
-          f"{args.max_tokens} output tokens each, over {args.adapters} LoRA adapters on "
-          f"{Path(settings.base_model_path()).name}; {args.rounds} alternating rounds; "
-          f"load from {LOAD_GENERATORS[args.client]}")  # fmt: skip
+    print(
+        f"\ngateway overhead: {len(base.e2e)} streamed requests per target, {args.request_rate}/s, "
+        f"at most {args.concurrency} concurrent, "
+        f"{args.max_tokens} output tokens each, over {args.adapters} LoRA adapters on "
+        f"{Path(settings.base_model_path()).name}; {args.rounds} alternating rounds; "
+        f"load from {LOAD_GENERATORS[args.client]}"
+    )
     header = f"{'target':<26} | {'tok/s':>7} | {'TTFT p50':>8} | {'TTFT p99':>8} | {'e2e p50':>8} | {'e2e p99':>8}"
     print(header + "  (ms)")
     print("-" * len(header))
     for name, p in merged.items():
-        print(f"{name:<26} | {p.tokens / p.wall:>7.1f} | {1000 * statistics.median(p.ttft):>8.1f} | "
-              f"{1000 * pct(p.ttft, 0.99):>8.1f} | {1000 * statistics.median(p.e2e):>8.1f} | "
-              f"{1000 * pct(p.e2e, 0.99):>8.1f}")  # fmt: skip
+        print(
+            f"{name:<26} | {p.tokens / p.wall:>7.1f} | {1000 * statistics.median(p.ttft):>8.1f} | "
+            f"{1000 * pct(p.ttft, 0.99):>8.1f} | {1000 * statistics.median(p.e2e):>8.1f} | "
+            f"{1000 * pct(p.e2e, 0.99):>8.1f}"
+        )
     ratio = (gate.tokens / gate.wall) / (base.tokens / base.wall)
-    print(f"{'gateway / direct':<26} | {ratio:>6.3f}x | "
-          f"{1000 * (statistics.median(gate.ttft) - statistics.median(base.ttft)):>+8.1f} | "
-          f"{1000 * (pct(gate.ttft, 0.99) - pct(base.ttft, 0.99)):>+8.1f} | "
-          f"{1000 * (statistics.median(gate.e2e) - statistics.median(base.e2e)):>+8.1f} | "
-          f"{1000 * (pct(gate.e2e, 0.99) - pct(base.e2e, 0.99)):>+8.1f}")  # fmt: skip
+    print(
+        f"{'gateway / direct':<26} | {ratio:>6.3f}x | "
+        f"{1000 * (statistics.median(gate.ttft) - statistics.median(base.ttft)):>+8.1f} | "
+        f"{1000 * (pct(gate.ttft, 0.99) - pct(base.ttft, 0.99)):>+8.1f} | "
+        f"{1000 * (statistics.median(gate.e2e) - statistics.median(base.e2e)):>+8.1f} | "
+        f"{1000 * (pct(gate.e2e, 0.99) - pct(base.e2e, 0.99)):>+8.1f}"
+    )
     if base.engine_requests and gate.engine_requests:
         engine = [1000 * p.engine_ttft / p.engine_requests for p in (base, gate)]
-        print(f"(two sets of requests: vLLM's own mean TTFT was {engine[0]:.1f} ms in the direct passes and "
-              f"{engine[1]:.1f} ms in the gateway's, so the differences above are mostly the engine's; "
-              f"what the gateway adds is measured below)")  # fmt: skip
+        print(
+            f"(two sets of requests: vLLM's own mean TTFT was {engine[0]:.1f} ms in the direct passes and "
+            f"{engine[1]:.1f} ms in the gateway's, so the differences above are mostly the engine's; "
+            f"what the gateway adds is measured below)"
+        )
     # Per request: the client's time to first event less the engine's share the gateway logged for that request.
     paired = [(entries[rid], t) for rid, t in gate.first_event.items() if entries.get(rid, {}).get("engine_ttft_s")]
     if base.engine_requests and gate.engine_requests:
@@ -343,9 +425,11 @@ def main() -> None:
             for name, p in merged.items()
         }
         direct, through = outside["direct to vLLM (baseline)"], outside["through the gateway"]
-        print(f"\nmean time to first event outside the engine (client's mean less vLLM's own mean TTFT): direct "
-              f"{1000 * direct:.2f} ms, through the gateway {1000 * through:.2f} ms: "
-              f"the gateway adds {1000 * (through - direct):+.2f} ms on average")  # fmt: skip
+        print(
+            f"\nmean time to first event outside the engine (client's mean less vLLM's own mean TTFT): direct "
+            f"{1000 * direct:.2f} ms, through the gateway {1000 * through:.2f} ms: "
+            f"the gateway adds {1000 * (through - direct):+.2f} ms on average"
+        )
     added = print_per_request(paired, gate.on_wire) if paired else []
     print_goals(ratio, added)
 
@@ -356,8 +440,10 @@ def print_goals(ratio: float, added: list[float]) -> None:
     checks = [("throughput >= 0.97x direct", f"{ratio:.3f}x", ratio >= 0.97)]
     if added:
         p50, p99 = statistics.median(added), pct(added, 0.99)
-        checks += [("added TTFT p50 <= 3 ms", f"{1000 * p50:.2f} ms", p50 <= 0.003),
-                   ("added TTFT p99 <= 10 ms", f"{1000 * p99:.2f} ms", p99 <= 0.010)]  # fmt: skip
+        checks += [
+            ("added TTFT p50 <= 3 ms", f"{1000 * p50:.2f} ms", p50 <= 0.003),
+            ("added TTFT p99 <= 10 ms", f"{1000 * p99:.2f} ms", p99 <= 0.010),
+        ]
     for goal, value, met in checks:
         print(f"  {goal:<28} {value:>10}  {'met' if met else 'NOT MET'}")
     if not added:
@@ -384,12 +470,16 @@ def print_per_request(paired: list[tuple[dict, float]], on_wire: dict[str, float
     relayed = [e["relay_first_s"] for e, _ in paired if e.get("relay_first_s") is not None]
     if relayed:
         rows.append(("  gateway relaying the first", relayed))
-    print(f"\nper request ({len(paired)} requests): time to first event at the client less the engine's share "
-          f"(engine_ttft_s in the access log)")  # fmt: skip
+    print(
+        f"\nper request ({len(paired)} requests): time to first event at the client less the engine's share "
+        f"(engine_ttft_s in the access log)"
+    )
     print(f"{'added TTFT':<38} | {'p50':>8} | {'p90':>8} | {'p99':>8}  (ms)")
     for name, values in rows:
-        print(f"{name:<38} | {1000 * statistics.median(values):>8.2f} | {1000 * pct(values, 0.9):>8.2f} | "
-              f"{1000 * pct(values, 0.99):>8.2f}")  # fmt: skip
+        print(
+            f"{name:<38} | {1000 * statistics.median(values):>8.2f} | {1000 * pct(values, 0.9):>8.2f} | "
+            f"{1000 * pct(values, 0.99):>8.2f}"
+        )
     return from_wire or from_start
 
 

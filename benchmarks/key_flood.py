@@ -31,7 +31,7 @@ from benchmarks.wire_timing import pct
 from contract.settings import CommonSettings
 from contract.store import AdapterStore
 from lorafleet.launch import start_gateway
-from serving.tenants import TenantStore
+from serving.state.tenants import TenantStore
 
 
 async def streams(url: str, key: str, seconds: float, concurrency: int, tag: str) -> int:
@@ -46,8 +46,12 @@ async def streams(url: str, key: str, seconds: float, concurrency: int, tag: str
         await asyncio.sleep(w * 0.4)
         i = 0
         while time.monotonic() < deadline:
-            body = {"model": "orders", "messages": [{"role": "user", "content": PROMPTS[(w * 31 + i) % len(PROMPTS)]}],
-                    "max_tokens": 16, "stream": True}  # fmt: skip
+            body = {
+                "model": "orders",
+                "messages": [{"role": "user", "content": PROMPTS[(w * 31 + i) % len(PROMPTS)]}],
+                "max_tokens": 16,
+                "stream": True,
+            }
             headers = {"Authorization": f"Bearer {key}", "X-Request-ID": f"{tag}-{w}-{i}"}
             async with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as resp:
                 assert resp.status_code == 200, await resp.aread()
@@ -70,8 +74,9 @@ async def flood(url: str, rate: float, seconds: float) -> tuple[int, int]:
         async def one() -> None:
             nonlocal refused
             headers = {"Authorization": f"Bearer lf-{secrets.token_urlsafe(32)}"}
-            resp = await client.post(f"{url}/v1/chat/completions", json={"model": "orders", "messages": []},
-                                     headers=headers)  # fmt: skip
+            resp = await client.post(
+                f"{url}/v1/chat/completions", json={"model": "orders", "messages": []}, headers=headers
+            )
             refused += resp.status_code == 401
 
         tasks = []
@@ -135,18 +140,24 @@ def main() -> None:
         f"\ngateway's own time (gateway_s) per valid streamed request: {args.concurrency} concurrent streams, "
         f"{args.rounds} rounds of {args.seconds:.0f} s per pass; flood: {args.rate:.0f} made-up keys/s"
     )
-    header = (f"{'pass':<34} | {'valid':>6} | {'401s':>6} | {'p50 ms':>7} | {'p99 ms':>7} | {'max ms':>7} | "
-              f"{'> 5 ms':>6}")  # fmt: skip
+    header = (
+        f"{'pass':<34} | {'valid':>6} | {'401s':>6} | {'p50 ms':>7} | {'p99 ms':>7} | {'max ms':>7} | {'> 5 ms':>6}"
+    )
     print(header)
     print("-" * len(header))
     figures = {}
     for name, label in (("baseline", "streams alone (baseline)"), ("flood", "streams + made-up-key flood")):
-        own = [e["gateway_s"] for rid, e in entries.items() if rid.startswith(name) and e.get("status") == 200
-               and e.get("gateway_s") is not None]  # fmt: skip
+        own = [
+            e["gateway_s"]
+            for rid, e in entries.items()
+            if rid.startswith(name) and e.get("status") == 200 and e.get("gateway_s") is not None
+        ]
         figures[name] = (statistics.median(own), pct(own, 0.99))
         slow = sum(t > 0.005 for t in own)
-        print(f"{label:<34} | {len(own):>6} | {counts[name][1]:>6} | {1000 * figures[name][0]:>7.2f} | "
-              f"{1000 * figures[name][1]:>7.2f} | {1000 * max(own):>7.2f} | {slow:>6}")  # fmt: skip
+        print(
+            f"{label:<34} | {len(own):>6} | {counts[name][1]:>6} | {1000 * figures[name][0]:>7.2f} | "
+            f"{1000 * figures[name][1]:>7.2f} | {1000 * max(own):>7.2f} | {slow:>6}"
+        )
     ratio = figures["flood"][1] / figures["baseline"][1]
     print(f"{'flood / baseline (p99)':<34} | {'':>6} | {'':>6} | {'':>7} | {ratio:>6.2f}x |")
     goal = figures["flood"][1] < 0.005

@@ -97,8 +97,9 @@ def signature_prompt(functions: list[dict[str, Any]]) -> str:
         props = params.get("properties") or {}
         args = [f"{n}: {python_type(p)}" + ("" if n in required else " = None") for n, p in props.items()]
         doc = [f"    {n}: {p.get('description', '')}".rstrip() for n, p in props.items()]
-        blocks.append(f"def {f['name']}({', '.join(args)}):\n    \"\"\"{f.get('description', '')}\n\n"
-                      + "\n".join(doc) + '\n    """')  # fmt: skip
+        blocks.append(
+            f'def {f["name"]}({", ".join(args)}):\n    """{f.get("description", "")}\n\n' + "\n".join(doc) + '\n    """'
+        )
     return TOOLS_INSTRUCTION + "\n\n".join(blocks)
 
 
@@ -217,8 +218,13 @@ def run_worker(args: argparse.Namespace) -> None:
             trainer.neftune_noise_alpha = neftune  # read by Trainer.train()
             trainer.train()
             trained = time.perf_counter() - started
-            row = {"recipe": name, "seed": seed, **generate_and_score(trainer.model, trainer.processing_class, evalset),
-                   "train_s": round(trained, 1), "total_s": round(time.perf_counter() - started, 1)}  # fmt: skip
+            row = {
+                "recipe": name,
+                "seed": seed,
+                **generate_and_score(trainer.model, trainer.processing_class, evalset),
+                "train_s": round(trained, 1),
+                "total_s": round(time.perf_counter() - started, 1),
+            }
         except Exception as exc:  # one failed recipe must not end the sweep
             row = {"recipe": name, "seed": seed, "error": repr(exc), "trace": traceback.format_exc()[-2000:]}
         with results.open("a") as f:
@@ -282,10 +288,15 @@ def main() -> None:
     env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
     argv = [sys.executable, "-m", "benchmarks.recipe_sweep", *sys.argv[1:]]
     workers = [
-        subprocess.Popen([*argv, "--worker", str(k)], cwd=ROOT, env=env,
-                         stdout=(args.out / f"worker{k}.log").open("w"), stderr=subprocess.STDOUT)
+        subprocess.Popen(
+            [*argv, "--worker", str(k)],
+            cwd=ROOT,
+            env=env,
+            stdout=(args.out / f"worker{k}.log").open("w"),
+            stderr=subprocess.STDOUT,
+        )
         for k in range(args.workers)
-    ]  # fmt: skip
+    ]
     deadline = time.monotonic() + args.time_limit if args.time_limit else None
     for proc in workers:
         try:

@@ -49,11 +49,10 @@ from lorafleet.launch import (
     start_engine,
     start_gateway,
 )
-from serving.ledger import open_store
-from serving.tenants import TenantStore, key_id_of
+from serving.state.ledger import open_store
+from serving.state.tenants import TenantStore, key_id_of
 
-SCHEDULE = [(0.15, "publish"), (0.20, "canary"), (0.45, "revoke"), (0.55, "kill"), (0.70, "restart"),
-            (0.85, "promote")]  # fmt: skip
+SCHEDULE = [(0.15, "publish"), (0.20, "canary"), (0.45, "revoke"), (0.55, "kill"), (0.70, "restart"), (0.85, "promote")]
 PHASES = ["steady", "publish", "canary", "revoke", "kill", "restart", "promote"]
 
 
@@ -83,16 +82,24 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-async def request(client: httpx.AsyncClient, soak: Soak, gateways: dict[str, str], tenant: str, key: str,
-                  i: int, max_tokens: int) -> None:  # fmt: skip
+async def request(
+    client: httpx.AsyncClient, soak: Soak, gateways: dict[str, str], tenant: str, key: str, i: int, max_tokens: int
+) -> None:
     name = random.choice(sorted(gateways))
-    body = {"model": random.choice(["orders", "base"]), "messages": [{"role": "user", "content": PROMPTS[i % 8]}],
-            "max_tokens": max_tokens, "ignore_eos": True, "stream": True, "user": f"user-{i % 50}"}  # fmt: skip
+    body = {
+        "model": random.choice(["orders", "base"]),
+        "messages": [{"role": "user", "content": PROMPTS[i % 8]}],
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": True,
+        "user": f"user-{i % 50}",
+    }
     outcome = Outcome(soak.phase, tenant, name, "ok", started=time.monotonic())
     soak.outcomes.append(outcome)
     try:
-        async with client.stream("POST", f"{gateways[name]}/v1/chat/completions", json=body,
-                                 headers={"Authorization": f"Bearer {key}"}) as resp:  # fmt: skip
+        async with client.stream(
+            "POST", f"{gateways[name]}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+        ) as resp:
             if resp.status_code != 200:
                 outcome.status = str(resp.status_code)
                 await resp.aread()
@@ -114,25 +121,46 @@ async def request(client: httpx.AsyncClient, soak: Soak, gateways: dict[str, str
 
 
 def admin(gw: RunningGateway, method: str, path: str, **kw: object) -> str:
-    answer = httpx.request(method, f"{gw.url}/admin{path}", headers={"Authorization": f"Bearer {gw.admin_key}"},
-                           timeout=120, **kw)  # type: ignore[arg-type]  # fmt: skip
+    answer = httpx.request(
+        method, f"{gw.url}/admin{path}", headers={"Authorization": f"Bearer {gw.admin_key}"}, timeout=120, **kw
+    )  # type: ignore[arg-type]
     return f"{method} {path}: {answer.status_code} {answer.text[:160]}"
 
 
-async def operate(soak: Soak, args: argparse.Namespace, a: RunningGateway, b: RunningGateway,
-                  engines: dict[str, RunningEngine], revive: dict[str, object], leaving_key: str) -> None:  # fmt: skip
+async def operate(
+    soak: Soak,
+    args: argparse.Namespace,
+    a: RunningGateway,
+    b: RunningGateway,
+    engines: dict[str, RunningEngine],
+    revive: dict[str, object],
+    leaving_key: str,
+) -> None:
     started = time.monotonic()
     for at, action in SCHEDULE:
         await asyncio.sleep(max(0.0, started + at * args.minutes * 60 - time.monotonic()))
         soak.phase = action
         if action == "publish":
-            result = await asyncio.to_thread(admin, a, "POST", "/adapters/orders/versions",
-                                             json={"path": str(revive["candidate"])})  # fmt: skip
+            result = await asyncio.to_thread(
+                admin, a, "POST", "/adapters/orders/versions", json={"path": str(revive["candidate"])}
+            )
         elif action == "canary":
             interval = max(5.0, 0.1 * args.minutes * 60)
-            result = await asyncio.to_thread(admin, a, "POST", "/canaries/orders", json={
-                "version": 2, "steps": [50, 100], "interval_s": interval, "min_samples": 10, "force": True,
-                "max_latency_ratio": 10, "reason": "soak"})  # fmt: skip
+            result = await asyncio.to_thread(
+                admin,
+                a,
+                "POST",
+                "/canaries/orders",
+                json={
+                    "version": 2,
+                    "steps": [50, 100],
+                    "interval_s": interval,
+                    "min_samples": 10,
+                    "force": True,
+                    "max_latency_ratio": 10,
+                    "reason": "soak",
+                },
+            )
         elif action == "revoke":
             soak.revoked_at = time.monotonic()
             result = await asyncio.to_thread(admin, b, "DELETE", f"/tenants/leaving/keys/{key_id_of(leaving_key)}")
@@ -142,14 +170,22 @@ async def operate(soak: Soak, args: argparse.Namespace, a: RunningGateway, b: Ru
             result = "engine e2 killed (SIGKILL)"
         elif action == "restart":
             engines["e2"] = await asyncio.to_thread(
-                start_engine, revive["work"], revive["base"], port=revive["port"], key=engines["e2"].key,
-                max_loras="2", kv_cache_gib="1", cpus="1")  # type: ignore[arg-type]  # fmt: skip
+                start_engine,
+                revive["work"],
+                revive["base"],
+                port=revive["port"],
+                key=engines["e2"].key,
+                max_loras="2",
+                kv_cache_gib="1",
+                cpus="1",
+            )  # type: ignore[arg-type]
             result = "engine e2 started again"
         else:
             stable = await asyncio.to_thread(revive["store"].stable, "orders")  # type: ignore[attr-defined]
             target = 1 if stable is not None and stable.version == 2 else 2
-            result = await asyncio.to_thread(admin, b, "POST", "/adapters/orders/promote",
-                                             json={"version": target, "force": True, "reason": "soak"})  # fmt: skip
+            result = await asyncio.to_thread(
+                admin, b, "POST", "/adapters/orders/promote", json={"version": target, "force": True, "reason": "soak"}
+            )
         soak.operations.append(f"{at:.2f} {action}: {result}")
         print(soak.operations[-1], flush=True)
 
@@ -162,8 +198,7 @@ async def traffic(soak: Soak, args: argparse.Namespace, gateways: dict[str, str]
         i = 0
         while time.monotonic() < end:
             tenant = "leaving" if rng.random() < 0.1 else "steady"
-            tasks.append(asyncio.create_task(request(client, soak, gateways, tenant, keys[tenant], i,
-                                                     args.max_tokens)))  # fmt: skip
+            tasks.append(asyncio.create_task(request(client, soak, gateways, tenant, keys[tenant], i, args.max_tokens)))
             i += 1
             await asyncio.sleep(rng.expovariate(args.rate))
         await asyncio.gather(*tasks)
@@ -204,8 +239,10 @@ def report(soak: Soak, rss: dict[str, tuple[int, int]]) -> int:
         grew |= growth >= 0.05
         print(f"| {name} | {start / 1024:.1f} MiB | {end / 1024:.1f} MiB | {100 * growth:+.1f}% |")
     total = sum(failures.values())
-    print(f"\ngoals: no failed request ({'met' if total == 0 else f'NOT met: {total}'}); RSS growth under 5% "
-          f"({'NOT met' if grew else 'met'})")  # fmt: skip
+    print(
+        f"\ngoals: no failed request ({'met' if total == 0 else f'NOT met: {total}'}); RSS growth under 5% "
+        f"({'NOT met' if grew else 'met'})"
+    )
     return 0 if total == 0 and not grew else 1
 
 
@@ -241,14 +278,21 @@ def main() -> int:
     (work / "gw-b").mkdir()
     (work / "gw-b" / "adapters").symlink_to(store_dir)  # one store, seen by both gateways at the same files
     port = free_port()
-    engines = {"e1": start_engine(work / "e1", base, max_loras="2", kv_cache_gib="1", cpus="0"),
-               "e2": start_engine(work / "e2", base, max_loras="2", kv_cache_gib="1", cpus="1", port=port)}  # fmt: skip
+    engines = {
+        "e1": start_engine(work / "e1", base, max_loras="2", kv_cache_gib="1", cpus="0"),
+        "e2": start_engine(work / "e2", base, max_loras="2", kv_cache_gib="1", cpus="1", port=port),
+    }
     lines = ["engines:"]
     for name, engine in engines.items():
         lines += [f"  - name: {name}", f"    url: {engine.url}", f"    key: {engine.key}", "    max_loras: 2"]
     (work / "engines.yaml").write_text("\n".join(lines) + "\n")
-    shared = {"engines_file": str(work / "engines.yaml"), "database_url": database, "redis_url": redis.url,
-              "state_cache_s": "60", "canary_poll_s": "1"}  # fmt: skip
+    shared = {
+        "engines_file": str(work / "engines.yaml"),
+        "database_url": database,
+        "redis_url": redis.url,
+        "state_cache_s": "60",
+        "canary_poll_s": "1",
+    }
     gateways: dict[str, RunningGateway] = {}
     try:
         for name in ("a", "b"):

@@ -46,9 +46,13 @@ def main() -> None:
         rng = random.Random(seed)
         with httpx.Client(base_url=args.gateway, timeout=300, headers={"Authorization": f"Bearer {key}"}) as http:
             while not stop.is_set():
-                body = {"model": args.alias, "max_tokens": args.max_tokens, "temperature": 0,
-                        "user": f"user-{rng.randrange(args.users)}",
-                        "messages": [{"role": "user", "content": rng.choice(prompts)}]}  # fmt: skip
+                body = {
+                    "model": args.alias,
+                    "max_tokens": args.max_tokens,
+                    "temperature": 0,
+                    "user": f"user-{rng.randrange(args.users)}",
+                    "messages": [{"role": "user", "content": rng.choice(prompts)}],
+                }
                 try:
                     resp = http.post("/v1/chat/completions", json=body)
                 except httpx.HTTPError as exc:
@@ -67,8 +71,11 @@ def main() -> None:
         while not args.duration or time.monotonic() - started < args.duration:
             time.sleep(args.every)
             answers = ", ".join(f"{k}: {v}" for k, v in sorted(served.items())) or "none yet"
-            print(f"[{time.monotonic() - started:5.0f} s] answers by version and JSON outcome: {answers}; "
-                  f"failed: {sum(failures.values())} {dict(failures) if failures else ''}", flush=True)  # fmt: skip
+            print(
+                f"[{time.monotonic() - started:5.0f} s] answers by version and JSON outcome: {answers}; "
+                f"failed: {sum(failures.values())} {dict(failures) if failures else ''}",
+                flush=True,
+            )
     except KeyboardInterrupt:
         pass
     stop.set()

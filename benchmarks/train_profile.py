@@ -96,8 +96,19 @@ def measure(config: Path, steps: int, changes: dict[str, Any]) -> dict[str, floa
 
 def measure_apart(config: Path, steps: int, study: str, variant: str) -> dict[str, float]:
     """``measure`` in a fresh process (this program with ``--variant``): the peak memory is the variant's alone."""
-    command = [sys.executable, "-m", "benchmarks.train_profile", "--config", str(config), "--steps", str(steps),
-               "--study", study, "--variant", variant]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.train_profile",
+        "--config",
+        str(config),
+        "--steps",
+        str(steps),
+        "--study",
+        study,
+        "--variant",
+        variant,
+    ]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{variant}: the measurement failed:\n{proc.stderr[-3000:]}")
@@ -118,8 +129,10 @@ def main() -> None:
     rows = {name: measure_apart(args.config, args.steps, args.study, name) for name in variants}
     base = next(iter(rows.values()))
     print(f"\nwhere a training step goes: {args.config.name}, median of {args.steps} steps (after one warm-up)\n")
-    print("| variant | forward+loss s | backward s | optimizer s | step s | tokens/step | tok/s | x baseline "
-          "| peak RSS GiB | x baseline |")  # fmt: skip
+    print(
+        "| variant | forward+loss s | backward s | optimizer s | step s | tokens/step | tok/s | x baseline "
+        "| peak RSS GiB | x baseline |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, m in rows.items():
         print(

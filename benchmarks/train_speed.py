@@ -68,9 +68,18 @@ def run_baseline(base_model: str, steps: int, batch_size: int, work: Path) -> tu
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM"))
-    args = TrainingArguments(output_dir=str(work / "baseline"), per_device_train_batch_size=batch_size,
-                             max_steps=steps, learning_rate=2e-4, report_to=[], save_strategy="no",
-                             use_cpu=True, disable_tqdm=True, logging_steps=steps, seed=0)  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(work / "baseline"),
+        per_device_train_batch_size=batch_size,
+        max_steps=steps,
+        learning_rate=2e-4,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_steps=steps,
+        seed=0,
+    )
     collator = CountingCollator(default_data_collator)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
     started = time.perf_counter()
@@ -82,9 +91,21 @@ def run_lorafleet(base_model: str, steps: int, batch_size: int, work: Path) -> t
     from training.config import TrainConfig
     from training.train import prepare
 
-    cfg = TrainConfig.model_validate({"data": DATA, "out": work / "out", "max_steps": steps, "batch_size": batch_size,
-                                      "rank": 16, "alpha": 32, "targets": "attention", "max_length": MAX_LENGTH,
-                                      "val_fraction": 0.0, "log_every": steps, "packing": PACKING})  # fmt: skip
+    cfg = TrainConfig.model_validate(
+        {
+            "data": DATA,
+            "out": work / "out",
+            "max_steps": steps,
+            "batch_size": batch_size,
+            "rank": 16,
+            "alpha": 32,
+            "targets": "attention",
+            "max_length": MAX_LENGTH,
+            "val_fraction": 0.0,
+            "log_every": steps,
+            "packing": PACKING,
+        }
+    )
     prepared = prepare(cfg, base_model, work / "staging")
     collator = CountingCollator(prepared.trainer.data_collator)
     prepared.trainer.data_collator = collator
@@ -116,22 +137,40 @@ def main() -> None:
     results = {}
     for variant in ("baseline", "lorafleet"):
         proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.train_speed", "--variant", variant, "--steps", str(args.steps),
-             "--batch-size", str(args.batch_size)],
-            cwd=ROOT, capture_output=True, text=True, check=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.train_speed",
+                "--variant",
+                variant,
+                "--steps",
+                str(args.steps),
+                "--batch-size",
+                str(args.batch_size),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
     base = results["baseline"]
-    print(f"\ntraining speed: {args.steps} optimiser steps x batch {args.batch_size}, orders train split, "
-          f"LoRA r=16 on attention, SmolLM2-135M-Instruct, CPU")  # fmt: skip
-    print(f"{'trainer':<34} | {'useful tok/s':>12} | {'x baseline':>10} | {'wall s':>7} | {'peak RSS MiB':>12} | "
-          f"{'x baseline':>10}")  # fmt: skip
+    print(
+        f"\ntraining speed: {args.steps} optimiser steps x batch {args.batch_size}, orders train split, "
+        f"LoRA r=16 on attention, SmolLM2-135M-Instruct, CPU"
+    )
+    print(
+        f"{'trainer':<34} | {'useful tok/s':>12} | {'x baseline':>10} | {'wall s':>7} | {'peak RSS MiB':>12} | "
+        f"{'x baseline':>10}"
+    )
     print("-" * 100)
     for variant, label in (("baseline", "transformers+peft fp32, padded"), ("lorafleet", "lorafleet")):
         r = results[variant]
         tps = r["tokens"] / r["wall"]
-        print(f"{label:<34} | {tps:>12.1f} | {tps / (base['tokens'] / base['wall']):>10.2f} | {r['wall']:>7.1f} | "
-              f"{r['peak_mib']:>12.0f} | {r['peak_mib'] / base['peak_mib']:>10.2f}")  # fmt: skip
+        print(
+            f"{label:<34} | {tps:>12.1f} | {tps / (base['tokens'] / base['wall']):>10.2f} | {r['wall']:>7.1f} | "
+            f"{r['peak_mib']:>12.0f} | {r['peak_mib'] / base['peak_mib']:>10.2f}"
+        )
 
 
 if __name__ == "__main__":

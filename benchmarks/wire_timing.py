@@ -164,14 +164,18 @@ def main() -> None:
     if not t.total:
         raise SystemExit("no streamed request was seen on both legs: check the ports and that requests carry ids")
     skipped = f"; {t.skipped} warm-up requests ({args.skip_prefix}*) left out" if t.skipped else ""
-    print(f"time inside the gateway on the first-token path, {len(t.total)} streamed requests (from the wire)"
-          f"{skipped}")  # fmt: skip
+    print(f"time inside the gateway on the first-token path, {len(t.total)} streamed requests (from the wire){skipped}")
     print(f"{'':<34} | {'p50':>7} | {'p90':>7} | {'p99':>7} | {'mean':>7}  (ms)")
-    rows = (("request in -> request to engine", t.inbound), ("engine's first event -> client", t.relay),
-            ("added TTFT", t.total))  # fmt: skip
+    rows = (
+        ("request in -> request to engine", t.inbound),
+        ("engine's first event -> client", t.relay),
+        ("added TTFT", t.total),
+    )
     for name, values in rows:
-        print(f"{name:<34} | {1000 * pct(values, 0.5):>7.2f} | {1000 * pct(values, 0.9):>7.2f} | "
-              f"{1000 * pct(values, 0.99):>7.2f} | {1000 * statistics.fmean(values):>7.2f}")  # fmt: skip
+        print(
+            f"{name:<34} | {1000 * pct(values, 0.5):>7.2f} | {1000 * pct(values, 0.9):>7.2f} | "
+            f"{1000 * pct(values, 0.99):>7.2f} | {1000 * statistics.fmean(values):>7.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -114,8 +114,15 @@ def read_rows(path: Path) -> tuple[list[tuple[int, Any]], list[Problem]]:
         try:
             json.loads(text)
         except json.JSONDecodeError as exc:
-            problems.append(Problem(str(path), exc.lineno, None, f"not valid JSON ({exc.msg}, column {exc.colno})",
-                                    "repair the JSON array, or write one JSON object per line (JSONL)"))  # fmt: skip
+            problems.append(
+                Problem(
+                    str(path),
+                    exc.lineno,
+                    None,
+                    f"not valid JSON ({exc.msg}, column {exc.colno})",
+                    "repair the JSON array, or write one JSON object per line (JSONL)",
+                )
+            )
             return rows, problems
         idx = text.index("[") + 1
         while True:
@@ -133,8 +140,15 @@ def read_rows(path: Path) -> tuple[list[tuple[int, Any]], list[Problem]]:
         try:
             rows.append((lineno, json.loads(line)))
         except json.JSONDecodeError as exc:
-            problems.append(Problem(str(path), lineno, None, f"not valid JSON ({exc.msg}, column {exc.colno})",
-                                    "repair the line or delete it; each line must be one JSON object"))  # fmt: skip
+            problems.append(
+                Problem(
+                    str(path),
+                    lineno,
+                    None,
+                    f"not valid JSON ({exc.msg}, column {exc.colno})",
+                    "repair the line or delete it; each line must be one JSON object",
+                )
+            )
     return rows, problems
 
 
@@ -152,8 +166,13 @@ def to_example(row: Any, line: int, path: str, schema: dict[str, Any] | None) ->
         return None, [problem(None, f"expected a JSON object, got {type(row).__name__}", "make the row an object")]
     shape = next((name for name, (required, _) in SHAPES.items() if required & row.keys()), None)
     if shape is None:
-        return None, [problem(None, f"unknown row shape with fields {sorted(row)}",
-                              "use {instruction, output}, {prompt, completion} or {messages}")]  # fmt: skip
+        return None, [
+            problem(
+                None,
+                f"unknown row shape with fields {sorted(row)}",
+                "use {instruction, output}, {prompt, completion} or {messages}",
+            )
+        ]
     required, optional = SHAPES[shape]
     problems = [
         problem(k, "unknown field", f"remove it or rename it to one of {sorted(required | optional)}")
@@ -199,18 +218,41 @@ def to_example(row: Any, line: int, path: str, schema: dict[str, Any] | None) ->
 def _chat(row: dict[str, Any], problem: Callable[..., Problem]) -> tuple[list[Message], str, list[Problem]]:
     turns = row["messages"]
     if not isinstance(turns, list) or len(turns) < 2:
-        return [], "", [problem("messages", "needs at least a user turn and the assistant's answer",
-                                "give [{role: user, content}, {role: assistant, content}]")]  # fmt: skip
+        return (
+            [],
+            "",
+            [
+                problem(
+                    "messages",
+                    "needs at least a user turn and the assistant's answer",
+                    "give [{role: user, content}, {role: assistant, content}]",
+                )
+            ],
+        )
     problems = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
-            problems.append(problem(f"messages[{i}]", "not a {role, content} turn",
-                                    f"use a role in {sorted(ROLES)} and a string content"))  # fmt: skip
+            problems.append(
+                problem(
+                    f"messages[{i}]",
+                    "not a {role, content} turn",
+                    f"use a role in {sorted(ROLES)} and a string content",
+                )
+            )
     if problems:
         return [], "", problems
     if turns[-1]["role"] != "assistant" or not turns[-1]["content"].strip():
-        return [], "", [problem(f"messages[{len(turns) - 1}]", "the last turn is not a non-empty assistant answer",
-                                "end each conversation with the assistant turn to learn")]  # fmt: skip
+        return (
+            [],
+            "",
+            [
+                problem(
+                    f"messages[{len(turns) - 1}]",
+                    "the last turn is not a non-empty assistant answer",
+                    "end each conversation with the assistant turn to learn",
+                )
+            ],
+        )
     return [{"role": t["role"], "content": t["content"]} for t in turns[:-1]], turns[-1]["content"], []
 
 
@@ -220,10 +262,17 @@ def _check_output(completion: str, schema: dict[str, Any], fld: str, problem: Ca
     except SchemaError as exc:
         return [problem("schema", f"not a valid JSON Schema: {exc.message}", "fix the schema")]
     if verdict.outcome == "invalid_json":
-        return [problem(fld, f"output is not JSON but a schema is given ({verdict.errors[0]})",
-                        "write the output as one JSON value, with no code fence or prose")]  # fmt: skip
-    return [problem(fld, f"output violates its schema at {err}", "correct the output or the schema")
-            for err in verdict.errors]  # fmt: skip
+        return [
+            problem(
+                fld,
+                f"output is not JSON but a schema is given ({verdict.errors[0]})",
+                "write the output as one JSON value, with no code fence or prose",
+            )
+        ]
+    return [
+        problem(fld, f"output violates its schema at {err}", "correct the output or the schema")
+        for err in verdict.errors
+    ]
 
 
 def check(
@@ -241,8 +290,9 @@ def check(
         try:
             check_schema(schema)
         except SchemaError as exc:
-            report.problems.append(Problem(str(path), None, "--schema", f"not a valid JSON Schema: {exc.message}",
-                                           "fix the schema file"))  # fmt: skip
+            report.problems.append(
+                Problem(str(path), None, "--schema", f"not a valid JSON Schema: {exc.message}", "fix the schema file")
+            )
             return report
     rows, report.problems = read_rows(path)
     report.rows = len(rows) + len(report.problems)
@@ -250,8 +300,9 @@ def check(
     for line, row in rows:
         first = seen.setdefault(json.dumps(row, sort_keys=True), line)
         if first != line:
-            report.problems.append(Problem(str(path), line, None, f"duplicate of line {first}",
-                                           "delete the repeated example"))  # fmt: skip
+            report.problems.append(
+                Problem(str(path), line, None, f"duplicate of line {first}", "delete the repeated example")
+            )
             continue
         example, problems = to_example(row, line, str(path), schema)
         report.problems += problems
@@ -259,21 +310,34 @@ def check(
             continue
         first = seen.setdefault(example.key(), line)
         if first != line:  # the same example in another shape
-            report.problems.append(Problem(str(path), line, None, f"duplicate of line {first}",
-                                           "delete the repeated example"))  # fmt: skip
+            report.problems.append(
+                Problem(str(path), line, None, f"duplicate of line {first}", "delete the repeated example")
+            )
             continue
         if token_length is not None and max_length is not None:
             n = token_length(example)
             if n > max_length:
-                report.problems.append(Problem(str(path), line, None,
-                                               f"{n} tokens after rendering, over max_length {max_length}",
-                                               "shorten the example or raise --max-length"))  # fmt: skip
+                report.problems.append(
+                    Problem(
+                        str(path),
+                        line,
+                        None,
+                        f"{n} tokens after rendering, over max_length {max_length}",
+                        "shorten the example or raise --max-length",
+                    )
+                )
                 continue
         report.examples.append(example)
     if len(report.examples) < min_examples:
-        report.problems.append(Problem(str(path), None, None,
-                                       f"only {len(report.examples)} usable examples",
-                                       f"use hundreds to thousands; under {min_examples} an adapter rarely generalises",
-                                       "warning"))  # fmt: skip
+        report.problems.append(
+            Problem(
+                str(path),
+                None,
+                None,
+                f"only {len(report.examples)} usable examples",
+                f"use hundreds to thousands; under {min_examples} an adapter rarely generalises",
+                "warning",
+            )
+        )
     report.problems.sort(key=lambda p: p.line or 0)
     return report

@@ -104,9 +104,15 @@ def _shape_problems(header: dict[str, Any], base: dict[str, Any], rank: int) -> 
     kv = (base.get("num_key_value_heads") or heads) * head_dim
     inter = base.get("intermediate_size", 0)
     # (input features, output features) of each target module
-    sizes = {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv), "v_proj": (hidden, kv),
-             "o_proj": (heads * head_dim, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
-             "down_proj": (inter, hidden)}  # fmt: skip
+    sizes = {
+        "q_proj": (hidden, heads * head_dim),
+        "k_proj": (hidden, kv),
+        "v_proj": (hidden, kv),
+        "o_proj": (heads * head_dim, hidden),
+        "gate_proj": (hidden, inter),
+        "up_proj": (hidden, inter),
+        "down_proj": (inter, hidden),
+    }
     problems = []
     lora_tensors = 0
     for name, info in header.items():

@@ -39,7 +39,7 @@ class Verdict:
 
 # Regular expressions in schemas (``pattern``, ``patternProperties``) run on RE2, whose time is linear in the
 # text: a client's schema can never make a check backtrack for minutes. A pattern RE2 cannot run (lookaround,
-# backreferences) is refused in client schemas before it gets here (``serving.schemas``); in a trusted schema
+# backreferences) is refused in client schemas before it gets here (``serving.outputs.schemas``); in a trusted schema
 # (an adapter's manifest, the evaluation's) it falls back to Python's ``re``.
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False
@@ -93,8 +93,9 @@ def _additional_properties(validator: Any, extra_schema: Any, instance: Any, sch
         names = ", ".join(repr(e) for e in sorted(extras, key=str))
         if patterns:
             verb = "does" if len(extras) == 1 else "do"
-            yield ValidationError(f"{names} {verb} not match any of the regexes: "
-                                  + ", ".join(repr(p) for p in sorted(patterns)))  # fmt: skip
+            yield ValidationError(
+                f"{names} {verb} not match any of the regexes: " + ", ".join(repr(p) for p in sorted(patterns))
+            )
         else:
             verb = "was" if len(extras) == 1 else "were"
             yield ValidationError(f"Additional properties are not allowed ({names} {verb} unexpected)")
@@ -103,8 +104,10 @@ def _additional_properties(validator: Any, extra_schema: Any, instance: Any, sch
 @lru_cache(maxsize=16)
 def _with_re2(cls: Any) -> Any:
     """The draft's validator class with its regex keywords on RE2."""
-    return validators.extend(cls, {"pattern": _pattern, "patternProperties": _pattern_properties,
-                                   "additionalProperties": _additional_properties})  # fmt: skip
+    return validators.extend(
+        cls,
+        {"pattern": _pattern, "patternProperties": _pattern_properties, "additionalProperties": _additional_properties},
+    )
 
 
 @lru_cache(maxsize=256)

@@ -12,7 +12,7 @@ stable, which versions are retired, and the audit trail of every promotion,
 rollback and retirement. On one machine the ledger is files beside the versions
 (``FileLedger``: ``<alias>/stable.json``, ``<alias>/events.jsonl``,
 ``<alias>/<version>/retired.json``); with several gateways on PostgreSQL it is
-tables of the state database (``serving.ledger.SqlLedger``), so a change is a
+tables of the state database (``serving.state.ledger.SqlLedger``), so a change is a
 transaction every gateway hears of.
 
 A version is an integer that only grows. An alias with no stable version
@@ -130,8 +130,10 @@ class FileLedger:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError as exc:
-                raise StoreConflict(f"another promotion or retirement of {alias!r} is in progress; look at "
-                                    "`lorafleet adapters history` and retry") from exc  # fmt: skip
+                raise StoreConflict(
+                    f"another promotion or retirement of {alias!r} is in progress; look at "
+                    "`lorafleet adapters history` and retry"
+                ) from exc
             try:
                 yield _FileChange(self, alias_dir)
             finally:
@@ -232,8 +234,17 @@ class AdapterStore:
         with self.ledger.change(alias) as change:
             if change.stable() == version:
                 raise StoreError(f"{target.ref} is the stable version; promote or roll back to another version first")
-            event = {"at": time.time(), "alias": alias, "action": "retire", "from": None, "to": version,
-                     "forced": False, "gate_passed": None, "reason": reason, "actor": actor}  # fmt: skip
+            event = {
+                "at": time.time(),
+                "alias": alias,
+                "action": "retire",
+                "from": None,
+                "to": version,
+                "forced": False,
+                "gate_passed": None,
+                "reason": reason,
+                "actor": actor,
+            }
             change.retire(version, event)
         return event
 
@@ -253,11 +264,21 @@ class AdapterStore:
         if was_stable or (gate and gate.get("passed")):
             return None
         why = "has no evaluation gate verdict" if gate is None else "failed its evaluation gate"
-        return (f"{target.ref} {why}; run `lorafleet eval --gate --target {target.ref} ...` first, "
-                "or force it (recorded in the audit trail)")  # fmt: skip
+        return (
+            f"{target.ref} {why}; run `lorafleet eval --gate --target {target.ref} ...` first, "
+            "or force it (recorded in the audit trail)"
+        )
 
-    def promote(self, alias: str, version: int, *, force: bool = False, reason: str = "", actor: str = "cli",
-                expected: int | Literal["any"] | None = "any") -> dict:  # fmt: skip
+    def promote(
+        self,
+        alias: str,
+        version: int,
+        *,
+        force: bool = False,
+        reason: str = "",
+        actor: str = "cli",
+        expected: int | Literal["any"] | None = "any",
+    ) -> dict:
         """Make ``alias@version`` stable. It must have passed its evaluation gate unless ``force``.
 
         Rolling back to an earlier version is a promotion too; a version that
@@ -272,9 +293,11 @@ class AdapterStore:
             previous = change.stable()
             if expected != "any" and previous != expected:
                 now = f"v{previous}" if previous else "no stable version"
-                raise StoreConflict(f"{alias} changed meanwhile: it is at {now}, not "
-                                    f"{'v' + str(expected) if expected else 'no stable version'}; look at "
-                                    "`lorafleet adapters history` and retry")  # fmt: skip
+                raise StoreConflict(
+                    f"{alias} changed meanwhile: it is at {now}, not "
+                    f"{'v' + str(expected) if expected else 'no stable version'}; look at "
+                    "`lorafleet adapters history` and retry"
+                )
             gate = self.gate(target)
             refusal = None if force else self.gate_refusal(target)
             if refusal:

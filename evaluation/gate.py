@@ -107,13 +107,27 @@ def _absolute_checks(scores: TargetScores, t: Thresholds) -> list[Check]:
     summary = scores.summary()
     valid = summary["schema_valid_rate"]
     checks = [
-        Check("schema_valid", scores.mode, valid["value"] >= t.min_valid, valid["value"], t.min_valid,
-              f"{valid['successes']}/{valid['n']} schema-valid (95% CI {valid['low']:.3f}-{valid['high']:.3f})")
-    ]  # fmt: skip
+        Check(
+            "schema_valid",
+            scores.mode,
+            valid["value"] >= t.min_valid,
+            valid["value"],
+            t.min_valid,
+            f"{valid['successes']}/{valid['n']} schema-valid (95% CI {valid['low']:.3f}-{valid['high']:.3f})",
+        )
+    ]
     accuracy = summary["field_accuracy"]
     if accuracy is not None:
-        checks.append(Check("field_accuracy", scores.mode, accuracy >= t.min_field_accuracy, accuracy,
-                            t.min_field_accuracy, f"mean field accuracy {accuracy:.3f}"))  # fmt: skip
+        checks.append(
+            Check(
+                "field_accuracy",
+                scores.mode,
+                accuracy >= t.min_field_accuracy,
+                accuracy,
+                t.min_field_accuracy,
+                f"mean field accuracy {accuracy:.3f}",
+            )
+        )
     return checks
 
 

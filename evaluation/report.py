@@ -74,11 +74,20 @@ def _failures(scores: TargetScores, evalset: EvalSet) -> list[dict[str, Any]]:
             errors += field_differences(v.parsed, json.loads(example.completion))
         if s.call_ok is False and v.parsed_ok:
             errors.append(f"call does not match any acceptable answer: {evalset.ground_truth[i]}")
-        out.append({
-            "target": scores.target, "mode": scores.mode, "line": example.line, "id": example.id,
-            "outcome": v.outcome, "field_accuracy": v.field_accuracy, "prompt": _prompt(evalset, i),
-            "output": s.generation.text, "expected": example.completion, "errors": errors,
-        })  # fmt: skip
+        out.append(
+            {
+                "target": scores.target,
+                "mode": scores.mode,
+                "line": example.line,
+                "id": example.id,
+                "outcome": v.outcome,
+                "field_accuracy": v.field_accuracy,
+                "prompt": _prompt(evalset, i),
+                "output": s.generation.text,
+                "expected": example.completion,
+                "errors": errors,
+            }
+        )
     out.sort(key=lambda f: (-SEVERITY[str(f["outcome"])], f["field_accuracy"] or 0.0))
     return out
 
@@ -191,8 +200,16 @@ def _review(results: list[TargetScores], evalset: EvalSet, out: Path, n: int, se
         writer = csv.writer(f)
         writer.writerow(["line", "prompt", "expected", *columns, *(f"rating: {c}" for c in columns), "notes"])
         for i in picked:
-            writer.writerow([evalset.examples[i].line, _prompt(evalset, i), evalset.examples[i].completion,
-                             *(answer(r.items[i]) for r in results), *([""] * len(columns)), ""])  # fmt: skip
+            writer.writerow(
+                [
+                    evalset.examples[i].line,
+                    _prompt(evalset, i),
+                    evalset.examples[i].completion,
+                    *(answer(r.items[i]) for r in results),
+                    *([""] * len(columns)),
+                    "",
+                ]
+            )
     rows = []
     for i in picked:
         cells = "".join(

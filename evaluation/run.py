@@ -67,8 +67,9 @@ class EvalSet:
             self.ground_truth = [None] * len(self.examples)
 
 
-def resolve_targets(names: list[str], store: AdapterStore, base_model: str,
-                    models_dir: Path | None = None) -> list[Target]:  # fmt: skip
+def resolve_targets(
+    names: list[str], store: AdapterStore, base_model: str, models_dir: Path | None = None
+) -> list[Target]:
     """Every target, checked against the store and the base models; all problems at once.
 
     ``ALIAS`` means the version the gateway serves for it (stable, else newest); ``base:MODEL`` a base model
@@ -85,8 +86,10 @@ def resolve_targets(names: list[str], store: AdapterStore, base_model: str,
         if name.startswith("base:"):
             other = provisioned(models_dir, name.removeprefix("base:"))
             if other is None:
-                problems.append(f"target {name}: no base model {name.removeprefix('base:')!r} in {models_dir}; "
-                                f"run `lorafleet model pull {name.removeprefix('base:')}`")  # fmt: skip
+                problems.append(
+                    f"target {name}: no base model {name.removeprefix('base:')!r} in {models_dir}; "
+                    f"run `lorafleet model pull {name.removeprefix('base:')}`"
+                )
             else:
                 targets.append(Target(name, base=str(other)))
             continue
@@ -104,8 +107,10 @@ def resolve_targets(names: list[str], store: AdapterStore, base_model: str,
         if mismatch:
             own_base = provisioned(models_dir, manifest.base_model.name, manifest.base_model.sha256)
             if own_base is None:
-                problems.append(f"target {name}: {mismatch}, and {manifest.base_model.name} is not provisioned in "
-                                f"{models_dir} (`lorafleet model pull {manifest.base_model.name}`)")  # fmt: skip
+                problems.append(
+                    f"target {name}: {mismatch}, and {manifest.base_model.name} is not provisioned in "
+                    f"{models_dir} (`lorafleet model pull {manifest.base_model.name}`)"
+                )
                 continue
         if any(t.name == found.ref for t in targets):
             continue  # `orders` and `orders@2` may name the same version
@@ -158,10 +163,15 @@ def _join_answers(evalset: EvalSet, answers: Path) -> list[GroundTruth | None]:
 def prompts_of(examples: list[Example], tokenizer: Any) -> list[str]:
     """Each example's prompt, rendered exactly as training rendered it (the base model's chat template)."""
     return [
-        render(tokenizer.chat_template, with_tools(e.messages, e.tools), add_generation_prompt=True,
-               bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "")
+        render(
+            tokenizer.chat_template,
+            with_tools(e.messages, e.tools),
+            add_generation_prompt=True,
+            bos_token=tokenizer.bos_token or "",
+            eos_token=tokenizer.eos_token or "",
+        )
         for e in examples
-    ]  # fmt: skip
+    ]
 
 
 def open_engine(base_model: str, adapters: int, max_lora_rank: int = 16) -> Any:
@@ -218,8 +228,9 @@ def evaluate(
     return [scores for target in targets for scores in results[target.name]]
 
 
-def _evaluate_on(evalset: EvalSet, targets: list[Target], modes: list[str], base_model: str, max_tokens: int,
-                 llm: Any) -> dict[str, list[TargetScores]]:  # fmt: skip
+def _evaluate_on(
+    evalset: EvalSet, targets: list[Target], modes: list[str], base_model: str, max_tokens: int, llm: Any
+) -> dict[str, list[TargetScores]]:
     from vllm.lora.request import LoRARequest
 
     opened = llm is None
@@ -232,8 +243,10 @@ def _evaluate_on(evalset: EvalSet, targets: list[Target], modes: list[str], base
         tokenizer = llm.get_tokenizer()
         # As the gateway's chat route is served: the rendered prompt (with the template's own <bos>, if it writes
         # one) tokenized without adding special tokens; a text prompt would get the tokenizer's <bos> on top.
-        prompts = [{"prompt_token_ids": tokenizer(p, add_special_tokens=False)["input_ids"]}
-                   for p in prompts_of(evalset.examples, tokenizer)]  # fmt: skip
+        prompts = [
+            {"prompt_token_ids": tokenizer(p, add_special_tokens=False)["input_ids"]}
+            for p in prompts_of(evalset.examples, tokenizer)
+        ]
         results: dict[str, list[TargetScores]] = {}
         for lora_id, target in enumerate(targets, start=1):
             lora = LoRARequest(target.name, lora_id, str(target.path)) if target.path else None
@@ -337,8 +350,12 @@ async def _check_gateway(client: httpx.AsyncClient, aliases: list[str]) -> None:
 async def _ask(
     client: httpx.AsyncClient, gate: asyncio.Semaphore, alias: str, example: Example, mode: str, max_tokens: int
 ) -> tuple[Generation, str | None]:
-    body: dict[str, Any] = {"model": alias, "messages": with_tools(example.messages, example.tools),
-                            "temperature": 0.0, "max_tokens": max_tokens}  # fmt: skip
+    body: dict[str, Any] = {
+        "model": alias,
+        "messages": with_tools(example.messages, example.tools),
+        "temperature": 0.0,
+        "max_tokens": max_tokens,
+    }
     if mode == "constrained" and example.schema:
         body["response_format"] = {"type": "json_schema", "json_schema": {"name": "expected", "schema": example.schema}}
     async with gate:

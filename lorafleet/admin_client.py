@@ -75,8 +75,14 @@ class AdminClient:
         if method == "POST" and body is None and "content" not in kw:
             body = {}  # every admin POST carries a JSON body
         try:
-            resp = httpx.request(method, f"{self.url}{path}", json=body, headers=headers | kw.pop("headers", {}),
-                                 timeout=self.timeout, **kw)  # fmt: skip
+            resp = httpx.request(
+                method,
+                f"{self.url}{path}",
+                json=body,
+                headers=headers | kw.pop("headers", {}),
+                timeout=self.timeout,
+                **kw,
+            )
         except httpx.HTTPError as exc:
             raise AdminError(f"cannot reach the gateway at {self.url}: {exc} (is `lorafleet serve` running?)") from exc
         if resp.status_code >= 400:
@@ -92,8 +98,12 @@ class AdminClient:
 
     def publish(self, source: Path, alias: str) -> dict[str, Any]:
         """Upload the adapter directory as a tar archive (only the adapter's own files travel)."""
-        return self.call("POST", f"/admin/adapters/{alias}/versions", content=adapter_archive(source),
-                         headers={"Content-Type": "application/x-tar"})  # fmt: skip
+        return self.call(
+            "POST",
+            f"/admin/adapters/{alias}/versions",
+            content=adapter_archive(source),
+            headers={"Content-Type": "application/x-tar"},
+        )
 
     def promote(self, alias: str, version: int, *, force: bool = False, reason: str = "") -> dict[str, Any]:
         body = {"version": version, "force": force, "reason": reason}
@@ -101,8 +111,9 @@ class AdminClient:
         return result
 
     def retire(self, alias: str, version: int, *, reason: str = "") -> dict[str, Any]:
-        result: dict[str, Any] = self.call("DELETE", f"/admin/adapters/{alias}/versions/{version}",
-                                           params={"reason": reason})  # fmt: skip
+        result: dict[str, Any] = self.call(
+            "DELETE", f"/admin/adapters/{alias}/versions/{version}", params={"reason": reason}
+        )
         return result
 
     def policy(self, alias: str) -> dict[str, Any]:
@@ -121,8 +132,9 @@ class AdminClient:
         return result
 
     def create_tenant(self, name: str, aliases: list[str], limits: dict[str, int | None]) -> dict[str, Any]:
-        result: dict[str, Any] = self.call("POST", "/admin/tenants",
-                                           {"name": name, "aliases": aliases, "limits": limits})  # fmt: skip
+        result: dict[str, Any] = self.call(
+            "POST", "/admin/tenants", {"name": name, "aliases": aliases, "limits": limits}
+        )
         return result
 
     def patch_tenant(self, name: str, **changes: Any) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from lorafleet.commands import (
     serve,
     tenants,
     train,
-)  # fmt: skip
+)
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fine-tune LoRA adapters and serve them on vLLM.")
 app.add_typer(model.app, name="model")

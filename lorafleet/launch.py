@@ -109,9 +109,15 @@ class RunningEngine:
 
 
 def start_engine(
-    data_dir: Path, base_model: Path, *, timeout: float = 400, cpus: str | None = None, port: int | None = None,
-    key: str | None = None, **settings: str,
-) -> RunningEngine:  # fmt: skip
+    data_dir: Path,
+    base_model: Path,
+    *,
+    timeout: float = 400,
+    cpus: str | None = None,
+    port: int | None = None,
+    key: str | None = None,
+    **settings: str,
+) -> RunningEngine:
     """vLLM exactly as the gateway starts its child (command, environment), but with a key the caller knows.
 
     For comparisons with direct calls: a gateway's own child answers only that gateway. Pass ``url`` and ``key``
@@ -119,18 +125,28 @@ def start_engine(
     its gateways expect it.
     """
     from serving.config import GatewaySettings
-    from serving.engine import child_env, child_setup, vllm_command
-    from serving.fleet.config import EngineSpec
+    from serving.engines.specs import EngineSpec
+    from serving.engines.vllm import child_env, child_setup, vllm_command
 
-    config = GatewaySettings(data_dir=data_dir, base_model=str(base_model), engine_port=port or free_port(),
-                             dev_mode=True, **settings)  # type: ignore[arg-type]  # fmt: skip
+    config = GatewaySettings(
+        data_dir=data_dir,
+        base_model=str(base_model),
+        engine_port=port or free_port(),
+        dev_mode=True,
+        **settings,  # type: ignore[arg-type]
+    )
     key = key or secrets.token_urlsafe(32)
     (data_dir / "logs").mkdir(parents=True, exist_ok=True)
     with (data_dir / "logs" / "vllm.log").open("ab") as log:
         spec = EngineSpec(name="engine", port=config.engine_port, max_loras=config.max_loras, cpus=cpus)
-        proc = subprocess.Popen(vllm_command(config, spec), env=child_env(config, key, spec=spec), stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                preexec_fn=child_setup(config.engine_nice))  # fmt: skip
+        proc = subprocess.Popen(
+            vllm_command(config, spec),
+            env=child_env(config, key, spec=spec),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=child_setup(config.engine_nice),
+        )
     engine = RunningEngine(proc, f"http://127.0.0.1:{config.engine_port}", key)
     if _answers(proc, f"{engine.url}/health", timeout):
         return engine
@@ -169,9 +185,23 @@ class RedisServer:
             raise RuntimeError("redis-server is missing: `apt-get install redis-server` (make test does it)")
         port = port or free_port()
         workdir.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                 "--appendonly", "no", "--dir", str(workdir)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # fmt: skip
+        proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
@@ -220,8 +250,11 @@ class PostgresServer:
         if run_as:
             shutil.chown(workdir, "postgres", "postgres")
         datadir = workdir / "data"
-        made = subprocess.run([*run_as, str(bindir / "initdb"), "-D", str(datadir), "-U", "postgres", "-A", "trust",
-                               "--no-sync"], capture_output=True, text=True)  # fmt: skip
+        made = subprocess.run(
+            [*run_as, str(bindir / "initdb"), "-D", str(datadir), "-U", "postgres", "-A", "trust", "--no-sync"],
+            capture_output=True,
+            text=True,
+        )
         if made.returncode != 0:
             raise RuntimeError(f"initdb failed: {made.stderr or made.stdout}")
         server = cls(datadir, port or free_port(), run_as, bindir)

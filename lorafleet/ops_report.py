@@ -60,8 +60,11 @@ def panels(rate: str) -> list[Panel]:
 def fetch(prometheus: str, panel: Panel, start: float, end: float, step: float) -> None:
     for query, legend in panel.queries:
         try:
-            resp = httpx.get(f"{prometheus.rstrip('/')}/api/v1/query_range",
-                             params={"query": query, "start": start, "end": end, "step": step}, timeout=30)  # fmt: skip
+            resp = httpx.get(
+                f"{prometheus.rstrip('/')}/api/v1/query_range",
+                params={"query": query, "start": start, "end": end, "step": step},
+                timeout=30,
+            )
         except httpx.HTTPError as exc:
             raise ReportError(f"cannot reach Prometheus at {prometheus}: {exc}") from exc
         data = resp.json() if resp.headers.get("content-type", "").startswith("application/json") else {}

@@ -37,12 +37,15 @@ class GatewaySettings(CommonSettings):
         description="A YAML file listing several engines to route across (docs/operations.md); unset: one engine.",
     )
     route_epsilon: float = Field(
-        default=0.25, ge=0, le=10, description="Bounded-load slack: an engine above (1 + this) × the mean load "
+        default=0.25,
+        ge=0,
+        le=10,
+        description="Bounded-load slack: an engine above (1 + this) × the mean load "
         "takes no more of an adapter's requests while another engine can.",
-    )  # fmt: skip
+    )
     route_policy: Literal["affinity", "round_robin", "random"] = Field(
         default="affinity",
-        description="How requests are spread over engines: affinity with bounded load (serving.fleet.router); "
+        description="How requests are spread over engines: affinity with bounded load (serving.engines.router); "
         "round_robin and random ignore where adapters are, and exist as baselines for `make bench-fleet`.",
     )
     engine_poll_s: float = Field(default=1.0, gt=0, description="How often each engine's load is read (metrics).")

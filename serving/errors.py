@@ -1,113 +1,171 @@
-"""One error shape on the wire: OpenAI's ``{"error": {"message", "type", "param", "code"}}``.
+"""Every error the gateway's API can answer with, in one catalogue, and its one shape on the wire.
 
-Routes raise ``APIError`` (or let FastAPI's own errors through); the handlers
-registered here turn every one of them into that shape with the right status,
-and an unexpected exception into a 500 of the same shape (``internal_error``).
+An error is OpenAI's ``{"error": {"message", "type", "param", "code"}}``
+(``ErrorResponse``) with an HTTP status. ``ErrorCode`` lists every ``code``
+with its status and a one-line meaning; the ``type`` follows from the status,
+as OpenAI's do. Code anywhere in the gateway raises ``APIError(ErrorCode.X,
+message)``; the HTTP layer (``serving.http.errors``) turns it into the
+response. docs/api.md's error table is ``markdown_table()`` (a test holds the
+two together, and ``python -m serving.errors`` prints it).
+
+Plain values: nothing here imports FastAPI or anything else of the gateway, so
+the limits, the schema checks and the canary can raise without depending on
+the HTTP layer.
 """
 
 from __future__ import annotations
 
-import logging
+from enum import StrEnum
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from sqlalchemy import exc as sa_exc
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from pydantic import BaseModel
 
-from serving.metrics import rejection_reason
-from serving.observe import record_of
-from serving.protocol import unsupported_message
-
-log = logging.getLogger("lorafleet.gateway")
-
+# OpenAI's error types, by status.
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    409: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable",
 }
 
 
+def error_type(status: int) -> str:
+    """OpenAI's ``type`` for an error of ``status``."""
+    return _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+class ErrorCode(StrEnum):
+    """Every ``code`` the API answers with: its usual status and what it means (one line, for docs/api.md)."""
+
+    status: int
+    meaning: str
+
+    def __new__(cls, code: str, status: int, meaning: str) -> ErrorCode:
+        member = str.__new__(cls, code)
+        member._value_ = code
+        member.status, member.meaning = status, meaning
+        return member
+
+    @property
+    def type(self) -> str:
+        return error_type(self.status)
+
+    # The request itself.
+    INVALID_JSON = "invalid_json", 400, "The body is not valid JSON."
+    UNSUPPORTED_PARAMETER = "unsupported_parameter", 400, "A field outside the allowlist (named in `param`)."
+    INVALID_FIELD = "invalid_field", 422, "A field of the wrong type or out of range (named in `param`)."
+    MISSING_MODEL = "missing_model", 400, "No `model` and no default alias for the tenant."
+    TOO_MANY_PROMPTS = "too_many_prompts", 400, "More prompts in one request than `LORAFLEET_MAX_PROMPTS`."
+    TOO_MANY_SEQUENCES = "too_many_sequences", 400, "`n` × prompts above `LORAFLEET_MAX_SEQUENCES`."
+    SEQUENCES_OVER_LIMIT = "sequences_over_limit", 400, "More sequences than the tenant may run at once."
+    MAX_TOKENS_OVER_LIMIT = "max_tokens_over_limit", 400, "`max_tokens` above the tenant's limit."
+    SCHEMA_REFUSED = "schema_refused", 400, "A JSON Schema too large, too deep or not checkable in bounded time."
+    INVALID_TOOLS = "invalid_tools", 400, "`tools` or `tool_choice` not in OpenAI's shape."
+    TOOLS_UNSUPPORTED = "tools_unsupported", 400, "`tools` sent to an alias not trained on function calls."
+    BODY_TOO_LARGE = "body_too_large", 413, "The body is over `LORAFLEET_MAX_BODY_BYTES` (uploads: the upload limit)."
+    UNKNOWN_ROUTE = "unknown_route", 404, "No such route."
+    METHOD_NOT_ALLOWED = "method_not_allowed", 405, "The route exists, not with this method."
+    # Who is asking.
+    INVALID_API_KEY = "invalid_api_key", 401, "A missing, wrong or revoked key, or a disabled tenant."
+    INVALID_ADMIN_KEY = "invalid_admin_key", 401, "The admin API needs the admin key."
+    ADMIN_DISABLED = "admin_disabled", 403, "The admin API is off: no admin key is configured."
+    INVALID_METRICS_KEY = "invalid_metrics_key", 401, "`/metrics` needs the metrics key."
+    # What is asked for.
+    MODEL_NOT_FOUND = "model_not_found", 404, "An unknown alias, or one not granted to the caller (the same answer)."
+    MODEL_TRAINING = "model_training", 503, "The alias's first version is still training (ETA in the message)."
+    # Limits.
+    RATE_LIMIT_EXCEEDED = "rate_limit_exceeded", 429, "Over the tenant's requests per minute."
+    TOKEN_RATE_LIMIT_EXCEEDED = "token_rate_limit_exceeded", 429, "Over the tenant's tokens per minute."
+    CONCURRENCY_LIMIT_EXCEEDED = "concurrency_limit_exceeded", 429, "Over the tenant's concurrent requests."
+    LIMITS_UNAVAILABLE = "limits_unavailable", 503, "The shared limits' Redis does not answer (fail-closed)."
+    # The engines.
+    ENGINE_STARTING = "engine_starting", 503, "No engine is ready yet."
+    ENGINE_UNAVAILABLE = "engine_unavailable", 503, "The engine cannot be reached, or could not load the adapter."
+    ADAPTER_UNAVAILABLE = "adapter_unavailable", 503, "The alias's adapter cannot be served by any engine."
+    ENGINE_REJECTED = "engine_rejected", 400, "vLLM refused the request (its 4xx status and message are kept)."
+    ENGINE_ERROR = "engine_error", 502, "vLLM failed on the request (details in the log, never to the client)."
+    ENGINE_STREAM_BROKEN = "engine_stream_broken", 502, "The engine stopped mid-stream (an error event, then [DONE])."
+    # The gateway and its state.
+    STATE_UNAVAILABLE = "state_unavailable", 503, "The state database does not answer; nothing was written."
+    INTERNAL_ERROR = "internal_error", 500, "A failure of the gateway itself (logged with the request id)."
+    # The admin API.
+    JSON_BODY_REQUIRED = "json_body_required", 400, "An admin write needs a JSON body (415: another content type)."
+    UNSUPPORTED_CONTENT_TYPE = "unsupported_content_type", 415, "A publish is a JSON path or a tar archive."
+    TENANT_NOT_FOUND = "tenant_not_found", 404, "No such tenant."
+    TENANT_REFUSED = "tenant_refused", 400, "A tenant write refused (a bad name, a duplicate, an ungranted alias)."
+    INVALID_ALIAS = "invalid_alias", 400, "Not a valid alias name."
+    ALIAS_NOT_FOUND = "alias_not_found", 404, "No such alias in the adapter store."
+    ADAPTER_NOT_FOUND = "adapter_not_found", 404, "No such version of the alias."
+    ADAPTER_REFUSED = "adapter_refused", 400, "An adapter that does not fit the served base model, or is unsafe."
+    ARCHIVE_REFUSED = "archive_refused", 400, "An uploaded archive that is malformed or unsafe."
+    OUTSIDE_IMPORT_ROOT = "outside_import_root", 400, "A publish path outside `LORAFLEET_IMPORT_ROOT`."
+    NO_SUCH_PATH = "no_such_path", 400, "A publish path with no adapter directory."
+    ALIAS_CHANGED = "alias_changed", 409, "Another writer moved the alias first; read it again and retry."
+    CANARY_RUNNING = "canary_running", 409, "The alias has a canary under way; finish or abort it first."
+    # Canaries.
+    NO_CANARY = "no_canary", 404, "The alias has had no canary (or none active)."
+    CANARY_EXISTS = "canary_exists", 409, "The alias has a running or paused canary already."
+    CANARY_STATE = "canary_state", 409, "The canary is not in a state that allows this operation."
+    NO_STABLE_VERSION = "no_stable_version", 400, "A canary needs a stable version to compare with."
+    ALREADY_STABLE = "already_stable", 400, "The version is the stable one already."
+    VERSION_RETIRED = "version_retired", 400, "The version is retired; publish it again to try it."
+    GATE_REQUIRED = "gate_required", 400, "The version has no passing evaluation gate (or use `force`)."
+    PROMOTE_REFUSED = "promote_refused", 400, "The store refused the promotion."
+
+
+class ErrorInfo(BaseModel):
+    """OpenAI's error object."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error response."""
+
+    error: ErrorInfo
+
+
 class APIError(Exception):
+    """An error the API answers with: ``code``'s status (or ``status``, for a code that passes one on), its
+    message, the request field it is about (``param``) and any headers (``Retry-After``)."""
+
     def __init__(
         self,
-        status: int,
+        code: ErrorCode,
         message: str,
         *,
-        code: str | None = None,
         param: str | None = None,
         headers: dict[str, str] | None = None,
+        status: int | None = None,
     ) -> None:
         super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
+        self.code, self.message, self.param = code, message, param
+        self.status = status if status is not None else code.status
         self.headers = headers or {}
 
 
-def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
-    kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+def error_body(status: int, message: str, code: ErrorCode | None = None, param: str | None = None) -> dict[str, Any]:
+    """The wire body of an error (``ErrorResponse``, as a dict)."""
+    info = ErrorInfo(message=message, type=error_type(status), param=param, code=code.value if code else None)
+    return ErrorResponse(error=info).model_dump()
 
 
-def install(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return _refuse(request, exc.status, exc.message, exc.code, exc.param, exc.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _refuse(request, exc.status_code, str(exc.detail))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        unknown = next((e for e in errors if e.get("type") == "extra_forbidden"), None)
-        # A field outside the allowlist (serving.protocol): named, with what to use instead.
-        if unknown is not None and request.url.path.startswith("/v1/"):
-            field = ".".join(str(p) for p in unknown.get("loc", ()) if p != "body")
-            return _refuse(request, 400, unsupported_message(field), "unsupported_parameter", field)
-        first = errors[0] if errors else {}
-        if first.get("type") == "json_invalid":  # not JSON at all: a bad request, not a bad field
-            reason = (first.get("ctx") or {}).get("error", "cannot parse")
-            return _refuse(request, 400, f"The body is not valid JSON: {reason}.", "invalid_json")
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
-        message = f"{param}: {first.get('msg', 'invalid value')}" if param else str(first.get("msg", "invalid body"))
-        return _refuse(request, 422, message, "invalid_field", param)
-
-    @app.exception_handler(sa_exc.OperationalError)
-    @app.exception_handler(sa_exc.InterfaceError)
-    async def _state_unreachable(request: Request, exc: Exception) -> JSONResponse:
-        # The state database is down or restarting: nothing was written; the client may retry. Requests whose
-        # key and policy are cached keep being served meanwhile.
-        log.warning("state database unreachable on %s %s: %s", request.method, request.url.path, exc)
-        return _refuse(request, 503, "The state database is unreachable right now; nothing was changed. Retry "
-                       "shortly.", "state_unavailable", headers={"Retry-After": "2"})  # fmt: skip
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # A bug, not the client's fault: the same shape, no internals in the message (they go to the log).
-        log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-        return _refuse(request, 500, "The gateway failed on this request; it is logged. Retry, or report it with "
-                       "the x-request-id header.", "internal_error")  # fmt: skip
+def markdown_table() -> str:
+    """The catalogue as docs/api.md shows it."""
+    rows = ["| code | status | type | meaning |", "|---|---|---|---|"]
+    rows += [f"| `{c.value}` | {c.status} | `{c.type}` | {c.meaning} |" for c in ErrorCode]
+    return "\n".join(rows) + "\n"
 
 
-def _refuse(
-    request: Request,
-    status: int,
-    message: str,
-    code: str | None = None,
-    param: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    """The error response; the request's record notes the refusal for the metrics and the access log."""
-    record = record_of(request.scope)
-    if record is not None:
-        record.rejection, record.error_code = rejection_reason(status, code), code
-    return JSONResponse(error_body(status, message, code, param), status, headers=headers)
+if __name__ == "__main__":
+    print(markdown_table(), end="")

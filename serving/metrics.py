@@ -1,8 +1,7 @@
-"""The gateway's Prometheus metrics, and the record each request leaves behind.
+"""The gateway's Prometheus metrics.
 
-Every request gets a ``RequestRecord`` (``serving.observe`` creates it, the
-routes fill it in); when the response ends, ``GatewayMetrics.observe`` turns it
-into metrics and the access log turns it into one JSON line.
+Every request leaves a ``serving.records.RequestRecord``; when the response
+ends, ``GatewayMetrics.observe`` turns it into metrics.
 
 Names follow Prometheus's conventions: a ``lorafleet_`` prefix, base units,
 ``_seconds`` and ``_total`` suffixes, help on each. Label sets are bounded:
@@ -21,22 +20,84 @@ canary weights) is read when Prometheus scrapes, by ``StateCollector``.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from serving.records import RequestRecord
+
 # Buckets suited to LLM latencies, the ones vLLM uses for the same quantities.
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
-                40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
-TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
-                80.0)  # fmt: skip
-E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
-               960.0, 1920.0, 7680.0)  # fmt: skip
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+TPOT_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+E2E_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
 LOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 REJECTION_REASONS = ("auth", "not_found", "limit", "schema", "too_large", "invalid_request", "unavailable")
@@ -64,96 +125,6 @@ def status_class(status: int) -> str:
     return f"{status // 100}xx"
 
 
-@dataclass
-class RequestRecord:
-    """What one request did; filled in as it goes, observed once it ends."""
-
-    request_id: str  # the client's X-Request-ID (when sane) or one made here: in the log and the response header
-    method: str
-    path: str
-    engine_request_id: str | None = None  # the gateway's own id for the engine (unique per request)
-    started: float = field(default_factory=time.perf_counter)
-    route: str = "unmatched"
-    status: int = 0
-    tenant: str | None = None
-    alias: str | None = None
-    version: int | None = None
-    variant: str | None = None
-    stream: bool = False
-    upstream_at: float | None = None  # when the gateway handed the request to its engine client
-    upstream_sent: float | None = None  # when that client had written it to the engine's connection
-    first_token: float | None = None  # the engine's first event reached the gateway
-    first_sent: float | None = None  # the first body bytes were handed to the client's connection
-    finished: float | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    client_max_tokens: bool = False  # the client set max_tokens itself (an answer cut there is its choice)
-    json_mode: str | None = None
-    json_outcomes: list[str] = field(default_factory=list)
-    rejection: str | None = None
-    error_code: str | None = None
-    on_end: list[Callable[[RequestRecord], None]] = field(default_factory=list)
-
-    @property
-    def latency(self) -> float:
-        return (self.finished or time.perf_counter()) - self.started
-
-    @property
-    def ttft(self) -> float | None:
-        return None if self.first_token is None else self.first_token - self.started
-
-    @property
-    def engine_ttft(self) -> float | None:
-        """From the request written to the engine to its first event arriving (streams): the engine's share."""
-        sent = self.upstream_sent or self.upstream_at
-        if self.first_token is None or sent is None:
-            return None
-        return round(self.first_token - sent, 6)
-
-    def mark_sent(self) -> None:
-        self.upstream_sent = time.perf_counter()
-
-    @property
-    def relay_first(self) -> float | None:
-        """From the engine's first event reaching the gateway to the client's connection taking it (streams)."""
-        if self.first_token is None or self.first_sent is None:
-            return None
-        return round(self.first_sent - self.first_token, 6)
-
-    @property
-    def tpot(self) -> float | None:
-        """Time per output token after the first (streams only)."""
-        if self.first_token is None or self.finished is None or not self.completion_tokens:
-            return None
-        if self.completion_tokens < 2:
-            return None
-        return (self.finished - self.first_token) / (self.completion_tokens - 1)
-
-    def usage(self, usage: dict | None) -> None:
-        if isinstance(usage, dict):
-            self.prompt_tokens = usage.get("prompt_tokens", self.prompt_tokens)
-            self.completion_tokens = usage.get("completion_tokens", self.completion_tokens)
-
-    def log_entry(self) -> dict[str, object]:
-        entry: dict[str, object] = {
-            "request_id": self.request_id, "engine_request_id": self.engine_request_id, "method": self.method,
-            "path": self.path, "route": self.route,
-            "status": self.status, "latency_s": round(self.latency, 4), "tenant": self.tenant, "alias": self.alias,
-            "version": self.version, "variant": self.variant, "stream": self.stream,
-            "ttft_s": None if self.ttft is None else round(self.ttft, 4),
-            "gateway_s": None if self.upstream_at is None else round(self.upstream_at - self.started, 6),
-            "upstream_send_s": None if self.upstream_sent is None or self.upstream_at is None
-            else round(self.upstream_sent - self.upstream_at, 6),
-            "engine_ttft_s": self.engine_ttft,
-            "relay_first_s": self.relay_first,
-            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-            "json_mode": self.json_mode, "json_outcome": self.json_outcomes[0] if self.json_outcomes else None,
-        }  # fmt: skip
-        if self.rejection:
-            entry |= {"rejection": self.rejection, "error_code": self.error_code}
-        return entry
-
-
 class GatewayMetrics:
     """Every metric the gateway exports, in a registry of its own (one per app)."""
 
@@ -161,53 +132,100 @@ class GatewayMetrics:
         disable_created_metrics()  # no *_created series: they double the count and no query here reads them
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("lorafleet_requests", "Requests routed to an adapter version, by status class.",
-                                [*ADAPTER, "status_class"], registry=r)  # fmt: skip
-        self.latency = Histogram("lorafleet_request_duration_seconds", "End-to-end latency of routed requests.",
-                                 ADAPTER, buckets=E2E_BUCKETS, registry=r)  # fmt: skip
-        self.ttft = Histogram("lorafleet_time_to_first_token_seconds", "Time to the first token (streams).",
-                              ADAPTER, buckets=TTFT_BUCKETS, registry=r)  # fmt: skip
-        self.tpot = Histogram("lorafleet_time_per_output_token_seconds",
-                              "Time per output token after the first (streams).", ADAPTER, buckets=TPOT_BUCKETS,
-                              registry=r)  # fmt: skip
-        self.prompt_tokens = Counter("lorafleet_prompt_tokens", "Prompt tokens of routed requests.", ADAPTER,
-                                     registry=r)  # fmt: skip
-        self.output_tokens = Counter("lorafleet_generation_tokens", "Output tokens of routed requests.", ADAPTER,
-                                     registry=r)  # fmt: skip
-        self.json_checks = Counter("lorafleet_json_checks",
-                                   "JSON answers judged by the shared judge, by outcome and JSON mode.",
-                                   [*ADAPTER, "mode", "outcome"], registry=r)  # fmt: skip
-        self.rejections = Counter("lorafleet_rejections", "Requests the gateway refused, by reason.", ["reason"],
-                                  registry=r)  # fmt: skip
-        self.http = Counter("lorafleet_http_responses", "Every HTTP response, by route template and status class.",
-                            ["route", "status_class"], registry=r)  # fmt: skip
+        self.requests = Counter(
+            "lorafleet_requests",
+            "Requests routed to an adapter version, by status class.",
+            [*ADAPTER, "status_class"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "lorafleet_request_duration_seconds",
+            "End-to-end latency of routed requests.",
+            ADAPTER,
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "lorafleet_time_to_first_token_seconds",
+            "Time to the first token (streams).",
+            ADAPTER,
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "lorafleet_time_per_output_token_seconds",
+            "Time per output token after the first (streams).",
+            ADAPTER,
+            buckets=TPOT_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "lorafleet_prompt_tokens", "Prompt tokens of routed requests.", ADAPTER, registry=r
+        )
+        self.output_tokens = Counter(
+            "lorafleet_generation_tokens", "Output tokens of routed requests.", ADAPTER, registry=r
+        )
+        self.json_checks = Counter(
+            "lorafleet_json_checks",
+            "JSON answers judged by the shared judge, by outcome and JSON mode.",
+            [*ADAPTER, "mode", "outcome"],
+            registry=r,
+        )
+        self.rejections = Counter(
+            "lorafleet_rejections", "Requests the gateway refused, by reason.", ["reason"], registry=r
+        )
+        self.http = Counter(
+            "lorafleet_http_responses",
+            "Every HTTP response, by route template and status class.",
+            ["route", "status_class"],
+            registry=r,
+        )
         self.in_flight = Gauge("lorafleet_requests_in_flight", "Requests being served now.", registry=r)
-        self.adapter_loads = Counter("lorafleet_adapter_loads", "Adapter loads onto the engine, by outcome.",
-                                     ["outcome"], registry=r)  # fmt: skip
+        self.adapter_loads = Counter(
+            "lorafleet_adapter_loads", "Adapter loads onto the engine, by outcome.", ["outcome"], registry=r
+        )
         self.adapter_unloads = Counter("lorafleet_adapter_unloads", "Adapter unloads from the engine.", registry=r)
-        self.failovers = Counter("lorafleet_engine_failovers", "Requests moved to another engine before their first "
-                                 "byte, by the engine that failed them (one of the configured engines).",
-                                 ["engine"], registry=r)  # fmt: skip
+        self.failovers = Counter(
+            "lorafleet_engine_failovers",
+            "Requests moved to another engine before their first "
+            "byte, by the engine that failed them (one of the configured engines).",
+            ["engine"],
+            registry=r,
+        )
         # Per engine (the label takes only the engines the gateway was configured with, or discovered).
-        self.engine_loads = Counter("lorafleet_fleet_adapter_loads", "Adapter loads, by engine and outcome.",
-                                    ["engine", "outcome"], registry=r)  # fmt: skip
-        self.engine_unloads = Counter("lorafleet_fleet_adapter_unloads", "Adapter unloads, by engine and cause "
-                                      "(retired: its version left service; evicted: swapped out for another).",
-                                      ["engine", "cause"], registry=r)  # fmt: skip
-        self.routed = Counter("lorafleet_fleet_routed", "Requests routed to an engine, by the routing rule that chose "
-                              "it (resident, free_slot, idle_slot, queued_at_resident, least_loaded, merged, base).",
-                              ["engine", "reason"], registry=r)  # fmt: skip
-        self.load_duration = Histogram("lorafleet_adapter_load_duration_seconds", "Time to load an adapter.",
-                                       buckets=LOAD_BUCKETS, registry=r)  # fmt: skip
-        self.canary_decisions = Counter("lorafleet_canary_decisions", "Canary analysis decisions, by outcome.",
-                                        ["alias", "outcome"], registry=r)  # fmt: skip
+        self.engine_loads = Counter(
+            "lorafleet_fleet_adapter_loads", "Adapter loads, by engine and outcome.", ["engine", "outcome"], registry=r
+        )
+        self.engine_unloads = Counter(
+            "lorafleet_fleet_adapter_unloads",
+            "Adapter unloads, by engine and cause "
+            "(retired: its version left service; evicted: swapped out for another).",
+            ["engine", "cause"],
+            registry=r,
+        )
+        self.routed = Counter(
+            "lorafleet_fleet_routed",
+            "Requests routed to an engine, by the routing rule that chose "
+            "it (resident, free_slot, idle_slot, queued_at_resident, least_loaded, merged, base).",
+            ["engine", "reason"],
+            registry=r,
+        )
+        self.load_duration = Histogram(
+            "lorafleet_adapter_load_duration_seconds", "Time to load an adapter.", buckets=LOAD_BUCKETS, registry=r
+        )
+        self.canary_decisions = Counter(
+            "lorafleet_canary_decisions", "Canary analysis decisions, by outcome.", ["alias", "outcome"], registry=r
+        )
         self.tenant_requests: Counter | None = None
         self.max_tenants = max_tenants
         self._tenants: set[str] = set()
         if tenant_label:
-            self.tenant_requests = Counter("lorafleet_tenant_requests",
-                                           "Requests per tenant (opt-in; tenants past the cap count as 'other').",
-                                           ["tenant", "status_class"], registry=r)  # fmt: skip
+            self.tenant_requests = Counter(
+                "lorafleet_tenant_requests",
+                "Requests per tenant (opt-in; tenants past the cap count as 'other').",
+                ["tenant", "status_class"],
+                registry=r,
+            )
         for reason in REJECTION_REASONS:
             self.rejections.labels(reason)  # every reason exists from the start: rate() needs a zero
         for outcome in ("success", "failure"):
@@ -281,27 +299,36 @@ class StateCollector(Collector):
         self.engines = engines
 
     def collect(self) -> Iterable[Metric]:
-        yield GaugeMetricFamily("lorafleet_engine_up", "1 when the engine answers its health check.",
-                                value=1.0 if self.engine_up() else 0.0)  # fmt: skip
-        yield CounterMetricFamily("lorafleet_engine_restarts", "Times the supervisor restarted the engine.",
-                                  value=self.engine_restarts())  # fmt: skip
-        yield GaugeMetricFamily("lorafleet_adapters_active", "Adapter versions loaded on the engine.",
-                                value=self.adapters_active())  # fmt: skip
-        yield GaugeMetricFamily("lorafleet_adapters_pending",
-                                "Aliases whose serving version is not loaded while the engine is up (a misfit, or a "
-                                "failed load: see /readyz with the admin key, and the log).",
-                                value=self.adapters_pending())  # fmt: skip
-        weights = GaugeMetricFamily("lorafleet_canary_weight", "Share of an alias's traffic on its canary (0-1).",
-                                    labels=["alias"])  # fmt: skip
+        yield GaugeMetricFamily(
+            "lorafleet_engine_up", "1 when the engine answers its health check.", value=1.0 if self.engine_up() else 0.0
+        )
+        yield CounterMetricFamily(
+            "lorafleet_engine_restarts", "Times the supervisor restarted the engine.", value=self.engine_restarts()
+        )
+        yield GaugeMetricFamily(
+            "lorafleet_adapters_active", "Adapter versions loaded on the engine.", value=self.adapters_active()
+        )
+        yield GaugeMetricFamily(
+            "lorafleet_adapters_pending",
+            "Aliases whose serving version is not loaded while the engine is up (a misfit, or a "
+            "failed load: see /readyz with the admin key, and the log).",
+            value=self.adapters_pending(),
+        )
+        weights = GaugeMetricFamily(
+            "lorafleet_canary_weight", "Share of an alias's traffic on its canary (0-1).", labels=["alias"]
+        )
         for alias, weight in sorted(self.canary_weights().items()):
             weights.add_metric([alias], weight)
         yield weights
         # Per engine: the label takes only the configured engines' names (the engines file), so it is bounded.
-        up = GaugeMetricFamily("lorafleet_fleet_engine_up", "1 when the engine is in routing (healthy).",
-                               labels=["engine"])  # fmt: skip
-        queued = GaugeMetricFamily("lorafleet_fleet_engine_requests",
-                                   "Requests on the engine, by state (vLLM's own running and waiting, the gateway's "
-                                   "in flight).", labels=["engine", "state"])  # fmt: skip
+        up = GaugeMetricFamily(
+            "lorafleet_fleet_engine_up", "1 when the engine is in routing (healthy).", labels=["engine"]
+        )
+        queued = GaugeMetricFamily(
+            "lorafleet_fleet_engine_requests",
+            "Requests on the engine, by state (vLLM's own running and waiting, the gateway's in flight).",
+            labels=["engine", "state"],
+        )
         held = GaugeMetricFamily("lorafleet_fleet_engine_adapters", "Adapters the engine holds.", labels=["engine"])
         for engine in self.engines():
             name = str(engine["name"])

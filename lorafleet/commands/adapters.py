@@ -62,14 +62,17 @@ def publish_adapter(settings: CommonSettings, source: Path, alias: str, admin_ke
     from contract.fit import base_config, fit_problems
     from contract.manifest import ManifestError, read_manifest
     from contract.store import StoreError
-    from serving.ledger import open_store
+    from serving.state.ledger import open_store
 
     client = gateway_client(settings, admin_key)
     if client is not None:  # the gateway checks, publishes and loads it
         result = admin_call(client.publish, source, alias)
         loaded = "loaded on the engine" if result.get("loaded") else "not loaded yet"
-        console.print(f"published {result['ref']} through the gateway at {client.url} ({loaded}; "
-                      f"{alias} serves version {result['serving']})", highlight=False)  # fmt: skip
+        console.print(
+            f"published {result['ref']} through the gateway at {client.url} ({loaded}; "
+            f"{alias} serves version {result['serving']})",
+            highlight=False,
+        )
         return
     base_path = settings.base_model_path()
     try:
@@ -81,8 +84,13 @@ def publish_adapter(settings: CommonSettings, source: Path, alias: str, admin_ke
         base_path = str(own_base)
     if Path(base_path).is_dir():
         base = identify(base_path)
-        problems = fit_problems(source, base_name=base.name, base_sha256=base.sha256,
-                                base_config=base_config(base_path), max_lora_rank=settings.max_lora_rank)  # fmt: skip
+        problems = fit_problems(
+            source,
+            base_name=base.name,
+            base_sha256=base.sha256,
+            base_config=base_config(base_path),
+            max_lora_rank=settings.max_lora_rank,
+        )
         if problems:
             raise fail(f"{source}: cannot be served, not published:\n  " + "\n  ".join(problems))
     try:
@@ -97,7 +105,7 @@ def adapters_list() -> None:
     """Every alias: its versions, which one serves, and each version's gate verdict."""
     from rich.table import Table
 
-    from serving.ledger import open_store
+    from serving.state.ledger import open_store
 
     store = open_store(CommonSettings())
     table = Table("alias", "version", "serving", "gate", "trained", title_justify="left")
@@ -117,7 +125,7 @@ def adapters_show(ref: Annotated[str, typer.Argument(help="ALIAS@VERSION")]) -> 
     """One version: how it was trained, its gate verdict, and whether it serves."""
     from contract.manifest import ManifestError
     from contract.store import StoreError
-    from serving.ledger import open_store
+    from serving.state.ledger import open_store
 
     alias, _, version = ref.partition("@")
     if not version.isdigit():
@@ -131,19 +139,22 @@ def adapters_show(ref: Annotated[str, typer.Argument(help="ALIAS@VERSION")]) -> 
     role = "stable" if store.stable(alias) == target else ("serving" if store.serving(alias) == target else "-")
     gate = store.gate(target)
     verdict = "-" if gate is None else ("passed" if gate.get("passed") else "failed")
-    console.print(f"{target.ref} at {target.path}\n  task {m.task}; trained {m.created_at:%Y-%m-%d %H:%M} on "
-                  f"{m.base_model.name} ({m.base_model.sha256[:12]}); data {m.data.path} ({m.data.examples} examples)\n"
-                  f"  LoRA r={m.lora.rank} alpha={m.lora.alpha:g} on {', '.join(m.lora.target_modules)}; "
-                  f"tools format {m.prompt_format.tools_format or '-'}; output schema "
-                  f"{'yes' if m.output_schema else 'no'}\n  role {role}; retired {store.is_retired(target)}; "
-                  f"gate {verdict}", highlight=False)  # fmt: skip
+    console.print(
+        f"{target.ref} at {target.path}\n  task {m.task}; trained {m.created_at:%Y-%m-%d %H:%M} on "
+        f"{m.base_model.name} ({m.base_model.sha256[:12]}); data {m.data.path} ({m.data.examples} examples)\n"
+        f"  LoRA r={m.lora.rank} alpha={m.lora.alpha:g} on {', '.join(m.lora.target_modules)}; "
+        f"tools format {m.prompt_format.tools_format or '-'}; output schema "
+        f"{'yes' if m.output_schema else 'no'}\n  role {role}; retired {store.is_retired(target)}; "
+        f"gate {verdict}",
+        highlight=False,
+    )
 
 
 @app.command("history")
 def adapters_history(alias: str) -> None:
     """Every promotion and rollback of ALIAS, forced or not."""
     from contract.store import StoreError
-    from serving.ledger import open_store
+    from serving.state.ledger import open_store
 
     try:
         events = open_store(CommonSettings()).events(alias)
@@ -152,8 +163,11 @@ def adapters_history(alias: str) -> None:
     for e in events:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["at"]))
         forced = " FORCED" if e["forced"] else ""
-        console.print(f"{when} {e['action']} {e['from']} -> {e['to']}{forced} gate={e['gate_passed']} "
-                      f"by {e['actor']}: {e['reason'] or '-'}", highlight=False)  # fmt: skip
+        console.print(
+            f"{when} {e['action']} {e['from']} -> {e['to']}{forced} gate={e['gate_passed']} "
+            f"by {e['actor']}: {e['reason'] or '-'}",
+            highlight=False,
+        )
 
 
 @app.command("promote")
@@ -165,7 +179,7 @@ def adapters_promote(
 ) -> None:
     """Make a version stable: it must have passed `lorafleet eval --gate` unless --force."""
     from contract.store import StoreError
-    from serving.ledger import open_store
+    from serving.state.ledger import open_store
 
     alias, version = _ref(ref)
     settings = CommonSettings()
@@ -190,7 +204,7 @@ def adapters_retire(
     """Take a version out of service: no request goes to it from now on (files are kept). A running gateway
     unloads it from the engine once its in-flight requests finish."""
     from contract.store import StoreError
-    from serving.ledger import open_store
+    from serving.state.ledger import open_store
 
     alias, version = _ref(ref)
     settings = CommonSettings()
@@ -220,10 +234,11 @@ def adapters_policy(
 ) -> None:
     """Show or set ALIAS's JSON mode and default schema (the gateway reads them on every request)."""
     from serving.errors import APIError
-    from serving.ledger import open_store
-    from serving.policies import JSON_MODES, AliasPolicies, AliasPolicy
-    from serving.schemas import check_client_schema
-    from serving.tenants import TenantStore
+    from serving.outputs.modes import JSON_MODES, AliasPolicy
+    from serving.outputs.schemas import check_client_schema
+    from serving.state.ledger import open_store
+    from serving.state.policies import AliasPolicies
+    from serving.state.tenants import TenantStore
 
     settings = CommonSettings()
     if alias not in open_store(settings).aliases():

@@ -15,9 +15,11 @@ app = typer.Typer(no_args_is_help=True, help="Canary rollouts on a running gatew
 
 GatewayOpt = Annotated[
     str | None,
-    typer.Option(envvar="LORAFLEET_GATEWAY_URL",
-                 help="The running gateway (default: the one serving this data directory, else :8000)."),
-]  # fmt: skip
+    typer.Option(
+        envvar="LORAFLEET_GATEWAY_URL",
+        help="The running gateway (default: the one serving this data directory, else :8000).",
+    ),
+]
 
 
 def _call(gateway: str | None, admin_key: str | None, method: str, path: str, body: dict | None = None) -> Any:
@@ -31,19 +33,23 @@ def _show_canary(status: dict[str, Any]) -> None:
     from rich.table import Table
 
     steps = " -> ".join(f"{w}%" for w in status["steps"])
-    console.print(f"[bold]{status['alias']}[/]: candidate v{status['candidate']} vs stable v{status['stable']}, "
-                  f"{status['state']}, step {status['step']}/{len(status['steps'])} ({steps}), "
-                  f"candidate weight {status['weight']:.0%}{' (forced)' if status['forced'] else ''}")  # fmt: skip
+    console.print(
+        f"[bold]{status['alias']}[/]: candidate v{status['candidate']} vs stable v{status['stable']}, "
+        f"{status['state']}, step {status['step']}/{len(status['steps'])} ({steps}), "
+        f"candidate weight {status['weight']:.0%}{' (forced)' if status['forced'] else ''}"
+    )
     windows = status.get("window") or {}
     if status["state"] in ("running", "paused"):
         for variant in ("stable", "canary"):
             w = windows.get(variant, {})
             cut = f" ({w['cut_by_client']} cut by the client's max_tokens)" if w.get("cut_by_client") else ""
-            console.print(f"  {variant:<7} {w.get('requests', 0)} requests, {w.get('errors', 0)} errors, "
-                          f"{w.get('valid', 0)}/{w.get('json_checked', 0)} JSON valid{cut}, "
-                          f"{w.get('streams', 0)} streams "
-                          f"(window {status.get('window_age_s')} s of {status['config']['interval_s']:g} s)",
-                          highlight=False)  # fmt: skip
+            console.print(
+                f"  {variant:<7} {w.get('requests', 0)} requests, {w.get('errors', 0)} errors, "
+                f"{w.get('valid', 0)}/{w.get('json_checked', 0)} JSON valid{cut}, "
+                f"{w.get('streams', 0)} streams "
+                f"(window {status.get('window_age_s')} s of {status['config']['interval_s']:g} s)",
+                highlight=False,
+            )
     analysis = status.get("last_analysis")
     if not analysis:
         console.print("  no analysis yet in this step")
@@ -53,10 +59,15 @@ def _show_canary(status: dict[str, Any]) -> None:
         table = Table("metric", "stable", "canary", "n (s/c)", "threshold", "p-value", "verdict")
         for m in analysis["metrics"]:
             fmt = (lambda v: f"{v:.3f}") if "stable" in m else (lambda v: "-")
-            table.add_row(m["metric"], fmt(m.get("stable")), fmt(m.get("canary")),
-                          f"{m['n_stable']}/{m['n_canary']}", m.get("threshold", "-"),
-                          f"{m['p_value']:.2g}" if "p_value" in m else "-",
-                          "REGRESSION" if m["regression"] else m.get("note", "ok"))  # fmt: skip
+            table.add_row(
+                m["metric"],
+                fmt(m.get("stable")),
+                fmt(m.get("canary")),
+                f"{m['n_stable']}/{m['n_canary']}",
+                m.get("threshold", "-"),
+                f"{m['p_value']:.2g}" if "p_value" in m else "-",
+                "REGRESSION" if m["regression"] else m.get("note", "ok"),
+            )
         console.print(table)
 
 
@@ -81,10 +92,18 @@ def canary_start(
         weights = [int(w) for w in steps.split(",")]
     except ValueError as exc:
         raise fail(f"--steps {steps!r}: give rising percentages, e.g. 5,25,50,100") from exc
-    body = {"version": version, "steps": weights, "interval_s": interval, "min_samples": min_samples,
-            "max_validity_drop": max_validity_drop, "max_error_increase": max_error_increase,
-            "max_latency_ratio": max_latency_ratio, "confidence": confidence, "force": force,
-            "reason": reason}  # fmt: skip
+    body = {
+        "version": version,
+        "steps": weights,
+        "interval_s": interval,
+        "min_samples": min_samples,
+        "max_validity_drop": max_validity_drop,
+        "max_error_increase": max_error_increase,
+        "max_latency_ratio": max_latency_ratio,
+        "confidence": confidence,
+        "force": force,
+        "reason": reason,
+    }
     _show_canary(_call(gateway, admin_key, "POST", f"/admin/canaries/{alias}", body))
 
 
@@ -98,23 +117,28 @@ def canary_status(alias: str, gateway: GatewayOpt = None, admin_key: AdminKeyOpt
 def canary_events(alias: str, gateway: GatewayOpt = None, admin_key: AdminKeyOpt = None) -> None:
     """Every decision of ALIAS's canaries, with its reason (numbers: the admin API's events route)."""
     for e in _call(gateway, admin_key, "GET", f"/admin/canaries/{alias}/events")["data"]:
-        console.print(f"{e['time'][:19]} canary {e['canary']} {e['action']:<20} by {e['actor']}: {e['reason']}",
-                      highlight=False)  # fmt: skip
+        console.print(
+            f"{e['time'][:19]} canary {e['canary']} {e['action']:<20} by {e['actor']}: {e['reason']}", highlight=False
+        )
 
 
 def _canary_action(action: str) -> Any:
     def command(
-        alias: str, reason: ReasonOpt = "", gateway: GatewayOpt = None,
+        alias: str,
+        reason: ReasonOpt = "",
+        gateway: GatewayOpt = None,
         admin_key: AdminKeyOpt = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         _show_canary(_call(gateway, admin_key, "POST", f"/admin/canaries/{alias}/{action}", {"reason": reason}))
 
     return command
 
 
-for _action, _help in (("pause", "Hold the weight; no decisions until resumed."),
-                       ("resume", "Resume a paused canary (its step's window starts again)."),
-                       ("promote", "Promote the candidate now (the stable pointer moves)."),
-                       ("rollback", "Roll back now: the candidate is retired, stable serves everyone."),
-                       ("abort", "Stop the canary; the candidate stays published but gets no traffic.")):  # fmt: skip
+for _action, _help in (
+    ("pause", "Hold the weight; no decisions until resumed."),
+    ("resume", "Resume a paused canary (its step's window starts again)."),
+    ("promote", "Promote the candidate now (the stable pointer moves)."),
+    ("rollback", "Roll back now: the candidate is retired, stable serves everyone."),
+    ("abort", "Stop the canary; the candidate stays published but gets no traffic."),
+):
     app.command(_action, help=_help)(_canary_action(_action))

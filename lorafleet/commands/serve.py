@@ -65,8 +65,14 @@ def run_gateway(settings: GatewaySettings, log_file: Path | None = None) -> None
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine health check is noise
     # With a log file, uvicorn's loggers propagate to it (log_config=None leaves logging as configured above).
     log_config = None if log_file is not None else uvicorn.config.LOGGING_CONFIG
-    uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level="info", log_config=log_config,
-                timeout_graceful_shutdown=settings.shutdown_grace_s)  # fmt: skip
+    uvicorn.run(
+        build_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        log_config=log_config,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
+    )
 
 
 def is_ready(url: str) -> bool:
@@ -107,8 +113,8 @@ def serve_engine(
     import os
 
     from serving.config import GatewaySettings
-    from serving.engine import child_env, vllm_command
-    from serving.fleet.config import EngineSpec
+    from serving.engines.specs import EngineSpec
+    from serving.engines.vllm import child_env, vllm_command
 
     key = os.environ.get("VLLM_API_KEY")
     if not key:
@@ -116,8 +122,9 @@ def serve_engine(
     try:
         # Only the engine's settings are read here; the gateway's own (keys, listen address) do not apply.
         settings = GatewaySettings(dev_mode=True, host="127.0.0.1")
-        spec = EngineSpec(name="engine", port=port, base=base, max_loras=max_loras or settings.max_loras,
-                          extra_args=extra or [])  # fmt: skip
+        spec = EngineSpec(
+            name="engine", port=port, base=base, max_loras=max_loras or settings.max_loras, extra_args=extra or []
+        )
     except ValueError as exc:
         raise fail(f"invalid settings: {exc}") from exc
     command = vllm_command(settings, spec, host=host)

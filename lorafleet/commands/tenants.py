@@ -24,7 +24,7 @@ TpmOpt = Annotated[int | None, typer.Option(help="Prompt + completion tokens per
 
 
 def _store() -> Any:
-    from serving.tenants import TenantStore
+    from serving.state.tenants import TenantStore
 
     settings = CommonSettings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -32,7 +32,7 @@ def _store() -> Any:
 
 
 def _local(fn: Any, *args: Any) -> Any:
-    from serving.tenants import TenantError
+    from serving.state.tenants import TenantError
 
     try:
         return fn(*args)
@@ -44,13 +44,19 @@ def _show(tenant: dict[str, Any]) -> None:
     limits = ", ".join(f"{k}={v}" for k, v in tenant["limits"].items() if v is not None) or "none"
     state = "disabled" if tenant["disabled"] else "enabled"
     aliases = ", ".join(tenant["aliases"]) or "-"
-    console.print(f"{tenant['name']}: {state}; aliases {aliases}; default {tenant['default_alias'] or '-'}; "
-                  f"limits {limits}", highlight=False)  # fmt: skip
+    console.print(
+        f"{tenant['name']}: {state}; aliases {aliases}; default {tenant['default_alias'] or '-'}; limits {limits}",
+        highlight=False,
+    )
 
 
 def _limits(rpm: int | None, concurrent: int | None, max_tokens: int | None, tpm: int | None) -> dict[str, int | None]:
-    return {"requests_per_minute": rpm, "max_concurrent": concurrent, "max_tokens": max_tokens,
-            "tokens_per_minute": tpm}  # fmt: skip
+    return {
+        "requests_per_minute": rpm,
+        "max_concurrent": concurrent,
+        "max_tokens": max_tokens,
+        "tokens_per_minute": tpm,
+    }
 
 
 @app.command("create")
@@ -64,7 +70,7 @@ def tenants_create(
     admin_key: AdminKeyOpt = None,
 ) -> None:
     """Create a tenant, grant it aliases, set its limits, and print its API key (shown once)."""
-    from serving.tenants import Limits
+    from serving.state.tenants import Limits
 
     client = gateway_client(CommonSettings(), admin_key)
     if client is not None:
@@ -138,10 +144,14 @@ def tenants_limits(
     admin_key: AdminKeyOpt = None,
 ) -> None:
     """Replace the tenant's limits (an option left out means no limit)."""
-    from serving.tenants import Limits
+    from serving.state.tenants import Limits
 
-    _patch(name, admin_key, {"limits": _limits(rpm, concurrent, max_tokens, tpm)},
-           lambda s: s.set_limits(name, Limits(rpm, concurrent, max_tokens, tpm)))  # fmt: skip
+    _patch(
+        name,
+        admin_key,
+        {"limits": _limits(rpm, concurrent, max_tokens, tpm)},
+        lambda s: s.set_limits(name, Limits(rpm, concurrent, max_tokens, tpm)),
+    )
 
 
 @app.command("grant")

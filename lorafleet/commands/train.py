@@ -48,7 +48,7 @@ def _train_options() -> list[inspect.Parameter]:
 def train(config: Path | None = None, resume: bool = False, publish: str | None = None, **fields: Any) -> None:
     """Fine-tune a LoRA adapter (flags or --config YAML with the same field names; flags win)."""
     from contract.examples import DataError
-    from serving.ledger import open_store
+    from serving.state.ledger import open_store
     from training.config import ConfigError, load_config
     from training.train import Interrupted, is_main_process
     from training.train import train as run_training
@@ -114,12 +114,24 @@ def _print_summary(out: Path, manifest: Any) -> None:
 
 train.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
     [
-        inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None,
-                          default=typer.Option(None, help="YAML file of the fields below; flags override it.")),
-        inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
-                          default=typer.Option(False, help="Continue a killed run from its last checkpoint.")),
-        inspect.Parameter("publish", inspect.Parameter.KEYWORD_ONLY, annotation=str | None,
-                          default=typer.Option(None, help="Publish to the store as the next version of this alias.")),
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=Path | None,
+            default=typer.Option(None, help="YAML file of the fields below; flags override it."),
+        ),
+        inspect.Parameter(
+            "resume",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=bool,
+            default=typer.Option(False, help="Continue a killed run from its last checkpoint."),
+        ),
+        inspect.Parameter(
+            "publish",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=str | None,
+            default=typer.Option(None, help="Publish to the store as the next version of this alias."),
+        ),
         *_train_options(),
     ]
-)  # fmt: skip
+)

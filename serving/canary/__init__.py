@@ -24,21 +24,14 @@ Canaries and their audit events live in the state database, so a canary
 survives a gateway restart; on SQLite the samples of the step under way do
 not (the window starts again, which is recorded). With several gateways on
 PostgreSQL, each shares its samples of the window and follows the canaries'
-state in the database, and one (``manager.Leadership``, an advisory lock)
+state in the database, and one (``serving.state.leadership``, an advisory lock)
 analyses the merged samples and decides.
 
-The package, one concept a module:
+The package, one concept a module (nothing is imported here: ``analysis``
+and ``state`` are plain values that ``serving.state`` builds on):
 
 - ``analysis``: the pure part: a canary's config, what a variant served in a
   window, the statistical comparison, and sticky user assignment;
-- ``state``: a canary's record and its persistence (the ``canaries`` and
-  ``canary_events`` tables);
+- ``state``: a canary's record (kept by ``serving.state.canaries``);
 - ``manager``: the decision loop and the manual operations the admin API calls.
 """
-
-from serving.canary.analysis import Analysis, CanaryConfig, Window, analyze, user_point
-from serving.canary.manager import CanaryManager
-from serving.canary.state import ACTIVE, Canary, CanaryError, CanaryRecords, State, Variant
-
-__all__ = ["ACTIVE", "Analysis", "Canary", "CanaryConfig", "CanaryError", "CanaryManager", "CanaryRecords", "State",
-           "Variant", "Window", "analyze", "user_point"]  # fmt: skip

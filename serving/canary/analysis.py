@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from contract.stats import mann_whitney_greater, two_proportion_drop
-from serving.metrics import RequestRecord
+from serving.records import RequestRecord
 
 
 class CanaryConfig(BaseModel):
@@ -26,8 +26,12 @@ class CanaryConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    steps: list[int] = Field(default=[5, 25, 50, 100], min_length=1, max_length=20,
-                             description="Candidate weights in %, rising; reaching 100 promotes.")  # fmt: skip
+    steps: list[int] = Field(
+        default=[5, 25, 50, 100],
+        min_length=1,
+        max_length=20,
+        description="Candidate weights in %, rising; reaching 100 promotes.",
+    )
     interval_s: float = Field(default=60.0, ge=0.5, le=86_400, description="Analysis interval per step.")
     min_samples: int = Field(default=50, ge=1, le=1_000_000, description="Requests per variant before judging.")
     max_validity_drop: float = Field(default=0.02, ge=0, le=1, description="Tolerated drop in JSON validity.")
@@ -82,8 +86,14 @@ class Window:
             self.valid += outcome == "valid"
 
     def summary(self) -> dict[str, int]:
-        return {"requests": self.requests, "errors": self.errors, "json_checked": self.checked, "valid": self.valid,
-                "cut_by_client": self.cut_by_client, "streams": len(self.ttft)}  # fmt: skip
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "json_checked": self.checked,
+            "valid": self.valid,
+            "cut_by_client": self.cut_by_client,
+            "streams": len(self.ttft),
+        }
 
     def to_json(self) -> str:
         """The compact form one gateway shares with the others: the counts, and each latency as a sketch (how
@@ -144,42 +154,90 @@ def analyze(stable: Window, canary: Window, config: CanaryConfig) -> Analysis:
     alpha = 1 - config.confidence
     need = config.min_samples
     if min(stable.requests, canary.requests) < need:
-        return Analysis("wait", f"waiting for samples: stable {stable.requests}, canary {canary.requests}, "
-                        f"need {need} each", [])  # fmt: skip
+        return Analysis(
+            "wait", f"waiting for samples: stable {stable.requests}, canary {canary.requests}, need {need} each", []
+        )
     metrics: list[dict[str, Any]] = []
 
     def rate(name: str, s_ok: int, s_n: int, c_ok: int, c_n: int, margin: float, unit: str) -> None:
         drop = two_proportion_drop(s_ok, s_n, c_ok, c_n, margin=margin)
-        metrics.append({"metric": name, "stable": drop.baseline, "canary": drop.candidate, "n_stable": s_n,
-                        "n_canary": c_n, "threshold": f"{unit} drop <= {margin:g}", "p_value": drop.p_value,
-                        "test": drop.test, "regression": drop.drop > margin and drop.significant(alpha)})  # fmt: skip
+        metrics.append(
+            {
+                "metric": name,
+                "stable": drop.baseline,
+                "canary": drop.candidate,
+                "n_stable": s_n,
+                "n_canary": c_n,
+                "threshold": f"{unit} drop <= {margin:g}",
+                "p_value": drop.p_value,
+                "test": drop.test,
+                "regression": drop.drop > margin and drop.significant(alpha),
+            }
+        )
 
     def latency(name: str, s: list[float], c: list[float]) -> None:
         if min(len(s), len(c)) < need:
-            metrics.append({"metric": name, "n_stable": len(s), "n_canary": len(c), "regression": False,
-                            "note": f"not judged: fewer than {need} samples per variant"})  # fmt: skip
+            metrics.append(
+                {
+                    "metric": name,
+                    "n_stable": len(s),
+                    "n_canary": len(c),
+                    "regression": False,
+                    "note": f"not judged: fewer than {need} samples per variant",
+                }
+            )
             return
         shift = mann_whitney_greater(s, c)
         ratio = _p95(c) / _p95(s) if _p95(s) > 0 else 1.0
-        metrics.append({"metric": name, "stable": _p95(s), "canary": _p95(c), "p95_ratio": ratio,
-                        "n_stable": len(s), "n_canary": len(c), "p_value": shift.p_value, "test": shift.test,
-                        "threshold": f"p95 ratio <= {config.max_latency_ratio:g}",
-                        "regression": ratio > config.max_latency_ratio and shift.significant(alpha)})  # fmt: skip
+        metrics.append(
+            {
+                "metric": name,
+                "stable": _p95(s),
+                "canary": _p95(c),
+                "p95_ratio": ratio,
+                "n_stable": len(s),
+                "n_canary": len(c),
+                "p_value": shift.p_value,
+                "test": shift.test,
+                "threshold": f"p95 ratio <= {config.max_latency_ratio:g}",
+                "regression": ratio > config.max_latency_ratio and shift.significant(alpha),
+            }
+        )
 
     if stable.checked or canary.checked:
         if min(stable.checked, canary.checked) < need:
-            return Analysis("wait", f"waiting for JSON-checked answers: stable {stable.checked}, canary "
-                            f"{canary.checked}, need {need} each", [])  # fmt: skip
-        rate("json_validity", stable.valid, stable.checked, canary.valid, canary.checked, config.max_validity_drop,
-             "validity")  # fmt: skip
-    rate("success_rate", stable.requests - stable.errors, stable.requests, canary.requests - canary.errors,
-         canary.requests, config.max_error_increase, "success")  # fmt: skip
+            return Analysis(
+                "wait",
+                f"waiting for JSON-checked answers: stable {stable.checked}, canary {canary.checked}, need {need} each",
+                [],
+            )
+        rate(
+            "json_validity",
+            stable.valid,
+            stable.checked,
+            canary.valid,
+            canary.checked,
+            config.max_validity_drop,
+            "validity",
+        )
+    rate(
+        "success_rate",
+        stable.requests - stable.errors,
+        stable.requests,
+        canary.requests - canary.errors,
+        canary.requests,
+        config.max_error_increase,
+        "success",
+    )
     latency("time_per_token", stable.per_token, canary.per_token)
     latency("ttft", stable.ttft, canary.ttft)
     regressions = [m["metric"] for m in metrics if m["regression"]]
     if regressions:
-        return Analysis("rollback", f"significant regression at {config.confidence:.0%} confidence: "
-                        + ", ".join(regressions), metrics)  # fmt: skip
+        return Analysis(
+            "rollback",
+            f"significant regression at {config.confidence:.0%} confidence: " + ", ".join(regressions),
+            metrics,
+        )
     return Analysis("pass", "no significant regression", metrics)
 
 

@@ -19,14 +19,16 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import sqlalchemy as sa
-
 from contract.store import AdapterStore, AdapterVersion, StoreConflict, StoreError, VersionNotFound
-from serving.adapters import AdapterRegistry
 from serving.canary.analysis import CanaryConfig, Window, analyze, user_point
-from serving.canary.state import ACTIVE, Canary, CanaryError, CanaryRecords, State, Variant
-from serving.changes import CANARIES, announcer
-from serving.metrics import GatewayMetrics, RequestRecord
+from serving.canary.state import ACTIVE, Canary, CanaryError, State, Variant
+from serving.engines.adapters import AdapterRegistry
+from serving.errors import ErrorCode
+from serving.metrics import GatewayMetrics
+from serving.records import RequestRecord
+from serving.state.canaries import CanaryRecords
+from serving.state.changes import CANARIES
+from serving.state.leadership import Leadership
 
 log = logging.getLogger("lorafleet.canary")
 
@@ -41,71 +43,31 @@ def _share_cap(weight: float, n: int) -> float:
     return weight + SHARE_SLACK + 4 * math.sqrt(weight * (1 - weight) / n)
 
 
-# pg_try_advisory_lock's key for "this gateway decides for every canary": any fixed number, the same everywhere.
-LEADER_LOCK = 0x6C66_6361_6E61  # "lfcana"
-
-
-class Leadership:
-    """Which gateway analyses and decides: on PostgreSQL, the holder of an advisory lock, on a connection of its
-    own (the lock lives as long as that session: a gateway that dies, or loses the database, hands it over); on
-    SQLite (one gateway), this one. ``held`` blocks on the database: call it in a worker thread."""
-
-    def __init__(self, engine: sa.Engine) -> None:
-        self.shared = engine.dialect.name == "postgresql"
-        # Not pooled: closing the connection must end the session, and with it the lock.
-        self._engine = sa.create_engine(engine.url, poolclass=sa.pool.NullPool) if self.shared else None
-        self._held: sa.Connection | None = None
-
-    def held(self) -> bool:
-        if self._engine is None:
-            return True
-        if self._held is not None:
-            try:
-                self._held.execute(sa.text("SELECT 1"))
-                return True
-            except sa.exc.DBAPIError:  # the session is gone, and the lock with it
-                self.release()
-        try:
-            connection = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-        except sa.exc.DBAPIError:
-            return False
-        if connection.execute(sa.text("SELECT pg_try_advisory_lock(:key)"), {"key": LEADER_LOCK}).scalar():
-            self._held = connection
-            log.info("this gateway now analyses and decides the canaries")
-            return True
-        connection.close()
-        return False
-
-    @property
-    def holding(self) -> bool:
-        """Whether this gateway decides now (as of its last ``held``)."""
-        return self._engine is None or self._held is not None
-
-    def release(self) -> None:
-        if self._held is not None:
-            with contextlib.suppress(sa.exc.DBAPIError):
-                self._held.close()
-            self._held = None
-
-
 class CanaryManager:
-    def __init__(self, engine: sa.Engine, registry: AdapterRegistry, metrics: GatewayMetrics | None = None,
-                 warm: Callable[[AdapterVersion], Awaitable[object]] | None = None) -> None:  # fmt: skip
-        self.records, self.registry, self.metrics = CanaryRecords(engine), registry, metrics
-        self.warm = warm  # loads a version where its requests will go (serving.fleet.Fleet.warm)
+    def __init__(
+        self,
+        records: CanaryRecords,
+        leadership: Leadership,
+        registry: AdapterRegistry,
+        metrics: GatewayMetrics | None = None,
+        warm: Callable[[AdapterVersion], Awaitable[object]] | None = None,
+        announce: Callable[[str], None] = lambda _channel: None,
+    ) -> None:
+        self.records, self.registry, self.metrics = records, registry, metrics
+        self.warm = warm  # loads a version where its requests will go (serving.engines.Fleet.warm)
         self.windows: dict[int, dict[str, Window]] = {}  # this gateway's samples of each canary's window
         self.shares: dict[int, dict[str, list[int]]] = {}  # canary id -> tenant -> [requests, on the canary]
         self.active: dict[str, Canary] = {}
         self._writes = asyncio.Lock()
         # Several gateways on PostgreSQL: each shares its samples, one (the leader) merges them and decides, every
         # one follows the canaries' state in the database.
-        self.leadership = Leadership(engine)
+        self.leadership = leadership
         self.shared = self.leadership.shared
         self.replica = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.merged: dict[int, dict[str, Window]] = {}  # every gateway's samples, as of the last analysis
         self._unshared: set[int] = set()  # canaries with samples not shared yet
         self._wake = asyncio.Event()
-        self.announce = announcer(engine)
+        self.announce = announce  # tells the other gateways (serving.state.changes.announcer)
         for canary in self.records.active():  # at start, before the gateway serves: written directly
             self.active[canary.alias] = canary
             if self.shared:
@@ -124,7 +86,7 @@ class CanaryManager:
         """The alias's active canary, else its most recent one."""
         canary = self.active.get(alias) or self.records.latest(alias)
         if canary is None:
-            raise CanaryError(404, f"alias {alias!r} has had no canary; start one first", "no_canary")
+            raise CanaryError(ErrorCode.NO_CANARY, f"alias {alias!r} has had no canary; start one first")
         return canary
 
     def status(self, alias: str) -> dict[str, Any]:
@@ -174,39 +136,52 @@ class CanaryManager:
 
     # -- decisions --------------------------------------------------------------------------------
 
-    async def start(self, alias: str, version: int, config: CanaryConfig, *, force: bool = False,
-                    reason: str = "", actor: str = "admin-api") -> Canary:  # fmt: skip
+    async def start(
+        self,
+        alias: str,
+        version: int,
+        config: CanaryConfig,
+        *,
+        force: bool = False,
+        reason: str = "",
+        actor: str = "admin-api",
+    ) -> Canary:
         if alias in self.active:
             other = self.active[alias]
-            raise CanaryError(409, f"alias {alias!r} already has a canary ({alias}@{other.candidate}, "
-                              f"{other.state}); abort it or let it finish first", "canary_exists")  # fmt: skip
+            raise CanaryError(
+                ErrorCode.CANARY_EXISTS,
+                f"alias {alias!r} already has a canary ({alias}@{other.candidate}, "
+                f"{other.state}); abort it or let it finish first",
+            )
         if alias not in self.store.aliases():
-            raise CanaryError(404, f"no alias {alias!r} in the adapter store", "alias_not_found")
+            raise CanaryError(ErrorCode.ALIAS_NOT_FOUND, f"no alias {alias!r} in the adapter store")
         try:
             target = self.store.get(alias, version)
         except VersionNotFound as exc:
-            raise CanaryError(404, str(exc), "adapter_not_found") from exc
+            raise CanaryError(ErrorCode.ADAPTER_NOT_FOUND, str(exc)) from exc
         stable = self.store.stable(alias)
         if stable is None:
-            raise CanaryError(400, f"alias {alias!r} has no stable version to compare with; promote one first",
-                              "no_stable_version")  # fmt: skip
+            raise CanaryError(
+                ErrorCode.NO_STABLE_VERSION, f"alias {alias!r} has no stable version to compare with; promote one first"
+            )
         if stable.version == version:
-            raise CanaryError(400, f"{target.ref} is already the stable version", "already_stable")
+            raise CanaryError(ErrorCode.ALREADY_STABLE, f"{target.ref} is already the stable version")
         if self.store.is_retired(target):
-            raise CanaryError(400, f"{target.ref} is retired; publish it again to try it", "version_retired")
+            raise CanaryError(ErrorCode.VERSION_RETIRED, f"{target.ref} is retired; publish it again to try it")
         refusal = self.store.gate_refusal(target)
         if refusal and not force:
-            raise CanaryError(400, refusal, "gate_required")
+            raise CanaryError(ErrorCode.GATE_REQUIRED, refusal)
         problems = self.registry.fit_problems(target.path)
         unserved = self.registry.unserved(target)
         if unserved:
             problems.append(unserved)
         if problems:
-            raise CanaryError(400, f"{target.ref} cannot be served: " + "; ".join(problems), "adapter_refused")
+            raise CanaryError(ErrorCode.ADAPTER_REFUSED, f"{target.ref} cannot be served: " + "; ".join(problems))
         if self.warm is not None:
             await self.warm(target)  # loaded before its first request
-        canary = await asyncio.to_thread(self.records.insert, alias, version, stable.version, config,
-                                         bool(refusal and force))  # fmt: skip
+        canary = await asyncio.to_thread(
+            self.records.insert, alias, version, stable.version, config, bool(refusal and force)
+        )
         self.active[alias] = canary
         self.announce(CANARIES)
         why = f"forced without a passing gate ({refusal})" if refusal and force else "gate passed"
@@ -253,8 +228,9 @@ class CanaryManager:
 
     async def _advance(self, canary: Canary, numbers: dict[str, Any]) -> None:
         if canary.step + 1 >= len(canary.config.steps) or canary.config.steps[canary.step + 1] >= 100:
-            await self._promote(canary, f"passed step {canary.step + 1} of {len(canary.config.steps)}", numbers,
-                                "canary")  # fmt: skip
+            await self._promote(
+                canary, f"passed step {canary.step + 1} of {len(canary.config.steps)}", numbers, "canary"
+            )
             return
         before = canary.config.steps[canary.step]
         canary.step += 1
@@ -265,25 +241,37 @@ class CanaryManager:
 
     async def _promote(self, canary: Canary, reason: str, numbers: dict[str, Any] | None, actor: str) -> None:
         try:
-            await asyncio.to_thread(self.store.promote, canary.alias, canary.candidate, force=canary.forced,
-                                    reason=f"canary: {reason}", actor=actor, expected=canary.stable)  # fmt: skip
+            await asyncio.to_thread(
+                self.store.promote,
+                canary.alias,
+                canary.candidate,
+                force=canary.forced,
+                reason=f"canary: {reason}",
+                actor=actor,
+                expected=canary.stable,
+            )
         except StoreConflict as exc:
             # The deciding gateway that died promoted the candidate and did not live to record the end: its
             # decision stands (once), and this one finishes it. Anything else moved the alias: refused.
             stable = await asyncio.to_thread(self.store.stable, canary.alias)
             if stable is None or stable.version != canary.candidate:
-                raise CanaryError(409, f"cannot promote: {exc}", "alias_changed") from exc
+                raise CanaryError(ErrorCode.ALIAS_CHANGED, f"cannot promote: {exc}") from exc
             reason = f"{reason} (the promotion was made by a gateway that stopped before recording it)"
         except StoreError as exc:
-            raise CanaryError(400, f"cannot promote: {exc}", "promote_refused") from exc
+            raise CanaryError(ErrorCode.PROMOTE_REFUSED, f"cannot promote: {exc}") from exc
         self.registry.changed()
         old = self.store.get(canary.alias, canary.stable)
         await self._finish(canary, "promoted")
         await self._event(canary, "promote", reason, numbers, actor)
         self._count(canary, "promote")
         if not await asyncio.to_thread(self.store.is_retired, old):
-            await asyncio.to_thread(self.store.retire, canary.alias, old.version,
-                                    reason=f"replaced by {canary.alias}@{canary.candidate}", actor=actor)  # fmt: skip
+            await asyncio.to_thread(
+                self.store.retire,
+                canary.alias,
+                old.version,
+                reason=f"replaced by {canary.alias}@{canary.candidate}",
+                actor=actor,
+            )
         self.registry.changed()
         await self.registry.retire(old)  # unloaded once its in-flight requests finish
 
@@ -292,8 +280,9 @@ class CanaryManager:
         await self._finish(canary, "rolled_back")
         await self._event(canary, "rollback", reason, numbers, actor)
         self._count(canary, "rollback")
-        await asyncio.to_thread(self.store.retire, canary.alias, candidate.version,
-                                reason=f"canary rolled back: {reason}", actor=actor)  # fmt: skip
+        await asyncio.to_thread(
+            self.store.retire, canary.alias, candidate.version, reason=f"canary rolled back: {reason}", actor=actor
+        )
         self.registry.changed()
         await self.registry.retire(candidate)
         log.warning("canary %s rolled back: %s", candidate.ref, reason)
@@ -303,9 +292,9 @@ class CanaryManager:
     def _require_active(self, alias: str, *states: State) -> Canary:
         canary = self.active.get(alias)
         if canary is None:
-            raise CanaryError(404, f"alias {alias!r} has no canary running", "no_canary")
+            raise CanaryError(ErrorCode.NO_CANARY, f"alias {alias!r} has no canary running")
         if states and canary.state not in states:
-            raise CanaryError(409, f"the canary of {alias!r} is {canary.state}", "canary_state")
+            raise CanaryError(ErrorCode.CANARY_STATE, f"the canary of {alias!r} is {canary.state}")
         return canary
 
     async def pause(self, alias: str, reason: str = "", actor: str = "admin-api") -> Canary:
@@ -355,7 +344,7 @@ class CanaryManager:
             await asyncio.to_thread(self.leadership.release)
 
     def wake(self) -> None:
-        """Another gateway changed a canary (``serving.changes``): follow it now rather than at the next poll."""
+        """Another gateway changed a canary (``serving.state.changes``): follow it now rather than at the next poll."""
         self._wake.set()
 
     # -- several gateways ---------------------------------------------------------------------------
@@ -413,8 +402,9 @@ class CanaryManager:
         if announce:  # a new state, step or window: the other gateways follow at once
             self.announce(CANARIES)
 
-    async def _event(self, canary: Canary, action: str, reason: str, numbers: dict[str, Any] | None = None,
-                     actor: str = "canary") -> None:  # fmt: skip
+    async def _event(
+        self, canary: Canary, action: str, reason: str, numbers: dict[str, Any] | None = None, actor: str = "canary"
+    ) -> None:
         async with self._writes:
             await asyncio.to_thread(self.records.event, copy.copy(canary), action, reason, numbers, actor)
 

@@ -1,0 +1,238 @@
+"""Everything the gateway holds while it runs, started in order and stopped in reverse.
+
+``Gateway.running`` builds the parts from the settings (the engines, the state
+database's stores, the adapter registry, the limiter, the canary manager),
+starts the engines (a supervised vLLM child process unless the engines file or
+``LORAFLEET_ENGINE_URL`` names running ones) and the background work (the
+canary loop, the change feed of several gateways on PostgreSQL, engine
+discovery), and yields the ``Gateway`` the routes use. Every start pushes its
+stop onto one ``AsyncExitStack``, so leaving the context stops exactly what was
+started, in reverse, also when start-up fails half-way.
+
+No web framework here: the app (``serving.app``) runs this in its lifespan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import gc
+import json
+import logging
+import os
+import secrets
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from serving.canary.manager import CanaryManager
+from serving.config import GATEWAY_FILE, GatewaySettings, local_url
+from serving.engines.adapters import AdapterRegistry
+from serving.engines.bases import ServedBase
+from serving.engines.discovery import discovered
+from serving.engines.fleet import Fleet
+from serving.engines.protocol import Engine
+from serving.engines.specs import EngineSpec, engine_specs
+from serving.engines.vllm import VLLMEngine
+from serving.metrics import GatewayMetrics, StateCollector
+from serving.state.canaries import CanaryRecords
+from serving.state.changes import CANARIES, POLICIES, SERVING, TENANTS, ChangeFeed, announcer
+from serving.state.leadership import Leadership
+from serving.state.ledger import open_store
+from serving.state.limits import RedisLimiter, TenantLimiter
+from serving.state.policies import AliasPolicies
+from serving.state.tenants import TenantStore
+
+log = logging.getLogger("lorafleet.gateway")
+
+
+@dataclass
+class Gateway:
+    """The running gateway's parts, as the routes see them (``serving.http.deps.StateDep``)."""
+
+    settings: GatewaySettings
+    engine: Fleet  # the engines, as one for readiness and restarts; ``place`` and ``pick`` route a request
+    tenants: TenantStore
+    adapters: AdapterRegistry
+    limiter: TenantLimiter | RedisLimiter
+    policies: AliasPolicies
+    metrics: GatewayMetrics
+    canaries: CanaryManager
+    instance: str = ""  # this process's id, in /healthz and data_dir/gateway.json
+    changes: ChangeFeed | None = None  # several gateways on PostgreSQL: how this one hears the others' writes
+
+    @classmethod
+    @asynccontextmanager
+    async def running(
+        cls, settings: GatewaySettings, metrics: GatewayMetrics, engine: Engine | dict[str, Engine] | None = None
+    ) -> AsyncIterator[Gateway]:
+        """Start everything; stop it all on the way out. ``engine`` replaces the vLLM engines (tests pass fakes:
+        one, or several by name)."""
+        async with AsyncExitStack() as stack:
+            gateway, declared, dynamic = await cls._build(settings, metrics, engine)
+            if isinstance(gateway.limiter, RedisLimiter):
+                stack.push_async_callback(gateway.limiter.close)
+            fleet = gateway.engine
+            stack.push_async_callback(fleet.stop)
+            await fleet.start(functools.partial(_on_engine_ready, gateway))
+            # What start-up made lives as long as the process: out of the collector's sight, a full
+            # collection under load walks far fewer objects (a long pause shows up in every tail latency).
+            gc.collect()
+            gc.freeze()
+            if ChangeFeed.wanted(settings.state_url):  # several gateways on PostgreSQL: hear each other's writes
+                gateway.adapters.announce = announcer(gateway.tenants.engine)
+                gateway.changes = ChangeFeed(
+                    settings.state_url,
+                    {
+                        TENANTS: gateway.tenants.changed,
+                        POLICIES: gateway.policies.changed,
+                        SERVING: gateway.adapters.forget,
+                        CANARIES: gateway.canaries.wake,
+                    },
+                )
+                await stack.enter_async_context(_background(gateway.changes.run()))
+            if dynamic:
+                await stack.enter_async_context(_background(_rediscover(settings, declared, fleet)))
+            # Stopped first of all: its end gives up canary leadership, for another gateway to take at once.
+            await stack.enter_async_context(_background(gateway.canaries.run(settings.canary_poll_s)))
+            gateway.instance = secrets.token_hex(8)
+            stack.callback(_announce(settings, gateway.instance).unlink, missing_ok=True)
+            yield gateway
+
+    @classmethod
+    async def _build(
+        cls, settings: GatewaySettings, metrics: GatewayMetrics, engine: Engine | dict[str, Engine] | None
+    ) -> tuple[Gateway, list[EngineSpec], bool]:
+        """The parts, wired to each other, nothing started yet."""
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        declared = engine_specs(settings)
+        dynamic = engine is None and any(spec.discover for spec in declared)
+        specs = {spec.name: spec for spec in (await discovered(declared) if dynamic else declared)}
+        if engine is None:
+            engines: dict[str, Engine] = {name: VLLMEngine(settings, spec) for name, spec in specs.items()}
+        else:
+            engines = engine if isinstance(engine, dict) else {next(iter(specs)): engine}
+        tenants = TenantStore(settings.state_url, cache_s=settings.state_cache_s)
+        store = await asyncio.to_thread(open_store, settings, tenants.engine)
+        own_bases = {
+            name: _served_base(settings, spec.base) for name, spec in specs.items() if spec.base and name in engines
+        }
+        adapters = AdapterRegistry(
+            store,
+            engines,
+            ServedBase.of(settings.base_model_path()),
+            settings.max_lora_rank,
+            serving_cache_s=settings.state_cache_s,
+            engine_bases=own_bases,
+        )
+        adapters.metrics = metrics
+        adapters.drain_limit_s = settings.upstream_timeout_s + 60  # past any request another gateway sent
+        max_loras = {name: specs[name].max_loras if name in specs else settings.max_loras for name in engines}
+        merged = {name: spec.merged for name, spec in specs.items() if spec.merged and name in engines}
+        fleet = Fleet(
+            engines,
+            adapters,
+            max_loras,
+            epsilon=settings.route_epsilon,
+            poll_s=settings.engine_poll_s,
+            dynamic=dynamic,
+            merged=merged,
+            policy=settings.route_policy,
+        )
+        canaries = CanaryManager(
+            CanaryRecords(tenants.engine),
+            Leadership(tenants.engine),
+            adapters,
+            metrics,
+            warm=fleet.warm,
+            announce=announcer(tenants.engine),
+        )
+        metrics.add_state(
+            StateCollector(
+                fleet.is_ready,
+                lambda: fleet.restarts,
+                lambda: len(adapters.loaded),
+                canaries.weights,
+                lambda: len(adapters.pending(fleet.several)) if fleet.is_ready() else 0,
+                fleet.describe,
+            )
+        )
+        limiter: TenantLimiter | RedisLimiter = TenantLimiter()
+        if settings.redis_url is not None:  # a lease outlives the longest request the engine may take
+            limiter = RedisLimiter(
+                settings.redis_url,
+                timeout_s=settings.redis_timeout_s,
+                fail_open=settings.redis_fail_open,
+                lease_s=settings.upstream_timeout_s + 60,
+            )
+        policies = AliasPolicies(tenants.engine, cache_s=settings.state_cache_s)
+        gateway = cls(settings, fleet, tenants, adapters, limiter, policies, metrics, canaries)
+        return gateway, declared, dynamic
+
+
+async def _on_engine_ready(gateway: Gateway, name: str) -> None:
+    """An engine passed its health check: load what it should hold."""
+    fleet, adapters = gateway.engine, gateway.adapters
+    fleet.up(name)
+    if fleet.several:  # a fleet loads adapters where requests are routed; it holds what it says
+        if await fleet.check_base(name):
+            await adapters.on(name).reconcile()
+        return
+    for problem in await adapters.load_all(name):
+        log.error("adapter not loaded: %s", problem)
+
+
+@asynccontextmanager
+async def _background(work: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
+    """``work`` as a task for as long as the context lasts; cancelled, and waited for, when it ends."""
+    task = asyncio.create_task(work)
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _rediscover(settings: GatewaySettings, declared: list[EngineSpec], fleet: Fleet) -> None:
+    """Resolve the discovered entries again every ``discovery_s``; add the engines that appeared, remove the gone."""
+    static = {spec.name for spec in declared if spec.discover is None}
+    while True:
+        await asyncio.sleep(settings.discovery_s)
+        try:
+            now = {spec.name: spec for spec in await discovered(declared)}
+            for name in set(fleet.members) - set(now) - static:
+                await fleet.remove(name, grace_s=settings.upstream_timeout_s)
+            for name in set(now) - set(fleet.members):
+                spec = now[name]
+                base = _served_base(settings, spec.base) if spec.base else None
+                await fleet.add(name, VLLMEngine(settings, spec), spec.max_loras, base, spec.merged)
+        except Exception:  # one failed round must not end discovery
+            log.exception("engine discovery failed")
+
+
+@functools.cache
+def _served_base_at(path: str) -> ServedBase:
+    return ServedBase.of(path)
+
+
+def _served_base(settings: GatewaySettings, model: str) -> ServedBase:
+    """A base model named as in ``LORAFLEET_BASE_MODEL``, identified once per path (its weights are hashed)."""
+    return _served_base_at(settings.model_path(model))
+
+
+def _announce(settings: GatewaySettings, instance: str) -> Path:
+    """Say where this gateway listens (``data_dir/gateway.json``): the CLI sends its writes here while it runs.
+
+    ``instance`` (also in ``/healthz``) lets the CLI check that what answers at
+    that address is this gateway, not another one on the same port.
+    """
+    path = settings.data_dir / GATEWAY_FILE
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    record = {"url": local_url(settings), "pid": os.getpid(), "instance": instance}
+    tmp.write_text(json.dumps(record) + "\n")
+    os.replace(tmp, path)
+    return path

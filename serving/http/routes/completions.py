@@ -1,0 +1,190 @@
+"""OpenAI-compatible completion routes: the tenant names an alias, the gateway serves its adapter.
+
+One request goes through three steps:
+
+1. here: the client's fields checked against the tenant's limits and the
+   schema bounds, and a slot taken (429 before any work);
+2. ``serving.plan.prepare``: the version that answers, loaded on its engine,
+   and the typed ``EngineRequest``;
+3. ``serving.engines.dispatch.send`` to its engine (again elsewhere, before any
+   byte reached the client, when that fails), then ``serving.http.relay``:
+   ``full_response`` for a whole answer or ``stream_response`` for server-sent
+   events, with the JSON verdict added and tool calls rewritten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+import uuid
+from collections.abc import Awaitable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from pydantic import BaseModel
+
+from serving.config import GatewaySettings
+from serving.engines.dispatch import EngineRequest, send
+from serving.engines.protocol import EngineError
+from serving.errors import APIError, ErrorCode
+from serving.gateway import Gateway
+from serving.http.deps import StateDep, TenantDep
+from serving.http.observe import record_of
+from serving.http.protocol import ChatRequest, GatewayOptions, RequestBase, TextRequest
+from serving.http.relay import engine_unavailable, full_response, stream_response
+from serving.outputs.schemas import bounded, check_client_schema
+from serving.outputs.toolcalls import check_tools
+from serving.plan import BASE_ALIAS, CHAT, prepare
+from serving.records import RequestRecord
+from serving.state.limits import Slot, cap_max_tokens
+from serving.state.tenants import Tenant
+
+router = APIRouter(prefix="/v1")
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str = "model"
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+@router.get("/models")
+async def list_models(tenant: TenantDep, state: StateDep) -> ModelList:
+    """The aliases the caller may use."""
+    cards = [
+        ModelCard(id=alias, owned_by="lorafleet")
+        for alias in sorted(tenant.aliases)
+        if alias == BASE_ALIAS or await state.adapters.serving(alias) is not None
+    ]
+    return ModelList(data=cards)
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(req: ChatRequest, tenant: TenantDep, state: StateDep, request: Request) -> Response:
+    """Chat completion through the alias's current adapter version (SSE when ``stream`` is true)."""
+    return await _proxy(CHAT, req, tenant, state, request)
+
+
+@router.post("/completions", response_model=None)
+async def completions(req: TextRequest, tenant: TenantDep, state: StateDep, request: Request) -> Response:
+    """Text completion (no chat template) through the alias's current adapter version."""
+    return await _proxy("/v1/completions", req, tenant, state, request)
+
+
+async def _proxy(route: str, req: RequestBase, tenant: Tenant, state: Gateway, request: Request) -> Response:
+    record = record_of(request.scope) or RequestRecord(uuid.uuid4().hex, request.method, request.url.path)
+    record.tenant, record.stream = tenant.name, req.stream
+    record.client_max_tokens = req.max_tokens is not None or getattr(req, "max_completion_tokens", None) is not None
+    body, sequences = _client_body(req, tenant, state.settings)
+    if "tools" in body or (body.get("response_format") or {}).get("type") == "json_schema":
+        await bounded(lambda: _check_schemas(body), "response_format" if "tools" not in body else "tools")
+    alias = req.model or tenant.default_alias
+    if not alias:
+        raise APIError(
+            ErrorCode.MISSING_MODEL, "'model' is required: name an alias (see GET /v1/models).", param="model"
+        )
+    slot = await state.limiter.acquire(tenant, sequences)  # 429 before any work
+    if tenant.limits.tokens_per_minute:  # charged with what the engine says it used, once the request ends
+        record.on_end.append(
+            lambda r: state.limiter.charge(tenant, (r.prompt_tokens or 0) + (r.completion_tokens or 0))
+        )
+    try:
+        options = req.lorafleet or GatewayOptions()
+        user = _user(request, body, tenant)
+        call = await prepare(
+            state, route, body, alias, tenant, json_mode=options.json_mode, user=user, record=record, slot=slot
+        )
+        record.upstream_at = time.perf_counter()  # the gateway's own work ends here
+        if not call.stream:  # vLLM sends nothing before the whole answer: the client may leave meanwhile
+            return await _unless_client_leaves(request, _whole_answer(state, call, record, slot), record)
+        upstream = await send(state.engine, state.metrics, call, record, slot)
+    except EngineError as exc:
+        slot.release()
+        raise engine_unavailable() from exc
+    except BaseException:
+        slot.release()
+        raise
+    if upstream.status_code != 200:
+        return await full_response(upstream, call, record, slot)
+    return stream_response(upstream, call, record, slot)
+
+
+async def _whole_answer(state: Gateway, call: EngineRequest, record: RequestRecord, slot: Slot) -> Response:
+    return await full_response(await send(state.engine, state.metrics, call, record, slot), call, record, slot)
+
+
+async def _unless_client_leaves(request: Request, answer: Awaitable[Response], record: RequestRecord) -> Response:
+    """``answer``, unless the client disconnects first: then the engine request is cancelled, which closes its
+    connection, and vLLM aborts the generation (``vllm:num_requests_running`` drops; vLLM 0.32 counts no
+    aborts in its metrics)."""
+    work = asyncio.ensure_future(answer)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        work.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if work.done():
+        return work.result()
+    work.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await work
+    record.error_code = "client_disconnected"
+    return Response(status_code=499)  # nobody reads it; the access log and metrics do
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _client_body(req: RequestBase, tenant: Tenant, settings: GatewaySettings) -> tuple[dict[str, Any], int]:
+    """The client's fields (all typed: ``serving.http.protocol``) and the sequences they ask for, within the limits."""
+    prompts = req.prompts if isinstance(req, TextRequest) else 1
+    if prompts > settings.max_prompts:
+        raise APIError(
+            ErrorCode.TOO_MANY_PROMPTS,
+            f"'prompt' holds {prompts} prompts; send at most {settings.max_prompts} per request.",
+            param="prompt",
+        )
+    sequences = req.n * prompts
+    if sequences > settings.max_sequences:
+        raise APIError(
+            ErrorCode.TOO_MANY_SEQUENCES,
+            f"n × prompts is {req.n} × {prompts} = {sequences} sequences; the limit is "
+            f"{settings.max_sequences} per request.",
+            param="n",
+        )
+    body = req.model_dump(exclude_none=True)
+    body.pop("lorafleet", None)
+    cap_max_tokens(body, tenant, sequences)
+    return body, sequences
+
+
+def _check_schemas(body: dict[str, Any]) -> None:
+    """The client's schemas within the limits (``serving.outputs.schemas``): its ``response_format`` and its tools."""
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        check_client_schema((fmt.get("json_schema") or {}).get("schema"))
+    if "tools" in body:
+        check_tools(body["tools"])
+
+
+def _user(request: Request, body: dict[str, Any], tenant: Tenant) -> str:
+    """Who the request is for, for sticky canary assignment: ``user``, else the header, else the API key;
+    within the tenant (two tenants' users never share a point)."""
+    user = body.get("user") or request.headers.get("x-lorafleet-user")
+    if isinstance(user, str) and user:
+        return f"{tenant.id}:user:{user}"
+    key = request.headers.get("authorization", "")
+    return f"{tenant.id}:key:" + hashlib.sha256(key.encode()).hexdigest()

@@ -1,0 +1,114 @@
+"""Limits on a client's JSON Schema (``response_format``), checked before it reaches the engine.
+
+A schema is compiled by vLLM's structured-output backend and validated by the
+gateway's judge, so a hostile one could cost unbounded time. Refused with a 400
+naming the limit: more than ``MAX_BYTES`` serialised, nesting deeper than
+``MAX_DEPTH``, more than ``MAX_PROPERTIES`` properties in all, a schema that is
+not valid JSON Schema, and ``pattern``/``patternProperties`` regexes that do
+not compile, are too long, use what RE2 cannot run (lookarounds,
+backreferences: the gateway checks answers with RE2, in linear time), or nest
+quantifiers (``(a+)+``, ``(a|aa)*``: the shapes that backtrack catastrophically
+in the engine's own regex handling). The check itself runs off the event loop
+and is cut at ``COMPILE_TIMEOUT_S``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+from jsonschema import SchemaError
+
+from contract.judge import check_schema, re2_unsupported
+from serving.errors import APIError, ErrorCode
+
+MAX_BYTES = 64 * 1024
+MAX_DEPTH = 32
+MAX_PROPERTIES = 1000
+MAX_PATTERN = 500
+COMPILE_TIMEOUT_S = 2.0
+# A group that is quantified and holds a quantifier or an alternation: (x+)+ (x*)* (x|y)+ ...
+NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*(?:[+*}]|\|)(?:[^()\\]|\\.)*\)\s*[+*{]")
+
+
+async def check_client_schema_bounded(schema: Any, param: str = "response_format") -> None:
+    """``check_client_schema`` off the event loop, refused when compiling takes over ``COMPILE_TIMEOUT_S``."""
+    await bounded(lambda: check_client_schema(schema, param), param)
+
+
+async def bounded(check: Callable[[], None], param: str) -> None:
+    """Run ``check`` (schema checks that raise ``APIError``) off the event loop, cut at ``COMPILE_TIMEOUT_S``.
+
+    The limits above keep compiling cheap; the timeout is the last line. The
+    worker thread cannot be stopped, but the request is answered in bounded
+    time and the loop never waits on it.
+    """
+    try:
+        await asyncio.wait_for(asyncio.to_thread(check), COMPILE_TIMEOUT_S)
+    except TimeoutError as exc:
+        raise APIError(
+            ErrorCode.SCHEMA_REFUSED,
+            f"{param} schema refused: compiling it took longer than {COMPILE_TIMEOUT_S:g} s.",
+            param=param,
+        ) from exc
+
+
+def check_client_schema(schema: Any, param: str = "response_format") -> None:
+    """Raise a 400 ``schema_refused`` naming ``param`` and the limit when ``schema`` is over one."""
+
+    def refuse(message: str) -> APIError:
+        return APIError(ErrorCode.SCHEMA_REFUSED, f"{param} schema refused: {message}.", param=param)
+
+    if not isinstance(schema, dict):
+        raise refuse("it must be a JSON object")
+    size = len(json.dumps(schema))
+    if size > MAX_BYTES:
+        raise refuse(f"{size} bytes; the limit is {MAX_BYTES}")
+    properties = 0
+    stack: list[tuple[Any, int]] = [(schema, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise refuse(f"nested deeper than {MAX_DEPTH} levels")
+        if isinstance(node, dict):
+            if "unevaluatedProperties" in node and "patternProperties" in node:
+                raise refuse(
+                    "'unevaluatedProperties' beside 'patternProperties' is not supported; use 'additionalProperties'"
+                )
+            if isinstance(node.get("properties"), dict):
+                properties += len(node["properties"])
+            for key, value in node.items():
+                if key == "pattern" and isinstance(value, str):
+                    _check_pattern(value, refuse)
+                if key == "patternProperties" and isinstance(value, dict):
+                    for pattern in value:
+                        _check_pattern(pattern, refuse)
+                stack.append((value, depth + 1))
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+    if properties > MAX_PROPERTIES:
+        raise refuse(f"{properties} properties; the limit is {MAX_PROPERTIES}")
+    try:
+        check_schema(schema)
+    except SchemaError as exc:
+        raise refuse(f"not a valid JSON Schema ({exc.message})") from exc
+
+
+def _check_pattern(pattern: str, refuse: Any) -> None:
+    if len(pattern) > MAX_PATTERN:
+        raise refuse(f"a pattern of {len(pattern)} characters; the limit is {MAX_PATTERN}")
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise refuse(f"pattern {pattern!r} does not compile ({exc})") from exc
+    unsupported = re2_unsupported(pattern)
+    if unsupported is not None:  # the gateway checks answers with RE2 (linear time), which lacks a few features
+        raise refuse(
+            f"pattern {pattern!r} uses a feature the gateway's linear-time regex engine (RE2) lacks "
+            f"({unsupported}; lookarounds and backreferences are not supported)"
+        )
+    if NESTED_QUANTIFIER.search(pattern):
+        raise refuse(f"pattern {pattern!r} nests quantifiers, which can backtrack catastrophically")

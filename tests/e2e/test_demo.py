@@ -1,0 +1,36 @@
+"""The demo's screen: one line per adapter from the store's training announcements, a curl per servable alias."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from contract.store import AdapterStore
+from lorafleet.commands.demo import BackgroundTraining, Screen
+
+
+def screen(tmp_path: Path) -> Screen:
+    store = AdapterStore(tmp_path / "adapters")
+    training = BackgroundTraining(store, tmp_path, ["orders", "toolcall"])
+    keys = {"orders": "lf-orders-key", "toolcall": "lf-toolcall-key"}
+    return Screen("http://127.0.0.1:8000", keys, training, tmp_path / "logs" / "gateway.log", tmp_path)
+
+
+def test_the_gemma_demo_needs_its_terms_accepted(base_model: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / base_model.name).symlink_to(base_model)  # SmolLM2 is there; Gemma is not
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorafleet", "demo", "--gemma", "--no-serve"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | {"LORAFLEET_DATA_DIR": str(tmp_path)},
+    )
+    assert proc.returncode == 2 and "--accept-license gemma" in proc.stderr, proc.stderr
+    assert not (tmp_path / "models" / "gemma-3-270m").exists() and not (tmp_path / "adapters").exists()
