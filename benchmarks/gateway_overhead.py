@@ -286,6 +286,13 @@ def access_log(log: Path) -> dict[str, dict]:
 
 
 def main() -> None:
+    args = parse_args()
+    settings = CommonSettings()
+    merged, entries = measure(args, settings)
+    report(args, settings, merged, entries)
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=8)
@@ -306,9 +313,12 @@ def main() -> None:
         help="load generator: this module's httpx client, or vLLM's serving benchmark",
     )
     parser.add_argument("--input-len", type=int, default=96, help="prompt tokens (--client vllm: random tokens)")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    settings = CommonSettings()
+
+def measure(args: argparse.Namespace, settings: CommonSettings) -> tuple[dict[str, Pass], dict[str, dict]]:
+    """One engine, the gateway in front of it, and the alternating passes: each target's merged pass, and the
+    gateway's access log by request id."""
     names = [f"a{i + 1}" for i in range(args.adapters)]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -353,36 +363,38 @@ def main() -> None:
             merged = {name: Pass() for name in targets}
             for round_ in range(args.rounds):
                 for name, target in targets.items():
-                    before = engine_ttft_totals(vllm.url)
-                    if args.client == "vllm":  # the same prompts (seed) for both targets in a round
-                        p = run_vllm_pass(target, per_round, args, settings.base_model_path(), seed=round_)
-                    else:
-                        p = asyncio.run(
-                            run_pass(
-                                target,
-                                per_round,
-                                args.concurrency,
-                                args.max_tokens,
-                                args.adapters,
-                                args.request_rate,
-                                seed=round_,
-                            )
-                        )
-                    after = engine_ttft_totals(vllm.url)
-                    m = merged[name]
-                    m.engine_ttft += after[0] - before[0]
-                    m.engine_requests += after[1] - before[1]
-                    m.ttft += p.ttft
-                    m.e2e += p.e2e
-                    m.tokens += p.tokens
-                    m.wall += p.wall
-                    m.first_event |= p.first_event
-                    m.on_wire |= p.on_wire
+                    one_pass(args, settings, vllm.url, target, per_round, round_, merged[name])
         finally:
             gw.stop()
             vllm.stop()
-        entries = access_log(work / "gateway.log")
+        return merged, access_log(work / "gateway.log")
 
+
+def one_pass(
+    args: argparse.Namespace, settings: CommonSettings, engine_url: str, target: dict, n: int, seed: int, into: Pass
+) -> None:
+    """``n`` requests to ``target``, added to ``into`` with the engine's own TTFT over the pass."""
+    before = engine_ttft_totals(engine_url)
+    if args.client == "vllm":  # the same prompts (seed) for both targets in a round
+        p = run_vllm_pass(target, n, args, settings.base_model_path(), seed=seed)
+    else:
+        load = run_pass(target, n, args.concurrency, args.max_tokens, args.adapters, args.request_rate, seed=seed)
+        p = asyncio.run(load)
+    after = engine_ttft_totals(engine_url)
+    into.engine_ttft += after[0] - before[0]
+    into.engine_requests += after[1] - before[1]
+    into.ttft += p.ttft
+    into.e2e += p.e2e
+    into.tokens += p.tokens
+    into.wall += p.wall
+    into.first_event |= p.first_event
+    into.on_wire |= p.on_wire
+
+
+def report(
+    args: argparse.Namespace, settings: CommonSettings, merged: dict[str, Pass], entries: dict[str, dict]
+) -> None:
+    """The table, the engine-independent mean, the per-request figures and the goals."""
     base, gate = merged["direct to vLLM (baseline)"], merged["through the gateway"]
     print(
         f"\ngateway overhead: {len(base.e2e)} streamed requests per target, {args.request_rate}/s, "

@@ -298,36 +298,10 @@ def check(
     report.rows = len(rows) + len(report.problems)
     seen: dict[str, int] = {}
     for line, row in rows:
-        first = seen.setdefault(json.dumps(row, sort_keys=True), line)
-        if first != line:
-            report.problems.append(
-                Problem(str(path), line, None, f"duplicate of line {first}", "delete the repeated example")
-            )
-            continue
-        example, problems = to_example(row, line, str(path), schema)
+        example, problems = _check_row(path, line, row, seen, schema, token_length, max_length)
         report.problems += problems
-        if example is None:
-            continue
-        first = seen.setdefault(example.key(), line)
-        if first != line:  # the same example in another shape
-            report.problems.append(
-                Problem(str(path), line, None, f"duplicate of line {first}", "delete the repeated example")
-            )
-            continue
-        if token_length is not None and max_length is not None:
-            n = token_length(example)
-            if n > max_length:
-                report.problems.append(
-                    Problem(
-                        str(path),
-                        line,
-                        None,
-                        f"{n} tokens after rendering, over max_length {max_length}",
-                        "shorten the example or raise --max-length",
-                    )
-                )
-                continue
-        report.examples.append(example)
+        if example is not None:
+            report.examples.append(example)
     if len(report.examples) < min_examples:
         report.problems.append(
             Problem(
@@ -341,3 +315,32 @@ def check(
         )
     report.problems.sort(key=lambda p: p.line or 0)
     return report
+
+
+def _check_row(
+    path: Path,
+    line: int,
+    row: Any,
+    seen: dict[str, int],
+    schema: dict[str, Any] | None,
+    token_length: Callable[[Example], int] | None,
+    max_length: int | None,
+) -> tuple[Example | None, list[Problem]]:
+    """One row: its example (``None`` if unusable) and its problems; ``seen`` keeps the first line of each
+    example, in either shape, to find duplicates."""
+    first = seen.setdefault(json.dumps(row, sort_keys=True), line)
+    if first != line:
+        return None, [Problem(str(path), line, None, f"duplicate of line {first}", "delete the repeated example")]
+    example, problems = to_example(row, line, str(path), schema)
+    if example is None:
+        return None, problems
+    first = seen.setdefault(example.key(), line)
+    if first != line:  # the same example in another shape
+        return None, [
+            *problems,
+            Problem(str(path), line, None, f"duplicate of line {first}", "delete the repeated example"),
+        ]
+    if token_length is not None and max_length is not None and (n := token_length(example)) > max_length:
+        too_long = f"{n} tokens after rendering, over max_length {max_length}"
+        return None, [*problems, Problem(str(path), line, None, too_long, "shorten the example or raise --max-length")]
+    return example, problems

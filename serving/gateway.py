@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from contract.store import AdapterStore
 from serving.canary.manager import CanaryManager
 from serving.config import GATEWAY_FILE, GatewaySettings, local_url
 from serving.engines.adapters import AdapterRegistry
@@ -111,37 +112,11 @@ class Gateway:
         declared = engine_specs(settings)
         dynamic = engine is None and any(spec.discover for spec in declared)
         specs = {spec.name: spec for spec in (await discovered(declared) if dynamic else declared)}
-        if engine is None:
-            engines: dict[str, Engine] = {name: VLLMEngine(settings, spec) for name, spec in specs.items()}
-        else:
-            engines = engine if isinstance(engine, dict) else {next(iter(specs)): engine}
         tenants = TenantStore(settings.state_url, cache_s=settings.state_cache_s)
         store = await asyncio.to_thread(open_store, settings, tenants.engine)
-        own_bases = {
-            name: _served_base(settings, spec.base) for name, spec in specs.items() if spec.base and name in engines
-        }
-        adapters = AdapterRegistry(
-            store,
-            engines,
-            ServedBase.of(settings.base_model_path()),
-            settings.max_lora_rank,
-            serving_cache_s=settings.state_cache_s,
-            engine_bases=own_bases,
-        )
+        fleet = _fleet(settings, specs, engine, store, dynamic)
+        adapters = fleet.registry
         adapters.metrics = metrics
-        adapters.drain_limit_s = settings.upstream_timeout_s + 60  # past any request another gateway sent
-        max_loras = {name: specs[name].max_loras if name in specs else settings.max_loras for name in engines}
-        merged = {name: spec.merged for name, spec in specs.items() if spec.merged and name in engines}
-        fleet = Fleet(
-            engines,
-            adapters,
-            max_loras,
-            epsilon=settings.route_epsilon,
-            poll_s=settings.engine_poll_s,
-            dynamic=dynamic,
-            merged=merged,
-            policy=settings.route_policy,
-        )
         canaries = CanaryManager(
             CanaryRecords(tenants.engine),
             Leadership(tenants.engine),
@@ -160,17 +135,59 @@ class Gateway:
                 fleet.describe,
             )
         )
-        limiter: TenantLimiter | RedisLimiter = TenantLimiter()
-        if settings.redis_url is not None:  # a lease outlives the longest request the engine may take
-            limiter = RedisLimiter(
-                settings.redis_url,
-                timeout_s=settings.redis_timeout_s,
-                fail_open=settings.redis_fail_open,
-                lease_s=settings.upstream_timeout_s + 60,
-            )
         policies = AliasPolicies(tenants.engine, cache_s=settings.state_cache_s)
-        gateway = cls(settings, fleet, tenants, adapters, limiter, policies, metrics, canaries)
+        gateway = cls(settings, fleet, tenants, adapters, _limiter(settings), policies, metrics, canaries)
         return gateway, declared, dynamic
+
+
+def _fleet(
+    settings: GatewaySettings,
+    specs: dict[str, EngineSpec],
+    engine: Engine | dict[str, Engine] | None,
+    store: AdapterStore,
+    dynamic: bool,
+) -> Fleet:
+    """The engines (vLLM, or the ones given), the registry of what each holds, and the router over them."""
+    if engine is None:
+        engines: dict[str, Engine] = {name: VLLMEngine(settings, spec) for name, spec in specs.items()}
+    else:
+        engines = engine if isinstance(engine, dict) else {next(iter(specs)): engine}
+    own_bases = {
+        name: _served_base(settings, spec.base) for name, spec in specs.items() if spec.base and name in engines
+    }
+    adapters = AdapterRegistry(
+        store,
+        engines,
+        ServedBase.of(settings.base_model_path()),
+        settings.max_lora_rank,
+        serving_cache_s=settings.state_cache_s,
+        engine_bases=own_bases,
+    )
+    adapters.drain_limit_s = settings.upstream_timeout_s + 60  # past any request another gateway sent
+    max_loras = {name: specs[name].max_loras if name in specs else settings.max_loras for name in engines}
+    merged = {name: spec.merged for name, spec in specs.items() if spec.merged and name in engines}
+    return Fleet(
+        engines,
+        adapters,
+        max_loras,
+        epsilon=settings.route_epsilon,
+        poll_s=settings.engine_poll_s,
+        dynamic=dynamic,
+        merged=merged,
+        policy=settings.route_policy,
+    )
+
+
+def _limiter(settings: GatewaySettings) -> TenantLimiter | RedisLimiter:
+    """Per-tenant limits: counted in this process, or across the gateways in Redis."""
+    if settings.redis_url is None:
+        return TenantLimiter()
+    return RedisLimiter(  # a lease outlives the longest request the engine may take
+        settings.redis_url,
+        timeout_s=settings.redis_timeout_s,
+        fail_open=settings.redis_fail_open,
+        lease_s=settings.upstream_timeout_s + 60,
+    )
 
 
 async def _on_engine_ready(gateway: Gateway, name: str) -> None:

@@ -118,11 +118,9 @@ def prepare(cfg: TrainConfig, base_model: str, staging: Path, callbacks: list[An
     """Check the data, build the datasets, the model and the ``SFTTrainer`` (``callbacks`` added to its own)."""
     import datasets
     import torch
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, PrinterCallback
+    from transformers import AutoTokenizer, EarlyStoppingCallback, PrinterCallback
     from transformers.utils import logging as hf_logging
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     hf_logging.disable_progress_bar()  # the weights' loading bar; RichProgress shows the training itself
 
@@ -131,9 +129,37 @@ def prepare(cfg: TrainConfig, base_model: str, staging: Path, callbacks: list[An
         raise ValueError(f"{base_model}: the tokenizer has no chat template; use an instruct model")
     prompt_format = prompt_format_of(tokenizer)
     reports = check_data(cfg, tokenizer, prompt_format)
-    train_examples = reports[0].examples
-    if any(e.tools for e in train_examples):
+    if any(e.tools for e in reports[0].examples):
         prompt_format.tools_format = TOOLS_FORMAT
+    train_examples, eval_examples, split = split_examples(cfg, reports)
+    to_dataset = _dataset_maker(prompt_format, adds_bos(tokenizer))
+
+    precision = _precision(cfg)
+    model, lora = load_model(cfg, base_model)
+    callbacks = [MetricsLog(staging / "metrics.jsonl"), RichProgress(), *(callbacks or [])]
+    if cfg.early_stopping:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping))
+    datasets.disable_progress_bars()
+    trainer_cls = SFTTrainer if torch.cuda.is_available() else _plain_loss_trainer(SFTTrainer)
+    trainer = trainer_cls(
+        model=model,
+        args=trainer_config(cfg, staging, precision, evaluating=bool(eval_examples)),
+        train_dataset=to_dataset(train_examples),
+        eval_dataset=to_dataset(eval_examples) if eval_examples else None,
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)  # RichProgress shows the same, on one line
+    return Prepared(trainer, prompt_format, train_examples, eval_examples, reports, precision, split)
+
+
+def split_examples(cfg: TrainConfig, reports: list[CheckReport]) -> tuple[list[Example], list[Example], dict[str, Any]]:
+    """The training and validation examples, and how they were split (recorded in the manifest): the
+    ``eval_data`` file, else a seeded ``val_fraction`` of the training file (at least 10 examples), else none."""
+    from datasets import Dataset
+
+    train_examples = reports[0].examples
     if cfg.eval_data:
         eval_examples = reports[1].examples
         split: dict[str, Any] = {"source": "file", "eval_data": str(cfg.eval_data)}
@@ -146,13 +172,19 @@ def prepare(cfg: TrainConfig, base_model: str, staging: Path, callbacks: list[An
         split = {"source": "split", "val_fraction": cfg.val_fraction, "seed": cfg.seed}
     else:
         eval_examples, split = [], {"source": "none"}
-    split |= {"train": len(train_examples), "validation": len(eval_examples)}
+    return train_examples, eval_examples, split | {"train": len(train_examples), "validation": len(eval_examples)}
 
-    # TRL tokenizes the prompt text with the tokenizer's special tokens; the server tokenizes the rendered chat
-    # prompt without them. A template that writes <bos> itself (Gemma's) for a tokenizer that adds one would get
-    # two here and one when served: the template's is left to the tokenizer instead, so both have exactly one.
+
+def _dataset_maker(prompt_format: PromptFormat, leave_bos: bool) -> Callable[[list[Example]], Any]:
+    """Examples to TRL's prompt/completion dataset, each prompt rendered as served.
+
+    TRL tokenizes the prompt text with the tokenizer's special tokens; the server tokenizes the rendered chat
+    prompt without them. A template that writes <bos> itself (Gemma's) for a tokenizer that adds one would get
+    two here and one when served: the template's is left to the tokenizer instead, so both have exactly one.
+    """
+    from datasets import Dataset
+
     bos = prompt_format.bos_token
-    leave_bos = adds_bos(tokenizer)
 
     def as_trained(prompt: str) -> str:
         return prompt[len(bos) :] if leave_bos and prompt.startswith(bos) else prompt
@@ -162,11 +194,17 @@ def prepare(cfg: TrainConfig, base_model: str, staging: Path, callbacks: list[An
             [{"prompt": as_trained(render_prompt(prompt_format, e)), "completion": e.completion} for e in examples]
         )
 
-    precision = _precision(cfg)
+    return to_dataset
+
+
+def load_model(cfg: TrainConfig, base_model: str) -> tuple[Any, Any]:
+    """The base model (fp32, or 4-bit for QLoRA), seeded, and the LoRA config PEFT wraps it with."""
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(cfg.seed)
-    model_kwargs: dict[str, Any] = {"dtype": torch.float32}
-    if cfg.qlora:
-        model_kwargs = _qlora_kwargs(torch)
+    model_kwargs: dict[str, Any] = _qlora_kwargs(torch) if cfg.qlora else {"dtype": torch.float32}
     model = AutoModelForCausalLM.from_pretrained(base_model, **model_kwargs)
     lora = LoraConfig(
         r=cfg.rank,
@@ -176,9 +214,16 @@ def prepare(cfg: TrainConfig, base_model: str, staging: Path, callbacks: list[An
         use_rslora=cfg.rslora,
         task_type="CAUSAL_LM",
     )
-    evaluating = bool(eval_examples)
+    return model, lora
+
+
+def trainer_config(cfg: TrainConfig, staging: Path, precision: str, *, evaluating: bool) -> Any:
+    """TRL's ``SFTConfig`` from the training config: one keyword per setting, completion-only loss."""
+    import torch
+    from trl import SFTConfig
+
     every = cfg.checkpoint_every
-    args = SFTConfig(
+    return SFTConfig(
         output_dir=str(staging / CHECKPOINTS),
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
@@ -216,22 +261,6 @@ def prepare(cfg: TrainConfig, base_model: str, staging: Path, callbacks: list[An
         include_num_input_tokens_seen="non_padding",
         ddp_find_unused_parameters=False,  # every LoRA weight is used in every step
     )
-    callbacks = [MetricsLog(staging / "metrics.jsonl"), RichProgress(), *(callbacks or [])]
-    if cfg.early_stopping:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping))
-    datasets.disable_progress_bars()
-    trainer_cls = SFTTrainer if torch.cuda.is_available() else _plain_loss_trainer(SFTTrainer)
-    trainer = trainer_cls(
-        model=model,
-        args=args,
-        train_dataset=to_dataset(train_examples),
-        eval_dataset=to_dataset(eval_examples) if evaluating else None,
-        processing_class=tokenizer,
-        peft_config=lora,
-        callbacks=callbacks,
-    )
-    trainer.remove_callback(PrinterCallback)  # RichProgress shows the same, on one line
-    return Prepared(trainer, prompt_format, train_examples, eval_examples, reports, precision, split)
 
 
 def _plain_loss_trainer(sft_trainer: type) -> type:

@@ -105,19 +105,24 @@ def eval_(
     console.print((out / "report.md").read_text().split("\n## Worst failures")[0], highlight=False, markup=False)
     console.print(f"reports in {out}: report.json, report.md, report.png, failures.jsonl, review.html, review.csv")
     if not gateway and gate:
-        failed = [v for v in verdicts if not v.passed]
-        for v in failed:
-            for c in v.failures:
-                err.print(
-                    f"gate failed: {v.target} {c.mode} {c.name}: {c.detail} (threshold {c.threshold})",
-                    highlight=False,
-                    markup=False,
-                )
-        if failed or not verdicts:
-            if not verdicts:
-                err.print("gate: no adapter target to judge", highlight=False)
-            raise typer.Exit(1)
-        console.print(f"gate passed: {', '.join(v.target for v in verdicts)} (recorded in the store)")
+        _gate_outcome(verdicts)
+
+
+def _gate_outcome(verdicts: list[Any]) -> None:
+    """Say what the gate decided; exit 1 when a target failed it, or there was none to judge."""
+    failed = [v for v in verdicts if not v.passed]
+    for v in failed:
+        for c in v.failures:
+            err.print(
+                f"gate failed: {v.target} {c.mode} {c.name}: {c.detail} (threshold {c.threshold})",
+                highlight=False,
+                markup=False,
+            )
+    if failed or not verdicts:
+        if not verdicts:
+            err.print("gate: no adapter target to judge", highlight=False)
+        raise typer.Exit(1)
+    console.print(f"gate passed: {', '.join(v.target for v in verdicts)} (recorded in the store)")
 
 
 def _stable_for_gate(store: Any, names: list[str], stable: str | None) -> str | None:

@@ -158,79 +158,16 @@ def analyze(stable: Window, canary: Window, config: CanaryConfig) -> Analysis:
             "wait", f"waiting for samples: stable {stable.requests}, canary {canary.requests}, need {need} each", []
         )
     metrics: list[dict[str, Any]] = []
-
-    def rate(name: str, s_ok: int, s_n: int, c_ok: int, c_n: int, margin: float, unit: str) -> None:
-        drop = two_proportion_drop(s_ok, s_n, c_ok, c_n, margin=margin)
-        metrics.append(
-            {
-                "metric": name,
-                "stable": drop.baseline,
-                "canary": drop.candidate,
-                "n_stable": s_n,
-                "n_canary": c_n,
-                "threshold": f"{unit} drop <= {margin:g}",
-                "p_value": drop.p_value,
-                "test": drop.test,
-                "regression": drop.drop > margin and drop.significant(alpha),
-            }
-        )
-
-    def latency(name: str, s: list[float], c: list[float]) -> None:
-        if min(len(s), len(c)) < need:
-            metrics.append(
-                {
-                    "metric": name,
-                    "n_stable": len(s),
-                    "n_canary": len(c),
-                    "regression": False,
-                    "note": f"not judged: fewer than {need} samples per variant",
-                }
-            )
-            return
-        shift = mann_whitney_greater(s, c)
-        ratio = _p95(c) / _p95(s) if _p95(s) > 0 else 1.0
-        metrics.append(
-            {
-                "metric": name,
-                "stable": _p95(s),
-                "canary": _p95(c),
-                "p95_ratio": ratio,
-                "n_stable": len(s),
-                "n_canary": len(c),
-                "p_value": shift.p_value,
-                "test": shift.test,
-                "threshold": f"p95 ratio <= {config.max_latency_ratio:g}",
-                "regression": ratio > config.max_latency_ratio and shift.significant(alpha),
-            }
-        )
-
     if stable.checked or canary.checked:
         if min(stable.checked, canary.checked) < need:
-            return Analysis(
-                "wait",
-                f"waiting for JSON-checked answers: stable {stable.checked}, canary {canary.checked}, need {need} each",
-                [],
-            )
-        rate(
-            "json_validity",
-            stable.valid,
-            stable.checked,
-            canary.valid,
-            canary.checked,
-            config.max_validity_drop,
-            "validity",
-        )
-    rate(
-        "success_rate",
-        stable.requests - stable.errors,
-        stable.requests,
-        canary.requests - canary.errors,
-        canary.requests,
-        config.max_error_increase,
-        "success",
-    )
-    latency("time_per_token", stable.per_token, canary.per_token)
-    latency("ttft", stable.ttft, canary.ttft)
+            waiting = f"stable {stable.checked}, canary {canary.checked}, need {need} each"
+            return Analysis("wait", f"waiting for JSON-checked answers: {waiting}", [])
+        valid = (stable.valid, stable.checked, canary.valid, canary.checked)
+        metrics.append(_rate("json_validity", *valid, margin=config.max_validity_drop, unit="validity", alpha=alpha))
+    succeeded = (stable.requests - stable.errors, stable.requests, canary.requests - canary.errors, canary.requests)
+    metrics.append(_rate("success_rate", *succeeded, margin=config.max_error_increase, unit="success", alpha=alpha))
+    for name, s, c in (("time_per_token", stable.per_token, canary.per_token), ("ttft", stable.ttft, canary.ttft)):
+        metrics.append(_latency(name, s, c, need=need, max_ratio=config.max_latency_ratio, alpha=alpha))
     regressions = [m["metric"] for m in metrics if m["regression"]]
     if regressions:
         return Analysis(
@@ -239,6 +176,47 @@ def analyze(stable: Window, canary: Window, config: CanaryConfig) -> Analysis:
             metrics,
         )
     return Analysis("pass", "no significant regression", metrics)
+
+
+def _rate(
+    name: str, s_ok: int, s_n: int, c_ok: int, c_n: int, *, margin: float, unit: str, alpha: float
+) -> dict[str, Any]:
+    """A rate (JSON validity, success) compared: a regression is a drop beyond ``margin`` the test finds
+    significant at ``alpha``."""
+    drop = two_proportion_drop(s_ok, s_n, c_ok, c_n, margin=margin)
+    return {
+        "metric": name,
+        "stable": drop.baseline,
+        "canary": drop.candidate,
+        "n_stable": s_n,
+        "n_canary": c_n,
+        "threshold": f"{unit} drop <= {margin:g}",
+        "p_value": drop.p_value,
+        "test": drop.test,
+        "regression": drop.drop > margin and drop.significant(alpha),
+    }
+
+
+def _latency(name: str, s: list[float], c: list[float], *, need: int, max_ratio: float, alpha: float) -> dict[str, Any]:
+    """A latency compared: a regression is a p95 above ``max_ratio`` × stable's with a shift the Mann-Whitney
+    test finds significant at ``alpha``; with fewer than ``need`` samples a side, not judged."""
+    if min(len(s), len(c)) < need:
+        note = f"not judged: fewer than {need} samples per variant"
+        return {"metric": name, "n_stable": len(s), "n_canary": len(c), "regression": False, "note": note}
+    shift = mann_whitney_greater(s, c)
+    ratio = _p95(c) / _p95(s) if _p95(s) > 0 else 1.0
+    return {
+        "metric": name,
+        "stable": _p95(s),
+        "canary": _p95(c),
+        "p95_ratio": ratio,
+        "n_stable": len(s),
+        "n_canary": len(c),
+        "p_value": shift.p_value,
+        "test": shift.test,
+        "threshold": f"p95 ratio <= {max_ratio:g}",
+        "regression": ratio > max_ratio and shift.significant(alpha),
+    }
 
 
 def _p95(values: list[float]) -> float:

@@ -305,7 +305,7 @@ def test_a_promotion_is_all_or_nothing(
 def test_a_store_moving_to_postgres_keeps_its_history(tmp_path: Path, postgres_server: PostgresServer) -> None:
     """The files' stable pointer, retirements and events are copied into the database on first opening, once;
     from then on the database is the truth."""
-    from serving import ledger
+    from serving.state import ledger
 
     files = AdapterStore(tmp_path / "adapters")
     for i in range(3):

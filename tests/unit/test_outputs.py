@@ -1,0 +1,177 @@
+"""What comes back (serving/outputs/): the JSON plan and check, client schema bounds, function calling. Plain
+functions on plain data: no app, no engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import pytest
+
+from contract.tools import TOOLS_FORMAT
+from serving.errors import APIError, ErrorCode
+from serving.outputs.jsoncheck import JsonCheck, JsonPlan
+from serving.outputs.modes import JSON_MODES, AliasPolicy
+from serving.outputs.schemas import bounded, check_client_schema
+from serving.outputs.toolcalls import ToolPlan, ToolStream, check_tools
+from tests.conftest import orders_schema
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "weather",
+        "description": "The weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def chat(**fields: Any) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": "hi"}], **fields}
+
+
+def test_the_modes_are_enforce_validate_off() -> None:
+    assert JSON_MODES == ("enforce", "validate", "off")
+
+
+def test_a_requests_schema_is_enforced_and_sent_as_the_client_wrote_it() -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}
+    body = chat(response_format=fmt)
+    plan = JsonPlan.for_request(body, orders_schema(), AliasPolicy())
+    assert (plan.mode, plan.source, plan.schema) == ("enforce", "request", SCHEMA)
+    assert body["response_format"] == fmt
+
+
+def test_the_adapters_own_schema_is_validated_after_and_not_sent() -> None:
+    body = chat()
+    plan = JsonPlan.for_request(body, SCHEMA, AliasPolicy())
+    assert (plan.mode, plan.source) == ("validate", "adapter") and "response_format" not in body
+
+
+def test_the_aliases_default_schema_and_mode_come_before_the_adapters() -> None:
+    body = chat()
+    plan = JsonPlan.for_request(body, orders_schema(), AliasPolicy("enforce", SCHEMA))
+    assert (plan.mode, plan.source, plan.schema) == ("enforce", "alias", SCHEMA)
+    assert body["response_format"]["json_schema"] == {"name": "alias", "schema": SCHEMA}
+
+
+def test_the_requests_own_mode_wins_and_text_or_no_schema_is_off() -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}
+    body = chat(response_format=fmt)
+    assert JsonPlan.for_request(body, None, AliasPolicy("enforce"), mode="validate").mode == "validate"
+    assert "response_format" not in body
+    assert JsonPlan.for_request(chat(response_format={"type": "text"}), SCHEMA, AliasPolicy()).mode == "off"
+    assert JsonPlan.for_request(chat(), None, AliasPolicy()).check() is None  # the base model: nothing to check
+
+
+def test_a_schema_the_engine_cannot_enforce_is_validated_instead() -> None:
+    body = chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}})
+    plan = JsonPlan.for_request(body, None, AliasPolicy()).validate_instead(body, ("not",))
+    assert (plan.mode, plan.unenforced) == ("validate", ("not",)) and "response_format" not in body
+    check = plan.check()
+    assert check is not None and check.unenforced == ("not",)
+
+
+def test_a_whole_answer_gets_a_verdict_per_choice() -> None:
+    data = {
+        "choices": [
+            {"index": 0, "message": {"content": '{"a": 1}'}, "finish_reason": "stop"},
+            {"index": 1, "message": {"content": '{"a": "one"}'}, "finish_reason": "stop"},
+            {"index": 2, "message": {"content": '{"a": 1'}, "finish_reason": "length"},
+        ]
+    }
+    check = JsonCheck(SCHEMA)
+    check.add_to(data)
+    assert [c["outcome"] for c in check.checks] == ["valid", "schema_mismatch", "truncated"]
+    assert check.outcome == "valid" and data["lorafleet"]["json_checks"][1]["errors"]
+
+
+def test_a_stream_is_judged_once_whole_in_a_last_event() -> None:
+    check = JsonCheck(SCHEMA, mode="enforce")
+    for piece, finish in (('{"a"', None), (": 2}", "stop")):
+        check.observe({"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": finish}]})
+    event = check.final_event()
+    assert event.startswith(b"data: ") and event.endswith(b"\n\n")
+    payload = json.loads(event[len(b"data: ") :])
+    assert payload["choices"] == [] and payload["lorafleet"]["json_checks"][0]["outcome"] == "valid"
+
+
+@pytest.mark.parametrize(
+    ("schema", "says"),
+    [
+        ("not an object", "must be a JSON object"),
+        ({"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(2000)}}, "properties"),
+        ({"type": "string", "pattern": "(?=lookahead)"}, "pattern"),
+        ({"type": "nonsense"}, "not a valid JSON Schema"),
+    ],
+)
+def test_a_hostile_client_schema_is_refused_with_its_code(schema: Any, says: str) -> None:
+    with pytest.raises(APIError) as refused:
+        check_client_schema(schema, "response_format")
+    error = refused.value
+    assert (error.code, error.status, error.param) == (ErrorCode.SCHEMA_REFUSED, 400, "response_format")
+    assert says in error.message
+
+
+def test_a_check_that_takes_too_long_is_cut_in_bounded_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    import serving.outputs.schemas as schemas
+
+    monkeypatch.setattr(schemas, "COMPILE_TIMEOUT_S", 0.05)
+
+    def slow() -> None:
+        time.sleep(0.5)
+
+    with pytest.raises(APIError) as refused:
+        asyncio.run(bounded(slow, "tools"))
+    assert refused.value.code is ErrorCode.SCHEMA_REFUSED and "longer than" in refused.value.message
+    assert refused.value.param == "tools"
+
+
+def test_tools_become_a_call_schema_and_the_prompt_carries_them() -> None:
+    body = chat(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "weather"}})
+    plan = ToolPlan.from_request(body, TOOLS_FORMAT, "toolcall")
+    assert plan is not None and plan.chosen == "weather"
+    assert "tools" not in body and "tool_choice" not in body
+    assert plan.schema["properties"]["name"] == {"const": "weather"}
+    assert plan.schema["properties"]["arguments"]["required"] == ["city"]
+    assert "weather" in json.dumps(body["messages"])  # rendered into the prompt as the adapter was trained
+
+
+def test_tools_for_an_alias_not_trained_on_calls_and_malformed_tools_are_refused() -> None:
+    with pytest.raises(APIError) as unsupported:
+        ToolPlan.from_request(chat(tools=[WEATHER]), None, "orders")
+    assert (unsupported.value.code, unsupported.value.param) == (ErrorCode.TOOLS_UNSUPPORTED, "tools")
+    with pytest.raises(APIError) as malformed:
+        check_tools([{"type": "function"}])
+    assert malformed.value.code is ErrorCode.INVALID_TOOLS
+    with pytest.raises(APIError) as orphan:
+        ToolPlan.from_request(chat(tool_choice="required"), TOOLS_FORMAT, "toolcall")
+    assert (orphan.value.code, orphan.value.param) == (ErrorCode.INVALID_TOOLS, "tool_choice")
+    assert ToolPlan.from_request(chat(tools=[WEATHER], tool_choice="none"), TOOLS_FORMAT, "toolcall") is None
+
+
+def test_a_call_answer_becomes_tool_calls_whole_and_streamed() -> None:
+    plan = ToolPlan([WEATHER["function"]])
+    answer = '{"name": "weather", "arguments": {"city": "Lyon"}}'
+    data = {"choices": [{"index": 0, "message": {"content": answer}, "finish_reason": "stop"}]}
+    plan.rewrite_body(data)
+    choice = data["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    assert json.loads(choice["message"]["tool_calls"][0]["function"]["arguments"]) == {"city": "Lyon"}
+
+    stream = ToolStream(plan)
+    out: list[bytes] = []
+    for piece, finish in ((answer[:10], None), (answer[10:], "stop")):
+        chunk = {"id": "c", "object": "chat.completion.chunk", "model": "m"}
+        chunk["choices"] = [{"index": 0, "delta": {"content": piece}, "finish_reason": finish}]
+        out += stream.on_event(b"data: " + json.dumps(chunk).encode() + b"\n\n", chunk)
+    events = [json.loads(e[len(b"data: ") :]) for e in out]
+    assert events[0]["choices"][0]["delta"]["tool_calls"][0]["function"]["name"] == "weather"
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    plain = ToolStream(plan).on_event(
+        b"", {"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]}
+    )
+    assert json.loads(plain[0][len(b"data: ") :])["choices"][0]["delta"] == {"content": "hi"}
