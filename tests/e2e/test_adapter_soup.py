@@ -1,4 +1,4 @@
-"""The adapter-soup benchmark (benchmarks/adapter_soup.py): its ensemble counts, and one smoke run end to end."""
+"""The adapter-soup benchmark end to end: a smoke run on real adapters (its counts: tests/unit/)."""
 
 from __future__ import annotations
 

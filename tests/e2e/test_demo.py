@@ -1,4 +1,4 @@
-"""The demo's screen: one line per adapter from the store's training announcements, a curl per servable alias."""
+"""The Gemma demo on the real model: its terms must be accepted first (the demo's screen: tests/unit/)."""
 
 from __future__ import annotations
 

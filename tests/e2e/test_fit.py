@@ -1,4 +1,4 @@
-"""contract.fit: every reason an adapter cannot be served, found from JSON headers alone."""
+"""contract.fit on a real trained adapter and the real base model (every misfit on made-up ones: tests/unit/)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,6 @@ from pathlib import Path
 
 from contract.basemodel import identify
 from contract.fit import base_config, fit_problems
-
-BASE = {
-    "hidden_size": 16,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "intermediate_size": 32,
-}
-Q = "base_model.model.model.layers.{layer}.self_attn.q_proj.lora_{ab}.weight"
 
 
 def test_the_trained_adapter_fits_the_real_base_model(tiny_adapter: Path, base_model: Path) -> None:

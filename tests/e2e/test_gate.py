@@ -1,4 +1,5 @@
-"""The evaluation gate, its statistics, the promotion rule it guards, and the reports: no engine needed."""
+"""The gate through the CLI on the real base model: a failure exits non-zero, names the check and is recorded
+(the statistics, the promotion rule and the reports: tests/unit/test_gate.py)."""
 
 from __future__ import annotations
 
@@ -10,32 +11,9 @@ from typer.testing import CliRunner
 
 from contract.store import AdapterStore
 from evaluation.run import EvalSet
-from evaluation.scores import Generation, TargetScores, score
-from tests.conftest import make_adapter, orders_schema
-
-GOOD = {"customer": {"name": "Ann Lee", "email": "ann@x.io"}, "order_id": "7", "status": "shipped"}
-WRONG_STATUS = GOOD | {"status": "pending"}
-
-
-def scored(target: str, outputs: list[str], mode: str = "unconstrained") -> TargetScores:
-    scores = TargetScores(target, mode, wall_s=1.0)
-    for text in outputs:
-        gen = Generation(text, "stop", 0.1, 20)
-        scores.items.append(score(gen, expected=json.dumps(GOOD), schema=orders_schema()))
-    return scores
-
-
-def outputs(right: int, wrong: int = 0, broken: int = 0) -> list[str]:
-    return [json.dumps(GOOD)] * right + [json.dumps(WRONG_STATUS)] * wrong + ["Sure! ```json"] * broken
-
-
-# -- statistics -------------------------------------------------------------------------------
-
-
-# -- the gate ----------------------------------------------------------------------------------
-
-
-# -- promotion needs a passing gate -------------------------------------------------------------
+from evaluation.scores import TargetScores
+from tests.conftest import make_adapter
+from tests.unit.test_gate import GOOD, outputs, scored
 
 
 def test_cli_gate_exits_non_zero_naming_the_failure_and_records_it(
@@ -84,6 +62,3 @@ def _sha(base_model: Path) -> str:
     from contract.basemodel import identify
 
     return identify(str(base_model)).sha256
-
-
-# -- reports -----------------------------------------------------------------------------------

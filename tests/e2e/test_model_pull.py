@@ -1,4 +1,4 @@
-"""`lorafleet model pull`: idempotent, and a clear error when the wheel cannot be had."""
+"""`lorafleet model pull` on the real model: a second pull does nothing (its refusals: tests/unit/)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The recipe sweep (benchmarks/recipe_sweep.py): its recipes are valid configs; one smoke job runs end to end."""
+"""The recipe sweep end to end: one smoke job trains, generates and scores (its recipes: tests/unit/)."""
 
 from __future__ import annotations
 

@@ -25,6 +25,11 @@ SERIES_CAP = 400  # what 1,000 bogus aliases and keys must not push the expositi
 
 @pytest.fixture
 def setup(tmp_path: Path) -> tuple[GatewaySettings, dict[str, str]]:
+    return gateway_setup(tmp_path)
+
+
+def gateway_setup(tmp_path: Path) -> tuple[GatewaySettings, dict[str, str]]:
+    """Settings over a fake base, the ``orders`` adapter with a schema, and three tenants' keys."""
     settings = GatewaySettings(data_dir=tmp_path, base_model=str(fake_base(tmp_path)), admin_key=ADMIN_KEY)
     store = AdapterStore(settings.adapters_dir)
     schema = {"type": "object", "required": ["a"]}
