@@ -39,6 +39,7 @@ class FakeEngine:
         self.unreachable = False  # every call fails to connect, as a dead engine's would
         self.exposition = b""  # what its /metrics says (its load), when set
         self.load_delay = 0.0  # seconds an adapter load takes
+        self.answer_delay = 0.0  # seconds before it answers a request (vLLM's whole answers come at the end)
         self.root: str | None = "/models/base-model"  # where it says it loaded its base model from
         self.client = httpx.AsyncClient(transport=httpx.MockTransport(self._handle), base_url="http://engine")
 
@@ -176,6 +177,7 @@ class FakeEngine:
         request = self.client.build_request("POST", path, json=body)
         if on_sent is not None:
             on_sent()
+        await asyncio.sleep(self.answer_delay)
         return await self.client.send(request, stream=stream)
 
 

@@ -400,6 +400,60 @@ def test_concurrency_limit_counts_streams_until_they_end(gateway) -> None:
     assert chat(client, keys["acme"]).status_code == 200
 
 
+def test_a_client_that_leaves_a_whole_answer_gives_back_its_slot_and_lease(gateway) -> None:
+    """Two non-streamed requests whose clients hang up before the engine answers: both end 499, and the tenant's
+    two slots and the adapter's lease are free again (they were held for good: every later request 429)."""
+    client, engine, keys = gateway
+    admin(client, "PATCH", "/tenants/acme", json={"limits": {"max_concurrent": 2}})
+    state = client.app.state.gateway  # type: ignore[attr-defined]
+    tenant = state.tenants.require("acme")
+    engine.answer_delay = 5.0
+    body = json.dumps({"model": "orders", "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+    async def leave_early() -> int:
+        """One request through the ASGI app whose client disconnects while the engine is still working."""
+        sent: list[dict] = []
+        messages = iter([{"type": "http.request", "body": body, "more_body": False}])
+
+        async def receive() -> dict:
+            message = next(messages, None)
+            if message is not None:
+                return message
+            await asyncio.sleep(0.2)  # the request is with the engine by now
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        headers = [(b"authorization", f"Bearer {keys['acme']}".encode()), (b"content-type", b"application/json")]
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/chat/completions",
+            "raw_path": b"/v1/chat/completions",
+            "query_string": b"",
+            "root_path": "",
+            "headers": headers,
+            "client": ("127.0.0.1", 1),
+            "server": ("testserver", 80),
+            "state": {},
+        }
+        await client.app(scope, receive, send)  # type: ignore[arg-type]
+        return next(m["status"] for m in sent if m["type"] == "http.response.start")
+
+    async def two_leave() -> list[int]:
+        return list(await asyncio.gather(leave_early(), leave_early()))
+
+    assert client.portal.call(two_leave) == [499, 499]  # type: ignore[union-attr]
+    assert state.limiter.in_flight(tenant) == 0
+    assert all(count == 0 for count in state.adapters.in_flight.values())  # the adapter lease too
+    engine.answer_delay = 0.0
+    assert chat(client, keys["acme"]).status_code == 200
+
+
 def test_body_over_the_limit_is_413(gateway) -> None:
     client, engine, keys = gateway
     sent = len(engine.requests)

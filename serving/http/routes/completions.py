@@ -118,7 +118,15 @@ async def _proxy(route: str, req: RequestBase, tenant: Tenant, state: Gateway, r
 
 
 async def _whole_answer(state: Gateway, call: EngineRequest, record: RequestRecord, slot: Slot) -> Response:
-    return await full_response(await send(state.engine, state.metrics, call, record, slot), call, record, slot)
+    """The whole answer; the slot (and with it the adapter lease) is released however this ends: answered,
+    refused, or cancelled because the client left (``_unless_client_leaves`` then answers 499 normally, and
+    nothing above would release it)."""
+    try:
+        upstream = await send(state.engine, state.metrics, call, record, slot)
+    except BaseException:
+        slot.release()
+        raise
+    return await full_response(upstream, call, record, slot)  # it releases the slot itself, in its finally
 
 
 async def _unless_client_leaves(request: Request, answer: Awaitable[Response], record: RequestRecord) -> Response:
