@@ -48,7 +48,11 @@ def build_app(settings: GatewaySettings, engine: Engine | dict[str, Engine] | No
     )
     errors.install(app)
     app.add_middleware(
-        BodySizeLimit, max_bytes=settings.max_body_bytes, uploads=(admin.UPLOAD_PATH, settings.max_upload_bytes)
+        BodySizeLimit,
+        max_bytes=settings.max_body_bytes,
+        uploads=(admin.UPLOAD_PATH, settings.max_upload_bytes),
+        timeout_s=settings.body_timeout_s,
+        upload_timeout_s=settings.upload_timeout_s,
     )
     app.add_middleware(Observe, metrics=gateway_metrics, log_content=settings.log_content)  # outermost: sees all
     for module in (health, metrics, completions, admin, canaries):

@@ -94,6 +94,15 @@ class GatewaySettings(CommonSettings):
     max_upload_bytes: int = Field(
         default=256 << 20, description="Largest adapter archive the admin API accepts (packed and unpacked)."
     )
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, description="Time a client has to send a request's headers; then the connection closes."
+    )
+    body_timeout_s: float = Field(
+        default=30.0, gt=0, description="Time a client has to send a request's whole body; then 408."
+    )
+    upload_timeout_s: float = Field(
+        default=600.0, gt=0, description="Time an admin has to send an adapter archive (after its key is checked)."
+    )
     metrics_key: SecretStr | None = Field(
         default=None,
         description=(

@@ -6,7 +6,7 @@ with its status and a one-line meaning; the ``type`` follows from the status,
 as OpenAI's do. Code anywhere in the gateway raises ``APIError(ErrorCode.X,
 message)``; the HTTP layer (``serving.http.errors``) turns it into the
 response. docs/api.md's error table is ``markdown_table()`` (a test holds the
-two together, and ``python -m serving.errors`` prints it).
+two together; ``python -m serving.errors --update docs/api.md`` writes it).
 
 Plain values: nothing here imports FastAPI or anything else of the gateway, so
 the limits, the schema checks and the canary can raise without depending on
@@ -27,6 +27,7 @@ _TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     409: "invalid_request_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
@@ -70,6 +71,7 @@ class ErrorCode(StrEnum):
     INVALID_TOOLS = "invalid_tools", 400, "`tools` or `tool_choice` not in OpenAI's shape."
     TOOLS_UNSUPPORTED = "tools_unsupported", 400, "`tools` sent to an alias not trained on function calls."
     BODY_TOO_LARGE = "body_too_large", 413, "The body is over `LORAFLEET_MAX_BODY_BYTES` (uploads: the upload limit)."
+    REQUEST_TIMEOUT = "request_timeout", 408, "The body took longer than `LORAFLEET_BODY_TIMEOUT_S` to arrive."
     UNKNOWN_ROUTE = "unknown_route", 404, "No such route."
     METHOD_NOT_ALLOWED = "method_not_allowed", 405, "The route exists, not with this method."
     # Who is asking.
@@ -167,5 +169,21 @@ def markdown_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-if __name__ == "__main__":
-    print(markdown_table(), end="")
+BEGIN, END = "<!-- error catalogue: generated from serving/errors.py -->\n", "<!-- end of the error catalogue -->"
+
+
+def update_table(page: str) -> str:
+    """``page`` (docs/api.md's text) with the table between its markers replaced by ``markdown_table()``."""
+    start, end = page.index(BEGIN) + len(BEGIN), page.index(END)
+    return page[:start] + markdown_table() + page[end:]
+
+
+if __name__ == "__main__":  # python -m serving.errors [--update docs/api.md]
+    import sys
+    from pathlib import Path
+
+    if sys.argv[1:2] == ["--update"]:
+        doc = Path(sys.argv[2])
+        doc.write_text(update_table(doc.read_text()))
+    else:
+        print(markdown_table(), end="")

@@ -56,6 +56,7 @@ def run_gateway(settings: GatewaySettings, log_file: Path | None = None) -> None
     import uvicorn
 
     from serving.app import build_app
+    from serving.http.server import header_deadline
 
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -72,6 +73,7 @@ def run_gateway(settings: GatewaySettings, log_file: Path | None = None) -> None
         log_level="info",
         log_config=log_config,
         timeout_graceful_shutdown=settings.shutdown_grace_s,
+        http=header_deadline(settings.header_timeout_s),  # a client's headers arrive in time, or it is cut off
     )
 
 

@@ -12,7 +12,6 @@ and enforced again while copying, so a lying index cannot fill the disk).
 from __future__ import annotations
 
 import functools
-import io
 import shutil
 import stat
 import tarfile
@@ -29,13 +28,14 @@ class ArchiveError(ValueError):
     """The archive is refused; the message names the member and the reason."""
 
 
-def unpack(data: bytes, dest: Path, max_bytes: int) -> Path:
-    """Unpack ``data`` into ``dest``; returns the folder holding ``lorafleet.json`` (the top or its only subfolder)."""
+def unpack(archive: Path, dest: Path, max_bytes: int) -> Path:
+    """Unpack the ``archive`` file into ``dest``; returns the folder holding ``lorafleet.json`` (the top or its
+    only subfolder). The archive is read from disk as it is unpacked, never whole into memory."""
     dest.mkdir(parents=True, exist_ok=True)
-    if zipfile.is_zipfile(io.BytesIO(data)):
-        _unzip(data, dest, max_bytes)
+    if zipfile.is_zipfile(archive):
+        _unzip(archive, dest, max_bytes)
     else:
-        _untar(data, dest, max_bytes)
+        _untar(archive, dest, max_bytes)
     if (dest / "lorafleet.json").is_file():
         return dest
     subdirs = [p for p in dest.iterdir() if p.is_dir()]
@@ -108,9 +108,9 @@ def _extract(members: list[_Member], dest: Path, max_bytes: int) -> None:
             budget -= _copy_limited(src, dest / path, budget, m.name)
 
 
-def _untar(data: bytes, dest: Path, max_bytes: int) -> None:
+def _untar(path: Path, dest: Path, max_bytes: int) -> None:
     try:
-        archive = tarfile.open(fileobj=io.BytesIO(data), mode="r:*")  # noqa: SIM115 (closed by the with below)
+        archive = tarfile.open(path, mode="r:*")  # noqa: SIM115 (closed by the with below)
     except tarfile.TarError as exc:
         raise ArchiveError(f"not a tar or zip archive ({exc})") from exc
     with archive:
@@ -122,8 +122,8 @@ def _untar(data: bytes, dest: Path, max_bytes: int) -> None:
         _extract(members, dest, max_bytes)
 
 
-def _unzip(data: bytes, dest: Path, max_bytes: int) -> None:
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+def _unzip(path: Path, dest: Path, max_bytes: int) -> None:
+    with zipfile.ZipFile(path) as archive:
         members = []
         for info in archive.infolist():
             kind = stat.S_IFMT(info.external_attr >> 16)  # 0 when the archiver recorded no file type

@@ -1,52 +1,55 @@
-"""ASGI middleware that must see the raw request before FastAPI does."""
+"""ASGI middleware that must see the raw request before FastAPI does: how big a body may be, and how long it
+may take to arrive.
+
+A request body is read here, up to ``max_bytes`` and within ``timeout_s``, and handed on whole: counting it
+while the app reads would surface as the app's own parse error (400), not as 413. The adapter upload route is
+the exception: its body (up to the upload limit) is never held here; it passes through, counted and timed as
+it goes, so the route's admin check runs before a byte of it is read and the route streams it to disk.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.errors import ErrorCode, error_body
+from serving.errors import APIError, ErrorCode, error_body
 
 
 class BodySizeLimit:
-    """413 for a body over ``max_bytes``: by its Content-Length up front, or by counting a chunked body as it comes."""
+    """413 for a body over its limit (by its Content-Length up front, or counted as it comes); 408 for one that
+    takes longer than its time to arrive."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, uploads: tuple[str, int] | None = None) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        uploads: tuple[str, int] | None = None,
+        timeout_s: float = 30.0,
+        upload_timeout_s: float = 600.0,
+    ) -> None:
+        self.app, self.max_bytes, self.timeout_s, self.upload_timeout_s = app, max_bytes, timeout_s, upload_timeout_s
         self.uploads = (re.compile(uploads[0]), uploads[1]) if uploads else None  # (path pattern, its limit)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.max_bytes
-        if self.uploads and self.uploads[0].fullmatch(scope["path"]):
-            limit = self.uploads[1]
+        upload = self.uploads is not None and self.uploads[0].fullmatch(scope["path"]) is not None
+        limit = self.uploads[1] if upload and self.uploads else self.max_bytes
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            await self._refuse(send, limit)
+            await _refuse(send, 413, _too_large(limit), ErrorCode.BODY_TOO_LARGE)
             return
-        # A body without a length (chunked) is read here, up to the limit, and handed on whole: counting it
-        # while the app reads would surface as the app's own parse error (400), not as 413.
-        chunks: list[bytes] = []
-        seen = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left before the body ended
-                chunks = []
-                first: Message = message
-                break
-            body = message.get("body", b"")
-            seen += len(body)
-            if seen > limit:
-                await self._refuse(send, limit)
-                return
-            chunks.append(body)
-            if not message.get("more_body", False):
-                first = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-                break
+        if upload:
+            await self.app(scope, _Metered(receive, limit, self.upload_timeout_s), send)
+            return
+        first = await self._read_whole(receive, send, limit)
+        if first is None:
+            return
         replayed = False
 
         async def replay() -> Message:
@@ -58,9 +61,66 @@ class BodySizeLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send: Send, limit: int) -> None:
-        message = f"Request body too large: the limit is {limit} bytes."
-        body = json.dumps(error_body(413, message, ErrorCode.BODY_TOO_LARGE)).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+    async def _read_whole(self, receive: Receive, send: Send, limit: int) -> Message | None:
+        """The body as one message; ``None`` when it was refused here (413, 408)."""
+        chunks: list[bytes] = []
+        seen = 0
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                await _refuse(send, 408, _too_slow(self.timeout_s), ErrorCode.REQUEST_TIMEOUT)
+                return None
+            if message["type"] != "http.request":  # the client left before the body ended
+                return message
+            body = message.get("body", b"")
+            seen += len(body)
+            if seen > limit:
+                await _refuse(send, 413, _too_large(limit), ErrorCode.BODY_TOO_LARGE)
+                return None
+            chunks.append(body)
+            if not message.get("more_body", False):
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+
+class _Metered:
+    """A ``receive`` that counts the body against ``limit`` and gives it ``timeout_s`` in all to arrive: past
+    either, the read raises an ``APIError`` (413, 408) that the route's error handler answers."""
+
+    def __init__(self, receive: Receive, limit: int, timeout_s: float) -> None:
+        self.receive, self.limit, self.timeout_s = receive, limit, timeout_s
+        self.deadline = time.monotonic() + timeout_s
+        self.seen = 0
+        self.done = False
+
+    async def __call__(self) -> Message:
+        if self.done:  # the body is in: what comes now (a disconnect) has no deadline
+            return await self.receive()
+        try:
+            message = await asyncio.wait_for(self.receive(), max(0.0, self.deadline - time.monotonic()))
+        except TimeoutError:
+            raise APIError(ErrorCode.REQUEST_TIMEOUT, _too_slow(self.timeout_s)) from None
+        if message["type"] == "http.request":
+            self.seen += len(message.get("body", b""))
+            if self.seen > self.limit:
+                raise APIError(ErrorCode.BODY_TOO_LARGE, _too_large(self.limit))
+            self.done = not message.get("more_body", False)
+        return message
+
+
+def _too_large(limit: int) -> str:
+    return f"Request body too large: the limit is {limit} bytes."
+
+
+def _too_slow(timeout_s: float) -> str:
+    return f"The request body took longer than {timeout_s:g} s to arrive; send it again, faster."
+
+
+async def _refuse(send: Send, status: int, message: str, code: ErrorCode) -> None:
+    body = json.dumps(error_body(status, message, code)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 408:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -38,7 +38,7 @@ RANKS = {
 ONLY_IN = {
     "fastapi": ("serving.http", "serving.app"),
     "starlette": ("serving.http", "serving.app"),
-    "uvicorn": (),
+    "uvicorn": ("serving.http",),
     "sqlalchemy": ("serving.state",),
     "alembic": ("serving.state",),
     "redis": ("serving.state",),

@@ -52,6 +52,7 @@ ARCHIVE_TYPES = {
     "application/octet-stream",
 }
 
+UPLOAD_WRITE_BYTES = 1 << 20
 TENANT_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
 
@@ -312,10 +313,10 @@ async def publish(alias: str, request: Request, state: StateDep) -> dict[str, An
         source = _under_import_root(state, body.path)
         version = await asyncio.to_thread(_checked_publish, state, source, alias)
     elif kind in ARCHIVE_TYPES:
-        data = await request.body()
         work = store.root / STAGING / staging_name("upload")
         try:
-            source = await asyncio.to_thread(_unpack, data, work, state.settings.max_upload_bytes)
+            archive = await _receive_archive(request, work)
+            source = await asyncio.to_thread(_unpack, archive, work / "unpacked", state.settings.max_upload_bytes)
             version = await asyncio.to_thread(_checked_publish, state, source, alias)
         finally:
             await asyncio.to_thread(discard, work)
@@ -368,9 +369,26 @@ def _under_import_root(state: Gateway, raw: str) -> Path:
     return resolved
 
 
-def _unpack(data: bytes, work: Path, limit: int) -> Path:
+async def _receive_archive(request: Request, work: Path) -> Path:
+    """The uploaded archive, streamed to a file in ``work`` as it arrives (never whole in memory; the
+    middleware bounds its size and its time, ``serving.http.middleware``)."""
+    await asyncio.to_thread(work.mkdir, parents=True)
+    path = work / "upload.archive"
+    pending, size = [], 0
+    with path.open("wb") as out:
+        async for chunk in request.stream():
+            pending.append(chunk)
+            size += len(chunk)
+            if size >= UPLOAD_WRITE_BYTES:  # written off the event loop, a MiB at a time
+                await asyncio.to_thread(out.write, b"".join(pending))
+                pending, size = [], 0
+        await asyncio.to_thread(out.write, b"".join(pending))
+    return path
+
+
+def _unpack(archive: Path, work: Path, limit: int) -> Path:
     try:
-        return unpack(data, work, limit)
+        return unpack(archive, work, limit)
     except ArchiveError as exc:
         raise APIError(ErrorCode.ARCHIVE_REFUSED, f"Archive refused: {exc}.") from exc
 
