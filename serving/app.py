@@ -19,6 +19,7 @@ from serving.config import GatewaySettings
 from serving.engines.protocol import Engine
 from serving.gateway import Gateway
 from serving.http import errors
+from serving.http.deps import UPLOAD_PATH
 from serving.http.middleware import BodySizeLimit
 from serving.http.observe import Observe
 from serving.http.routes import admin, canaries, completions, health, metrics
@@ -50,7 +51,7 @@ def build_app(settings: GatewaySettings, engine: Engine | dict[str, Engine] | No
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.max_body_bytes,
-        uploads=(admin.UPLOAD_PATH, settings.max_upload_bytes),
+        uploads=(UPLOAD_PATH, settings.max_upload_bytes),
         timeout_s=settings.body_timeout_s,
         upload_timeout_s=settings.upload_timeout_s,
     )

@@ -76,6 +76,14 @@ class GatewaySettings(CommonSettings):
             "within this. 0: read them on every request."
         ),
     )
+    state_outage_s: float = Field(
+        default=300.0,
+        ge=0,
+        description=(
+            "While the state database does not answer, how long past state_cache_s the gateway keeps serving the "
+            "keys, policies and serving versions it has cached (new keys get 503 state_unavailable meanwhile)."
+        ),
+    )
     shutdown_grace_s: int = Field(
         default=30, description="On Ctrl-C/SIGTERM, how long in-flight requests may take to finish before being cut."
     )

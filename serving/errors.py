@@ -15,7 +15,7 @@ the HTTP layer.
 
 from __future__ import annotations
 
-from enum import StrEnum
+from enum import StrEnum, unique
 from typing import Any
 
 from pydantic import BaseModel
@@ -42,6 +42,7 @@ def error_type(status: int) -> str:
     return _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
 
+@unique  # two members with one code would silently be one
 class ErrorCode(StrEnum):
     """Every ``code`` the API answers with: its usual status and what it means (one line, for docs/api.md)."""
 
@@ -65,7 +66,7 @@ class ErrorCode(StrEnum):
     MISSING_MODEL = "missing_model", 400, "No `model` and no default alias for the tenant."
     TOO_MANY_PROMPTS = "too_many_prompts", 400, "More prompts in one request than `LORAFLEET_MAX_PROMPTS`."
     TOO_MANY_SEQUENCES = "too_many_sequences", 400, "`n` × prompts above `LORAFLEET_MAX_SEQUENCES`."
-    SEQUENCES_OVER_LIMIT = "sequences_over_limit", 400, "More sequences than the tenant may run at once."
+    SEQUENCES_OVER_LIMIT = "sequences_over_limit", 400, "More sequences (n × prompts) than the tenant's limits allow."
     MAX_TOKENS_OVER_LIMIT = "max_tokens_over_limit", 400, "`max_tokens` above the tenant's limit."
     SCHEMA_REFUSED = "schema_refused", 400, "A JSON Schema too large, too deep or not checkable in bounded time."
     INVALID_TOOLS = "invalid_tools", 400, "`tools` or `tool_choice` not in OpenAI's shape."
@@ -89,23 +90,23 @@ class ErrorCode(StrEnum):
     LIMITS_UNAVAILABLE = "limits_unavailable", 503, "The shared limits' Redis does not answer (fail-closed)."
     # The engines.
     ENGINE_STARTING = "engine_starting", 503, "No engine is ready yet."
-    ENGINE_UNAVAILABLE = "engine_unavailable", 503, "The engine cannot be reached, or could not load the adapter."
+    ENGINE_UNAVAILABLE = "engine_unavailable", 503, "The engine cannot be reached, is overloaded, or failed a load."
     ADAPTER_UNAVAILABLE = "adapter_unavailable", 503, "The alias's adapter cannot be served by any engine."
     ENGINE_REJECTED = "engine_rejected", 400, "vLLM refused the request (its 4xx status and message are kept)."
     ENGINE_ERROR = "engine_error", 502, "vLLM failed on the request (details in the log, never to the client)."
-    ENGINE_STREAM_BROKEN = "engine_stream_broken", 502, "The engine stopped mid-stream (an error event, then [DONE])."
+    ENGINE_STREAM_BROKEN = "engine_stream_broken", 502, "The engine broke off a stream: an error event in it."
     # The gateway and its state.
     STATE_UNAVAILABLE = "state_unavailable", 503, "The state database does not answer; nothing was written."
     INTERNAL_ERROR = "internal_error", 500, "A failure of the gateway itself (logged with the request id)."
     # The admin API.
     JSON_BODY_REQUIRED = "json_body_required", 400, "An admin write needs a JSON body (415: another content type)."
-    UNSUPPORTED_CONTENT_TYPE = "unsupported_content_type", 415, "A publish is a JSON path or a tar archive."
+    UNSUPPORTED_CONTENT_TYPE = "unsupported_content_type", 415, "A publish is a JSON path or a tar/zip archive."
     TENANT_NOT_FOUND = "tenant_not_found", 404, "No such tenant."
     TENANT_REFUSED = "tenant_refused", 400, "A tenant write refused (a bad name, a duplicate, an ungranted alias)."
     INVALID_ALIAS = "invalid_alias", 400, "Not a valid alias name."
     ALIAS_NOT_FOUND = "alias_not_found", 404, "No such alias in the adapter store."
     ADAPTER_NOT_FOUND = "adapter_not_found", 404, "No such version of the alias."
-    ADAPTER_REFUSED = "adapter_refused", 400, "An adapter that does not fit the served base model, or is unsafe."
+    ADAPTER_REFUSED = "adapter_refused", 400, "The store refused the adapter or the change (a misfit, no gate)."
     ARCHIVE_REFUSED = "archive_refused", 400, "An uploaded archive that is malformed or unsafe."
     OUTSIDE_IMPORT_ROOT = "outside_import_root", 400, "A publish path outside `LORAFLEET_IMPORT_ROOT`."
     NO_SUCH_PATH = "no_such_path", 400, "A publish path with no adapter directory."

@@ -15,7 +15,6 @@ No web framework here: the app (``serving.app``) runs this in its lifespan.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import gc
 import json
@@ -112,7 +111,7 @@ class Gateway:
         declared = engine_specs(settings)
         dynamic = engine is None and any(spec.discover for spec in declared)
         specs = {spec.name: spec for spec in (await discovered(declared) if dynamic else declared)}
-        tenants = TenantStore(settings.state_url, cache_s=settings.state_cache_s)
+        tenants = TenantStore(settings.state_url, cache_s=settings.state_cache_s, outage_s=settings.state_outage_s)
         store = await asyncio.to_thread(open_store, settings, tenants.engine)
         fleet = _fleet(settings, specs, engine, store, dynamic)
         adapters = fleet.registry
@@ -135,7 +134,7 @@ class Gateway:
                 fleet.describe,
             )
         )
-        policies = AliasPolicies(tenants.engine, cache_s=settings.state_cache_s)
+        policies = AliasPolicies(tenants.engine, cache_s=settings.state_cache_s, outage_s=settings.state_outage_s)
         gateway = cls(settings, fleet, tenants, adapters, _limiter(settings), policies, metrics, canaries)
         return gateway, declared, dynamic
 
@@ -162,6 +161,7 @@ def _fleet(
         settings.max_lora_rank,
         serving_cache_s=settings.state_cache_s,
         engine_bases=own_bases,
+        outage_s=settings.state_outage_s,
     )
     adapters.drain_limit_s = settings.upstream_timeout_s + 60  # past any request another gateway sent
     max_loras = {name: specs[name].max_loras if name in specs else settings.max_loras for name in engines}
@@ -210,8 +210,12 @@ async def _background(work: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
         yield
     finally:
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        try:
             await task
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # it had failed on its own: said, without failing the shutdown
+            log.exception("background work %s had stopped with an error", task.get_name())
 
 
 async def _rediscover(settings: GatewaySettings, declared: list[EngineSpec], fleet: Fleet) -> None:

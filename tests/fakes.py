@@ -224,3 +224,42 @@ def tar_of(files: dict[str, bytes], *, link: str | None = None) -> bytes:
             info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
             tar.addfile(info)
     return buf.getvalue()
+
+
+def leave_after(client: TestClient, key: str, body: dict, seconds: float) -> int:
+    """One request straight into the ASGI app whose client hangs up ``seconds`` after sending it (TestClient
+    cannot): the status the gateway answered with (499 when it saw the client go first)."""
+    sent: list[dict] = []
+    messages = iter([{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}])
+
+    async def receive() -> dict:
+        message = next(messages, None)
+        if message is not None:
+            return message
+        await asyncio.sleep(seconds)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def run() -> None:
+        headers = [(b"authorization", f"Bearer {key}".encode()), (b"content-type", b"application/json")]
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/chat/completions",
+            "raw_path": b"/v1/chat/completions",
+            "query_string": b"",
+            "root_path": "",
+            "headers": headers,
+            "client": ("127.0.0.1", 1),
+            "server": ("testserver", 80),
+            "state": {},
+        }
+        await client.app(scope, receive, send)  # type: ignore[arg-type]
+
+    client.portal.call(run)  # type: ignore[union-attr]
+    return next(m["status"] for m in sent if m["type"] == "http.response.start")

@@ -228,6 +228,7 @@ class AdapterRegistry:
         base_config: dict[str, Any] | None = None,
         serving_cache_s: float = 1.0,
         engine_bases: dict[str, ServedBase] | None = None,
+        outage_s: float = 0.0,
     ) -> None:
         # The gateway's base model (LORAFLEET_BASE_MODEL), and the engines that serve another one (engines file).
         self.default_base = base if isinstance(base, ServedBase) else ServedBase("", base, base_config)
@@ -235,9 +236,10 @@ class AdapterRegistry:
         self.engine_bases = dict(engine_bases or {})
         engines = engine if isinstance(engine, dict) else {"engine": engine}
         self.engines: dict[str, EngineAdapters] = {name: EngineAdapters(name, e, self) for name, e in engines.items()}
-        # alias -> (its serving version,): read off the event loop, kept ``serving_cache_s``, cleared by ``changed``
-        self._serving: ReadCache[tuple[AdapterVersion | None]] = ReadCache(serving_cache_s)
-        self._all_serving: ReadCache[dict[str, frozenset[str]]] = ReadCache(serving_cache_s)
+        # alias -> (its serving version,): read off the event loop, kept ``serving_cache_s``, cleared by ``changed``,
+        # served up to ``outage_s`` longer while the store's ledger (PostgreSQL for a fleet) does not answer
+        self._serving: ReadCache[tuple[AdapterVersion | None]] = ReadCache(serving_cache_s, outage_s=outage_s)
+        self._all_serving: ReadCache[dict[str, frozenset[str]]] = ReadCache(serving_cache_s, outage_s=outage_s)
         self.announce: Callable[[str], None] | None = None  # tells the other gateways (serving.state.changes.announcer)
         # The longest a retired version waits on the engine for requests other gateways sent there (the app sets
         # it past their upstream timeout).

@@ -1,6 +1,6 @@
 """The engines behind one gateway, as one: health, load, and the choice of engine per request.
 
-Each engine is a ``serving.engines.vllm.Engine`` (supervised child or external
+Each engine is a ``serving.engines.protocol.Engine`` (supervised child or external
 server) watching its own ``/health``. With more than one, a poller reads each
 healthy engine's ``/metrics`` every ``engine_poll_s`` (``serving.engines.load``);
 an engine whose request fails to connect is marked down at once and left out of

@@ -1,8 +1,9 @@
-"""Request dependencies: the running gateway, the calling tenant, and the admin check."""
+"""Request dependencies: the running gateway, the calling tenant, and the admin checks (the key; a JSON body)."""
 
 from __future__ import annotations
 
 import hmac
+import re
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -58,3 +59,31 @@ def require_admin(request: Request, state: StateDep) -> None:
 
 
 AdminDep = Depends(require_admin)
+
+# The one admin POST whose body is not JSON: an adapter archive (serving.http.routes.admin.publish).
+UPLOAD_PATH = r"/admin/adapters/[^/]+/versions"
+UPLOAD_RE = re.compile(UPLOAD_PATH)
+
+
+async def require_json_post(request: Request) -> None:
+    """Every admin POST carries a JSON body (``{}`` when there is nothing to say), or an adapter archive.
+
+    A web page can make a browser send a POST with a form or plain-text body to any address, with none of the
+    gateway's consent; a JSON body needs a CORS preflight, which the gateway never grants. So a key-rotate or a
+    promote can never be triggered by visiting a page, even in development mode with no admin key.
+    """
+    if request.method != "POST":
+        return
+    if UPLOAD_RE.fullmatch(request.url.path):
+        return  # the upload route takes JSON or an archive type, and refuses every type a form can send
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json" or not (await request.body()).strip():
+        raise APIError(
+            ErrorCode.JSON_BODY_REQUIRED,
+            "Admin POSTs take a JSON body with 'Content-Type: application/json' (send {} when there is "
+            "nothing to set).",
+            status=415 if kind and kind != "application/json" else 400,
+        )
+
+
+JsonPostDep = Depends(require_json_post)

@@ -41,7 +41,7 @@ def install(app: FastAPI) -> None:
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         unknown = next((e for e in errors if e.get("type") == "extra_forbidden"), None)
-        # A field outside the allowlist (serving.protocol): named, with what to use instead.
+        # A field outside the allowlist (serving.http.protocol): named, with what to use instead.
         if unknown is not None and request.url.path.startswith("/v1/"):
             field = ".".join(str(p) for p in unknown.get("loc", ()) if p != "body")
             return _refuse(request, 400, unsupported_message(field), ErrorCode.UNSUPPORTED_PARAMETER, field)

@@ -29,9 +29,15 @@ BASELINE = "0001"
 # pg_advisory_xact_lock's key for schema changes: any fixed 64-bit number, the same in every replica.
 SCHEMA_LOCK = 0x6C6F7261666C6565  # "lorafle(e)"
 
-# What SQLAlchemy raises when the database does not answer (down, restarting, unreachable): the gateway
-# answers 503 state_unavailable to a request that needed it (serving.http.errors).
-UNREACHABLE: tuple[type[Exception], ...] = (sa.exc.OperationalError, sa.exc.InterfaceError)
+
+class StateUnavailable(Exception):
+    """The state database has not answered for a while: a read is refused at once rather than tried again
+    (``serving.state.cache``)."""
+
+
+# What is raised when the database does not answer (down, restarting, unreachable): the gateway answers 503
+# state_unavailable to a request that needed it (serving.http.errors).
+UNREACHABLE: tuple[type[Exception], ...] = (sa.exc.OperationalError, sa.exc.InterfaceError, StateUnavailable)
 
 _upgraded: set[str] = set()  # database URLs this process has brought to the newest revision
 _lock = threading.Lock()

@@ -30,10 +30,10 @@ from serving.state.tables import policies_table
 
 
 class AliasPolicies:
-    def __init__(self, engine: sa.Engine, cache_s: float = 0.0) -> None:
+    def __init__(self, engine: sa.Engine, cache_s: float = 0.0, outage_s: float = 0.0) -> None:
         self.engine = engine
         ensure_schema(engine)
-        self._known: ReadCache[AliasPolicy] = ReadCache(cache_s)
+        self._known: ReadCache[AliasPolicy] = ReadCache(cache_s, outage_s=outage_s)
 
     async def aget(self, alias: str) -> AliasPolicy:
         """``get`` for a request: never waiting on the database (``ReadCache.aget``)."""

@@ -16,7 +16,6 @@ works at once.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import re
@@ -105,10 +104,11 @@ def check_name(name: str) -> str:
 
 
 class TenantStore:
-    def __init__(self, url: str, cache_s: float = 0.0) -> None:
+    def __init__(self, url: str, cache_s: float = 0.0, outage_s: float = 0.0) -> None:
         self.engine = state_engine(url)
         ensure_schema(self.engine)
-        self._known: ReadCache[Tenant] = ReadCache(cache_s)  # key digest -> tenant; every write below clears it
+        # key digest -> tenant; every write below clears it; served up to outage_s longer while the database is down
+        self._known: ReadCache[Tenant] = ReadCache(cache_s, outage_s=outage_s)
         # Digests of keys the database does not know: a flood of made-up keys costs one read per key per TTL.
         self._unknown: ReadCache[bool] = ReadCache(UNKNOWN_KEY_TTL_S, maxsize=UNKNOWN_KEYS_KEPT)
 
@@ -256,12 +256,12 @@ class TenantStore:
         digest = _hash(key)
         if self._unknown.get(digest):
             return None
-        known, fresh = self._known.lookup(digest)
+        known, stale = self._known.servable(digest)
         if known is not None:  # found by its digest, the dictionary's own exact comparison
-            if not fresh:
+            if stale:
                 self._known.refresh(digest, lambda: self._read_key(digest))
             return known
-        return await asyncio.to_thread(self._read_key, digest)
+        return await self._known.read(digest, lambda: self._read_key(digest))
 
     def authenticate(self, key: str) -> Tenant | None:
         """The enabled tenant owning the unrevoked ``key``, or ``None``."""

@@ -1,6 +1,6 @@
 """deploy/: the Prometheus config, the alert rules and their unit tests, the Grafana dashboard and the compose file.
 
-promtool comes with Debian's ``prometheus`` package (``make test`` installs it when missing).
+What needs promtool (Debian's ``prometheus`` package) is in tests/services/test_deploy.py.
 """
 
 from __future__ import annotations

@@ -40,8 +40,14 @@ def serving_sources() -> dict[str, str]:
 
 
 def test_every_code_in_the_catalogue_is_answered_somewhere() -> None:
-    used = "\n".join(text for name, text in serving_sources().items() if name != "serving/errors.py")
-    unused = [code.name for code in ErrorCode if f"ErrorCode.{code.name}" not in used]
+    used = {
+        node.attr
+        for name, text in serving_sources().items()
+        if name != "serving/errors.py"
+        for node in ast.walk(ast.parse(text))
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "ErrorCode"
+    }
+    unused = [code.name for code in ErrorCode if code.name not in used]
     assert not unused, f"codes nothing raises (remove them, or raise them): {unused}"
 
 
@@ -53,13 +59,14 @@ def test_no_error_is_raised_with_a_code_outside_the_catalogue() -> None:
             if not isinstance(node, ast.Call):
                 continue
             called = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
-            if called in ("APIError", "CanaryError") and node.args:
-                code = node.args[0]
+            if called in ("APIError", "CanaryError"):
+                code = node.args[0] if node.args else None
             elif called in ("error_body", "_refuse") and len(node.args) >= 3:
                 code = node.args[2] if called == "error_body" else (node.args[3] if len(node.args) > 3 else None)
             else:
                 continue
-            if isinstance(code, ast.Constant) and code.value is not None:
+            given = [code, *(k.value for k in node.keywords if k.arg == "code")]
+            if any(isinstance(c, ast.Constant) and c.value is not None for c in given):
                 loose.append(f"{name}:{node.lineno} {ast.unparse(node)[:80]}")
     assert not loose, "codes given as literals:\n" + "\n".join(loose)
 
@@ -68,9 +75,18 @@ def test_no_error_is_raised_with_a_code_outside_the_catalogue() -> None:
 def test_each_code_has_its_status_type_and_meaning(code: ErrorCode) -> None:
     assert 400 <= code.status < 600 and code.type == error_type(code.status)
     assert code.meaning and not code.meaning.startswith(" ") and len(code.meaning) <= 100
-    assert ErrorCode(code.value) is code
+    assert ErrorCode(code.value) is code and list(ErrorCode).count(code) == 1
     error = APIError(code, "what happened")
     assert (error.status, error.code, error.message) == (code.status, code, "what happened")
+
+
+def test_every_member_declared_is_its_own_code() -> None:
+    """Two members declared with one code would silently be one (an enum alias), the second's status and meaning
+    lost: every assignment in the class is a member of its own."""
+    tree = ast.parse((ROOT / "serving" / "errors.py").read_text())
+    [catalogue] = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ErrorCode"]
+    declared = [n.targets[0].id for n in catalogue.body if isinstance(n, ast.Assign)]  # type: ignore[attr-defined]
+    assert declared == [code.name for code in ErrorCode]
 
 
 def test_the_body_is_openais_error_shape() -> None:

@@ -10,6 +10,7 @@ import time
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -24,7 +25,7 @@ from serving.outputs.modes import AliasPolicy
 from serving.state.policies import AliasPolicies
 from serving.state.tenants import TenantStore, key_id_of
 from tests.conftest import make_adapter
-from tests.fakes import ADMIN_KEY, FakeEngine, assert_openai_error, chat, fake_base, tar_of
+from tests.fakes import ADMIN_KEY, FakeEngine, assert_openai_error, chat, fake_base, leave_after, tar_of
 
 
 @pytest.fixture
@@ -319,6 +320,12 @@ def test_admin_posts_need_a_json_body_so_no_web_page_can_send_one(tmp_path: Path
         assert_openai_error(client.post("/admin/tenants/acme/keys"), 400, "json_body_required")
         assert tenants.keys(tenants.require("acme")) == []  # nothing was issued
         assert client.post("/admin/tenants/acme/keys", json={}).status_code == 201
+        # The canary routes too: an empty cross-site POST could promote, roll back or abort.
+        for action in ("promote", "rollback", "abort", "pause", "resume"):
+            plain = client.post(f"/admin/canaries/orders/{action}", content=b"", headers={"content-type": "text/plain"})
+            assert_openai_error(plain, 415, "json_body_required")
+            assert_openai_error(client.post(f"/admin/canaries/orders/{action}"), 400, "json_body_required")
+        assert_openai_error(client.post("/admin/canaries/orders/abort", json={}), 404, "no_canary")  # JSON: heard
 
 
 def test_tenant_lifecycle_through_the_admin_api(gateway) -> None:
@@ -408,50 +415,28 @@ def test_a_client_that_leaves_a_whole_answer_gives_back_its_slot_and_lease(gatew
     state = client.app.state.gateway  # type: ignore[attr-defined]
     tenant = state.tenants.require("acme")
     engine.answer_delay = 5.0
-    body = json.dumps({"model": "orders", "messages": [{"role": "user", "content": "hi"}]}).encode()
-
-    async def leave_early() -> int:
-        """One request through the ASGI app whose client disconnects while the engine is still working."""
-        sent: list[dict] = []
-        messages = iter([{"type": "http.request", "body": body, "more_body": False}])
-
-        async def receive() -> dict:
-            message = next(messages, None)
-            if message is not None:
-                return message
-            await asyncio.sleep(0.2)  # the request is with the engine by now
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict) -> None:
-            sent.append(message)
-
-        headers = [(b"authorization", f"Bearer {keys['acme']}".encode()), (b"content-type", b"application/json")]
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": "/v1/chat/completions",
-            "raw_path": b"/v1/chat/completions",
-            "query_string": b"",
-            "root_path": "",
-            "headers": headers,
-            "client": ("127.0.0.1", 1),
-            "server": ("testserver", 80),
-            "state": {},
-        }
-        await client.app(scope, receive, send)  # type: ignore[arg-type]
-        return next(m["status"] for m in sent if m["type"] == "http.response.start")
-
-    async def two_leave() -> list[int]:
-        return list(await asyncio.gather(leave_early(), leave_early()))
-
-    assert client.portal.call(two_leave) == [499, 499]  # type: ignore[union-attr]
+    body = {"model": "orders", "messages": [{"role": "user", "content": "hi"}]}
+    with ThreadPoolExecutor(2) as pool:
+        statuses = list(pool.map(lambda _: leave_after(client, keys["acme"], body, 0.2), range(2)))
+    assert statuses == [499, 499]
     assert state.limiter.in_flight(tenant) == 0
     assert all(count == 0 for count in state.adapters.in_flight.values())  # the adapter lease too
     engine.answer_delay = 0.0
     assert chat(client, keys["acme"]).status_code == 200
+
+
+def test_leaving_early_is_no_way_around_the_tokens_per_minute(gateway) -> None:
+    """A request whose client leaves before the engine says what it used is charged the most it could have
+    used (its prompt and its max_tokens); one refused before the engine is charged nothing."""
+    client, engine, keys = gateway
+    admin(client, "PATCH", "/tenants/acme", json={"limits": {"tokens_per_minute": 300}})
+    for _ in range(3):
+        assert_openai_error(chat(client, keys["acme"], model="nothing"), 404, "model_not_found")
+    engine.answer_delay = 5.0
+    body = {"model": "orders", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 400}
+    assert leave_after(client, keys["acme"], body, 0.2) == 499
+    engine.answer_delay = 0.0
+    assert_openai_error(chat(client, keys["acme"]), 429, "token_rate_limit_exceeded")
 
 
 def test_body_over_the_limit_is_413(gateway) -> None:

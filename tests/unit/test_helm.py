@@ -6,8 +6,8 @@ validated against the Kubernetes OpenAPI schemas (``kubernetes-validate``) of th
 supports and the newest known, the custom resources (ServiceMonitor, PrometheusRule, ScaledObject) against
 their CRDs' own schemas (tests/data/crds). Then what ties the chart to the code: every gateway variable is a
 ``GatewaySettings`` field, every probe path is a route, the engines file is one the gateway loads, the GPU
-engine gets the flags the gateway gives its own engine, the PrometheusRule is deploy/alerts.yml and passes
-promtool. What cannot run here (no cluster): docs/kubernetes.md says.
+engine gets the flags the gateway gives its own engine, the PrometheusRule is deploy/alerts.yml (that it passes
+promtool: tests/services/test_helm.py). What cannot run here (no cluster): docs/kubernetes.md says.
 """
 
 from __future__ import annotations

@@ -111,6 +111,17 @@ def test_gateway_import_loads_no_torch_at_runtime() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_the_gateway_imports_by_absolute_names_only() -> None:
+    """A relative import (``from ..http import x``) would slip past the room and circle rules below."""
+    relative = sorted(
+        f"{module}:{node.lineno}"
+        for module, path in serving_modules().items()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and node.level > 0
+    )
+    assert not relative, f"use absolute imports: {relative}"
+
+
 def test_every_gateway_module_belongs_to_a_room() -> None:
     homeless = sorted(m for m in serving_modules() if m != "serving" and rank(m) is None)
     assert not homeless, f"add these to RANKS (and to docs/development.md's map): {homeless}"

@@ -13,7 +13,7 @@ import pytest
 from contract.tools import TOOLS_FORMAT
 from serving.errors import APIError, ErrorCode
 from serving.outputs.jsoncheck import JsonCheck, JsonPlan
-from serving.outputs.modes import JSON_MODES, AliasPolicy
+from serving.outputs.modes import AliasPolicy
 from serving.outputs.schemas import bounded, check_client_schema
 from serving.outputs.toolcalls import ToolPlan, ToolStream, check_tools
 from tests.conftest import orders_schema
@@ -31,10 +31,6 @@ WEATHER = {
 
 def chat(**fields: Any) -> dict[str, Any]:
     return {"messages": [{"role": "user", "content": "hi"}], **fields}
-
-
-def test_the_modes_are_enforce_validate_off() -> None:
-    assert JSON_MODES == ("enforce", "validate", "off")
 
 
 def test_a_requests_schema_is_enforced_and_sent_as_the_client_wrote_it() -> None:

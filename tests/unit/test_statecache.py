@@ -1,9 +1,14 @@
-"""The gateway's read cache: a write clears it, a read that overlapped a write is not kept, threads are safe."""
+"""The gateway's read cache: a write clears it, a read that overlapped a write is not kept, threads are safe, and
+an outage of the database is ridden out on the last values read, for a bounded time."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import threading
+
+import pytest
+import sqlalchemy as sa
 
 from serving.state.cache import ReadCache
 
@@ -72,3 +77,57 @@ def test_aget_answers_stale_values_at_once_and_reads_them_again_behind() -> None
         assert await cache.aget("k", read) == "v3"
 
     asyncio.run(scenario())
+
+
+class Database:
+    """A read that answers, or fails as SQLAlchemy does when PostgreSQL is down; counts its calls."""
+
+    def __init__(self) -> None:
+        self.up, self.calls, self.value = True, 0, "v1"
+
+    def read(self) -> str:
+        self.calls += 1
+        if not self.up:
+            raise sa.exc.OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+        return self.value
+
+
+def age(cache: ReadCache[str], key: str, seconds: float) -> None:
+    """Make the kept value ``seconds`` older (the cache's clock is time.monotonic)."""
+    value, read_at = cache._known[key]  # type: ignore[index]
+    cache._known[key] = (value, read_at - seconds)  # type: ignore[index]
+
+
+def test_an_outage_is_ridden_out_on_the_last_value_then_refused_past_its_limit() -> None:
+    async def run() -> None:
+        db, cache = Database(), ReadCache[str](10, outage_s=60)
+        assert await cache.aget("k", db.read) == "v1"
+        db.up = False
+        age(cache, "k", 25)  # past 2 × ttl: before, a read (and a 503) on every request
+        assert await cache.aget("k", db.read) == "v1"  # the read failed: the last value, and an outage begins
+        assert cache.failing_since is not None
+        calls = db.calls
+        answers = [await cache.aget("k", db.read) for _ in range(50)]
+        await asyncio.sleep(0.05)
+        assert answers == ["v1"] * 50 and db.calls - calls <= 2  # one probe at a time, not one read per request
+        # Values never kept: one read probes the database (and fails), the other is refused at once.
+        outcomes = await asyncio.gather(cache.aget("a", db.read), cache.aget("b", db.read), return_exceptions=True)
+        assert sorted(type(o).__name__ for o in outcomes) == ["OperationalError", "StateUnavailable"]
+        age(cache, "k", 50)  # 75 s old: past ttl + outage_s
+        with pytest.raises(sa.exc.OperationalError):
+            await cache.aget("k", db.read)
+        db.up, db.value = True, "v2"
+        assert await cache.aget("k", db.read) == "v2" and cache.failing_since is None  # the outage is over
+
+    asyncio.run(run())
+
+
+def test_without_an_outage_an_old_value_is_read_again_not_served() -> None:
+    async def run() -> None:
+        db, cache = Database(), ReadCache[str](10, outage_s=60)
+        await cache.aget("k", db.read)
+        db.value = "v2"
+        age(cache, "k", 25)
+        assert await cache.aget("k", db.read) == "v2"  # the database answers: no stale value past 2 × ttl
+
+    asyncio.run(run())

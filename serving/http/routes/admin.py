@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from contract.manifest import ManifestError
@@ -35,15 +34,13 @@ from serving.config import import_root_of
 from serving.errors import APIError, ErrorCode
 from serving.gateway import Gateway
 from serving.http.archive import ArchiveError, discard, unpack
-from serving.http.deps import AdminDep, StateDep
+from serving.http.deps import AdminDep, JsonPostDep, StateDep
 from serving.outputs.modes import AliasPolicy, JsonMode
 from serving.outputs.schemas import check_client_schema_bounded
 from serving.state.tenants import Limits, TenantError, TenantNotFound, key_id_of
 
 log = logging.getLogger("lorafleet.admin")
 
-UPLOAD_PATH = r"/admin/adapters/[^/]+/versions"
-UPLOAD_RE = re.compile(UPLOAD_PATH)
 ARCHIVE_TYPES = {
     "application/x-tar",
     "application/gzip",
@@ -56,28 +53,7 @@ UPLOAD_WRITE_BYTES = 1 << 20
 TENANT_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
 
-async def require_json_post(request: Request) -> None:
-    """Every admin POST carries a JSON body (``{}`` when there is nothing to say), or an adapter archive.
-
-    A web page can make a browser send a POST with a form or plain-text body to any address, with none of the
-    gateway's consent; a JSON body needs a CORS preflight, which the gateway never grants. So a key-rotate or a
-    promote can never be triggered by visiting a page, even in development mode with no admin key.
-    """
-    if request.method != "POST":
-        return
-    if UPLOAD_RE.fullmatch(request.url.path):
-        return  # the upload route takes JSON or an archive type, and refuses every type a form can send
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind != "application/json" or not (await request.body()).strip():
-        raise APIError(
-            ErrorCode.JSON_BODY_REQUIRED,
-            "Admin POSTs take a JSON body with 'Content-Type: application/json' (send {} when there is "
-            "nothing to set).",
-            status=415 if kind and kind != "application/json" else 400,
-        )
-
-
-router = APIRouter(prefix="/admin", dependencies=[AdminDep, Depends(require_json_post)])
+router = APIRouter(prefix="/admin", dependencies=[AdminDep, JsonPostDep])
 
 
 class LimitsBody(BaseModel):

@@ -15,9 +15,9 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving.canary.analysis import CanaryConfig
-from serving.http.deps import AdminDep, StateDep
+from serving.http.deps import AdminDep, JsonPostDep, StateDep
 
-router = APIRouter(prefix="/admin/canaries", dependencies=[AdminDep])
+router = APIRouter(prefix="/admin/canaries", dependencies=[AdminDep, JsonPostDep])
 
 
 class StartBody(CanaryConfig):

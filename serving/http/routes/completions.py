@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import time
 import uuid
 from collections.abc import Awaitable
@@ -93,9 +94,8 @@ async def _proxy(route: str, req: RequestBase, tenant: Tenant, state: Gateway, r
         )
     slot = await state.limiter.acquire(tenant, sequences)  # 429 before any work
     if tenant.limits.tokens_per_minute:  # charged with what the engine says it used, once the request ends
-        record.on_end.append(
-            lambda r: state.limiter.charge(tenant, (r.prompt_tokens or 0) + (r.completion_tokens or 0))
-        )
+        most = most_tokens(body, sequences, state.settings.max_model_len)
+        record.on_end.append(lambda r: state.limiter.charge(tenant, tokens_used(r, most)))
     try:
         options = req.lorafleet or GatewayOptions()
         user = _user(request, body, tenant)
@@ -154,6 +154,24 @@ async def _unless_client_leaves(request: Request, answer: Awaitable[Response], r
 async def _disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def most_tokens(body: dict[str, Any], sequences: int, max_model_len: int) -> int:
+    """The most tokens a request may use: its prompt (estimated at four bytes a token) and every sequence's
+    completion budget (``max_tokens``, else the model's length)."""
+    prompt = len(json.dumps(body.get("messages") or body.get("prompt") or "", ensure_ascii=False).encode()) // 4
+    completion = body.get("max_completion_tokens") or body.get("max_tokens") or max_model_len
+    return prompt + sequences * int(completion)
+
+
+def tokens_used(record: RequestRecord, most: int) -> int:
+    """What a finished request is charged against its tokens per minute: what the engine says it used; when the
+    engine never said (the client left, the stream broke off), the most it could have used, so that leaving
+    early is no way around the limit."""
+    if record.prompt_tokens is not None or record.completion_tokens is not None:
+        return (record.prompt_tokens or 0) + (record.completion_tokens or 0)
+    generating = record.upstream_at is not None and (record.status in (200, 499))  # not refused before or by it
+    return most if generating else 0
 
 
 def _client_body(req: RequestBase, tenant: Tenant, settings: GatewaySettings) -> tuple[dict[str, Any], int]:
