@@ -72,7 +72,8 @@ class Gateway:
         """Start everything; stop it all on the way out. ``engine`` replaces the vLLM engines (tests pass fakes:
         one, or several by name)."""
         async with AsyncExitStack() as stack:
-            gateway, declared, dynamic = await cls._build(settings, metrics, engine)
+            last_good: dict[str, list[str]] = {}  # each discovered entry's addresses when DNS last answered
+            gateway, declared, dynamic = await cls._build(settings, metrics, engine, last_good)
             if isinstance(gateway.limiter, RedisLimiter):
                 stack.push_async_callback(gateway.limiter.close)
             fleet = gateway.engine
@@ -95,7 +96,7 @@ class Gateway:
                 )
                 await stack.enter_async_context(_background(gateway.changes.run()))
             if dynamic:
-                await stack.enter_async_context(_background(_rediscover(settings, declared, fleet)))
+                await stack.enter_async_context(_background(_rediscover(settings, declared, fleet, last_good)))
             # Stopped first of all: its end gives up canary leadership, for another gateway to take at once.
             await stack.enter_async_context(_background(gateway.canaries.run(settings.canary_poll_s)))
             gateway.instance = secrets.token_hex(8)
@@ -104,13 +105,17 @@ class Gateway:
 
     @classmethod
     async def _build(
-        cls, settings: GatewaySettings, metrics: GatewayMetrics, engine: Engine | dict[str, Engine] | None
+        cls,
+        settings: GatewaySettings,
+        metrics: GatewayMetrics,
+        engine: Engine | dict[str, Engine] | None,
+        last_good: dict[str, list[str]],
     ) -> tuple[Gateway, list[EngineSpec], bool]:
         """The parts, wired to each other, nothing started yet."""
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         declared = engine_specs(settings)
         dynamic = engine is None and any(spec.discover for spec in declared)
-        specs = {spec.name: spec for spec in (await discovered(declared) if dynamic else declared)}
+        specs = {spec.name: spec for spec in (await discovered(declared, last_good=last_good) if dynamic else declared)}
         tenants = TenantStore(settings.state_url, cache_s=settings.state_cache_s, outage_s=settings.state_outage_s)
         store = await asyncio.to_thread(open_store, settings, tenants.engine)
         fleet = _fleet(settings, specs, engine, store, dynamic)
@@ -218,13 +223,15 @@ async def _background(work: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
             log.exception("background work %s had stopped with an error", task.get_name())
 
 
-async def _rediscover(settings: GatewaySettings, declared: list[EngineSpec], fleet: Fleet) -> None:
+async def _rediscover(
+    settings: GatewaySettings, declared: list[EngineSpec], fleet: Fleet, last_good: dict[str, list[str]]
+) -> None:
     """Resolve the discovered entries again every ``discovery_s``; add the engines that appeared, remove the gone."""
     static = {spec.name for spec in declared if spec.discover is None}
     while True:
         await asyncio.sleep(settings.discovery_s)
         try:
-            now = {spec.name: spec for spec in await discovered(declared)}
+            now = {spec.name: spec for spec in await discovered(declared, last_good=last_good)}
             for name in set(fleet.members) - set(now) - static:
                 await fleet.remove(name, grace_s=settings.upstream_timeout_s)
             for name in set(now) - set(fleet.members):

@@ -44,9 +44,16 @@ def expand(spec: EngineSpec, addresses: list[str]) -> list[EngineSpec]:
     return out
 
 
-async def discovered(specs: list[EngineSpec], resolver: Resolver | None = None) -> list[EngineSpec]:
-    """``specs`` with every discovered entry replaced by its engines now (resolved in a worker thread)."""
+async def discovered(
+    specs: list[EngineSpec], resolver: Resolver | None = None, last_good: dict[str, list[str]] | None = None
+) -> list[EngineSpec]:
+    """``specs`` with every discovered entry replaced by its engines now (resolved in a worker thread).
+
+    ``last_good`` remembers each entry's addresses from its last resolution that worked: when the name does not
+    resolve (a DNS hiccup), the entry keeps those engines rather than losing them all, on every gateway at once.
+    """
     resolver = resolver or resolve
+    known = last_good if last_good is not None else {}
     out: list[EngineSpec] = []
     for spec in specs:
         if spec.discover is None:
@@ -55,10 +62,27 @@ async def discovered(specs: list[EngineSpec], resolver: Resolver | None = None) 
         parts = urlsplit(spec.url or "")
         try:
             addresses = await asyncio.to_thread(resolver, parts.hostname or "", parts.port or 80)
+            known[spec.name] = addresses
         except OSError as exc:
-            log.warning(
-                "engine entry %s: %s does not resolve (%s); none of its engines for now", spec.name, parts.hostname, exc
-            )
-            addresses = []
+            if _no_such_name(exc):  # DNS answered: the name has no address (no ready pod behind the Service)
+                log.warning(
+                    "engine entry %s: %s has no address; none of its engines for now", spec.name, parts.hostname
+                )
+                addresses = known[spec.name] = []
+            else:  # DNS did not answer (a timeout, a server failure): what it said last still stands
+                addresses = known.get(spec.name, [])
+                log.warning(
+                    "engine entry %s: resolving %s failed (%s); keeping its last known engines (%d) for now",
+                    spec.name,
+                    parts.hostname,
+                    exc,
+                    len(addresses),
+                )
         out.extend(expand(spec, addresses))
     return out
+
+
+def _no_such_name(exc: OSError) -> bool:
+    """DNS's own answer that the name has no address, as opposed to DNS not answering."""
+    nodata = getattr(socket, "EAI_NODATA", None)
+    return isinstance(exc, socket.gaierror) and exc.errno in (socket.EAI_NONAME, nodata)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -263,18 +264,27 @@ def test_a_discovered_entry_is_one_engine_per_address() -> None:
     fixed = EngineSpec(name="local", port=8101)
     addresses = {"vllm-headless": ["10.0.0.7", "10.0.0.5", "fd00::1"]}
 
+    dns_down = False
+
     def resolver(host: str, port: int) -> list[str]:
         assert port == 8000
+        if dns_down:
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
         if host not in addresses:
-            raise OSError("Name or service not known")
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
         return sorted(addresses[host])
 
-    specs = asyncio.run(discovered([fixed, pool], resolver))
-    assert [s.name for s in specs] == ["local", "pool-10-0-0-5", "pool-10-0-0-7", "pool-fd00--1"]
+    last_good: dict[str, list[str]] = {}
+    specs = asyncio.run(discovered([fixed, pool], resolver, last_good))
+    names = ["local", "pool-10-0-0-5", "pool-10-0-0-7", "pool-fd00--1"]
+    assert [s.name for s in specs] == names
     assert [s.url for s in specs[1:]] == ["http://10.0.0.5:8000", "http://10.0.0.7:8000", "http://[fd00::1]:8000"]
     assert all(s.max_loras == 8 and s.key is not None and s.discover is None for s in specs[1:])
-    addresses.clear()  # the name does not resolve (no ready pod): none of its engines, the others stay
-    assert [s.name for s in asyncio.run(discovered([fixed, pool], resolver))] == ["local"]
+    dns_down = True  # DNS does not answer: the engines it named last stay (they were all dropped, everywhere)
+    assert [s.name for s in asyncio.run(discovered([fixed, pool], resolver, last_good))] == names
+    dns_down = False
+    addresses.clear()  # DNS answers that the name has no address (no ready pod): none of its engines
+    assert [s.name for s in asyncio.run(discovered([fixed, pool], resolver, last_good))] == ["local"]
 
 
 def test_discovery_adds_and_removes_engines_as_the_name_resolves(
