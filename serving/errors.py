@@ -34,6 +34,7 @@ _TYPES = {
     422: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable",
+    504: "timeout_error",
 }
 
 
@@ -91,6 +92,7 @@ class ErrorCode(StrEnum):
     # The engines.
     ENGINE_STARTING = "engine_starting", 503, "No engine is ready yet."
     ENGINE_UNAVAILABLE = "engine_unavailable", 503, "The engine cannot be reached, is overloaded, or failed a load."
+    ENGINE_TIMEOUT = "engine_timeout", 504, "The engine took longer than `LORAFLEET_UPSTREAM_TIMEOUT_S` to answer."
     ADAPTER_UNAVAILABLE = "adapter_unavailable", 503, "The alias's adapter cannot be served by any engine."
     ENGINE_REJECTED = "engine_rejected", 400, "vLLM refused the request (its 4xx status and message are kept)."
     ENGINE_ERROR = "engine_error", 502, "vLLM failed on the request (details in the log, never to the client)."

@@ -20,7 +20,7 @@ from typing import Any
 from contract.store import AdapterVersion
 from serving.engines.adapters import AdapterMisfit
 from serving.engines.fleet import Fleet, NoEngine
-from serving.engines.protocol import BASE_MODEL_NAME, EngineError, EngineResponse
+from serving.engines.protocol import BASE_MODEL_NAME, EngineError, EngineResponse, EngineTimeout
 from serving.metrics import GatewayMetrics
 from serving.outputs.jsoncheck import JsonPlan
 from serving.outputs.toolcalls import ToolPlan
@@ -78,7 +78,8 @@ async def send(
     """Send ``call`` to its engine, and again, before any byte reached the client, when
 
     - the engine cannot be reached, or answers 502/503: once, on another engine (``serving.engines``), the failed
-      one out of routing until its health check passes;
+      one out of routing until its health check passes; never for a request the engine took and did not answer
+      in time (it may still be running there: ``EngineTimeout``);
     - it does not have the adapter (it restarted, or a retirement raced this request): reloaded, then sent again;
     - it cannot enforce the schema (a keyword its grammar backend lacks, such as ``not``): sent without the
       constraint, the answer checked in validate mode and flagged (``unenforced_keywords``).
@@ -86,6 +87,7 @@ async def send(
     retried: set[str] = set()
     while True:
         record.engine_request_id = f"gw{secrets.token_hex(6)}-{record.request_id}"  # the gateway's own, unique
+        record.upstream_sent = None  # set once this attempt's request is written to the engine
         engine = fleet.members.get(call.target.engine)
         try:
             if engine is None:  # removed (discovery) since the request was routed
@@ -93,8 +95,11 @@ async def send(
             upstream = await engine.send(
                 call.route, call.body, stream=call.stream, request_id=record.engine_request_id, on_sent=record.mark_sent
             )
-        except EngineError:
-            if "failover" in retried or not await _fail_over(fleet, metrics, call, slot):
+        except EngineError as exc:
+            # A request the engine took and did not answer in time may still be running there: sent again
+            # elsewhere it would run twice, and the engine is busy, not down.
+            accepted = isinstance(exc, EngineTimeout) and record.upstream_sent is not None
+            if accepted or "failover" in retried or not await _fail_over(fleet, metrics, call, slot):
                 raise
             retried.add("failover")
             continue

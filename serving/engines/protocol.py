@@ -19,6 +19,10 @@ class EngineError(RuntimeError):
     """The engine refused an operation or could not be reached."""
 
 
+class EngineTimeout(EngineError):
+    """The engine took too long: to take the connection, or, once the request was written, to answer it."""
+
+
 class EngineResponse(Protocol):
     """The engine's answer to ``Engine.send``, read as it arrives; the caller closes it.
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import aiohttp
 
 from serving.config import GatewaySettings
-from serving.engines.protocol import BASE_MODEL_NAME, EngineError, EngineResponse
+from serving.engines.protocol import BASE_MODEL_NAME, EngineError, EngineResponse, EngineTimeout
 from serving.engines.specs import EngineSpec, engine_specs
 
 log = logging.getLogger("lorafleet.engine")
@@ -365,6 +365,8 @@ class VLLMEngine:
         try:
             # ``trace_request_ctx`` reaches ``_body_written``, which calls ``on_sent`` once the body is written.
             resp = await self.client.post(f"{self.url}{path}", data=data, headers=headers, trace_request_ctx=on_sent)
+        except TimeoutError as exc:
+            raise EngineTimeout(f"the engine did not answer in time: {exc!r}") from exc
         except TRANSPORT_ERRORS as exc:
             raise EngineError(f"engine unreachable: {exc!r}") from exc
         return StreamedResponse(resp)
@@ -409,6 +411,8 @@ class StreamedResponse:
     async def aread(self) -> bytes:
         try:
             return await self._resp.read()
+        except TimeoutError as exc:
+            raise EngineTimeout(f"the engine's answer did not come in time: {exc!r}") from exc
         except TRANSPORT_ERRORS as exc:
             raise EngineError(f"the engine's answer broke off: {exc!r}") from exc
 

@@ -20,7 +20,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from serving.engines.dispatch import EngineRequest
-from serving.engines.protocol import EngineError, EngineResponse
+from serving.engines.protocol import EngineError, EngineResponse, EngineTimeout
 from serving.errors import APIError, ErrorCode, error_body
 from serving.http.protocol import filter_response
 from serving.http.sse import event_data
@@ -52,7 +52,7 @@ async def full_response(upstream: EngineResponse, call: EngineRequest, record: R
     try:
         content = await upstream.aread()
     except EngineError as exc:
-        raise engine_unavailable() from exc
+        raise engine_failed(exc) from exc
     finally:
         await upstream.aclose()
         slot.release()
@@ -144,6 +144,13 @@ def _stream_error(data: dict[str, Any]) -> dict[str, Any]:
         "the x-request-id header.",
         ErrorCode.ENGINE_ERROR,
     )
+
+
+def engine_failed(exc: EngineError) -> APIError:
+    """The client's answer when the engine failed before answering: 504 when it took too long, else 503."""
+    if isinstance(exc, EngineTimeout):
+        return APIError(ErrorCode.ENGINE_TIMEOUT, "The engine did not answer in time; the request may be too long.")
+    return engine_unavailable()
 
 
 def engine_unavailable() -> APIError:

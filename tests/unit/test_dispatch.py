@@ -15,7 +15,7 @@ from contract.store import AdapterStore
 from serving.engines.adapters import AdapterRegistry
 from serving.engines.dispatch import EngineRequest, PeekedStream, ReadResponse, Target, send, unimplemented
 from serving.engines.fleet import Fleet
-from serving.engines.protocol import BASE_MODEL_NAME
+from serving.engines.protocol import BASE_MODEL_NAME, EngineTimeout
 from serving.metrics import GatewayMetrics
 from serving.outputs.jsoncheck import JsonPlan
 from serving.outputs.modes import AliasPolicy
@@ -74,6 +74,25 @@ def test_an_unreachable_engine_is_passed_over_before_the_first_byte(tmp_path: Pa
     assert call.target.engine == "b" and call.body["model"] == BASE_MODEL_NAME
     assert "a" in fleet.down and failovers(metrics, "a") == 1
     assert alive.request_ids == [record.engine_request_id] and record.engine_request_id.endswith("-r1")
+
+
+class SlowToAnswer(FakeEngine):
+    """Takes the request (it is written) and does not answer within the gateway's timeout."""
+
+    async def send(self, path: str, body: dict, *, stream: bool, request_id=None, on_sent=None):  # type: ignore[no-untyped-def]
+        self.requests.append(body)
+        if on_sent is not None:
+            on_sent()
+        raise EngineTimeout("the engine did not answer in time")
+
+
+def test_a_request_the_engine_took_and_did_not_answer_in_time_is_not_run_twice(tmp_path: Path) -> None:
+    slow, other = SlowToAnswer(), FakeEngine()
+    fleet, metrics = fleet_of(tmp_path, a=slow, b=other), GatewayMetrics()
+    with pytest.raises(EngineTimeout):
+        go(fleet, metrics, base_request("a"))
+    assert len(slow.requests) == 1 and other.requests == []  # not sent again elsewhere
+    assert "a" not in fleet.down and failovers(metrics, "a") == 0  # busy, not down
 
 
 def test_a_503_with_nowhere_else_to_go_is_returned_as_read(tmp_path: Path) -> None:

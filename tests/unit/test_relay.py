@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from serving.engines.dispatch import EngineRequest, ReadResponse, Target
-from serving.engines.protocol import EngineError
+from serving.engines.protocol import EngineError, EngineTimeout
 from serving.errors import APIError, ErrorCode
 from serving.http.relay import STREAM_BROKEN_EVENT, full_response, stream_response
 from serving.outputs.jsoncheck import JsonPlan
@@ -117,6 +117,18 @@ def test_the_engines_errors_leave_in_the_gateways_words(
         assert refused.value.headers["Retry-After"] == "5"  # overloaded or starting: the client may retry
     if status == 400:
         assert refused.value.message == body["error"]["message"]  # a refusal keeps vLLM's words
+    assert limiter.in_flight(TENANT) == 0
+
+
+def test_an_answer_that_does_not_come_in_time_is_504_not_503() -> None:
+    class Late(Streamed):
+        async def aread(self) -> bytes:
+            raise EngineTimeout("no answer in time")
+
+    limiter, slot = admitted()
+    with pytest.raises(APIError) as refused:
+        asyncio.run(full_response(Late([]), call(), RequestRecord("r", "POST", "/"), slot))  # type: ignore[arg-type]
+    assert (refused.value.code, refused.value.status) == (ErrorCode.ENGINE_TIMEOUT, 504)
     assert limiter.in_flight(TENANT) == 0
 
 

@@ -35,7 +35,7 @@ from serving.gateway import Gateway
 from serving.http.deps import StateDep, TenantDep
 from serving.http.observe import record_of
 from serving.http.protocol import ChatRequest, GatewayOptions, RequestBase, TextRequest
-from serving.http.relay import engine_unavailable, full_response, stream_response
+from serving.http.relay import engine_failed, full_response, stream_response
 from serving.outputs.schemas import bounded, check_client_schema
 from serving.outputs.toolcalls import check_tools
 from serving.plan import BASE_ALIAS, CHAT, prepare
@@ -108,7 +108,7 @@ async def _proxy(route: str, req: RequestBase, tenant: Tenant, state: Gateway, r
         upstream = await send(state.engine, state.metrics, call, record, slot)
     except EngineError as exc:
         slot.release()
-        raise engine_unavailable() from exc
+        raise engine_failed(exc) from exc
     except BaseException:
         slot.release()
         raise
