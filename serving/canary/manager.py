@@ -205,26 +205,34 @@ class CanaryManager:
         for canary in list(self.active.values()):
             if canary.state != "running" or now - canary.step_started_at < canary.config.interval_s:
                 continue
-            windows = self.windows.get(canary.id, {})
-            if self.shared:
-                every = await asyncio.to_thread(self.records.shared, canary.id, canary.step_started_at)
-                windows = self.merged[canary.id] = {v: Window.merged(texts) for v, texts in every.items()}
-            analysis = analyze(windows.get("stable", Window()), windows.get("canary", Window()), canary.config)
-            waited = (canary.last_analysis or {}).get("decision") == "wait"
-            analysed = analysis.as_dict() | {"step": canary.step + 1}
-            if analysed != canary.last_analysis:  # a canary waiting with no new samples writes nothing
-                canary.last_analysis = analysed
-                await self._save(canary, announce=False)  # the others read it at their next poll
-            numbers = {"analysis": canary.last_analysis, "window": {v: w.summary() for v, w in windows.items()}}
-            if analysis.decision == "wait":
-                if not waited:  # once per window, not every tick
-                    await self._event(canary, "wait", analysis.reason, numbers, "canary")
-                    self._count(canary, "wait")
-                continue
-            if analysis.decision == "rollback":
-                await self._rollback(canary, analysis.reason, numbers, "canary")
-                continue
-            await self._advance(canary, numbers)
+            try:
+                await self._decide(canary)
+            except CanaryError as exc:  # changed meanwhile (an admin, another gateway): followed, decided next time
+                log.info("canary %s@%d: no decision this time: %s", canary.alias, canary.candidate, exc)
+
+    async def _decide(self, canary: Canary) -> None:
+        """Analyse one running canary's window and act on it: wait, step, promote or roll back."""
+        windows = self.windows.get(canary.id, {})
+        if self.shared:
+            every = await asyncio.to_thread(self.records.shared, canary.id, canary.step_started_at)
+            windows = self.merged[canary.id] = {v: Window.merged(texts) for v, texts in every.items()}
+        analysis = analyze(windows.get("stable", Window()), windows.get("canary", Window()), canary.config)
+        waited = (canary.last_analysis or {}).get("decision") == "wait"
+        analysed = analysis.as_dict() | {"step": canary.step + 1}
+        if analysed != canary.last_analysis:  # a canary waiting with no new samples writes nothing
+            canary.last_analysis = analysed
+            await self._save(canary, announce=False)  # the others read it at their next poll
+        numbers = {"analysis": canary.last_analysis, "window": {v: w.summary() for v, w in windows.items()}}
+        if analysis.decision == "wait":
+            if not waited:  # once per window, not every tick
+                await self._event(canary, "wait", analysis.reason, numbers, "canary")
+                self._count(canary, "wait")
+            return
+        await self._check_current(canary, "running")  # still running, as the database has it, after the awaits
+        if analysis.decision == "rollback":
+            await self._rollback(canary, analysis.reason, numbers, "canary")
+            return
+        await self._advance(canary, numbers)
 
     async def _advance(self, canary: Canary, numbers: dict[str, Any]) -> None:
         if canary.step + 1 >= len(canary.config.steps) or canary.config.steps[canary.step + 1] >= 100:
@@ -313,11 +321,13 @@ class CanaryManager:
 
     async def promote(self, alias: str, reason: str = "", actor: str = "admin-api") -> Canary:
         canary = self._require_active(alias)
+        await self._check_current(canary, *ACTIVE)
         await self._promote(canary, reason or "promoted by hand", canary.last_analysis, actor)
         return canary
 
     async def rollback(self, alias: str, reason: str = "", actor: str = "admin-api") -> Canary:
         canary = self._require_active(alias)
+        await self._check_current(canary, *ACTIVE)
         await self._rollback(canary, reason or "rolled back by hand", canary.last_analysis, actor)
         return canary
 
@@ -397,10 +407,37 @@ class CanaryManager:
     # and in order, each on a copy of the canary as it was when the write was asked for.
 
     async def _save(self, canary: Canary, announce: bool = True) -> None:
+        """Write the canary as it is now, if the database still has it as this gateway last saw it; else follow
+        the database's and refuse (``CanaryError`` 409): another gateway paused, aborted or stepped it first."""
         async with self._writes:
-            await asyncio.to_thread(self.records.save, copy.copy(canary))
+            written = copy.copy(canary)
+            saved = await asyncio.to_thread(self.records.save, written)
+        if not saved:
+            await self._check_current(canary)  # raises, having followed the database
+        canary.seen = written.seen
         if announce:  # a new state, step or window: the other gateways follow at once
             self.announce(CANARIES)
+
+    async def _check_current(self, canary: Canary, *states: State) -> None:
+        """Refuse (``CanaryError`` 409) to act on ``canary`` unless it is still this alias's canary, in one of
+        ``states`` (any, when none are named), with the state and step the database has; a canary the database
+        has otherwise is followed first."""
+        mine = self.active.get(canary.alias) is canary and (not states or canary.state in states)
+        fresh = await asyncio.to_thread(self.records.get, canary.id)
+        if mine and (fresh.state, fresh.step) == canary.seen:
+            return
+        if (fresh.state, fresh.step) != canary.seen:
+            if fresh.state in ACTIVE:
+                self.active[fresh.alias] = fresh
+            else:
+                self.active.pop(fresh.alias, None)
+                self._drop_samples(fresh.id)
+                self.registry.forget()
+        raise CanaryError(
+            ErrorCode.CANARY_STATE,
+            f"the canary of {canary.alias!r} changed meanwhile (now {fresh.state}, step {fresh.step + 1}); "
+            "read it again",
+        )
 
     async def _event(
         self, canary: Canary, action: str, reason: str, numbers: dict[str, Any] | None = None, actor: str = "canary"

@@ -8,14 +8,14 @@ Plain values, importing nothing of the gateway but the canary's config
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from serving.canary.analysis import CanaryConfig
 from serving.errors import APIError
 
 State = Literal["running", "paused", "promoted", "rolled_back", "aborted"]
-ACTIVE = ("running", "paused")
+ACTIVE: tuple[State, ...] = ("running", "paused")
 Variant = Literal["stable", "canary"]
 
 
@@ -36,6 +36,9 @@ class Canary:
     step_started_at: float
     created_at: float
     last_analysis: dict[str, Any] | None = None
+    # The state and step as the database last had them (read or written by this gateway): a write is made only
+    # if they are still so, so one gateway never writes over another's pause, abort or step.
+    seen: tuple[str, int] | None = field(default=None, compare=False)
 
     @property
     def weight(self) -> float:

@@ -78,18 +78,27 @@ class CanaryRecords:
         assert inserted is not None
         return self.get(int(inserted[0]))
 
-    def save(self, canary: Canary) -> None:
+    def save(self, canary: Canary) -> bool:
+        """Write the canary's state, step, window and analysis, if the database still has the state and step
+        this gateway last saw (``Canary.seen``); ``False`` when another gateway changed them first (nothing is
+        written: read it again)."""
+        where = [canaries_table.c.id == canary.id]
+        if canary.seen is not None:
+            where += [canaries_table.c.state == canary.seen[0], canaries_table.c.step == canary.seen[1]]
         with self.db.begin() as db:
-            db.execute(
+            written = db.execute(
                 sa.update(canaries_table)
-                .where(canaries_table.c.id == canary.id)
+                .where(*where)
                 .values(
                     state=canary.state,
                     step=canary.step,
                     step_started_at=canary.step_started_at,
                     last_analysis=json.dumps(canary.last_analysis) if canary.last_analysis else None,
                 )
-            )
+            ).rowcount
+        if written:
+            canary.seen = (canary.state, canary.step)
+        return bool(written)
 
     def share(self, canary_id: int, window: float, replica: str, windows: dict[str, str]) -> None:
         """This gateway's samples of a canary's window, per variant (``Window.to_json``), replacing its last."""
@@ -165,7 +174,7 @@ class CanaryRecords:
 
 
 def _canary(row: Any) -> Canary:
-    return Canary(
+    canary = Canary(
         row.id,
         row.alias,
         row.candidate,
@@ -178,3 +187,5 @@ def _canary(row: Any) -> Canary:
         row.created_at,
         json.loads(row.last_analysis) if row.last_analysis else None,
     )
+    canary.seen = (canary.state, canary.step)
+    return canary

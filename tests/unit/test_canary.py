@@ -17,6 +17,7 @@ from serving.app import build_app
 from serving.canary.analysis import CanaryConfig, Window, analyze, user_point
 from serving.config import GatewaySettings
 from serving.records import RequestRecord
+from serving.state.canaries import CanaryRecords
 from serving.state.tenants import TenantStore
 from tests.conftest import make_adapter
 from tests.fakes import ADMIN_KEY, FakeEngine, assert_openai_error, fake_base
@@ -404,3 +405,27 @@ def test_a_promotion_committed_by_a_gateway_that_died_is_finished_once(gw) -> No
     assert store.is_retired(store.get("orders", 1)) and store.stable("orders").version == 2
     events = client.get("/admin/canaries/orders/events", headers=ADMIN).json()["data"]
     assert events[-1]["action"] == "promote" and "stopped before recording it" in events[-1]["reason"]
+
+
+@pytest.mark.parametrize("elsewhere", ["aborted", "paused"])
+def test_what_another_gateway_did_to_a_canary_is_never_written_over(gw, elsewhere: str) -> None:
+    """Another gateway aborts (or pauses) the canary while this one, which has not heard of it, analyses a
+    window that would promote: nothing is written back over it, and nothing is promoted."""
+    client, _, key = gw
+    assert start(client, steps=[50, 100], min_samples=10, max_latency_ratio=100).status_code == 201
+    for i in range(60):
+        send(client, key, f"user-{i}")
+    state = client.app.state.gateway  # type: ignore[attr-defined]
+    other = CanaryRecords(state.tenants.engine)  # another gateway's view of the same database
+    theirs = other.get(status(client)["id"])
+    theirs.state = elsewhere  # type: ignore[assignment]
+    assert other.save(theirs)
+    tick(client)
+    assert other.get(theirs.id).state == elsewhere  # not written back to running
+    assert state.adapters.store.stable("orders").version == 1  # and not promoted
+    followed = state.canaries.active.get("orders")
+    assert (followed.state if followed else "aborted") == elsewhere  # this gateway now follows the database
+    mine = state.canaries.active.get("orders")
+    if mine is not None:  # paused: an action based on what this gateway saw before is refused, not applied
+        mine.seen = ("running", 0)
+        assert_openai_error(client.post("/admin/canaries/orders/promote", json={}, headers=ADMIN), 409, "canary_state")
