@@ -70,6 +70,7 @@ async def prepare(
     policy = await state.policies.aget(alias)
     plan = JsonPlan.for_request(body, target.output_schema, policy, json_mode, tools)
     record.json_mode = plan.mode
+    record.json_judged = json_mode is None and plan.source in ("alias", "adapter")
     body["model"] = target.engine_model
     if route == CHAT and target.chat_template is not None:
         body["chat_template"] = target.chat_template

@@ -39,6 +39,9 @@ class RequestRecord:
     completion_tokens: int | None = None
     client_max_tokens: bool = False  # the client set max_tokens itself (an answer cut there is its choice)
     json_mode: str | None = None
+    # The answer was checked against the alias's own schema in the alias's own mode, not one the client chose:
+    # only such verdicts judge a canary (a tenant cannot steer one with schemas of its own).
+    json_judged: bool = False
     json_outcomes: list[str] = field(default_factory=list)
     rejection: str | None = None
     error_code: str | None = None

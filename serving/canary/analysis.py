@@ -60,9 +60,10 @@ class Window:
     ttft: list[float] = field(default_factory=list)
 
     def add(self, record: RequestRecord) -> None:
-        """One request's sample. What the client chose does not count against the version: its 4xx, and the
-        JSON verdict of an answer cut by its own ``max_tokens``; latency is per output token, so a client
-        asking for short answers (or long ones) does not move it."""
+        """One request's sample. What the client chose does not count against the version: its 4xx, the JSON
+        verdict of a schema or JSON mode it chose itself (only the alias's own are judged), and of an answer cut
+        by its own ``max_tokens``; latency is per output token, so a client asking for short answers (or long
+        ones) does not move it."""
         if 400 <= record.status < 500 or record.status == 499:
             return  # the client's mistake (or its disconnect) says nothing about the version
         self.requests += 1
@@ -78,6 +79,8 @@ class Window:
             self.per_token.append(per_token)
         if record.ttft is not None:
             self.ttft.append(record.ttft)
+        if not record.json_judged:
+            return  # a schema or a JSON mode the client chose: its verdict is about the client's choice
         for outcome in record.json_outcomes:
             if outcome == "truncated" and record.client_max_tokens:
                 self.cut_by_client += 1

@@ -39,6 +39,7 @@ def window(
     tokens: int = 20,
     outcome: str = "invalid_json",
     client_max_tokens: bool = False,
+    judged: bool = True,
 ) -> Window:
     rng = random.Random(n * 7 + errors)
     w = Window()
@@ -50,6 +51,7 @@ def window(
         if i < streams:
             record.stream, record.first_token = True, 0.1 * latency
         record.json_outcomes = ["valid" if valid is None or i < valid else outcome]
+        record.json_judged = judged
         w.add(record)
     return w
 
@@ -103,6 +105,32 @@ def test_a_client_cannot_steer_the_canary_with_its_own_max_tokens() -> None:
     # An answer the adapter itself let run to the gateway's limit is still a failure of the adapter.
     rambling = window(200, valid=0, outcome="truncated")
     assert analyze(window(200, valid=199), rambling, CONFIG).decision == "rollback"
+
+
+def test_a_client_cannot_steer_the_canary_with_schemas_of_its_own() -> None:
+    """Answers to a schema (or a JSON mode) the client chose are not the version's validity: sending unsatisfiable
+    schemas from users on one arm rolls nothing back (and could have forced a rollback before)."""
+    steered = window(200, valid=0, outcome="schema_mismatch", judged=False)
+    assert steered.checked == 0
+    result = analyze(window(200, valid=199), steered, CONFIG)
+    assert result.decision == "wait" and "JSON-checked" in result.reason  # no verdict of its own yet: no decision
+    assert analyze(window(200, valid=199), window(200, valid=0, outcome="schema_mismatch"), CONFIG).decision == (
+        "rollback"
+    )  # the alias's own schema failing is still the version's failure
+
+
+def test_only_the_aliases_own_schema_and_mode_are_judged(gw) -> None:
+    client, _, key = gw
+    records: list[RequestRecord] = []
+    state = client.app.state.gateway  # type: ignore[attr-defined]
+    state.canaries.observe = lambda canary_id, variant, record: records.append(record)
+    assert start(client, steps=[50, 100]).status_code == 201
+    own = {"model": "orders", "messages": [{"role": "user", "content": "hi"}], "user": "u1"}
+    theirs = own | {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}}}
+    mode = own | {"lorafleet": {"json_mode": "validate"}}
+    for body in (own, theirs, mode):
+        assert client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}).is_success
+    assert [r.json_judged for r in records] == [True, False, False]
 
 
 @pytest.mark.parametrize(
