@@ -23,7 +23,7 @@ import os
 import secrets
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from serving.engines.protocol import Engine
 from serving.engines.specs import EngineSpec, engine_specs
 from serving.engines.vllm import VLLMEngine
 from serving.metrics import GatewayMetrics, StateCollector
+from serving.outputs.schemas import SchemaChecks
 from serving.state.canaries import CanaryRecords
 from serving.state.changes import CANARIES, POLICIES, SERVING, TENANTS, ChangeFeed, announcer
 from serving.state.leadership import Leadership
@@ -61,6 +62,7 @@ class Gateway:
     policies: AliasPolicies
     metrics: GatewayMetrics
     canaries: CanaryManager
+    schema_checks: SchemaChecks = field(default_factory=SchemaChecks)  # client schemas, one per tenant at a time
     instance: str = ""  # this process's id, in /healthz and data_dir/gateway.json
     changes: ChangeFeed | None = None  # several gateways on PostgreSQL: how this one hears the others' writes
 
@@ -74,6 +76,7 @@ class Gateway:
         async with AsyncExitStack() as stack:
             last_good: dict[str, list[str]] = {}  # each discovered entry's addresses when DNS last answered
             gateway, declared, dynamic = await cls._build(settings, metrics, engine, last_good)
+            stack.callback(gateway.schema_checks.close)
             if isinstance(gateway.limiter, RedisLimiter):
                 stack.push_async_callback(gateway.limiter.close)
             fleet = gateway.engine

@@ -10,6 +10,13 @@ backreferences: the gateway checks answers with RE2, in linear time), or nest
 quantifiers (``(a+)+``, ``(a|aa)*``: the shapes that backtrack catastrophically
 in the engine's own regex handling). The check itself runs off the event loop
 and is cut at ``COMPILE_TIMEOUT_S``.
+
+A request's checks run on ``SchemaChecks``: a few threads of their own (not
+the pool every other blocking call shares), at most one check per tenant at a
+time, held until its thread is really done (a check cut at the timeout keeps
+running). A tenant sending one heavy schema after another queues behind itself
+and is refused when its own queue outlasts the budget; another tenant's check
+finds a thread free.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import asyncio
 import json
 import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from jsonschema import SchemaError
@@ -49,11 +57,51 @@ async def bounded(check: Callable[[], None], param: str) -> None:
     try:
         await asyncio.wait_for(asyncio.to_thread(check), COMPILE_TIMEOUT_S)
     except TimeoutError as exc:
-        raise APIError(
-            ErrorCode.SCHEMA_REFUSED,
-            f"{param} schema refused: compiling it took longer than {COMPILE_TIMEOUT_S:g} s.",
-            param=param,
-        ) from exc
+        raise _too_slow(param) from exc
+
+
+class SchemaChecks:
+    """Client schema checks on ``threads`` threads of their own, one per tenant at a time (see the module's
+    docstring). ``close`` when the gateway stops."""
+
+    def __init__(self, threads: int = 2) -> None:
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="schema-check")
+        self._tenants: dict[int, asyncio.Semaphore] = {}
+
+    async def run(self, tenant_id: int, check: Callable[[], None], param: str) -> None:
+        """``check`` for ``tenant_id``, refused (``schema_refused``) when the tenant's turn and the check together
+        take over ``COMPILE_TIMEOUT_S``."""
+        turn = self._tenants.setdefault(tenant_id, asyncio.Semaphore(1))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + COMPILE_TIMEOUT_S
+        try:
+            await asyncio.wait_for(turn.acquire(), COMPILE_TIMEOUT_S)
+        except TimeoutError as exc:
+            raise _too_slow(param) from exc
+        work = loop.run_in_executor(self._pool, check)
+        work.add_done_callback(lambda _: turn.release())  # the tenant's turn ends when the thread is done
+        try:
+            await asyncio.wait_for(asyncio.shield(work), max(0.0, deadline - loop.time()))
+        except TimeoutError as exc:
+            work.add_done_callback(_consume)
+            raise _too_slow(param) from exc
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _consume(work: asyncio.Future[None]) -> None:
+    """A check cut at the timeout: its outcome, when it comes, is nobody's (and no 'never retrieved' warning)."""
+    if not work.cancelled():
+        work.exception()
+
+
+def _too_slow(param: str) -> APIError:
+    return APIError(
+        ErrorCode.SCHEMA_REFUSED,
+        f"{param} schema refused: compiling it took longer than {COMPILE_TIMEOUT_S:g} s.",
+        param=param,
+    )
 
 
 def check_client_schema(schema: Any, param: str = "response_format") -> None:

@@ -439,6 +439,15 @@ def test_leaving_early_is_no_way_around_the_tokens_per_minute(gateway) -> None:
     assert_openai_error(chat(client, keys["acme"]), 429, "token_rate_limit_exceeded")
 
 
+def test_a_tenant_over_its_limits_gets_429_before_its_schemas_are_checked(gateway) -> None:
+    client, _, keys = gateway
+    admin(client, "PATCH", "/tenants/acme", json={"limits": {"requests_per_minute": 1}})
+    assert chat(client, keys["acme"]).status_code == 200
+    hostile = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
+    # Checking it would be a 400: over the limit, no work is done on it at all.
+    assert_openai_error(chat(client, keys["acme"], response_format=hostile), 429, "rate_limit_exceeded")
+
+
 def test_body_over_the_limit_is_413(gateway) -> None:
     client, engine, keys = gateway
     sent = len(engine.requests)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from typing import Any
 
@@ -14,7 +15,7 @@ from contract.tools import TOOLS_FORMAT
 from serving.errors import APIError, ErrorCode
 from serving.outputs.jsoncheck import JsonCheck, JsonPlan
 from serving.outputs.modes import AliasPolicy
-from serving.outputs.schemas import bounded, check_client_schema
+from serving.outputs.schemas import SchemaChecks, bounded, check_client_schema
 from serving.outputs.toolcalls import ToolPlan, ToolStream, check_tools
 from tests.conftest import orders_schema
 
@@ -124,6 +125,33 @@ def test_a_check_that_takes_too_long_is_cut_in_bounded_time(monkeypatch: pytest.
         asyncio.run(bounded(slow, "tools"))
     assert refused.value.code is ErrorCode.SCHEMA_REFUSED and "longer than" in refused.value.message
     assert refused.value.param == "tools"
+
+
+def test_one_tenants_slow_schemas_never_hold_up_anothers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tenant 1 sends ten schemas that each take 2 s to check; tenant 2's quick one still runs at once: a tenant
+    holds one of the checks' own threads at a time (until its check really ends), and its queue is its own."""
+    import serving.outputs.schemas as schemas
+
+    monkeypatch.setattr(schemas, "COMPILE_TIMEOUT_S", 0.5)
+    release = threading.Event()
+
+    def slow() -> None:
+        release.wait(5)
+
+    async def run() -> list[BaseException | None]:
+        checks = SchemaChecks(threads=2)
+        try:
+            flood = [asyncio.ensure_future(checks.run(1, slow, "tools")) for _ in range(10)]
+            await asyncio.sleep(0.05)
+            # In a shared pool this would queue behind the flood and be refused at the budget; it is not.
+            await checks.run(2, lambda: None, "response_format")
+            return list(await asyncio.gather(*flood, return_exceptions=True))
+        finally:
+            release.set()
+            checks.close()
+
+    outcomes = asyncio.run(run())
+    assert all(isinstance(o, APIError) and o.code is ErrorCode.SCHEMA_REFUSED for o in outcomes)
 
 
 def test_tools_become_a_call_schema_and_the_prompt_carries_them() -> None:

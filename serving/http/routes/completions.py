@@ -36,7 +36,7 @@ from serving.http.deps import StateDep, TenantDep
 from serving.http.observe import record_of
 from serving.http.protocol import ChatRequest, GatewayOptions, RequestBase, TextRequest
 from serving.http.relay import engine_failed, full_response, stream_response
-from serving.outputs.schemas import bounded, check_client_schema
+from serving.outputs.schemas import check_client_schema
 from serving.outputs.toolcalls import check_tools
 from serving.plan import BASE_ALIAS, CHAT, prepare
 from serving.records import RequestRecord
@@ -85,8 +85,6 @@ async def _proxy(route: str, req: RequestBase, tenant: Tenant, state: Gateway, r
     record.tenant, record.stream = tenant.name, req.stream
     record.client_max_tokens = req.max_tokens is not None or getattr(req, "max_completion_tokens", None) is not None
     body, sequences = _client_body(req, tenant, state.settings)
-    if "tools" in body or (body.get("response_format") or {}).get("type") == "json_schema":
-        await bounded(lambda: _check_schemas(body), "response_format" if "tools" not in body else "tools")
     alias = req.model or tenant.default_alias
     if not alias:
         raise APIError(
@@ -97,6 +95,9 @@ async def _proxy(route: str, req: RequestBase, tenant: Tenant, state: Gateway, r
         most = most_tokens(body, sequences, state.settings.max_model_len)
         record.on_end.append(lambda r: state.limiter.charge(tenant, tokens_used(r, most)))
     try:
+        if "tools" in body or (body.get("response_format") or {}).get("type") == "json_schema":  # after the limits
+            param = "response_format" if "tools" not in body else "tools"
+            await state.schema_checks.run(tenant.id, lambda: _check_schemas(body), param)
         options = req.lorafleet or GatewayOptions()
         user = _user(request, body, tenant)
         call = await prepare(
