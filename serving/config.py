@@ -102,6 +102,14 @@ class GatewaySettings(CommonSettings):
     max_upload_bytes: int = Field(
         default=256 << 20, description="Largest adapter archive the admin API accepts (packed and unpacked)."
     )
+    max_answer_entries: int = Field(
+        default=131_072,
+        ge=1024,
+        description=(
+            "Largest whole (non-streamed) answer: sequences × max_tokens (the model's length when unset) × (1 + "
+            "top_logprobs); larger ones get 400 answer_too_large (streams are not bounded by it)."
+        ),
+    )
     header_timeout_s: float = Field(
         default=10.0, gt=0, description="Time a client has to send a request's headers; then the connection closes."
     )

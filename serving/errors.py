@@ -69,6 +69,7 @@ class ErrorCode(StrEnum):
     TOO_MANY_SEQUENCES = "too_many_sequences", 400, "`n` × prompts above `LORAFLEET_MAX_SEQUENCES`."
     SEQUENCES_OVER_LIMIT = "sequences_over_limit", 400, "More sequences (n × prompts) than the tenant's limits allow."
     MAX_TOKENS_OVER_LIMIT = "max_tokens_over_limit", 400, "`max_tokens` above the tenant's limit."
+    ANSWER_TOO_LARGE = "answer_too_large", 400, "A non-streamed answer over `LORAFLEET_MAX_ANSWER_ENTRIES`: stream it."
     SCHEMA_REFUSED = "schema_refused", 400, "A JSON Schema too large, too deep or not checkable in bounded time."
     INVALID_TOOLS = "invalid_tools", 400, "`tools` or `tool_choice` not in OpenAI's shape."
     TOOLS_UNSUPPORTED = "tools_unsupported", 400, "`tools` sent to an alias not trained on function calls."

@@ -382,13 +382,16 @@ def demo_keys(settings: CommonSettings, extra_grants: dict[str, list[str]] | Non
 
     Keys are created once and kept in data_dir/demo-keys/<tenant>.key (0600) so they can be shown again.
     """
-    from serving.state.tenants import TenantStore
+    from serving.state.tenants import DEFAULT_LIMITS, TenantStore
 
     tenants = TenantStore(settings.state_url)
     keys = {}
     for name in DEMO_ALIASES:
         key_file = settings.data_dir / "demo-keys" / f"{name}.key"
-        tenant = tenants.get(name) or tenants.create(name)
+        tenant = tenants.get(name)
+        if tenant is None:  # a new demo tenant gets the default budget per request, as any new tenant does
+            tenants.create(name)
+            tenant = tenants.set_limits(name, DEFAULT_LIMITS)
         tenants.grant(tenant, name)
         tenants.grant(tenant, BASE_ALIAS)
         for alias in (extra_grants or {}).get(name, []):

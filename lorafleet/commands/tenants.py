@@ -70,19 +70,18 @@ def tenants_create(
     admin_key: AdminKeyOpt = None,
 ) -> None:
     """Create a tenant, grant it aliases, set its limits, and print its API key (shown once)."""
-    from serving.state.tenants import Limits
+    from serving.state.tenants import DEFAULT_LIMITS, Limits
 
     client = gateway_client(CommonSettings(), admin_key)
     if client is not None:
-        created = admin_call(client.create_tenant, name, alias or [], _limits(rpm, concurrent, max_tokens, tpm))
+        given = {k: v for k, v in _limits(rpm, concurrent, max_tokens, tpm).items() if v is not None}  # rest: defaults
+        created = admin_call(client.create_tenant, name, alias or [], given)
         console.print(created["api_key"], highlight=False)
         return
     store = _store()
-    tenant = _local(store.create, name)
-    for a in alias or []:
-        store.grant(tenant, a)
-    _local(store.set_limits, name, Limits(rpm, concurrent, max_tokens, tpm))
-    console.print(store.issue_key(tenant), highlight=False)
+    limits = Limits(rpm, concurrent, max_tokens if max_tokens is not None else DEFAULT_LIMITS.max_tokens, tpm)
+    _, key = _local(store.enroll, name, alias or [], limits)
+    console.print(key, highlight=False)
 
 
 @app.command("list")

@@ -51,6 +51,17 @@ class Limits:
     tokens_per_minute: int | None = None  # prompt + completion tokens, charged when each request ends
 
 
+# A new tenant's limits unless others are given: a budget per request (every sequence's max_tokens together), so
+# that nobody can hold the engine with n=16 × max_tokens=2048 by default. None of the rest: rates are per-business.
+DEFAULT_LIMITS = Limits(max_tokens=4096)
+
+
+def _check_limits(limits: Limits) -> None:
+    for field_name, value in vars(limits).items():
+        if value is not None and value < 1:
+            raise TenantError(f"{field_name} must be at least 1 (or unset for no limit), got {value}")
+
+
 @dataclass(frozen=True)
 class Tenant:
     id: int
@@ -128,6 +139,37 @@ class TenantStore:
 
     # -- tenants -------------------------------------------------------------------------------
 
+    def enroll(
+        self, name: str, aliases: list[str] | tuple[str, ...] = (), limits: Limits | None = None
+    ) -> tuple[Tenant, str]:
+        """A new tenant with its grants, its limits (``None``: ``DEFAULT_LIMITS``) and its first API key, in one
+        transaction: every name is checked first, and a refusal leaves nothing (a retry is not "already exists")."""
+        check_name(name)
+        bad = [alias for alias in aliases if not NAME_RE.match(alias)]
+        if bad:
+            raise TenantError(f"invalid alias names {bad}: use 1-63 lowercase letters, digits, '-' or '_'")
+        limits = DEFAULT_LIMITS if limits is None else limits
+        _check_limits(limits)
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        now = datetime.now(UTC)
+        with self._write() as db:
+            if db.execute(sa.select(tenants_table.c.id).where(tenants_table.c.name == name)).first():
+                raise TenantError(f"tenant {name!r} already exists")
+            inserted = db.execute(
+                tenants_table.insert().values(name=name, disabled=False, created_at=now, **vars(limits))
+            ).inserted_primary_key
+            if not inserted:
+                raise TenantError(f"tenant {name!r} was not created")
+            tenant_id = inserted[0]
+            for alias in dict.fromkeys(aliases):
+                db.execute(grants_table.insert().values(tenant_id=tenant_id, alias=alias))
+            db.execute(
+                keys_table.insert().values(
+                    tenant_id=tenant_id, key_hash=_hash(key), key_id=key_id_of(key), created_at=now
+                )
+            )
+        return self.require(name), key
+
     def create(self, name: str) -> Tenant:
         check_name(name)
         with self._write() as db:
@@ -165,9 +207,7 @@ class TenantStore:
         return self._update(name, default_alias=alias)
 
     def set_limits(self, name: str, limits: Limits) -> Tenant:
-        for field_name, value in vars(limits).items():
-            if value is not None and value < 1:
-                raise TenantError(f"{field_name} must be at least 1 (or unset for no limit), got {value}")
+        _check_limits(limits)
         return self._update(name, **vars(limits))
 
     def _update(self, name: str, **values: Any) -> Tenant:

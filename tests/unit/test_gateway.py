@@ -23,7 +23,7 @@ from serving.app import build_app
 from serving.config import GatewaySettings
 from serving.outputs.modes import AliasPolicy
 from serving.state.policies import AliasPolicies
-from serving.state.tenants import TenantStore, key_id_of
+from serving.state.tenants import DEFAULT_LIMITS, TenantStore, key_id_of
 from tests.conftest import make_adapter
 from tests.fakes import ADMIN_KEY, FakeEngine, assert_openai_error, chat, fake_base, leave_after, tar_of
 
@@ -446,6 +446,36 @@ def test_a_tenant_over_its_limits_gets_429_before_its_schemas_are_checked(gatewa
     hostile = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
     # Checking it would be a 400: over the limit, no work is done on it at all.
     assert_openai_error(chat(client, keys["acme"], response_format=hostile), 429, "rate_limit_exceeded")
+
+
+def test_a_new_tenant_gets_a_budget_per_request_unless_told_otherwise(gateway) -> None:
+    client, _, _ = gateway
+    plain = admin(client, "POST", "/tenants", json={"name": "plain", "aliases": ["orders"]}).json()
+    assert plain["limits"]["max_tokens"] == DEFAULT_LIMITS.max_tokens == 4096
+    unlimited = admin(client, "POST", "/tenants", json={"name": "open", "limits": {"max_tokens": None}}).json()
+    assert unlimited["limits"]["max_tokens"] is None  # said so explicitly
+    big = {"n": 16, "max_tokens": 2048}
+    assert_openai_error(chat(client, plain["api_key"], **big), 400, "max_tokens_over_limit")
+
+
+def test_a_tenant_is_created_whole_or_not_at_all(gateway) -> None:
+    client, _, _ = gateway
+    bad = admin(client, "POST", "/tenants", json={"name": "beta", "aliases": ["orders", "Not An Alias"]})
+    assert_openai_error(bad, 400, "tenant_refused")
+    assert "Not An Alias" in bad.json()["error"]["message"]
+    assert_openai_error(admin(client, "GET", "/tenants/beta"), 404, "tenant_not_found")  # nothing half-made
+    again = admin(client, "POST", "/tenants", json={"name": "beta", "aliases": ["orders"]})
+    assert again.status_code == 201 and chat(client, again.json()["api_key"]).status_code == 200
+
+
+def test_a_whole_answer_is_bounded_in_tokens_and_logprobs_and_a_stream_is_not(gateway) -> None:
+    client, _, keys = gateway  # acme has no limits at all
+    huge = {"n": 16, "logprobs": True, "top_logprobs": 20}  # no max_tokens: the model's length each
+    error = assert_openai_error(chat(client, keys["acme"], **huge), 400, "answer_too_large")
+    assert "stream it" in error["message"] and error["param"] == "top_logprobs"
+    streamed = chat(client, keys["acme"], stream=True, **huge)
+    assert streamed.status_code == 200
+    assert chat(client, keys["acme"], n=2, max_tokens=64, logprobs=True, top_logprobs=5).status_code == 200
 
 
 def test_body_over_the_limit_is_413(gateway) -> None:

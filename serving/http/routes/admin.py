@@ -37,7 +37,7 @@ from serving.http.archive import ArchiveError, discard, unpack
 from serving.http.deps import AdminDep, JsonPostDep, StateDep
 from serving.outputs.modes import AliasPolicy, JsonMode
 from serving.outputs.schemas import check_client_schema_bounded
-from serving.state.tenants import Limits, TenantError, TenantNotFound, key_id_of
+from serving.state.tenants import DEFAULT_LIMITS, Limits, TenantError, TenantNotFound, key_id_of
 
 log = logging.getLogger("lorafleet.admin")
 
@@ -95,12 +95,10 @@ def list_tenants(state: StateDep) -> dict[str, Any]:
 @router.post("/tenants", status_code=201)
 def create_tenant(body: TenantCreate, state: StateDep) -> dict[str, Any]:
     """Create a tenant with its grants and limits; the response holds its first API key (shown once)."""
+    # A limit left out gets the default (max_tokens: DEFAULT_LIMITS); one given as null is no limit.
+    limits = vars(DEFAULT_LIMITS) | body.limits.model_dump(include=body.limits.model_fields_set)
     try:
-        tenant = state.tenants.create(body.name)
-        for alias in body.aliases:
-            state.tenants.grant(tenant, alias)
-        tenant = state.tenants.set_limits(body.name, Limits(**body.limits.model_dump()))
-        key = state.tenants.issue_key(tenant)
+        tenant, key = state.tenants.enroll(body.name, body.aliases, Limits(**limits))
     except TenantError as exc:
         raise _refused(exc) from exc
     return tenant.as_dict() | {"api_key": key}

@@ -195,7 +195,26 @@ def _client_body(req: RequestBase, tenant: Tenant, settings: GatewaySettings) ->
     body = req.model_dump(exclude_none=True)
     body.pop("lorafleet", None)
     cap_max_tokens(body, tenant, sequences)
+    if not req.stream:
+        _check_answer_size(body, sequences, settings)
     return body, sequences
+
+
+def _check_answer_size(body: dict[str, Any], sequences: int, settings: GatewaySettings) -> None:
+    """A whole (non-streamed) answer is held and parsed at once: bounded in tokens and log-probabilities
+    (sequences × max_tokens × (1 + top_logprobs)); a stream has no such bound."""
+    top = body.get("top_logprobs") if body.get("logprobs") is True else body.get("logprobs")
+    per_token = 1 + (top if isinstance(top, int) and not isinstance(top, bool) else 0)
+    tokens = body.get("max_completion_tokens") or body.get("max_tokens") or settings.max_model_len
+    entries = sequences * int(tokens) * per_token
+    if entries > settings.max_answer_entries:
+        raise APIError(
+            ErrorCode.ANSWER_TOO_LARGE,
+            f"A whole answer of {sequences} sequences × {tokens} tokens × {per_token} log-probabilities "
+            f"({entries}) is over the limit of {settings.max_answer_entries}: stream it ('stream': true), or ask "
+            "for fewer sequences, tokens or top_logprobs.",
+            param="max_tokens" if per_token == 1 else "top_logprobs",
+        )
 
 
 def _check_schemas(body: dict[str, Any]) -> None:
