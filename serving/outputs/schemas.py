@@ -143,6 +143,50 @@ def check_client_schema(schema: Any, param: str = "response_format") -> None:
         check_schema(schema)
     except SchemaError as exc:
         raise refuse(f"not a valid JSON Schema ({exc.message})") from exc
+    _check_refs(schema, refuse)
+
+
+def _check_refs(schema: dict[str, Any], refuse: Any) -> None:
+    """Every ``$ref`` points into the schema itself (``#...``) at something that exists, and no chain of them comes
+    back to where it began without a keyword in between (``{"$ref": "#/$defs/a"}`` defined as itself): such a
+    schema describes nothing, and the engine's grammar compiler fails on it. Recursion through a structure (a tree
+    whose children are ``{"$ref": "#"}``) is fine."""
+    stack: list[Any] = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str):
+                seen: list[str] = []
+                while isinstance(ref, str):
+                    if ref in seen:
+                        raise refuse(f"its $ref chain loops ({' -> '.join([*seen, ref])}); define what it refers to")
+                    seen.append(ref)
+                    target = _resolve(schema, ref)
+                    if target is None:
+                        raise refuse(f"$ref {ref!r} points at nothing in the schema (only local '#/...' refs resolve)")
+                    ref = target.get("$ref") if isinstance(target, dict) and len(target) == 1 else None
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+def _resolve(schema: dict[str, Any], ref: str) -> Any:
+    """The part of ``schema`` a local JSON pointer ``#/a/b`` names (``None``: none, or not a local ref)."""
+    if ref == "#":
+        return schema
+    if not ref.startswith("#/"):
+        return None
+    node: Any = schema
+    for part in ref[2:].split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
 
 
 def _check_pattern(pattern: str, refuse: Any) -> None:

@@ -103,6 +103,10 @@ def test_a_stream_is_judged_once_whole_in_a_last_event() -> None:
         ({"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(2000)}}, "properties"),
         ({"type": "string", "pattern": "(?=lookahead)"}, "pattern"),
         ({"type": "nonsense"}, "not a valid JSON Schema"),
+        ({"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}, "loops"),  # seen on the wire: a 502
+        ({"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}, "loops"),
+        ({"type": "object", "properties": {"x": {"$ref": "#/$defs/missing"}}}, "points at nothing"),
+        ({"$ref": "https://example.com/schema.json"}, "points at nothing"),
     ],
 )
 def test_a_hostile_client_schema_is_refused_with_its_code(schema: Any, says: str) -> None:
@@ -111,6 +115,15 @@ def test_a_hostile_client_schema_is_refused_with_its_code(schema: Any, says: str
     error = refused.value
     assert (error.code, error.status, error.param) == (ErrorCode.SCHEMA_REFUSED, 400, "response_format")
     assert says in error.message
+
+
+def test_a_recursive_structure_is_a_fine_schema() -> None:
+    tree = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "children": {"type": "array", "items": {"$ref": "#"}}},
+        "$defs": {"leaf": {"type": "string"}, "alias": {"$ref": "#/$defs/leaf"}},
+    }
+    check_client_schema(tree)  # no refusal
 
 
 def test_a_check_that_takes_too_long_is_cut_in_bounded_time(monkeypatch: pytest.MonkeyPatch) -> None:
