@@ -195,6 +195,12 @@ class AdapterStore:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and ALIAS_RE.match(p.name))
 
     def versions(self, alias: str) -> list[AdapterVersion]:
+        """The alias's versions, oldest first: only whole ones (a number claimed by a publish whose files are not
+        in yet, or whose publisher died, is no version)."""
+        return [v for v in self._claimed(alias) if (v.path / MANIFEST_FILE).is_file()]
+
+    def _claimed(self, alias: str) -> list[AdapterVersion]:
+        """Every version number taken in the alias's folder, whole or not."""
         alias_dir = self.root / check_alias(alias)
         if not alias_dir.is_dir():
             return []
@@ -207,7 +213,7 @@ class AdapterStore:
 
     def get(self, alias: str, version: int) -> AdapterVersion:
         path = self.root / check_alias(alias) / str(version)
-        if not path.is_dir():
+        if not (path / MANIFEST_FILE).is_file():
             raise VersionNotFound(f"no version {version} of adapter {alias!r} in {self.root}")
         return AdapterVersion(alias, version, path)
 
@@ -341,11 +347,12 @@ class AdapterStore:
             alias_dir = self.root / alias
             alias_dir.mkdir(exist_ok=True)
             while True:
-                latest = self.latest(alias)
-                version = (latest.version if latest else 0) + 1
+                claimed = self._claimed(alias)  # numbers taken, whole or not: never one claimed by another publish
+                version = (claimed[-1].version if claimed else 0) + 1
                 target = alias_dir / str(version)
                 try:
-                    # mkdir claims the number; a concurrent publisher gets FileExistsError.
+                    # mkdir claims the number (a concurrent publisher gets FileExistsError); readers see no version
+                    # there until the files are renamed in with the folder, whole (``versions``).
                     target.mkdir()
                 except FileExistsError:
                     continue

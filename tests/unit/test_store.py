@@ -109,6 +109,20 @@ def test_a_failed_rename_leaves_no_empty_version(tmp_path: Path, monkeypatch: py
     assert [v.version for v in store.versions("orders")] == [1] and store.serving("orders").version == 1  # type: ignore[union-attr]
 
 
+def test_a_version_appears_whole_or_not_at_all(tmp_path: Path) -> None:
+    """A number claimed by a publish whose files are not in yet (or whose publisher died between the claim and
+    the rename) is no version: not the newest, not gettable, not served; the next publish takes the number after."""
+    store = AdapterStore(tmp_path / "store")
+    store.publish(make_adapter(tmp_path / "a1"), "orders")
+    (store.root / "orders" / "2").mkdir()  # claimed, still empty
+    assert store.latest("orders").version == 1 and [v.version for v in store.versions("orders")] == [1]
+    assert store.serving("orders").version == 1
+    with pytest.raises(StoreError):
+        store.get("orders", 2)
+    assert store.publish(make_adapter(tmp_path / "a3"), "orders").version == 3
+    assert [v.version for v in store.versions("orders")] == [1, 3]
+
+
 def test_promotions_at_once_have_one_winner_and_the_others_are_told(tmp_path: Path) -> None:
     """Eight writers (gateway replicas) promote different versions at the same moment, each having seen no
     stable version: one wins; every other gets StoreConflict, and the audit trail has one promotion."""
