@@ -266,6 +266,21 @@ class GatewayMetrics:
             return tenant
         return "other"
 
+    def forget_engine(self, engine: str) -> None:
+        """Drop every series labelled with an engine that has left the fleet (discovered pods come and go: their
+        addresses must not pile up as series)."""
+        labelled = {
+            self.failovers: ("engine",),
+            self.engine_loads: ("engine", "outcome"),
+            self.engine_unloads: ("engine", "cause"),
+            self.routed: ("engine", "reason"),
+        }
+        for metric, names in labelled.items():
+            children = {tuple(s.labels[n] for n in names) for family in metric.collect() for s in family.samples}
+            for values in children:
+                if values[0] == engine:
+                    metric.remove(*values)
+
     def adapter_loaded(self, seconds: float, ok: bool, engine: str = "engine") -> None:
         outcome = "success" if ok else "failure"
         self.adapter_loads.labels(outcome).inc()

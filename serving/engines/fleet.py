@@ -160,6 +160,8 @@ class Fleet:
             return
         log.info("engine %s removed", name)
         self.registry.remove_engine(name)
+        if self.registry.metrics is not None:
+            self.registry.metrics.forget_engine(name)
         self.max_loras.pop(name, None)
         self.loads.pop(name, None)
         self.refused.pop(name, None)

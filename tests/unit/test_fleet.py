@@ -316,9 +316,12 @@ def test_discovery_adds_and_removes_engines_as_the_name_resolves(
         assert settles_on(["pool-127-0-0-2"]) and state.engine.several
         answer["addresses"] = ["127.0.0.2", "127.0.0.3"]  # a pod came up
         assert settles_on(["pool-127-0-0-2", "pool-127-0-0-3"])
+        state.metrics.failovers.labels("pool-127-0-0-2").inc()  # series of its own, as routing would make
+        state.metrics.routed.labels("pool-127-0-0-2", "free_slot").inc()
         answer["addresses"] = ["127.0.0.3"]  # the other one went away
         assert settles_on(["pool-127-0-0-3"])
         assert sorted(state.adapters.engines) == ["pool-127-0-0-3"]  # its adapters' side is gone too
+        assert "pool-127-0-0-2" not in client.get("/metrics").text  # and its series: addresses never pile up
 
 
 # -- several base models, and an engine serving one adapter version merged ------------------------------------------
