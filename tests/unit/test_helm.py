@@ -192,6 +192,8 @@ def test_gateway_variables_are_settings_and_the_schema_lists_the_rest() -> None:
             for var in container["env"]:
                 if var["name"].startswith("LORAFLEET_"):
                     assert var["name"].removeprefix("LORAFLEET_").lower() in fields, f"{name}: {var['name']}"
+                elif var["name"] == "HOME":
+                    assert var["value"] == "/tmp"  # caches go to the container's own emptyDir
                 else:
                     assert var["name"] in key_envs, f"{name}: {var['name']} is neither a setting nor an engine key"
     # values.schema.json accepts exactly the settings a user may set through gateway.settings.
@@ -288,6 +290,39 @@ def test_serve_engine_runs_vllm_with_the_gateways_flags(tmp_path: Path, monkeypa
     monkeypatch.setenv("LORAFLEET_DATA_DIR", str(tmp_path / "empty"))  # the base model is not there
     missing = runner.invoke(app, ["serve-engine"])
     assert missing.exit_code == 2 and "not provisioned" in missing.output and len(ran) == 1
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS.items()), ids=list(SCENARIOS))
+def test_every_container_runs_unprivileged_on_a_read_only_root(scenario: tuple[str, dict[str, Any]]) -> None:
+    """GPU engines too: no root, no privilege escalation, no capabilities, a read-only root filesystem, and the
+    places a container writes (data_dir, /tmp) its own emptyDirs."""
+    docs = render(scenario[1])
+    pods = [d["spec"]["template"]["spec"] for d in docs if d["kind"] in ("Deployment", "Job")]
+    assert pods
+    for pod in pods:
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1000
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            security = container["securityContext"]
+            assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
+            assert security["capabilities"]["drop"] == ["ALL"]
+            for mount in container.get("volumeMounts", []):
+                if not mount.get("readOnly"):  # a writable place is a volume of its own, never the image
+                    assert mount["name"] in volumes
+
+
+def test_a_stopping_gateway_lets_its_streams_finish() -> None:
+    """Out of the Service first (preStop), then as long as the engine's timeout for the streams in flight."""
+    docs = render(DATABASE)
+    [deployment] = [d for d in objects(docs, "Deployment") if d["metadata"]["name"].endswith("-gateway")]
+    pod = deployment["spec"]["template"]["spec"]
+    [gateway] = pod["containers"]
+    grace = {e["name"]: e.get("value") for e in gateway["env"]}["LORAFLEET_SHUTDOWN_GRACE_S"]
+    assert int(grace) >= GatewaySettings.model_fields["upstream_timeout_s"].default
+    assert gateway["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
+    assert pod["terminationGracePeriodSeconds"] > int(grace) + int(
+        gateway["lifecycle"]["preStop"]["exec"]["command"][1]
+    )
 
 
 def test_engines_take_traffic_only_from_gateways() -> None:

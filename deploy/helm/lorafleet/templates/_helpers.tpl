@@ -44,6 +44,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{/* Where both volumes are mounted, in every pod: engines load adapters at the paths the gateways name. */}}
 {{- define "lorafleet.volumeMounts" -}}
+{{ include "lorafleet.scratchMounts" . }}
 - name: models
   mountPath: /app/var/models
   readOnly: {{ .readOnlyModels }}
@@ -53,6 +54,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
 {{- define "lorafleet.volumes" -}}
+{{ include "lorafleet.scratchVolumes" . }}
 - name: models
   persistentVolumeClaim:
     claimName: {{ include "lorafleet.modelsClaim" . }}
@@ -92,8 +94,30 @@ seccompProfile:
 
 {{- define "lorafleet.containerSecurity" -}}
 allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true  # what a container writes goes to its own emptyDirs (lorafleet.scratch)
 capabilities:
   drop: [ALL]
+{{- end -}}
+
+{{/* A container's writable places, the root filesystem being read-only: data_dir (/app/var, the volumes mounted
+     inside it) and /tmp, which HOME points into (caches: vLLM's, torch's, Hugging Face's). */}}
+{{- define "lorafleet.scratchMounts" -}}
+- name: var
+  mountPath: /app/var
+- name: tmp
+  mountPath: /tmp
+{{- end -}}
+
+{{- define "lorafleet.scratchVolumes" -}}
+- name: var
+  emptyDir: {}
+- name: tmp
+  emptyDir: {}
+{{- end -}}
+
+{{- define "lorafleet.scratchEnv" -}}
+- name: HOME
+  value: /tmp
 {{- end -}}
 
 {{/* Fail early, with the fix, on values the service cannot run with. */}}
