@@ -25,7 +25,7 @@ the gateway's own ``lorafleet`` object) and drop the engine's internals:
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -75,12 +75,12 @@ class TextPart(_Strict):
 
 
 class CalledFunction(_Strict):
-    name: str
+    name: str = Field(max_length=256)
     arguments: str
 
 
 class MessageToolCall(_Strict):
-    id: str | None = None
+    id: str | None = Field(default=None, max_length=256)
     type: Literal["function"] = "function"
     function: CalledFunction
 
@@ -89,8 +89,8 @@ class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = Field(default=None, max_length=256)
-    tool_calls: list[MessageToolCall] | None = None
-    tool_call_id: str | None = None
+    tool_calls: list[MessageToolCall] | None = Field(default=None, max_length=128)
+    tool_call_id: str | None = Field(default=None, max_length=256)
 
 
 _FORMAT_KEYS = {"type", "json_schema"}
@@ -100,26 +100,28 @@ _JSON_SCHEMA_KEYS = {"name", "description", "schema", "strict"}
 class RequestBase(_Strict):
     """The fields both completion routes accept."""
 
-    model: str | None = Field(default=None, description="The alias; empty means the tenant's default alias.")
+    model: str | None = Field(
+        default=None, max_length=128, description="The alias; empty means the tenant's default alias."
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=16)
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=1 << 30)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = Field(default=None, max_length=300)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)  # the engine's is a 64-bit integer
     stop: str | list[str] | None = None
     user: str | None = Field(default=None, max_length=256)
     response_format: dict[str, Any] | None = None
     # vLLM sampling extras: each shapes only this request's own sequences.
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1, le=1 << 20)
     min_p: float | None = Field(default=None, ge=0, le=1)
     repetition_penalty: float | None = Field(default=None, gt=0, le=2)
-    stop_token_ids: list[int] | None = Field(default=None, max_length=16)
-    min_tokens: int | None = Field(default=None, ge=0)
+    stop_token_ids: list[Annotated[int, Field(ge=0, lt=2**31)]] | None = Field(default=None, max_length=16)
+    min_tokens: int | None = Field(default=None, ge=0, le=1 << 20)
     ignore_eos: bool | None = None
     lorafleet: GatewayOptions | None = None
 
@@ -135,7 +137,7 @@ class RequestBase(_Strict):
     @classmethod
     def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for token, bias in (value or {}).items():
-            if not token.isdigit() or not -100 <= bias <= 100:
+            if not token.isdigit() or len(token) > 10 or int(token) >= 2**31 or not -100 <= bias <= 100:
                 raise ValueError("token ids (as strings) mapped to a bias from -100 to 100")
         return value
 
@@ -157,8 +159,8 @@ class RequestBase(_Strict):
 
 
 class ChatRequest(RequestBase):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    messages: list[Message] = Field(min_length=1, max_length=2048)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=1 << 30)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = Field(default=None, max_length=128)

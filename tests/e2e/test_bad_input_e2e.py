@@ -109,7 +109,47 @@ CASES: list[Case] = [
     ("n too large", lambda e, _: e.chat(n=1000), 422, "invalid_field"),
     ("max_tokens zero", lambda e, _: e.chat(max_tokens=0), 422, "invalid_field"),
     ("max_tokens wrong type", lambda e, _: e.chat(max_tokens="lots"), 422, "invalid_field"),
-    ("max_tokens beyond the context", lambda e, _: e.chat(max_tokens=10**9), 400, "engine_rejected"),
+    ("max_tokens beyond the context", lambda e, _: e.chat(max_tokens=10**9), 400, "answer_too_large"),
+    (
+        "max_tokens beyond the context, streamed",
+        lambda e, _: e.chat(max_tokens=10**6, stream=True),
+        400,
+        "engine_rejected",
+    ),
+    ("max_tokens beyond 2**30", lambda e, _: e.chat(max_tokens=2**40), 422, "invalid_field"),
+    (
+        "a whole answer too large",
+        lambda e, _: e.chat(n=16, logprobs=True, top_logprobs=20, max_tokens=2048),
+        400,
+        "answer_too_large",
+    ),
+    ("top_logprobs out of range", lambda e, _: e.chat(logprobs=True, top_logprobs=21), 422, "invalid_field"),
+    ("seed beyond 64 bits", lambda e, _: e.chat(seed=2**70), 422, "invalid_field"),
+    ("stop token id out of range", lambda e, _: e.chat(stop_token_ids=[2**40]), 422, "invalid_field"),
+    ("logit_bias token id out of range", lambda e, _: e.chat(logit_bias={"99999999999": 1}), 422, "invalid_field"),
+    ("top_k out of range", lambda e, _: e.chat(top_k=10**9), 422, "invalid_field"),
+    ("3,000 messages", lambda e, _: e.chat(messages=[{"role": "user", "content": "x"}] * 3000), 422, "invalid_field"),
+    (
+        "an image content part (a text model)",
+        lambda e, _: e.chat(
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]
+        ),
+        422,
+        "invalid_field",
+    ),
+    ("a model name that looks like a path", lambda e, _: e.chat(model="../../etc/passwd"), 404, "model_not_found"),
+    ("a model name of 5,000 characters", lambda e, _: e.chat(model="o" * 5000), 422, "invalid_field"),
+    (
+        "a schema whose $ref loops",
+        lambda e, _: e.chat(
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}},
+            }
+        ),
+        400,
+        "schema_refused",
+    ),
     (
         "prompt beyond the context",
         lambda e, _: e.chat(messages=[{"role": "user", "content": "order " * 4000}]),
