@@ -56,77 +56,8 @@ class FakeEngine:
             )
         answer = self.answers.get(body["model"], self.answer)
         if body.get("stream"):
-            third = max(1, len(answer) // 3)
-            pieces = [answer[:third], answer[third : 2 * third], answer[2 * third :]]
-            chunks = [
-                {
-                    "id": "c1",
-                    "object": "chat.completion.chunk",
-                    "model": body["model"],
-                    "choices": [
-                        {
-                            "index": 0,
-                            "delta": {"content": tok},
-                            "finish_reason": "stop" if last else None,
-                            "stop_reason": None,
-                            "token_ids": [1, 2],
-                        }
-                    ],
-                    "prompt_token_ids": [7, 8, 9],
-                }
-                for tok, last in zip(pieces, (False, False, True), strict=True)
-            ]
-            if (body.get("stream_options") or {}).get("include_usage"):
-                usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
-                chunks.append(
-                    {
-                        "id": "c1",
-                        "object": "chat.completion.chunk",
-                        "model": body["model"],
-                        "choices": [],
-                        "usage": usage | {"prompt_tokens_details": None},
-                        "system_fingerprint": "vllm-0.32.0-fake",
-                    }
-                )
-            # vLLM's compact JSON, which the gateway's relay reads
-            sse = "".join(f"data: {json.dumps(c, separators=(',', ':'))}\n\n" for c in chunks) + "data: [DONE]\n\n"
-            return httpx.Response(200, content=sse.encode(), headers={"content-type": "text/event-stream"})
-        if request.url.path == "/v1/completions":
-            choice = {"index": 0, "text": answer, "finish_reason": "stop", "stop_reason": None, "prompt_token_ids": [7]}
-            return httpx.Response(
-                200,
-                json={
-                    "id": "c1",
-                    "object": "text_completion",
-                    "model": body["model"],
-                    "choices": [choice],
-                    "system_fingerprint": "vllm-0.32.0-fake",
-                    "kv_transfer_params": None,
-                },
-            )
-        message = {"role": "assistant", "content": answer}
-        return httpx.Response(
-            200,
-            json={
-                "id": "c1",
-                "object": "chat.completion",
-                "model": body["model"],
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": message | {"reasoning": None},
-                        "finish_reason": "stop",
-                        "stop_reason": None,
-                        "token_ids": None,
-                        "routed_experts": None,
-                    }
-                ],
-                "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
-                "system_fingerprint": "vllm-0.32.0-fake",
-                "prompt_token_ids": [7, 8, 9],
-                "kv_transfer_params": None,
-            },
-        )
+            return _streamed(body, answer)
+        return _whole(request.url.path, body, answer)
 
     def is_ready(self) -> bool:
         return self.ready
@@ -179,6 +110,85 @@ class FakeEngine:
             on_sent()
         await asyncio.sleep(self.answer_delay)
         return await self.client.send(request, stream=stream)
+
+
+def _streamed(body: dict, answer: str) -> httpx.Response:
+    """vLLM's streamed answer: the text in three chunks, a usage chunk when asked, then [DONE]."""
+    third = max(1, len(answer) // 3)
+    pieces = [answer[:third], answer[third : 2 * third], answer[2 * third :]]
+    chunks = [
+        {
+            "id": "c1",
+            "object": "chat.completion.chunk",
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {"content": tok},
+                    "finish_reason": "stop" if last else None,
+                    "stop_reason": None,
+                    "token_ids": [1, 2],
+                }
+            ],
+            "prompt_token_ids": [7, 8, 9],
+        }
+        for tok, last in zip(pieces, (False, False, True), strict=True)
+    ]
+    if (body.get("stream_options") or {}).get("include_usage"):
+        usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+        chunks.append(
+            {
+                "id": "c1",
+                "object": "chat.completion.chunk",
+                "model": body["model"],
+                "choices": [],
+                "usage": usage | {"prompt_tokens_details": None},
+                "system_fingerprint": "vllm-0.32.0-fake",
+            }
+        )
+    # vLLM's compact JSON, which the gateway's relay reads
+    sse = "".join(f"data: {json.dumps(c, separators=(',', ':'))}\n\n" for c in chunks) + "data: [DONE]\n\n"
+    return httpx.Response(200, content=sse.encode(), headers={"content-type": "text/event-stream"})
+
+
+def _whole(path: str, body: dict, answer: str) -> httpx.Response:
+    """vLLM's whole answer to a chat or a text completion, with its own fields the gateway must drop."""
+    if path == "/v1/completions":
+        choice = {"index": 0, "text": answer, "finish_reason": "stop", "stop_reason": None, "prompt_token_ids": [7]}
+        return httpx.Response(
+            200,
+            json={
+                "id": "c1",
+                "object": "text_completion",
+                "model": body["model"],
+                "choices": [choice],
+                "system_fingerprint": "vllm-0.32.0-fake",
+                "kv_transfer_params": None,
+            },
+        )
+    message = {"role": "assistant", "content": answer}
+    return httpx.Response(
+        200,
+        json={
+            "id": "c1",
+            "object": "chat.completion",
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message | {"reasoning": None},
+                    "finish_reason": "stop",
+                    "stop_reason": None,
+                    "token_ids": None,
+                    "routed_experts": None,
+                }
+            ],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+            "system_fingerprint": "vllm-0.32.0-fake",
+            "prompt_token_ids": [7, 8, 9],
+            "kv_transfer_params": None,
+        },
+    )
 
 
 def fake_base(tmp_path: Path) -> Path:
