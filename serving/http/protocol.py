@@ -52,6 +52,9 @@ INSTEAD = {
     "tool_choice": "function calling is on /v1/chat/completions",
     "messages": "chat messages go to /v1/chat/completions",
     "prompt": "a prompt goes to /v1/completions; chat takes 'messages'",
+    "image_url": "the models served read text only: send the content as text parts",
+    "input_audio": "the models served read text only: send the content as text parts",
+    "file": "the models served read text only: send the content as text parts",
 }
 
 

@@ -134,8 +134,8 @@ CASES: list[Case] = [
         lambda e, _: e.chat(
             messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]
         ),
-        422,
-        "invalid_field",
+        400,
+        "unsupported_parameter",
     ),
     ("a model name that looks like a path", lambda e, _: e.chat(model="../../etc/passwd"), 404, "model_not_found"),
     ("a model name of 5,000 characters", lambda e, _: e.chat(model="o" * 5000), 422, "invalid_field"),

@@ -93,6 +93,9 @@ def test_unknown_fields_are_found_inside_messages_and_on_the_text_route_too(gw) 
     error = assert_openai_error(complete(client, keys["acme"], messages=[]), 400, "unsupported_parameter")
     assert error["param"] == "messages" and "/v1/chat/completions" in error["message"]
     assert not engine.requests or all("prompt_token_ids" not in r for r in engine.requests)
+    image = [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]  # a text model takes text parts only
+    error = assert_openai_error(chat(client, keys["acme"], messages=[{"role": "user", "content": image}]), 400)
+    assert error["code"] == "unsupported_parameter" and "read text only" in error["message"]
 
 
 def test_the_engine_gets_only_typed_fields_and_what_the_gateway_sets(gw) -> None:
