@@ -110,6 +110,9 @@ class GatewaySettings(CommonSettings):
             "top_logprobs); larger ones get 400 answer_too_large (streams are not bounded by it)."
         ),
     )
+    schema_check_threads: int = Field(
+        default=4, ge=1, le=64, description="Threads that check clients' JSON Schemas (one per tenant at a time)."
+    )
     header_timeout_s: float = Field(
         default=10.0, gt=0, description="Time a client has to send a request's headers; then the connection closes."
     )

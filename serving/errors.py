@@ -86,6 +86,7 @@ class ErrorCode(StrEnum):
     MODEL_NOT_FOUND = "model_not_found", 404, "An unknown alias, or one not granted to the caller (the same answer)."
     MODEL_TRAINING = "model_training", 503, "The alias's first version is still training (ETA in the message)."
     # Limits.
+    SCHEMA_CHECKS_BUSY = "schema_checks_busy", 429, "The tenant's earlier schemas are still being checked; retry."
     RATE_LIMIT_EXCEEDED = "rate_limit_exceeded", 429, "Over the tenant's requests per minute."
     TOKEN_RATE_LIMIT_EXCEEDED = "token_rate_limit_exceeded", 429, "Over the tenant's tokens per minute."
     CONCURRENCY_LIMIT_EXCEEDED = "concurrency_limit_exceeded", 429, "Over the tenant's concurrent requests."

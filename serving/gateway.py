@@ -23,7 +23,7 @@ import os
 import secrets
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,7 @@ class Gateway:
     policies: AliasPolicies
     metrics: GatewayMetrics
     canaries: CanaryManager
-    schema_checks: SchemaChecks = field(default_factory=SchemaChecks)  # client schemas, one per tenant at a time
+    schema_checks: SchemaChecks  # clients' JSON Schemas are checked here, one per tenant at a time
     instance: str = ""  # this process's id, in /healthz and data_dir/gateway.json
     changes: ChangeFeed | None = None  # several gateways on PostgreSQL: how this one hears the others' writes
 
@@ -143,7 +143,10 @@ class Gateway:
             )
         )
         policies = AliasPolicies(tenants.engine, cache_s=settings.state_cache_s, outage_s=settings.state_outage_s)
-        gateway = cls(settings, fleet, tenants, adapters, _limiter(settings), policies, metrics, canaries)
+        schema_checks = SchemaChecks(settings.schema_check_threads)
+        gateway = cls(
+            settings, fleet, tenants, adapters, _limiter(settings), policies, metrics, canaries, schema_checks
+        )
         return gateway, declared, dynamic
 
 

@@ -66,6 +66,8 @@ class Window:
         ones) does not move it."""
         if 400 <= record.status < 500 or record.status == 499:
             return  # the client's mistake (or its disconnect) says nothing about the version
+        if not record.json_judged and record.status >= 500:
+            return  # a failure on a schema or tools the client brought: the client's choice, not the version's
         self.requests += 1
         if (
             record.status >= 500

@@ -269,7 +269,7 @@ class CanaryManager:
             raise CanaryError(ErrorCode.PROMOTE_REFUSED, f"cannot promote: {exc}") from exc
         self.registry.changed()
         old = self.store.get(canary.alias, canary.stable)
-        await self._finish(canary, "promoted")
+        await self._finish(canary, "promoted", decided=True)  # the store has moved: recorded as such
         await self._event(canary, "promote", reason, numbers, actor)
         self._count(canary, "promote")
         if not await asyncio.to_thread(self.store.is_retired, old):
@@ -391,10 +391,14 @@ class CanaryManager:
         self._drop_samples(canary.id)
         await self._save(canary)
 
-    async def _finish(self, canary: Canary, state: State) -> None:
+    async def _finish(self, canary: Canary, state: State, *, decided: bool = False) -> None:
+        """End the canary. ``decided``: the store has already moved (a promotion made, a candidate retired), so the
+        end is recorded whatever another gateway wrote meanwhile; the record must say what the store did."""
         canary.state = state
         self.active.pop(canary.alias, None)
         self._drop_samples(canary.id)
+        if decided:
+            canary.seen = None  # an unconditional write
         await self._save(canary)
 
     def _drop_samples(self, canary_id: int) -> None:
@@ -414,6 +418,7 @@ class CanaryManager:
             saved = await asyncio.to_thread(self.records.save, written)
         if not saved:
             await self._check_current(canary)  # raises, having followed the database
+            raise CanaryError(ErrorCode.CANARY_STATE, f"the canary of {canary.alias!r} changed meanwhile")
         canary.seen = written.seen
         if announce:  # a new state, step or window: the other gateways follow at once
             self.announce(CANARIES)
@@ -427,7 +432,12 @@ class CanaryManager:
         if mine and (fresh.state, fresh.step) == canary.seen:
             return
         if (fresh.state, fresh.step) != canary.seen:
-            if fresh.state in ACTIVE:
+            current = self.active.get(fresh.alias)
+            if current is not None and current.id != fresh.id:
+                pass  # the alias has a newer canary already: this one is history
+            elif fresh.state in ACTIVE:
+                if current is None or current.step_started_at != fresh.step_started_at:
+                    self._drop_samples(fresh.id)  # samples of another window than the database's
                 self.active[fresh.alias] = fresh
             else:
                 self.active.pop(fresh.alias, None)

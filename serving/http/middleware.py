@@ -13,6 +13,7 @@ import asyncio
 import json
 import re
 import time
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -45,7 +46,8 @@ class BodySizeLimit:
             await _refuse(send, 413, _too_large(limit), ErrorCode.BODY_TOO_LARGE)
             return
         if upload:
-            await self.app(scope, _Metered(receive, limit, self.upload_timeout_s), send)
+            metered = _Metered(receive, limit, self.upload_timeout_s)
+            await self.app(scope, metered, _closing_unless(lambda: metered.done, send))
             return
         first = await self._read_whole(receive, send, limit)
         if first is None:
@@ -109,6 +111,19 @@ class _Metered:
         return message
 
 
+def _closing_unless(body_read: Callable[[], bool], send: Send) -> Send:
+    """``send``, closing the connection after a response that starts before the request's body was read to its
+    end (a refusal: the admin key, the content type, the size, the time)."""
+
+    async def closing(message: Message) -> None:
+        if message["type"] == "http.response.start" and not body_read():
+            headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
+            message = {**message, "headers": [*headers, (b"connection", b"close")]}
+        await send(message)
+
+    return closing
+
+
 def _too_large(limit: int) -> str:
     return f"Request body too large: the limit is {limit} bytes."
 
@@ -119,8 +134,12 @@ def _too_slow(timeout_s: float) -> str:
 
 async def _refuse(send: Send, status: int, message: str, code: ErrorCode) -> None:
     body = json.dumps(error_body(status, message, code)).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if status == 408:
-        headers.append((b"connection", b"close"))
+    # The body was not read to its end: the connection closes with this answer, or a client could keep it open
+    # forever sending the rest a byte at a time.
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

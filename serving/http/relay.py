@@ -10,7 +10,6 @@ connection is closed and the request's slot and adapter lease are released.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -31,8 +30,6 @@ from serving.records import RequestRecord
 from serving.state.limits import Slot
 
 log = logging.getLogger("lorafleet.gateway")
-
-LARGE_ANSWER_BYTES = 256 << 10  # a whole answer larger than this is parsed and written in a worker thread
 
 # What a client gets when the engine's stream breaks off after the first byte (OpenAI's error shape, then [DONE]).
 STREAM_BROKEN_EVENT = (
@@ -63,10 +60,9 @@ async def full_response(upstream: EngineResponse, call: EngineRequest, record: R
     if upstream.status_code != 200:
         raise _engine_refused(upstream.status_code, content, record)
     check = call.plan.check()
-    if len(content) > LARGE_ANSWER_BYTES:  # parsed off the event loop, which relays every other stream meanwhile
-        data = filter_response(await asyncio.to_thread(json.loads, content))
-    else:
-        data = filter_response(json.loads(content))
+    # Parsed here, on the event loop (a thread would not help: the parse holds the GIL): what bounds its time is
+    # the bound on a whole answer's size (serving.http.routes.completions, LORAFLEET_MAX_ANSWER_ENTRIES).
+    data = filter_response(json.loads(content))
     record.usage(data.get("usage"))
     if check is not None:
         check.add_to(data)
@@ -74,11 +70,7 @@ async def full_response(upstream: EngineResponse, call: EngineRequest, record: R
         record.json_outcomes = [c["outcome"] for c in check.checks]
     if call.tools is not None:
         call.tools.rewrite_body(data)
-    if len(content) > LARGE_ANSWER_BYTES:
-        encoded = await asyncio.to_thread(lambda: json.dumps(data, ensure_ascii=False).encode())
-    else:
-        encoded = json.dumps(data, ensure_ascii=False).encode()
-    return Response(encoded, 200, headers=headers, media_type="application/json")
+    return Response(json.dumps(data, ensure_ascii=False).encode(), 200, headers=headers, media_type="application/json")
 
 
 def _engine_refused(status: int, content: bytes, record: RequestRecord) -> APIError:

@@ -54,6 +54,12 @@ class HeaderDeadline(HttpToolsProtocol):
 
     def _too_slow(self) -> None:
         self._header_timer = None
+        cycle = getattr(self, "cycle", None)
+        if cycle is not None and not cycle.response_complete:
+            # A request is being served and uvicorn reads no further until it is answered (a pipelined one waits
+            # in its buffer): not the client's slowness. The clock starts again.
+            self._arm()
+            return
         self.transport.close()
 
 

@@ -27,6 +27,7 @@ import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import unquote
 
 from jsonschema import SchemaError
 
@@ -76,14 +77,19 @@ class SchemaChecks:
         deadline = loop.time() + COMPILE_TIMEOUT_S
         try:
             await asyncio.wait_for(turn.acquire(), COMPILE_TIMEOUT_S)
-        except TimeoutError as exc:
-            raise _too_slow(param) from exc
+        except TimeoutError as exc:  # its own earlier schemas are still being checked: busy, not refused
+            raise APIError(
+                ErrorCode.SCHEMA_CHECKS_BUSY,
+                "Your earlier requests' schemas are still being checked; retry shortly.",
+                param=param,
+                headers={"Retry-After": "1"},
+            ) from exc
         work = loop.run_in_executor(self._pool, check)
         work.add_done_callback(lambda _: turn.release())  # the tenant's turn ends when the thread is done
+        work.add_done_callback(_consume)  # its outcome may be nobody's (a request cut or gone): never a warning
         try:
             await asyncio.wait_for(asyncio.shield(work), max(0.0, deadline - loop.time()))
         except TimeoutError as exc:
-            work.add_done_callback(_consume)
             raise _too_slow(param) from exc
 
     def close(self) -> None:
@@ -91,7 +97,7 @@ class SchemaChecks:
 
 
 def _consume(work: asyncio.Future[None]) -> None:
-    """A check cut at the timeout: its outcome, when it comes, is nobody's (and no 'never retrieved' warning)."""
+    """Mark a check's outcome as seen (a check cut at the timeout, or whose request went, has no one to see it)."""
     if not work.cancelled():
         work.exception()
 
@@ -146,40 +152,66 @@ def check_client_schema(schema: Any, param: str = "response_format") -> None:
     _check_refs(schema, refuse)
 
 
+# Keywords whose subschemas apply at the same place in the instance: a $ref cycle through them consumes
+# nothing, and never ends. (properties, items and the like move into the instance: recursion through them is fine.)
+SAME_PLACE = ("allOf", "anyOf", "oneOf", "not", "if", "then", "else")
+# Keywords whose values are data, not schemas: a "$ref" key inside them is no reference.
+DATA = ("const", "enum", "default", "examples")
+
+
 def _check_refs(schema: dict[str, Any], refuse: Any) -> None:
-    """Every ``$ref`` points into the schema itself (``#...``) at something that exists, and no chain of them comes
-    back to where it began without a keyword in between (``{"$ref": "#/$defs/a"}`` defined as itself): such a
-    schema describes nothing, and the engine's grammar compiler fails on it. Recursion through a structure (a tree
-    whose children are ``{"$ref": "#"}``) is fine."""
+    """Every ``$ref`` points into the schema itself (a ``#/...`` pointer or a ``#name`` anchor) at something that
+    exists, and none comes back to the place it started without moving into the instance (``{"$ref":
+    "#/$defs/a"}`` defined as itself, directly or through ``allOf``): such a schema describes nothing, and the
+    engine's grammar compiler fails on it. Recursion through a structure (a tree whose children are ``{"$ref":
+    "#"}``) is fine."""
     stack: list[Any] = [schema]
     while stack:
         node = stack.pop()
         if isinstance(node, dict):
-            ref = node.get("$ref")
-            if isinstance(ref, str):
-                seen: list[str] = []
-                while isinstance(ref, str):
-                    if ref in seen:
-                        raise refuse(f"its $ref chain loops ({' -> '.join([*seen, ref])}); define what it refers to")
-                    seen.append(ref)
-                    target = _resolve(schema, ref)
-                    if target is None:
-                        raise refuse(f"$ref {ref!r} points at nothing in the schema (only local '#/...' refs resolve)")
-                    ref = target.get("$ref") if isinstance(target, dict) and len(target) == 1 else None
-            stack.extend(node.values())
+            if isinstance(node.get("$ref"), str):
+                _no_loop(schema, node, refuse)
+            stack.extend(v for k, v in node.items() if k not in DATA)
         elif isinstance(node, list):
             stack.extend(node)
 
 
+def _no_loop(schema: dict[str, Any], start: dict[str, Any], refuse: Any) -> None:
+    """Walk what ``start`` applies at its own place (its ``$ref`` target, its ``allOf``/``anyOf``/... members),
+    refusing a ``$ref`` that points at nothing or a walk that comes back to a schema on its own path."""
+
+    def walk(node: Any, path: list[int], names: list[str]) -> None:
+        if not isinstance(node, dict):
+            return
+        if id(node) in path:
+            raise refuse(f"its $ref chain loops ({' -> '.join(names)}); define what it refers to")
+        path = [*path, id(node)]
+        ref = node.get("$ref")
+        if isinstance(ref, str):
+            target = _resolve(schema, ref)
+            if target is None:
+                raise refuse(f"$ref {ref!r} points at nothing in the schema (only local '#...' refs resolve)")
+            walk(target, path, [*names, ref])
+        for keyword in SAME_PLACE:
+            value = node.get(keyword)
+            for member in value if isinstance(value, list) else [value]:
+                walk(member, path, names)
+
+    walk(start, [], [])
+
+
 def _resolve(schema: dict[str, Any], ref: str) -> Any:
-    """The part of ``schema`` a local JSON pointer ``#/a/b`` names (``None``: none, or not a local ref)."""
+    """The part of ``schema`` a local reference names: a JSON pointer ``#/a/b`` (percent-encoded or not) or an
+    anchor ``#name``; ``None`` when there is none, or the reference is not local."""
     if ref == "#":
         return schema
-    if not ref.startswith("#/"):
+    if not ref.startswith("#"):
         return None
+    if not ref.startswith("#/"):
+        return _anchor(schema, ref[1:])
     node: Any = schema
     for part in ref[2:].split("/"):
-        part = part.replace("~1", "/").replace("~0", "~")
+        part = unquote(part).replace("~1", "/").replace("~0", "~")
         if isinstance(node, dict) and part in node:
             node = node[part]
         elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
@@ -187,6 +219,19 @@ def _resolve(schema: dict[str, Any], ref: str) -> Any:
         else:
             return None
     return node
+
+
+def _anchor(schema: dict[str, Any], name: str) -> dict[str, Any] | None:
+    stack: list[Any] = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("$anchor") == name:
+                return node
+            stack.extend(v for k, v in node.items() if k not in DATA)
+        elif isinstance(node, list):
+            stack.extend(node)
+    return None
 
 
 def _check_pattern(pattern: str, refuse: Any) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import random
 import time
@@ -15,6 +17,7 @@ from fastapi.testclient import TestClient
 from contract.store import AdapterStore
 from serving.app import build_app
 from serving.canary.analysis import CanaryConfig, Window, analyze, user_point
+from serving.canary.state import CanaryError
 from serving.config import GatewaySettings
 from serving.records import RequestRecord
 from serving.state.canaries import CanaryRecords
@@ -112,6 +115,7 @@ def test_a_client_cannot_steer_the_canary_with_schemas_of_its_own() -> None:
     schemas from users on one arm rolls nothing back (and could have forced a rollback before)."""
     steered = window(200, valid=0, outcome="schema_mismatch", judged=False)
     assert steered.checked == 0
+    assert window(200, errors=100, judged=False).errors == 0  # the engine failing on the client's own schema
     result = analyze(window(200, valid=199), steered, CONFIG)
     assert result.decision == "wait" and "JSON-checked" in result.reason  # no verdict of its own yet: no decision
     assert analyze(window(200, valid=199), window(200, valid=0, outcome="schema_mismatch"), CONFIG).decision == (
@@ -457,3 +461,22 @@ def test_what_another_gateway_did_to_a_canary_is_never_written_over(gw, elsewher
     if mine is not None:  # paused: an action based on what this gateway saw before is refused, not applied
         mine.seen = ("running", 0)
         assert_openai_error(client.post("/admin/canaries/orders/promote", json={}, headers=ADMIN), 409, "canary_state")
+
+
+def test_a_promotion_the_store_made_is_recorded_whatever_was_written_meanwhile(gw) -> None:
+    """Once the store has moved the alias, the canary's end is recorded as promoted even if another gateway wrote
+    the canary in between; an end the store has not acted on yet is refused instead."""
+    client, _, _ = gw
+    assert start(client, steps=[50, 100]).status_code == 201
+    state = client.app.state.gateway  # type: ignore[attr-defined]
+    canaries, portal = state.canaries, client.portal  # type: ignore[attr-defined]
+    other = CanaryRecords(state.tenants.engine)  # another gateway's writes, after this one's last look
+    theirs = other.get(canaries.active["orders"].id)
+    theirs.state = "paused"  # type: ignore[assignment]
+    assert other.save(theirs)
+    stale = copy.copy(canaries.active["orders"])
+    with pytest.raises(CanaryError):
+        portal.call(functools.partial(canaries._finish, copy.copy(stale), "aborted"))
+    assert other.get(stale.id).state == "paused"  # not written over
+    portal.call(functools.partial(canaries._finish, copy.copy(stale), "promoted", decided=True))
+    assert other.get(stale.id).state == "promoted"  # the store moved: the record says so

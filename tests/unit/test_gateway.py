@@ -476,6 +476,10 @@ def test_a_whole_answer_is_bounded_in_tokens_and_logprobs_and_a_stream_is_not(ga
     streamed = chat(client, keys["acme"], stream=True, **huge)
     assert streamed.status_code == 200
     assert chat(client, keys["acme"], n=2, max_tokens=64, logprobs=True, top_logprobs=5).status_code == 200
+    # /v1/completions with echo: the prompt comes back with its log-probabilities, counted at the model's length.
+    auth = {"Authorization": f"Bearer {keys['acme']}"}
+    echoed = {"model": "orders", "prompt": ["x"] * 16, "max_tokens": 1, "logprobs": 5, "echo": True}
+    assert_openai_error(client.post("/v1/completions", json=echoed, headers=auth), 400, "answer_too_large")
 
 
 def test_body_over_the_limit_is_413(gateway) -> None:

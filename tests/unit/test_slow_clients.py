@@ -96,9 +96,13 @@ def call(
         await asyncio.wait_for(client.app(scope, receive, send), 10)  # type: ignore[arg-type]
 
     client.portal.call(run)  # type: ignore[union-attr]
-    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    start = next(m for m in sent if m["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    return status, body, taken
+    if start["status"] >= 400 and taken < len(chunks) + (0 if complete else 1):
+        # Refused before its body was in: the connection closes with the answer, or the client could keep it
+        # open forever sending the rest a byte at a time.
+        assert (b"connection", b"close") in [(k.lower(), v) for k, v in start["headers"]], start["headers"]
+    return start["status"], body, taken
 
 
 def tar_bytes(adapter: Path) -> bytes:
@@ -158,6 +162,8 @@ def served() -> Iterator[int]:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
+        if scope["path"] == "/slow":  # longer than the header deadline
+            await asyncio.sleep(1.5)
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
         await send({"type": "http.response.body", "body": b"ok"})
 
@@ -180,6 +186,20 @@ def closed_within(sock: socket.socket, seconds: float) -> bool:
         return sock.recv(1024) == b""
     except TimeoutError:
         return False
+
+
+def test_pipelined_requests_are_all_answered_however_their_headers_arrive(served: int) -> None:
+    """A request whose headers wait in the buffer behind one being served is not the client's slowness."""
+    with socket.create_connection(("127.0.0.1", served)) as pipelined:
+        pipelined.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\n")
+        time.sleep(0.2)
+        pipelined.sendall(b"Host: x\r\n\r\n")  # the third's headers end after the deadline began
+        pipelined.settimeout(10)
+        answers = b""
+        while answers.count(b"HTTP/1.1 200") < 3:
+            piece = pipelined.recv(4096)
+            assert piece, f"closed after {answers.count(b'HTTP/1.1 200')} answers"
+            answers += piece
 
 
 def test_a_client_slow_to_send_its_headers_is_cut_off(served: int) -> None:

@@ -171,7 +171,9 @@ def tokens_used(record: RequestRecord, most: int) -> int:
     early is no way around the limit."""
     if record.prompt_tokens is not None or record.completion_tokens is not None:
         return (record.prompt_tokens or 0) + (record.completion_tokens or 0)
-    generating = record.upstream_at is not None and (record.status in (200, 499))  # not refused before or by it
+    # The engine took it (it was written to it) and then it ended without usage: the client left, the stream broke
+    # off, or the engine took too long; a request refused before the engine, or by it, costs nothing.
+    generating = record.upstream_sent is not None and record.status in (200, 499, 504)
     return most if generating else 0
 
 
@@ -203,17 +205,22 @@ def _client_body(req: RequestBase, tenant: Tenant, settings: GatewaySettings) ->
 def _check_answer_size(body: dict[str, Any], sequences: int, settings: GatewaySettings) -> None:
     """A whole (non-streamed) answer is held and parsed at once: bounded in tokens and log-probabilities
     (sequences × max_tokens × (1 + top_logprobs)); a stream has no such bound."""
-    top = body.get("top_logprobs") if body.get("logprobs") is True else body.get("logprobs")
-    per_token = 1 + (top if isinstance(top, int) and not isinstance(top, bool) else 0)
-    tokens = body.get("max_completion_tokens") or body.get("max_tokens") or settings.max_model_len
-    entries = sequences * int(tokens) * per_token
+    if body.get("logprobs") is True:  # chat: the chosen token's log-probability, and top_logprobs more
+        per_token = 2 + int(body.get("top_logprobs") or 0)
+    else:  # completions: an integer count of top log-probabilities
+        logprobs = body.get("logprobs")
+        per_token = 2 + logprobs if isinstance(logprobs, int) and not isinstance(logprobs, bool) else 1
+    tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or settings.max_model_len)
+    if body.get("echo"):  # the prompt comes back too, with its log-probabilities: up to the model's length
+        tokens += settings.max_model_len
+    entries = sequences * tokens * per_token
     if entries > settings.max_answer_entries:
         raise APIError(
             ErrorCode.ANSWER_TOO_LARGE,
             f"A whole answer of {sequences} sequences × {tokens} tokens × {per_token} log-probabilities "
             f"({entries}) is over the limit of {settings.max_answer_entries}: stream it ('stream': true), or ask "
             "for fewer sequences, tokens or top_logprobs.",
-            param="max_tokens" if per_token == 1 else "top_logprobs",
+            param="max_tokens" if per_token == 1 else ("top_logprobs" if "top_logprobs" in body else "logprobs"),
         )
 
 

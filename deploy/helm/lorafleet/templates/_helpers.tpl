@@ -118,6 +118,10 @@ capabilities:
 {{- define "lorafleet.scratchEnv" -}}
 - name: HOME
   value: /tmp
+- name: USER  # an image with no passwd entry for uid 1000 (torch asks getpass.getuser())
+  value: lorafleet
+- name: LOGNAME
+  value: lorafleet
 {{- end -}}
 
 {{/* Fail early, with the fix, on values the service cannot run with. */}}
