@@ -22,8 +22,10 @@ from serving.http import errors
 from serving.http.deps import UPLOAD_PATH
 from serving.http.middleware import BodySizeLimit
 from serving.http.observe import Observe
-from serving.http.routes import admin, canaries, completions, health, metrics
+from serving.http.routes import admin, canaries, completions, files, health, metrics
+from serving.http.routes.files import FILES_PATH
 from serving.metrics import GatewayMetrics
+from serving.state.files import MULTIPART_SLACK
 
 
 def build_app(settings: GatewaySettings, engine: Engine | dict[str, Engine] | None = None) -> FastAPI:
@@ -51,12 +53,12 @@ def build_app(settings: GatewaySettings, engine: Engine | dict[str, Engine] | No
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.max_body_bytes,
-        uploads=(UPLOAD_PATH, settings.max_upload_bytes),
+        uploads=[(UPLOAD_PATH, settings.max_upload_bytes), (FILES_PATH, settings.max_file_bytes + MULTIPART_SLACK)],
         timeout_s=settings.body_timeout_s,
         upload_timeout_s=settings.upload_timeout_s,
     )
     app.add_middleware(Observe, metrics=gateway_metrics, log_content=settings.log_content)  # outermost: sees all
-    for module in (health, metrics, completions, admin, canaries):
+    for module in (health, metrics, completions, files, admin, canaries):
         app.include_router(module.router)
     return app
 

@@ -113,6 +113,12 @@ class GatewaySettings(CommonSettings):
     schema_check_threads: int = Field(
         default=4, ge=1, le=64, description="Threads that check clients' JSON Schemas (one per tenant at a time)."
     )
+    max_file_bytes: int = Field(
+        default=512 << 20, ge=1024, description="Largest file a tenant may upload (POST /v1/files); larger gets 413."
+    )
+    file_quota_bytes: int = Field(
+        default=2 << 30, ge=1024, description="All of one tenant's files together; past it uploads get 429."
+    )
     header_timeout_s: float = Field(
         default=10.0, gt=0, description="Time a client has to send a request's headers; then the connection closes."
     )

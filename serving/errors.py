@@ -85,6 +85,10 @@ class ErrorCode(StrEnum):
     # What is asked for.
     MODEL_NOT_FOUND = "model_not_found", 404, "An unknown alias, or one not granted to the caller (the same answer)."
     MODEL_TRAINING = "model_training", 503, "The alias's first version is still training (ETA in the message)."
+    # Files (fine-tuning data).
+    FILE_NOT_FOUND = "file_not_found", 404, "No such file, or not the caller's (the same answer)."
+    INVALID_FILE = "invalid_file", 400, "An upload without its multipart `file` and `purpose`, or another purpose."
+    FILE_QUOTA_EXCEEDED = "file_quota_exceeded", 429, "The tenant's files would pass `LORAFLEET_FILE_QUOTA_BYTES`."
     # Limits.
     SCHEMA_CHECKS_BUSY = "schema_checks_busy", 429, "The tenant's earlier schemas are still being checked; retry."
     RATE_LIMIT_EXCEEDED = "rate_limit_exceeded", 429, "Over the tenant's requests per minute."

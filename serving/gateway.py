@@ -41,6 +41,7 @@ from serving.metrics import GatewayMetrics, StateCollector
 from serving.outputs.schemas import SchemaChecks
 from serving.state.canaries import CanaryRecords
 from serving.state.changes import CANARIES, POLICIES, SERVING, TENANTS, ChangeFeed, announcer
+from serving.state.files import FileStore
 from serving.state.leadership import Leadership
 from serving.state.ledger import open_store
 from serving.state.limits import RedisLimiter, TenantLimiter
@@ -63,6 +64,7 @@ class Gateway:
     metrics: GatewayMetrics
     canaries: CanaryManager
     schema_checks: SchemaChecks  # clients' JSON Schemas are checked here, one per tenant at a time
+    files: FileStore  # the files tenants upload (fine-tuning data)
     instance: str = ""  # this process's id, in /healthz and data_dir/gateway.json
     changes: ChangeFeed | None = None  # several gateways on PostgreSQL: how this one hears the others' writes
 
@@ -143,10 +145,12 @@ class Gateway:
             )
         )
         policies = AliasPolicies(tenants.engine, cache_s=settings.state_cache_s, outage_s=settings.state_outage_s)
-        schema_checks = SchemaChecks(settings.schema_check_threads)
-        gateway = cls(
-            settings, fleet, tenants, adapters, _limiter(settings), policies, metrics, canaries, schema_checks
+        checks = SchemaChecks(settings.schema_check_threads)
+        files = FileStore(
+            tenants.engine, settings.data_dir / "files", settings.max_file_bytes, settings.file_quota_bytes
         )
+        limiter = _limiter(settings)
+        gateway = cls(settings, fleet, tenants, adapters, limiter, policies, metrics, canaries, checks, files)
         return gateway, declared, dynamic
 
 

@@ -62,11 +62,9 @@ class EngineRequest:
     lease: Callable[[], None] = lambda: None  # ends the request's count on its version and engine
 
     def headers(self) -> dict[str, str]:
-        headers = {
-            "x-lorafleet-adapter": self.target.engine_model,
-            "x-lorafleet-variant": self.target.variant,
-            "x-lorafleet-json-mode": self.plan.mode,
-        }
+        # Which arm of a canary served is not the client's to know (it could aim at one): the access log and the
+        # metrics carry it (``variant``).
+        headers = {"x-lorafleet-adapter": self.target.engine_model, "x-lorafleet-json-mode": self.plan.mode}
         if self.plan.unenforced:
             headers["x-lorafleet-json-unenforced"] = ",".join(self.plan.unenforced)
         return headers

@@ -2,9 +2,10 @@
 may take to arrive.
 
 A request body is read here, up to ``max_bytes`` and within ``timeout_s``, and handed on whole: counting it
-while the app reads would surface as the app's own parse error (400), not as 413. The adapter upload route is
-the exception: its body (up to the upload limit) is never held here; it passes through, counted and timed as
-it goes, so the route's admin check runs before a byte of it is read and the route streams it to disk.
+while the app reads would surface as the app's own parse error (400), not as 413. The upload routes (an
+adapter archive, a tenant's file) are the exception: their bodies (up to their own limits) are never held
+here; they pass through, counted and timed as they go, so the route's key check runs before a byte of them is
+read and the route streams them to disk.
 """
 
 from __future__ import annotations
@@ -28,19 +29,20 @@ class BodySizeLimit:
         self,
         app: ASGIApp,
         max_bytes: int,
-        uploads: tuple[str, int] | None = None,
+        uploads: list[tuple[str, int]] | None = None,
         timeout_s: float = 30.0,
         upload_timeout_s: float = 600.0,
     ) -> None:
         self.app, self.max_bytes, self.timeout_s, self.upload_timeout_s = app, max_bytes, timeout_s, upload_timeout_s
-        self.uploads = (re.compile(uploads[0]), uploads[1]) if uploads else None  # (path pattern, its limit)
+        self.uploads = [(re.compile(path), limit) for path, limit in uploads or []]  # (path pattern, its limit)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        upload = self.uploads is not None and self.uploads[0].fullmatch(scope["path"]) is not None
-        limit = self.uploads[1] if upload and self.uploads else self.max_bytes
+        upload_limit = next((limit for path, limit in self.uploads if path.fullmatch(scope["path"])), None)
+        upload = upload_limit is not None
+        limit = upload_limit if upload_limit is not None else self.max_bytes
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             await _refuse(send, 413, _too_large(limit), ErrorCode.BODY_TOO_LARGE)

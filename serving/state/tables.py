@@ -131,3 +131,19 @@ adapter_events_table = sa.Table(
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("actor", sa.String(64), nullable=False),
 )
+
+
+# Files a tenant uploaded (OpenAI's files API: fine-tuning data); the bytes live in data_dir/files, named by id
+# (``serving.state.files``).
+files_table = sa.Table(
+    "files",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("tenant_id", sa.Integer, sa.ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("filename", sa.String(255), nullable=False),
+    sa.Column("purpose", sa.String(32), nullable=False),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.Integer, nullable=False),
+    sa.Index("ix_files_tenant_created", "tenant_id", "created_at", "id"),
+)

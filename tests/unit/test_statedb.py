@@ -42,6 +42,7 @@ def test_the_one_metadata_holds_every_table_whatever_was_imported_first() -> Non
         "canaries",
         "canary_events",
         "canary_windows",
+        "files",
         "grants",
         "tenants",
     ]
