@@ -14,6 +14,7 @@ import json
 import tarfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 from fastapi.testclient import TestClient
@@ -253,23 +254,27 @@ def leave_after(client: TestClient, key: str, body: dict, seconds: float) -> int
         sent.append(message)
 
     async def run() -> None:
-        headers = [(b"authorization", f"Bearer {key}".encode()), (b"content-type", b"application/json")]
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": "/v1/chat/completions",
-            "raw_path": b"/v1/chat/completions",
-            "query_string": b"",
-            "root_path": "",
-            "headers": headers,
-            "client": ("127.0.0.1", 1),
-            "server": ("testserver", 80),
-            "state": {},
-        }
-        await client.app(scope, receive, send)  # type: ignore[arg-type]
+        headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+        await client.app(asgi_scope("/v1/chat/completions", headers), receive, send)  # type: ignore[arg-type]
 
     client.portal.call(run)  # type: ignore[union-attr]
     return next(m["status"] for m in sent if m["type"] == "http.response.start")
+
+
+def asgi_scope(path: str, headers: dict[str, str], method: str = "POST") -> dict[str, Any]:
+    """An HTTP request's ASGI scope, for driving the app by hand (its body and a client's disconnect included)."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 80),
+        "state": {},
+    }

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from serving.app import build_app
 from serving.config import GatewaySettings
 from serving.state.tenants import TenantStore
-from tests.fakes import ADMIN_KEY, FakeEngine, assert_openai_error, fake_base
+from tests.fakes import ADMIN_KEY, FakeEngine, asgi_scope, assert_openai_error, fake_base
 
 LINES = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "{}"}]}\n'
 
@@ -133,26 +133,11 @@ def test_an_upload_cut_off_midway_leaves_nothing(gw) -> None:
         sent.append(message)
 
     async def run() -> None:
-        headers = [
-            (b"authorization", f"Bearer {keys['acme']}".encode()),
-            (b"content-type", f"multipart/form-data; boundary={boundary}".encode()),
-        ]
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": "/v1/files",
-            "raw_path": b"/v1/files",
-            "query_string": b"",
-            "root_path": "",
-            "headers": headers,
-            "client": ("127.0.0.1", 1),
-            "server": ("testserver", 80),
-            "state": {},
+        headers = {
+            "authorization": f"Bearer {keys['acme']}",
+            "content-type": f"multipart/form-data; boundary={boundary}",
         }
-        await asyncio.wait_for(client.app(scope, receive, send), 10)  # type: ignore[arg-type]
+        await asyncio.wait_for(client.app(asgi_scope("/v1/files", headers), receive, send), 10)  # type: ignore[arg-type]
 
     client.portal.call(run)  # type: ignore[union-attr]
     assert left_on_disk(settings) == []

@@ -27,7 +27,7 @@ from serving.config import GatewaySettings
 from serving.http.server import header_deadline
 from serving.state.tenants import TenantStore
 from tests.conftest import make_adapter
-from tests.fakes import ADMIN_KEY, FakeEngine, fake_base
+from tests.fakes import ADMIN_KEY, FakeEngine, asgi_scope, fake_base
 
 UPLOAD = "/admin/adapters/orders/versions"
 
@@ -77,23 +77,7 @@ def call(
         sent.append(message)
 
     async def run() -> None:
-        raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "query_string": b"",
-            "root_path": "",
-            "headers": raw,
-            "client": ("127.0.0.1", 1),
-            "server": ("testserver", 80),
-            "state": {},
-        }
-        await asyncio.wait_for(client.app(scope, receive, send), 10)  # type: ignore[arg-type]
+        await asyncio.wait_for(client.app(asgi_scope(path, headers), receive, send), 10)  # type: ignore[arg-type]
 
     client.portal.call(run)  # type: ignore[union-attr]
     start = next(m for m in sent if m["type"] == "http.response.start")
