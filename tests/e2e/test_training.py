@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from contract.basemodel import sha256_of_model_dir
 from contract.manifest import read_manifest
 from contract.prompt import example_messages, render, with_tools
-from tests.conftest import ROOT
+from tests.conftest import ORDERS, ROOT
 from training.config import TrainConfig
 from training.train import prepare, render_prompt, train
 
@@ -297,3 +297,21 @@ def test_two_process_data_parallel_run_on_the_cpu(tiny_train_file: Path, tmp_pat
     assert first["epoch"] == pytest.approx(4 / 48)
     assert read_manifest(out).metrics["steps"] == 2
     assert proc.stdout.count("adapter task") == 1, "only process 0 reports"
+
+
+# The CLI checks the provisioned base model first: these run where it is (the e2e lane).
+def test_cli_refuses_bad_data_before_training_and_writes_nothing(tmp_path: Path, base_model: Path) -> None:
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"instruction": "a"}\nnot json\n')
+    out = tmp_path / "adapter"
+    proc = run_cli("train", "--data", str(data), "--out", str(out))
+    assert proc.returncode == 2
+    assert f"{data}:1: error: field 'output': missing" in proc.stderr
+    assert f"{data}:2: error: not valid JSON" in proc.stderr
+    assert "--skip-invalid" in proc.stderr
+    assert not out.exists() and not (tmp_path / "adapter.partial").exists()
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path: Path, base_model: Path) -> None:
+    proc = run_cli("train", "--data", str(ORDERS / "train.jsonl"), "--out", str(tmp_path / "x"), "--resume")
+    assert proc.returncode == 2 and "no checkpoint" in proc.stderr

@@ -20,18 +20,6 @@ def run_cli(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
     )  # type: ignore[call-overload]
 
 
-def test_cli_refuses_bad_data_before_training_and_writes_nothing(tmp_path: Path) -> None:
-    data = tmp_path / "bad.jsonl"
-    data.write_text('{"instruction": "a"}\nnot json\n')
-    out = tmp_path / "adapter"
-    proc = run_cli("train", "--data", str(data), "--out", str(out))
-    assert proc.returncode == 2
-    assert f"{data}:1: error: field 'output': missing" in proc.stderr
-    assert f"{data}:2: error: not valid JSON" in proc.stderr
-    assert "--skip-invalid" in proc.stderr
-    assert not out.exists() and not (tmp_path / "adapter.partial").exists()
-
-
 def test_unservable_adapters_are_refused_before_loading_anything(tmp_path: Path) -> None:
     proc = run_cli(
         "train",
@@ -49,11 +37,6 @@ def test_unservable_adapters_are_refused_before_loading_anything(tmp_path: Path)
     for needle in ("vLLM cannot serve DoRA", "rank: 64 exceeds the serving max_lora_rank 16", "['lm_head']"):
         assert needle in proc.stderr
     assert not (tmp_path / "x.partial").exists()
-
-
-def test_resume_without_a_checkpoint_says_so(tmp_path: Path) -> None:
-    proc = run_cli("train", "--data", str(ORDERS / "train.jsonl"), "--out", str(tmp_path / "x"), "--resume")
-    assert proc.returncode == 2 and "no checkpoint" in proc.stderr
 
 
 def test_the_stop_handler_asks_once_then_interrupts_and_is_restored() -> None:
