@@ -146,9 +146,8 @@ class Gateway:
         )
         policies = AliasPolicies(tenants.engine, cache_s=settings.state_cache_s, outage_s=settings.state_outage_s)
         checks = SchemaChecks(settings.schema_check_threads)
-        files = FileStore(
-            tenants.engine, settings.data_dir / "files", settings.max_file_bytes, settings.file_quota_bytes
-        )
+        files_dir = settings.files_dir or settings.data_dir / "files"
+        files = FileStore(tenants.engine, files_dir, settings.max_file_bytes, settings.file_quota_bytes)
         limiter = _limiter(settings)
         gateway = cls(settings, fleet, tenants, adapters, limiter, policies, metrics, canaries, checks, files)
         return gateway, declared, dynamic

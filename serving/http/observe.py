@@ -43,7 +43,8 @@ class Observe:
         record = RequestRecord(rid, scope["method"], scope["path"])
         scope.setdefault("state", {})["record"] = record
         content: dict[str, list[bytes]] = {"request": [], "response": []}
-        capture = self.log_content and scope["path"].startswith("/v1/")
+        # Request and response bodies (debugging only), never a file's: it may be hundreds of MiB of training data.
+        capture = self.log_content and scope["path"].startswith("/v1/") and not scope["path"].startswith("/v1/files")
 
         async def receive_wrapper() -> Message:
             message = await receive()

@@ -18,8 +18,10 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -79,6 +81,16 @@ class FileStore:
     def __init__(self, engine: sa.Engine, root: Path, max_bytes: int, quota_bytes: int) -> None:
         self.engine, self.root, self.max_bytes, self.quota_bytes = engine, Path(root), max_bytes, quota_bytes
         ensure_schema(engine)
+        self._turns: dict[int, threading.Lock] = {}
+        self._turns_lock = threading.Lock()
+
+    @contextmanager
+    def _turn(self, tenant_id: int) -> Iterator[None]:
+        """One of the tenant's uploads at a time in this process (its quota check and its insert)."""
+        with self._turns_lock:
+            turn = self._turns.setdefault(tenant_id, threading.Lock())
+        with turn:
+            yield
 
     def used(self, tenant_id: int) -> int:
         """Bytes the tenant's files take now."""
@@ -103,7 +115,8 @@ class FileStore:
         """Store ``source`` (read to its end, a chunk at a time) as the tenant's new file; all or nothing."""
         if purpose not in PURPOSES:
             raise FileError(f"purpose {purpose!r}: this service takes files for {', '.join(PURPOSES)}")
-        name = Path(filename or "upload").name[:255] or "upload"
+        printable = "".join(ch for ch in Path(filename or "upload").name if ch.isprintable())
+        name = printable[:255] or "upload"
         staging = self.root / STAGING
         staging.mkdir(parents=True, exist_ok=True)
         partial = staging / f"{secrets.token_hex(8)}.part"
@@ -115,16 +128,31 @@ class FileStore:
             record = FileRecord(file_id, tenant_id, name, purpose, size, digest, int(time.time()))
             final = self.root / str(tenant_id) / record.id
             final.parent.mkdir(parents=True, exist_ok=True)
-            with self.engine.begin() as db:  # the record and the rename together: a failed rename writes no record
-                used = db.execute(
-                    sa.select(sa.func.coalesce(sa.func.sum(files_table.c.bytes), 0)).where(
-                        files_table.c.tenant_id == tenant_id
+            renamed = False
+            try:
+                # The record and the rename together, one upload of the tenant's at a time (the quota's sum and
+                # the insert must not interleave with another's): a failed rename writes no record, a failed
+                # commit leaves no bytes.
+                with self._turn(tenant_id), self.engine.begin() as db:
+                    if db.dialect.name == "postgresql":  # the other gateways' uploads of this tenant wait too
+                        lock = sa.text("SELECT pg_advisory_xact_lock(:lock, :tenant)")
+                        db.execute(lock, {"lock": FILES_LOCK, "tenant": tenant_id})
+                    used = int(
+                        db.execute(
+                            sa.select(sa.func.coalesce(sa.func.sum(files_table.c.bytes), 0)).where(
+                                files_table.c.tenant_id == tenant_id
+                            )
+                        ).scalar_one()
                     )
-                ).scalar_one()
-                if int(used) + size > self.quota_bytes:
-                    raise QuotaExceeded(_over_quota(self.quota_bytes, int(used)))
-                db.execute(files_table.insert().values(**vars(record)))
-                os.replace(partial, final)
+                    if used + size > self.quota_bytes:
+                        raise QuotaExceeded(_over_quota(self.quota_bytes, used))
+                    db.execute(files_table.insert().values(**vars(record)))
+                    os.replace(partial, final)
+                    renamed = True
+            except BaseException:
+                if renamed:
+                    final.unlink(missing_ok=True)
+                raise
             return record
         finally:
             partial.unlink(missing_ok=True)
@@ -154,11 +182,12 @@ class FileStore:
     def path(self, record: FileRecord) -> Path:
         return self.root / str(record.tenant_id) / record.id
 
-    def read(self, record: FileRecord) -> Iterator[bytes]:
-        """The file's bytes, a chunk at a time."""
-        with self.path(record).open("rb") as source:
-            while chunk := source.read(CHUNK):
-                yield chunk
+    def open(self, record: FileRecord) -> BinaryIO:
+        """The file's bytes, opened (``FileNotFound`` when they are gone: a record never answers without them)."""
+        try:
+            return self.path(record).open("rb")
+        except FileNotFoundError as exc:
+            raise FileNotFound(f"No such file: {record.id!r}.") from exc
 
     def page(
         self,
@@ -191,6 +220,17 @@ class FileStore:
         with self.engine.begin() as db:
             db.execute(files_table.delete().where(files_table.c.id == record.id))
         self.path(record).unlink(missing_ok=True)
+
+
+# pg_advisory_xact_lock(FILES_LOCK, tenant id): one upload of a tenant's at a time, in every gateway.
+FILES_LOCK = 0x6C6606
+
+
+def chunks(source: BinaryIO) -> Iterator[bytes]:
+    """``source`` a chunk at a time, closed at the end."""
+    with source:
+        while chunk := source.read(CHUNK):
+            yield chunk
 
 
 # What multipart framing adds around a file's bytes (boundaries, part headers, the purpose field): an upload may

@@ -144,6 +144,6 @@ files_table = sa.Table(
     sa.Column("purpose", sa.String(32), nullable=False),
     sa.Column("bytes", sa.BigInteger, nullable=False),
     sa.Column("sha256", sa.String(64), nullable=False),
-    sa.Column("created_at", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
     sa.Index("ix_files_tenant_created", "tenant_id", "created_at", "id"),
 )

@@ -10,6 +10,7 @@ engines).
 
 from __future__ import annotations
 
+import concurrent.futures
 import subprocess
 import sys
 import time
@@ -361,3 +362,32 @@ def test_a_store_moving_to_postgres_keeps_its_history(tmp_path: Path, postgres_s
     files.promote("orders", 3, force=True, reason="behind its back")
     assert ledger.SqlLedger(state_engine(url)).adopt_files(tmp_path / "adapters") == []
     assert store.stable("orders").version == 2 and len(store.events("orders")) == 3  # type: ignore[union-attr]
+
+
+def test_two_gateways_uploading_at_once_never_pass_a_tenants_quota(
+    tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    """Each upload's quota check and insert hold the tenant's advisory lock: of two 3,000-byte files against a
+    5,000-byte quota, sent through two gateways' stores at the same instant, exactly one is kept."""
+    import io
+    import threading
+
+    from serving.state.files import FileStore, QuotaExceeded
+
+    url = postgres_server.database()
+    tenant = TenantStore(url).create("acme")
+    stores = [FileStore(state_engine(url), tmp_path / "files", 4096, 5000) for _ in range(2)]
+    start = threading.Barrier(2)
+
+    def upload(store: FileStore) -> str:
+        start.wait()
+        try:
+            return store.add(tenant.id, "a.jsonl", "fine-tune", io.BytesIO(b"x" * 3000)).id
+        except QuotaExceeded:
+            return "refused"
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        outcomes = list(pool.map(upload, stores))
+    assert sorted(o == "refused" for o in outcomes) == [False, True]
+    assert stores[0].used(tenant.id) == 3000
+    assert len([p for p in (tmp_path / "files").rglob("file-*")]) == 1  # the refused one left no bytes

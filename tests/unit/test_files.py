@@ -99,6 +99,7 @@ def test_the_limits_refuse_with_the_limit_and_leave_nothing(gw) -> None:
     with pytest.raises(openai.RateLimitError) as quota:
         acme.files.create(file=("c.jsonl", io.BytesIO(b"x" * 1000)), purpose="fine-tune")
     assert quota.value.code == "file_quota_exceeded" and "8192 bytes" in quota.value.message
+    assert quota.value.response.headers["x-should-retry"] == "false"  # the client does not send it twice more
     sdk(client, keys["other"]).files.create(file=("a.jsonl", io.BytesIO(b"x" * 1000)), purpose="fine-tune")
     assert len(left_on_disk(settings)) == 3  # the two of acme and the other tenant's: no partial file anywhere
 
@@ -142,3 +143,13 @@ def test_an_upload_cut_off_midway_leaves_nothing(gw) -> None:
     client.portal.call(run)  # type: ignore[union-attr]
     assert left_on_disk(settings) == []
     assert list(sdk(client, keys["acme"]).files.list()) == []
+
+
+def test_a_record_never_answers_without_its_bytes(gw) -> None:
+    client, keys, settings = gw
+    acme = sdk(client, keys["acme"])
+    made = acme.files.create(file=("a.jsonl", io.BytesIO(LINES)), purpose="fine-tune")
+    for path in (settings.data_dir / "files").rglob(made.id):
+        path.unlink()  # the bytes lost (a disk replaced, a crash): an error, never a 200 cut short
+    with pytest.raises(openai.NotFoundError):
+        acme.files.content(made.id)

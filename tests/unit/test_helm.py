@@ -42,6 +42,7 @@ CHART_SETS = {
     "host",
     "port",
     "data_dir",
+    "files_dir",
     "base_model",
     "engines_file",
     "max_lora_rank",

@@ -25,7 +25,7 @@ from starlette.requests import ClientDisconnect
 
 from serving.errors import APIError, ErrorCode
 from serving.http.deps import StateDep, TenantDep
-from serving.state.files import FileError, FileNotFound, FileTooLarge, QuotaExceeded
+from serving.state.files import FileError, FileNotFound, FileTooLarge, QuotaExceeded, chunks
 
 FILES_PATH = "/v1/files"  # its POST body streams through (serving.http.middleware)
 router = APIRouter(prefix=FILES_PATH)
@@ -37,7 +37,8 @@ def _refused(exc: FileError) -> APIError:
     if isinstance(exc, FileTooLarge):
         return APIError(ErrorCode.BODY_TOO_LARGE, str(exc), param="file")
     if isinstance(exc, QuotaExceeded):
-        return APIError(ErrorCode.FILE_QUOTA_EXCEEDED, str(exc), param="file")
+        # Not for the openai client to send again on its own (it retries 429s): only deleting files helps.
+        return APIError(ErrorCode.FILE_QUOTA_EXCEEDED, str(exc), param="file", headers={"x-should-retry": "false"})
     return APIError(ErrorCode.INVALID_FILE, str(exc), param="purpose")
 
 
@@ -56,7 +57,7 @@ async def create_file(request: Request, tenant: TenantDep, state: StateDep) -> d
         )
     try:
         form = await request.form(max_files=1, max_fields=4)
-    except ClientDisconnect:  # the upload was cut off: nothing was stored (what had come is in a temporary file)
+    except ClientDisconnect:  # the upload was cut off: nothing was stored (the parser removed what had come)
         return Response(status_code=499)
     try:
         upload, purpose = form.get("file"), form.get("purpose")
@@ -116,10 +117,11 @@ async def file_content(file_id: str, tenant: TenantDep, state: StateDep) -> Stre
     files = state.files
     try:
         record = await asyncio.to_thread(files.get, tenant.id, file_id)
+        source = await asyncio.to_thread(files.open, record)  # opened before the 200 goes out
     except FileError as exc:
         raise _refused(exc) from exc
     headers = {"content-length": str(record.bytes), "x-lorafleet-sha256": record.sha256}
-    return StreamingResponse(files.read(record), media_type="application/octet-stream", headers=headers)
+    return StreamingResponse(chunks(source), media_type="application/octet-stream", headers=headers)
 
 
 @router.delete("/{file_id}")

@@ -26,7 +26,7 @@ def upgrade() -> None:
         sa.Column("purpose", sa.String(32), nullable=False),
         sa.Column("bytes", sa.BigInteger, nullable=False),
         sa.Column("sha256", sa.String(64), nullable=False),
-        sa.Column("created_at", sa.Integer, nullable=False),
+        sa.Column("created_at", sa.BigInteger, nullable=False),
     )
     op.create_index("ix_files_tenant_created", "files", ["tenant_id", "created_at", "id"])
 
