@@ -95,12 +95,7 @@ class FileStore:
     def used(self, tenant_id: int) -> int:
         """Bytes the tenant's files take now."""
         with self.engine.connect() as db:
-            total = db.execute(
-                sa.select(sa.func.coalesce(sa.func.sum(files_table.c.bytes), 0)).where(
-                    files_table.c.tenant_id == tenant_id
-                )
-            ).scalar_one()
-        return int(total)
+            return _used(db, tenant_id)
 
     def admit(self, tenant_id: int, declared: int | None) -> None:
         """Refuse an upload before a byte is written when what it declares is over a limit."""
@@ -108,8 +103,9 @@ class FileStore:
             return
         if declared > self.max_bytes + MULTIPART_SLACK:
             raise FileTooLarge(_too_large(self.max_bytes))
-        if self.used(tenant_id) + declared - MULTIPART_SLACK > self.quota_bytes:
-            raise QuotaExceeded(_over_quota(self.quota_bytes, self.used(tenant_id)))
+        used = self.used(tenant_id)
+        if used + declared - MULTIPART_SLACK > self.quota_bytes:
+            raise QuotaExceeded(_over_quota(self.quota_bytes, used))
 
     def add(self, tenant_id: int, filename: str, purpose: str, source: BinaryIO) -> FileRecord:
         """Store ``source`` (read to its end, a chunk at a time) as the tenant's new file; all or nothing."""
@@ -137,13 +133,7 @@ class FileStore:
                     if db.dialect.name == "postgresql":  # the other gateways' uploads of this tenant wait too
                         lock = sa.text("SELECT pg_advisory_xact_lock(:lock, :tenant)")
                         db.execute(lock, {"lock": FILES_LOCK, "tenant": tenant_id})
-                    used = int(
-                        db.execute(
-                            sa.select(sa.func.coalesce(sa.func.sum(files_table.c.bytes), 0)).where(
-                                files_table.c.tenant_id == tenant_id
-                            )
-                        ).scalar_one()
-                    )
+                    used = _used(db, tenant_id)
                     if used + size > self.quota_bytes:
                         raise QuotaExceeded(_over_quota(self.quota_bytes, used))
                     db.execute(files_table.insert().values(**vars(record)))
@@ -236,6 +226,12 @@ def chunks(source: BinaryIO) -> Iterator[bytes]:
 # What multipart framing adds around a file's bytes (boundaries, part headers, the purpose field): an upload may
 # declare this much more than the file itself.
 MULTIPART_SLACK = 64 << 10
+
+
+def _used(db: sa.Connection, tenant_id: int) -> int:
+    """Bytes the tenant's files take, as ``db`` sees them."""
+    total = sa.select(sa.func.coalesce(sa.func.sum(files_table.c.bytes), 0)).where(files_table.c.tenant_id == tenant_id)
+    return int(db.execute(total).scalar_one())
 
 
 def _too_large(limit: int) -> str:

@@ -157,12 +157,16 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+def completion_budget(body: dict[str, Any], max_model_len: int) -> int:
+    """The most tokens one sequence may generate: its ``max_tokens`` (either spelling), else the model's length."""
+    return int(body.get("max_completion_tokens") or body.get("max_tokens") or max_model_len)
+
+
 def most_tokens(body: dict[str, Any], sequences: int, max_model_len: int) -> int:
     """The most tokens a request may use: its prompt (estimated at four bytes a token) and every sequence's
     completion budget (``max_tokens``, else the model's length)."""
     prompt = len(json.dumps(body.get("messages") or body.get("prompt") or "", ensure_ascii=False).encode()) // 4
-    completion = body.get("max_completion_tokens") or body.get("max_tokens") or max_model_len
-    return prompt + sequences * int(completion)
+    return prompt + sequences * completion_budget(body, max_model_len)
 
 
 def tokens_used(record: RequestRecord, most: int) -> int:
@@ -210,7 +214,7 @@ def _check_answer_size(body: dict[str, Any], sequences: int, settings: GatewaySe
     else:  # completions: an integer count of top log-probabilities
         logprobs = body.get("logprobs")
         per_token = 2 + logprobs if isinstance(logprobs, int) and not isinstance(logprobs, bool) else 1
-    tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or settings.max_model_len)
+    tokens = completion_budget(body, settings.max_model_len)
     if body.get("echo"):  # the prompt comes back too, with its log-probabilities: up to the model's length
         tokens += settings.max_model_len
     entries = sequences * tokens * per_token
