@@ -6,7 +6,16 @@ Accepted files: JSON Lines, or one JSON array, of rows in one of these shapes
 
     {"instruction", "input"?, "output", "schema"?, "id"?}     the seed format
     {"prompt", "completion", "schema"?, "id"?}
-    {"messages": [...], "tools"?, "schema"?, "id"?}           chat; the last turn is the assistant's answer
+    {"messages": [...], "tools"?, "parallel_tool_calls"?, "schema"?, "id"?}
+                                                              chat, as OpenAI's fine-tuning format defines it
+
+A chat row is learned as OpenAI learns it: every assistant turn is an answer
+to learn (given the turns before it) unless it carries ``"weight": 0``; an
+assistant turn may answer with ``tool_calls`` (learned as the
+``{"name", "arguments"}`` object the gateway turns back into ``tool_calls``),
+and ``tools`` may be OpenAI's ``[{"type": "function", "function": {...}}]`` or
+this project's ``[{"name", "parameters"}]``. A row with several learned turns
+becomes one example per learned turn.
 
 Training and evaluation read data through here. Function-calling files (glaive,
 BFCL) become chat rows with ``tools`` through
@@ -30,13 +39,21 @@ from jsonschema.exceptions import SchemaError
 
 from contract.judge import check_schema, judge
 from contract.prompt import Message, example_messages
+from contract.tools import call_schema, call_text, function_of
 
 SHAPES = {
     "instruction": ({"instruction", "output"}, {"input", "schema", "id"}),
     "prompt": ({"prompt", "completion"}, {"schema", "id"}),
-    "chat": ({"messages"}, {"tools", "schema", "id"}),
+    "chat": ({"messages"}, {"tools", "parallel_tool_calls", "schema", "id"}),
 }
 ROLES = {"system", "user", "assistant", "tool"}
+# The keys a chat turn may carry, by role (OpenAI's training format).
+TURN_KEYS = {
+    "system": {"role", "content", "name"},
+    "user": {"role", "content", "name"},
+    "assistant": {"role", "content", "name", "weight", "tool_calls"},
+    "tool": {"role", "content", "name", "tool_call_id"},
+}
 MIN_EXAMPLES = 100
 
 
@@ -156,17 +173,17 @@ def _nonempty_str(value: Any) -> bool:
     return isinstance(value, str) and bool(value.strip())
 
 
-def to_example(row: Any, line: int, path: str, schema: dict[str, Any] | None) -> tuple[Example | None, list[Problem]]:
-    """Normalise one row; returns the example (``None`` if unusable) and its problems."""
+def to_examples(row: Any, line: int, path: str, schema: dict[str, Any] | None) -> tuple[list[Example], list[Problem]]:
+    """Normalise one row into its examples (one per learned answer; none if unusable) and its problems."""
 
     def problem(fld: str | None, message: str, fix: str) -> Problem:
         return Problem(path, line, fld, message, fix)
 
     if not isinstance(row, dict):
-        return None, [problem(None, f"expected a JSON object, got {type(row).__name__}", "make the row an object")]
+        return [], [problem(None, f"expected a JSON object, got {type(row).__name__}", "make the row an object")]
     shape = next((name for name, (required, _) in SHAPES.items() if required & row.keys()), None)
     if shape is None:
-        return None, [
+        return [], [
             problem(
                 None,
                 f"unknown row shape with fields {sorted(row)}",
@@ -188,72 +205,164 @@ def to_example(row: Any, line: int, path: str, schema: dict[str, Any] | None) ->
     if shape == "instruction" and "input" in row and not isinstance(row["input"], str):
         problems.append(problem("input", "not a string", "make 'input' a string or remove it"))
 
-    messages: list[Message] = []
-    completion = ""
+    tools, tool_problems = _tools(row.get("tools"), problem)
+    problems += tool_problems
+    answers: list[tuple[list[Message], str]] = []
     if shape == "chat":
-        messages, completion, chat_problems = _chat(row, problem)
+        answers, chat_problems = _chat(row, tools, problem)
         problems += chat_problems
     elif not problems:
         if shape == "instruction":
-            messages, completion = example_messages(row), row["output"]
+            answers = [(example_messages(row), row["output"])]
         else:
-            messages, completion = [{"role": "user", "content": row["prompt"]}], row["completion"]
+            answers = [([{"role": "user", "content": row["prompt"]}], row["completion"])]
 
-    tools = row.get("tools")
-    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) and "name" in t for t in tools)):
-        problems.append(problem("tools", "not a list of function specs", 'give [{"name", "parameters"}, ...]'))
+    if "parallel_tool_calls" in row and not isinstance(row["parallel_tool_calls"], bool):
+        problems.append(problem("parallel_tool_calls", "not true or false", "give a boolean or remove the field"))
     row_schema = row.get("schema", schema)
     if "schema" in row and not isinstance(row["schema"], dict):
         problems.append(problem("schema", "not a JSON object", "give a JSON Schema object or remove the field"))
         row_schema = None
     if problems:
-        return None, problems
-    if row_schema is not None:
-        output_field = {"instruction": "output", "prompt": "completion", "chat": "messages[-1].content"}[shape]
-        problems += _check_output(completion, row_schema, output_field, problem)
-    example = Example(messages, completion, row_schema, tools, line, str(row["id"]) if "id" in row else None)
-    return (None if problems else example), problems
+        return [], problems
+    examples = []
+    for messages, completion in answers:
+        if row_schema is not None:
+            output_field = {"instruction": "output", "prompt": "completion", "chat": "messages[-1].content"}[shape]
+            problems += _check_output(completion, row_schema, output_field, problem)
+        examples.append(Example(messages, completion, row_schema, tools, line, str(row["id"]) if "id" in row else None))
+    return ([] if problems else examples), problems
 
 
-def _chat(row: dict[str, Any], problem: Callable[..., Problem]) -> tuple[list[Message], str, list[Problem]]:
+def _tools(tools: Any, problem: Callable[..., Problem]) -> tuple[list[dict[str, Any]] | None, list[Problem]]:
+    """The row's functions as the prompt presents them: OpenAI's ``{"type": "function", "function": {...}}``
+    entries unwrapped, this project's ``{"name", "parameters"}`` ones as they are."""
+    if tools is None:
+        return None, []
+    fix = 'give [{"type": "function", "function": {"name", "parameters"}}, ...]'
+    if not isinstance(tools, list) or not tools:
+        return None, [problem("tools", "not a non-empty list of function specs", fix)]
+    functions = []
+    for i, tool in enumerate(tools):
+        spec = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else tool
+        if not (isinstance(spec, dict) and isinstance(spec.get("name"), str) and spec["name"]):
+            return None, [problem(f"tools[{i}]", "not a function spec with a name", fix)]
+        functions.append(function_of(spec) if spec is not tool else tool)
+    return functions, []
+
+
+def _chat(
+    row: dict[str, Any], tools: list[dict[str, Any]] | None, problem: Callable[..., Problem]
+) -> tuple[list[tuple[list[Message], str]], list[Problem]]:
+    """A conversation's learned answers, each with the turns before it (earlier calls written as answered)."""
     turns = row["messages"]
     if not isinstance(turns, list) or len(turns) < 2:
-        return (
-            [],
-            "",
-            [
-                problem(
-                    "messages",
-                    "needs at least a user turn and the assistant's answer",
-                    "give [{role: user, content}, {role: assistant, content}]",
-                )
-            ],
-        )
-    problems = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
-            problems.append(
-                problem(
-                    f"messages[{i}]",
-                    "not a {role, content} turn",
-                    f"use a role in {sorted(ROLES)} and a string content",
-                )
+        return [], [
+            problem(
+                "messages",
+                "needs at least a user turn and the assistant's answer",
+                "give [{role: user, content}, {role: assistant, content}]",
             )
+        ]
+    problems: list[Problem] = []
+    history: list[Message] = []
+    answers: list[tuple[list[Message], str]] = []
+    for i, turn in enumerate(turns):
+        text, learned, turn_problems = _turn(turn, f"messages[{i}]", tools, problem)
+        problems += turn_problems
+        if turn_problems:
+            continue
+        if learned and not problems:
+            answers.append((list(history), text))
+        history.append({"role": turn["role"], "content": text})
     if problems:
-        return [], "", problems
-    if turns[-1]["role"] != "assistant" or not turns[-1]["content"].strip():
+        return [], problems
+    last = turns[-1]
+    if last["role"] != "assistant":
+        return [], [
+            problem(
+                f"messages[{len(turns) - 1}]",
+                "the last turn is not an assistant answer",
+                "end each conversation with the assistant turn to learn",
+            )
+        ]
+    if not answers:
+        return [], [
+            problem("messages", "every assistant turn has weight 0: nothing to learn", "give one turn weight 1")
+        ]
+    return answers, []
+
+
+def _turn(
+    turn: Any, where: str, tools: list[dict[str, Any]] | None, problem: Callable[..., Problem]
+) -> tuple[str, bool, list[Problem]]:
+    """One chat turn: its text as the prompt shows it, whether it is a learned answer, and its problems."""
+    if not isinstance(turn, dict) or turn.get("role") not in ROLES:
+        return "", False, [problem(where, "not a {role, content} turn", f"use a role in {sorted(ROLES)}")]
+    role = turn["role"]
+    unknown = sorted(turn.keys() - TURN_KEYS[role])
+    if unknown:
+        return "", False, [problem(f"{where}.{unknown[0]}", f"not a key of a {role} turn", "remove it")]
+    calls = turn.get("tool_calls")
+    if calls is not None:
+        return _call_turn(turn, where, tools, problem)
+    content = turn.get("content")
+    if not isinstance(content, str) or (role == "assistant" and not content.strip()):
+        fix = "give a non-empty string content (or tool_calls)" if role == "assistant" else "give a string content"
+        return "", False, [problem(f"{where}.content", "missing, empty or not a string", fix)]
+    weight = turn.get("weight", 1)
+    if role == "assistant" and (weight not in (0, 1) or isinstance(weight, bool)):
+        return "", False, [problem(f"{where}.weight", f"{weight!r} is not 0 or 1", "use 0 (not learned) or 1")]
+    return content, role == "assistant" and weight == 1, []
+
+
+def _call_turn(
+    turn: dict[str, Any], where: str, tools: list[dict[str, Any]] | None, problem: Callable[..., Problem]
+) -> tuple[str, bool, list[Problem]]:
+    """An assistant turn answering with ``tool_calls``: one call to one of the row's tools, with JSON arguments."""
+    calls = turn["tool_calls"]
+    field_ = f"{where}.tool_calls"
+    if turn["role"] != "assistant":
+        return "", False, [problem(field_, "only an assistant turn calls tools", "remove it")]
+    if not tools:
+        return "", False, [problem("tools", "the row calls tools but lists none", "add the row's 'tools'")]
+    fix = 'give [{"id", "type": "function", "function": {"name", "arguments": "<JSON object>"}}]'
+    if not isinstance(calls, list) or not calls:
+        return "", False, [problem(field_, "not a non-empty list of calls", fix)]
+    if len(calls) > 1:
         return (
-            [],
             "",
+            False,
             [
                 problem(
-                    f"messages[{len(turns) - 1}]",
-                    "the last turn is not a non-empty assistant answer",
-                    "end each conversation with the assistant turn to learn",
+                    field_,
+                    f"{len(calls)} calls in one turn; the gateway serves one call per answer",
+                    "split the calls into consecutive assistant turns (each followed by its tool turn)",
                 )
             ],
         )
-    return [{"role": t["role"], "content": t["content"]} for t in turns[:-1]], turns[-1]["content"], []
+    fn = calls[0].get("function") if isinstance(calls[0], dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("arguments"), str):
+        return "", False, [problem(field_, "the call has no function with string arguments", fix)]
+    names = {t["name"]: t for t in tools}
+    if fn.get("name") not in names:
+        return "", False, [problem(f"{field_}[0].function.name", f"{fn.get('name')!r} is not in tools", "name one")]
+    try:
+        arguments = json.loads(fn["arguments"])
+    except json.JSONDecodeError as exc:
+        return "", False, [problem(f"{field_}[0].function.arguments", f"not JSON ({exc.msg})", fix)]
+    if not isinstance(arguments, dict):
+        return "", False, [problem(f"{field_}[0].function.arguments", "not a JSON object", fix)]
+    text = call_text(calls)
+    weight = turn.get("weight", 1)
+    if weight not in (0, 1) or isinstance(weight, bool):
+        return "", False, [problem(f"{where}.weight", f"{weight!r} is not 0 or 1", "use 0 (not learned) or 1")]
+    verdict = judge(text, call_schema(names[fn["name"]]))
+    wrong = [
+        problem(f"{field_}[0].function.arguments", f"violates the tool's parameters at {e}", "correct it")
+        for e in verdict.errors
+    ]
+    return text, weight == 1, wrong
 
 
 def _check_output(completion: str, schema: dict[str, Any], fld: str, problem: Callable[..., Problem]) -> list[Problem]:
@@ -298,10 +407,9 @@ def check(
     report.rows = len(rows) + len(report.problems)
     seen: dict[str, int] = {}
     for line, row in rows:
-        example, problems = _check_row(path, line, row, seen, schema, token_length, max_length)
+        examples, problems = _check_row(path, line, row, seen, schema, token_length, max_length)
         report.problems += problems
-        if example is not None:
-            report.examples.append(example)
+        report.examples += examples
     if len(report.examples) < min_examples:
         report.problems.append(
             Problem(
@@ -325,22 +433,22 @@ def _check_row(
     schema: dict[str, Any] | None,
     token_length: Callable[[Example], int] | None,
     max_length: int | None,
-) -> tuple[Example | None, list[Problem]]:
-    """One row: its example (``None`` if unusable) and its problems; ``seen`` keeps the first line of each
+) -> tuple[list[Example], list[Problem]]:
+    """One row: its examples (none if unusable) and its problems; ``seen`` keeps the first line of each
     example, in either shape, to find duplicates."""
     first = seen.setdefault(json.dumps(row, sort_keys=True), line)
     if first != line:
-        return None, [Problem(str(path), line, None, f"duplicate of line {first}", "delete the repeated example")]
-    example, problems = to_example(row, line, str(path), schema)
-    if example is None:
-        return None, problems
-    first = seen.setdefault(example.key(), line)
-    if first != line:  # the same example in another shape
-        return None, [
-            *problems,
-            Problem(str(path), line, None, f"duplicate of line {first}", "delete the repeated example"),
-        ]
-    if token_length is not None and max_length is not None and (n := token_length(example)) > max_length:
-        too_long = f"{n} tokens after rendering, over max_length {max_length}"
-        return None, [*problems, Problem(str(path), line, None, too_long, "shorten the example or raise --max-length")]
-    return example, problems
+        return [], [Problem(str(path), line, None, f"duplicate of line {first}", "delete the repeated example")]
+    examples, problems = to_examples(row, line, str(path), schema)
+    for example in examples:
+        first = seen.setdefault(example.key(), line)
+        if first != line:  # the same example in another shape
+            return [], [
+                *problems,
+                Problem(str(path), line, None, f"duplicate of line {first}", "delete the repeated example"),
+            ]
+        if token_length is not None and max_length is not None and (n := token_length(example)) > max_length:
+            too_long = f"{n} tokens after rendering, over max_length {max_length}"
+            fix = "shorten the example or raise --max-length"
+            return [], [*problems, Problem(str(path), line, None, too_long, fix)]
+    return examples, problems

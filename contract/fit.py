@@ -140,3 +140,23 @@ def _shape_problems(header: dict[str, Any], base: dict[str, Any], rank: int) -> 
 def base_config(base_model_path: str) -> dict[str, Any] | None:
     path = Path(base_model_path) / "config.json"
     return json.loads(path.read_text("utf-8")) if path.is_file() else None
+
+
+def problems_on_its_base(source: Path, models_dir: Path, default_base: str, max_lora_rank: int) -> list[str]:
+    """``fit_problems`` of the adapter at ``source`` against the base it was trained on when that is provisioned
+    under ``models_dir``, else against ``default_base`` (a path); none to find when neither is a local directory
+    (a hub id: the engine checks it when it loads). Raises ``ManifestError`` for an adapter without a manifest."""
+    from contract.basemodel import identify, provisioned
+
+    own = read_manifest(source).base_model
+    base_path = str(provisioned(models_dir, own.name, own.sha256) or default_base)
+    if not Path(base_path).is_dir():
+        return []
+    base = identify(base_path)
+    return fit_problems(
+        source,
+        base_name=base.name,
+        base_sha256=base.sha256,
+        base_config=base_config(base_path),
+        max_lora_rank=max_lora_rank,
+    )

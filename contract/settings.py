@@ -7,6 +7,8 @@ Layout under ``data_dir``::
 
     models/<name>/          base models converted to safetensors
     adapters/<alias>/<n>/   the adapter store (see ``contract.store``)
+    files/<tenant>/<id>     files tenants upload (fine-tuning data; ``files_dir``)
+    jobs/<job id>/          fine-tuning jobs' work: checkpoints, the adapter before it is published (``jobs_dir``)
     cache/                  downloaded wheels and other re-creatable files
     state.db                the gateway's control-plane state (SQLite)
 """
@@ -43,6 +45,29 @@ class CommonSettings(BaseSettings):
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL of the state database; default sqlite under data_dir."
     )
+
+    files_dir: Path | None = Field(
+        default=None,
+        description=(
+            "Where tenants' files (fine-tuning data) are kept; default data_dir/files. With several gateways or "
+            "workers, a folder every one of them shares (the Helm chart puts it on the adapter store's volume)."
+        ),
+    )
+    jobs_dir: Path | None = Field(
+        default=None,
+        description=(
+            "Where fine-tuning jobs keep their checkpoints and unpublished adapters; default data_dir/jobs. Shared "
+            "by every worker (a job resumes on whichever worker takes it after its lease ran out)."
+        ),
+    )
+
+    @property
+    def files_root(self) -> Path:
+        return self.files_dir or self.data_dir / "files"
+
+    @property
+    def jobs_root(self) -> Path:
+        return self.jobs_dir or self.data_dir / "jobs"
 
     @property
     def state_url(self) -> str:

@@ -14,6 +14,9 @@ from typing import Any
 
 TOOLS_FORMAT = "lorafleet-tools-v1"
 
+# Keys of an OpenAI function definition the training format carries ("strict" is OpenAI's own switch).
+FUNCTION_KEYS = ("name", "description", "parameters")
+
 # Type names seen in function-calling datasets that JSON Schema spells differently.
 _TYPE_ALIASES = {
     "dict": "object",
@@ -75,3 +78,21 @@ TOOLS_INSTRUCTION = (
 def tools_system_prompt(functions: list[dict[str, Any]]) -> str:
     """The system text that presents ``functions`` to the model (format ``lorafleet-tools-v1``)."""
     return TOOLS_INSTRUCTION + "\n".join(json.dumps(f, ensure_ascii=False, sort_keys=True) for f in functions)
+
+
+def function_of(spec: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI ``function`` definition as the prompt presents it: its name, description and parameters (an
+    empty object schema when it has none)."""
+    parameters = spec.get("parameters", {"type": "object", "properties": {}})
+    return {k: spec[k] for k in FUNCTION_KEYS if k in spec} | {"parameters": parameters}
+
+
+def call_text(tool_calls: list[dict[str, Any]]) -> str:
+    """An assistant turn's OpenAI ``tool_calls`` written the way an adapter answers: the first call as
+    ``{"name", "arguments"}`` (the gateway reads earlier calls in a conversation back the same way)."""
+    fn = (tool_calls[0] or {}).get("function") or {}
+    try:
+        arguments = json.loads(fn.get("arguments") or "{}")
+    except json.JSONDecodeError:
+        arguments = {}
+    return json.dumps({"name": fn.get("name"), "arguments": arguments}, ensure_ascii=False)

@@ -9,6 +9,8 @@
     lorafleet tenants ...         create tenants, grant aliases, set limits, issue keys
     lorafleet canary ...          canary rollouts on a running gateway
     lorafleet db ...              the state database's schema (Alembic migrations)
+    lorafleet worker              run fine-tuning jobs (local child processes, or a Ray cluster)
+    lorafleet jobs ...            every tenant's fine-tuning jobs: list, show, events, cancel
     lorafleet engines             the engines behind the running gateway: health, load, adapters
     lorafleet report              latency and validity per alias from Prometheus
     lorafleet serve               run the gateway (starts vLLM)
@@ -33,6 +35,7 @@ from lorafleet.commands import (
     engines,
     evaluate,
     export,
+    jobs,
     model,
     report,
     serve,
@@ -47,6 +50,7 @@ app.add_typer(adapters.app, name="adapters")
 app.add_typer(tenants.app, name="tenants")
 app.add_typer(canary.app, name="canary")
 app.add_typer(db.app, name="db")
+app.add_typer(jobs.app, name="jobs")
 app.command(name="train")(train.train)
 app.command(name="eval")(evaluate.eval_)
 app.command(name="export")(export.export)
@@ -55,6 +59,7 @@ app.command(name="engines")(engines.engines)
 app.command(name="serve")(serve.serve)
 app.command(name="serve-engine")(serve.serve_engine)
 app.command(name="demo")(demo.demo)
+app.command(name="worker")(jobs.worker)
 
 
 def main() -> None:

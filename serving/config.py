@@ -113,13 +113,6 @@ class GatewaySettings(CommonSettings):
     schema_check_threads: int = Field(
         default=4, ge=1, le=64, description="Threads that check clients' JSON Schemas (one per tenant at a time)."
     )
-    files_dir: Path | None = Field(
-        default=None,
-        description=(
-            "Where tenants' files (fine-tuning data) are kept; default data_dir/files. With several gateways, a "
-            "folder every replica shares (the Helm chart puts it on the adapter store's volume)."
-        ),
-    )
     max_file_bytes: int = Field(
         default=512 << 20, ge=1024, description="Largest file a tenant may upload (POST /v1/files); larger gets 413."
     )

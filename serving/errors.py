@@ -89,6 +89,12 @@ class ErrorCode(StrEnum):
     FILE_NOT_FOUND = "file_not_found", 404, "No such file, or not the caller's (the same answer)."
     INVALID_FILE = "invalid_file", 400, "An upload without its multipart `file` and `purpose`, or another purpose."
     FILE_QUOTA_EXCEEDED = "file_quota_exceeded", 429, "The tenant's files would pass `LORAFLEET_FILE_QUOTA_BYTES`."
+    # Fine-tuning jobs.
+    JOB_NOT_FOUND = "job_not_found", 404, "No such fine-tuning job, or not the caller's (the same answer)."
+    INVALID_JOB = "invalid_job", 400, "A job field refused (named in `param`): model, files, suffix, method, metadata."
+    JOB_QUOTA_EXCEEDED = "job_quota_exceeded", 429, "The tenant's waiting jobs are at its `queued_jobs` limit."
+    JOB_STATE = "job_state", 400, "The job's status does not allow it (cancel a finished job, resume a running one)."
+    MODEL_NOT_OWNED = "model_not_owned", 403, "Only a fine-tuned model of the caller's own can be deleted."
     # Limits.
     SCHEMA_CHECKS_BUSY = "schema_checks_busy", 429, "The tenant's earlier schemas are still being checked; retry."
     RATE_LIMIT_EXCEEDED = "rate_limit_exceeded", 429, "Over the tenant's requests per minute."

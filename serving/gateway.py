@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from serving.outputs.schemas import SchemaChecks
 from serving.state.canaries import CanaryRecords
 from serving.state.changes import CANARIES, POLICIES, SERVING, TENANTS, ChangeFeed, announcer
 from serving.state.files import FileStore
+from serving.state.jobs import JobStore
 from serving.state.leadership import Leadership
 from serving.state.ledger import open_store
 from serving.state.limits import RedisLimiter, TenantLimiter
@@ -65,6 +67,7 @@ class Gateway:
     canaries: CanaryManager
     schema_checks: SchemaChecks  # clients' JSON Schemas are checked here, one per tenant at a time
     files: FileStore  # the files tenants upload (fine-tuning data)
+    jobs: JobStore  # fine-tuning jobs (run by workers, package ``finetune``; the gateway serves what they make)
     instance: str = ""  # this process's id, in /healthz and data_dir/gateway.json
     changes: ChangeFeed | None = None  # several gateways on PostgreSQL: how this one hears the others' writes
 
@@ -102,6 +105,7 @@ class Gateway:
                 await stack.enter_async_context(_background(gateway.changes.run()))
             if dynamic:
                 await stack.enter_async_context(_background(_rediscover(settings, declared, fleet, last_good)))
+            await stack.enter_async_context(_background(_serve_new_models(gateway)))
             # Stopped first of all: its end gives up canary leadership, for another gateway to take at once.
             await stack.enter_async_context(_background(gateway.canaries.run(settings.canary_poll_s)))
             gateway.instance = secrets.token_hex(8)
@@ -146,10 +150,10 @@ class Gateway:
         )
         policies = AliasPolicies(tenants.engine, cache_s=settings.state_cache_s, outage_s=settings.state_outage_s)
         checks = SchemaChecks(settings.schema_check_threads)
-        files_dir = settings.files_dir or settings.data_dir / "files"
-        files = FileStore(tenants.engine, files_dir, settings.max_file_bytes, settings.file_quota_bytes)
+        files = FileStore(tenants.engine, settings.files_root, settings.max_file_bytes, settings.file_quota_bytes)
+        jobs = JobStore(tenants.engine)
         limiter = _limiter(settings)
-        gateway = cls(settings, fleet, tenants, adapters, limiter, policies, metrics, canaries, checks, files)
+        gateway = cls(settings, fleet, tenants, adapters, limiter, policies, metrics, canaries, checks, files, jobs)
         return gateway, declared, dynamic
 
 
@@ -214,6 +218,33 @@ async def _on_engine_ready(gateway: Gateway, name: str) -> None:
         return
     for problem in await adapters.load_all(name):
         log.error("adapter not loaded: %s", problem)
+
+
+async def _serve_new_models(gateway: Gateway, every_s: float = 1.0) -> None:
+    """A fine-tuning job that succeeded (in a worker, anywhere) is served at once: its tenant's grant and the new
+    alias are read again, not after ``state_cache_s``, and the adapter is loaded where its first request will go.
+    The same on SQLite and PostgreSQL: the jobs' table is the one place every worker writes."""
+    seen: set[str] = set()  # the jobs of the window already served
+    since = time.time() - 60
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            jobs = await asyncio.to_thread(gateway.jobs.finished_since, since)
+        except Exception:  # the state database is away: the next round asks again
+            log.debug("fine-tuning jobs not readable this round", exc_info=True)
+            continue
+        fresh = [job for job in jobs if job.id not in seen and job.fine_tuned_model]
+        seen = {job.id for job in jobs}
+        if not fresh:
+            continue
+        gateway.tenants.changed()
+        gateway.adapters.forget()
+        for job in fresh:
+            version = await gateway.adapters.serving(str(job.fine_tuned_model))
+            if version is not None:
+                placed = await gateway.engine.warm(version)
+                log.info("fine-tuned model %s (job %s) served: %s", job.fine_tuned_model, job.id, placed)
+        since = max(job.finished_at or 0 for job in fresh) - 2
 
 
 @asynccontextmanager

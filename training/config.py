@@ -51,6 +51,10 @@ class TrainConfig(BaseModel):
     )
     max_length: int = Field(default=512, ge=16, description="Longest example in tokens; longer ones are errors.")
     # adapter
+    init_adapter: Path | None = Field(
+        default=None,
+        description="Continue training this adapter directory (its rank, alpha and targets; the flags' are unused).",
+    )
     rank: int = Field(default=16, ge=1, description="LoRA rank r.")
     alpha: int = Field(
         default=32, ge=1, description="LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA)."

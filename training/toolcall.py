@@ -54,7 +54,11 @@ def from_glaive(path: Path) -> tuple[list[dict], int]:
         call = json.loads(turns[first]["value"])
         if isinstance(call.get("arguments"), str):
             call["arguments"] = json.loads(call["arguments"] or "{}")
-        messages = [{"role": ROLE_OF[t["from"]], "content": t["value"]} for t in turns[:first]]
+        # The conversation so far is context: its earlier assistant turns are not learned (weight 0), the call is.
+        messages = [
+            {"role": ROLE_OF[t["from"]], "content": t["value"]} | ({"weight": 0} if t["from"] == "gpt" else {})
+            for t in turns[:first]
+        ]
         row = _row(
             f"glaive_{i}", messages, json.loads(conv["tools"]), {"name": call["name"], "arguments": call["arguments"]}
         )

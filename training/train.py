@@ -198,7 +198,8 @@ def _dataset_maker(prompt_format: PromptFormat, leave_bos: bool) -> Callable[[li
 
 
 def load_model(cfg: TrainConfig, base_model: str) -> tuple[Any, Any]:
-    """The base model (fp32, or 4-bit for QLoRA), seeded, and the LoRA config PEFT wraps it with."""
+    """The base model (fp32, or 4-bit for QLoRA), seeded, and the LoRA config PEFT wraps it with (or, continuing
+    ``init_adapter``, the model with that adapter on, trainable, and no config)."""
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
@@ -206,6 +207,10 @@ def load_model(cfg: TrainConfig, base_model: str) -> tuple[Any, Any]:
     torch.manual_seed(cfg.seed)
     model_kwargs: dict[str, Any] = _qlora_kwargs(torch) if cfg.qlora else {"dtype": torch.float32}
     model = AutoModelForCausalLM.from_pretrained(base_model, **model_kwargs)
+    if cfg.init_adapter is not None:  # training continues from an adapter: its own LoRA settings
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(cfg.init_adapter), is_trainable=True), None
     lora = LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
@@ -317,11 +322,13 @@ def train(
     *,
     resume: bool = False,
     announce: Callable[[dict[str, Any]], None] | None = None,
+    callbacks: list[Any] | None = None,
 ) -> AdapterManifest:
     """Train, then move the finished artifact to ``cfg.out`` in one rename.
 
     ``resume``: continue from the last checkpoint in ``<out>.partial`` (left by a killed or stopped run).
     ``announce``: called every few seconds with the run's status (step, ETA, ...).
+    ``callbacks``: more ``TrainerCallback``s (a fine-tuning job's reporter).
     Ctrl-C (or SIGTERM) finishes the current step, saves a checkpoint and raises ``Interrupted``.
     """
     staging = staging_of(cfg.out)
@@ -332,7 +339,7 @@ def train(
     if checkpoint is None and main_process:
         shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True, exist_ok=True)
-    callbacks: list[Any] = [Announce(announce)] if announce is not None else []
+    callbacks = [*(callbacks or []), *([Announce(announce)] if announce is not None else [])]
     stop = StopOnSignal()
     in_main_thread = threading.current_thread() is threading.main_thread()
     if in_main_thread:
@@ -389,7 +396,7 @@ def _train_into(
         output_schema=load_schema(cfg.schema_file),
         data=DataRef(path=str(cfg.data), sha256=_sha256(data_files), examples=len(prepared.train_examples)),
         split=prepared.split | {"skipped_invalid": skipped},
-        lora=LoraSpec(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules()),
+        lora=_lora_spec(cfg, trainer.model),
         hyperparameters=json.loads(cfg.model_dump_json(by_alias=True)) | {"precision": prepared.precision},
         metrics={
             "train_loss_first": float(losses[0]) if losses else None,
@@ -406,6 +413,16 @@ def _train_into(
     manifest.write(staging)
     plot_losses(history, staging / "loss.png", title=f"{cfg.task}: loss")
     return manifest
+
+
+def _lora_spec(cfg: TrainConfig, model: Any) -> LoraSpec:
+    """What was trained: the config's LoRA settings, or the continued adapter's own."""
+    if cfg.init_adapter is None:
+        return LoraSpec(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules())
+    peft = model.peft_config["default"]
+    return LoraSpec(
+        rank=peft.r, alpha=peft.lora_alpha, dropout=peft.lora_dropout, target_modules=sorted(peft.target_modules)
+    )
 
 
 def plot_losses(history: list[dict[str, Any]], path: Path, title: str) -> None:

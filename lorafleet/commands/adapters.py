@@ -58,9 +58,8 @@ def adapters_publish(source: Path, alias: str, admin_key: AdminKeyOpt = None) ->
 def publish_adapter(settings: CommonSettings, source: Path, alias: str, admin_key: str | None = None) -> None:
     """Publish after the same checks the gateway runs (``contract.fit``) against the adapter's base model: the
     configured one, or the one it was trained on when that is provisioned too (a second engine's base)."""
-    from contract.basemodel import identify, provisioned
-    from contract.fit import base_config, fit_problems
-    from contract.manifest import ManifestError, read_manifest
+    from contract.fit import problems_on_its_base
+    from contract.manifest import ManifestError
     from contract.store import StoreError
     from serving.state.ledger import open_store
 
@@ -74,25 +73,12 @@ def publish_adapter(settings: CommonSettings, source: Path, alias: str, admin_ke
             highlight=False,
         )
         return
-    base_path = settings.base_model_path()
     try:
-        own = read_manifest(source).base_model
+        problems = problems_on_its_base(source, settings.models_dir, settings.base_model_path(), settings.max_lora_rank)
     except ManifestError as exc:
         raise fail(str(exc)) from exc
-    own_base = provisioned(settings.models_dir, own.name, own.sha256)
-    if own_base is not None:
-        base_path = str(own_base)
-    if Path(base_path).is_dir():
-        base = identify(base_path)
-        problems = fit_problems(
-            source,
-            base_name=base.name,
-            base_sha256=base.sha256,
-            base_config=base_config(base_path),
-            max_lora_rank=settings.max_lora_rank,
-        )
-        if problems:
-            raise fail(f"{source}: cannot be served, not published:\n  " + "\n  ".join(problems))
+    if problems:
+        raise fail(f"{source}: cannot be served, not published:\n  " + "\n  ".join(problems))
     try:
         version = open_store(settings).publish(source, alias)
     except (ManifestError, StoreError) as exc:

@@ -7,6 +7,7 @@ state database. Reads come from the database.
 
 from __future__ import annotations
 
+from dataclasses import fields, replace
 from typing import Annotated, Any
 
 import typer
@@ -21,6 +22,10 @@ RpmOpt = Annotated[int | None, typer.Option(help="Requests per minute (unset: un
 ConcurrentOpt = Annotated[int | None, typer.Option(help="Requests in flight at once (unset: unlimited).")]
 MaxTokensOpt = Annotated[int | None, typer.Option(help="Largest max_tokens per request (unset: unlimited).")]
 TpmOpt = Annotated[int | None, typer.Option(help="Prompt + completion tokens per minute (unset: unlimited).")]
+RunningJobsOpt = Annotated[int | None, typer.Option(help="Fine-tuning jobs training at once (unset: unlimited).")]
+QueuedJobsOpt = Annotated[
+    int | None, typer.Option(help="Fine-tuning jobs waiting: validating, queued, paused (unset: unlimited).")
+]
 
 
 def _store() -> Any:
@@ -50,13 +55,11 @@ def _show(tenant: dict[str, Any]) -> None:
     )
 
 
-def _limits(rpm: int | None, concurrent: int | None, max_tokens: int | None, tpm: int | None) -> dict[str, int | None]:
-    return {
-        "requests_per_minute": rpm,
-        "max_concurrent": concurrent,
-        "max_tokens": max_tokens,
-        "tokens_per_minute": tpm,
-    }
+def _limits(*values: int | None) -> dict[str, int | None]:
+    """The options in ``Limits``' order, by its field names."""
+    from serving.state.tenants import Limits
+
+    return dict(zip((f.name for f in fields(Limits)), values, strict=True))
 
 
 @app.command("create")
@@ -67,19 +70,25 @@ def tenants_create(
     concurrent: ConcurrentOpt = None,
     max_tokens: MaxTokensOpt = None,
     tpm: TpmOpt = None,
+    running_jobs: RunningJobsOpt = None,
+    queued_jobs: QueuedJobsOpt = None,
     admin_key: AdminKeyOpt = None,
 ) -> None:
     """Create a tenant, grant it aliases, set its limits, and print its API key (shown once)."""
-    from serving.state.tenants import DEFAULT_LIMITS, Limits
+    from serving.state.tenants import DEFAULT_LIMITS
 
     client = gateway_client(CommonSettings(), admin_key)
     if client is not None:
-        given = {k: v for k, v in _limits(rpm, concurrent, max_tokens, tpm).items() if v is not None}  # rest: defaults
+        given = _limits(rpm, concurrent, max_tokens, tpm, running_jobs, queued_jobs)
+        given = {k: v for k, v in given.items() if v is not None}  # the rest: the defaults
         created = admin_call(client.create_tenant, name, alias or [], given)
         console.print(created["api_key"], highlight=False)
         return
     store = _store()
-    limits = Limits(rpm, concurrent, max_tokens if max_tokens is not None else DEFAULT_LIMITS.max_tokens, tpm)
+    given = {
+        k: v for k, v in _limits(rpm, concurrent, max_tokens, tpm, running_jobs, queued_jobs).items() if v is not None
+    }
+    limits = replace(DEFAULT_LIMITS, **given)
     _, key = _local(store.enroll, name, alias or [], limits)
     console.print(key, highlight=False)
 
@@ -140,17 +149,15 @@ def tenants_limits(
     concurrent: ConcurrentOpt = None,
     max_tokens: MaxTokensOpt = None,
     tpm: TpmOpt = None,
+    running_jobs: RunningJobsOpt = None,
+    queued_jobs: QueuedJobsOpt = None,
     admin_key: AdminKeyOpt = None,
 ) -> None:
     """Replace the tenant's limits (an option left out means no limit)."""
     from serving.state.tenants import Limits
 
-    _patch(
-        name,
-        admin_key,
-        {"limits": _limits(rpm, concurrent, max_tokens, tpm)},
-        lambda s: s.set_limits(name, Limits(rpm, concurrent, max_tokens, tpm)),
-    )
+    values = (rpm, concurrent, max_tokens, tpm, running_jobs, queued_jobs)
+    _patch(name, admin_key, {"limits": _limits(*values)}, lambda s: s.set_limits(name, Limits(*values)))
 
 
 @app.command("grant")

@@ -22,12 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from contract.prompt import with_tools
-from contract.tools import TOOLS_FORMAT, any_call_schema, call_schema, json_schema_of
+from contract.tools import TOOLS_FORMAT, any_call_schema, call_schema, call_text, function_of, json_schema_of
 from serving.errors import APIError, ErrorCode
 from serving.outputs.schemas import check_client_schema
-
-# Keys of an OpenAI function definition the training format carries ("strict" is OpenAI's own switch).
-FUNCTION_KEYS = ("name", "description", "parameters")
 
 
 def _bad(message: str, param: str) -> APIError:
@@ -135,7 +132,7 @@ def _functions(tools: Any, check: bool = False) -> list[dict[str, Any]]:
             except RecursionError as exc:
                 raise _bad(f"{where}.function.parameters: nested too deeply.", f"{where}.function.parameters") from exc
             check_client_schema(schema, param=f"{where}.function.parameters")
-        functions.append({k: spec[k] for k in FUNCTION_KEYS if k in spec} | {"parameters": parameters})
+        functions.append(function_of(spec))
     return functions
 
 
@@ -161,12 +158,7 @@ def _flatten_history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             m["content"] = "".join(p.get("text", "") for p in m["content"] if isinstance(p, dict))
         calls = m.pop("tool_calls", None)
         if m.get("role") == "assistant" and calls:
-            fn = (calls[0] or {}).get("function") or {}
-            try:
-                arguments = json.loads(fn.get("arguments") or "{}")
-            except json.JSONDecodeError:
-                arguments = {}
-            m["content"] = json.dumps({"name": fn.get("name"), "arguments": arguments}, ensure_ascii=False)
+            m["content"] = call_text(calls)
         m.pop("tool_call_id", None)
         m.setdefault("content", "")
         if m["content"] is None:

@@ -32,6 +32,7 @@ from serving.state.db import ensure_schema
 from serving.state.tables import files_table
 
 PURPOSES = ("fine-tune",)  # what this service does with files (OpenAI's other purposes are not served here)
+RESULTS = "fine-tune-results"  # a job's step metrics, written by the job (never uploaded)
 CHUNK = 1 << 20
 STAGING = ".staging"
 
@@ -107,9 +108,13 @@ class FileStore:
         if used + declared - MULTIPART_SLACK > self.quota_bytes:
             raise QuotaExceeded(_over_quota(self.quota_bytes, used))
 
-    def add(self, tenant_id: int, filename: str, purpose: str, source: BinaryIO) -> FileRecord:
-        """Store ``source`` (read to its end, a chunk at a time) as the tenant's new file; all or nothing."""
-        if purpose not in PURPOSES:
+    def add(
+        self, tenant_id: int, filename: str, purpose: str, source: BinaryIO, *, made_here: bool = False
+    ) -> FileRecord:
+        """Store ``source`` (read to its end, a chunk at a time) as the tenant's new file; all or nothing.
+        ``made_here``: a file the service writes for the tenant (a job's results), not an upload: any purpose,
+        counted in the tenant's quota but never refused by it."""
+        if purpose not in PURPOSES and not made_here:
             raise FileError(f"purpose {purpose!r}: this service takes files for {', '.join(PURPOSES)}")
         printable = "".join(ch for ch in Path(filename or "upload").name if ch.isprintable())
         name = printable[:255] or "upload"
@@ -134,7 +139,7 @@ class FileStore:
                         lock = sa.text("SELECT pg_advisory_xact_lock(:lock, :tenant)")
                         db.execute(lock, {"lock": FILES_LOCK, "tenant": tenant_id})
                     used = _used(db, tenant_id)
-                    if used + size > self.quota_bytes:
+                    if used + size > self.quota_bytes and not made_here:
                         raise QuotaExceeded(_over_quota(self.quota_bytes, used))
                     db.execute(files_table.insert().values(**vars(record)))
                     os.replace(partial, final)

@@ -32,6 +32,8 @@ tenants_table = sa.Table(
     sa.Column("max_concurrent", sa.Integer, nullable=True),
     sa.Column("tokens_per_minute", sa.Integer, nullable=True),
     sa.Column("max_tokens", sa.Integer, nullable=True),
+    sa.Column("running_jobs", sa.Integer, nullable=True),  # fine-tuning jobs running at once
+    sa.Column("queued_jobs", sa.Integer, nullable=True),  # fine-tuning jobs waiting (validating, queued, paused)
 )
 keys_table = sa.Table(
     "api_keys",
@@ -146,4 +148,74 @@ files_table = sa.Table(
     sa.Column("sha256", sa.String(64), nullable=False),
     sa.Column("created_at", sa.BigInteger, nullable=False),
     sa.Index("ix_files_tenant_created", "tenant_id", "created_at", "id"),
+)
+
+
+# Fine-tuning jobs (OpenAI's fine-tuning API), their events and checkpoints, and the workers that run them
+# (``serving.state.jobs``). JSON values are stored as text, as elsewhere here.
+jobs_table = sa.Table(
+    "fine_tuning_jobs",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("tenant_id", sa.Integer, sa.ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("model", sa.String(128), nullable=False),  # as the caller named it
+    sa.Column("base_model", sa.String(512), nullable=False),  # the provisioned base it trains on
+    sa.Column("parent", sa.String(64), nullable=True),  # the tenant's fine-tuned model it continues from
+    sa.Column("training_file", sa.String(40), nullable=False),
+    sa.Column("validation_file", sa.String(40), nullable=True),
+    sa.Column("suffix", sa.String(64), nullable=True),
+    sa.Column("seed", sa.BigInteger, nullable=False),
+    sa.Column("hyperparameters", sa.Text, nullable=False),  # as asked ("auto" or a value), resolved when it runs
+    sa.Column("options", sa.Text, nullable=False),  # the `lorafleet` object
+    sa.Column("metadata", sa.Text, nullable=True),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("started_at", sa.BigInteger, nullable=True),
+    sa.Column("finished_at", sa.BigInteger, nullable=True),
+    sa.Column("estimated_finish", sa.BigInteger, nullable=True),
+    sa.Column("fine_tuned_model", sa.String(64), nullable=True, unique=True),
+    sa.Column("trained_tokens", sa.BigInteger, nullable=True),
+    sa.Column("result_files", sa.Text, nullable=False),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("progress", sa.Text, nullable=True),  # step, max_steps, losses, tokens/s: the latest
+    sa.Column("desired", sa.String(16), nullable=True),  # "pause": asked of the worker running it
+    sa.Column("worker", sa.String(128), nullable=True),
+    sa.Column("lease_until", sa.Float, nullable=True),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("executor", sa.String(16), nullable=True),
+    sa.Column("executor_ref", sa.String(128), nullable=True),  # the Ray submission id
+    sa.Column("queued_at", sa.Float, nullable=True),
+    sa.Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
+    sa.Index("ix_jobs_status", "status", "created_at"),
+)
+job_events_table = sa.Table(
+    "fine_tuning_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("job_id", sa.ForeignKey("fine_tuning_jobs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("level", sa.String(8), nullable=False),
+    sa.Column("type", sa.String(8), nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("data", sa.Text, nullable=True),
+    sa.Index("ix_job_events_job", "job_id", "id"),
+)
+job_checkpoints_table = sa.Table(
+    "fine_tuning_checkpoints",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("job_id", sa.ForeignKey("fine_tuning_jobs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("step", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("metrics", sa.Text, nullable=False),
+    sa.UniqueConstraint("job_id", "step", name="uq_job_checkpoint_step"),
+)
+workers_table = sa.Table(
+    "fine_tuning_workers",
+    metadata,
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("executor", sa.String(16), nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("heartbeat_at", sa.Float, nullable=False),
+    sa.Column("job_id", sa.String(40), nullable=True),
 )

@@ -49,11 +49,14 @@ class Limits:
     max_concurrent: int | None = None
     max_tokens: int | None = None
     tokens_per_minute: int | None = None  # prompt + completion tokens, charged when each request ends
+    running_jobs: int | None = None  # fine-tuning jobs training at once
+    queued_jobs: int | None = None  # fine-tuning jobs waiting (validating, queued or paused)
 
 
 # A new tenant's limits unless others are given: a budget per request (every sequence's max_tokens together), so
-# that nobody can hold the engine with n=16 × max_tokens=2048 by default. None of the rest: rates are per-business.
-DEFAULT_LIMITS = Limits(max_tokens=4096)
+# that nobody can hold the engine with n=16 × max_tokens=2048 by default; one fine-tuning job training at a time
+# and 20 waiting, so that one tenant cannot take every worker. None of the rest: rates are per-business.
+DEFAULT_LIMITS = Limits(max_tokens=4096, running_jobs=1, queued_jobs=20)
 
 
 def _check_limits(limits: Limits) -> None:
@@ -82,6 +85,8 @@ class Tenant:
                 "max_concurrent": self.limits.max_concurrent,
                 "max_tokens": self.limits.max_tokens,
                 "tokens_per_minute": self.limits.tokens_per_minute,
+                "running_jobs": self.limits.running_jobs,
+                "queued_jobs": self.limits.queued_jobs,
             },
         }
 
@@ -221,11 +226,7 @@ class TenantStore:
 
     def grant(self, tenant: Tenant, alias: str) -> None:
         with self._write() as db:
-            exists = db.execute(
-                sa.select(grants_table).where(grants_table.c.tenant_id == tenant.id, grants_table.c.alias == alias)
-            ).first()
-            if not exists:
-                db.execute(grants_table.insert().values(tenant_id=tenant.id, alias=alias))
+            grant_in(db, tenant.id, alias)
 
     def revoke_grant(self, tenant: Tenant, alias: str) -> None:
         with self._write() as db:
@@ -345,8 +346,25 @@ class TenantStore:
             frozenset(a for (a,) in aliases),
             disabled=bool(row.disabled),
             default_alias=row.default_alias,
-            limits=Limits(row.requests_per_minute, row.max_concurrent, row.max_tokens, row.tokens_per_minute),
+            limits=Limits(
+                row.requests_per_minute,
+                row.max_concurrent,
+                row.max_tokens,
+                row.tokens_per_minute,
+                row.running_jobs,
+                row.queued_jobs,
+            ),
         )
+
+
+def grant_in(db: sa.Connection, tenant_id: int, alias: str) -> None:
+    """Within a write transaction: let the tenant use ``alias`` (every gateway hears it when it commits)."""
+    exists = db.execute(
+        sa.select(grants_table).where(grants_table.c.tenant_id == tenant_id, grants_table.c.alias == alias)
+    ).first()
+    if not exists:
+        db.execute(grants_table.insert().values(tenant_id=tenant_id, alias=alias))
+    announce(db, TENANTS)
 
 
 def key_id_of(key: str) -> str:

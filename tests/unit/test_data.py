@@ -113,3 +113,70 @@ def test_bfcl_ground_truth_becomes_one_canonical_call() -> None:
     assert args == {"base": 10, "unit": "units"}
     args = toolcall.canonical_arguments({"base": [10], "unit": ["", "units"], "z": [""]}, omit_optional=True)
     assert args == {"base": 10}
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def _call(name: str, arguments: str) -> dict[str, object]:
+    return {"id": "call_1", "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def test_openai_chat_rows_learn_every_assistant_turn_unless_weight_0(tmp_path: Path) -> None:
+    row = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello.", "weight": 0},
+            {"role": "user", "content": "Weather in Oslo?"},
+            {"role": "assistant", "tool_calls": [_call("get_weather", '{"city": "Oslo"}')]},
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"celsius": 3}'},
+            {"role": "assistant", "content": "3 °C in Oslo."},
+        ],
+        "tools": [WEATHER],
+        "parallel_tool_calls": False,
+    }
+    report = check(write_jsonl(tmp_path / "chat.jsonl", [row]), min_examples=1)
+    assert not report.problems, report.problems
+    call, answer = report.examples
+    assert json.loads(call.completion) == {"name": "get_weather", "arguments": {"city": "Oslo"}}
+    assert [m["role"] for m in call.messages] == ["system", "user", "assistant", "user"]
+    assert answer.completion == "3 °C in Oslo."
+    # the earlier call is in the history as the gateway reads a client's earlier tool_calls back
+    assert answer.messages[4] == {"role": "assistant", "content": call.completion}
+    assert call.tools == [WEATHER["function"]] == answer.tools
+
+
+@pytest.mark.parametrize(
+    ("turn", "field"),
+    [
+        ({"role": "assistant", "content": "x", "weight": 2}, "messages[1].weight"),
+        (
+            {"role": "assistant", "tool_calls": [_call("get_weather", "{nope")]},
+            "messages[1].tool_calls[0].function.arguments",
+        ),
+        ({"role": "assistant", "tool_calls": [_call("launch", "{}")]}, "messages[1].tool_calls[0].function.name"),
+        (
+            {"role": "assistant", "tool_calls": [_call("get_weather", "{}")]},
+            "messages[1].tool_calls[0].function.arguments",
+        ),
+        (
+            {"role": "assistant", "tool_calls": [_call("get_weather", '{"city": "A"}')] * 2},
+            "messages[1].tool_calls",
+        ),
+        ({"role": "assistant", "content": "x", "weight": 0}, "messages"),
+        ({"role": "user", "content": "x", "weight": 1}, "messages[1].weight"),
+    ],
+)
+def test_bad_openai_chat_turns_name_their_field(tmp_path: Path, turn: dict[str, object], field: str) -> None:
+    row = {"messages": [{"role": "user", "content": "Weather?"}, turn], "tools": [WEATHER]}
+    report = check(write_jsonl(tmp_path / "bad.jsonl", [row]), min_examples=1)
+    assert not report.examples
+    assert [(p.line, p.field) for p in report.errors] == [(1, field)], report.errors

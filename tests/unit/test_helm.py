@@ -43,6 +43,7 @@ CHART_SETS = {
     "port",
     "data_dir",
     "files_dir",
+    "jobs_dir",
     "base_model",
     "engines_file",
     "max_lora_rank",

@@ -43,6 +43,10 @@ def test_the_one_metadata_holds_every_table_whatever_was_imported_first() -> Non
         "canary_events",
         "canary_windows",
         "files",
+        "fine_tuning_checkpoints",
+        "fine_tuning_events",
+        "fine_tuning_jobs",
+        "fine_tuning_workers",
         "grants",
         "tenants",
     ]

@@ -63,6 +63,8 @@ class LimitsBody(BaseModel):
     max_concurrent: int | None = Field(default=None, ge=1, le=100_000)
     max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     tokens_per_minute: int | None = Field(default=None, ge=1, le=1_000_000_000)
+    running_jobs: int | None = Field(default=None, ge=1, le=10_000)
+    queued_jobs: int | None = Field(default=None, ge=1, le=100_000)
 
 
 class TenantCreate(BaseModel):

@@ -49,6 +49,7 @@ router = APIRouter(prefix="/v1")
 class ModelCard(BaseModel):
     id: str
     object: str = "model"
+    created: int = 0
     owned_by: str
 
 
@@ -59,13 +60,42 @@ class ModelList(BaseModel):
 
 @router.get("/models")
 async def list_models(tenant: TenantDep, state: StateDep) -> ModelList:
-    """The aliases the caller may use."""
-    cards = [
-        ModelCard(id=alias, owned_by="lorafleet")
-        for alias in sorted(tenant.aliases)
-        if alias == BASE_ALIAS or await state.adapters.serving(alias) is not None
-    ]
+    """The aliases the caller may use; its own fine-tuned models are ``owned_by`` the tenant."""
+    own = {job.fine_tuned_model: job for job in await asyncio.to_thread(state.jobs.models, tenant.id)}
+    cards = []
+    for alias in sorted(tenant.aliases):
+        if alias != BASE_ALIAS and await state.adapters.serving(alias) is None:
+            continue
+        job = own.get(alias)
+        if job is not None:
+            cards.append(ModelCard(id=alias, created=job.finished_at or job.created_at, owned_by=tenant.name))
+        else:
+            cards.append(ModelCard(id=alias, owned_by="lorafleet"))
     return ModelList(data=cards)
+
+
+@router.delete("/models/{model}")
+async def delete_model(model: str, tenant: TenantDep, state: StateDep) -> dict[str, Any]:
+    """Delete one of the caller's fine-tuned models: its grant goes at once, its adapter leaves the engines once its
+    requests in flight have finished."""
+    if model not in tenant.aliases:
+        raise APIError(ErrorCode.MODEL_NOT_FOUND, f"The model '{model}' does not exist.", param="model")
+    job = await asyncio.to_thread(state.jobs.owned_model, tenant.id, model)
+    if job is None:
+        raise APIError(
+            ErrorCode.MODEL_NOT_OWNED,
+            f"The model '{model}' is not a fine-tuned model of yours; only those can be deleted.",
+            param="model",
+        )
+    await asyncio.to_thread(state.tenants.revoke_grant, tenant, model)
+    store = state.adapters.store
+    for version in await asyncio.to_thread(store.versions, model):
+        if not store.is_retired(version):
+            reason = "deleted by its tenant"
+            await asyncio.to_thread(store.retire, model, version.version, reason=reason, actor=tenant.name)
+            await state.adapters.retire(version)
+    state.adapters.changed()
+    return {"id": model, "object": "model", "deleted": True}
 
 
 @router.post("/chat/completions", response_model=None)

@@ -1,0 +1,303 @@
+"""One fine-tuning job's training, in its own process, wherever the executor runs it.
+
+    python -m finetune.runner --job ftjob-... --worker host:1234:ab12
+
+The worker (local executor) or Ray (ray executor) starts this with the
+service's settings in its environment; it needs the state database and the
+shared folders (files, jobs, adapters), never the gateway. It
+
+1. reads the job and its files (``files_dir/<tenant>/<file id>``), resolves the
+   ``"auto"`` hyperparameters from the base model's recipe and shows them on
+   the job;
+2. trains with ``training.train`` into ``jobs_dir/<job id>/adapter`` (resuming
+   from the last checkpoint there when a paused or lost run left one), writing
+   a ``metrics`` event every logging step, the job's progress and estimated
+   finish, and a checkpoint row for every checkpoint saved;
+3. on success: checks the adapter against its base (``contract.fit``), writes
+   the step-metrics CSV as a result file, and, in one transaction with the
+   job's ``succeeded``, publishes the adapter to the store under the job's
+   model name and grants it to the tenant. The gateways serve it from there.
+
+Every write about the job is conditional on this worker still holding it: a
+job cancelled meanwhile publishes nothing. SIGTERM (pause) finishes the current
+step, saves a checkpoint and exits with ``PAUSED``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from contract.examples import DataError, check
+from contract.fit import problems_on_its_base
+from finetune.executors import bind_to_parent
+from finetune.recipes import resolve, train_settings
+from finetune.settings import WorkerSettings
+from finetune.validate import file_error
+from serving.state.db import state_engine
+from serving.state.files import RESULTS, FileStore
+from serving.state.jobs import Job, JobStateError, JobStore, fine_tuned_name
+from serving.state.ledger import open_store
+from serving.state.tenants import grant_in
+from training.checkpoints import last_checkpoint, staging_of
+from training.config import ConfigError, TrainConfig
+from training.train import Interrupted, train
+
+log = logging.getLogger("lorafleet.runner")
+
+PAUSED = 75  # exit status: stopped on SIGTERM after saving a checkpoint (the worker marks the job paused)
+LOST = 3  # exit status: the job is no longer this worker's (cancelled, or taken over)
+LOG_EVERY = 5
+
+
+class Lost(Exception):
+    """The job is no longer this worker's: cancelled, or taken over after its lease ran out."""
+
+
+class JobReporter(TrainerCallback):
+    """Writes the training's progress into the job (metrics events, progress, estimated finish, checkpoints),
+    and reads what was asked of it: a cancel stops the training at once (``Lost``), a pause after this step with
+    a checkpoint (asked the way Ctrl-C asks, ``training.progress.StopOnSignal``)."""
+
+    def __init__(self, jobs: JobStore, job: Job, worker: str, check_every_s: float = 2.0) -> None:
+        self.jobs, self.job, self.worker, self.check_every_s = jobs, job, worker, check_every_s
+        self.checked = 0.0
+        self.pausing = False
+        self.started = 0.0
+        self.first_step = 0
+        self.tokens_at_start = 0
+        self.latest: dict[str, Any] = {}
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        self.started = time.time()
+        self.first_step = state.global_step
+        self.tokens_at_start = int(state.num_input_tokens_seen or 0)
+        resumed = f" (resumed at step {state.global_step})" if state.global_step else ""
+        self.jobs.add_event(self.job.id, f"Training started: {state.max_steps} steps{resumed}.")
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **_: Any) -> None:
+        if not logs or not state.is_world_process_zero or not {"loss", "eval_loss"} & logs.keys():
+            return  # the end-of-run summary (runtime, mean loss) is not a step's metrics
+        if "loss" in logs:
+            self.latest["train_loss"] = round(float(logs["loss"]), 6)
+        if "eval_loss" in logs:
+            self.latest["valid_loss"] = round(float(logs["eval_loss"]), 6)
+        elapsed = time.time() - self.started
+        done = state.global_step - self.first_step
+        data: dict[str, Any] = {"step": state.global_step, "total_steps": state.max_steps, **self.latest}
+        if "learning_rate" in logs:
+            data["learning_rate"] = float(logs["learning_rate"])
+        if state.num_input_tokens_seen and elapsed > 0:
+            data["tokens_per_s"] = round((state.num_input_tokens_seen - self.tokens_at_start) / elapsed, 1)
+        finish = None
+        if done > 0:
+            finish = int(time.time() + elapsed / done * (state.max_steps - state.global_step))
+        message = f"Step {state.global_step}/{state.max_steps}: " + ", ".join(
+            f"{k} {v}" for k, v in self.latest.items()
+        )
+        self.jobs.add_event(self.job.id, message, type_="metrics", data=data)
+        self.jobs.update(
+            self.job.id,
+            self.worker,
+            progress=data | {"tokens_seen": int(state.num_input_tokens_seen or 0)},
+            estimated_finish=finish,
+        )
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        now = time.monotonic()
+        if now - self.checked < self.check_every_s:
+            return
+        self.checked = now
+        current = self.jobs.get(None, self.job.id)
+        if current.status != "running" or current.worker != self.worker:
+            raise Lost(f"job {self.job.id} is {current.status} (worker {current.worker})")
+        if current.desired == "pause" and not self.pausing:
+            self.pausing = True
+            signal.raise_signal(signal.SIGTERM)  # StopOnSignal, after this callback: checkpoint, then stop
+
+    def on_save(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        if state.is_world_process_zero:
+            metrics = {"step": float(state.global_step)} | {
+                k: v for k, v in self.latest.items() if k in ("train_loss", "valid_loss")
+            }
+            self.jobs.add_checkpoint(self.job.id, state.global_step, metrics)
+
+
+class Runner:
+    def __init__(self, settings: WorkerSettings, job_id: str, worker: str) -> None:
+        self.settings, self.worker = settings, worker
+        engine = state_engine(settings.state_url)
+        self.jobs = JobStore(engine)
+        self.files = FileStore(engine, settings.files_root, max_bytes=1 << 62, quota_bytes=1 << 62)
+        self.job = self.jobs.get(None, job_id)
+        self.work = settings.jobs_root / job_id
+
+    def run(self) -> int:
+        job = self.job
+        if job.status != "running" or job.worker != self.worker:
+            return LOST
+        try:
+            cfg = self._config()
+            manifest = train(
+                cfg,
+                self.settings.model_path(job.base_model),
+                resume=last_checkpoint(staging_of(cfg.out)) is not None,
+                callbacks=[JobReporter(self.jobs, job, self.worker)],
+            )
+        except Interrupted as exc:
+            if self.jobs.get(None, job.id).desired == "pause":
+                message = f"Job paused at step {exc.step} (checkpoint saved); resume continues from it."
+                return PAUSED if self.jobs.release(job.id, self.worker, "paused", message) else LOST
+            # its worker is stopping: queued again at once, to go on from this checkpoint on whichever worker
+            message = f"Worker {self.worker} stopped at step {exc.step} (checkpoint saved); the job is queued again."
+            return PAUSED if self.jobs.release(job.id, self.worker, "queued", message) else LOST
+        except Lost:
+            if self.jobs.get(None, job.id).status == "cancelled":  # nothing of it is kept (taken over: the new
+                shutil.rmtree(self.work, ignore_errors=True)  # worker goes on from its checkpoints)
+            return LOST
+        except DataError as exc:
+            which = "validation_file" if job.validation_file and exc.report.path.name == job.validation_file else None
+            param = which or "training_file"
+            return self._fail(file_error(exc.report, getattr(job, param), param))
+        except ConfigError as exc:
+            return self._fail({"code": "invalid_hyperparameters", "param": "lorafleet", "message": str(exc)})
+        return self._publish(cfg.out, manifest)
+
+    def _config(self) -> TrainConfig:
+        """The job's ``TrainConfig``: its files, the recipe, its hyperparameters and ``lorafleet`` options."""
+        job, settings = self.job, self.settings
+        data = self.files.path(self.files.get(job.tenant_id, job.training_file))
+        eval_data = None
+        if job.validation_file:
+            eval_data = self.files.path(self.files.get(job.tenant_id, job.validation_file))
+        examples = len(check(data, min_examples=0).examples)
+        resolved = resolve(job.hyperparameters, job.base_model, examples)
+        self.jobs.update(job.id, self.worker, hyperparameters=resolved)
+        fields = train_settings(resolved, job.options, job.base_model)
+        save_every = fields.pop("save_every", settings.job_save_every)
+        evaluating = eval_data is not None or examples >= 10
+        fields |= {
+            "data": data,
+            "eval_data": eval_data,
+            "val_fraction": 0.0 if eval_data is not None or not evaluating else 0.1,
+            "out": self.work / "adapter",
+            "task": fine_tuned_name(job.base_model, job.suffix, job.id),
+            "base_model": job.base_model,
+            "seed": job.seed,
+            "save_every": save_every,
+            "eval_every": fields.pop("eval_every", save_every) if evaluating else 0,
+            "log_every": LOG_EVERY,
+            "max_lora_rank": settings.max_lora_rank,
+        }
+        if job.parent:
+            parent = open_store(settings).serving(job.parent)
+            if parent is None:
+                raise ConfigError(f"model {job.parent!r}, which this job continues, is no longer served")
+            fields["init_adapter"] = parent.path
+        try:
+            return TrainConfig.model_validate(fields)
+        except ValueError as exc:
+            raise ConfigError(f"the job's settings: {exc}") from exc
+
+    def _publish(self, adapter: Path, manifest: Any) -> int:
+        """Check the adapter, write the result file, then publish, grant and succeed in one transaction."""
+        job, settings = self.job, self.settings
+        problems = problems_on_its_base(
+            adapter, settings.models_dir, settings.model_path(job.base_model), settings.max_lora_rank
+        )
+        if problems:
+            return self._fail({"code": "adapter_unservable", "param": None, "message": "; ".join(problems)})
+        name = fine_tuned_name(job.base_model, job.suffix, job.id)
+        result = self.files.add(
+            job.tenant_id, f"{job.id}-step-metrics.csv", RESULTS, io.BytesIO(_metrics_csv(adapter)), made_here=True
+        )
+        store = open_store(settings)
+        tokens = int(manifest.metrics.get("tokens_seen") or 0)
+        try:
+            with self.jobs.finishing(
+                job.id,
+                self.worker,
+                "succeeded",
+                fine_tuned_model=name,
+                trained_tokens=tokens,
+                result_files=[result.id],
+                progress=None,
+            ) as db:
+                version = store.publish(adapter, name)
+                grant_in(db, job.tenant_id, name)
+                db.execute(_event_row(job.id, f"New fine-tuned model created: {name}."))
+                db.execute(_event_row(job.id, "The job has successfully completed."))
+        except JobStateError:
+            self.files.delete(job.tenant_id, result.id)
+            return LOST
+        log.info("job %s: published %s", job.id, version.ref)
+        shutil.rmtree(self.work, ignore_errors=True)
+        return 0
+
+    def _fail(self, error: dict[str, Any]) -> int:
+        try:
+            with self.jobs.finishing(self.job.id, self.worker, "failed", error=error, progress=None) as db:
+                db.execute(_event_row(self.job.id, f"Fine-tuning job failed: {error['message']}", level="error"))
+        except JobStateError:
+            return LOST
+        shutil.rmtree(self.work, ignore_errors=True)
+        return 0
+
+
+def _event_row(job_id: str, message: str, level: str = "info") -> Any:
+    from serving.state.tables import job_events_table
+
+    return job_events_table.insert().values(
+        job_id=job_id, created_at=int(time.time()), level=level, type="message", message=message, data=None
+    )
+
+
+def _metrics_csv(adapter: Path) -> bytes:
+    """The step metrics of a run (its ``metrics.jsonl``) as OpenAI's result file: one row per logged step."""
+    rows: dict[int, dict[str, Any]] = {}
+    path = adapter / "metrics.jsonl"
+    for line in path.read_text("utf-8").splitlines() if path.is_file() else []:
+        entry = json.loads(line)
+        row = rows.setdefault(int(entry["step"]), {"step": int(entry["step"])})
+        if "loss" in entry:
+            row["train_loss"] = entry["loss"]
+        if "eval_loss" in entry:
+            row["valid_loss"] = entry["eval_loss"]
+        if "learning_rate" in entry:
+            row["learning_rate"] = entry["learning_rate"]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, ["step", "train_loss", "valid_loss", "learning_rate"], lineterminator="\n")
+    writer.writeheader()
+    for step in sorted(rows):
+        writer.writerow(rows[step])
+    return out.getvalue().encode()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune.runner", description=__doc__.splitlines()[0])
+    parser.add_argument("--job", required=True)
+    parser.add_argument("--worker", required=True)
+    args = parser.parse_args(argv)
+    bind_to_parent()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    runner = Runner(WorkerSettings(), args.job, args.worker)
+    try:
+        return runner.run()
+    except Exception as exc:  # anything else: the job fails with what happened, the traceback goes to the log
+        log.exception("job %s failed", args.job)
+        return runner._fail({"code": "training_error", "param": None, "message": f"{type(exc).__name__}: {exc}"})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
