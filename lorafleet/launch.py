@@ -49,8 +49,11 @@ class RunningGateway:
         return self.proc.returncode
 
 
-def start_gateway(data_dir: Path, base_model: Path, *, timeout: float = 400, **settings: str) -> RunningGateway:
-    """Run ``lorafleet serve`` on free ports over ``data_dir``; returns once ``/readyz`` says ready."""
+def start_gateway(
+    data_dir: Path, base_model: Path, *, timeout: float = 400, worker: bool = False, **settings: str
+) -> RunningGateway:
+    """Run ``lorafleet serve`` on free ports over ``data_dir``; returns once ``/readyz`` says ready. ``worker``:
+    with its fine-tuning worker (tests start theirs apart, to kill and restart it)."""
     port, engine_port = free_port(), free_port()
     admin_key = settings.pop("admin_key", None) or secrets.token_hex(16)
     env = os.environ | {
@@ -62,7 +65,7 @@ def start_gateway(data_dir: Path, base_model: Path, *, timeout: float = 400, **s
     env |= {f"LORAFLEET_{k.upper()}": v for k, v in settings.items()}
     with (data_dir / "gateway.log").open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "lorafleet", "serve", "--port", str(port)],
+            [sys.executable, "-m", "lorafleet", "serve", "--port", str(port), "--worker" if worker else "--no-worker"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -24,7 +24,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from serving.engines.fleet import Fleet
 from serving.engines.protocol import Engine
 from serving.engines.specs import EngineSpec, engine_specs
 from serving.engines.vllm import VLLMEngine
-from serving.metrics import GatewayMetrics, StateCollector
+from serving.metrics import GatewayMetrics, JobsCollector, StateCollector
 from serving.outputs.schemas import SchemaChecks
 from serving.state.canaries import CanaryRecords
 from serving.state.changes import CANARIES, POLICIES, SERVING, TENANTS, ChangeFeed, announcer
@@ -68,6 +68,7 @@ class Gateway:
     schema_checks: SchemaChecks  # clients' JSON Schemas are checked here, one per tenant at a time
     files: FileStore  # the files tenants upload (fine-tuning data)
     jobs: JobStore  # fine-tuning jobs (run by workers, package ``finetune``; the gateway serves what they make)
+    jobs_gauges: JobsCollector = field(default_factory=JobsCollector)  # the queue, as last read
     instance: str = ""  # this process's id, in /healthz and data_dir/gateway.json
     changes: ChangeFeed | None = None  # several gateways on PostgreSQL: how this one hears the others' writes
 
@@ -105,7 +106,7 @@ class Gateway:
                 await stack.enter_async_context(_background(gateway.changes.run()))
             if dynamic:
                 await stack.enter_async_context(_background(_rediscover(settings, declared, fleet, last_good)))
-            await stack.enter_async_context(_background(_serve_new_models(gateway)))
+            await stack.enter_async_context(_background(_follow_jobs(gateway)))
             # Stopped first of all: its end gives up canary leadership, for another gateway to take at once.
             await stack.enter_async_context(_background(gateway.canaries.run(settings.canary_poll_s)))
             gateway.instance = secrets.token_hex(8)
@@ -154,6 +155,7 @@ class Gateway:
         jobs = JobStore(tenants.engine)
         limiter = _limiter(settings)
         gateway = cls(settings, fleet, tenants, adapters, limiter, policies, metrics, canaries, checks, files, jobs)
+        metrics.add_state(gateway.jobs_gauges)
         return gateway, declared, dynamic
 
 
@@ -220,16 +222,21 @@ async def _on_engine_ready(gateway: Gateway, name: str) -> None:
         log.error("adapter not loaded: %s", problem)
 
 
-async def _serve_new_models(gateway: Gateway, every_s: float = 1.0) -> None:
-    """A fine-tuning job that succeeded (in a worker, anywhere) is served at once: its tenant's grant and the new
-    alias are read again, not after ``state_cache_s``, and the adapter is loaded where its first request will go.
-    The same on SQLite and PostgreSQL: the jobs' table is the one place every worker writes."""
-    seen: set[str] = set()  # the jobs of the window already served
+async def _follow_jobs(gateway: Gateway, every_s: float = 1.0, metrics_every_s: float = 5.0) -> None:
+    """Fine-tuning jobs, as they end in workers anywhere: a succeeded job's model is served at once (the tenant's
+    grant and the new alias read again, not after ``state_cache_s``, and the adapter loaded where its first
+    request will go); every ended job is counted in the metrics once; the queue's gauges are refreshed. The same on
+    SQLite and PostgreSQL: the jobs' table is the one place every worker writes."""
+    seen: set[str] = set()  # the succeeded jobs of the window already served
     since = time.time() - 60
+    measured = 0.0
     while True:
         await asyncio.sleep(every_s)
         try:
             jobs = await asyncio.to_thread(gateway.jobs.finished_since, since)
+            if time.monotonic() - measured >= metrics_every_s:
+                measured = time.monotonic()
+                await asyncio.to_thread(_measure_jobs, gateway)
         except Exception:  # the state database is away: the next round asks again
             log.debug("fine-tuning jobs not readable this round", exc_info=True)
             continue
@@ -245,6 +252,20 @@ async def _serve_new_models(gateway: Gateway, every_s: float = 1.0) -> None:
                 placed = await gateway.engine.warm(version)
                 log.info("fine-tuned model %s (job %s) served: %s", job.fine_tuned_model, job.id, placed)
         since = max(job.finished_at or 0 for job in fresh) - 2
+
+
+def _measure_jobs(gateway: Gateway) -> None:
+    gateway.jobs_gauges.snapshot = gateway.jobs.snapshot(alive_s=30.0)
+    metrics = gateway.metrics
+    for job in gateway.jobs.to_report():
+        metrics.jobs_finished.labels(job.status).inc()
+        if job.started_at is not None:
+            metrics.job_queue_wait.observe(max(0, job.started_at - job.created_at))
+            metrics.job_run_time.labels(job.status).observe(
+                max(0, (job.finished_at or job.started_at) - job.started_at)
+            )
+        if job.status == "succeeded" and job.trained_tokens:
+            metrics.trained_tokens.inc(job.trained_tokens)
 
 
 @asynccontextmanager

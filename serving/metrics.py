@@ -54,6 +54,8 @@ TTFT_BUCKETS = (
     640.0,
     2560.0,
 )
+# A fine-tuning job: from seconds (a few steps) to a day.
+JOB_BUCKETS = (5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0, 86400.0)
 TPOT_BUCKETS = (
     0.01,
     0.025,
@@ -216,6 +218,29 @@ class GatewayMetrics:
         self.canary_decisions = Counter(
             "lorafleet_canary_decisions", "Canary analysis decisions, by outcome.", ["alias", "outcome"], registry=r
         )
+        # Fine-tuning jobs: each job's end is counted once, by whichever gateway reads it first
+        # (``serving.state.jobs.JobStore.to_report``); the queue's state is read from the database (JobsCollector).
+        self.jobs_finished = Counter(
+            "lorafleet_finetune_jobs_finished", "Fine-tuning jobs that ended, by status.", ["status"], registry=r
+        )
+        self.job_queue_wait = Histogram(
+            "lorafleet_finetune_queue_wait_seconds",
+            "From a job's creation to its training's first start (validation included).",
+            buckets=JOB_BUCKETS,
+            registry=r,
+        )
+        self.job_run_time = Histogram(
+            "lorafleet_finetune_run_seconds",
+            "From a job's first start to its end, by how it ended.",
+            ["status"],
+            buckets=JOB_BUCKETS,
+            registry=r,
+        )
+        self.trained_tokens = Counter(
+            "lorafleet_finetune_trained_tokens", "Tokens trained on by succeeded jobs.", registry=r
+        )
+        for status in ("succeeded", "failed", "cancelled"):
+            self.jobs_finished.labels(status)
         self.tenant_requests: Counter | None = None
         self.max_tenants = max_tenants
         self._tenants: set[str] = set()
@@ -294,6 +319,32 @@ class GatewayMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class JobsCollector(Collector):
+    """The fine-tuning queue as the gateway last read it from the state database (``snapshot``: refreshed by the
+    gateway every few seconds, never read at scrape time)."""
+
+    STATUSES = ("validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled")
+
+    def __init__(self) -> None:
+        self.snapshot: dict[str, Any] = {"jobs": {}, "oldest_queued_s": 0.0, "workers": 0}
+
+    def collect(self) -> Iterable[Metric]:
+        jobs = GaugeMetricFamily("lorafleet_finetune_jobs", "Fine-tuning jobs, by status.", labels=["status"])
+        for status in self.STATUSES:
+            jobs.add_metric([status], float(self.snapshot["jobs"].get(status, 0)))
+        yield jobs
+        yield GaugeMetricFamily(
+            "lorafleet_finetune_oldest_queued_seconds",
+            "How long the oldest queued job has waited for a worker (0: none waits).",
+            value=float(self.snapshot["oldest_queued_s"]),
+        )
+        yield GaugeMetricFamily(
+            "lorafleet_finetune_workers",
+            "Fine-tuning workers heard from in the last 30 s.",
+            value=self.snapshot["workers"],
+        )
 
 
 class StateCollector(Collector):

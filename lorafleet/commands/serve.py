@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -20,13 +25,45 @@ HostOpt = Annotated[str | None, typer.Option(help="Listen address (default: LORA
 PortOpt = Annotated[int | None, typer.Option(help="Listen port (default: LORAFLEET_PORT or 8000).")]
 
 
-def serve(host: HostOpt = None, port: PortOpt = None) -> None:
-    """Run the gateway; it starts and supervises vLLM. Ctrl-C stops both."""
+WorkerOpt = Annotated[
+    bool,
+    typer.Option(
+        "--worker/--no-worker",
+        help="Also run a fine-tuning worker beside the gateway (`lorafleet worker`; its log: "
+        "data_dir/logs/worker.log). Run workers on their own where the gateway restarts often.",
+    ),
+]
+
+
+def serve(host: HostOpt = None, port: PortOpt = None, worker: WorkerOpt = True) -> None:
+    """Run the gateway; it starts and supervises vLLM (and a fine-tuning worker). Ctrl-C stops them all."""
     settings = gateway_settings(host, port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     console.print(f"gateway on {settings_url(settings)}; starting vLLM (about 30 s)…")
     threading.Thread(target=_say_when_ready, args=(settings_url(settings),), daemon=True).start()
-    run_gateway(settings)
+    with start_worker(settings.data_dir) if worker else contextlib.nullcontext():
+        run_gateway(settings)
+
+
+@contextlib.contextmanager
+def start_worker(data_dir: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``lorafleet worker`` as a child for the block (same settings, log in data_dir/logs/worker.log); stopped
+    at the end the way Ctrl-C stops it: its trainings checkpoint and go back to the queue."""
+    log_path = data_dir / "logs" / "worker.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lorafleet", "worker"], stdout=log, stderr=subprocess.STDOUT, process_group=0
+        )
+    try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def gateway_settings(host: str | None, port: int | None) -> GatewaySettings:

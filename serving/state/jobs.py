@@ -110,6 +110,7 @@ class Job:
     executor: str | None = None
     executor_ref: str | None = None
     queued_at: float | None = None
+    reported: bool = False
 
     def as_openai(self, organization: str) -> dict[str, Any]:
         """OpenAI's ``FineTuningJob``, field for field, with this service's extras under ``lorafleet``."""
@@ -215,6 +216,7 @@ class JobStore:
             "created_at": now,
             "result_files": "[]",
             "attempts": 0,
+            "reported": False,
         } | {k: (json.dumps(v) if k in _JSON_COLUMNS and v is not None else v) for k, v in spec.items()}
         with self.engine.begin() as db:
             if db.dialect.name == "postgresql":  # another gateway's create for this tenant waits
@@ -379,11 +381,34 @@ class JobStore:
         with self.engine.connect() as db:
             return [_job(r) for r in db.execute(query)]
 
-    def counts(self) -> dict[str, int]:
-        """Jobs by status."""
-        query = sa.select(jobs_table.c.status, sa.func.count()).group_by(jobs_table.c.status)
+    def snapshot(self, alive_s: float) -> dict[str, Any]:
+        """What the metrics show of the queue: jobs by status, how long the oldest queued job has waited, and the
+        workers heard from within ``alive_s`` seconds."""
+        now = time.time()
         with self.engine.connect() as db:
-            return {status: n for status, n in db.execute(query)}
+            grouped = sa.select(jobs_table.c.status, sa.func.count()).group_by(jobs_table.c.status)
+            counts: dict[str, int] = {status: n for status, n in db.execute(grouped)}
+            oldest = db.execute(
+                sa.select(sa.func.min(jobs_table.c.queued_at)).where(jobs_table.c.status == "queued")
+            ).scalar()
+            workers = db.execute(
+                sa.select(sa.func.count())
+                .select_from(workers_table)
+                .where(workers_table.c.heartbeat_at >= now - alive_s)
+            ).scalar_one()
+        return {"jobs": counts, "oldest_queued_s": now - oldest if oldest else 0.0, "workers": workers}
+
+    def to_report(self, limit: int = 100) -> list[Job]:
+        """Ended jobs not counted in the metrics yet, each handed to exactly one caller (of every gateway)."""
+        ended = sa.and_(jobs_table.c.status.in_(ENDED), jobs_table.c.reported.is_(False))
+        with self.engine.begin() as db:
+            rows = db.execute(sa.select(jobs_table).where(ended).limit(limit)).all()
+            mine = []
+            for row in rows:
+                taken = db.execute(jobs_table.update().where(jobs_table.c.id == row.id, ended).values(reported=True))
+                if taken.rowcount == 1:
+                    mine.append(_job(row))
+        return mine
 
     def _locked(self, db: sa.Connection, tenant_id: int | None, job_id: str) -> Job:
         query = sa.select(jobs_table).where(jobs_table.c.id == job_id)

@@ -185,6 +185,7 @@ jobs_table = sa.Table(
     sa.Column("executor", sa.String(16), nullable=True),
     sa.Column("executor_ref", sa.String(128), nullable=True),  # the Ray submission id
     sa.Column("queued_at", sa.Float, nullable=True),
+    sa.Column("reported", sa.Boolean, nullable=False, default=False),  # its end counted in the metrics (once)
     sa.Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
     sa.Index("ix_jobs_status", "status", "created_at"),
 )

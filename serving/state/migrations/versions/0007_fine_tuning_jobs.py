@@ -56,6 +56,7 @@ def upgrade() -> None:
         sa.Column("executor", sa.String(16), nullable=True),
         sa.Column("executor_ref", sa.String(128), nullable=True),
         sa.Column("queued_at", sa.Float, nullable=True),
+        sa.Column("reported", sa.Boolean, nullable=False, server_default=sa.false()),
     )
     op.create_index("ix_jobs_tenant_created", "fine_tuning_jobs", ["tenant_id", "created_at", "id"])
     op.create_index("ix_jobs_status", "fine_tuning_jobs", ["status", "created_at"])
