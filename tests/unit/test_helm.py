@@ -75,6 +75,8 @@ def everything_on() -> dict[str, Any]:
     engine["podDisruptionBudget"]["enabled"] = True
     gpu = yaml.safe_load((CHART / "values-gpu.yaml").read_text())["engines"][0] | {"name": "gpu-pool"}
     values["engines"].append(gpu)
+    values["worker"] |= {"executor": "ray", "gpus": 1, "settings": {"job_lease_s": 90}}
+    values["worker"]["autoscaling"]["enabled"] = True
     return values | DATABASE
 
 
@@ -416,3 +418,27 @@ def test_redis_is_set_only_when_given() -> None:
     assert ref["key"] in secret["data"]
     optional = gateway_env(SCENARIOS["existing-secret"])["LORAFLEET_REDIS_URL"]["valueFrom"]["secretKeyRef"]
     assert optional["optional"] is True  # a Secret of your own may leave Redis out
+
+
+def test_workers_run_jobs_on_the_shared_volume_with_the_gateways_settings() -> None:
+    """The worker sees the files and checkpoints where the gateways put them, with the same database; a Ray
+    worker gets the cluster's address and each job's resources; KEDA scales it on the queue the gateways export."""
+    docs = render(everything_on())
+    worker = one(docs, "Deployment", "lf-lorafleet-worker")["spec"]["template"]["spec"]
+    gateway = one(docs, "Deployment", "lf-lorafleet-gateway")["spec"]["template"]["spec"]
+
+    def env(spec: dict[str, Any]) -> dict[str, Any]:
+        return {e["name"]: e.get("value", e.get("valueFrom")) for e in spec["containers"][0]["env"]}
+
+    shared = ("LORAFLEET_FILES_DIR", "LORAFLEET_JOBS_DIR", "LORAFLEET_DATABASE_URL", "LORAFLEET_BASE_MODEL")
+    assert {k: env(worker)[k] for k in shared} == {k: env(gateway)[k] for k in shared}
+    assert worker["containers"][0]["command"] == ["lorafleet", "worker"]
+    assert json.loads(env(worker)["LORAFLEET_RAY_RESOURCES"]) == {"num_cpus": 4, "num_gpus": 0}
+    assert env(worker)["LORAFLEET_EXECUTOR"] == "ray" and env(worker)["LORAFLEET_JOB_LEASE_S"] == "90"
+    assert worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    from finetune.settings import WorkerSettings
+
+    names = {e["name"].removeprefix("LORAFLEET_").lower() for e in worker["containers"][0]["env"]}
+    assert names - {"home", "user", "logname"} <= set(WorkerSettings.model_fields) | {"database_url"}
+    scaler = one(docs, "ScaledObject", "lf-lorafleet-worker")
+    assert "lorafleet_finetune_jobs" in scaler["spec"]["triggers"][0]["metadata"]["query"]
