@@ -106,7 +106,7 @@ def test_a_job_trains_on_ray_and_is_served(ray_worker) -> None:
     answer = api.chat.completions.create(
         model=done.fine_tuned_model, messages=[{"role": "user", "content": "hi"}], max_tokens=5
     )
-    assert answer.model == done.fine_tuned_model
+    assert answer.model.split("@")[0] == done.fine_tuned_model
 
 
 def test_cancelling_a_job_stops_its_ray_job(ray_worker) -> None:
