@@ -12,7 +12,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test test-fast lint bench bench-train bench-gateway bench-client bench-eval bench-fleet soak first-answer eval-demo venv model tools clean-venv
+.PHONY: run test test-fast lint bench bench-train bench-gateway bench-client bench-eval bench-fleet bench-finetune soak first-answer eval-demo venv model tools clean-venv
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -74,6 +74,10 @@ bench-eval: model
 
 bench-fleet: model
 	$(PY) -m benchmarks.fleet_routing
+
+# A training by hand against the same training as a fine-tuning job through the API; first answer; fairness.
+bench-finetune: model
+	$(PY) -m benchmarks.finetune
 
 # Two gateways, two engines, PostgreSQL and Redis under open-loop traffic with publishes, a canary, a key
 # revocation and an engine kill on a schedule (10 minutes; SOAK_ARGS="--minutes 60" for longer).

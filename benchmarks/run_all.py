@@ -12,6 +12,7 @@ BENCHMARKS = [
     "benchmarks.key_flood",
     "benchmarks.eval_speed",
     "benchmarks.fleet_routing",
+    "benchmarks.finetune",
 ]
 
 if __name__ == "__main__":

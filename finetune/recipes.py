@@ -62,7 +62,7 @@ def train_settings(resolved: dict[str, Any], options: dict[str, Any], base_model
         "learning_rate": rules["learning_rate"] * resolved["learning_rate_multiplier"],
         "warmup_ratio": rules["warmup_ratio"],
     }
-    for name in ("max_steps", "eval_every", "save_every"):
+    for name in ("max_steps", "eval_every", "save_every", "log_every"):
         if options.get(name) is not None:
             settings[name] = options[name]
     return settings

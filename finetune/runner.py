@@ -34,6 +34,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,8 @@ log = logging.getLogger("lorafleet.runner")
 
 PAUSED = 75  # exit status: stopped on SIGTERM after saving a checkpoint (the worker marks the job paused)
 LOST = 3  # exit status: the job is no longer this worker's (cancelled, or taken over)
-LOG_EVERY = 5
+LOG_EVERY = 5  # a metrics event every N steps, unless the job says otherwise
+DEFAULT_SPLIT = 0.1  # without a validation file: the share of the training file held out
 
 
 class Lost(Exception):
@@ -70,8 +72,16 @@ class JobReporter(TrainerCallback):
     and reads what was asked of it: a cancel stops the training at once (``Lost``), a pause after this step with
     a checkpoint (asked the way Ctrl-C asks, ``training.progress.StopOnSignal``)."""
 
-    def __init__(self, jobs: JobStore, job: Job, worker: str, check_every_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        jobs: JobStore,
+        job: Job,
+        worker: str,
+        check_every_s: float = 2.0,
+        announce: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         self.jobs, self.job, self.worker, self.check_every_s = jobs, job, worker, check_every_s
+        self.announce = announce  # a job into an alias: its training announced where gateways look (503 + ETA)
         self.checked = 0.0
         self.pausing = False
         self.started = 0.0
@@ -113,6 +123,15 @@ class JobReporter(TrainerCallback):
             progress=data | {"tokens_seen": int(state.num_input_tokens_seen or 0)},
             estimated_finish=finish,
         )
+        if self.announce is not None:
+            status = {"phase": "training", "step": state.global_step, "max_steps": state.max_steps}
+            if finish is not None:
+                status["eta_s"] = max(0, finish - int(time.time()))
+            if "train_loss" in self.latest:
+                status["loss"] = self.latest["train_loss"]
+            if "tokens_per_s" in data:
+                status["tokens_per_s"] = data["tokens_per_s"]
+            self.announce(status)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
         now = time.monotonic()
@@ -147,13 +166,22 @@ class Runner:
         job = self.job
         if job.status != "running" or job.worker != self.worker:
             return LOST
+        announce = self._announcer()
+        try:
+            return self._train(announce)
+        finally:
+            if announce is not None:  # published, failed or stopped: nobody is to wait on this run any more
+                open_store(self.settings).end_training(str(job.options["alias"]))
+
+    def _train(self, announce: Callable[[dict[str, Any]], None] | None) -> int:
+        job = self.job
         try:
             cfg = self._config()
             manifest = train(
                 cfg,
                 self.settings.model_path(job.base_model),
                 resume=last_checkpoint(staging_of(cfg.out)) is not None,
-                callbacks=[JobReporter(self.jobs, job, self.worker)],
+                callbacks=[JobReporter(self.jobs, job, self.worker, announce=announce)],
             )
         except Interrupted as exc:
             if self.jobs.get(None, job.id).desired == "pause":
@@ -174,6 +202,15 @@ class Runner:
             return self._fail({"code": "invalid_hyperparameters", "param": "lorafleet", "message": str(exc)})
         return self._publish(cfg.out, manifest)
 
+    def _announcer(self) -> Callable[[dict[str, Any]], None] | None:
+        alias = self.job.options.get("alias")
+        if not alias:
+            return None
+        store = open_store(self.settings)
+        if store.latest(alias) is not None:
+            return None  # the alias serves already: nobody waits for this version
+        return lambda status: store.announce_training(alias, status)
+
     def _config(self) -> TrainConfig:
         """The job's ``TrainConfig``: its files, the recipe, its hyperparameters and ``lorafleet`` options."""
         job, settings = self.job, self.settings
@@ -185,19 +222,27 @@ class Runner:
         resolved = resolve(job.hyperparameters, job.base_model, examples)
         self.jobs.update(job.id, self.worker, hyperparameters=resolved)
         fields = train_settings(resolved, job.options, job.base_model)
+        fields.pop("val_fraction", None)
+        schema_file = None
+        if job.options.get("schema") is not None:  # the answers' schema: checked, and the model's default schema
+            self.work.mkdir(parents=True, exist_ok=True)
+            schema_file = self.work / "schema.json"
+            schema_file.write_text(json.dumps(job.options["schema"]))
         save_every = fields.pop("save_every", settings.job_save_every)
-        evaluating = eval_data is not None or examples >= 10
+        split = job.options.get("val_fraction", DEFAULT_SPLIT)
+        evaluating = eval_data is not None or (split > 0 and examples >= 10)
         fields |= {
             "data": data,
             "eval_data": eval_data,
-            "val_fraction": 0.0 if eval_data is not None or not evaluating else 0.1,
+            "val_fraction": 0.0 if eval_data is not None or not evaluating else split,
             "out": self.work / "adapter",
-            "task": fine_tuned_name(job.base_model, job.suffix, job.id),
+            "task": model_name(job),
+            "schema": schema_file,
             "base_model": job.base_model,
             "seed": job.seed,
             "save_every": save_every,
             "eval_every": fields.pop("eval_every", save_every) if evaluating else 0,
-            "log_every": LOG_EVERY,
+            "log_every": job.options.get("log_every", LOG_EVERY),
             "max_lora_rank": settings.max_lora_rank,
         }
         if job.parent:
@@ -218,7 +263,7 @@ class Runner:
         )
         if problems:
             return self._fail({"code": "adapter_unservable", "param": None, "message": "; ".join(problems)})
-        name = fine_tuned_name(job.base_model, job.suffix, job.id)
+        name = model_name(job)
         result = self.files.add(
             job.tenant_id, f"{job.id}-step-metrics.csv", RESULTS, io.BytesIO(_metrics_csv(adapter)), made_here=True
         )
@@ -236,7 +281,10 @@ class Runner:
             ) as db:
                 version = store.publish(adapter, name)
                 grant_in(db, job.tenant_id, name)
-                db.execute(_event_row(job.id, f"New fine-tuned model created: {name}."))
+                db.execute(_event_row(job.id, f"New fine-tuned model created: {name} (version {version.version})."))
+                if store.stable(name) is not None:  # the alias serves its stable version until this one is promoted
+                    note = f"{name} serves its stable version; {version.ref} serves once promoted (or canaried)."
+                    db.execute(_event_row(job.id, note))
                 db.execute(_event_row(job.id, "The job has successfully completed."))
         except JobStateError:
             self.files.delete(job.tenant_id, result.id)
@@ -253,6 +301,11 @@ class Runner:
             return LOST
         shutil.rmtree(self.work, ignore_errors=True)
         return 0
+
+
+def model_name(job: Job) -> str:
+    """The model a job makes: the alias it targets (``lorafleet.alias``), else a new ``ft-...`` name."""
+    return str(job.options.get("alias") or fine_tuned_name(job.base_model, job.suffix, job.id))
 
 
 def _event_row(job_id: str, message: str, level: str = "info") -> Any:

@@ -38,5 +38,6 @@ def file_error(report: CheckReport, file_id: str, param: str) -> dict[str, Any]:
     }
 
 
-def check_file(path: Path) -> CheckReport:
-    return check(path)
+def check_file(path: Path, schema: dict[str, Any] | None = None) -> CheckReport:
+    """Every row of the file at ``path`` checked (against ``schema``, the job's ``lorafleet.schema``, if any)."""
+    return check(path, schema=schema)

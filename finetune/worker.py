@@ -103,7 +103,8 @@ class Worker:
             if file_id is None:
                 continue
             try:
-                report = check_file(self.files.path(self.files.get(job.tenant_id, file_id)))
+                path = self.files.path(self.files.get(job.tenant_id, file_id))
+                report = check_file(path, job.options.get("schema"))
             except FileNotFound:
                 self._end(
                     job,

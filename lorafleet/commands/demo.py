@@ -6,16 +6,18 @@
 1. Provision the base model; create the demo tenants (``orders``, ``toolcall``,
    each granted its alias and ``base``) and the admin key.
 2. Start the gateway: it answers ``base`` as soon as vLLM is up.
-3. Train each demo adapter that has no version yet, one after the other, in a
-   child process at the lowest CPU priority (``lorafleet train --publish``): it
-   announces its progress in the adapter store, and publishes through the
-   gateway's admin API when done, which hot-loads it. Until then a request for
-   the alias gets 503 with the ETA.
-4. The terminal shows one live line per adapter and the gateway's ready
-   message with a ``curl`` for each alias that is servable.
+3. Train each demo adapter that has no version yet as a fine-tuning job through
+   the gateway's own API, the way any tenant fine-tunes (``files.create``,
+   ``fine_tuning.jobs.create`` with ``lorafleet.alias``): the worker beside the
+   gateway trains them one after the other at the lowest CPU priority, and each
+   is published into its alias and hot-loaded when its job succeeds. Until then
+   a request for the alias gets 503 with the ETA.
+4. The terminal shows one live line per adapter (its job, step, loss, ETA) and
+   the gateway's ready message with a ``curl`` for each alias that is servable.
 
-Ctrl-C stops the training child (it finishes its step and saves a checkpoint)
-and the gateway; the next run resumes the training from that checkpoint.
+Ctrl-C stops the worker (each training finishes its step, saves a checkpoint
+and goes back to the queue) and the gateway; the next run's worker resumes the
+job from that checkpoint.
 
 ``lorafleet demo --gemma --accept-license gemma`` (``make run GEMMA=1``) adds a
 second base model: Gemma 3 270M is pulled, the gateway runs two engines (one
@@ -28,9 +30,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from rich.text import Text
 from contract.settings import CommonSettings
 from contract.store import AdapterStore
 from lorafleet.commands.model import model_pull
-from lorafleet.commands.serve import gateway_settings, is_ready, run_gateway, settings_url
+from lorafleet.commands.serve import gateway_settings, is_ready, run_gateway, settings_url, start_worker
 from lorafleet.console import console, fail
 from serving.state.ledger import open_store
 
@@ -119,11 +118,13 @@ def demo(
     demo_admin_key(settings)
     gateway = gateway_settings(None, None)
     log_file = settings.data_dir / "logs" / "gateway.log"
-    training = BackgroundTraining(store, settings.data_dir, missing, configs)
+    training = DemoJobs(settings_url(gateway), keys, store, missing, configs, base_model=settings.base_model)
     screen = Screen(settings_url(gateway), keys, training, log_file, settings.data_dir, aliases=aliases)
     screen.start()
     try:
-        run_gateway(gateway, log_file=log_file)
+        # The worker trains at the lowest priority: serving stays responsive while the demo adapters train.
+        with start_worker(settings.data_dir, env={"LORAFLEET_JOB_NICE": str(TRAIN_NICE)}):
+            run_gateway(gateway, log_file=log_file)
     finally:
         screen.stop()
         training.stop()
@@ -166,79 +167,118 @@ def _resumable(out: Path) -> bool:
 
 
 @dataclass
-class BackgroundTraining:
-    """The missing demo adapters, trained one at a time in a low-priority child process."""
+class DemoJobs:
+    """The missing demo adapters, trained as fine-tuning jobs through the gateway's API: the path any tenant takes.
 
+    Each demo tenant uploads its alias's data and creates a job publishing into that alias
+    (``lorafleet.alias``), with its config's settings; the gateway's worker trains the jobs one at a time. A job
+    left unfinished by a stopped demo (checkpointed, queued again) is followed, not created twice: the next run's
+    worker resumes it.
+    """
+
+    url: str
+    keys: dict[str, str]  # demo tenant -> its API key
     store: AdapterStore
-    data_dir: Path
     aliases: list[str]
     configs: Path = CONFIGS
-    proc: subprocess.Popen[bytes] | None = None
-    current: str | None = None
-    outcome: dict[str, str] = field(default_factory=dict)  # alias -> published / failed (see log) / stopped
+    base_model: str = ""  # the gateway's base model (LORAFLEET_BASE_MODEL), for configs that name none
+    jobs: dict[str, Any] = field(default_factory=dict)  # alias -> its job, as last read
+    problems: dict[str, str] = field(default_factory=dict)  # alias -> why its job could not be created
     _stopping: threading.Event = field(default_factory=threading.Event)
 
-    def run(self) -> None:
-        """Train each alias in turn (the screen's thread calls this once the gateway is ready)."""
-        from serving.engines.vllm import child_setup
+    def api(self, alias: str) -> Any:
+        from openai import OpenAI
 
-        logs = self.data_dir / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
+        key = self.keys["toolcall" if alias.startswith("toolcall") else "orders"]
+        return OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=2, timeout=60)
+
+    def submit(self) -> None:
+        """Create a job for each alias that has none under way (the screen's thread calls this once ready)."""
         for alias in self.aliases:
             if self._stopping.is_set():
                 return
-            out = run_dir(self.data_dir, alias)
-            args = [
-                sys.executable,
-                "-m",
-                "lorafleet",
-                "train",
-                "--config",
-                str(self.configs / f"{alias}.yaml"),
-                "--out",
-                str(out),
-                "--publish",
-                alias,
-                *(["--resume"] if _resumable(out) else []),
-            ]
-            with open(logs / f"train-{alias}.log", "ab") as log:
-                self.current = alias
-                self.proc = subprocess.Popen(
-                    args, stdout=log, stderr=subprocess.STDOUT, preexec_fn=child_setup(TRAIN_NICE)
-                )
-            code = self.proc.wait()
-            self.outcome[alias] = {0: "published", 130: "stopped"}.get(code, f"failed (exit {code})")
-            if code != 0:
-                self.store.end_training(alias)
-            if code == 130 or self._stopping.is_set():
+            try:
+                self.jobs[alias] = self._existing(alias) or self._create(alias)
+            except Exception as exc:  # the demo keeps serving what it has; the screen says what went wrong
+                self.problems[alias] = str(exc)
+
+    def _existing(self, alias: str) -> Any:
+        jobs = self.api(alias).fine_tuning.jobs.list(metadata={"demo": alias}, limit=20)
+        return next((j for j in jobs.data if j.status not in ("failed", "cancelled")), None)
+
+    def _create(self, alias: str) -> Any:
+        from finetune.recipes import recipe
+        from training.config import load_config
+
+        cfg = load_config(self.configs / f"{alias}.yaml", {})
+        api = self.api(alias)
+        training = _upload(api, Path(cfg.data))
+        validation = _upload(api, Path(cfg.eval_data)) if cfg.eval_data else None
+        base = cfg.base_model or self.base_model or CommonSettings().base_model
+        options: dict[str, Any] = {
+            "alias": alias,
+            "rank": cfg.rank,
+            "alpha": cfg.alpha,
+            "dropout": cfg.dropout,
+            "targets": cfg.targets,
+            "max_steps": cfg.max_steps if cfg.max_steps > 0 else None,
+            "max_length": cfg.max_length,
+            "eval_every": cfg.eval_every or None,
+            "save_every": cfg.save_every or None,
+            "log_every": cfg.log_every,
+            "val_fraction": cfg.val_fraction,
+        }
+        if cfg.schema_file is not None:
+            options["schema"] = json.loads(Path(cfg.schema_file).read_text("utf-8"))
+        multiplier = cfg.learning_rate / recipe(base)["learning_rate"]
+        return api.fine_tuning.jobs.create(
+            model=base,
+            training_file=training.id,
+            validation_file=validation.id if validation else None,
+            seed=cfg.seed,
+            suffix=alias,
+            method={
+                "type": "supervised",
+                "supervised": {
+                    "hyperparameters": {"batch_size": cfg.batch_size, "learning_rate_multiplier": multiplier}
+                },
+            },
+            metadata={"demo": alias},
+            extra_body={"lorafleet": {k: v for k, v in options.items() if v is not None}},
+        )
+
+    def refresh(self) -> None:
+        for alias, job in list(self.jobs.items()):
+            try:
+                self.jobs[alias] = self.api(alias).fine_tuning.jobs.retrieve(job.id)
+            except Exception:  # the gateway is stopping; the screen keeps what it last read
                 return
 
     def queued(self) -> list[str]:
-        return [a for a in self.aliases if a not in self.outcome and a != self.current]
+        waiting = ("validating_files", "queued")
+        return [a for a in self.aliases if a in self.jobs and self.jobs[a].status in waiting] + [
+            a for a in self.aliases if a not in self.jobs and a not in self.problems
+        ]
 
     def announce_queued(self) -> None:
         """Announce the aliases waiting their turn, so a request for one gets 503 (queued), not 404."""
         if self._stopping.is_set():
             return
         for alias in self.queued():
-            self.store.announce_training(alias, {"phase": "queued"})
+            if self.store.latest(alias) is None:
+                self.store.announce_training(alias, {"phase": "queued"})
 
-    def stop(self, timeout: float = 60.0) -> None:
-        """SIGINT to the child: it finishes its step and saves a checkpoint (SIGKILL after ``timeout``)."""
+    def stop(self) -> None:
+        """No more announcements: the jobs under way checkpoint and go back to the queue with the worker's stop."""
         self._stopping.set()
-        for alias in self.queued():
-            self.store.end_training(alias)
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        if self.current is not None and self.store.latest(self.current) is None:  # else it is only exiting
-            console.print(f"stopping the training of '{self.current}' (it saves a checkpoint; the next run resumes)…")
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        for alias in self.aliases:
+            if self.store.latest(alias) is None:
+                self.store.end_training(alias)
+
+
+def _upload(api: Any, path: Path) -> Any:
+    with path.open("rb") as data:
+        return api.files.create(file=(path.name, data), purpose="fine-tune")
 
 
 class Screen:
@@ -248,7 +288,7 @@ class Screen:
         self,
         url: str,
         keys: dict[str, str],
-        training: BackgroundTraining,
+        training: DemoJobs,
         log_file: Path,
         data_dir: Path,
         aliases: list[str] | None = None,
@@ -287,8 +327,10 @@ class Screen:
                     announced = time.monotonic()
                 if self.ready_at is None and is_ready(self.url):
                     self.ready_at = time.monotonic()
-                    trainer = threading.Thread(target=self.training.run, daemon=True, name="demo-training")
+                    trainer = threading.Thread(target=self.training.submit, daemon=True, name="demo-jobs")
                     trainer.start()
+                elif self.ready_at is not None:
+                    self.training.refresh()
                 if live is not None:
                     live.update(self.render())
                 else:
@@ -304,23 +346,27 @@ class Screen:
 
     def progress_line(self, alias: str) -> str:
         store = self.training.store
-        if store.serving(alias) is not None:
-            return f"{alias:<9} ready: served as {store.serving(alias).ref}"  # type: ignore[union-attr]
-        status = store.training(alias)
-        if status is None:
-            state = self.training.outcome.get(alias) or (
-                "queued" if alias in self.training.queued() else "waiting for the engine"
-            )
-            return f"{alias:<9} {state}"
-        parts = [f"{alias:<9} {status.get('phase', 'training')}"]
-        if status.get("step") is not None and status.get("max_steps"):
-            parts.append(f"step {status['step']}/{status['max_steps']}")
-        if "loss" in status:
-            parts.append(f"loss {status['loss']:.4f}")
-        if "tokens_per_s" in status:
-            parts.append(f"{status['tokens_per_s']:.0f} tok/s")
-        if "eta_s" in status:
-            parts.append(f"ETA {_clock(status['eta_s'])}")
+        serving = store.serving(alias)
+        if serving is not None:
+            return f"{alias:<9} ready: served as {serving.ref}"
+        if alias in self.training.problems:
+            return f"{alias:<9} no job: {self.training.problems[alias]}"
+        job = self.training.jobs.get(alias)
+        if job is None:
+            return f"{alias:<9} {'queued' if self.ready_at is not None else 'waiting for the engine'}"
+        status = {"validating_files": "queued", "running": "training"}.get(job.status, job.status)
+        parts = [f"{alias:<9} {status}", job.id]
+        progress = (job.model_extra or {}).get("lorafleet", {}).get("progress") or {}
+        if job.status == "running" and progress.get("step") is not None:
+            parts.append(f"step {progress['step']}/{progress.get('total_steps')}")
+            if "train_loss" in progress:
+                parts.append(f"loss {progress['train_loss']:.4f}")
+            if "tokens_per_s" in progress:
+                parts.append(f"{progress['tokens_per_s']:.0f} tok/s")
+            if job.estimated_finish:
+                parts.append(f"ETA {_clock(job.estimated_finish - time.time())}")
+        if job.status == "failed" and job.error is not None:
+            parts.append(job.error.message[:200])
         return "  ".join(parts)
 
     def render(self) -> Group:

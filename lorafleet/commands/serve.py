@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -46,14 +47,19 @@ def serve(host: HostOpt = None, port: PortOpt = None, worker: WorkerOpt = True) 
 
 
 @contextlib.contextmanager
-def start_worker(data_dir: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """``lorafleet worker`` as a child for the block (same settings, log in data_dir/logs/worker.log); stopped
-    at the end the way Ctrl-C stops it: its trainings checkpoint and go back to the queue."""
+def start_worker(data_dir: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """``lorafleet worker`` as a child for the block (same settings and ``env``, log in
+    data_dir/logs/worker.log); stopped at the end the way Ctrl-C stops it: its trainings checkpoint and go back
+    to the queue."""
     log_path = data_dir / "logs" / "worker.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "lorafleet", "worker"], stdout=log, stderr=subprocess.STDOUT, process_group=0
+            [sys.executable, "-m", "lorafleet", "worker"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            process_group=0,
+            env=os.environ | (env or {}),
         )
     try:
         yield proc

@@ -54,7 +54,7 @@ def fine_tuned_name(base_model: str, suffix: str | None, job_id: str) -> str:
     """The model a job makes: ``ft-<base>-<suffix>-<8 characters of the job id>``, lowercase. OpenAI's
     ``ft:<base>:<org>:<suffix>:<id>`` says the same, but colons are not valid in an alias, a store path or a
     metric label: this name is all three, unique (the job id's random part; the column is unique too) and at most
-    61 characters."""
+    61 characters (a job with ``lorafleet.alias`` publishes into that alias instead)."""
 
     def slug(text: str) -> str:
         return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:24].strip("-")
@@ -352,10 +352,15 @@ class JobStore:
 
     def owned_model(self, tenant_id: int, name: str) -> Job | None:
         """The tenant's succeeded job that made the fine-tuned model ``name``, if any."""
-        query = sa.select(jobs_table).where(
-            jobs_table.c.fine_tuned_model == name,
-            jobs_table.c.tenant_id == tenant_id,
-            jobs_table.c.status == "succeeded",
+        query = (
+            sa.select(jobs_table)
+            .where(
+                jobs_table.c.fine_tuned_model == name,
+                jobs_table.c.tenant_id == tenant_id,
+                jobs_table.c.status == "succeeded",
+            )
+            .order_by(jobs_table.c.finished_at.desc())
+            .limit(1)
         )
         with self.engine.connect() as db:
             row = db.execute(query).first()

@@ -228,6 +228,16 @@ class TenantStore:
         with self._write() as db:
             grant_in(db, tenant.id, alias)
 
+    def holders(self, alias: str) -> list[str]:
+        """The tenants ``alias`` is granted to."""
+        query = (
+            sa.select(tenants_table.c.name)
+            .join(grants_table, grants_table.c.tenant_id == tenants_table.c.id)
+            .where(grants_table.c.alias == alias)
+        )
+        with self.engine.connect() as db:
+            return sorted(name for (name,) in db.execute(query))
+
     def revoke_grant(self, tenant: Tenant, alias: str) -> None:
         with self._write() as db:
             db.execute(

@@ -1,47 +1,108 @@
-"""The demo's screen: one line per adapter from the store's training announcements, a curl per servable alias."""
+"""The demo: its adapters as fine-tuning jobs through the API (one line per job on its screen), a curl per servable
+alias."""
 
 from __future__ import annotations
 
 import json
 import shlex
+import time
 from pathlib import Path
 
+import openai
+import pytest
+from fastapi.testclient import TestClient
+from openai.types.fine_tuning import FineTuningJob
+
 from contract.store import AdapterStore
-from lorafleet.commands.demo import BackgroundTraining, Screen
+from lorafleet.commands.demo import DemoJobs, Screen, demo_keys
 from tests.conftest import make_adapter
+from tests.fakes import ADMIN_KEY, FakeEngine, fake_base
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def screen(tmp_path: Path) -> Screen:
     store = AdapterStore(tmp_path / "adapters")
-    training = BackgroundTraining(store, tmp_path, ["orders", "toolcall"])
     keys = {"orders": "lf-orders-key", "toolcall": "lf-toolcall-key"}
+    training = DemoJobs("http://127.0.0.1:8000", keys, store, ["orders", "toolcall"])
     return Screen("http://127.0.0.1:8000", keys, training, tmp_path / "logs" / "gateway.log", tmp_path)
 
 
-def test_progress_lines_follow_the_store(tmp_path: Path) -> None:
-    s = screen(tmp_path)
-    store = s.training.store
-    s.training.current = "orders"
-    assert s.progress_line("toolcall").split() == ["toolcall", "queued"]
-    store.announce_training(
-        "orders",
-        {"phase": "training", "step": 30, "max_steps": 120, "loss": 0.03125, "tokens_per_s": 191.4, "eta_s": 275.0},
+def _job(status: str, **fields: object) -> FineTuningJob:
+    return FineTuningJob.model_validate(
+        {
+            "id": "ftjob-1",
+            "object": "fine_tuning.job",
+            "created_at": 1,
+            "model": "SmolLM2-135M-Instruct",
+            "organization_id": "orders",
+            "result_files": [],
+            "seed": 0,
+            "status": status,
+            "training_file": "file-1",
+            "hyperparameters": {},
+            **fields,
+        }
     )
-    assert s.progress_line("orders").split() == [
-        "orders",
-        "training",
-        "step",
-        "30/120",
-        "loss",
-        "0.0312",
-        "191",
-        "tok/s",
-        "ETA",
-        "4:35",
-    ]
-    store.publish(make_adapter(tmp_path / "src"), "orders")
+
+
+def test_progress_lines_follow_the_jobs_and_the_store(tmp_path: Path) -> None:
+    s = screen(tmp_path)
+    s.ready_at = time.monotonic()
+    assert s.progress_line("toolcall").split() == ["toolcall", "queued"]
+    s.training.jobs["toolcall"] = _job("validating_files")
+    assert s.progress_line("toolcall").split() == ["toolcall", "queued", "ftjob-1"]
+    progress = {"step": 30, "total_steps": 120, "train_loss": 0.03125, "tokens_per_s": 191.4}
+    s.training.jobs["orders"] = _job(
+        "running", estimated_finish=int(time.time()) + 276, lorafleet={"progress": progress}
+    )
+    line = s.progress_line("orders").split()
+    assert line[:9] == ["orders", "training", "ftjob-1", "step", "30/120", "loss", "0.0312", "191", "tok/s"]
+    assert line[9] == "ETA" and line[10] in ("4:35", "4:36")
+    s.training.jobs["toolcall"] = _job(
+        "failed",
+        error={"code": "invalid_file", "message": "training_file file-1 has 1 problem(s)", "param": "training_file"},
+    )
+    assert "has 1 problem(s)" in s.progress_line("toolcall")
+    s.training.store.publish(make_adapter(tmp_path / "src"), "orders")
     assert s.progress_line("orders").split() == ["orders", "ready:", "served", "as", "orders@1"]
     assert s.servable() == ["base", "orders"]
+
+
+def test_the_demo_trains_its_adapters_as_jobs_through_the_api_with_its_configs_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demo is a tenant like any other: it uploads its data and creates a job into its alias with the config's
+    settings; a second start follows the job it finds instead of making another."""
+    from contract.settings import CommonSettings
+    from finetune.recipes import recipe
+    from serving.app import build_app
+    from serving.config import GatewaySettings
+
+    settings = GatewaySettings(data_dir=tmp_path, base_model=str(fake_base(tmp_path)), admin_key=ADMIN_KEY)
+    keys = demo_keys(CommonSettings(data_dir=tmp_path))
+    monkeypatch.chdir(ROOT)
+    with TestClient(build_app(settings, engine=FakeEngine())) as client:
+        jobs = DemoJobs(
+            "http://testserver", keys, AdapterStore(settings.adapters_dir), ["orders"], base_model="base-model"
+        )
+        sdk = openai.OpenAI(base_url="http://testserver/v1", api_key=keys["orders"], http_client=client, max_retries=0)
+        monkeypatch.setattr(DemoJobs, "api", lambda self, alias: sdk)
+        jobs.submit()
+        assert not jobs.problems, jobs.problems
+        job = jobs.jobs["orders"]
+        options = job.model_extra["lorafleet"]["options"]
+        assert options["alias"] == "orders" and options["max_steps"] == 240 and options["dropout"] == 0.0
+        assert options["schema"]["type"] == "object" and options["eval_every"] == 80
+        assert job.validation_file and job.metadata == {"demo": "orders"}
+        multiplier = job.method.supervised.hyperparameters.learning_rate_multiplier
+        assert multiplier * recipe("base-model")["learning_rate"] == pytest.approx(1e-3)  # the config's rate
+        again = DemoJobs(
+            "http://testserver", keys, AdapterStore(settings.adapters_dir), ["orders"], base_model="base-model"
+        )
+        again.submit()
+        assert again.jobs["orders"].id == job.id  # followed, not created twice
+        assert len(list(sdk.fine_tuning.jobs.list())) == 1
 
 
 def test_each_curl_is_a_request_the_gateway_takes(tmp_path: Path) -> None:
@@ -56,7 +117,7 @@ def test_each_curl_is_a_request_the_gateway_takes(tmp_path: Path) -> None:
     assert json.loads(shlex.split(s.curl("toolcall"))[-1])["tools"][0]["type"] == "function"
 
 
-def test_a_stopped_run_is_resumed_and_a_half_saved_one_is_not(tmp_path: Path) -> None:
+def test_a_stopped_foreground_run_is_resumed_and_a_half_saved_one_is_not(tmp_path: Path) -> None:
     from lorafleet.commands.demo import _resumable, run_dir
 
     out = run_dir(tmp_path, "orders")

@@ -429,3 +429,25 @@ def _queued(jobs: JobStore, tenant: int) -> Any:
     assert jobs.claim("validator", "validating_files", 60, "local") is not None
     assert jobs.release(job.id, "validator", "queued", "validated")
     return job
+
+
+def test_operators_see_and_cancel_every_tenants_jobs_with_the_admin_key(gw) -> None:
+    client, keys, _ = gw
+    made = {
+        name: sdk(client, keys[name])
+        .fine_tuning.jobs.create(model="base-model", training_file=upload(sdk(client, keys[name])))
+        .id
+        for name in ("acme", "other")
+    }
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    listed = client.get("/admin/fine_tuning/jobs", headers=admin).json()["data"]
+    assert {j["id"]: j["organization_id"] for j in listed} == {made["acme"]: "acme", made["other"]: "other"}
+    only = client.get("/admin/fine_tuning/jobs", params={"tenant": "other"}, headers=admin).json()["data"]
+    assert [j["id"] for j in only] == [made["other"]]
+    assert client.get(f"/admin/fine_tuning/jobs/{made['acme']}/events", headers=admin).json()["data"]
+    cancelled = client.post(f"/admin/fine_tuning/jobs/{made['other']}/cancel", json={}, headers=admin).json()
+    assert cancelled["status"] == "cancelled"
+    tenant_key = {"Authorization": f"Bearer {keys['acme']}"}
+    assert client.get("/admin/fine_tuning/jobs", headers=tenant_key).status_code == 401
+    JobStore(client.app.state.gateway.tenants.engine).beat("w-1", "local", None)  # type: ignore[attr-defined]
+    assert [w["name"] for w in client.get("/admin/fine_tuning/workers", headers=admin).json()["data"]] == ["w-1"]

@@ -89,7 +89,7 @@ def gateway_graph() -> dict[str, set[str]]:
 @pytest.mark.parametrize("component", COMPONENTS)
 def test_components_do_not_import_each_other(component: str) -> None:
     roots = imported_roots(component)
-    others = {c for c in COMPONENTS if c != component} | {"lorafleet"}
+    others = {c for c in COMPONENTS if c != component} | {"lorafleet", "finetune"}
     bad = {name: sorted(files) for name, files in roots.items() if name in others}
     assert not bad, f"{component} imports {bad}"
 
@@ -105,6 +105,44 @@ def test_torch_free_packages_import_no_heavy_library(package: str) -> None:
 def test_gateway_import_loads_no_torch_at_runtime() -> None:
     code = (
         "import sys; import serving.app, lorafleet.cli; "
+        f"heavy = sorted(m for m in {sorted(HEAVY)!r} if m in sys.modules); print(heavy); sys.exit(bool(heavy))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# The fine-tuning jobs' room (``finetune``) runs beside the gateway, never inside it: it stands on the state
+# database's stores and nothing else of the gateway, and only its runner (the training process) loads torch.
+FINETUNE_MAY_IMPORT = ("serving.state", "serving.errors", "contract", "finetune")
+TRAINING_PROCESS = {"finetune.runner"}
+
+
+def finetune_modules() -> dict[str, Path]:
+    return {module_name(p): p for p in (ROOT / "finetune").rglob("*.py")}
+
+
+def test_the_jobs_room_stands_on_the_state_database_alone() -> None:
+    outside = sorted(
+        f"{module} imports {name}"
+        for module, path in finetune_modules().items()
+        for name in imports(path)
+        if name.split(".")[0] == "serving" and not name.startswith(FINETUNE_MAY_IMPORT)
+    )
+    assert not outside, "finetune may use serving.state (and errors) only:\n" + "\n".join(outside)
+    assert not {n for m, p in serving_modules().items() for n in imports(p) if n.startswith("finetune")}
+
+
+def test_only_the_training_process_of_a_job_loads_torch() -> None:
+    heavy = sorted(
+        f"{module} imports {name}"
+        for module, path in finetune_modules().items()
+        if module not in TRAINING_PROCESS
+        for name in imports(path)
+        if name.split(".")[0] in HEAVY | {"training"}
+    )
+    assert not heavy, "the worker must stay torch-free:\n" + "\n".join(heavy)
+    code = (
+        "import sys; import finetune.worker, finetune.executors, lorafleet.commands.jobs; "
         f"heavy = sorted(m for m in {sorted(HEAVY)!r} if m in sys.modules); print(heavy); sys.exit(bool(heavy))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

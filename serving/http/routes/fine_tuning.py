@@ -25,9 +25,12 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from contract.store import StoreError, check_alias
 from serving.errors import APIError, ErrorCode
 from serving.gateway import Gateway
 from serving.http.deps import StateDep, TenantDep
+from serving.outputs.schemas import check_client_schema
+from serving.plan import BASE_ALIAS
 from serving.state.files import FileError
 from serving.state.jobs import JobError, JobLimitReached, JobNotFound, JobStateError
 from serving.state.tenants import Tenant
@@ -63,7 +66,7 @@ class LorafleetOptions(BaseModel):
     """This service's settings beyond OpenAI's (the SDK's ``extra_body={"lorafleet": {...}}``); what is left out
     comes from the base model's recipe (``finetune/recipes``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     rank: int | None = Field(default=None, ge=1, le=256, description="LoRA rank r (at most the engines' max).")
     alpha: int | None = Field(default=None, ge=1, le=1024, description="LoRA alpha.")
@@ -75,6 +78,21 @@ class LorafleetOptions(BaseModel):
     max_length: int | None = Field(default=None, ge=16, le=32_768, description="Longest example, in tokens.")
     eval_every: int | None = Field(default=None, ge=1, le=100_000, description="Validation loss every N steps.")
     save_every: int | None = Field(default=None, ge=1, le=100_000, description="A checkpoint every N steps.")
+    log_every: int | None = Field(default=None, ge=1, le=10_000, description="A metrics event every N steps.")
+    val_fraction: float | None = Field(
+        default=None, ge=0.0, lt=0.9, description="Without a validation file: the share held out (default 0.1)."
+    )
+    alias: str | None = Field(
+        default=None,
+        max_length=63,
+        description="Publish as the next version of this alias (granted to you alone) instead of a new model.",
+    )
+    output_schema: dict[str, Any] | None = Field(
+        default=None,
+        alias="schema",
+        description="A JSON Schema every answer must match: checked when the files are, and the model's default "
+        "schema when it serves (JSON enforced or validated per the alias's policy).",
+    )
 
 
 class JobCreate(BaseModel):
@@ -170,13 +188,35 @@ def _file(state: Gateway, tenant: Tenant, file_id: str, param: str) -> None:
         raise _invalid(f"{param}: {file_id} was uploaded for {record.purpose!r}, not 'fine-tune'.", param)
 
 
+def _target(state: Gateway, tenant: Tenant, alias: str) -> None:
+    """An alias a job may publish into: valid, granted to this tenant, and to no other (a shared alias's versions
+    are not one tenant's to make)."""
+    try:
+        check_alias(alias)
+    except StoreError as exc:
+        raise _invalid(f"lorafleet.alias: {exc}.", "lorafleet.alias") from exc
+    if alias == BASE_ALIAS or alias not in tenant.aliases:
+        raise _invalid(f"lorafleet.alias: {alias!r} is not an alias granted to you.", "lorafleet.alias")
+    others = [name for name in state.tenants.holders(alias) if name != tenant.name]
+    if others:
+        raise _invalid(
+            f"lorafleet.alias: {alias!r} is granted to other tenants too; a job publishes only into an alias that "
+            "is yours alone (leave lorafleet.alias out for a model of your own).",
+            "lorafleet.alias",
+        )
+
+
 def _create(state: Gateway, tenant: Tenant, body: JobCreate) -> dict[str, Any]:
     hyperparameters = _checked(body)
     base, parent = _base_of(state, tenant, body.model)
     _file(state, tenant, body.training_file, "training_file")
     if body.validation_file is not None:
         _file(state, tenant, body.validation_file, "validation_file")
-    options = body.lorafleet.model_dump(exclude_none=True)
+    options = body.lorafleet.model_dump(exclude_none=True, by_alias=True)
+    if "alias" in options:
+        _target(state, tenant, options["alias"])
+    if "schema" in options:
+        check_client_schema(options["schema"], param="lorafleet.schema")
     if options.get("rank", 0) > state.settings.max_lora_rank:
         raise _invalid(
             f"lorafleet.rank {options['rank']} is over the engines' max_lora_rank {state.settings.max_lora_rank}.",
@@ -208,7 +248,7 @@ def _seed() -> int:
     return secrets.randbelow(2**31)
 
 
-def _refused(exc: JobError) -> APIError:
+def refused(exc: JobError) -> APIError:
     if isinstance(exc, JobNotFound):
         return APIError(ErrorCode.JOB_NOT_FOUND, str(exc), param="fine_tuning_job_id")
     if isinstance(exc, JobStateError):
@@ -239,7 +279,7 @@ async def list_jobs(
     try:
         jobs, more = await asyncio.to_thread(state.jobs.page, tenant.id, after=after, limit=limit, metadata=wanted)
     except JobError as exc:
-        raise _refused(exc) from exc
+        raise refused(exc) from exc
     return {"object": "list", "data": [j.as_openai(tenant.name) for j in jobs], "has_more": more}
 
 
@@ -248,7 +288,7 @@ async def retrieve_job(job_id: str, tenant: TenantDep, state: StateDep) -> dict[
     try:
         job = await asyncio.to_thread(state.jobs.get, tenant.id, job_id)
     except JobError as exc:
-        raise _refused(exc) from exc
+        raise refused(exc) from exc
     return job.as_openai(tenant.name)
 
 
@@ -261,7 +301,7 @@ async def act_on_job(
     try:
         job = await asyncio.to_thread(operation, tenant.id, job_id)
     except JobError as exc:
-        raise _refused(exc) from exc
+        raise refused(exc) from exc
     return job.as_openai(tenant.name)
 
 
@@ -276,7 +316,7 @@ async def job_events(
     try:
         events, more = await asyncio.to_thread(state.jobs.events, tenant.id, job_id, after, limit)
     except JobError as exc:
-        raise _refused(exc) from exc
+        raise refused(exc) from exc
     return {"object": "list", "data": events, "has_more": more}
 
 
@@ -291,7 +331,7 @@ async def job_checkpoints(
     try:
         checkpoints, more = await asyncio.to_thread(state.jobs.checkpoints, tenant.id, job_id, after, limit)
     except JobError as exc:
-        raise _refused(exc) from exc
+        raise refused(exc) from exc
     data = checkpoints
     return {
         "object": "list",

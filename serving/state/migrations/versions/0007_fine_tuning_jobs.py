@@ -44,7 +44,7 @@ def upgrade() -> None:
         sa.Column("started_at", sa.BigInteger, nullable=True),
         sa.Column("finished_at", sa.BigInteger, nullable=True),
         sa.Column("estimated_finish", sa.BigInteger, nullable=True),
-        sa.Column("fine_tuned_model", sa.String(64), nullable=True, unique=True),
+        sa.Column("fine_tuned_model", sa.String(64), nullable=True),
         sa.Column("trained_tokens", sa.BigInteger, nullable=True),
         sa.Column("result_files", sa.Text, nullable=False),
         sa.Column("error", sa.Text, nullable=True),
