@@ -184,12 +184,14 @@ def test_a_cancelled_job_stops_training_and_publishes_nothing(ft) -> None:
 def test_a_job_survives_a_gateway_restart_and_its_worker_being_killed(ft) -> None:
     gateway: Gateway = ft["gateway"]
     api = client(gateway)
-    job = create(api, ft, seed=2, suffix="survivor", options={"max_steps": 10})
-    wait_for(api, job.id, at_step(3))
+    # Long enough to outlast a gateway restart (vLLM starts again): 40 steps, a checkpoint every 4.
+    job = create(api, ft, seed=2, suffix="survivor", options={"max_steps": 40, "save_every": 4, "eval_every": 40})
+    before = wait_for(api, job.id, at_step(2))
     gateway.running.stop()  # the gateway restarts; the job does not notice
     gateway.ensure_running()
     api = client(gateway)
-    during = wait_for(api, job.id, at_step(4))
+    step = before.model_extra["lorafleet"]["progress"]["step"]
+    during = wait_for(api, job.id, at_step(step + 4))  # it trained on while the gateway was away
     assert during.model_extra["lorafleet"]["attempts"] == 1
     ft["worker"].stop(signal.SIGKILL)  # the worker dies; its training dies with it
     deadline = time.monotonic() + 10

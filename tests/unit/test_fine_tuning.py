@@ -451,3 +451,30 @@ def test_operators_see_and_cancel_every_tenants_jobs_with_the_admin_key(gw) -> N
     assert client.get("/admin/fine_tuning/jobs", headers=tenant_key).status_code == 401
     JobStore(client.app.state.gateway.tenants.engine).beat("w-1", "local", None)  # type: ignore[attr-defined]
     assert [w["name"] for w in client.get("/admin/fine_tuning/workers", headers=admin).json()["data"]] == ["w-1"]
+
+
+def test_a_job_publishes_into_an_alias_only_when_it_is_the_tenants_alone(gw) -> None:
+    client, keys, _ = gw
+    gateway = client.app.state.gateway  # type: ignore[attr-defined]
+    acme, other = gateway.tenants.get("acme"), gateway.tenants.get("other")
+    gateway.tenants.grant(acme, "invoices")
+    gateway.tenants.grant(acme, "shared")
+    gateway.tenants.grant(other, "shared")
+    api = sdk(client, keys["acme"])
+    training = upload(api)
+
+    def create(**options: Any) -> Any:
+        return api.fine_tuning.jobs.create(
+            model="base-model", training_file=training, extra_body={"lorafleet": options}
+        )
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    job = create(alias="invoices", schema=schema)
+    assert job.model_extra["lorafleet"]["options"] == {"alias": "invoices", "schema": schema}
+    for alias in ("shared", "unknown", "base", "Not An Alias"):
+        with pytest.raises(openai.BadRequestError) as refused:
+            create(alias=alias)
+        assert refused.value.param == "lorafleet.alias", alias
+    with pytest.raises(openai.BadRequestError) as bad_schema:
+        create(schema={"type": "object", "properties": {"n": {"type": 12}}})
+    assert "schema" in (bad_schema.value.param or "")
