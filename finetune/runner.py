@@ -228,7 +228,12 @@ class Runner:
             self.work.mkdir(parents=True, exist_ok=True)
             schema_file = self.work / "schema.json"
             schema_file.write_text(json.dumps(job.options["schema"]))
-        save_every = fields.pop("save_every", settings.job_save_every)
+        asked_eval = fields.pop("eval_every", None)
+        save_every = fields.pop("save_every", None)
+        if save_every is None:  # the default, made a multiple of the evaluations asked for (the best is kept)
+            save_every = settings.job_save_every
+            if asked_eval:
+                save_every = asked_eval * max(1, round(save_every / asked_eval))
         split = job.options.get("val_fraction", DEFAULT_SPLIT)
         evaluating = eval_data is not None or (split > 0 and examples >= 10)
         fields |= {
@@ -241,7 +246,7 @@ class Runner:
             "base_model": job.base_model,
             "seed": job.seed,
             "save_every": save_every,
-            "eval_every": fields.pop("eval_every", save_every) if evaluating else 0,
+            "eval_every": (asked_eval or save_every) if evaluating else 0,
             "log_every": job.options.get("log_every", LOG_EVERY),
             "max_lora_rank": settings.max_lora_rank,
         }

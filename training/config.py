@@ -118,8 +118,8 @@ class TrainConfig(BaseModel):
             )
         if self.early_stopping and not self.eval_every:
             problems.append("early_stopping: needs --eval-every N to have evals to compare")
-        if self.save_every and self.eval_every and self.early_stopping and self.save_every % self.eval_every:
-            problems.append("save_every: must be a multiple of eval_every to keep the best checkpoint")
+        if self.save_every and self.eval_every and self.save_every % self.eval_every:
+            problems.append("save_every: must be a multiple of eval_every (the best checkpoint is kept at the end)")
         if self.eval_data is None and self.val_fraction == 0 and (self.eval_every or self.early_stopping):
             problems.append("eval_every: needs validation data (--eval-data or --val-fraction > 0)")
         if problems:

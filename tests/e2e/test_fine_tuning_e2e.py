@@ -185,7 +185,7 @@ def test_a_job_survives_a_gateway_restart_and_its_worker_being_killed(ft) -> Non
     gateway: Gateway = ft["gateway"]
     api = client(gateway)
     # Long enough to outlast a gateway restart (vLLM starts again): 40 steps, a checkpoint every 4.
-    job = create(api, ft, seed=2, suffix="survivor", options={"max_steps": 40, "save_every": 4, "eval_every": 40})
+    job = create(api, ft, seed=2, suffix="survivor", options={"max_steps": 40, "save_every": 4, "eval_every": 4})
     before = wait_for(api, job.id, at_step(2))
     gateway.running.stop()  # the gateway restarts; the job does not notice
     gateway.ensure_running()

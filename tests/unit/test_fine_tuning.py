@@ -157,6 +157,7 @@ def test_another_tenants_job_and_file_are_404s_like_missing_ones(gw) -> None:
         ),
         ({"integrations": [{"type": "wandb", "wandb": {"project": "p"}}]}, "integrations"),
         ({"extra_body": {"lorafleet": {"rank": 64}}}, "lorafleet.rank"),
+        ({"extra_body": {"lorafleet": {"save_every": 5, "eval_every": 2}}}, "lorafleet.save_every"),
         ({"extra_body": {"lorafleet": {"dropuot": 0.1}}}, "lorafleet.dropuot"),
         ({"extra_body": {"epochs": 3}}, "epochs"),
     ],

@@ -217,6 +217,12 @@ def _create(state: Gateway, tenant: Tenant, body: JobCreate) -> dict[str, Any]:
         _target(state, tenant, options["alias"])
     if "schema" in options:
         check_client_schema(options["schema"], param="lorafleet.schema")
+    if options.get("save_every") and options.get("eval_every") and options["save_every"] % options["eval_every"]:
+        raise _invalid(
+            f"lorafleet.save_every {options['save_every']} must be a multiple of lorafleet.eval_every "
+            f"{options['eval_every']} (the best checkpoint is kept at the end).",
+            "lorafleet.save_every",
+        )
     if options.get("rank", 0) > state.settings.max_lora_rank:
         raise _invalid(
             f"lorafleet.rank {options['rank']} is over the engines' max_lora_rank {state.settings.max_lora_rank}.",
