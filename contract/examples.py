@@ -130,6 +130,8 @@ def read_rows(path: Path) -> tuple[list[tuple[int, Any]], list[Problem]]:
         decoder = json.JSONDecoder()
         try:
             json.loads(text)
+        except RecursionError:
+            return rows, [Problem(str(path), None, None, "nested too deeply to read", "flatten the file's JSON")]
         except json.JSONDecodeError as exc:
             problems.append(
                 Problem(
@@ -142,13 +144,16 @@ def read_rows(path: Path) -> tuple[list[tuple[int, Any]], list[Problem]]:
             )
             return rows, problems
         idx = text.index("[") + 1
+        at_line, counted = 1, 0  # the line at ``counted``, carried forward (counting from 0 per row is quadratic)
         while True:
             while idx < len(text) and text[idx] in " \t\r\n,":
                 idx += 1
             if idx >= len(text) or text[idx] == "]":
                 break
             value, end = decoder.raw_decode(text, idx)
-            rows.append((text.count("\n", 0, idx) + 1, value))
+            at_line += text.count("\n", counted, idx)
+            counted = idx
+            rows.append((at_line, value))
             idx = end
         return rows, problems
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -156,6 +161,8 @@ def read_rows(path: Path) -> tuple[list[tuple[int, Any]], list[Problem]]:
             continue
         try:
             rows.append((lineno, json.loads(line)))
+        except RecursionError:
+            problems.append(Problem(str(path), lineno, None, "nested too deeply to read", "flatten the row's JSON"))
         except json.JSONDecodeError as exc:
             problems.append(
                 Problem(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -212,7 +213,7 @@ class RayExecutor:
         resources = dict(self.settings.ray_resources)
         runtime_env = dict(self.settings.ray_runtime_env)
         runtime_env["env_vars"] = dict(runtime_env.get("env_vars", {})) | runner_env(self.settings)
-        submission_id = f"lorafleet-{job.id}-{job.attempts}"
+        submission_id = f"lorafleet-{job.id}-{secrets.token_hex(4)}"  # one per start: a resume submits anew
         self.client.submit_job(
             entrypoint=" ".join(["python", *runner_command(job, worker)]),
             submission_id=submission_id,

@@ -33,6 +33,7 @@ import logging
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -154,8 +155,11 @@ class JobReporter(TrainerCallback):
 
 
 class Runner:
-    def __init__(self, settings: WorkerSettings, job_id: str, worker: str) -> None:
+    def __init__(
+        self, settings: WorkerSettings, job_id: str, worker: str, stop_asked: threading.Event | None = None
+    ) -> None:
         self.settings, self.worker = settings, worker
+        self.stop_asked = stop_asked or threading.Event()
         engine = state_engine(settings.state_url)
         self.jobs = JobStore(engine)
         self.files = FileStore(engine, settings.files_root, max_bytes=1 << 62, quota_bytes=1 << 62)
@@ -177,6 +181,11 @@ class Runner:
         job = self.job
         try:
             cfg = self._config()
+            if self.stop_asked.is_set():  # its worker stopped before the training began: back to the queue
+                message = (
+                    f"Worker {self.worker.split('#')[0]} stopped before the training began; the job is queued again."
+                )
+                return PAUSED if self.jobs.release(job.id, self.worker, "queued", message) else LOST
             manifest = train(
                 cfg,
                 self.settings.model_path(job.base_model),
@@ -274,6 +283,8 @@ class Runner:
         )
         store = open_store(settings)
         tokens = int(manifest.metrics.get("tokens_seen") or 0)
+        target = job.options.get("alias")
+        published: Any = None
         try:
             with self.jobs.finishing(
                 job.id,
@@ -284,17 +295,30 @@ class Runner:
                 result_files=[result.id],
                 progress=None,
             ) as db:
-                version = store.publish(adapter, name)
-                grant_in(db, job.tenant_id, name)
-                db.execute(_event_row(job.id, f"New fine-tuned model created: {name} (version {version.version})."))
+                if target and not _still_yours(db, job.tenant_id, str(target)):
+                    raise AliasTaken(str(target))
+                published = store.publish(adapter, name)
+                if not target:  # a new model: the tenant's alone (an alias target is granted already)
+                    grant_in(db, job.tenant_id, name)
+                db.execute(_event_row(job.id, f"New fine-tuned model created: {name} (version {published.version})."))
                 if store.stable(name) is not None:  # the alias serves its stable version until this one is promoted
-                    note = f"{name} serves its stable version; {version.ref} serves once promoted (or canaried)."
+                    note = f"{name} serves its stable version; {published.ref} serves once promoted (or canaried)."
                     db.execute(_event_row(job.id, note))
                 db.execute(_event_row(job.id, "The job has successfully completed."))
         except JobStateError:
             self.files.delete(job.tenant_id, result.id)
             return LOST
-        log.info("job %s: published %s", job.id, version.ref)
+        except AliasTaken:
+            self.files.delete(job.tenant_id, result.id)
+            message = (
+                f"lorafleet.alias {target!r} is no longer yours alone (its grants changed); nothing was published."
+            )
+            return self._fail({"code": "alias_not_yours", "param": "lorafleet.alias", "message": message})
+        except BaseException:
+            if published is not None:  # published, then the job's record could not be written: take it back
+                store.retire(published.alias, published.version, reason=f"job {job.id} did not finish", actor="worker")
+            raise
+        log.info("job %s: published %s", job.id, published.ref)
         shutil.rmtree(self.work, ignore_errors=True)
         return 0
 
@@ -306,6 +330,20 @@ class Runner:
             return LOST
         shutil.rmtree(self.work, ignore_errors=True)
         return 0
+
+
+class AliasTaken(Exception):
+    """The alias a job publishes into is no longer granted to its tenant alone."""
+
+
+def _still_yours(db: Any, tenant_id: int, alias: str) -> bool:
+    """Within the job's finishing transaction: ``alias`` is granted to this tenant and no other."""
+    import sqlalchemy as sa
+
+    from serving.state.tables import grants_table
+
+    holders = {t for (t,) in db.execute(sa.select(grants_table.c.tenant_id).where(grants_table.c.alias == alias))}
+    return holders == {tenant_id}
 
 
 def model_name(job: Job) -> str:
@@ -349,12 +387,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     bind_to_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    runner = Runner(WorkerSettings(), args.job, args.worker)
+    # A stop asked before the training takes over SIGTERM (loading, preparing) or after it (publishing) is noted,
+    # not obeyed mid-step: the training checkpoints on it, publishing finishes.
+    asked = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: asked.set())
+    runner = Runner(WorkerSettings(), args.job, args.worker, stop_asked=asked)
     try:
         return runner.run()
-    except Exception as exc:  # anything else: the job fails with what happened, the traceback goes to the log
+    except Exception as exc:  # anything else: the job fails; what happened goes to the log, not to the tenant
         log.exception("job %s failed", args.job)
-        return runner._fail({"code": "training_error", "param": None, "message": f"{type(exc).__name__}: {exc}"})
+        message = (
+            f"The training failed ({type(exc).__name__}); an operator can read why in the job's training log "
+            f"(job {args.job})."
+        )
+        return runner._fail({"code": "training_error", "param": None, "message": message})
 
 
 if __name__ == "__main__":

@@ -27,6 +27,11 @@ class WorkerSettings(CommonSettings):
     job_attempts: int = Field(
         default=3, ge=1, le=20, description="Starts a job gets (its worker dying counts as one) before it fails."
     )
+    job_timeout_s: float = Field(
+        default=86_400.0,
+        ge=0,
+        description="Longest a job may train (per start); past it the job fails with `timeout`. 0: no limit.",
+    )
     job_save_every: int = Field(
         default=50, ge=1, description="Checkpoint every N steps unless the job sets lorafleet.save_every."
     )

@@ -31,9 +31,11 @@ from finetune.settings import WorkerSettings
 from finetune.validate import check_file, described, file_error
 from serving.state.db import state_engine
 from serving.state.files import FileNotFound, FileStore
-from serving.state.jobs import Job, JobStateError, JobStore
+from serving.state.jobs import Job, JobNotFound, JobStateError, JobStore
 
 log = logging.getLogger("lorafleet.worker")
+SWEEP_S = 60.0  # how often ended jobs' work folders are removed
+VALIDATION_LEASES = 10  # a file check's lease: this many job leases
 
 
 def worker_name() -> str:
@@ -51,6 +53,7 @@ class Worker:
         self.running: dict[str, threading.Thread] = {}
         self.runs: dict[str, Run] = {}
         self.stopping = threading.Event()
+        self._swept = 0.0
 
     def run(self) -> None:
         """Work until ``stop`` is called (or the process is told to stop); jobs in training are left to their
@@ -83,12 +86,18 @@ class Worker:
         self.jobs.beat(self.name, self.executor.kind, ",".join(sorted(self.running)) or None)
         for job_id in self.jobs.expired():
             log.warning("job %s: its worker stopped renewing the lease; queued again", job_id)
+        if time.monotonic() - self._swept >= SWEEP_S:
+            self._swept = time.monotonic()
+            self.sweep()
         busy = False
-        validating = self.jobs.claim(self.name, "validating_files", self.settings.job_lease_s, self.executor.kind)
+        # Validation reads a whole file (up to the files' size limit): a long lease, so that a slow check is
+        # not taken over by another worker halfway.
+        lease = self.settings.job_lease_s * VALIDATION_LEASES
+        validating = self.jobs.claim(self.name, "validating_files", lease, self.executor.kind)
         if validating is not None:
             self.validate(validating)
             busy = True
-        if len(self.running) < self.settings.worker_slots:
+        if len(self.running) < self.settings.worker_slots and not self.stopping.is_set():
             job = self.jobs.claim(self.name, "queued", self.settings.job_lease_s, self.executor.kind)
             if job is not None:
                 self.start(job)
@@ -106,27 +115,17 @@ class Worker:
                 path = self.files.path(self.files.get(job.tenant_id, file_id))
                 report = check_file(path, job.options.get("schema"))
             except FileNotFound:
-                self._end(
-                    job,
-                    "failed",
-                    {
-                        "code": "file_deleted",
-                        "param": param,
-                        "message": f"{param} {file_id} "
-                        "was deleted before the job started; upload it again and create a new job.",
-                    },
-                )
+                message = f"{param} {file_id} was deleted before the job started; upload it again and create a new job."
+                self._end(job, "failed", {"code": "file_deleted", "param": param, "message": message})
                 return
             except (OSError, UnicodeDecodeError) as exc:
-                self._end(
-                    job,
-                    "failed",
-                    {
-                        "code": "invalid_file",
-                        "param": param,
-                        "message": f"{param} {file_id} cannot be read as text: {exc}",
-                    },
-                )
+                message = f"{param} {file_id} cannot be read as UTF-8 text ({type(exc).__name__})."
+                self._end(job, "failed", {"code": "invalid_file", "param": param, "message": message})
+                return
+            except Exception:  # a file the checker cannot take (nested too deep, ...): the job fails, not the worker
+                log.exception("job %s: %s %s could not be checked", job.id, param, file_id)
+                message = f"{param} {file_id} could not be checked: write one JSON object per line, nested plainly."
+                self._end(job, "failed", {"code": "invalid_file", "param": param, "message": message})
                 return
             if report.errors:
                 self._end(job, "failed", file_error(report, file_id, param))
@@ -134,49 +133,38 @@ class Worker:
             for warning in described(report.warnings, file_id):
                 self.jobs.add_event(job.id, f"{param}: {warning}", level="warn")
             counts.append(f"{param} {file_id}: {len(report.examples)} examples from {report.rows} rows")
-        self.jobs.release(job.id, self.name, "queued", "Files validated (" + "; ".join(counts) + "). Job queued.")
+        message = "Files validated (" + "; ".join(counts) + "). Job queued."
+        self.jobs.release(job.id, str(job.worker), "queued", message)
 
     def _end(self, job: Job, status: Any, error: dict[str, Any]) -> None:
+        """End a job this worker holds (as ``failed``, with ``error``) and remove its work folder."""
         try:
-            with self.jobs.finishing(job.id, self.name, status, error=error):
+            with self.jobs.finishing(job.id, str(job.worker), status, error=error):
                 pass
         except JobStateError:
             return
         self.jobs.add_event(job.id, f"Fine-tuning job failed: {error['message']}", level="error")
+        shutil.rmtree(self.settings.jobs_root / job.id, ignore_errors=True)
 
     def start(self, job: Job) -> None:
-        if job.attempts > self.settings.job_attempts:
-            self._end(
-                job,
-                "failed",
-                {
-                    "code": "too_many_attempts",
-                    "param": None,
-                    "message": (
-                        f"The training was started {job.attempts - 1} times and its worker was lost each time; see the "
-                        "job's events, and the workers' logs."
-                    ),
-                },
+        if job.attempts >= self.settings.job_attempts:
+            message = (
+                f"Its worker was lost {job.attempts} times during the training; an operator can read why in the "
+                f"workers' logs (job {job.id})."
             )
+            self._end(job, "failed", {"code": "too_many_attempts", "param": None, "message": message})
             return
         self.executor.forget(job)
         try:
-            run = self.executor.start(job, self.name)
-        except Exception as exc:
+            run = self.executor.start(job, str(job.worker))
+        except Exception:
             log.exception("job %s: the executor did not start it", job.id)
-            self._end(
-                job,
-                "failed",
-                {
-                    "code": "executor_error",
-                    "param": None,
-                    "message": f"The {self.executor.kind} executor could not start the job: {exc}",
-                },
-            )
+            message = f"The {self.executor.kind} executor could not start the training (job {job.id}); retry later."
+            self._end(job, "failed", {"code": "executor_error", "param": None, "message": message})
             return
-        self.jobs.update(job.id, self.name, executor_ref=run.ref)
+        self.jobs.update(job.id, str(job.worker), executor_ref=run.ref)
         self.runs[job.id] = run
-        log.info("job %s: started (%s, attempt %d)", job.id, run.ref, job.attempts)
+        log.info("job %s: started (%s)", job.id, run.ref)
         thread = threading.Thread(target=self.watch, args=(job, run), name=f"job-{job.id}", daemon=True)
         self.running[job.id] = thread
         thread.start()
@@ -186,36 +174,62 @@ class Worker:
         ended without doing so."""
         try:
             self._watch(job, run)
+        except Exception:  # the thread must not end with the training running unwatched
+            log.exception(
+                "job %s: watching its training failed; stopping it (its lease lets another resume it)", job.id
+            )
+            run.stop()
         finally:
             self.runs.pop(job.id, None)
 
     def _watch(self, job: Job, run: Run) -> None:
-        settings = self.settings
-        renewed = time.monotonic()
+        settings, holder = self.settings, str(job.worker)
+        renewed = started = time.monotonic()
         while (code := run.exit_code()) is None:
             if time.monotonic() - renewed >= settings.job_heartbeat_s:
                 renewed = time.monotonic()
-                if self.jobs.heartbeat(job.id, self.name, settings.job_lease_s) is None:
+                try:
+                    held = self.jobs.heartbeat(job.id, holder, settings.job_lease_s) is not None
+                except Exception:  # the database is away: keep training; a lapsed lease is noticed when it is back
+                    log.warning("job %s: its lease could not be renewed this time", job.id, exc_info=True)
+                    held = True
+                if not held:
                     log.info("job %s: no longer this worker's (cancelled?): stopping its training", job.id)
                     run.stop()
                     code = run.exit_code()
                     break
+            if settings.job_timeout_s and time.monotonic() - started > settings.job_timeout_s:
+                run.stop()
+                message = f"The training took longer than the service's limit of {settings.job_timeout_s:.0f} s."
+                self._end(job, "failed", {"code": "timeout", "param": None, "message": message})
+                return
             time.sleep(0.5)
         current = self.jobs.get(None, job.id)
         if current.status == "cancelled":
             shutil.rmtree(settings.jobs_root / job.id, ignore_errors=True)
-        elif current.status == "running" and current.worker == self.name:  # the training ended, saying nothing
-            tail = run.log_tail().strip().splitlines()[-5:]
-            self._end(
-                current,
-                "failed",
-                {
-                    "code": "training_died",
-                    "param": None,
-                    "message": (
-                        f"The training process ended with status {code} before finishing; the end of its log: "
-                        + " | ".join(tail)
-                    ),
-                },
+        elif current.status == "running" and current.worker == holder:  # the training ended, saying nothing
+            log.error(
+                "job %s: the training ended with status %s; the end of its log:\n%s", job.id, code, run.log_tail()
             )
-        log.info("job %s: %s", job.id, current.status)
+            if self.stopping.is_set():  # stopped with this worker before it could checkpoint: queued again
+                self.jobs.release(job.id, holder, "queued", f"Worker {self.name} stopped; the job is queued again.")
+            else:
+                message = (
+                    f"The training process ended with status {code} before finishing (out of memory?); an operator "
+                    f"can read why in the worker's log (job {job.id})."
+                )
+                self._end(current, "failed", {"code": "training_died", "param": None, "message": message})
+        log.info("job %s: %s", job.id, self.jobs.get(None, job.id).status)
+
+    def sweep(self) -> None:
+        """Remove the work folders of jobs that have ended (a cancel of a paused job, a job failed anywhere)."""
+        root = self.settings.jobs_root
+        if not root.is_dir():
+            return
+        for folder in root.iterdir():
+            try:
+                status = self.jobs.get(None, folder.name).status
+            except JobNotFound:
+                status = "gone"
+            if status in ("succeeded", "failed", "cancelled", "gone"):
+                shutil.rmtree(folder, ignore_errors=True)

@@ -233,25 +233,29 @@ async def _follow_jobs(gateway: Gateway, every_s: float = 1.0, metrics_every_s: 
     while True:
         await asyncio.sleep(every_s)
         try:
-            jobs = await asyncio.to_thread(gateway.jobs.finished_since, since)
+            since, seen = await _serve_finished(gateway, since, seen)
             if time.monotonic() - measured >= metrics_every_s:
                 measured = time.monotonic()
                 await asyncio.to_thread(_measure_jobs, gateway)
-        except Exception:  # the state database is away: the next round asks again
-            log.debug("fine-tuning jobs not readable this round", exc_info=True)
-            continue
-        fresh = [job for job in jobs if job.id not in seen and job.fine_tuned_model]
-        seen = {job.id for job in jobs}
-        if not fresh:
-            continue
-        gateway.tenants.changed()
-        gateway.adapters.forget()
-        for job in fresh:
-            version = await gateway.adapters.serving(str(job.fine_tuned_model))
-            if version is not None:
-                placed = await gateway.engine.warm(version)
-                log.info("fine-tuned model %s (job %s) served: %s", job.fine_tuned_model, job.id, placed)
-        since = max(job.finished_at or 0 for job in fresh) - 2
+        except Exception:  # the state database or an engine is away: the next round tries again
+            log.warning("following fine-tuning jobs failed this round", exc_info=True)
+
+
+async def _serve_finished(gateway: Gateway, since: float, seen: set[str]) -> tuple[float, set[str]]:
+    """Serve the models of jobs that succeeded since ``since`` and are not in ``seen``; the next window."""
+    jobs = await asyncio.to_thread(gateway.jobs.finished_since, since)
+    fresh = [job for job in jobs if job.id not in seen and job.fine_tuned_model]
+    seen = {job.id for job in jobs}
+    if not fresh:
+        return since, seen
+    gateway.tenants.changed()
+    gateway.adapters.forget()
+    for job in fresh:
+        version = await gateway.adapters.serving(str(job.fine_tuned_model))
+        if version is not None:
+            placed = await gateway.engine.warm(version)
+            log.info("fine-tuned model %s (job %s) served: %s", job.fine_tuned_model, job.id, placed)
+    return max(job.finished_at or 0 for job in fresh) - 2, seen
 
 
 def _measure_jobs(gateway: Gateway) -> None:

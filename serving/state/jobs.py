@@ -30,8 +30,9 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -48,6 +49,7 @@ JOB_PREFIX, EVENT_PREFIX, CHECKPOINT_PREFIX = "ftjob-", "ftevent-", "ftckpt-"
 # pg_advisory_xact_lock(JOBS_LOCK, tenant id): one job creation of a tenant's at a time, in every gateway (the
 # count against its limit and the insert must not interleave).
 JOBS_LOCK = 0x6C6607
+CLAIM_LOCK = 0x6C6608  # pg_advisory_xact_lock(CLAIM_LOCK): one claim at a time, in every worker
 
 
 def fine_tuned_name(base_model: str, suffix: str | None, job_id: str) -> str:
@@ -73,6 +75,10 @@ class JobNotFound(JobError):
 
 class JobLimitReached(JobError):
     """The tenant has as many jobs waiting as its limit allows."""
+
+
+class _Changed(Exception):
+    """The job changed between its read and its write."""
 
 
 class JobStateError(JobError):
@@ -106,7 +112,7 @@ class Job:
     desired: str | None = None
     worker: str | None = None
     lease_until: float | None = None
-    attempts: int = 0
+    attempts: int = 0  # times the job's worker was lost mid-training (its lease ran out)
     executor: str | None = None
     executor_ref: str | None = None
     queued_at: float | None = None
@@ -141,7 +147,7 @@ class Job:
                 "continues_from": self.parent,
                 "options": self.options,
                 "progress": self.progress,
-                "attempts": self.attempts,
+                "workers_lost": self.attempts,
                 "executor": self.executor,
                 "pause_requested": self.desired == "pause",
             },
@@ -201,6 +207,7 @@ class JobStore:
 
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
+        self._creating = threading.Lock()  # SQLite (one gateway): the count against a limit and the insert together
         ensure_schema(engine)
 
     # -- the API's side ------------------------------------------------------------------------------------
@@ -218,7 +225,7 @@ class JobStore:
             "attempts": 0,
             "reported": False,
         } | {k: (json.dumps(v) if k in _JSON_COLUMNS and v is not None else v) for k, v in spec.items()}
-        with self.engine.begin() as db:
+        with self._creating, self.engine.begin() as db:
             if db.dialect.name == "postgresql":  # another gateway's create for this tenant waits
                 db.execute(sa.text("SELECT pg_advisory_xact_lock(:l, :t)"), {"l": JOBS_LOCK, "t": tenant_id})
             if queued_limit is not None:
@@ -283,49 +290,70 @@ class JobStore:
 
     def cancel(self, tenant_id: int | None, job_id: str) -> Job:
         """End the job as ``cancelled`` (its worker stops the training on its next heartbeat)."""
-        with self.engine.begin() as db:
-            job = self._locked(db, tenant_id, job_id)
+
+        def change(db: sa.Connection, job: Job) -> dict[str, Any] | None:
             if job.status in ENDED:
                 raise JobStateError(f"Job {job_id} has already {job.status}: only a job that has not ended cancels.")
-            db.execute(
-                jobs_table.update()
-                .where(jobs_table.c.id == job_id)
-                .values(status="cancelled", finished_at=int(time.time()), desired=None, estimated_finish=None)
-            )
             _event(db, job_id, "Job cancelled.")
-        return self.get(tenant_id, job_id)
+            return {"status": "cancelled", "finished_at": int(time.time()), "desired": None, "estimated_finish": None}
+
+        return self._change(tenant_id, job_id, change)
 
     def pause(self, tenant_id: int | None, job_id: str) -> Job:
         """Pause a job: a waiting one at once, a running one at its next step (a checkpoint is saved first)."""
-        with self.engine.begin() as db:
-            job = self._locked(db, tenant_id, job_id)
+
+        def change(db: sa.Connection, job: Job) -> dict[str, Any] | None:
             if job.status == "running":
-                db.execute(jobs_table.update().where(jobs_table.c.id == job_id).values(desired="pause"))
                 _event(db, job_id, "Pausing: the training stops after its current step and saves a checkpoint.")
-            elif job.status == "queued":
-                db.execute(jobs_table.update().where(jobs_table.c.id == job_id).values(status="paused"))
+                return {"desired": "pause"}
+            if job.status == "queued":
                 _event(db, job_id, "Job paused.")
-            elif job.status != "paused":
+                return {"status": "paused"}
+            if job.status != "paused":
                 raise JobStateError(f"Job {job_id} is {job.status}: only a queued or running job pauses.")
-        return self.get(tenant_id, job_id)
+            return None
+
+        return self._change(tenant_id, job_id, change)
 
     def resume(self, tenant_id: int | None, job_id: str) -> Job:
         """Queue a paused job again; it continues from its last checkpoint."""
-        with self.engine.begin() as db:
-            job = self._locked(db, tenant_id, job_id)
+
+        def change(db: sa.Connection, job: Job) -> dict[str, Any] | None:
             if job.status == "running" and job.desired == "pause":  # not stopped yet: keep it running
-                db.execute(jobs_table.update().where(jobs_table.c.id == job_id).values(desired=None))
                 _event(db, job_id, "Pause withdrawn.")
-            elif job.status == "paused":
-                db.execute(
-                    jobs_table.update()
-                    .where(jobs_table.c.id == job_id)
-                    .values(status="queued", desired=None, queued_at=time.time())
-                )
+                return {"desired": None}
+            if job.status == "paused":
                 _event(db, job_id, "Job resumed: queued to continue from its last checkpoint.")
-            else:
-                raise JobStateError(f"Job {job_id} is {job.status}: only a paused job resumes.")
-        return self.get(tenant_id, job_id)
+                return {"status": "queued", "desired": None, "queued_at": time.time()}
+            raise JobStateError(f"Job {job_id} is {job.status}: only a paused job resumes.")
+
+        return self._change(tenant_id, job_id, change)
+
+    def _change(
+        self, tenant_id: int | None, job_id: str, change: Callable[[sa.Connection, Job], dict[str, Any] | None]
+    ) -> Job:
+        """Apply ``change`` (the values to write, from the job as read) only if the job is still as read: a worker
+        finishing it, or another request, in between makes it read again and decide again (SQLite takes no row
+        lock on a read)."""
+        for _ in range(5):
+            try:
+                with self.engine.begin() as db:
+                    job = self._locked(db, tenant_id, job_id)
+                    values = change(db, job)
+                    if values is None:
+                        return job
+                    as_read = sa.and_(
+                        jobs_table.c.id == job_id,
+                        jobs_table.c.status == job.status,
+                        sa.func.coalesce(jobs_table.c.desired, "") == (job.desired or ""),
+                        sa.func.coalesce(jobs_table.c.worker, "") == (job.worker or ""),
+                    )
+                    if db.execute(jobs_table.update().where(as_read).values(**values)).rowcount != 1:
+                        raise _Changed  # rolls back this try, events included
+                return self.get(tenant_id, job_id)
+            except _Changed:
+                continue
+        raise JobStateError(f"Job {job_id} keeps changing; try again.")
 
     def events(self, tenant_id: int | None, job_id: str, after: str | None, limit: int) -> tuple[list[dict], bool]:
         """The job's events, newest first (OpenAI's order), and whether older ones follow."""
@@ -351,7 +379,8 @@ class JobStore:
         return [checkpoint_json(r, name) for r in rows[:limit]], len(rows) > limit
 
     def owned_model(self, tenant_id: int, name: str) -> Job | None:
-        """The tenant's succeeded job that made the fine-tuned model ``name``, if any."""
+        """The tenant's succeeded job that made the fine-tuned model ``name`` (a model of its own, not a version of an
+        alias it publishes into), if any."""
         query = (
             sa.select(jobs_table)
             .where(
@@ -364,10 +393,11 @@ class JobStore:
         )
         with self.engine.connect() as db:
             row = db.execute(query).first()
-        return _job(row) if row is not None else None
+        job = _job(row) if row is not None else None
+        return job if job is not None and not job.options.get("alias") else None
 
     def models(self, tenant_id: int) -> list[Job]:
-        """The tenant's succeeded jobs whose model is still there (not deleted), oldest first."""
+        """The tenant's succeeded jobs that made a model of its own (not a version of an alias), oldest first."""
         query = (
             sa.select(jobs_table)
             .where(
@@ -378,7 +408,8 @@ class JobStore:
             .order_by(jobs_table.c.created_at)
         )
         with self.engine.connect() as db:
-            return [_job(r) for r in db.execute(query)]
+            jobs = [_job(r) for r in db.execute(query)]
+        return [job for job in jobs if not job.options.get("alias")]  # an alias's versions are not a model of theirs
 
     def finished_since(self, since: float) -> list[Job]:
         """Jobs that succeeded at or after ``since`` (the gateway loads their models as they appear)."""
@@ -437,7 +468,9 @@ class JobStore:
             .scalar_subquery()
         )
         served = sa.select(sa.func.max(other.c.started_at)).where(other.c.tenant_id == j.c.tenant_id).scalar_subquery()
-        query = sa.select(j.c.id).where(j.c.status == status)
+        now = time.time()
+        free = sa.or_(j.c.worker.is_(None), j.c.lease_until < now)
+        query = sa.select(j.c.id).where(j.c.status == status, free)
         if status == "queued":
             limit = sa.select(tenants_table.c.running_jobs).where(tenants_table.c.id == j.c.tenant_id).scalar_subquery()
             query = query.where(sa.or_(limit.is_(None), running < limit)).order_by(
@@ -445,27 +478,24 @@ class JobStore:
             )
         else:
             query = query.order_by(j.c.created_at, j.c.id)
-        now = time.time()
         for _ in range(8):  # SQLite has no SKIP LOCKED: another worker may take the row first; try the next
             with self.engine.begin() as db:
                 if db.dialect.name == "postgresql":
+                    # One claim at a time across workers: each counts a tenant's running jobs after the last
+                    # claim committed (its running_jobs limit holds); SKIP LOCKED passes rows a cancel holds.
+                    db.execute(sa.text("SELECT pg_advisory_xact_lock(:l)"), {"l": CLAIM_LOCK})
                     query = query.with_for_update(skip_locked=True, of=j)
                 job_id = db.execute(query.limit(1)).scalar()
                 if job_id is None:
                     return None
-                values: dict[str, Any] = {"worker": worker, "lease_until": now + lease_s, "executor": executor}
+                # The holder names this claim, not only the worker: a job claimed again (by the same worker after
+                # its lease lapsed, or a restarted one of the same name) is not the old claim's to write.
+                holder = f"{worker}#{secrets.token_hex(4)}"
+                values: dict[str, Any] = {"worker": holder, "lease_until": now + lease_s, "executor": executor}
                 if status == "queued":
-                    values |= {"status": "running", "attempts": j.c.attempts + 1, "desired": None}
+                    values |= {"status": "running", "desired": None}
                     values["started_at"] = sa.func.coalesce(j.c.started_at, int(now))
-                taken = db.execute(
-                    j.update()
-                    .where(
-                        j.c.id == job_id,
-                        j.c.status == status,
-                        sa.or_(j.c.worker.is_(None), j.c.lease_until < now),
-                    )
-                    .values(**values)
-                )
+                taken = db.execute(j.update().where(j.c.id == job_id, j.c.status == status, free).values(**values))
                 if taken.rowcount == 1:
                     if status == "queued":
                         _event(db, job_id, f"Fine-tuning job started (worker {worker}).")
@@ -543,14 +573,21 @@ class JobStore:
                 moved = db.execute(
                     jobs_table.update()
                     .where(jobs_table.c.id == job_id, lost)
-                    .values(status="queued", worker=None, lease_until=None, queued_at=now, estimated_finish=None)
+                    .values(
+                        status="queued",
+                        worker=None,
+                        lease_until=None,
+                        queued_at=now,
+                        estimated_finish=None,
+                        attempts=jobs_table.c.attempts + 1,
+                    )
                 )
                 if moved.rowcount:
                     _event(
                         db,
                         job_id,
-                        f"Worker {worker} stopped answering; the job is queued again and resumes from its last "
-                        "checkpoint.",
+                        f"Worker {str(worker).split('#')[0]} stopped answering; the job is queued again and resumes "
+                        "from its last checkpoint.",
                         level="warn",
                     )
             # validating_files has no status to fall back to: a lapsed lease just frees it for another worker
@@ -580,17 +617,17 @@ class JobStore:
                 )
             )
 
-    def beat(self, worker: str, executor: str, job_id: str | None) -> None:
-        """Record that ``worker`` is alive (and which job it runs)."""
+    def beat(self, worker: str, executor: str, jobs: str | None) -> None:
+        """Record that ``worker`` is alive (and which jobs it trains)."""
         now = time.time()
         with self.engine.begin() as db:
             done = db.execute(
-                workers_table.update().where(workers_table.c.name == worker).values(heartbeat_at=now, job_id=job_id)
+                workers_table.update().where(workers_table.c.name == worker).values(heartbeat_at=now, jobs=jobs)
             )
             if done.rowcount == 0:
                 db.execute(
                     workers_table.insert().values(
-                        name=worker, executor=executor, started_at=now, heartbeat_at=now, job_id=job_id
+                        name=worker, executor=executor, started_at=now, heartbeat_at=now, jobs=jobs
                     )
                 )
 

@@ -181,7 +181,7 @@ jobs_table = sa.Table(
     sa.Column("desired", sa.String(16), nullable=True),  # "pause": asked of the worker running it
     sa.Column("worker", sa.String(128), nullable=True),
     sa.Column("lease_until", sa.Float, nullable=True),
-    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),  # its worker lost mid-training
     sa.Column("executor", sa.String(16), nullable=True),
     sa.Column("executor_ref", sa.String(128), nullable=True),  # the Ray submission id
     sa.Column("queued_at", sa.Float, nullable=True),
@@ -218,5 +218,5 @@ workers_table = sa.Table(
     sa.Column("executor", sa.String(16), nullable=False),
     sa.Column("started_at", sa.Float, nullable=False),
     sa.Column("heartbeat_at", sa.Float, nullable=False),
-    sa.Column("job_id", sa.String(40), nullable=True),
+    sa.Column("jobs", sa.Text, nullable=True),  # the jobs it trains now, comma-separated
 )

@@ -192,7 +192,7 @@ def test_a_job_survives_a_gateway_restart_and_its_worker_being_killed(ft) -> Non
     api = client(gateway)
     step = before.model_extra["lorafleet"]["progress"]["step"]
     during = wait_for(api, job.id, at_step(step + 4))  # it trained on while the gateway was away
-    assert during.model_extra["lorafleet"]["attempts"] == 1
+    assert during.model_extra["lorafleet"]["workers_lost"] == 0
     ft["worker"].stop(signal.SIGKILL)  # the worker dies; its training dies with it
     deadline = time.monotonic() + 10
     while _runner_alive(job.id) and time.monotonic() < deadline:
@@ -201,7 +201,7 @@ def test_a_job_survives_a_gateway_restart_and_its_worker_being_killed(ft) -> Non
     ft["worker"] = WorkerProcess(gateway.running.data_dir, gateway.base_model, "second")
     done = wait_for(api, job.id, lambda j: j.status in ENDED)
     assert done.status == "succeeded", done.error
-    assert done.model_extra["lorafleet"]["attempts"] == 2
+    assert done.model_extra["lorafleet"]["workers_lost"] == 1
     messages = [e.message for e in api.fine_tuning.jobs.list_events(job.id, limit=200)]
     assert any("stopped answering" in m for m in messages) and any("resumed at step" in m for m in messages)
     answer = api.chat.completions.create(
