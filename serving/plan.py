@@ -93,7 +93,9 @@ async def _target(
 ) -> tuple[Target, Callable[[], None]]:
     """The version that serves this request (canary split applied), loaded on the engine it is routed to."""
     if alias not in tenant.aliases:
-        raise _not_found(alias)
+        if not await state.tenants.granted_now(tenant, alias):  # not even just now (a fine-tuning job's model)
+            raise _not_found(alias)
+        state.adapters.forget()  # its serving version too: what was cached for it predates the publish
     if alias == BASE_ALIAS:
         chosen = state.engine.pick(None)
         if chosen is None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serving.metrics import GatewayMetrics, StateCollector
+from serving.metrics import GatewayMetrics, JobsCollector, StateCollector
 from tests.conftest import ROOT
 
 DEPLOY = ROOT / "deploy"
@@ -77,6 +77,7 @@ def gateway_metric_names() -> set[str]:
     """Every sample name the gateway can export, from its metric families (children or not)."""
     metrics = GatewayMetrics(tenant_label=True)
     metrics.add_state(StateCollector(lambda: True, lambda: 0, lambda: 0, dict))
+    metrics.add_state(JobsCollector())
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
     return {family.name + suffix for family in metrics.registry.collect() for suffix in suffixes[family.type]}
 

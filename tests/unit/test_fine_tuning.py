@@ -334,12 +334,16 @@ def test_fine_tuned_models_are_listed_as_the_tenants_and_deleted_by_it_alone(gw)
     gateway.jobs.release(job.id, validating.worker, "queued", "ok")
     running = gateway.jobs.claim("w", "queued", 60, "local")
     AdapterStore(settings.adapters_dir).publish(make_adapter(settings.data_dir / "made"), name)
+    acme, other = sdk(client, keys["acme"]), sdk(client, keys["other"])
+    assert name not in {m.id for m in acme.models.list()}  # the tenant is in the gateway's cache now
     with gateway.jobs.finishing(job.id, running.worker, "succeeded", fine_tuned_model=name) as db:
         from serving.state.tenants import grant_in
 
-        grant_in(db, acme_id, name)
-    gateway.tenants.changed()
-    acme, other = sdk(client, keys["acme"]), sdk(client, keys["other"])
+        grant_in(db, acme_id, name)  # as a worker does: in the database, no cache of this gateway cleared
+    # The first request for the new model answers (not 404 until the cache expires): a grant the cache does not
+    # know is looked up once.
+    answer = acme.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}])
+    assert answer.model.startswith(name)
     mine = {m.id: m for m in acme.models.list()}
     assert mine[name].owned_by == "acme" and mine[name].created > 0
     assert name not in {m.id for m in other.models.list()}
