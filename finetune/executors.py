@@ -32,6 +32,7 @@ from finetune.settings import WorkerSettings
 from serving.state.jobs import Job
 
 LOG_TAIL = 4000
+TRAIN_LOG = "train.log"  # a local job's training log, in its work folder
 PARENT_ENV, NICE_ENV = "LORAFLEET_RUNNER_PARENT", "LORAFLEET_RUNNER_NICE"
 
 
@@ -127,7 +128,7 @@ class LocalExecutor:
     def start(self, job: Job, worker: str) -> Run:
         work = self.settings.jobs_root / job.id
         work.mkdir(parents=True, exist_ok=True)
-        log_path = work / "train.log"
+        log_path = work / TRAIN_LOG
         # The runner lowers its own priority and ties its life to this process (``finetune.runner.bind``): a
         # preexec_fn would run in a process forked from one with threads.
         env = (

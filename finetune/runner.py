@@ -30,7 +30,6 @@ import csv
 import io
 import json
 import logging
-import shutil
 import signal
 import sys
 import threading
@@ -39,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from transformers import TrainerCallback
 
 from contract.examples import DataError, check
@@ -47,6 +47,7 @@ from finetune.executors import bind_to_parent
 from finetune.recipes import resolve, train_settings
 from finetune.settings import WorkerSettings
 from finetune.validate import file_error
+from finetune.worker import clean_work
 from serving.state.db import state_engine
 from serving.state.files import RESULTS, FileStore
 from serving.state.jobs import Job, JobStateError, JobStore, fine_tuned_name
@@ -80,8 +81,10 @@ class JobReporter(TrainerCallback):
         worker: str,
         check_every_s: float = 2.0,
         announce: Callable[[dict[str, Any]], None] | None = None,
+        stop_asked: threading.Event | None = None,
     ) -> None:
         self.jobs, self.job, self.worker, self.check_every_s = jobs, job, worker, check_every_s
+        self.stop_asked = stop_asked
         self.announce = announce  # a job into an alias: its training announced where gateways look (503 + ETA)
         self.checked = 0.0
         self.pausing = False
@@ -135,6 +138,9 @@ class JobReporter(TrainerCallback):
             self.announce(status)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        if self.stop_asked is not None and self.stop_asked.is_set() and not self.pausing:
+            self.pausing = True  # a stop noted before the training took over SIGTERM: asked again, now heard
+            signal.raise_signal(signal.SIGTERM)
         now = time.monotonic()
         if now - self.checked < self.check_every_s:
             return
@@ -190,18 +196,19 @@ class Runner:
                 cfg,
                 self.settings.model_path(job.base_model),
                 resume=last_checkpoint(staging_of(cfg.out)) is not None,
-                callbacks=[JobReporter(self.jobs, job, self.worker, announce=announce)],
+                callbacks=[JobReporter(self.jobs, job, self.worker, announce=announce, stop_asked=self.stop_asked)],
             )
         except Interrupted as exc:
             if self.jobs.get(None, job.id).desired == "pause":
                 message = f"Job paused at step {exc.step} (checkpoint saved); resume continues from it."
                 return PAUSED if self.jobs.release(job.id, self.worker, "paused", message) else LOST
             # its worker is stopping: queued again at once, to go on from this checkpoint on whichever worker
-            message = f"Worker {self.worker} stopped at step {exc.step} (checkpoint saved); the job is queued again."
+            worker = self.worker.split("#")[0]
+            message = f"Worker {worker} stopped at step {exc.step} (checkpoint saved); the job is queued again."
             return PAUSED if self.jobs.release(job.id, self.worker, "queued", message) else LOST
         except Lost:
             if self.jobs.get(None, job.id).status == "cancelled":  # nothing of it is kept (taken over: the new
-                shutil.rmtree(self.work, ignore_errors=True)  # worker goes on from its checkpoints)
+                clean_work(self.work)  # worker goes on from its checkpoints)
             return LOST
         except DataError as exc:
             which = "validation_file" if job.validation_file and exc.report.path.name == job.validation_file else None
@@ -266,8 +273,12 @@ class Runner:
             fields["init_adapter"] = parent.path
         try:
             return TrainConfig.model_validate(fields)
-        except ValueError as exc:
-            raise ConfigError(f"the job's settings: {exc}") from exc
+        except ValidationError as exc:  # named by field and rule, never with the values (server paths among them)
+            reasons = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg'].removeprefix('Value error, ')}"
+                for e in exc.errors()
+            )
+            raise ConfigError(f"the job's settings were refused: {reasons}") from exc
 
     def _publish(self, adapter: Path, manifest: Any) -> int:
         """Check the adapter, write the result file, then publish, grant and succeed in one transaction."""
@@ -276,7 +287,8 @@ class Runner:
             adapter, settings.models_dir, settings.model_path(job.base_model), settings.max_lora_rank
         )
         if problems:
-            return self._fail({"code": "adapter_unservable", "param": None, "message": "; ".join(problems)})
+            reasons = "; ".join(p.replace(str(adapter), "the adapter") for p in problems)
+            return self._fail({"code": "adapter_unservable", "param": None, "message": reasons})
         name = model_name(job)
         result = self.files.add(
             job.tenant_id, f"{job.id}-step-metrics.csv", RESULTS, io.BytesIO(_metrics_csv(adapter)), made_here=True
@@ -319,7 +331,7 @@ class Runner:
                 store.retire(published.alias, published.version, reason=f"job {job.id} did not finish", actor="worker")
             raise
         log.info("job %s: published %s", job.id, published.ref)
-        shutil.rmtree(self.work, ignore_errors=True)
+        clean_work(self.work)
         return 0
 
     def _fail(self, error: dict[str, Any]) -> int:
@@ -328,7 +340,7 @@ class Runner:
                 db.execute(_event_row(self.job.id, f"Fine-tuning job failed: {error['message']}", level="error"))
         except JobStateError:
             return LOST
-        shutil.rmtree(self.work, ignore_errors=True)
+        clean_work(self.work)
         return 0
 
 

@@ -25,7 +25,10 @@ class WorkerSettings(CommonSettings):
     worker_poll_s: float = Field(default=2.0, gt=0, description="How often an idle worker looks for jobs.")
     job_nice: int = Field(default=10, ge=0, le=19, description="Niceness of a local job's training process.")
     job_attempts: int = Field(
-        default=3, ge=1, le=20, description="Starts a job gets (its worker dying counts as one) before it fails."
+        default=3,
+        ge=1,
+        le=20,
+        description="Workers a job may lose mid-training (each time it resumes from a checkpoint) before it fails.",
     )
     job_timeout_s: float = Field(
         default=86_400.0,

@@ -24,17 +24,19 @@ import shutil
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
-from finetune.executors import Executor, Run, executor_for
+from finetune.executors import TRAIN_LOG, Executor, Run, executor_for
 from finetune.settings import WorkerSettings
 from finetune.validate import check_file, described, file_error
 from serving.state.db import state_engine
 from serving.state.files import FileNotFound, FileStore
-from serving.state.jobs import Job, JobNotFound, JobStateError, JobStore
+from serving.state.jobs import JOB_PREFIX, Job, JobNotFound, JobStateError, JobStore
 
 log = logging.getLogger("lorafleet.worker")
-SWEEP_S = 60.0  # how often ended jobs' work folders are removed
+SWEEP_S = 60.0  # how often ended jobs' work folders are cleaned
+LOG_KEPT_S = 7 * 86400.0  # an ended job's training log is kept this long
 VALIDATION_LEASES = 10  # a file check's lease: this many job leases
 
 
@@ -144,7 +146,7 @@ class Worker:
         except JobStateError:
             return
         self.jobs.add_event(job.id, f"Fine-tuning job failed: {error['message']}", level="error")
-        shutil.rmtree(self.settings.jobs_root / job.id, ignore_errors=True)
+        clean_work(self.settings.jobs_root / job.id)
 
     def start(self, job: Job) -> None:
         if job.attempts >= self.settings.job_attempts:
@@ -199,14 +201,17 @@ class Worker:
                     code = run.exit_code()
                     break
             if settings.job_timeout_s and time.monotonic() - started > settings.job_timeout_s:
-                run.stop()
+                # Ended first, stopped after: a runner mid-publish holds the row, and this end then does nothing.
                 message = f"The training took longer than the service's limit of {settings.job_timeout_s:.0f} s."
                 self._end(job, "failed", {"code": "timeout", "param": None, "message": message})
+                run.stop()
                 return
             time.sleep(0.5)
         current = self.jobs.get(None, job.id)
         if current.status == "cancelled":
             shutil.rmtree(settings.jobs_root / job.id, ignore_errors=True)
+        elif current.status == "failed":  # the tenant is pointed at the operators: the reason is in this log
+            log.error("job %s failed (%s); the end of its training log:\n%s", job.id, current.error, run.log_tail())
         elif current.status == "running" and current.worker == holder:  # the training ended, saying nothing
             log.error(
                 "job %s: the training ended with status %s; the end of its log:\n%s", job.id, code, run.log_tail()
@@ -222,14 +227,33 @@ class Worker:
         log.info("job %s: %s", job.id, self.jobs.get(None, job.id).status)
 
     def sweep(self) -> None:
-        """Remove the work folders of jobs that have ended (a cancel of a paused job, a job failed anywhere)."""
+        """Remove what ended jobs left (a cancel of a paused job, a job failed anywhere): their checkpoints at
+        once, their training logs after ``LOG_KEPT_S``. Only folders named like jobs are touched."""
         root = self.settings.jobs_root
         if not root.is_dir():
             return
         for folder in root.iterdir():
+            if not folder.name.startswith(JOB_PREFIX) or not folder.is_dir():
+                continue
             try:
                 status = self.jobs.get(None, folder.name).status
             except JobNotFound:
                 status = "gone"
-            if status in ("succeeded", "failed", "cancelled", "gone"):
+            if status not in ("succeeded", "failed", "cancelled", "gone"):
+                continue
+            clean_work(folder)
+            if time.time() - folder.stat().st_mtime > LOG_KEPT_S:
                 shutil.rmtree(folder, ignore_errors=True)
+
+
+def clean_work(folder: Path) -> None:
+    """A job's work folder once the job has ended: everything but its training log (what operators read)."""
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        if entry.name == TRAIN_LOG:
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)

@@ -251,10 +251,13 @@ async def _serve_finished(gateway: Gateway, since: float, seen: set[str]) -> tup
     gateway.tenants.changed()
     gateway.adapters.forget()
     for job in fresh:
-        version = await gateway.adapters.serving(str(job.fine_tuned_model))
-        if version is not None:
-            placed = await gateway.engine.warm(version)
-            log.info("fine-tuned model %s (job %s) served: %s", job.fine_tuned_model, job.id, placed)
+        try:  # one model that will not load must not hold up the others (it is loaded on demand anyway)
+            version = await gateway.adapters.serving(str(job.fine_tuned_model))
+            if version is not None:
+                placed = await gateway.engine.warm(version)
+                log.info("fine-tuned model %s (job %s) served: %s", job.fine_tuned_model, job.id, placed)
+        except Exception:
+            log.warning("fine-tuned model %s (job %s) not loaded ahead", job.fine_tuned_model, job.id, exc_info=True)
     return max(job.finished_at or 0 for job in fresh) - 2, seen
 
 

@@ -389,12 +389,10 @@ class JobStore:
                 jobs_table.c.status == "succeeded",
             )
             .order_by(jobs_table.c.finished_at.desc())
-            .limit(1)
         )
         with self.engine.connect() as db:
-            row = db.execute(query).first()
-        job = _job(row) if row is not None else None
-        return job if job is not None and not job.options.get("alias") else None
+            jobs = [_job(r) for r in db.execute(query)]
+        return next((job for job in jobs if not job.options.get("alias")), None)
 
     def models(self, tenant_id: int) -> list[Job]:
         """The tenant's succeeded jobs that made a model of its own (not a version of an alias), oldest first."""

@@ -41,7 +41,7 @@ KEY_ID_CHARS = 8  # characters after the prefix that name a key in listings
 UNKNOWN_KEY_TTL_S = 5.0  # how long a key the database does not know is answered 401 from memory
 UNKNOWN_KEYS_KEPT = 100_000  # at most this many (about 15 MB); the oldest go first
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-GRANT_RECHECK_S = 1.0  # a tenant's model the cache does not know is looked up at most this often
+GRANT_RECHECK_S = 1.0  # a model a tenant asked for and was not granted is looked up again after this
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ class TenantStore:
         self._known: ReadCache[Tenant] = ReadCache(cache_s, outage_s=outage_s)
         # Digests of keys the database does not know: a flood of made-up keys costs one read per key per TTL.
         self._unknown: ReadCache[bool] = ReadCache(UNKNOWN_KEY_TTL_S, maxsize=UNKNOWN_KEYS_KEPT)
-        self._grant_checks: dict[int, float] = {}  # tenant id -> when a grant missing from the cache was looked up
+        self._missing_grants: dict[tuple[int, str], float] = {}  # (tenant id, alias) -> when it was found missing
 
     def changed(self) -> None:
         """Forget what is cached: after a write here, or one another gateway announced (``serving.state.changes``)."""
@@ -234,14 +234,12 @@ class TenantStore:
 
     async def granted_now(self, tenant: Tenant, alias: str) -> bool:
         """Whether ``alias`` is granted to ``tenant`` in the database now, though not in what was cached (a
-        fine-tuning job just published it): read at most once a second per tenant; when it is, the cache is
-        dropped so the next requests see the grant too."""
-        now = time.monotonic()
-        if now - self._grant_checks.get(tenant.id, 0.0) < GRANT_RECHECK_S:
+        fine-tuning job just published it). A miss is remembered for a second per tenant and alias (a flood of
+        made-up names costs a read per name per second); a hit drops the cache so the next requests see the
+        grant too. A database that does not answer is a miss."""
+        key = (tenant.id, alias)
+        if time.monotonic() - self._missing_grants.get(key, -GRANT_RECHECK_S) < GRANT_RECHECK_S:
             return False
-        self._grant_checks[tenant.id] = now
-        if len(self._grant_checks) > UNKNOWN_KEYS_KEPT:
-            self._grant_checks.clear()
 
         def read() -> bool:
             query = sa.select(grants_table.c.alias).where(
@@ -250,10 +248,17 @@ class TenantStore:
             with self.engine.connect() as db:
                 return db.execute(query).first() is not None
 
-        granted = await asyncio.to_thread(read)
+        try:
+            granted = await asyncio.to_thread(read)
+        except sa.exc.SQLAlchemyError:
+            granted = False
         if granted:
             self.changed()
-        return granted
+            return True
+        if len(self._missing_grants) > UNKNOWN_KEYS_KEPT:
+            self._missing_grants.clear()
+        self._missing_grants[key] = time.monotonic()
+        return False
 
     def holders(self, alias: str) -> list[str]:
         """The tenants ``alias`` is granted to."""

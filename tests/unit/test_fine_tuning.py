@@ -513,3 +513,18 @@ def test_a_worker_never_takes_a_file_check_another_holds_and_a_poison_file_fails
     failed = jobs.get(None, poison.id)
     assert failed.status == "failed" and failed.error["param"] == "training_file"  # type: ignore[index]
     assert "nested too deeply" in failed.error["message"]  # type: ignore[index]
+
+
+def test_the_sweep_cleans_only_ended_jobs_folders_and_keeps_their_training_logs(tmp_path: Path) -> None:
+    jobs, tenant = _store(tmp_path)
+    worker = Worker(WorkerSettings(data_dir=tmp_path), executor=_NoExecutor(), name="w")
+    ended, running = _queued(jobs, tenant), _queued(jobs, tenant)
+    jobs.cancel(None, ended.id)
+    root = tmp_path / "jobs"
+    for name in (ended.id, running.id, "lost+found"):
+        (root / name / "adapter.partial" / "checkpoints").mkdir(parents=True)
+        (root / name / "train.log").write_text("step 1\n")
+    worker.sweep()
+    assert sorted(p.name for p in (root / ended.id).iterdir()) == ["train.log"]  # what operators read
+    assert (root / running.id / "adapter.partial").is_dir()  # a job that has not ended keeps its checkpoints
+    assert (root / "lost+found" / "adapter.partial").is_dir()  # not a job's folder: never touched
