@@ -4,16 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from contract.store import AdapterStore
-from lorafleet.commands.demo import BackgroundTraining, Screen
-
-
-def screen(tmp_path: Path) -> Screen:
-    store = AdapterStore(tmp_path / "adapters")
-    training = BackgroundTraining(store, tmp_path, ["orders", "toolcall"])
-    keys = {"orders": "lf-orders-key", "toolcall": "lf-toolcall-key"}
-    return Screen("http://127.0.0.1:8000", keys, training, tmp_path / "logs" / "gateway.log", tmp_path)
-
 
 def test_the_gemma_demo_needs_its_terms_accepted(base_model: Path, tmp_path: Path) -> None:
     import os
