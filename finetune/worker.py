@@ -196,7 +196,10 @@ class Worker:
                     log.warning("job %s: its lease could not be renewed this time", job.id, exc_info=True)
                     held = True
                 if not held:
-                    log.info("job %s: no longer this worker's (cancelled?): stopping its training", job.id)
+                    now = self.jobs.get(None, job.id)
+                    if now.status in ("succeeded", "failed", "paused"):
+                        continue  # its runner ended it (published, failed, paused): it is exiting on its own
+                    log.info("job %s: no longer this worker's (%s): stopping its training", job.id, now.status)
                     run.stop()
                     code = run.exit_code()
                     break

@@ -105,7 +105,12 @@ async def _target(
     version = await state.adapters.serving(alias)
     if version is None:
         status = await asyncio.to_thread(state.adapters.store.training, alias)
-        raise _training(alias, status) or _not_found(alias)
+        if status is None:  # published a moment ago (a fine-tuning job ends its announcement as it publishes)?
+            version = await asyncio.to_thread(state.adapters.resolve, alias)
+            if version is not None:
+                state.adapters.forget()
+        if version is None:
+            raise _training(alias, status) or _not_found(alias)
     variant, canary_id = "stable", None
     assigned = state.canaries.assign(alias, user, tenant.name)
     if assigned is not None:

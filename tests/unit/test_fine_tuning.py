@@ -528,3 +528,15 @@ def test_the_sweep_cleans_only_ended_jobs_folders_and_keeps_their_training_logs(
     assert sorted(p.name for p in (root / ended.id).iterdir()) == ["train.log"]  # what operators read
     assert (root / running.id / "adapter.partial").is_dir()  # a job that has not ended keeps its checkpoints
     assert (root / "lost+found" / "adapter.partial").is_dir()  # not a job's folder: never touched
+
+
+def test_an_alias_published_by_a_worker_answers_at_once_not_after_the_gateways_cache(gw) -> None:
+    client, keys, settings = gw
+    gateway = client.app.state.gateway  # type: ignore[attr-defined]
+    gateway.tenants.grant(gateway.tenants.get("acme"), "invoices")
+    api = sdk(client, keys["acme"])
+    with pytest.raises(openai.NotFoundError):  # nothing published yet (and the gateway remembers that)
+        api.chat.completions.create(model="invoices", messages=[{"role": "user", "content": "hi"}])
+    AdapterStore(settings.adapters_dir).publish(make_adapter(settings.data_dir / "made"), "invoices")  # a worker
+    answer = api.chat.completions.create(model="invoices", messages=[{"role": "user", "content": "hi"}])
+    assert answer.model == "invoices@1"
