@@ -37,6 +37,7 @@ from serving.state.jobs import JOB_PREFIX, Job, JobNotFound, JobStateError, JobS
 log = logging.getLogger("lorafleet.worker")
 SWEEP_S = 60.0  # how often ended jobs' work folders are cleaned
 LOG_KEPT_S = 7 * 86400.0  # an ended job's training log is kept this long
+PARENT_ENV = "LORAFLEET_WORKER_PARENT"  # set by `lorafleet serve`: the worker stops when that process is gone
 VALIDATION_LEASES = 10  # a file check's lease: this many job leases
 
 
@@ -84,6 +85,11 @@ class Worker:
 
     def round(self) -> bool:
         """One pass of the loop; whether it found work (then the next pass comes at once)."""
+        parent = os.environ.get(PARENT_ENV)
+        if parent and os.getppid() != int(parent):  # started by `lorafleet serve`, which is gone: stop too
+            log.warning("worker %s: the process that started it is gone; stopping", self.name)
+            self.stopping.set()
+            return False
         self.running = {k: t for k, t in self.running.items() if t.is_alive()}
         self.jobs.beat(self.name, self.executor.kind, ",".join(sorted(self.running)) or None)
         for job_id in self.jobs.expired():

@@ -59,7 +59,7 @@ def start_worker(data_dir: Path, env: dict[str, str] | None = None) -> Iterator[
             stdout=log,
             stderr=subprocess.STDOUT,
             process_group=0,
-            env=os.environ | (env or {}),
+            env=os.environ | (env or {}) | {"LORAFLEET_WORKER_PARENT": str(os.getpid())},
         )
     try:
         yield proc
