@@ -184,14 +184,22 @@ def test_a_cancelled_job_stops_training_and_publishes_nothing(ft) -> None:
 def test_a_job_survives_a_gateway_restart_and_its_worker_being_killed(ft) -> None:
     gateway: Gateway = ft["gateway"]
     api = client(gateway)
-    # Long enough to outlast a gateway restart (vLLM starts again): 40 steps, a checkpoint every 4.
-    job = create(api, ft, seed=2, suffix="survivor", options={"max_steps": 40, "save_every": 4, "eval_every": 4})
+    # Long enough to outlast a gateway restart (vLLM starts again), in small steps: 40 steps of one example,
+    # a checkpoint every 8.
+    job = create(
+        api,
+        ft,
+        seed=2,
+        suffix="survivor",
+        method={"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 1}}},
+        options={"max_steps": 40, "save_every": 8, "eval_every": 8},
+    )
     before = wait_for(api, job.id, at_step(2))
     gateway.running.stop()  # the gateway restarts; the job does not notice
     gateway.ensure_running()
     api = client(gateway)
     step = before.model_extra["lorafleet"]["progress"]["step"]
-    during = wait_for(api, job.id, at_step(step + 4))  # it trained on while the gateway was away
+    during = wait_for(api, job.id, at_step(step + 2))  # it trained on while the gateway was away
     assert during.model_extra["lorafleet"]["workers_lost"] == 0
     ft["worker"].stop(signal.SIGKILL)  # the worker dies; its training dies with it
     deadline = time.monotonic() + 10

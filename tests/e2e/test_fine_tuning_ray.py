@@ -101,7 +101,10 @@ def test_a_job_trains_on_ray_and_is_served(ray_worker) -> None:
     done = wait_for(api, job.id, lambda j: j.status in ENDED, timeout=400)
     assert done.status == "succeeded", done.error
     assert done.model_extra["lorafleet"]["executor"] == "ray"
-    (submitted,) = ray_jobs_of(ray_worker["address"], job.id)
+    deadline = time.monotonic() + 60
+    while (submitted := ray_jobs_of(ray_worker["address"], job.id)[0]).status == "RUNNING":
+        assert time.monotonic() < deadline, "the Ray job did not end after its job succeeded"
+        time.sleep(0.5)  # the runner has written `succeeded` and is exiting
     assert submitted.status == "SUCCEEDED" and "finetune.runner" in submitted.entrypoint
     answer = api.chat.completions.create(
         model=done.fine_tuned_model, messages=[{"role": "user", "content": "hi"}], max_tokens=5

@@ -174,7 +174,7 @@ def test_promtool_accepts_the_live_gateways_scrape(prometheus: str, live_gateway
 
 def test_the_shipped_rules_load_and_dashboard_queries_run(prometheus: str, live_gateway: Gateway) -> None:
     groups = httpx.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
-    assert {g["name"] for g in groups} == {"lorafleet-recording", "lorafleet-alerts"}
+    assert {g["name"] for g in groups} == {"lorafleet-recording", "lorafleet-alerts", "lorafleet-finetune"}
     assert all(r["health"] != "err" for g in groups for r in g["rules"]), groups
     engine_names = {
         line.split("{")[0].split(" ")[0]
