@@ -184,15 +184,15 @@ def test_a_cancelled_job_stops_training_and_publishes_nothing(ft) -> None:
 def test_a_job_survives_a_gateway_restart_and_its_worker_being_killed(ft) -> None:
     gateway: Gateway = ft["gateway"]
     api = client(gateway)
-    # Long enough to outlast a gateway restart (vLLM starts again), in small steps: 40 steps of one example,
-    # a checkpoint every 8.
+    # Long enough to outlast a gateway restart (vLLM starts again), in small steps: 150 steps of one example,
+    # a checkpoint every 10.
     job = create(
         api,
         ft,
         seed=2,
         suffix="survivor",
         method={"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 1}}},
-        options={"max_steps": 40, "save_every": 8, "eval_every": 8},
+        options={"max_steps": 150, "save_every": 10, "eval_every": 10},
     )
     before = wait_for(api, job.id, at_step(2))
     gateway.running.stop()  # the gateway restarts; the job does not notice
