@@ -94,7 +94,9 @@ def main() -> None:
         str(args.base_model),
     ]
     direct = [_direct(flags, args.data_dir) for _ in range(args.repeats)]
+    print(f"direct runs: {', '.join(f'{x:.1f}' for x in direct)} s", flush=True)
 
+    (args.data_dir / "gw").mkdir()
     gateway = start_gateway(args.data_dir / "gw", args.base_model, worker=False)
     worker = _worker(args.data_dir / "gw", args.base_model)
     try:
