@@ -50,9 +50,9 @@ from finetune.validate import file_error
 from finetune.worker import clean_work
 from serving.state.db import state_engine
 from serving.state.files import RESULTS, FileStore
-from serving.state.jobs import Job, JobStateError, JobStore, fine_tuned_name
+from serving.state.jobs import Job, JobStateError, JobStore, event_in, fine_tuned_name
 from serving.state.ledger import open_store
-from serving.state.tenants import grant_in
+from serving.state.tenants import grant_in, holders_in
 from training.checkpoints import last_checkpoint, staging_of
 from training.config import ConfigError, TrainConfig
 from training.train import Interrupted, train
@@ -307,16 +307,16 @@ class Runner:
                 result_files=[result.id],
                 progress=None,
             ) as db:
-                if target and not _still_yours(db, job.tenant_id, str(target)):
+                if target and set(holders_in(db, str(target))) != {job.tenant_id}:  # granted to it alone, still
                     raise AliasTaken(str(target))
                 published = store.publish(adapter, name)
                 if not target:  # a new model: the tenant's alone (an alias target is granted already)
                     grant_in(db, job.tenant_id, name)
-                db.execute(_event_row(job.id, f"New fine-tuned model created: {name} (version {published.version})."))
+                event_in(db, job.id, f"New fine-tuned model created: {name} (version {published.version}).")
                 if store.stable(name) is not None:  # the alias serves its stable version until this one is promoted
                     note = f"{name} serves its stable version; {published.ref} serves once promoted (or canaried)."
-                    db.execute(_event_row(job.id, note))
-                db.execute(_event_row(job.id, "The job has successfully completed."))
+                    event_in(db, job.id, note)
+                event_in(db, job.id, "The job has successfully completed.")
         except JobStateError:
             self.files.delete(job.tenant_id, result.id)
             return LOST
@@ -337,7 +337,7 @@ class Runner:
     def _fail(self, error: dict[str, Any]) -> int:
         try:
             with self.jobs.finishing(self.job.id, self.worker, "failed", error=error, progress=None) as db:
-                db.execute(_event_row(self.job.id, f"Fine-tuning job failed: {error['message']}", level="error"))
+                event_in(db, self.job.id, f"Fine-tuning job failed: {error['message']}", level="error")
         except JobStateError:
             return LOST
         clean_work(self.work)
@@ -348,27 +348,9 @@ class AliasTaken(Exception):
     """The alias a job publishes into is no longer granted to its tenant alone."""
 
 
-def _still_yours(db: Any, tenant_id: int, alias: str) -> bool:
-    """Within the job's finishing transaction: ``alias`` is granted to this tenant and no other."""
-    import sqlalchemy as sa
-
-    from serving.state.tables import grants_table
-
-    holders = {t for (t,) in db.execute(sa.select(grants_table.c.tenant_id).where(grants_table.c.alias == alias))}
-    return holders == {tenant_id}
-
-
 def model_name(job: Job) -> str:
     """The model a job makes: the alias it targets (``lorafleet.alias``), else a new ``ft-...`` name."""
     return str(job.options.get("alias") or fine_tuned_name(job.base_model, job.suffix, job.id))
-
-
-def _event_row(job_id: str, message: str, level: str = "info") -> Any:
-    from serving.state.tables import job_events_table
-
-    return job_events_table.insert().values(
-        job_id=job_id, created_at=int(time.time()), level=level, type="message", message=message, data=None
-    )
 
 
 def _metrics_csv(adapter: Path) -> bytes:

@@ -216,3 +216,14 @@ def filter_response(data: dict[str, Any]) -> dict[str, Any]:
     if isinstance(out.get("usage"), dict):
         out["usage"] = _pick(out["usage"], _USAGE)
     return out
+
+
+def cursor_page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
+    """OpenAI's cursor page (files, checkpoints): the items, whether more follow, and the first and last ids."""
+    return {
+        "object": "list",
+        "data": data,
+        "has_more": has_more,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+    }

@@ -157,6 +157,11 @@ class Job:
 _JSON_COLUMNS = ("hyperparameters", "options", "metadata", "result_files", "error", "progress")
 
 
+def _encoded(values: dict[str, Any]) -> dict[str, Any]:
+    """Column values as stored: the JSON columns' as text."""
+    return {k: (json.dumps(v) if k in _JSON_COLUMNS and v is not None else v) for k, v in values.items()}
+
+
 def _job(row: Any) -> Job:
     values = dict(row._mapping)
     for name in _JSON_COLUMNS:
@@ -224,7 +229,7 @@ class JobStore:
             "result_files": "[]",
             "attempts": 0,
             "reported": False,
-        } | {k: (json.dumps(v) if k in _JSON_COLUMNS and v is not None else v) for k, v in spec.items()}
+        } | _encoded(spec)
         with self._creating, self.engine.begin() as db:
             if db.dialect.name == "postgresql":  # another gateway's create for this tenant waits
                 db.execute(sa.text("SELECT pg_advisory_xact_lock(:l, :t)"), {"l": JOBS_LOCK, "t": tenant_id})
@@ -240,7 +245,7 @@ class JobStore:
                         "to start or cancel one (POST /v1/fine_tuning/jobs/{id}/cancel)."
                     )
             db.execute(jobs_table.insert().values(**row))
-            _event(db, job_id, "Validating training file.")
+            event_in(db, job_id, "Validating training file.")
         return self.get(tenant_id, job_id)
 
     def get(self, tenant_id: int | None, job_id: str) -> Job:
@@ -294,7 +299,7 @@ class JobStore:
         def change(db: sa.Connection, job: Job) -> dict[str, Any] | None:
             if job.status in ENDED:
                 raise JobStateError(f"Job {job_id} has already {job.status}: only a job that has not ended cancels.")
-            _event(db, job_id, "Job cancelled.")
+            event_in(db, job_id, "Job cancelled.")
             return {"status": "cancelled", "finished_at": int(time.time()), "desired": None, "estimated_finish": None}
 
         return self._change(tenant_id, job_id, change)
@@ -304,10 +309,10 @@ class JobStore:
 
         def change(db: sa.Connection, job: Job) -> dict[str, Any] | None:
             if job.status == "running":
-                _event(db, job_id, "Pausing: the training stops after its current step and saves a checkpoint.")
+                event_in(db, job_id, "Pausing: the training stops after its current step and saves a checkpoint.")
                 return {"desired": "pause"}
             if job.status == "queued":
-                _event(db, job_id, "Job paused.")
+                event_in(db, job_id, "Job paused.")
                 return {"status": "paused"}
             if job.status != "paused":
                 raise JobStateError(f"Job {job_id} is {job.status}: only a queued or running job pauses.")
@@ -320,10 +325,10 @@ class JobStore:
 
         def change(db: sa.Connection, job: Job) -> dict[str, Any] | None:
             if job.status == "running" and job.desired == "pause":  # not stopped yet: keep it running
-                _event(db, job_id, "Pause withdrawn.")
+                event_in(db, job_id, "Pause withdrawn.")
                 return {"desired": None}
             if job.status == "paused":
-                _event(db, job_id, "Job resumed: queued to continue from its last checkpoint.")
+                event_in(db, job_id, "Job resumed: queued to continue from its last checkpoint.")
                 return {"status": "queued", "desired": None, "queued_at": time.time()}
             raise JobStateError(f"Job {job_id} is {job.status}: only a paused job resumes.")
 
@@ -496,7 +501,7 @@ class JobStore:
                 taken = db.execute(j.update().where(j.c.id == job_id, j.c.status == status, free).values(**values))
                 if taken.rowcount == 1:
                     if status == "queued":
-                        _event(db, job_id, f"Fine-tuning job started (worker {worker}).")
+                        event_in(db, job_id, f"Fine-tuning job started (worker {worker}).")
                     return _job(db.execute(sa.select(j).where(j.c.id == job_id)).one())
         return None
 
@@ -515,7 +520,7 @@ class JobStore:
 
     def update(self, job_id: str, worker: str, **values: Any) -> bool:
         """Write fields of a job this worker holds (``False``: it no longer does)."""
-        encoded = {k: (json.dumps(v) if k in _JSON_COLUMNS and v is not None else v) for k, v in values.items()}
+        encoded = _encoded(values)
         with self.engine.begin() as db:
             done = db.execute(
                 jobs_table.update()
@@ -529,7 +534,7 @@ class JobStore:
         """End a job this worker holds as ``status``, with what the caller does inside the block (publishing the
         adapter, granting it) in the same transaction; raises ``JobStateError`` when the job is no longer this
         worker's (cancelled meanwhile): nothing in the block is then done."""
-        encoded = {k: (json.dumps(v) if k in _JSON_COLUMNS and v is not None else v) for k, v in values.items()}
+        encoded = _encoded(values)
         with self.engine.begin() as db:
             done = db.execute(
                 jobs_table.update()
@@ -556,7 +561,7 @@ class JobStore:
         """Hand a job this worker holds back: ``queued`` (validated, or to run again) or ``paused``."""
         try:
             with self.finishing(job_id, worker, status, queued_at=time.time() if status == "queued" else None) as db:
-                _event(db, job_id, message)
+                event_in(db, job_id, message)
         except JobStateError:
             return False
         return True
@@ -581,7 +586,7 @@ class JobStore:
                     )
                 )
                 if moved.rowcount:
-                    _event(
+                    event_in(
                         db,
                         job_id,
                         f"Worker {str(worker).split('#')[0]} stopped answering; the job is queued again and resumes "
@@ -600,7 +605,7 @@ class JobStore:
         self, job_id: str, message: str, *, level: str = "info", type_: str = "message", data: Any = None
     ) -> None:
         with self.engine.begin() as db:
-            _event(db, job_id, message, level=level, type_=type_, data=data)
+            event_in(db, job_id, message, level=level, type_=type_, data=data)
 
     def add_checkpoint(self, job_id: str, step: int, metrics: dict[str, Any]) -> None:
         with self.engine.begin() as db:
@@ -640,9 +645,10 @@ class JobStore:
             return [dict(r._mapping) for r in db.execute(query.order_by(workers_table.c.name))]
 
 
-def _event(
+def event_in(
     db: sa.Connection, job_id: str, message: str, *, level: str = "info", type_: str = "message", data: Any = None
 ) -> None:
+    """Within a write transaction: add an event to the job's list (it is written only if the transaction is)."""
     db.execute(
         job_events_table.insert().values(
             job_id=job_id,

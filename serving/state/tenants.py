@@ -262,13 +262,8 @@ class TenantStore:
 
     def holders(self, alias: str) -> list[str]:
         """The tenants ``alias`` is granted to."""
-        query = (
-            sa.select(tenants_table.c.name)
-            .join(grants_table, grants_table.c.tenant_id == tenants_table.c.id)
-            .where(grants_table.c.alias == alias)
-        )
         with self.engine.connect() as db:
-            return sorted(name for (name,) in db.execute(query))
+            return sorted(holders_in(db, alias).values())
 
     def revoke_grant(self, tenant: Tenant, alias: str) -> None:
         with self._write() as db:
@@ -397,6 +392,16 @@ class TenantStore:
                 row.queued_jobs,
             ),
         )
+
+
+def holders_in(db: sa.Connection, alias: str) -> dict[int, str]:
+    """The tenants ``alias`` is granted to, by id, as ``db`` sees them (inside a caller's transaction)."""
+    query = (
+        sa.select(tenants_table.c.id, tenants_table.c.name)
+        .join(grants_table, grants_table.c.tenant_id == tenants_table.c.id)
+        .where(grants_table.c.alias == alias)
+    )
+    return {tenant_id: name for tenant_id, name in db.execute(query)}
 
 
 def grant_in(db: sa.Connection, tenant_id: int, alias: str) -> None:

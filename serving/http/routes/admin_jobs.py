@@ -15,11 +15,17 @@ from typing import Any
 from fastapi import APIRouter, Query
 
 from serving.errors import APIError, ErrorCode
+from serving.gateway import Gateway
 from serving.http.deps import AdminDep, JsonPostDep, StateDep
 from serving.http.routes.fine_tuning import refused
 from serving.state.jobs import Job, JobError
 
 router = APIRouter(prefix="/admin/fine_tuning", dependencies=[AdminDep, JsonPostDep])
+
+
+async def _names(state: Gateway) -> dict[int, str]:
+    """Every tenant's name, by id (a job shows its tenant as its organisation)."""
+    return {t.id: t.name for t in await asyncio.to_thread(state.tenants.all)}
 
 
 def _shown(job: Job, names: dict[int, str]) -> dict[str, Any]:
@@ -35,7 +41,7 @@ async def list_all_jobs(
     limit: int = Query(default=50, ge=1, le=1000),
 ) -> dict[str, Any]:
     """Every tenant's jobs, newest first."""
-    names = {t.id: t.name for t in await asyncio.to_thread(state.tenants.all)}
+    names = await _names(state)
     tenant_id = None
     if tenant is not None:
         tenant_id = next((i for i, name in names.items() if name == tenant), None)
@@ -56,7 +62,7 @@ async def show_job(job_id: str, state: StateDep) -> dict[str, Any]:
         job = await asyncio.to_thread(state.jobs.get, None, job_id)
     except JobError as exc:
         raise refused(exc) from exc
-    names = {t.id: t.name for t in await asyncio.to_thread(state.tenants.all)}
+    names = await _names(state)
     return _shown(job, names)
 
 
@@ -81,7 +87,7 @@ async def cancel_job(job_id: str, state: StateDep) -> dict[str, Any]:
         job = await asyncio.to_thread(state.jobs.cancel, None, job_id)
     except JobError as exc:
         raise refused(exc) from exc
-    names = {t.id: t.name for t in await asyncio.to_thread(state.tenants.all)}
+    names = await _names(state)
     return _shown(job, names)
 
 

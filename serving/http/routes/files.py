@@ -25,6 +25,7 @@ from starlette.requests import ClientDisconnect
 
 from serving.errors import APIError, ErrorCode
 from serving.http.deps import StateDep, TenantDep
+from serving.http.protocol import cursor_page
 from serving.state.files import FileError, FileNotFound, FileTooLarge, QuotaExceeded, chunks
 
 FILES_PATH = "/v1/files"  # its POST body streams through (serving.http.middleware)
@@ -93,13 +94,7 @@ async def list_files(
     except FileError as exc:
         raise _refused(exc) from exc
     data = [record.as_openai() for record in page]
-    return {
-        "object": "list",
-        "data": data,
-        "has_more": more,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-    }
+    return cursor_page(data, more)
 
 
 @router.get("/{file_id}")

@@ -29,6 +29,7 @@ from contract.store import StoreError, check_alias
 from serving.errors import APIError, ErrorCode
 from serving.gateway import Gateway
 from serving.http.deps import StateDep, TenantDep
+from serving.http.protocol import cursor_page
 from serving.outputs.schemas import check_client_schema
 from serving.plan import BASE_ALIAS
 from serving.state.files import FileError
@@ -338,11 +339,4 @@ async def job_checkpoints(
         checkpoints, more = await asyncio.to_thread(state.jobs.checkpoints, tenant.id, job_id, after, limit)
     except JobError as exc:
         raise refused(exc) from exc
-    data = checkpoints
-    return {
-        "object": "list",
-        "data": data,
-        "has_more": more,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-    }
+    return cursor_page(checkpoints, more)
