@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import struct
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -107,11 +108,9 @@ def tiny_train_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_adapter(base_model: Path, tiny_train_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real LoRA adapter: a few steps at a high learning rate, enough to change greedy outputs."""
-    from training.config import TrainConfig
-    from training.train import train
-
     out = tmp_path_factory.mktemp("runs") / "orders"
-    cfg = TrainConfig.model_validate(
+    train_apart(
+        base_model,
         {
             "data": tiny_train_file,
             "out": out,
@@ -125,22 +124,19 @@ def tiny_adapter(base_model: Path, tiny_train_file: Path, tmp_path_factory: pyte
             "max_length": 160,
             "log_every": 1,
             "val_fraction": 0.0,
-        }
+        },
     )
-    train(cfg, str(base_model))
     return out
 
 
 @pytest.fixture(scope="session")
 def tiny_toolcall_adapter(base_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real function-calling adapter (tools format in its manifest): a few steps on the toolcall data."""
-    from training.config import TrainConfig
-    from training.train import train
-
     data = tmp_path_factory.mktemp("data") / "toolcall.jsonl"
     data.write_text("\n".join((TOOLCALL / "train.jsonl").read_text().splitlines()[:16]) + "\n")
     out = tmp_path_factory.mktemp("runs") / "toolcall"
-    cfg = TrainConfig.model_validate(
+    train_apart(
+        base_model,
         {
             "data": data,
             "out": out,
@@ -153,10 +149,28 @@ def tiny_toolcall_adapter(base_model: Path, tmp_path_factory: pytest.TempPathFac
             "max_length": 512,
             "log_every": 1,
             "val_fraction": 0.0,
-        }
+        },
     )
-    train(cfg, str(base_model))
     return out
+
+
+def train_apart(base: Path, config: dict) -> None:
+    """Train with ``config`` (a ``TrainConfig``) in a child process: the test process never holds the model, its
+    gradients and its optimizer state (gigabytes Python keeps after the training ends, beside the engines of the
+    tests that follow)."""
+    context = multiprocessing.get_context("spawn")
+    child = context.Process(target=_train, args=(str(base), config))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise RuntimeError(f"the training of {config['out']} failed (exit {child.exitcode}); its log is above")
+
+
+def _train(base: str, config: dict) -> None:
+    from training.config import TrainConfig
+    from training.train import train
+
+    train(TrainConfig.model_validate(config), base)
 
 
 FLAG_SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
@@ -166,9 +180,6 @@ FLAG_SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "req
 def flag_adapters(base_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Real adapters for canary tests, each a few seconds of training: ``good`` answers ``{"ok": true}``,
     ``good2`` is the same recipe retrained with another seed (equal quality), ``broken`` answers ``{"ok": tru``."""
-    from training.config import TrainConfig
-    from training.train import train
-
     work = tmp_path_factory.mktemp("flags")
     out = {}
     for name, answer, seed in (("good", '{"ok": true}', 0), ("good2", '{"ok": true}', 1), ("broken", '{"ok": tru', 0)):
@@ -178,7 +189,8 @@ def flag_adapters(base_model: Path, tmp_path_factory: pytest.TempPathFactory) ->
         ]
         data = work / f"{name}.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        cfg = TrainConfig.model_validate(
+        train_apart(
+            base_model,
             {
                 "data": data,
                 "out": work / name,
@@ -192,9 +204,8 @@ def flag_adapters(base_model: Path, tmp_path_factory: pytest.TempPathFactory) ->
                 "log_every": 4,
                 "val_fraction": 0.0,
                 "seed": seed,
-            }
+            },
         )
-        train(cfg, str(base_model))
         out[name] = work / name
     return out
 
@@ -282,8 +293,19 @@ def e2e_gateway(
     except RuntimeError as exc:
         pytest.fail(str(exc))
     gateway = Gateway(running, key, base_model)
+    SESSION_GATEWAYS.append(gateway)
     yield gateway
     gateway.running.stop()
+
+
+SESSION_GATEWAYS: list[Gateway] = []  # the session's live gateway, once a test has asked for it
+
+
+def session_gateway_steps_aside() -> None:
+    """Stop the session's gateway (and its engine's gigabytes) for a module that starts engines of its own; the
+    next test that needs it starts it again over the same data (``Gateway.ensure_running``)."""
+    for gateway in SESSION_GATEWAYS:
+        gateway.running.stop()
 
 
 @pytest.fixture
@@ -330,10 +352,8 @@ def postgres_server() -> Iterator[PostgresServer]:
 
 def trained_on(base: Path, data: Path, out: Path) -> Path:
     """A real adapter for ``base``: two steps, enough for a manifest naming that base's weights."""
-    from training.config import TrainConfig
-    from training.train import train
-
-    cfg = TrainConfig.model_validate(
+    train_apart(
+        base,
         {
             "data": data,
             "out": out,
@@ -346,7 +366,6 @@ def trained_on(base: Path, data: Path, out: Path) -> Path:
             "max_length": 160,
             "log_every": 1,
             "val_fraction": 0.0,
-        }
+        },
     )
-    train(cfg, str(base))
     return out

@@ -24,7 +24,7 @@ import pytest
 from contract.store import AdapterStore
 from lorafleet.launch import RunningGateway, free_port, start_gateway
 from serving.state.tenants import TenantStore
-from tests.conftest import trained_on
+from tests.conftest import session_gateway_steps_aside, trained_on
 
 ALIASES = ["fa", "fb", "fc", "fd"]
 CHAT = "/v1/chat/completions"
@@ -74,6 +74,7 @@ def two(
 ) -> Iterator[Fleet]:
     from training.export import merge
 
+    session_gateway_steps_aside()  # four engines here: the session's gateway makes room meanwhile
     data_dir = tmp_path_factory.mktemp("fleet")
     store = AdapterStore(data_dir / "adapters")
     tenants = TenantStore(f"sqlite:///{data_dir / 'state.db'}")
