@@ -37,10 +37,11 @@ run: venv
 	$(PY) -m lorafleet demo $(if $(GEMMA),--gemma --accept-license gemma)
 
 # Real servers for the tests, from Debian: prometheus (and promtool) for the observability tests, redis-server
-# and postgresql for several gateways sharing limits and state.
-TOOLS_PKGS := prometheus redis-server postgresql
+# and postgresql for several gateways sharing limits and state, chromium and its driver for the console's tests.
+TOOLS_PKGS := prometheus redis-server postgresql chromium chromium-driver
 tools:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v redis-server >/dev/null \
+		&& command -v chromium >/dev/null && command -v chromedriver >/dev/null \
 		&& ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
 		echo "installing Debian's $(TOOLS_PKGS) (real servers for the tests)"; \
 		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $(TOOLS_PKGS); }

@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from transformers import TrainerCallback
 from contract.examples import DataError, check
 from contract.fit import problems_on_its_base
 from finetune.executors import bind_to_parent
+from finetune.gate import GateError, GateResult, run_gate
 from finetune.recipes import resolve, train_settings
 from finetune.settings import WorkerSettings
 from finetune.validate import file_error
@@ -52,6 +54,8 @@ from serving.state.db import state_engine
 from serving.state.files import RESULTS, FileStore
 from serving.state.jobs import Job, JobStateError, JobStore, event_in, fine_tuned_name
 from serving.state.ledger import open_store
+from serving.state.policies import AliasPolicies
+from serving.state.rollouts import rollout_values
 from serving.state.tenants import grant_in, holders_in
 from training.checkpoints import last_checkpoint, staging_of
 from training.config import ConfigError, TrainConfig
@@ -216,7 +220,7 @@ class Runner:
             return self._fail(file_error(exc.report, getattr(job, param), param))
         except ConfigError as exc:
             return self._fail({"code": "invalid_hyperparameters", "param": "lorafleet", "message": str(exc)})
-        return self._publish(cfg.out, manifest)
+        return self._publish(cfg.out, manifest, cfg)
 
     def _announcer(self) -> Callable[[dict[str, Any]], None] | None:
         alias = self.job.options.get("alias")
@@ -280,8 +284,9 @@ class Runner:
             )
             raise ConfigError(f"the job's settings were refused: {reasons}") from exc
 
-    def _publish(self, adapter: Path, manifest: Any) -> int:
-        """Check the adapter, write the result file, then publish, grant and succeed in one transaction."""
+    def _publish(self, adapter: Path, manifest: Any, cfg: TrainConfig) -> int:
+        """Check the adapter, write the result file, then publish, grant and succeed in one transaction (a job into
+        an alias gates its version first: ``_publish_into``)."""
         job, settings = self.job, self.settings
         problems = problems_on_its_base(
             adapter, settings.models_dir, settings.model_path(job.base_model), settings.max_lora_rank
@@ -289,43 +294,21 @@ class Runner:
         if problems:
             reasons = "; ".join(p.replace(str(adapter), "the adapter") for p in problems)
             return self._fail({"code": "adapter_unservable", "param": None, "message": reasons})
+        if job.options.get("alias"):
+            return self._publish_into(str(job.options["alias"]), adapter, manifest, cfg)
         name = model_name(job)
-        result = self.files.add(
-            job.tenant_id, f"{job.id}-step-metrics.csv", RESULTS, io.BytesIO(_metrics_csv(adapter)), made_here=True
-        )
+        result = self._result_file(adapter)
         store = open_store(settings)
-        tokens = int(manifest.metrics.get("tokens_seen") or 0)
-        target = job.options.get("alias")
         published: Any = None
         try:
-            with self.jobs.finishing(
-                job.id,
-                self.worker,
-                "succeeded",
-                fine_tuned_model=name,
-                trained_tokens=tokens,
-                result_files=[result.id],
-                progress=None,
-            ) as db:
-                if target and set(holders_in(db, str(target))) != {job.tenant_id}:  # granted to it alone, still
-                    raise AliasTaken(str(target))
+            with self._succeeding(manifest, name, result) as db:
                 published = store.publish(adapter, name)
-                if not target:  # a new model: the tenant's alone (an alias target is granted already)
-                    grant_in(db, job.tenant_id, name)
+                grant_in(db, job.tenant_id, name)  # a new model: the tenant's alone
                 event_in(db, job.id, f"New fine-tuned model created: {name} (version {published.version}).")
-                if store.stable(name) is not None:  # the alias serves its stable version until this one is promoted
-                    note = f"{name} serves its stable version; {published.ref} serves once promoted (or canaried)."
-                    event_in(db, job.id, note)
                 event_in(db, job.id, "The job has successfully completed.")
         except JobStateError:
             self.files.delete(job.tenant_id, result.id)
             return LOST
-        except AliasTaken:
-            self.files.delete(job.tenant_id, result.id)
-            message = (
-                f"lorafleet.alias {target!r} is no longer yours alone (its grants changed); nothing was published."
-            )
-            return self._fail({"code": "alias_not_yours", "param": "lorafleet.alias", "message": message})
         except BaseException:
             if published is not None:  # published, then the job's record could not be written: take it back
                 store.retire(published.alias, published.version, reason=f"job {job.id} did not finish", actor="worker")
@@ -333,6 +316,114 @@ class Runner:
         log.info("job %s: published %s", job.id, published.ref)
         clean_work(self.work)
         return 0
+
+    def _publish_into(self, alias: str, adapter: Path, manifest: Any, cfg: TrainConfig) -> int:
+        """A job into an alias: gate the version (``finetune.gate``), publish it with its verdict, and succeed with
+        the rollout's first state; the gateways take it from there (the canary, or the promotion)."""
+        job, settings = self.job, self.settings
+        store = open_store(settings)
+        stable = store.stable(alias)
+        gate, why = self._gate(alias, adapter, cfg)
+        if set(self._holders(alias)) != {job.tenant_id}:
+            return self._alias_taken(alias)
+        result = self._result_file(adapter)
+        published = store.publish(adapter, alias)
+        try:
+            rollout: dict[str, Any] = {
+                "alias": alias,
+                "version": published.version,
+                "stable": stable.version if stable else None,
+                "gate": _gate_summary(gate, why),
+                "canary": None,
+                "reason": None,
+            }
+            if gate is not None:
+                store.record_gate(published, gate.verdict | {"target": published.ref})
+            if gate is not None and gate.passed:
+                rollout["state"] = "canary_pending"
+                next_step = "a canary starts" if stable else "it is promoted (the alias had no stable version)"
+                verdict = f"Gate passed against {gate.against}: {next_step}."
+            else:
+                rollout["state"] = "gate_failed"
+                rollout["reason"] = why or "; ".join(gate.failures() if gate else [])
+                if stable is None:  # the newest version of an alias with no stable one would serve: not this one
+                    store.retire(alias, published.version, reason=f"failed its gate: {rollout['reason']}", actor="job")
+                verdict = f"Gate failed: {rollout['reason']}. {published.ref} stays published and unserved."
+            with self._succeeding(manifest, alias, result, rollout_values(rollout)) as db:
+                if set(holders_in(db, alias)) != {job.tenant_id}:  # granted to it alone, still
+                    raise AliasTaken(alias)
+                event_in(db, job.id, f"New version of {alias} created: {published.ref}.")
+                level = "info" if rollout["state"] != "gate_failed" else "warn"
+                event_in(db, job.id, verdict, level=level, data=rollout["gate"])
+                event_in(db, job.id, "The job has successfully completed.")
+        except (JobStateError, AliasTaken) as exc:
+            self.files.delete(job.tenant_id, result.id)
+            if not store.is_retired(published):
+                store.retire(alias, published.version, reason=f"job {job.id} did not finish", actor="worker")
+            return LOST if isinstance(exc, JobStateError) else self._alias_taken(alias)
+        except BaseException:
+            if not store.is_retired(published):
+                store.retire(alias, published.version, reason=f"job {job.id} did not finish", actor="worker")
+            raise
+        log.info("job %s: published %s (%s)", job.id, published.ref, rollout["state"])
+        clean_work(self.work)
+        return 0
+
+    def _gate(self, alias: str, adapter: Path, cfg: TrainConfig) -> tuple[GateResult | None, str | None]:
+        """The gate's result, or ``None`` and why it could not be run."""
+        settings, job = self.settings, self.job
+        self.jobs.update(job.id, self.worker, progress={"phase": "gate"}, estimated_finish=None)
+        stable = open_store(settings).stable(alias)
+        against = stable.ref if stable else "the base model"
+        self.jobs.add_event(job.id, f"Gating the new version of {alias} against {against} on held-out data.")
+        policies = AliasPolicies(state_engine(settings.state_url))
+        mode = "constrained" if policies.get(alias).json_mode == "enforce" else "unconstrained"
+        try:
+            gate = run_gate(
+                cfg,
+                adapter,
+                alias,
+                open_store(settings),
+                settings.model_path(job.base_model),
+                settings.models_dir,
+                policies.rollout(alias).gate,
+                mode,
+            )
+        except GateError as exc:
+            return None, str(exc)
+        return gate, None
+
+    def _holders(self, alias: str) -> list[int]:
+        with self.jobs.engine.connect() as db:
+            return list(holders_in(db, alias))
+
+    def _alias_taken(self, alias: str) -> int:
+        message = f"lorafleet.alias {alias!r} is no longer yours alone (its grants changed); nothing was published."
+        return self._fail({"code": "alias_not_yours", "param": "lorafleet.alias", "message": message})
+
+    def _result_file(self, adapter: Path) -> Any:
+        return self.files.add(
+            self.job.tenant_id,
+            f"{self.job.id}-step-metrics.csv",
+            RESULTS,
+            io.BytesIO(_metrics_csv(adapter)),
+            made_here=True,
+        )
+
+    def _succeeding(
+        self, manifest: Any, name: str, result: Any, extra: dict[str, Any] | None = None
+    ) -> AbstractContextManager[Any]:
+        """The job's ``succeeded`` transaction (``JobStore.finishing``) with its model, tokens and result file."""
+        return self.jobs.finishing(
+            self.job.id,
+            self.worker,
+            "succeeded",
+            fine_tuned_model=name,
+            trained_tokens=int(manifest.metrics.get("tokens_seen") or 0),
+            result_files=[result.id],
+            progress=None,
+            **(extra or {}),
+        )
 
     def _fail(self, error: dict[str, Any]) -> int:
         try:
@@ -346,6 +437,22 @@ class Runner:
 
 class AliasTaken(Exception):
     """The alias a job publishes into is no longer granted to its tenant alone."""
+
+
+def _gate_summary(gate: GateResult | None, why: str | None) -> dict[str, Any]:
+    """What the job shows of its gate: passed, against what, on which examples, each check and the table."""
+    if gate is None:
+        return {"passed": False, "against": None, "error": why}
+    verdict = gate.verdict
+    return {
+        "passed": gate.passed,
+        "against": gate.against,
+        "scored_on": verdict["scored_on"],
+        "modes": verdict["modes"],
+        "thresholds": verdict["thresholds"],
+        "checks": verdict["checks"],
+        "table": gate.table,
+    }
 
 
 def model_name(job: Job) -> str:

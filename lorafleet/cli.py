@@ -39,6 +39,7 @@ from lorafleet.commands import (
     model,
     report,
     serve,
+    ship,
     tenants,
     train,
 )
@@ -60,6 +61,7 @@ app.command(name="serve")(serve.serve)
 app.command(name="serve-engine")(serve.serve_engine)
 app.command(name="demo")(demo.demo)
 app.command(name="worker")(jobs.worker)
+app.command(name="ship")(ship.ship)
 
 
 def main() -> None:

@@ -50,11 +50,17 @@ class RunningGateway:
 
 
 def start_gateway(
-    data_dir: Path, base_model: Path, *, timeout: float = 400, worker: bool = False, **settings: str
+    data_dir: Path,
+    base_model: Path,
+    *,
+    timeout: float = 400,
+    worker: bool = False,
+    port: int | None = None,
+    **settings: str,
 ) -> RunningGateway:
-    """Run ``lorafleet serve`` on free ports over ``data_dir``; returns once ``/readyz`` says ready. ``worker``:
-    with its fine-tuning worker (tests start theirs apart, to kill and restart it)."""
-    port, engine_port = free_port(), free_port()
+    """Run ``lorafleet serve`` on free ports (or ``port``) over ``data_dir``; returns once ``/readyz`` says ready.
+    ``worker``: with its fine-tuning worker (tests start theirs apart, to kill and restart it)."""
+    port, engine_port = port or free_port(), free_port()
     admin_key = settings.pop("admin_key", None) or secrets.token_hex(16)
     env = os.environ | {
         "LORAFLEET_DATA_DIR": str(data_dir),

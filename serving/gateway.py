@@ -30,6 +30,7 @@ from typing import Any
 
 from contract.store import AdapterStore
 from serving.canary.manager import CanaryManager
+from serving.canary.rollouts import Rollouts
 from serving.config import GATEWAY_FILE, GatewaySettings, local_url
 from serving.engines.adapters import AdapterRegistry
 from serving.engines.bases import ServedBase
@@ -48,6 +49,7 @@ from serving.state.leadership import Leadership
 from serving.state.ledger import open_store
 from serving.state.limits import RedisLimiter, TenantLimiter
 from serving.state.policies import AliasPolicies
+from serving.state.rollouts import RolloutRecords
 from serving.state.tenants import TenantStore
 
 log = logging.getLogger("lorafleet.gateway")
@@ -71,6 +73,7 @@ class Gateway:
     jobs_gauges: JobsCollector = field(default_factory=JobsCollector)  # the queue, as last read
     instance: str = ""  # this process's id, in /healthz and data_dir/gateway.json
     changes: ChangeFeed | None = None  # several gateways on PostgreSQL: how this one hears the others' writes
+    rollouts: Rollouts | None = None  # jobs into an alias: their canary started and followed (``serving.canary``)
 
     @classmethod
     @asynccontextmanager
@@ -155,6 +158,7 @@ class Gateway:
         jobs = JobStore(tenants.engine)
         limiter = _limiter(settings)
         gateway = cls(settings, fleet, tenants, adapters, limiter, policies, metrics, canaries, checks, files, jobs)
+        gateway.rollouts = Rollouts(RolloutRecords(tenants.engine), canaries, policies)
         metrics.add_state(gateway.jobs_gauges)
         return gateway, declared, dynamic
 
@@ -225,8 +229,9 @@ async def _on_engine_ready(gateway: Gateway, name: str) -> None:
 async def _follow_jobs(gateway: Gateway, every_s: float = 1.0, metrics_every_s: float = 5.0) -> None:
     """Fine-tuning jobs, as they end in workers anywhere: a succeeded job's model is served at once (the tenant's
     grant and the new alias read again, not after ``state_cache_s``, and the adapter loaded where its first
-    request will go); every ended job is counted in the metrics once; the queue's gauges are refreshed. The same on
-    SQLite and PostgreSQL: the jobs' table is the one place every worker writes."""
+    request will go); a job into an alias has its rollout followed (``serving.canary.rollouts``); every ended job
+    is counted in the metrics once; the queue's gauges are refreshed. The same on SQLite and PostgreSQL: the jobs'
+    table is the one place every worker writes."""
     seen: set[str] = set()  # the succeeded jobs of the window already served
     since = time.time() - 60
     measured = 0.0
@@ -234,6 +239,8 @@ async def _follow_jobs(gateway: Gateway, every_s: float = 1.0, metrics_every_s: 
         await asyncio.sleep(every_s)
         try:
             since, seen = await _serve_finished(gateway, since, seen)
+            if gateway.rollouts is not None:
+                await gateway.rollouts.tick()
             if time.monotonic() - measured >= metrics_every_s:
                 measured = time.monotonic()
                 await asyncio.to_thread(_measure_jobs, gateway)

@@ -153,14 +153,18 @@ class CanaryRecords:
             )
 
     def events(self, alias: str) -> list[dict[str, Any]]:
+        return self._events(canary_events_table.c.alias == alias)
+
+    def events_of(self, canary_id: int, after: int = 0) -> list[dict[str, Any]]:
+        """One canary's events past the event id ``after``, oldest first."""
+        return self._events(canary_events_table.c.canary_id == canary_id, canary_events_table.c.id > after)
+
+    def _events(self, *where: Any) -> list[dict[str, Any]]:
         with self.db.connect() as db:
-            rows = db.execute(
-                sa.select(canary_events_table)
-                .where(canary_events_table.c.alias == alias)
-                .order_by(canary_events_table.c.id)
-            ).all()
+            rows = db.execute(sa.select(canary_events_table).where(*where).order_by(canary_events_table.c.id)).all()
         return [
             {
+                "id": r.id,
                 "canary": r.canary_id,
                 "at": r.at,
                 "time": datetime.fromtimestamp(r.at, UTC).isoformat(),

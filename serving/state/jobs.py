@@ -117,6 +117,8 @@ class Job:
     executor_ref: str | None = None
     queued_at: float | None = None
     reported: bool = False
+    rollout: dict[str, Any] | None = None  # a job into an alias: its gate and canary (``serving.state.rollouts``)
+    rollout_state: str | None = None
 
     def as_openai(self, organization: str) -> dict[str, Any]:
         """OpenAI's ``FineTuningJob``, field for field, with this service's extras under ``lorafleet``."""
@@ -150,19 +152,20 @@ class Job:
                 "workers_lost": self.attempts,
                 "executor": self.executor,
                 "pause_requested": self.desired == "pause",
+                "rollout": self.rollout,
             },
         }
 
 
-_JSON_COLUMNS = ("hyperparameters", "options", "metadata", "result_files", "error", "progress")
+_JSON_COLUMNS = ("hyperparameters", "options", "metadata", "result_files", "error", "progress", "rollout")
 
 
-def _encoded(values: dict[str, Any]) -> dict[str, Any]:
+def encoded(values: dict[str, Any]) -> dict[str, Any]:
     """Column values as stored: the JSON columns' as text."""
     return {k: (json.dumps(v) if k in _JSON_COLUMNS and v is not None else v) for k, v in values.items()}
 
 
-def _job(row: Any) -> Job:
+def job_of_row(row: Any) -> Job:
     values = dict(row._mapping)
     for name in _JSON_COLUMNS:
         values[name] = json.loads(values[name]) if values[name] is not None else None
@@ -229,7 +232,7 @@ class JobStore:
             "result_files": "[]",
             "attempts": 0,
             "reported": False,
-        } | _encoded(spec)
+        } | encoded(spec)
         with self._creating, self.engine.begin() as db:
             if db.dialect.name == "postgresql":  # another gateway's create for this tenant waits
                 db.execute(sa.text("SELECT pg_advisory_xact_lock(:l, :t)"), {"l": JOBS_LOCK, "t": tenant_id})
@@ -257,7 +260,7 @@ class JobStore:
             row = db.execute(query).first()
         if row is None:
             raise JobNotFound(f"No such fine-tuning job: {job_id!r}.")
-        return _job(row)
+        return job_of_row(row)
 
     def page(
         self,
@@ -285,7 +288,7 @@ class JobStore:
         jobs: list[Job] = []
         with self.engine.connect() as db:
             for row in db.execute(query).yield_per(256):
-                job = _job(row)
+                job = job_of_row(row)
                 if metadata and any((job.metadata or {}).get(k) != v for k, v in metadata.items()):
                     continue
                 jobs.append(job)
@@ -396,7 +399,7 @@ class JobStore:
             .order_by(jobs_table.c.finished_at.desc())
         )
         with self.engine.connect() as db:
-            jobs = [_job(r) for r in db.execute(query)]
+            jobs = [job_of_row(r) for r in db.execute(query)]
         return next((job for job in jobs if not job.options.get("alias")), None)
 
     def models(self, tenant_id: int) -> list[Job]:
@@ -411,14 +414,14 @@ class JobStore:
             .order_by(jobs_table.c.created_at)
         )
         with self.engine.connect() as db:
-            jobs = [_job(r) for r in db.execute(query)]
+            jobs = [job_of_row(r) for r in db.execute(query)]
         return [job for job in jobs if not job.options.get("alias")]  # an alias's versions are not a model of theirs
 
     def finished_since(self, since: float) -> list[Job]:
         """Jobs that succeeded at or after ``since`` (the gateway loads their models as they appear)."""
         query = sa.select(jobs_table).where(jobs_table.c.status == "succeeded", jobs_table.c.finished_at >= since)
         with self.engine.connect() as db:
-            return [_job(r) for r in db.execute(query)]
+            return [job_of_row(r) for r in db.execute(query)]
 
     def snapshot(self, alive_s: float) -> dict[str, Any]:
         """What the metrics show of the queue: jobs by status, how long the oldest queued job has waited, and the
@@ -446,7 +449,7 @@ class JobStore:
             for row in rows:
                 taken = db.execute(jobs_table.update().where(jobs_table.c.id == row.id, ended).values(reported=True))
                 if taken.rowcount == 1:
-                    mine.append(_job(row))
+                    mine.append(job_of_row(row))
         return mine
 
     def _locked(self, db: sa.Connection, tenant_id: int | None, job_id: str) -> Job:
@@ -456,7 +459,7 @@ class JobStore:
         row = db.execute(query.with_for_update()).first()
         if row is None:
             raise JobNotFound(f"No such fine-tuning job: {job_id!r}.")
-        return _job(row)
+        return job_of_row(row)
 
     # -- the workers' side ---------------------------------------------------------------------------------
 
@@ -502,7 +505,7 @@ class JobStore:
                 if taken.rowcount == 1:
                     if status == "queued":
                         event_in(db, job_id, f"Fine-tuning job started (worker {worker}).")
-                    return _job(db.execute(sa.select(j).where(j.c.id == job_id)).one())
+                    return job_of_row(db.execute(sa.select(j).where(j.c.id == job_id)).one())
         return None
 
     def heartbeat(self, job_id: str, worker: str, lease_s: float) -> Job | None:
@@ -516,16 +519,16 @@ class JobStore:
             )
             if renewed.rowcount != 1:
                 return None
-            return _job(db.execute(sa.select(jobs_table).where(jobs_table.c.id == job_id)).one())
+            return job_of_row(db.execute(sa.select(jobs_table).where(jobs_table.c.id == job_id)).one())
 
     def update(self, job_id: str, worker: str, **values: Any) -> bool:
         """Write fields of a job this worker holds (``False``: it no longer does)."""
-        encoded = _encoded(values)
+        columns = encoded(values)
         with self.engine.begin() as db:
             done = db.execute(
                 jobs_table.update()
                 .where(jobs_table.c.id == job_id, jobs_table.c.worker == worker, jobs_table.c.status == "running")
-                .values(**encoded)
+                .values(**columns)
             )
         return done.rowcount == 1
 
@@ -534,7 +537,7 @@ class JobStore:
         """End a job this worker holds as ``status``, with what the caller does inside the block (publishing the
         adapter, granting it) in the same transaction; raises ``JobStateError`` when the job is no longer this
         worker's (cancelled meanwhile): nothing in the block is then done."""
-        encoded = _encoded(values)
+        columns = encoded(values)
         with self.engine.begin() as db:
             done = db.execute(
                 jobs_table.update()
@@ -550,7 +553,7 @@ class JobStore:
                     desired=None,
                     estimated_finish=None,
                     finished_at=int(time.time()) if status in ENDED else None,
-                    **encoded,
+                    **columns,
                 )
             )
             if done.rowcount != 1:

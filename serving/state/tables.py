@@ -60,6 +60,7 @@ policies_table = sa.Table(
     sa.Column("json_mode", sa.String(16), nullable=True),
     sa.Column("default_schema", sa.Text, nullable=True),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("rollout", sa.Text, nullable=True),  # the rollout policy: canary bounds and gate thresholds
 )
 
 # Canaries, their audit events, and each gateway's share of the samples of the step under way
@@ -186,8 +187,12 @@ jobs_table = sa.Table(
     sa.Column("executor_ref", sa.String(128), nullable=True),  # the Ray submission id
     sa.Column("queued_at", sa.Float, nullable=True),
     sa.Column("reported", sa.Boolean, nullable=False, default=False),  # its end counted in the metrics (once)
+    # A job into an alias: its gate and canary (``serving.state.rollouts``); the state alone, to find open ones.
+    sa.Column("rollout", sa.Text, nullable=True),
+    sa.Column("rollout_state", sa.String(16), nullable=True),
     sa.Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
     sa.Index("ix_jobs_status", "status", "created_at"),
+    sa.Index("ix_jobs_rollout_state", "rollout_state"),
 )
 job_events_table = sa.Table(
     "fine_tuning_events",

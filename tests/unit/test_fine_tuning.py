@@ -43,6 +43,11 @@ GOOD = "".join(
 
 @pytest.fixture
 def gw(tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, str], GatewaySettings]]:
+    yield from two_tenants(tmp_path)
+
+
+def two_tenants(tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, str], GatewaySettings]]:
+    """A gateway on a fake engine with tenants acme and other (and their keys)."""
     settings = GatewaySettings(data_dir=tmp_path, base_model=str(fake_base(tmp_path)), admin_key=ADMIN_KEY)
     tenants = TenantStore(settings.state_url)
     keys = {}

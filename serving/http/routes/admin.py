@@ -37,6 +37,7 @@ from serving.http.archive import ArchiveError, discard, unpack
 from serving.http.deps import AdminDep, JsonPostDep, StateDep
 from serving.outputs.modes import AliasPolicy, JsonMode
 from serving.outputs.schemas import check_client_schema_bounded
+from serving.state.policies import RolloutPolicy
 from serving.state.tenants import DEFAULT_LIMITS, Limits, TenantError, TenantNotFound, key_id_of
 
 log = logging.getLogger("lorafleet.admin")
@@ -446,6 +447,29 @@ async def set_policy(alias: str, body: PolicyBody, state: StateDep) -> dict[str,
         await check_client_schema_bounded(body.default_schema, param="default_schema")
     policy = state.policies.set(alias, AliasPolicy(body.json_mode, body.default_schema))
     return {"alias": alias} | policy.as_dict()
+
+
+@router.get("/aliases/{alias}/rollout")
+async def get_rollout(alias: str, state: StateDep) -> dict[str, Any]:
+    """How a fine-tuning job's new version of the alias reaches production: the gate's thresholds and the canary
+    (a tenant's job may choose its canary within it)."""
+    policy = await asyncio.to_thread(state.policies.rollout, _valid_alias(alias))
+    return {"alias": alias} | policy.model_dump()
+
+
+@router.put("/aliases/{alias}/rollout")
+async def set_rollout(alias: str, body: RolloutPolicy, state: StateDep) -> dict[str, Any]:
+    """Replace the alias's rollout policy (``{}``: the defaults). The alias need not have a version yet: a job's
+    first version of it is gated with these thresholds."""
+    policy = await asyncio.to_thread(state.policies.set_rollout, _valid_alias(alias), body)
+    return {"alias": alias} | policy.model_dump()
+
+
+def _valid_alias(alias: str) -> str:
+    try:
+        return check_alias(alias)
+    except StoreError as exc:
+        raise APIError(ErrorCode.INVALID_ALIAS, str(exc), param="alias") from exc
 
 
 def _known_alias(state: Gateway, alias: str) -> str:

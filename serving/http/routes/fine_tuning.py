@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from contract.manifest import read_manifest
 from contract.store import StoreError, check_alias
 from serving.errors import APIError, ErrorCode
 from serving.gateway import Gateway
@@ -34,6 +35,7 @@ from serving.outputs.schemas import check_client_schema
 from serving.plan import BASE_ALIAS
 from serving.state.files import FileError
 from serving.state.jobs import JobError, JobLimitReached, JobNotFound, JobStateError
+from serving.state.policies import CanaryChoice
 from serving.state.tenants import Tenant
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs")
@@ -86,7 +88,12 @@ class LorafleetOptions(BaseModel):
     alias: str | None = Field(
         default=None,
         max_length=63,
-        description="Publish as the next version of this alias (granted to you alone) instead of a new model.",
+        description="Publish as the next version of this alias (granted to you alone) instead of a new model; the "
+        "version is gated, canaried and promoted or rolled back on its own (docs/rollout.md).",
+    )
+    rollout: CanaryChoice | None = Field(
+        default=None,
+        description="With alias: the canary's steps, interval_s and min_samples, within the alias's rollout policy.",
     )
     output_schema: dict[str, Any] | None = Field(
         default=None,
@@ -159,9 +166,12 @@ def _checked(body: JobCreate) -> dict[str, Any]:
     return chosen.model_dump()
 
 
-def _base_of(state: Gateway, tenant: Tenant, name: str) -> tuple[str, str | None]:
+def _base_of(state: Gateway, tenant: Tenant, name: str, alias: str | None) -> tuple[str, str | None]:
     """The provisioned base ``name`` is, or the base of the tenant's own fine-tuned model ``name`` (which the job
-    continues from): ``(base model name, parent model or None)``."""
+    continues from), or, when ``name`` is the alias the job publishes into, the base that alias's version serves
+    on (trained afresh): ``(base model name, parent model or None)``."""
+    if alias is not None and name == alias:
+        return _base_of_alias(state, alias), None
     owned = state.jobs.owned_model(tenant.id, name)
     if owned is not None and name in tenant.aliases:
         return owned.base_model, name
@@ -178,6 +188,18 @@ def _base_of(state: Gateway, tenant: Tenant, name: str) -> tuple[str, str | None
         f"of: {', '.join(served)}.",
         param="model",
     )
+
+
+def _base_of_alias(state: Gateway, alias: str) -> str:
+    """The base model the alias's serving version was trained on, if provisioned here; else the gateway's own."""
+    version = state.adapters.store.serving(alias)
+    if version is None:
+        return state.settings.base_model
+    base = read_manifest(version.path).base_model.name
+    configured = state.settings.base_model
+    if base in (configured, Path(configured).name):
+        return configured
+    return base if (state.settings.models_dir / base / "config.json").is_file() else configured
 
 
 def _file(state: Gateway, tenant: Tenant, file_id: str, param: str) -> None:
@@ -207,15 +229,28 @@ def _target(state: Gateway, tenant: Tenant, alias: str) -> None:
         )
 
 
+def _rollout(state: Gateway, alias: str | None, asked: CanaryChoice | None) -> None:
+    """A canary asked for is for a job into an alias, and within that alias's rollout policy."""
+    if alias is None:
+        raise _invalid("lorafleet.rollout is for a job into an alias: give lorafleet.alias too.", "lorafleet.rollout")
+    try:
+        state.policies.rollout(alias).choose(asked)
+    except ValueError as exc:
+        field = str(exc).split(":", 1)[0]
+        raise _invalid(f"lorafleet.rollout.{exc}.", f"lorafleet.rollout.{field}") from exc
+
+
 def _create(state: Gateway, tenant: Tenant, body: JobCreate) -> dict[str, Any]:
     hyperparameters = _checked(body)
-    base, parent = _base_of(state, tenant, body.model)
-    _file(state, tenant, body.training_file, "training_file")
-    if body.validation_file is not None:
-        _file(state, tenant, body.validation_file, "validation_file")
     options = body.lorafleet.model_dump(exclude_none=True, by_alias=True)
     if "alias" in options:
         _target(state, tenant, options["alias"])
+    base, parent = _base_of(state, tenant, body.model, options.get("alias"))
+    _file(state, tenant, body.training_file, "training_file")
+    if body.validation_file is not None:
+        _file(state, tenant, body.validation_file, "validation_file")
+    if "rollout" in options:
+        _rollout(state, options.get("alias"), body.lorafleet.rollout)
     if "schema" in options:
         check_client_schema(options["schema"], param="lorafleet.schema")
     if options.get("save_every") and options.get("eval_every") and options["save_every"] % options["eval_every"]:
