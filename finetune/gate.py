@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,9 @@ from training.train import split_examples
 # The gate's engine holds one batch of short answers: far less KV cache than serving or a whole evaluation.
 KV_CACHE_GIB = "1"
 MAX_TOKENS = 256
+# At most this many held-out examples are scored (a seeded sample of them, recorded): on the CPU each one costs
+# a generation per version, and 64 paired outcomes already show a drop of a few points (McNemar).
+MAX_EXAMPLES = 64
 
 
 class GateError(Exception):
@@ -62,9 +66,14 @@ def held_out(cfg: TrainConfig) -> tuple[EvalSet, dict[str, Any]]:
             "at least 10 training examples"
         )
     source = "validation_file" if split["source"] == "file" else f"held-out split ({split['val_fraction']:.0%})"
+    held = len(examples)
+    if held > MAX_EXAMPLES:
+        chosen = sorted(random.Random(cfg.seed).sample(range(held), MAX_EXAMPLES))
+        examples = [examples[i] for i in chosen]
     return EvalSet(cfg.eval_data or cfg.data, examples), {
         "source": source,
-        "seed": cfg.seed if split["source"] == "split" else None,
+        "seed": cfg.seed,
+        "held_out": held,
         "examples": len(examples),
     }
 

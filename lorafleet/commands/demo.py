@@ -115,6 +115,7 @@ def demo(
             train(config=configs / f"{alias}.yaml", resume=_resumable(out), publish=alias, out=out)
         return
     keys = demo_keys(settings, extra_grants={"toolcall": [GEMMA_ALIAS]} if gemma else None)
+    demo_rollout_policies(settings, aliases)
     demo_admin_key(settings)
     gateway = gateway_settings(None, None)
     log_file = settings.data_dir / "logs" / "gateway.log"
@@ -451,6 +452,23 @@ def demo_keys(settings: CommonSettings, extra_grants: dict[str, list[str]] | Non
             key_file.write_text(key + "\n")
         keys[name] = key
     return keys
+
+
+# The function-calling demo's gate: its adapter is measured at 0.90 schema-valid and 0.84 field accuracy without
+# constraints (docs/evaluation.md), short of the defaults (0.95, 0.90) made for JSON extraction.
+TOOLCALL_GATE = {"min_valid": 0.85, "min_field_accuracy": 0.80}
+
+
+def demo_rollout_policies(settings: CommonSettings, aliases: list[str]) -> None:
+    """The demo's jobs gate their first versions against the base model: the function-calling aliases with
+    thresholds they are known to meet (an alias whose policy an operator set is left alone)."""
+    from serving.state.db import state_engine
+    from serving.state.policies import AliasPolicies, GateThresholds, RolloutPolicy
+
+    policies = AliasPolicies(state_engine(settings.state_url))
+    for alias in aliases:
+        if alias.startswith("toolcall") and policies.rollout(alias) == RolloutPolicy():
+            policies.set_rollout(alias, RolloutPolicy(gate=GateThresholds(**TOOLCALL_GATE)))
 
 
 def demo_admin_key(settings: CommonSettings) -> None:
