@@ -3,7 +3,7 @@
 #               (make run GEMMA=1: also Gemma 3 270M on a second engine, accepting its terms of use)
 #   make test   install what the tests need and run the suite
 # Also: make test-fast (tests/unit: no model, engine or services), make lint, make bench (all benchmarks), make bench-train / bench-gateway / bench-client / bench-eval /
-#       bench-fleet (one each), make soak (the fleet under operations, 10 minutes),
+#       bench-fleet / bench-finetune / bench-ship (one each), make soak (the fleet under operations, 10 minutes),
 #       make first-answer (seconds from a fresh `lorafleet demo` to the first answers),
 #       make eval-demo (the demo adapters against the base model on held-out data).
 
@@ -12,7 +12,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test test-fast lint bench bench-train bench-gateway bench-client bench-eval bench-fleet bench-finetune soak first-answer eval-demo venv model tools clean-venv
+.PHONY: run test test-fast lint bench bench-train bench-gateway bench-client bench-eval bench-fleet bench-finetune bench-ship soak first-answer eval-demo venv model tools clean-venv
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -79,6 +79,9 @@ bench-fleet: model
 # A training by hand against the same training as a fine-tuning job through the API; first answer; fairness.
 bench-finetune: model
 	$(PY) -m benchmarks.finetune
+
+bench-ship: model
+	$(PY) -m benchmarks.ship
 
 # Two gateways, two engines, PostgreSQL and Redis under open-loop traffic with publishes, a canary, a key
 # revocation and an engine kill on a schedule (10 minutes; SOAK_ARGS="--minutes 60" for longer).

@@ -13,6 +13,7 @@ BENCHMARKS = [
     "benchmarks.eval_speed",
     "benchmarks.fleet_routing",
     "benchmarks.finetune",
+    "benchmarks.ship",
 ]
 
 if __name__ == "__main__":

@@ -53,9 +53,10 @@ class GateResult:
         return [f"{c['name']} ({c['mode']}): {c['detail']}" for c in self.verdict["checks"] if not c["passed"]]
 
 
-def held_out(cfg: TrainConfig) -> tuple[EvalSet, dict[str, Any]]:
-    """The examples the version never trained on, and how they were chosen (for the record)."""
-    schema = _schema(cfg)
+def held_out(cfg: TrainConfig, served_schema: dict[str, Any] | None = None) -> tuple[EvalSet, dict[str, Any]]:
+    """The examples the version never trained on, and how they were chosen (for the record). Their answers are
+    judged against the job's schema, else the schema the alias serves with (its policy's default schema)."""
+    schema = _schema(cfg) or served_schema
     reports = [check(cfg.data, schema=schema, min_examples=0)]
     if cfg.eval_data is not None:
         reports.append(check(cfg.eval_data, schema=schema, min_examples=0))
@@ -87,10 +88,11 @@ def run_gate(
     models_dir: Path,
     thresholds: GateThresholds,
     mode: str,
+    served_schema: dict[str, Any] | None = None,
 ) -> GateResult:
     """Score ``candidate`` (an adapter folder, not published yet) against ``alias``'s stable version (or the base
     model) on the held-out examples; ``GateError`` when that cannot be done."""
-    evalset, scored_on = held_out(cfg)
+    evalset, scored_on = held_out(cfg, served_schema)
     stable = store.stable(alias)
     try:
         baseline = resolve_targets([stable.ref], store, base_model, models_dir)[0] if stable else Target("base")

@@ -377,7 +377,8 @@ class Runner:
         against = stable.ref if stable else "the base model"
         self.jobs.add_event(job.id, f"Gating the new version of {alias} against {against} on held-out data.")
         policies = AliasPolicies(state_engine(settings.state_url))
-        mode = "constrained" if policies.get(alias).json_mode == "enforce" else "unconstrained"
+        served = policies.get(alias)  # the gate judges as the alias is served: its JSON mode and default schema
+        mode = "constrained" if served.json_mode == "enforce" else "unconstrained"
         try:
             gate = run_gate(
                 cfg,
@@ -388,6 +389,7 @@ class Runner:
                 settings.models_dir,
                 policies.rollout(alias).gate,
                 mode,
+                served.default_schema,
             )
         except GateError as exc:
             return None, str(exc)

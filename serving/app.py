@@ -22,7 +22,7 @@ from serving.http import errors
 from serving.http.deps import UPLOAD_PATH
 from serving.http.middleware import BodySizeLimit
 from serving.http.observe import Observe
-from serving.http.routes import admin, admin_jobs, canaries, completions, files, fine_tuning, health, metrics
+from serving.http.routes import admin, admin_jobs, canaries, completions, console, files, fine_tuning, health, metrics
 from serving.http.routes.files import FILES_PATH
 from serving.metrics import GatewayMetrics
 from serving.state.files import MULTIPART_SLACK
@@ -58,7 +58,7 @@ def build_app(settings: GatewaySettings, engine: Engine | dict[str, Engine] | No
         upload_timeout_s=settings.upload_timeout_s,
     )
     app.add_middleware(Observe, metrics=gateway_metrics, log_content=settings.log_content)  # outermost: sees all
-    for module in (health, metrics, completions, files, fine_tuning, admin, admin_jobs, canaries):
+    for module in (health, metrics, completions, files, fine_tuning, admin, admin_jobs, canaries, console):
         app.include_router(module.router)
     return app
 

@@ -65,7 +65,9 @@ def phase_of(job: Any) -> str:
         return "queue"
     if job.status == "running":
         return "gate" if (extra.get("progress") or {}).get("phase") == "gate" else "training"
-    if job.status == "succeeded" and rollout.get("state") in ("canary_pending", "canary"):
+    if job.status == "succeeded" and rollout.get("state") == "canary_pending":
+        return "rollout start"  # a gateway starts the canary (or promotes a first version)
+    if job.status == "succeeded" and rollout.get("state") == "canary":
         return "canary"
     return "done"
 

@@ -14,6 +14,7 @@ The task is the canary tests' flag (``{"ok": true}``): a dozen steps teach it (o
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import subprocess
@@ -27,6 +28,10 @@ from typing import Any
 
 import httpx
 import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.options import Options as ChromeOptions
+from selenium.webdriver.chrome.service import Service as ChromeService
+from selenium.webdriver.common.by import By
 
 from lorafleet.launch import start_gateway
 from tests.conftest import FLAG_SCHEMA, Gateway, client
@@ -52,7 +57,7 @@ class Ship:
 
     def run(self, data: str, *, seed: int) -> subprocess.CompletedProcess[str]:
         """``lorafleet ship DATA --alias flagship --watch`` as a tenant anywhere would run it."""
-        options = json.dumps(RECIPE | {"schema": FLAG_SCHEMA})
+        options = json.dumps(RECIPE)  # the answers' schema is the alias's (its policy), not the job's
         command = [sys.executable, "-m", "lorafleet", "ship", str(self.data[data]), "--alias", ALIAS]
         command += ["--validation", str(self.data["held"]), "--key-file", str(self.key_file), "--watch"]
         command += ["--options", options, "--suffix", f"{data}-{seed}", "--poll-s", "0.5"]
@@ -166,6 +171,10 @@ def test_an_aliass_first_version_is_gated_against_the_base_model_and_promoted(sh
         model=ALIAS, messages=[{"role": "user", "content": "Is order 9 ready to ship? Answer with the JSON flag."}]
     )
     assert answer.model == f"{ALIAS}@1" and json.loads(answer.choices[0].message.content or "") == {"ok": True}
+    # From now on every version's answers are judged against the flag schema (gated, served, canaried): the
+    # alias's policy, which an operator sets once the alias exists.
+    policy = ship.admin.put(f"/admin/aliases/{ALIAS}/policy", json={"default_schema": FLAG_SCHEMA})
+    assert policy.status_code == 200, policy.text
 
 
 def test_the_next_version_is_canaried_under_traffic_through_a_gateway_restart_and_promoted(ship: Ship) -> None:
@@ -229,3 +238,76 @@ def test_a_candidate_that_breaks_json_under_traffic_is_rolled_back(ship: Ship) -
         model=ALIAS, messages=[{"role": "user", "content": "Is order 9 ready?"}], max_tokens=4
     )
     assert answer.model == f"{ALIAS}@2"
+
+
+def test_the_console_shows_the_runs_in_a_real_browser(ship: Ship, tmp_path: Path) -> None:
+    """Headless Chromium (Debian's, driven by Selenium) signs in with the tenant's key, then the admin key: the
+    job's loss curve has the job's logged steps, the gate table its rows, the canary its metrics; screenshots are
+    taken and looked at (``LORAFLEET_SCREENSHOTS``: a folder to keep them in, as docs/console.md's were)."""
+    gw = ship.gateway.ensure_running()
+    api = client(gw)
+    listed = api.fine_tuning.jobs.list(limit=50).data
+    jobs = [j for j in listed if (j.model_extra["lorafleet"]["options"] or {}).get("alias") == ALIAS]
+    canaried = next(j for j in jobs if _rollout(j)["version"] == 2)
+    logged = [e.data for e in api.fine_tuning.jobs.list_events(canaried.id, limit=500).data if e.type == "metrics"]
+    shots = Path(os.environ.get("LORAFLEET_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    with browser(tmp_path) as driver:
+        sign_in(driver, gw.url, gw.key)
+        home = driver.page_source
+        assert all(j.id in home for j in jobs) and "flagship@2" in home
+        driver.get(f"{gw.url}/console/jobs/{canaried.id}")
+        curve = driver.find_element(By.CSS_SELECTOR, '#loss g[data-series="train_loss"]')
+        assert (
+            int(curve.get_attribute("data-points") or 0) == len({d["step"] for d in logged if "train_loss" in d}) >= 2
+        )
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#gate tr")) == 1 + len(_rollout(canaried)["gate"]["table"])
+        assert "promoted" in driver.find_element(By.ID, "rollout-state").text
+        looked_at(driver, shots / "console-job.png")
+        driver.get(f"{gw.url}/console/canaries/{ALIAS}")
+        chart = '#metrics svg[aria-label="json_validity"] g[data-series="candidate"]'
+        validity = driver.find_element(By.CSS_SELECTOR, chart)
+        assert int(validity.get_attribute("data-points") or 0) >= 1
+        assert "rolled back" in driver.find_element(By.ID, "canary-state").text
+        looked_at(driver, shots / "console-canary.png")
+        driver.find_element(By.CSS_SELECTOR, "header form button").click()  # sign out (a POST with its token)
+        sign_in(driver, gw.url, gw.running.admin_key)
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#engines tr")) >= 2
+        assert "acme" in driver.find_element(By.ID, "tenants").text
+        looked_at(driver, shots / "console-operator.png")
+
+
+@contextlib.contextmanager
+def browser(work: Path) -> Iterator[Any]:
+    options = ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    flags = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"]
+    # Without these Chromium keeps calling Google's hosts, refused on a closed network.
+    flags += ["--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-quic"]
+    flags += ["--window-size=1280,1400", f"--user-data-dir={work / 'chromium'}"]
+    for flag in flags:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=ChromeService("/usr/bin/chromedriver"), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def sign_in(driver: Any, url: str, key: str) -> None:
+    driver.get(f"{url}/console")
+    assert driver.current_url.endswith("/console/login")  # not signed in: sent to the form
+    driver.find_element(By.ID, "key").send_keys(key)
+    driver.find_element(By.ID, "sign-in").click()
+    assert driver.current_url.endswith("/console") and driver.find_elements(By.CSS_SELECTOR, "header form")
+
+
+def looked_at(driver: Any, path: Path) -> None:
+    """Save a screenshot and check it is a page, not a blank: big enough, and many colours (text, tables, lines)."""
+    from PIL import Image
+
+    driver.save_screenshot(str(path))
+    assert path.stat().st_size > 20_000, f"{path}: {path.stat().st_size} bytes"
+    with Image.open(path) as image:
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20) or []
+    assert len(colours) > 50, f"{path}: {len(colours)} colours"
