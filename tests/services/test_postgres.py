@@ -391,3 +391,38 @@ def test_two_gateways_uploading_at_once_never_pass_a_tenants_quota(
     assert sorted(o == "refused" for o in outcomes) == [False, True]
     assert stores[0].used(tenant.id) == 3000
     assert len([p for p in (tmp_path / "files").rglob("file-*")]) == 1  # the refused one left no bytes
+
+
+def test_two_gateways_follow_one_jobs_rollout_and_record_each_step_once(canary_replicas) -> None:
+    """A job's gated orders@2 (what a worker leaves): both gateways follow it; one canary starts, its start and its
+    verdict are each one event of the job, whichever gateway wrote them."""
+    from serving.state.rollouts import rollout_values
+
+    replicas, _ = canary_replicas
+    gateway = replicas[0].app.state.gateway  # type: ignore[attr-defined]
+    tenant = gateway.tenants.get("acme")
+    jobs = gateway.jobs
+    spec = {"model": "m", "base_model": "m", "training_file": "file-x", "seed": 0, "hyperparameters": {}}
+    job = jobs.create(tenant.id, None, **spec, options={"alias": "orders"})
+    checked = jobs.claim("validator", "validating_files", 60, "local")
+    assert checked is not None and jobs.release(job.id, str(checked.worker), "queued", "validated")
+    trained = jobs.claim("worker", "queued", 60, "local")
+    assert trained is not None
+    rollout = {"alias": "orders", "version": 2, "stable": 1, "state": "canary_pending", "gate": {"passed": True}}
+    values = rollout_values(rollout | {"canary": None, "reason": None})
+    with jobs.finishing(job.id, str(trained.worker), "succeeded", fine_tuned_model="orders", **values):
+        pass
+
+    def messages() -> list[str]:
+        events, _ = jobs.events(None, job.id, None, 100)
+        return [e["message"] for e in events]
+
+    eventually(lambda: any(m.startswith("Canary started") for m in messages()), within_s=10)
+    time.sleep(2)  # both gateways have had rounds to (wrongly) start or record it again
+    assert sum(m.startswith("Canary started") for m in messages()) == 1
+    assert canary_of(replicas[1])["candidate"] == 2
+    promoted = replicas[1].post("/admin/canaries/orders/promote", headers=ADMIN, json={"reason": "by hand"})
+    assert promoted.status_code == 200, promoted.text
+    eventually(lambda: jobs.get(None, job.id).rollout_state == "promoted", within_s=10)
+    time.sleep(2)
+    assert sum(m.startswith("Rollout ended") for m in messages()) == 1
