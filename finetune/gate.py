@@ -18,12 +18,12 @@ import gc
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from contract.examples import check
-from contract.store import AdapterStore
+from contract.store import AdapterStore, AdapterVersion
 from evaluation.gate import Thresholds, apply_gate
 from evaluation.run import EvalError, EvalSet, Target, evaluate, resolve_targets
 from serving.state.policies import GateThresholds
@@ -54,13 +54,18 @@ class GateResult:
 
 
 def held_out(cfg: TrainConfig, served_schema: dict[str, Any] | None = None) -> tuple[EvalSet, dict[str, Any]]:
-    """The examples the version never trained on, and how they were chosen (for the record). Their answers are
-    judged against the job's schema, else the schema the alias serves with (its policy's default schema)."""
-    schema = _schema(cfg) or served_schema
+    """The examples the version never trained on, and how they were chosen (for the record).
+
+    The files are read as training read them (the job's own schema: a job that trained had no bad row, so the
+    seeded split picks the very rows training held out); the answers are then judged as the alias serves them:
+    against its policy's default schema when it has one (which wins over the job's, as when serving)."""
+    schema = _schema(cfg)
     reports = [check(cfg.data, schema=schema, min_examples=0)]
     if cfg.eval_data is not None:
         reports.append(check(cfg.eval_data, schema=schema, min_examples=0))
     _, examples, split = split_examples(cfg, reports)
+    if served_schema is not None:
+        examples = [replace(e, schema=served_schema) for e in examples]
     if not examples:
         raise GateError(
             "no held-out examples to gate on: give a validation_file, or keep lorafleet.val_fraction above 0 with "
@@ -89,13 +94,13 @@ def run_gate(
     thresholds: GateThresholds,
     mode: str,
     served_schema: dict[str, Any] | None = None,
+    against: AdapterVersion | None = None,
 ) -> GateResult:
-    """Score ``candidate`` (an adapter folder, not published yet) against ``alias``'s stable version (or the base
-    model) on the held-out examples; ``GateError`` when that cannot be done."""
+    """Score ``candidate`` (an adapter folder, not published yet) against the version ``against`` (the one the
+    alias serves; ``None``: the base model) on the held-out examples; ``GateError`` when that cannot be done."""
     evalset, scored_on = held_out(cfg, served_schema)
-    stable = store.stable(alias)
     try:
-        baseline = resolve_targets([stable.ref], store, base_model, models_dir)[0] if stable else Target("base")
+        baseline = resolve_targets([against.ref], store, base_model, models_dir)[0] if against else Target("base")
     except EvalError as exc:
         raise GateError(f"the stable version cannot be scored: {exc}") from exc
     name = f"{alias}@candidate"

@@ -320,61 +320,95 @@ class Runner:
     def _publish_into(self, alias: str, adapter: Path, manifest: Any, cfg: TrainConfig) -> int:
         """A job into an alias: gate the version (``finetune.gate``), publish it with its verdict, and succeed with
         the rollout's first state; the gateways take it from there (the canary, or the promotion)."""
-        job, settings = self.job, self.settings
-        store = open_store(settings)
-        stable = store.stable(alias)
-        gate, why = self._gate(alias, adapter, cfg)
+        job = self.job
+        store = open_store(self.settings)
+        if set(self._holders(alias)) != {job.tenant_id}:  # before the gate: never score another tenant's version
+            return self._alias_taken(alias)
+        baseline = self._baseline(store, alias)
+        gate, why = self._gate(alias, adapter, cfg, baseline)
+        if not self.jobs.update(job.id, self.worker, progress={"phase": "publishing"}):
+            if self.jobs.get(None, job.id).status == "cancelled":
+                clean_work(self.work)
+            return LOST  # cancelled (or taken over) during the gate: nothing is published
         if set(self._holders(alias)) != {job.tenant_id}:
             return self._alias_taken(alias)
-        result = self._result_file(adapter)
-        published = store.publish(adapter, alias)
+        rollout: dict[str, Any] = {
+            "alias": alias,
+            "stable": baseline.version if baseline else None,
+            "gate": _gate_summary(gate, why),
+            "canary": None,
+            "reason": None,
+        }
+        passed = gate is not None and gate.passed
+        published: Any = None
+        result: Any = None
         try:
-            rollout: dict[str, Any] = {
-                "alias": alias,
-                "version": published.version,
-                "stable": stable.version if stable else None,
-                "gate": _gate_summary(gate, why),
-                "canary": None,
-                "reason": None,
-            }
+            result = self._result_file(adapter)
+            published = store.publish(adapter, alias)
+            rollout["version"] = published.version
             if gate is not None:
                 store.record_gate(published, gate.verdict | {"target": published.ref})
-            if gate is not None and gate.passed:
+            if passed:
                 rollout["state"] = "canary_pending"
-                next_step = "a canary starts" if stable else "it is promoted (the alias had no stable version)"
+                assert gate is not None
+                next_step = "a canary starts" if baseline else "it is promoted (the alias had no version serving)"
                 verdict = f"Gate passed against {gate.against}: {next_step}."
             else:
                 rollout["state"] = "gate_failed"
                 rollout["reason"] = why or "; ".join(gate.failures() if gate else [])
-                if stable is None:  # the newest version of an alias with no stable one would serve: not this one
+                if baseline is None:  # the newest version of an alias with no stable one serves: never this one
                     store.retire(alias, published.version, reason=f"failed its gate: {rollout['reason']}", actor="job")
                 verdict = f"Gate failed: {rollout['reason']}. {published.ref} stays published and unserved."
             with self._succeeding(manifest, alias, result, rollout_values(rollout)) as db:
                 if set(holders_in(db, alias)) != {job.tenant_id}:  # granted to it alone, still
                     raise AliasTaken(alias)
                 event_in(db, job.id, f"New version of {alias} created: {published.ref}.")
-                level = "info" if rollout["state"] != "gate_failed" else "warn"
+                level = "info" if passed else "warn"
                 event_in(db, job.id, verdict, level=level, data=rollout["gate"])
                 event_in(db, job.id, "The job has successfully completed.")
         except (JobStateError, AliasTaken) as exc:
-            self.files.delete(job.tenant_id, result.id)
-            if not store.is_retired(published):
-                store.retire(alias, published.version, reason=f"job {job.id} did not finish", actor="worker")
+            self._take_back(store, published, result)
             return LOST if isinstance(exc, JobStateError) else self._alias_taken(alias)
         except BaseException:
-            if not store.is_retired(published):
-                store.retire(alias, published.version, reason=f"job {job.id} did not finish", actor="worker")
+            self._take_back(store, published, result)
             raise
         log.info("job %s: published %s (%s)", job.id, published.ref, rollout["state"])
         clean_work(self.work)
         return 0
 
-    def _gate(self, alias: str, adapter: Path, cfg: TrainConfig) -> tuple[GateResult | None, str | None]:
-        """The gate's result, or ``None`` and why it could not be run."""
+    def _baseline(self, store: Any, alias: str) -> Any:
+        """What the version is gated and canaried against: the alias's stable version, else the version it serves
+        (its newest, published before the alias had a stable one: made stable now, so the new version neither
+        serves at once nor goes without a canary), else nothing (gated against the base model)."""
+        stable = store.stable(alias)
+        if stable is not None:
+            return stable
+        serving = store.serving(alias)
+        if serving is None:
+            return None
+        reason = f"it served {alias} with no stable version; made stable for job {self.job.id}'s canary to compare with"
+        store.promote(alias, serving.version, force=True, reason=reason, actor=f"job:{self.job.id}", expected=None)
+        self.jobs.add_event(self.job.id, f"{serving.ref} was serving {alias} as its newest version; it is now stable.")
+        return serving
+
+    def _take_back(self, store: Any, published: Any, result: Any) -> None:
+        """The job did not end as this run: its result file and its version (retired, if published) go."""
+        if result is not None:
+            self.files.delete(self.job.tenant_id, result.id)
+        if published is None:
+            return
+        try:
+            if not store.is_retired(published):
+                reason = f"job {self.job.id} did not finish"
+                store.retire(published.alias, published.version, reason=reason, actor="worker")
+        except Exception:  # said, without hiding why the job did not finish
+            log.exception("job %s: %s could not be retired; retire it by hand", self.job.id, published.ref)
+
+    def _gate(self, alias: str, adapter: Path, cfg: TrainConfig, baseline: Any) -> tuple[GateResult | None, str | None]:
+        """The gate's result, or ``None`` and why it could not be run (then the version is published, unserved)."""
         settings, job = self.settings, self.job
         self.jobs.update(job.id, self.worker, progress={"phase": "gate"}, estimated_finish=None)
-        stable = open_store(settings).stable(alias)
-        against = stable.ref if stable else "the base model"
+        against = baseline.ref if baseline else "the base model"
         self.jobs.add_event(job.id, f"Gating the new version of {alias} against {against} on held-out data.")
         policies = AliasPolicies(state_engine(settings.state_url))
         served = policies.get(alias)  # the gate judges as the alias is served: its JSON mode and default schema
@@ -390,9 +424,13 @@ class Runner:
                 policies.rollout(alias).gate,
                 mode,
                 served.default_schema,
+                baseline,
             )
         except GateError as exc:
             return None, str(exc)
+        except Exception as exc:  # the engine would not start, a target would not load: the training is kept
+            log.exception("job %s: the gate could not run", job.id)
+            return None, f"the gate could not run ({type(exc).__name__}); an operator can read why in the job's log"
         return gate, None
 
     def _holders(self, alias: str) -> list[int]:

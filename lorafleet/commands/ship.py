@@ -10,9 +10,11 @@ tenant key), so it runs anywhere the gateway can be reached:
 ``LORAFLEET_GATEWAY_URL`` or ``--gateway``, the key from ``--key-file`` or
 ``LORAFLEET_API_KEY``.
 
-Exit status with ``--watch``: 0 promoted; 3 the job failed or was cancelled;
-4 the gate failed; 5 the canary rolled back (or was aborted, or never started);
-2 nothing was shipped (a refusal, the gateway out of reach).
+Exit status with ``--watch``: 0 promoted; 3 the job failed or was cancelled
+(or succeeded with no rollout: a worker from before rollouts); 4 the gate
+failed; 5 the canary rolled back (or was aborted, or never started); 2 nothing
+was shipped (a refusal, the gateway out of reach) or the watch was refused
+(the key revoked).
 """
 
 from __future__ import annotations
@@ -148,20 +150,31 @@ class Watch:
                 job = self.api.fine_tuning.jobs.retrieve(self.job_id)
                 self.phases.note(phase_of(job))
                 self._events()
-            except openai.APIConnectionError as exc:  # the gateway restarting: look again
+            except (openai.APIConnectionError, openai.InternalServerError, openai.RateLimitError) as exc:
+                # the gateway restarting, warming up or busy: look again
                 err.print(f"(the gateway did not answer: {exc}; trying again)", highlight=False)
                 time.sleep(max(self.poll_s, 2.0))
                 continue
+            except openai.APIStatusError as exc:  # the key revoked, the job gone: nothing more to watch
+                err.print(f"[bold red]error:[/] watching {self.job_id}: {_refusal(exc)}", highlight=False)
+                return 2
             ending = self._ending(job)
             if ending is not None:
                 return ending
             time.sleep(self.poll_s)
 
     def _events(self) -> None:
-        page = self.api.fine_tuning.jobs.list_events(self.job_id, limit=100)
-        for event in reversed(page.data):
-            if event.id in self.seen:
-                continue
+        """The events not shown yet, oldest first (pages back until one already shown)."""
+        fresh: list[Any] = []
+        after = None
+        while True:
+            page = self.api.fine_tuning.jobs.list_events(self.job_id, limit=100, **({"after": after} if after else {}))
+            new = [e for e in page.data if e.id not in self.seen]
+            fresh += new
+            if not page.has_more or len(new) < len(page.data) or not page.data:
+                break
+            after = page.data[-1].id
+        for event in reversed(fresh):
             self.seen.add(event.id)
             show(event)
 
@@ -172,6 +185,11 @@ class Watch:
             return JOB_FAILED
         rollout = (job.model_extra.get("lorafleet") or {}).get("rollout") or {}
         state = rollout.get("state")
+        if job.status == "succeeded" and not rollout:  # a worker from before rollouts published it, no more
+            err.print(
+                f"the job succeeded ({job.fine_tuned_model}) with no rollout: promote it by hand", highlight=False
+            )
+            return JOB_FAILED
         if job.status != "succeeded" or state not in ENDINGS:
             return None
         ref = f"{rollout['alias']}@{rollout['version']}"

@@ -56,9 +56,18 @@ class Rollouts:
     async def _start(self, job: Job) -> None:
         rollout = dict(job.rollout or {})
         alias, version = str(rollout["alias"]), int(rollout["version"])
-        ref = f"{alias}@{version}"
         store = self.canaries.store
+        ours = await asyncio.to_thread(self._canary_of, job, alias, version)
+        if ours is not None:  # started already (by another gateway, or by this one before a crash): follow it
+            await self._started(job, rollout, ours, ours.config)
+            return
         stable = await asyncio.to_thread(store.stable, alias)
+        if stable is not None and stable.version == version:  # promoted already, its record lost: record it
+            await self._advance(job, rollout | {"state": "promoted", "reason": "promoted"}, [])
+            return
+        if not await asyncio.to_thread(self.records.alone, job, alias):
+            await self._not_started(job, f"{alias} is no longer granted to this tenant alone")
+            return
         gated_against = rollout["stable"]
         if (stable.version if stable else None) != gated_against:
             now = f"{stable.ref}" if stable else "none"
@@ -68,8 +77,9 @@ class Rollouts:
         if stable is None:
             await self._promote_first(job, alias, version)
             return
+        policy = await asyncio.to_thread(self.policies.rollout, alias)
         try:
-            config = self.policies.rollout(alias).choose(CanaryChoice.model_validate(job.options.get("rollout") or {}))
+            config = policy.choose(CanaryChoice.model_validate(job.options.get("rollout") or {}))
         except ValueError as exc:
             await self._not_started(job, f"lorafleet.rollout is outside the alias's rollout policy now: {exc}")
             return
@@ -79,49 +89,66 @@ class Rollouts:
             )
         except CanaryError as exc:
             latest = await asyncio.to_thread(self.canaries.records.latest, alias)
-            if latest is None or latest.candidate != version or latest.state not in ACTIVE:  # not ours, started
-                await self._not_started(job, exc.message)  # by another gateway following this job too
+            if latest is not None and latest.state in ACTIVE and latest.candidate != version:
+                return  # another version's canary runs on the alias: this one waits for it to end
+            ours = await asyncio.to_thread(self._canary_of, job, alias, version)
+            if ours is None:
+                await self._not_started(job, exc.message)
                 return
-            canary = latest
+            canary = ours  # another gateway following this job started it first
+        await self._started(job, rollout, canary, config)
+
+    def _canary_of(self, job: Job, alias: str, version: int) -> Canary | None:
+        """The canary of this job's version, if one was started since the job ended (whatever its state now)."""
+        latest = self.canaries.records.latest(alias)
+        if latest is None or latest.candidate != version or latest.created_at < (job.finished_at or 0) - 1:
+            return None
+        return latest
+
+    async def _started(self, job: Job, rollout: dict[str, Any], canary: Canary, config: Any) -> None:
         steps = ", ".join(f"{s}%" for s in config.steps)
         message = (
-            f"Canary started: {ref} takes {config.steps[0]}% of {alias}'s traffic (steps {steps}; decided every "
-            f"{config.interval_s:g} s on at least {config.min_samples} requests per version)."
+            f"Canary started: {canary.alias}@{canary.candidate} takes {config.steps[0]}% of {canary.alias}'s "
+            f"traffic (steps {steps}; decided every {config.interval_s:g} s on at least {config.min_samples} "
+            "requests per version)."
         )
         rollout |= {"state": "canary", "canary": _canary_view(canary, event=0), "config": config.model_dump()}
-        await asyncio.to_thread(
-            self.records.advance, job, rollout, [(message, {"config": config.model_dump()}, "info")]
-        )
+        await self._advance(job, rollout, [(message, {"config": config.model_dump()}, "info")])
 
     async def _promote_first(self, job: Job, alias: str, version: int) -> None:
         """An alias with no stable version: its first gated version becomes stable at once."""
         store = self.canaries.store
+        target = await asyncio.to_thread(store.get, alias, version)
+        if await asyncio.to_thread(store.is_retired, target):
+            await self._not_started(job, f"{target.ref} was retired meanwhile")
+            return
         reason = f"job {job.id}: the gate passed against the base model (the alias had no stable version)"
         try:
             await asyncio.to_thread(store.promote, alias, version, reason=reason, actor=f"job:{job.id}", expected=None)
         except StoreConflict:  # another gateway following this job promoted it first, or the alias moved
             stable = await asyncio.to_thread(store.stable, alias)
             if stable is None or stable.version != version:
-                await self._not_started(
-                    job, f"{alias} got a stable version meanwhile; {alias}@{version} was not promoted"
-                )
+                moved = f"{alias} got a stable version meanwhile; {alias}@{version} was not promoted"
+                await self._not_started(job, moved)
                 return
         except StoreError as exc:
             await self._not_started(job, str(exc))
             return
         self.canaries.registry.changed()
-        rollout = dict(job.rollout or {}) | {
-            "state": "promoted",
-            "reason": "first version, gated against the base model",
-        }
+        why = "its first version, gated against the base model"
+        rollout = dict(job.rollout or {}) | {"state": "promoted", "reason": why}
         message = f"Promoted: {alias}@{version} now serves {alias} (its first stable version)."
-        await asyncio.to_thread(self.records.advance, job, rollout, [(message, None, "info")])
+        await self._advance(job, rollout, [(message, None, "info")])
+
+    async def _advance(self, job: Job, rollout: dict[str, Any], events: list[Event]) -> None:
+        if not await asyncio.to_thread(self.records.advance, job, rollout, events):
+            log.info("rollout of job %s: another gateway recorded this step first", job.id)
 
     async def _not_started(self, job: Job, reason: str) -> None:
         rollout = dict(job.rollout or {}) | {"state": "not_started", "reason": reason}
         ref = f"{rollout['alias']}@{rollout['version']}"
-        message = f"No canary for {ref}: {reason}. It stays published and unserved."
-        await asyncio.to_thread(self.records.advance, job, rollout, [(message, None, "warn")])
+        message = f"No canary for {ref}: {reason}. It stays published; it serves only if promoted by hand."
+        await self._advance(job, rollout, [(message, None, "warn")])
 
     # -- canary ----------------------------------------------------------------------------------------
 
@@ -130,7 +157,11 @@ class Rollouts:
         seen = dict(rollout["canary"])
         records = self.canaries.records
         events = await asyncio.to_thread(records.events_of, seen["id"], seen["event"])
-        canary = await asyncio.to_thread(records.get, seen["id"])
+        found = await asyncio.to_thread(records.find, seen["id"])
+        if found is None:  # its record is gone (a database restored from before it): nothing more will happen
+            await self._advance(job, rollout | {"state": "aborted", "reason": "the canary's record is gone"}, [])
+            return
+        canary = found
         now = _canary_view(canary, event=events[-1]["id"] if events else seen["event"])
         if now == seen:
             return
@@ -141,7 +172,7 @@ class Rollouts:
             ended = next((e for e in reversed(events) if e["action"] in ("promote", "rollback", "abort")), None)
             rollout["reason"] = ended["reason"] if ended else canary.state
             lines.append(_verdict_line(rollout, canary))
-        await asyncio.to_thread(self.records.advance, job, rollout, lines)
+        await self._advance(job, rollout, lines)
 
 
 def _canary_view(canary: Canary, event: int) -> dict[str, Any]:

@@ -50,6 +50,11 @@ class CanaryRecords:
         with self.db.connect() as db:
             return _canary(db.execute(sa.select(canaries_table).where(canaries_table.c.id == canary_id)).one())
 
+    def find(self, canary_id: int) -> Canary | None:
+        with self.db.connect() as db:
+            row = db.execute(sa.select(canaries_table).where(canaries_table.c.id == canary_id)).first()
+        return None if row is None else _canary(row)
+
     def insert(self, alias: str, candidate: int, stable: int, config: CanaryConfig, forced: bool) -> Canary:
         """A new running canary; ``CanaryError`` 409 when the alias has one already (started by another gateway
         since this one last looked: the database's unique index decides)."""

@@ -18,7 +18,7 @@ An alias's **rollout policy** (``RolloutPolicy``, in the same row) says how a
 fine-tuning job's new version of it reaches production: the gate's thresholds
 (``lorafleet eval --gate``'s) and the canary it starts with. A tenant may
 choose its own canary within it (``RolloutPolicy.choose``): never more users
-on the first step, never a shorter interval nor fewer samples.
+on any step, no step skipped, never a shorter interval nor fewer samples.
 """
 
 from __future__ import annotations
@@ -68,14 +68,23 @@ class RolloutPolicy(BaseModel):
     gate: GateThresholds = Field(default_factory=GateThresholds)
 
     def choose(self, asked: CanaryChoice | None) -> CanaryConfig:
-        """The canary a tenant's choice makes, within this policy; ``ValueError`` naming the field otherwise."""
+        """The canary a tenant's choice makes, within this policy; ``ValueError`` naming the field otherwise.
+
+        Within means at least as cautious, step by step: as many steps or more, each at most the policy's weight at
+        the same place (so no step is skipped), an interval as long or longer, as many samples or more."""
         if asked is None:
             return self.canary
         floor = self.canary
-        if asked.steps is not None and asked.steps[0] > floor.steps[0]:
-            raise ValueError(
-                f"steps: the first step {asked.steps[0]}% is over the alias's {floor.steps[0]}% (its rollout policy)"
-            )
+        if asked.steps is not None:
+            if len(asked.steps) < len(floor.steps):
+                raise ValueError(
+                    f"steps: {len(asked.steps)} steps, fewer than the alias's {len(floor.steps)} "
+                    f"({floor.steps}; its rollout policy)"
+                )
+            over = [(i, a, p) for i, (a, p) in enumerate(zip(asked.steps, floor.steps, strict=False)) if a > p]
+            if over:
+                i, a, p = over[0]
+                raise ValueError(f"steps: step {i + 1} is {a}%, over the alias's {p}% there ({floor.steps})")
         if asked.interval_s is not None and asked.interval_s < floor.interval_s:
             raise ValueError(f"interval_s: {asked.interval_s} is under the alias's {floor.interval_s} s")
         if asked.min_samples is not None and asked.min_samples < floor.min_samples:

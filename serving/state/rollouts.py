@@ -23,6 +23,7 @@ import sqlalchemy as sa
 
 from serving.state.jobs import Job, encoded, event_in, job_of_row
 from serving.state.tables import jobs_table
+from serving.state.tenants import holders_in
 
 RolloutState = Literal[
     "gating", "gate_failed", "canary_pending", "canary", "promoted", "rolled_back", "aborted", "not_started"
@@ -51,6 +52,11 @@ class RolloutRecords:
         query = sa.select(jobs_table).where(jobs_table.c.rollout_state.in_(OPEN)).order_by(jobs_table.c.finished_at)
         with self.engine.connect() as db:
             return [job_of_row(row) for row in db.execute(query)]
+
+    def alone(self, job: Job, alias: str) -> bool:
+        """Whether ``alias`` is still granted to the job's tenant and to no other."""
+        with self.engine.connect() as db:
+            return set(holders_in(db, alias)) == {job.tenant_id}
 
     def advance(self, job: Job, rollout: dict[str, Any], events: list[Event]) -> bool:
         """Write ``rollout`` and ``events`` if the job's rollout is still ``job.rollout`` (``False``: another gateway

@@ -1,5 +1,5 @@
 """The console over HTTP (a fake engine): signing in, the key's cookie, CSRF on every state-changing form, and a
-tenant's console showing nothing of another tenant. The pages in a real browser: tests/e2e/test_console_e2e.py."""
+tenant's console showing nothing of another tenant. The pages in a real browser: tests/e2e/test_rollout_e2e.py."""
 
 from __future__ import annotations
 
@@ -101,3 +101,23 @@ def test_the_loss_chart_draws_each_logged_step_once() -> None:
     svg = str(loss_chart(events))
     assert 'data-series="train_loss" data-points="2"' in svg and 'data-series="valid_loss" data-points="1"' in svg
     assert "<script" not in svg
+
+
+def test_a_canary_page_is_a_tenants_only_for_an_alias_granted_to_it_alone(gw) -> None:
+    from serving.canary.analysis import CanaryConfig
+
+    client, keys, _ = gw
+    gateway = client.app.state.gateway  # type: ignore[attr-defined]
+    acme, other = gateway.tenants.get("acme"), gateway.tenants.get("other")
+    for alias, holders in (("mine", [acme]), ("shared", [acme, other])):
+        for tenant in holders:
+            gateway.tenants.grant(tenant, alias)
+        canary = gateway.canaries.records.insert(alias, 2, 1, CanaryConfig(), False)
+        gateway.canaries.records.event(canary, "start", "by hand", None, "operator-jane")
+    sign_in(client, keys["acme"])
+    mine = client.get("/console/canaries/mine")
+    assert mine.status_code == 200 and "by hand" in mine.text and "operator-jane" not in mine.text
+    assert client.get("/console/canaries/shared").status_code == 404  # every tenant's traffic: not acme's to see
+    client.cookies.clear()
+    sign_in(client, ADMIN_KEY)
+    assert "operator-jane" in client.get("/console/canaries/shared").text

@@ -44,10 +44,13 @@ def _past(api: openai.OpenAI, job_id: str, state: str) -> Any:
 def test_a_tenant_chooses_its_canary_only_within_the_aliass_rollout_policy() -> None:
     policy = RolloutPolicy(canary=CanaryConfig(steps=[10, 50, 100], interval_s=30, min_samples=20))
     assert policy.choose(None) == policy.canary
-    chosen = policy.choose(CanaryChoice(steps=[5, 100], min_samples=40))
-    assert (chosen.steps, chosen.interval_s, chosen.min_samples) == ([5, 100], 30, 40)
+    chosen = policy.choose(CanaryChoice(steps=[5, 25, 50, 100], min_samples=40))
+    assert (chosen.steps, chosen.interval_s, chosen.min_samples) == ([5, 25, 50, 100], 30, 40)
     for asked, field in [
-        (CanaryChoice(steps=[20, 100]), "steps"),  # more users on the first step than the admin allows
+        (CanaryChoice(steps=[20, 50, 100]), "steps"),  # more users on the first step than the admin allows
+        (CanaryChoice(steps=[5, 100]), "steps"),  # a step skipped: promoted after one analysis
+        (CanaryChoice(steps=[5]), "steps"),
+        (CanaryChoice(steps=[10, 60, 100]), "steps"),
         (CanaryChoice(interval_s=10), "interval_s"),
         (CanaryChoice(min_samples=5), "min_samples"),
         (CanaryChoice(steps=[5, 3]), "steps"),  # not rising
@@ -81,10 +84,11 @@ def test_the_rollout_policy_is_the_admins_and_a_jobs_choice_is_checked_against_i
             model="base-model", training_file=training, extra_body={"lorafleet": options}
         )
 
-    job = create(alias="invoices", rollout={"steps": [5, 100], "min_samples": 12})
-    assert job.model_extra["lorafleet"]["options"]["rollout"] == {"steps": [5, 100], "min_samples": 12}
+    job = create(alias="invoices", rollout={"steps": [5, 50, 100], "min_samples": 12})
+    assert job.model_extra["lorafleet"]["options"]["rollout"] == {"steps": [5, 50, 100], "min_samples": 12}
     for options, param in [
         ({"rollout": {"steps": [5, 100]}}, "lorafleet.rollout"),  # no alias: nothing to roll out into
+        ({"alias": "invoices", "rollout": {"steps": [10]}}, "lorafleet.rollout.steps"),
         ({"alias": "invoices", "rollout": {"steps": [50, 100]}}, "lorafleet.rollout.steps"),
         ({"alias": "invoices", "rollout": {"interval_s": 1}}, "lorafleet.rollout.interval_s"),
         ({"alias": "invoices", "rollout": {"weight": 5}}, "lorafleet.rollout.weight"),
@@ -160,11 +164,11 @@ def test_a_gated_version_runs_as_a_canary_and_its_steps_and_verdict_land_in_the_
     gateway.tenants.grant(acme, "invoices")
     policy = {"canary": {"steps": [10, 50, 100], "interval_s": 3600, "min_samples": 5}}
     assert client.put("/admin/aliases/invoices/rollout", headers=ADMIN, json=policy).status_code == 200
-    job_id, version = _gated(gateway, acme.id, "invoices", stable=True, choice={"steps": [10, 100]})
+    job_id, version = _gated(gateway, acme.id, "invoices", stable=True, choice={"steps": [10, 50, 100]})
     api = sdk(client, keys["acme"])
     job = _past(api, job_id, "canary_pending")
     canary = job.model_extra["lorafleet"]["rollout"]["canary"]
-    assert (canary["state"], canary["step"], canary["steps"], canary["weight"]) == ("running", 1, [10, 100], 0.1)
+    assert (canary["state"], canary["step"], canary["steps"], canary["weight"]) == ("running", 1, [10, 50, 100], 0.1)
     status = client.get("/admin/canaries/invoices", headers=ADMIN).json()
     assert (status["candidate"], status["config"]["min_samples"]) == (version, 5)  # the policy's, where not chosen
     assert any(m.startswith(f"Canary started: invoices@{version} takes 10%") for m in _events(api, job_id))
@@ -220,3 +224,27 @@ def test_an_aliass_first_version_is_promoted_once_gated_and_a_moved_stable_stops
         rollout["reason"] == f"the alias's stable version changed since the gate (invoices@{version}; now {other.ref})"
     )
     assert client.get("/admin/canaries/invoices", headers=ADMIN).status_code == 404  # no canary was started
+
+
+def test_an_alias_serving_its_newest_version_is_made_stable_before_a_job_gates_against_it(tmp_path: Path) -> None:
+    """Versions published before rollouts (or by hand) serve as the newest with no stable one: a job into such an
+    alias gates and canaries against that version, made stable first (not against the base model, and never
+    letting its own version serve by being newer)."""
+    from finetune.runner import Runner
+    from finetune.settings import WorkerSettings
+    from serving.state.tenants import TenantStore
+
+    settings = WorkerSettings(data_dir=tmp_path)
+    tenants = TenantStore(settings.state_url)
+    acme = tenants.create("acme")
+    store = AdapterStore(settings.data_dir / "adapters")
+    serving = store.publish(make_adapter(tmp_path / "old"), "invoices")
+    jobs = JobStore(tenants.engine)
+    spec = {"model": "m", "base_model": "m", "training_file": "file-x", "seed": 0, "hyperparameters": {}}
+    job = jobs.create(acme.id, None, **spec, options={"alias": "invoices"})
+    runner = Runner(settings, job.id, "w")
+    baseline = runner._baseline(AdapterStore(settings.data_dir / "adapters"), "invoices")
+    assert baseline is not None and baseline.version == serving.version
+    assert store.stable("invoices").version == serving.version  # type: ignore[union-attr]
+    assert "is now stable" in jobs.events(None, job.id, None, 10)[0][0]["message"]
+    assert runner._baseline(store, "nothing-yet") is None  # a fresh alias: gated against the base model

@@ -15,8 +15,10 @@ checks it. The sign-in form has its own token, double-submitted as a cookie.
 Pages answer with a strict Content-Security-Policy: no script at all, styles
 by nonce, charts are inline SVG (``serving.http.charts``).
 
-A tenant's console shows what its key's API shows: its own jobs, the aliases
-granted to it, their canaries; never another tenant's name or job.
+A tenant's console shows its own jobs, the aliases granted to it and their
+versions, and the canaries of the aliases granted to it alone (a shared alias's
+canary counts every tenant's traffic); never another tenant's name or job, nor
+who decided a canary step (an operator, another job).
 """
 
 from __future__ import annotations
@@ -203,8 +205,8 @@ async def canary_page(alias: str, request: Request, state: StateDep) -> Response
     viewer = await viewer_of(request, state)
     if viewer is None:
         return _to_login()
-    if viewer.tenant is not None and alias not in viewer.tenant.aliases:
-        return page(request, "console/error.html", status=404, message=f"No alias {alias} of yours.")
+    if viewer.tenant is not None and not await asyncio.to_thread(_alone, state, viewer.tenant, alias):
+        return page(request, "console/error.html", status=404, message=f"No alias {alias} of yours alone.")
     canary = await asyncio.to_thread(state.canaries.records.latest, alias)
     if canary is None:
         return page(request, "console/error.html", status=404, message=f"{alias} has had no canary.")
@@ -217,6 +219,7 @@ async def canary_page(alias: str, request: Request, state: StateDep) -> Response
         canary=canary.as_dict(),
         charts=canary_charts(events),
         events=events,
+        show_actors=viewer.admin,  # an operator's name, another job's id: the operator's to see
     )
 
 
@@ -271,17 +274,25 @@ def canary_charts(events: list[dict[str, Any]]) -> list[Any]:
 
 def _tenant_overview(state: Gateway, tenant: Tenant) -> dict[str, Any]:
     jobs, _ = state.jobs.page(tenant.id, limit=50)
-    aliases = [_alias_view(state, alias) for alias in sorted(tenant.aliases) if alias != BASE_ALIAS]
+    aliases = [_alias_view(state, tenant, alias) for alias in sorted(tenant.aliases) if alias != BASE_ALIAS]
     return {"tenant": tenant, "jobs": jobs, "aliases": [a for a in aliases if a is not None]}
 
 
-def _alias_view(state: Gateway, alias: str) -> dict[str, Any] | None:
+def _alone(state: Gateway, tenant: Tenant, alias: str) -> bool:
+    """Whether ``alias`` is granted to ``tenant`` and no other: only then are its canaries the tenant's to see
+    (a shared alias's canary counts every tenant's traffic, and an operator's notes)."""
+    return alias in tenant.aliases and state.tenants.holders(alias) == [tenant.name]
+
+
+def _alias_view(state: Gateway, tenant: Tenant, alias: str) -> dict[str, Any] | None:
     store = state.adapters.store
     versions = store.versions(alias)
     if not versions:
         return None
     stable, serving = store.stable(alias), store.serving(alias)
-    canary = state.canaries.active.get(alias) or state.canaries.records.latest(alias)
+    canary = None
+    if _alone(state, tenant, alias):
+        canary = state.canaries.active.get(alias) or state.canaries.records.latest(alias)
     return {
         "alias": alias,
         "stable": stable.version if stable else None,
