@@ -32,7 +32,7 @@ from training.train import split_examples
 
 # The gate's engine holds one batch of short answers: far less KV cache than serving or a whole evaluation.
 KV_CACHE_GIB = "1"
-MAX_TOKENS = 256
+MAX_TOKENS = 512  # the most an answer may run to: the longest expected answer's length, with room to spare
 # At most this many held-out examples are scored (a seeded sample of them, recorded): on the CPU each one costs
 # a generation per version, and 64 paired outcomes already show a drop of a few points (McNemar).
 MAX_EXAMPLES = 64
@@ -106,7 +106,7 @@ def run_gate(
     name = f"{alias}@candidate"
     targets = [Target(name, candidate), baseline]
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", KV_CACHE_GIB)
-    results = evaluate(evalset, targets, [mode], base_model, max_tokens=MAX_TOKENS)
+    results = evaluate(evalset, targets, [mode], base_model, max_tokens=answer_budget(evalset))
     gc.collect()
     (verdict,) = apply_gate(results, [name], baseline.name, Thresholds(**thresholds.model_dump()))
     table = []
@@ -125,6 +125,14 @@ def run_gate(
         )
     recorded = verdict.as_dict() | {"scored_on": scored_on, "modes": [mode], "table": table}
     return GateResult(verdict.passed, baseline.name, recorded, table)
+
+
+def answer_budget(evalset: EvalSet) -> int:
+    """Tokens an answer may run to: the longest expected answer at 1.5 characters a token (JSON and English run
+    to 3-4; text in other scripts to about 2), so a version that rambles (the base model, a broken candidate)
+    costs no more than needed to see that it does."""
+    longest = max((len(e.completion) for e in evalset.examples), default=0)
+    return max(32, min(MAX_TOKENS, longest * 2 // 3 + 16))
 
 
 def _schema(cfg: TrainConfig) -> dict[str, Any] | None:

@@ -38,7 +38,7 @@ def _config(path: Path, data: Path, steps: int, task: str) -> None:
                 "batch_size": 4,
                 "learning_rate": 2e-3,
                 "max_length": 160,
-                "val_fraction": 0.0,
+                "val_fraction": 0.25,  # a job into an alias is gated on the share it held out
                 "log_every": 1,
                 "save_every": 2,
             }
@@ -73,6 +73,14 @@ def test_the_demo_serves_base_at_once_and_each_adapter_when_trained(
         "LORAFLEET_ENGINE_PORT": str(free_port()),
     }
     env.pop("LORAFLEET_ADMIN_KEY", None)
+    # Four steps do not make a good adapter: the operator lets anything through the gate of this alias (what is
+    # tested here is the first run's flow; the gate's verdicts are tests/e2e/test_rollout_e2e.py's).
+    from serving.state.db import state_engine
+    from serving.state.policies import AliasPolicies, GateThresholds, RolloutPolicy
+
+    data.mkdir()
+    lenient = RolloutPolicy(gate=GateThresholds(min_valid=0, min_field_accuracy=0, max_drop=1))
+    AliasPolicies(state_engine(f"sqlite:///{data / 'state.db'}")).set_rollout("orders", lenient)
     url, out = f"http://127.0.0.1:{port}", tmp_path / "demo.out"
     with out.open("wb") as log:
         demo = subprocess.Popen(
@@ -120,6 +128,12 @@ def test_the_demo_serves_base_at_once_and_each_adapter_when_trained(
         # Trained as a fine-tuning job of the demo tenant, through the API, into its alias.
         (job,) = _jobs(data, "orders")
         assert (job.status, job.fine_tuned_model, job.options["max_steps"]) == ("succeeded", "orders", 4)
+        assert job.rollout["gate"]["against"] == "base"  # gated against the base model, then made stable
+        promoted = time.monotonic() + 30
+        while _jobs(data, "orders")[0].rollout_state != "promoted":
+            assert time.monotonic() < promoted, _jobs(data, "orders")[0].rollout
+            time.sleep(0.5)
+        assert store.stable("orders").version == 1  # type: ignore[union-attr]
 
         # Ctrl-C while `toolcall` trains: the child checkpoints and stops, the gateway stops, nothing hangs.
         while time.monotonic() < deadline and not (store.training("toolcall") or {}).get("step"):
