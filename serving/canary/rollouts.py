@@ -63,7 +63,8 @@ class Rollouts:
             return
         stable = await asyncio.to_thread(store.stable, alias)
         if stable is not None and stable.version == version:  # promoted already, its record lost: record it
-            await self._advance(job, rollout | {"state": "promoted", "reason": "promoted"}, [])
+            message = f"Promoted: {alias}@{version} serves {alias} (promoted before this was recorded)."
+            await self._advance(job, rollout | {"state": "promoted", "reason": "promoted"}, [(message, None, "info")])
             return
         if not await asyncio.to_thread(self.records.alone, job, alias):
             await self._not_started(job, f"{alias} is no longer granted to this tenant alone")
