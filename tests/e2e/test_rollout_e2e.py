@@ -32,6 +32,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.options import Options as ChromeOptions
 from selenium.webdriver.chrome.service import Service as ChromeService
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 from lorafleet.launch import start_gateway
 from tests.conftest import FLAG_SCHEMA, Gateway, client
@@ -271,6 +272,7 @@ def test_the_console_shows_the_runs_in_a_real_browser(ship: Ship, tmp_path: Path
         assert "rolled back" in driver.find_element(By.ID, "canary-state").text
         looked_at(driver, shots / "console-canary.png")
         driver.find_element(By.CSS_SELECTOR, "header form button").click()  # sign out (a POST with its token)
+        WebDriverWait(driver, 60).until(lambda d: d.current_url.endswith("/console/login"))
         sign_in(driver, gw.url, gw.running.admin_key)
         assert len(driver.find_elements(By.CSS_SELECTOR, "#engines tr")) >= 2
         assert "acme" in driver.find_element(By.ID, "tenants").text
@@ -299,7 +301,8 @@ def sign_in(driver: Any, url: str, key: str) -> None:
     assert driver.current_url.endswith("/console/login")  # not signed in: sent to the form
     driver.find_element(By.ID, "key").send_keys(key)
     driver.find_element(By.ID, "sign-in").click()
-    assert driver.current_url.endswith("/console") and driver.find_elements(By.CSS_SELECTOR, "header form")
+    WebDriverWait(driver, 60).until(lambda d: d.current_url.endswith("/console"))  # the click does not wait
+    assert driver.find_elements(By.CSS_SELECTOR, "header form")
 
 
 def looked_at(driver: Any, path: Path) -> None:
