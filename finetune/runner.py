@@ -113,7 +113,11 @@ class JobReporter(TrainerCallback):
             self.latest["valid_loss"] = round(float(logs["eval_loss"]), 6)
         elapsed = time.time() - self.started
         done = state.global_step - self.first_step
-        data: dict[str, Any] = {"step": state.global_step, "total_steps": state.max_steps, **self.latest}
+        # This step's own figures (a chart of the events plots each loss where it was measured); the job's progress
+        # keeps the latest of both.
+        measured = {"train_loss": "loss", "valid_loss": "eval_loss"}
+        data: dict[str, Any] = {"step": state.global_step, "total_steps": state.max_steps}
+        data |= {name: self.latest[name] for name, key in measured.items() if key in logs}
         if "learning_rate" in logs:
             data["learning_rate"] = float(logs["learning_rate"])
         if state.num_input_tokens_seen and elapsed > 0:
@@ -122,13 +126,13 @@ class JobReporter(TrainerCallback):
         if done > 0:
             finish = int(time.time() + elapsed / done * (state.max_steps - state.global_step))
         message = f"Step {state.global_step}/{state.max_steps}: " + ", ".join(
-            f"{k} {v}" for k, v in self.latest.items()
+            f"{k} {data[k]}" for k in measured if k in data
         )
         self.jobs.add_event(self.job.id, message, type_="metrics", data=data)
         self.jobs.update(
             self.job.id,
             self.worker,
-            progress=data | {"tokens_seen": int(state.num_input_tokens_seen or 0)},
+            progress=data | self.latest | {"tokens_seen": int(state.num_input_tokens_seen or 0)},
             estimated_finish=finish,
         )
         if self.announce is not None:

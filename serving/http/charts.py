@@ -60,6 +60,8 @@ def line_chart(series: Series, *, title: str, x_label: str, y_label: str, frame:
         return Markup("".join(parts))
     x_low, x_high = min(x for x, _ in every), max(x for x, _ in every)
     y_low, y_high = min(y for _, y in every), max(y for _, y in every)
+    if x_low == x_high:  # one point in time: drawn in the middle
+        x_low, x_high = x_low - 0.5, x_high + 0.5
     if y_low == y_high:
         y_low, y_high = y_low - 0.5, y_high + 0.5
     parts += _axes(frame, x_low, x_high, y_low, y_high, x_label, y_label)

@@ -135,7 +135,9 @@ def test_files_to_job_to_served_model_through_the_sdk_and_pause_resume_gives_the
 
     events = list(api.fine_tuning.jobs.list_events(done.id, limit=100))
     metrics = [e for e in events if e.type == "metrics"]
-    assert metrics and {"step", "train_loss", "valid_loss", "tokens_per_s"} <= set(metrics[0].data)
+    assert metrics and {"step", "train_loss", "valid_loss", "tokens_per_s"} <= set().union(*(m.data for m in metrics))
+    evaluated = [m.data for m in metrics if "valid_loss" in m.data]
+    assert evaluated and all(d["step"] % 2 == 0 for d in evaluated)  # each loss where it was measured
     messages = [e.message for e in events]
     assert messages[0] == "The job has successfully completed." and messages[-1] == "Validating training file."
     checkpoints = api.fine_tuning.jobs.checkpoints.list(done.id).data

@@ -242,16 +242,15 @@ async def cancel_job(job_id: str, request: Request, state: StateDep, csrf: str =
 
 def loss_chart(events: list[dict[str, Any]]) -> Any:
     """The training and validation loss over the steps, from the job's metrics events."""
-    series: dict[str, list[tuple[float, float]]] = {"train_loss": [], "valid_loss": []}
-    seen: dict[str, set[float]] = {"train_loss": set(), "valid_loss": set()}
-    for event in reversed(events):  # oldest first
+    points: dict[str, dict[float, float]] = {"train_loss": {}, "valid_loss": {}}
+    for event in events:  # newest first: a step logged again (a resumed run) shows its newest value
         data = event.get("data") or {}
         if event.get("type") != "metrics" or "step" not in data:
             continue
-        for name in series:
-            if name in data and data["step"] not in seen[name]:
-                seen[name].add(data["step"])
-                series[name].append((float(data["step"]), float(data[name])))
+        for name, seen in points.items():
+            if name in data:
+                seen.setdefault(float(data["step"]), float(data[name]))
+    series = {name: sorted(seen.items()) for name, seen in points.items()}
     return line_chart(series, title="loss", x_label="step", y_label="loss")
 
 
@@ -268,7 +267,8 @@ def canary_charts(events: list[dict[str, Any]]) -> list[Any]:
             lines["stable"].append((t, float(metric["stable"])))
             lines["candidate"].append((t, float(metric["canary"])))
     return [
-        line_chart(lines, title=name, x_label="seconds since start", y_label=name) for name, lines in per_metric.items()
+        line_chart(lines, title=name, x_label="seconds since the canary began", y_label=name)
+        for name, lines in per_metric.items()
     ]
 
 
