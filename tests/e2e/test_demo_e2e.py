@@ -53,6 +53,43 @@ def _jobs(data: Path, alias: str) -> list[Any]:
     return JobStore(state_engine(f"sqlite:///{data / 'state.db'}")).page(None, metadata={"demo": alias})[0]
 
 
+def _lenient_gate(data: Path, alias: str) -> None:
+    """Four steps do not make a good adapter: the operator lets anything through the gate of this alias (what is
+    tested here is the first run's flow; the gate's verdicts are tests/e2e/test_rollout_e2e.py's)."""
+    from serving.state.db import state_engine
+    from serving.state.policies import AliasPolicies, GateThresholds, RolloutPolicy
+
+    data.mkdir()
+    lenient = RolloutPolicy(gate=GateThresholds(min_valid=0, min_field_accuracy=0, max_drop=1))
+    AliasPolicies(state_engine(f"sqlite:///{data / 'state.db'}")).set_rollout(alias, lenient)
+
+
+def _until_promoted(data: Path, alias: str, timeout: float = 30) -> None:
+    """A gateway promotes a first version within a second of its job's end."""
+    deadline = time.monotonic() + timeout
+    while _jobs(data, alias)[0].rollout_state != "promoted":
+        assert time.monotonic() < deadline, _jobs(data, alias)[0].rollout
+        time.sleep(0.5)
+
+
+def _interrupt_while_training(demo: subprocess.Popen, store: AdapterStore, out: Path, deadline: float) -> None:
+    """Ctrl-C while `toolcall` trains: the child checkpoints and stops, the gateway stops, nothing hangs."""
+    while time.monotonic() < deadline and not (store.training("toolcall") or {}).get("step"):
+        assert demo.poll() is None, out.read_text()[-3000:]
+        time.sleep(0.3)
+    demo.send_signal(signal.SIGINT)
+    assert demo.wait(timeout=180) == 0, out.read_text()[-3000:]
+
+
+def _assert_queued_with_its_checkpoint(data: Path, store: AdapterStore) -> None:
+    """The worker stopped with the demo: the job checkpointed and went back to the queue for the next run."""
+    (toolcall,) = _jobs(data, "toolcall")
+    assert toolcall.status == "queued", toolcall
+    assert list((data / "jobs" / toolcall.id / "adapter.partial" / "checkpoints").glob("checkpoint-*"))
+    assert store.latest("toolcall") is None and store.training("toolcall") is None
+    assert not (data / "gateway.json").exists()
+
+
 def _chat(url: str, key: str, model: str) -> httpx.Response:
     body = {"model": model, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8}
     return httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=120)
@@ -73,14 +110,7 @@ def test_the_demo_serves_base_at_once_and_each_adapter_when_trained(
         "LORAFLEET_ENGINE_PORT": str(free_port()),
     }
     env.pop("LORAFLEET_ADMIN_KEY", None)
-    # Four steps do not make a good adapter: the operator lets anything through the gate of this alias (what is
-    # tested here is the first run's flow; the gate's verdicts are tests/e2e/test_rollout_e2e.py's).
-    from serving.state.db import state_engine
-    from serving.state.policies import AliasPolicies, GateThresholds, RolloutPolicy
-
-    data.mkdir()
-    lenient = RolloutPolicy(gate=GateThresholds(min_valid=0, min_field_accuracy=0, max_drop=1))
-    AliasPolicies(state_engine(f"sqlite:///{data / 'state.db'}")).set_rollout("orders", lenient)
+    _lenient_gate(data, "orders")
     url, out = f"http://127.0.0.1:{port}", tmp_path / "demo.out"
     with out.open("wb") as log:
         demo = subprocess.Popen(
@@ -129,27 +159,14 @@ def test_the_demo_serves_base_at_once_and_each_adapter_when_trained(
         (job,) = _jobs(data, "orders")
         assert (job.status, job.fine_tuned_model, job.options["max_steps"]) == ("succeeded", "orders", 4)
         assert job.rollout["gate"]["against"] == "base"  # gated against the base model, then made stable
-        promoted = time.monotonic() + 30
-        while _jobs(data, "orders")[0].rollout_state != "promoted":
-            assert time.monotonic() < promoted, _jobs(data, "orders")[0].rollout
-            time.sleep(0.5)
+        _until_promoted(data, "orders")
         assert store.stable("orders").version == 1  # type: ignore[union-attr]
 
-        # Ctrl-C while `toolcall` trains: the child checkpoints and stops, the gateway stops, nothing hangs.
-        while time.monotonic() < deadline and not (store.training("toolcall") or {}).get("step"):
-            assert demo.poll() is None, out.read_text()[-3000:]
-            time.sleep(0.3)
-        demo.send_signal(signal.SIGINT)
-        assert demo.wait(timeout=180) == 0, out.read_text()[-3000:]
+        _interrupt_while_training(demo, store, out, deadline)
     finally:
         if demo.poll() is None:
             demo.kill()
             demo.wait()
     text = out.read_text()
     assert "# base" in text and "# orders" in text and "curl -s" in text, text[-3000:]
-    # The worker stopped with the demo: the job checkpointed and went back to the queue for the next run.
-    (toolcall,) = _jobs(data, "toolcall")
-    assert toolcall.status == "queued", toolcall
-    assert list((data / "jobs" / toolcall.id / "adapter.partial" / "checkpoints").glob("checkpoint-*"))
-    assert store.latest("toolcall") is None and store.training("toolcall") is None
-    assert not (data / "gateway.json").exists()
+    _assert_queued_with_its_checkpoint(data, store)
