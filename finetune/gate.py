@@ -14,7 +14,6 @@ Loaded only by the job's training process (``finetune.runner``): it imports vLLM
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import random
@@ -106,8 +105,7 @@ def run_gate(
     name = f"{alias}@candidate"
     targets = [Target(name, candidate), baseline]
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", KV_CACHE_GIB)
-    results = evaluate(evalset, targets, [mode], base_model, max_tokens=answer_budget(evalset))
-    gc.collect()
+    results = evaluate(evalset, targets, [mode], base_model, max_tokens=answer_budget(evalset))  # engine closed
     (verdict,) = apply_gate(results, [name], baseline.name, Thresholds(**thresholds.model_dump()))
     table = []
     for scores in results:

@@ -56,7 +56,7 @@ from serving.state.jobs import Job, JobStateError, JobStore, event_in, fine_tune
 from serving.state.ledger import open_store
 from serving.state.policies import AliasPolicies
 from serving.state.rollouts import rollout_values
-from serving.state.tenants import grant_in, holders_in
+from serving.state.tenants import alone_in, grant_in
 from training.checkpoints import last_checkpoint, staging_of
 from training.config import ConfigError, TrainConfig
 from training.train import Interrupted, train
@@ -326,15 +326,15 @@ class Runner:
         the rollout's first state; the gateways take it from there (the canary, or the promotion)."""
         job = self.job
         store = open_store(self.settings)
-        if set(self._holders(alias)) != {job.tenant_id}:  # before the gate: never score another tenant's version
+        if not self._alone(alias):  # before the gate: never score another tenant's version
             return self._alias_taken(alias)
         baseline = self._baseline(store, alias)
-        gate, why = self._gate(alias, adapter, cfg, baseline)
+        gate, why = self._gate(alias, adapter, cfg, store, baseline)
         if not self.jobs.update(job.id, self.worker, progress={"phase": "publishing"}):
             if self.jobs.get(None, job.id).status == "cancelled":
                 clean_work(self.work)
             return LOST  # cancelled (or taken over) during the gate: nothing is published
-        if set(self._holders(alias)) != {job.tenant_id}:
+        if not self._alone(alias):
             return self._alias_taken(alias)
         rollout: dict[str, Any] = {
             "alias": alias,
@@ -364,7 +364,7 @@ class Runner:
                     store.retire(alias, published.version, reason=f"failed its gate: {rollout['reason']}", actor="job")
                 verdict = f"Gate failed: {rollout['reason']}. {published.ref} stays published and unserved."
             with self._succeeding(manifest, alias, result, rollout_values(rollout)) as db:
-                if set(holders_in(db, alias)) != {job.tenant_id}:  # granted to it alone, still
+                if not alone_in(db, job.tenant_id, alias):  # granted to it alone, still
                     raise AliasTaken(alias)
                 event_in(db, job.id, f"New version of {alias} created: {published.ref}.")
                 level = "info" if passed else "warn"
@@ -408,13 +408,15 @@ class Runner:
         except Exception:  # said, without hiding why the job did not finish
             log.exception("job %s: %s could not be retired; retire it by hand", self.job.id, published.ref)
 
-    def _gate(self, alias: str, adapter: Path, cfg: TrainConfig, baseline: Any) -> tuple[GateResult | None, str | None]:
+    def _gate(
+        self, alias: str, adapter: Path, cfg: TrainConfig, store: Any, baseline: Any
+    ) -> tuple[GateResult | None, str | None]:
         """The gate's result, or ``None`` and why it could not be run (then the version is published, unserved)."""
         settings, job = self.settings, self.job
         self.jobs.update(job.id, self.worker, progress={"phase": "gate"}, estimated_finish=None)
         against = baseline.ref if baseline else "the base model"
         self.jobs.add_event(job.id, f"Gating the new version of {alias} against {against} on held-out data.")
-        policies = AliasPolicies(state_engine(settings.state_url))
+        policies = AliasPolicies(self.jobs.engine)
         served = policies.get(alias)  # the gate judges as the alias is served: its JSON mode and default schema
         mode = "constrained" if served.json_mode == "enforce" else "unconstrained"
         try:
@@ -422,7 +424,7 @@ class Runner:
                 cfg,
                 adapter,
                 alias,
-                open_store(settings),
+                store,
                 settings.model_path(job.base_model),
                 settings.models_dir,
                 policies.rollout(alias).gate,
@@ -437,9 +439,9 @@ class Runner:
             return None, f"the gate could not run ({type(exc).__name__}); an operator can read why in the job's log"
         return gate, None
 
-    def _holders(self, alias: str) -> list[int]:
+    def _alone(self, alias: str) -> bool:
         with self.jobs.engine.connect() as db:
-            return list(holders_in(db, alias))
+            return alone_in(db, self.job.tenant_id, alias)
 
     def _alias_taken(self, alias: str) -> int:
         message = f"lorafleet.alias {alias!r} is no longer yours alone (its grants changed); nothing was published."

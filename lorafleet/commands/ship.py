@@ -30,7 +30,7 @@ import typer
 
 from lorafleet.console import console, err, fail
 
-PROMOTED, JOB_FAILED, GATE_FAILED, ROLLED_BACK = 0, 3, 4, 5
+PROMOTED, REFUSED, JOB_FAILED, GATE_FAILED, ROLLED_BACK = 0, 2, 3, 4, 5
 ENDINGS = {
     "promoted": PROMOTED,
     "gate_failed": GATE_FAILED,
@@ -152,12 +152,13 @@ class Watch:
                 self._events()
             except (openai.APIConnectionError, openai.InternalServerError, openai.RateLimitError) as exc:
                 # the gateway restarting, warming up or busy: look again
-                err.print(f"(the gateway did not answer: {exc}; trying again)", highlight=False)
+                err.print(f"(the gateway did not answer: {exc}; trying again)", highlight=False, markup=False)
                 time.sleep(max(self.poll_s, 2.0))
                 continue
             except openai.APIStatusError as exc:  # the key revoked, the job gone: nothing more to watch
-                err.print(f"[bold red]error:[/] watching {self.job_id}: {_refusal(exc)}", highlight=False)
-                return 2
+                err.print("[bold red]error:[/] ", end="")
+                err.print(f"watching {self.job_id}: {_refusal(exc)}", highlight=False, markup=False)
+                return REFUSED
             ending = self._ending(job)
             if ending is not None:
                 return ending
@@ -181,7 +182,7 @@ class Watch:
     def _ending(self, job: Any) -> int | None:
         if job.status in ("failed", "cancelled"):
             reason = (job.error.message if job.error else None) or job.status
-            err.print(f"the job {job.status}: {reason}", highlight=False)
+            err.print(f"the job {job.status}: {reason}", highlight=False, markup=False)
             return JOB_FAILED
         rollout = (job.model_extra.get("lorafleet") or {}).get("rollout") or {}
         state = rollout.get("state")
@@ -196,16 +197,15 @@ class Watch:
         if state == "promoted":
             console.print(f"promoted: {ref} serves {rollout['alias']}", highlight=False)
         else:
-            err.print(f"{state.replace('_', ' ')}: {ref} ({rollout.get('reason')})", highlight=False)
+            err.print(f"{state.replace('_', ' ')}: {ref} ({rollout.get('reason')})", highlight=False, markup=False)
         return ENDINGS[state]
 
 
 def show(event: Any) -> None:
     """One event: its line, and the gate's table or the canary's numbers where it carries them."""
     stamp = time.strftime("%H:%M:%S", time.localtime(event.created_at))
-    style = {"warn": "yellow", "error": "red"}.get(event.level, "")
-    line = f"{stamp} {event.message}"
-    console.print(f"[{style}]{line}[/]" if style else line, highlight=False, markup=bool(style))
+    style = {"warn": "yellow", "error": "red"}.get(event.level)
+    console.print(f"{stamp} {event.message}", style=style, highlight=False, markup=False)  # "[5, 25]" is no markup
     data = event.data or {}
     if isinstance(data, dict) and data.get("table"):
         console.print(gate_table(data), highlight=False)

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 
 from serving.state.jobs import Job, encoded, event_in, job_of_row
 from serving.state.tables import jobs_table
-from serving.state.tenants import holders_in
+from serving.state.tenants import alone_in
 
 RolloutState = Literal[
     "gating", "gate_failed", "canary_pending", "canary", "promoted", "rolled_back", "aborted", "not_started"
@@ -56,7 +56,7 @@ class RolloutRecords:
     def alone(self, job: Job, alias: str) -> bool:
         """Whether ``alias`` is still granted to the job's tenant and to no other."""
         with self.engine.connect() as db:
-            return set(holders_in(db, alias)) == {job.tenant_id}
+            return alone_in(db, job.tenant_id, alias)
 
     def advance(self, job: Job, rollout: dict[str, Any], events: list[Event]) -> bool:
         """Write ``rollout`` and ``events`` if the job's rollout is still ``job.rollout`` (``False``: another gateway

@@ -265,6 +265,11 @@ class TenantStore:
         with self.engine.connect() as db:
             return sorted(holders_in(db, alias).values())
 
+    def holds_alone(self, tenant_id: int, alias: str) -> bool:
+        """``alone_in``, in a connection of its own."""
+        with self.engine.connect() as db:
+            return alone_in(db, tenant_id, alias)
+
     def revoke_grant(self, tenant: Tenant, alias: str) -> None:
         with self._write() as db:
             db.execute(
@@ -392,6 +397,12 @@ class TenantStore:
                 row.queued_jobs,
             ),
         )
+
+
+def alone_in(db: sa.Connection, tenant_id: int, alias: str) -> bool:
+    """Whether ``alias`` is granted to the tenant ``tenant_id`` and to no other (the aliases a tenant's jobs may
+    publish into, and whose canaries are its to see)."""
+    return set(holders_in(db, alias)) == {tenant_id}
 
 
 def holders_in(db: sa.Connection, alias: str) -> dict[int, str]:

@@ -70,6 +70,11 @@ def csrf_token(state: Gateway, key: str) -> str:
     return hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()[:40]
 
 
+def _token_ok(state: Gateway, viewer: Viewer, csrf: str) -> bool:
+    """Whether a form carried the token of the page it came from (compared in constant time)."""
+    return hmac.compare_digest(csrf_token(state, viewer.key).encode(), csrf.encode())
+
+
 async def viewer_of(request: Request, state: Gateway) -> Viewer | None:
     return await identify(state, request.cookies.get(KEY_COOKIE, ""))
 
@@ -155,7 +160,7 @@ def _cookie(response: Response, request: Request, name: str, value: str, max_age
 @router.post("/logout", response_model=None)
 async def logout(request: Request, state: StateDep, csrf: str = Form("")) -> Response:
     viewer = await viewer_of(request, state)
-    if viewer is not None and not hmac.compare_digest(csrf_token(state, viewer.key).encode(), csrf.encode()):
+    if viewer is not None and not _token_ok(state, viewer, csrf):
         return _forbidden(request, "The form's token did not match")
     return _to_login()
 
@@ -228,7 +233,7 @@ async def cancel_job(job_id: str, request: Request, state: StateDep, csrf: str =
     viewer = await viewer_of(request, state)
     if viewer is None:
         return _to_login()
-    if not hmac.compare_digest(csrf_token(state, viewer.key).encode(), csrf.encode()):
+    if not _token_ok(state, viewer, csrf):
         return _forbidden(request, "The form's token did not match")
     try:
         await asyncio.to_thread(state.jobs.cancel, viewer.tenant.id if viewer.tenant else None, job_id)
@@ -281,7 +286,7 @@ def _tenant_overview(state: Gateway, tenant: Tenant) -> dict[str, Any]:
 def _alone(state: Gateway, tenant: Tenant, alias: str) -> bool:
     """Whether ``alias`` is granted to ``tenant`` and no other: only then are its canaries the tenant's to see
     (a shared alias's canary counts every tenant's traffic, and an operator's notes)."""
-    return alias in tenant.aliases and state.tenants.holders(alias) == [tenant.name]
+    return alias in tenant.aliases and state.tenants.holds_alone(tenant.id, alias)
 
 
 def _alias_view(state: Gateway, tenant: Tenant, alias: str) -> dict[str, Any] | None:

@@ -175,12 +175,9 @@ def _base_of(state: Gateway, tenant: Tenant, name: str, alias: str | None) -> tu
     owned = state.jobs.owned_model(tenant.id, name)
     if owned is not None and name in tenant.aliases:
         return owned.base_model, name
-    configured = state.settings.base_model
-    if name in (configured, Path(configured).name) and state.settings.model_path(configured) == configured:
-        return configured, None  # the gateway's own base, configured as a directory
-    provisioned = state.settings.models_dir / name
-    if "/" not in name and name not in (".", "..") and (provisioned / "config.json").is_file():
-        return name, None
+    base = _provisioned(state, name)
+    if base is not None:
+        return base, None
     served = sorted({state.settings.base_model, *(b.record.name for b in state.adapters.served_bases())})
     raise APIError(
         ErrorCode.MODEL_NOT_FOUND,
@@ -190,16 +187,24 @@ def _base_of(state: Gateway, tenant: Tenant, name: str, alias: str | None) -> tu
     )
 
 
+def _provisioned(state: Gateway, name: str) -> str | None:
+    """The base model ``name`` names here: the gateway's own (configured as a directory), or one provisioned under
+    the models folder; ``None`` if neither."""
+    configured = state.settings.base_model
+    if name in (configured, Path(configured).name) and state.settings.model_path(configured) == configured:
+        return configured  # the gateway's own base, configured as a directory
+    provisioned = state.settings.models_dir / name
+    if "/" not in name and name not in (".", "..") and (provisioned / "config.json").is_file():
+        return name
+    return None
+
+
 def _base_of_alias(state: Gateway, alias: str) -> str:
     """The base model the alias's serving version was trained on, if provisioned here; else the gateway's own."""
     version = state.adapters.store.serving(alias)
     if version is None:
         return state.settings.base_model
-    base = read_manifest(version.path).base_model.name
-    configured = state.settings.base_model
-    if base in (configured, Path(configured).name):
-        return configured
-    return base if (state.settings.models_dir / base / "config.json").is_file() else configured
+    return _provisioned(state, read_manifest(version.path).base_model.name) or state.settings.base_model
 
 
 def _file(state: Gateway, tenant: Tenant, file_id: str, param: str) -> None:
