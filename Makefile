@@ -3,7 +3,7 @@
 #               (make run GEMMA=1: also Gemma 3 270M on a second engine, accepting its terms of use)
 #   make test   install what the tests need and run the suite
 # Also: make test-fast (tests/unit: no model, engine or services), make lint, make bench (all benchmarks), make bench-train / bench-gateway / bench-client / bench-eval /
-#       bench-fleet / bench-finetune / bench-ship (one each), make soak (the fleet under operations, 10 minutes),
+#       bench-fleet / bench-finetune / bench-ship / bench-json / bench-orders (one each), make soak (the fleet under operations, 10 minutes),
 #       make first-answer (seconds from a fresh `lorafleet demo` to the first answers),
 #       make eval-demo (the demo adapters against the base model on held-out data).
 
@@ -12,7 +12,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test test-fast lint bench bench-train bench-gateway bench-client bench-eval bench-fleet bench-finetune bench-ship soak first-answer eval-demo venv model tools clean-venv
+.PHONY: run test test-fast lint bench bench-train bench-gateway bench-client bench-eval bench-fleet bench-finetune bench-ship bench-json bench-orders soak first-answer eval-demo venv model tools clean-venv
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -83,6 +83,15 @@ bench-finetune: model
 bench-ship: model
 	$(PY) -m benchmarks.ship
 
+# Enforced JSON on 48 real-world schemas (and emails ending a sentence), vLLM's default against compact JSON.
+bench-json: model
+	$(PY) -m lorafleet demo --no-serve
+	$(PY) -m benchmarks.enforced_json
+
+# The orders recipe on the first release's rows and on the shipped mix, in one run: time, both splits (an hour).
+bench-orders: model
+	$(PY) -m benchmarks.orders_robustness
+
 # Two gateways, two engines, PostgreSQL and Redis under open-loop traffic with publishes, a canary, a key
 # revocation and an engine kill on a schedule (10 minutes; SOAK_ARGS="--minutes 60" for longer).
 soak: model tools
@@ -91,13 +100,13 @@ soak: model tools
 first-answer: venv
 	$(PY) -m benchmarks.first_answer
 
-# Base model vs the demo adapters on their held-out sets, both modes (trains them first if missing).
+# Base model vs the demo adapters on their held-out sets and robustness splits, both modes (trains them first if missing).
 eval-demo: model
 	$(PY) -m lorafleet demo --no-serve
-	$(PY) -m lorafleet eval --data data/orders/test.jsonl --schema data/orders/schema.json \
-		--target base --target orders --out var/eval/orders
-	$(PY) -m lorafleet eval --data data/toolcall/test.jsonl --answers data/toolcall/test_answers.jsonl \
-		--target base --target toolcall --out var/eval/toolcall
+	$(PY) -m lorafleet eval --data data/orders/test.jsonl --robust data/orders/robust.jsonl \
+		--schema data/orders/schema.json --target base --target orders --out var/eval/orders
+	$(PY) -m lorafleet eval --data data/toolcall/test.jsonl --robust data/toolcall/robust.jsonl \
+		--answers data/toolcall/test_answers.jsonl --target base --target toolcall --out var/eval/toolcall
 
 clean-venv:
 	rm -rf $(VENV)

@@ -16,8 +16,9 @@ Layout under ``data_dir``::
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Literal, Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_BASE_MODEL = "SmolLM2-135M-Instruct"
@@ -60,6 +61,36 @@ class CommonSettings(BaseSettings):
             "by every worker (a job resumes on whichever worker takes it after its lease ran out)."
         ),
     )
+
+    json_backend: Literal["guidance", "xgrammar", "auto"] = Field(
+        default="guidance",
+        description=(
+            "vLLM's structured-outputs backend for enforced JSON (every engine this project starts, and the "
+            "offline evaluation's): guidance (llguidance: its refusals name the keywords it cannot enforce, which "
+            "the gateway then serves in validate mode) or xgrammar; auto lets vLLM choose per request (xgrammar, "
+            "else guidance) but cannot make JSON compact."
+        ),
+    )
+    json_compact: bool = Field(
+        default=True,
+        description=(
+            "Enforced JSON is compact: the grammar allows no whitespace between tokens (vLLM's "
+            "disable_any_whitespace), so a model cannot fill an answer with spaces and newlines until max_tokens."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _compact_needs_a_backend(self) -> Self:
+        if self.json_compact and self.json_backend == "auto":
+            raise ValueError(
+                "LORAFLEET_JSON_COMPACT=true needs LORAFLEET_JSON_BACKEND=guidance or xgrammar (vLLM applies "
+                "disable_any_whitespace only with a named backend); or set LORAFLEET_JSON_COMPACT=false"
+            )
+        return self
+
+    def structured_outputs(self) -> dict[str, Any]:
+        """vLLM's structured-outputs config for every engine (``--structured-outputs-config``)."""
+        return {"backend": self.json_backend, "disable_any_whitespace": self.json_compact}
 
     @property
     def files_root(self) -> Path:

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from contract.stats import paired_drop
-from evaluation.scores import Scored, TargetScores
+from evaluation.scores import HELD_OUT, Scored, TargetScores
 
 REGRESSION_METRICS = {
     "schema_valid": lambda s: s.verdict.outcome == "valid",
@@ -55,6 +55,12 @@ class Check:
     value: float | None
     threshold: float
     detail: str
+    split: str = HELD_OUT
+
+    @property
+    def where(self) -> str:
+        """The mode, and the held-out set when it is not the task's own: ``constrained (robust)``."""
+        return self.mode if self.split == HELD_OUT else f"{self.mode} ({self.split})"
 
 
 @dataclass
@@ -87,16 +93,17 @@ class GateVerdict:
 def apply_gate(
     results: list[TargetScores], candidates: list[str], stable: str | None, thresholds: Thresholds
 ) -> list[GateVerdict]:
-    """One verdict per candidate target, from results that include the stable version (if any)."""
-    by_key = {(r.target, r.mode): r for r in results}
+    """One verdict per candidate target, from results that include the stable version (if any): every check on
+    every mode of every held-out set evaluated (the robustness split too, when there is one)."""
+    by_key = {(r.target, r.mode, r.split): r for r in results}
     verdicts = []
     for candidate in candidates:
         verdict = GateVerdict(candidate, stable, thresholds)
-        for (target, mode), scores in by_key.items():
+        for (target, mode, split), scores in by_key.items():
             if target != candidate:
                 continue
             verdict.checks += _absolute_checks(scores, thresholds)
-            baseline = by_key.get((stable, mode)) if stable and stable != candidate else None
+            baseline = by_key.get((stable, mode, split)) if stable and stable != candidate else None
             if baseline is not None:
                 verdict.checks += _regression_checks(baseline, scores, thresholds)
         verdicts.append(verdict)
@@ -114,6 +121,7 @@ def _absolute_checks(scores: TargetScores, t: Thresholds) -> list[Check]:
             valid["value"],
             t.min_valid,
             f"{valid['successes']}/{valid['n']} schema-valid (95% CI {valid['low']:.3f}-{valid['high']:.3f})",
+            scores.split,
         )
     ]
     accuracy = summary["field_accuracy"]
@@ -126,6 +134,7 @@ def _absolute_checks(scores: TargetScores, t: Thresholds) -> list[Check]:
                 accuracy,
                 t.min_field_accuracy,
                 f"mean field accuracy {accuracy:.3f}",
+                scores.split,
             )
         )
     return checks
@@ -142,7 +151,10 @@ def _regression_checks(baseline: TargetScores, candidate: TargetScores, t: Thres
             f"{candidate.target} {test.candidate:.3f} vs stable {baseline.target} {test.baseline:.3f} "
             f"(drop {test.drop:+.3f}, {test.test} p={test.p_value:.3g})"
         )
-        checks.append(Check(f"regression:{metric}", candidate.mode, not failed, test.drop, t.max_drop, detail))
+        check = Check(
+            f"regression:{metric}", candidate.mode, not failed, test.drop, t.max_drop, detail, candidate.split
+        )
+        checks.append(check)
     return checks
 
 

@@ -128,7 +128,7 @@ def _markdown(
         lines += [compared]
         lines += ["", "| check | mode | result | detail |", "|---|---|---|---|"]
         for c in gate.checks:
-            lines.append(f"| {c.name} | {c.mode} | {'pass' if c.passed else '**FAIL**'} | {c.detail} |")
+            lines.append(f"| {c.name} | {c.where} | {'pass' if c.passed else '**FAIL**'} | {c.detail} |")
     if worst > 0:
         lines += ["", f"## Worst failures (up to {worst} per target and mode; all in failures.jsonl)"]
         for r in results:

@@ -36,7 +36,7 @@ from contract.examples import DataError, Example, check, read_rows
 from contract.manifest import ManifestError, read_manifest
 from contract.prompt import render, with_tools
 from contract.store import AdapterStore, AdapterVersion, StoreError
-from evaluation.scores import Generation, TargetScores, score
+from evaluation.scores import HELD_OUT, Generation, TargetScores, score
 
 MODES = ("unconstrained", "constrained")
 GroundTruth = dict[str, dict[str, list[Any]]]
@@ -61,6 +61,7 @@ class EvalSet:
     path: Path
     examples: list[Example]
     ground_truth: list[GroundTruth | None] = field(default_factory=list)
+    split: str = HELD_OUT
 
     def __post_init__(self) -> None:
         if not self.ground_truth:
@@ -120,7 +121,7 @@ def resolve_targets(
     return targets
 
 
-def load_examples(path: Path, schema_path: Path | None, answers: Path | None = None) -> EvalSet:
+def load_examples(path: Path, schema_path: Path | None, answers: Path | None = None, split: str = HELD_OUT) -> EvalSet:
     """Read and check the held-out set (every problem at once), joining BFCL answers by ``id``."""
     for p in (path, schema_path, answers):
         if p is not None and not p.is_file():
@@ -132,7 +133,7 @@ def load_examples(path: Path, schema_path: Path | None, answers: Path | None = N
     report = check(path, schema=schema, min_examples=1)
     if report.errors:
         raise EvalError(str(DataError(report, fix="Fix them: every held-out row needs its expected output.")))
-    evalset = EvalSet(path, report.examples)
+    evalset = EvalSet(path, report.examples, split=split)
     if answers is not None:
         evalset.ground_truth = _join_answers(evalset, answers)
     return evalset
@@ -175,7 +176,10 @@ def prompts_of(examples: list[Example], tokenizer: Any) -> list[str]:
 
 
 def open_engine(base_model: str, adapters: int, max_lora_rank: int = 16) -> Any:
-    """The in-process vLLM engine the offline evaluation (and its benchmark) generates with."""
+    """The in-process vLLM engine the offline evaluation (and its benchmark) generates with: enforced JSON as the
+    gateway's engines enforce it (``CommonSettings.structured_outputs``)."""
+    from contract.settings import CommonSettings
+
     # On the CPU, vLLM otherwise reserves 92% of the NUMA node's memory and
     # refuses to start when anything else holds some; 4 GiB of KV cache is
     # ample for batched evaluation of a 135M model.
@@ -190,6 +194,7 @@ def open_engine(base_model: str, adapters: int, max_lora_rank: int = 16) -> Any:
         max_model_len=2048,
         disable_log_stats=False,  # per-request timestamps (RequestOutput.metrics) for the latency columns
         seed=0,
+        structured_outputs_config=CommonSettings().structured_outputs(),
     )
 
 
@@ -208,7 +213,7 @@ def sampling_params(examples: list[Example], mode: str, max_tokens: int) -> list
 
 
 def evaluate(
-    evalset: EvalSet,
+    evalset: EvalSet | list[EvalSet],
     targets: list[Target],
     modes: list[str],
     base_model: str,
@@ -216,20 +221,22 @@ def evaluate(
     max_tokens: int = 256,
     llm: Any = None,
 ) -> list[TargetScores]:
-    """Generate every example for every target and mode on in-process vLLM, one batch each, and score it. Targets
-    on other base models (``Target.base``) run on an engine of their own, opened after the default base's."""
+    """Generate every example of every held-out set for every target and mode on in-process vLLM, one batch each,
+    and score it. Targets on other base models (``Target.base``) run on an engine of their own, opened after the
+    default base's."""
+    evalsets = evalset if isinstance(evalset, list) else [evalset]
     by_base: dict[str, list[Target]] = {}
     for target in targets:
         by_base.setdefault(target.base or base_model, []).append(target)
     results: dict[str, list[TargetScores]] = {}
     for model, group in by_base.items():
         own = llm if model == base_model else None
-        results |= _evaluate_on(evalset, group, modes, model, max_tokens, own)
+        results |= _evaluate_on(evalsets, group, modes, model, max_tokens, own)
     return [scores for target in targets for scores in results[target.name]]
 
 
 def _evaluate_on(
-    evalset: EvalSet, targets: list[Target], modes: list[str], base_model: str, max_tokens: int, llm: Any
+    evalsets: list[EvalSet], targets: list[Target], modes: list[str], base_model: str, max_tokens: int, llm: Any
 ) -> dict[str, list[TargetScores]]:
     from vllm.lora.request import LoRARequest
 
@@ -244,24 +251,28 @@ def _evaluate_on(
         # As the gateway's chat route is served: the rendered prompt (with the template's own <bos>, if it writes
         # one) tokenized without adding special tokens; a text prompt would get the tokenizer's <bos> on top.
         prompts = [
-            {"prompt_token_ids": tokenizer(p, add_special_tokens=False)["input_ids"]}
-            for p in prompts_of(evalset.examples, tokenizer)
+            [
+                {"prompt_token_ids": tokenizer(p, add_special_tokens=False)["input_ids"]}
+                for p in prompts_of(evalset.examples, tokenizer)
+            ]
+            for evalset in evalsets
         ]
         results: dict[str, list[TargetScores]] = {}
         for lora_id, target in enumerate(targets, start=1):
             lora = LoRARequest(target.name, lora_id, str(target.path)) if target.path else None
-            for mode in modes:
-                started = time.perf_counter()
-                outputs = llm.generate(
-                    prompts, sampling_params(evalset.examples, mode, max_tokens), lora_request=lora, use_tqdm=False
-                )
-                wall = time.perf_counter() - started
-                generations = [
-                    Generation(c.text, c.finish_reason, _latency(o, wall), len(c.token_ids))
-                    for o in outputs
-                    for c in o.outputs[:1]
-                ]
-                results.setdefault(target.name, []).append(_scored(evalset, target.name, mode, generations, wall))
+            for evalset, asked in zip(evalsets, prompts, strict=True):
+                for mode in modes:
+                    started = time.perf_counter()
+                    params = sampling_params(evalset.examples, mode, max_tokens)
+                    outputs = llm.generate(asked, params, lora_request=lora, use_tqdm=False)
+                    wall = time.perf_counter() - started
+                    generations = [
+                        Generation(c.text, c.finish_reason, _latency(o, wall), len(c.token_ids))
+                        for o in outputs
+                        for c in o.outputs[:1]
+                    ]
+                    scores = _scored(evalset, target.name, mode, generations, wall)
+                    results.setdefault(target.name, []).append(scores)
         return results
     finally:
         if opened:
@@ -280,7 +291,7 @@ def close_engine(llm: Any) -> None:
 
 
 def _scored(evalset: EvalSet, target: str, mode: str, generations: list[Generation], wall: float) -> TargetScores:
-    scores = TargetScores(target, mode, wall_s=wall)
+    scores = TargetScores(target, mode, wall_s=wall, split=evalset.split)
     for example, truth, gen in zip(evalset.examples, evalset.ground_truth, generations, strict=True):
         scores.items.append(score(gen, expected=example.completion, schema=example.schema, ground_truth=truth))
     return scores

@@ -15,6 +15,11 @@ from typing import Any
 from contract.judge import Verdict, judge
 from contract.stats import Rate, wilson
 
+# The held-out sets an evaluation scores: the task's own held-out split, and a robustness split phrased unlike
+# anything in training (``--robust``).
+HELD_OUT = "held-out"
+ROBUST = "robust"
+
 __all__ = ["Generation", "Rate", "Scored", "TargetScores", "call_correct", "score", "wilson"]
 
 
@@ -78,6 +83,7 @@ class TargetScores:
     mode: str
     items: list[Scored] = field(default_factory=list)
     wall_s: float = 0.0
+    split: str = HELD_OUT  # which held-out set: HELD_OUT, or ROBUST (phrasings unlike training's)
 
     def rate(self, pick: Any) -> Rate:
         return wilson(sum(1 for s in self.items if pick(s)), len(self.items))
@@ -91,6 +97,7 @@ class TargetScores:
         out: dict[str, Any] = {
             "target": self.target,
             "mode": self.mode,
+            "split": self.split,
             "n": n,
             "parse_rate": self.rate(lambda s: s.verdict.parsed_ok).as_dict(),
             "schema_valid_rate": self.rate(lambda s: s.verdict.outcome == "valid").as_dict(),

@@ -8,14 +8,28 @@ against the generator).
 
 The test split measures generalisation, not memorisation: it uses phrasing
 templates and first/last names that the train and validation splits never
-contain.
+contain. It is still the generator's own kind of sentence; the robustness split
+(``training.orders_robust``, ``robust.jsonl``) shares nothing with training.
+
+The train split is the base rows (the first 1600 draws, unchanged since the
+first release, as are the validation and test splits) followed by the *wide*
+rows: their own templates, names from many languages (diacritics, apostrophes,
+hyphens, multi-word surnames), more email and order-id shapes, punctuation
+right after a value ("... email: a@b.example.") and noise in spacing and case
+around the values, so an adapter learns to copy a value exactly wherever it
+stands, not the base rows' sentences.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
+import string
+import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from contract.examples import jsonl_text
@@ -293,6 +307,176 @@ INVENTED_SHARE = 0.6
 HANDLE_SHARE = 0.35
 DOMAINS = ["example.com", "mail.com", "shop.io", "corp.net", "inbox.org", "example.co.uk"]
 
+# The wide rows (training only). Every value is followed somewhere by punctuation that is not part of it.
+WIDE_TEMPLATES = [
+    "Please create the order JSON. Name: {name}. Email: {email}. Order: {order_id}. Status: {status}.",
+    "The customer {name} can be contacted at {email}. Their order {order_id} is {status}.",
+    "order {order_id} is {status}, customer is {name}, email: {email}.",
+    "JSON for this, please: {name}, {email}, {order_id}, {status}.",
+    "{name} just emailed from {email}! Order {order_id}, status {status}!",
+    "Status of {order_id}? {status}. Customer? {name}. Email? {email}.",
+    "Add order {order_id} ({status}) for {name}; send updates to {email}.",
+    'Customer: "{name}", email: "{email}", order: "{order_id}", status: "{status}". Convert to JSON.',
+    "I'm writing about order {order_id}. It's {status}. My name is {name} and my email is {email}.",
+    "{order_id} / {status} / {name} / {email} - make this a JSON order.",
+    "Log this order as JSON: it was placed by {name} (email {email}), it has ID {order_id} and status {status}.",
+    "need json. customer {name}. mail {email}. order {order_id}. it's {status}.",
+    "Email {email}; name {name}; order {order_id}; status {status}.",
+    "Please record that {name}'s order {order_id} is {status}. Their email address is {email}.",
+    "Turn this into the order JSON:\n- customer: {name}\n- email: {email}\n- id: {order_id}\n- status: {status}\n",
+    "Order {order_id} ({status}) belongs to {name}, whose email is {email}.",
+    "{status}: order {order_id}. Customer {name} <{email}>.",
+    "Hello, this is {name}. My order is {order_id} and it shows {status}. Write back to {email}.",
+    "[{order_id}] {name} - {email} - {status}",
+    "Can you JSON-ify this order? {name}, {order_id}, {status}, and the email is {email}!",
+]
+WIDE_FIRST_NAMES = [
+    "Zoë",
+    "José",
+    "Søren",
+    "Ólafur",
+    "Łukasz",
+    "Çağla",
+    "Thảo",
+    "Chiamaka",
+    "Oluwaseun",
+    "Siobhán",
+    "Jean-Luc",
+    "Marie-Claire",
+    "Anne-Sophie",
+    "D'Andre",
+    "Björk",
+    "Małgorzata",
+    "Žofia",
+    "Ştefan",
+    "Iñaki",
+    "Aoife",
+    "Ngozi",
+    "Tendai",
+    "Xóchitl",
+    "Giorgos",
+    "Nikolaj",
+    "Eleftheria",
+    "Rania",
+    "Parvati",
+    "Sunil",
+    "Mei-Ling",
+    "Hye-jin",
+    "Thandiwe",
+    "Kalani",
+    "Ayşe",
+    "Gökhan",
+    "Dagný",
+    "Ebru",
+    "Renée",
+    "François",
+    "Agnieszka",
+    "Bogdan",
+    "Vasilisa",
+    "Lindiwe",
+    "Sione",
+    "Tahu",
+    "Keanu",
+    "Amaru",
+    "Inti",
+    "Ruslan",
+    "Zhanna",
+    "Aigerim",
+    "Nurlan",
+    "Dilnoza",
+    "Shirin",
+    "Kourosh",
+    "Yael",
+    "Avraham",
+    "Miriam",
+    "Esperanza",
+    "Joaquín",
+    "Maël",
+    "Noémie",
+    "Lorenzo",
+    "Chiara",
+    "Wojciech",
+    "Jiří",
+    "Dáire",
+    "Pádraig",
+    "Kaja",
+    "Tuğba",
+]
+WIDE_LAST_NAMES = [
+    "van der Berg",
+    "de la Cruz",
+    "Al-Amin",
+    "O'Connor",
+    "D'Souza",
+    "Smith-Jones",
+    "García Márquez",
+    "Nguyễn",
+    "Trần",
+    "Øvergaard",
+    "Łęcki",
+    "Çelik",
+    "Şahin",
+    "Adeyemi",
+    "Okonkwo",
+    "Mbeki",
+    "Ní Bhriain",
+    "Mac Giolla",
+    "Van Dyke",
+    "dos Santos",
+    "Papadopoulos",
+    "Kovačević",
+    "Horváth",
+    "Szabó",
+    "Dvořák",
+    "Jóhannsdóttir",
+    "Guðmundsson",
+    "Kealoha",
+    "Tupou",
+    "Ramírez-Ortiz",
+    "Le Roux",
+    "St. Clair",
+    "bin Rashid",
+    "Abu Bakr",
+    "Kuznetsova",
+    "Bekov",
+    "Tehrani",
+    "Ben-David",
+    "Levi",
+    "Hernández",
+    "Quispe",
+    "Mamani",
+    "Schäfer",
+    "Großmann",
+    "Lefèvre",
+    "Wiśniewska",
+    "Nowakowski",
+    "Håkansson",
+    "Yıldız",
+    "Ōta",
+]
+# Invented names from syllables with diacritics and joins: names no pretrained model has seen, spelt exactly.
+WIDE_SYLLABLES = ["ño", "zé", "øy", "lü", "ša", "ğa", "ká", "mé", "ði", "ło", "va", "ren", "tï", "bå", "ju", "ko"]
+WIDE_DOMAINS = [
+    "post.example.de",
+    "correo.example.es",
+    "example.fr",
+    "mail.example.jp",
+    "web-shop.example",
+    "example.com.br",
+    "example.pl",
+    "example.ie",
+    "sales.example.net",
+    "example.travel",
+]
+WIDE_ROWS = 1400
+WIDE_INVENTED_SHARE = 0.5
+# Order-id shapes the robustness split keeps for itself (it never shares a shape with training, so it measures
+# copying, not recall): a random id of one of these shapes is drawn again.
+RESERVED_ID_SHAPES = re.compile(r"[A-Z]{2}/\d{4}/\d{5}|\d{4}-[A-Z]{2}-\d{5}|[0-9a-f]{4}-[0-9a-f]{4}|[A-Z]\d\d\.\d{4}")
+# Noise in the sentence around the values (never in a value): lower case, upper case, doubled spaces, a space
+# before punctuation.
+NOISE = {"lower": 0.2, "upper": 0.05, "double_space": 0.15, "space_before_punct": 0.1}
+
 
 @dataclass(frozen=True)
 class Split:
@@ -348,21 +532,134 @@ def _record(rng: random.Random, held_out: bool) -> tuple[str, dict]:
     return instruction, output
 
 
+# Letters NFKD does not take apart into an ASCII letter and a mark.
+FOLD = str.maketrans(
+    {"ł": "l", "Ł": "L", "ø": "o", "Ø": "O", "đ": "d", "Đ": "D", "ð": "d", "Ð": "D", "þ": "th", "Þ": "Th"}
+    | {"æ": "ae", "Æ": "Ae", "ß": "ss", "ı": "i"}
+)
+
+
+def email_local(text: str) -> str:
+    """A name as an email's local part: ASCII, lower case, no spaces or apostrophes (``Łęcki`` -> ``lecki``)."""
+    decomposed = unicodedata.normalize("NFKD", text.translate(FOLD))
+    plain = "".join(c for c in decomposed if not unicodedata.combining(c))
+    return "".join(c for c in plain.lower() if c.isascii() and (c.isalnum() or c in "-."))
+
+
+def noisy(template: str, rng: random.Random) -> str:
+    """The template with noise in its own words (case, spacing), never in the ``{placeholders}`` it fills."""
+    pieces = []
+    lower, upper = rng.random() < NOISE["lower"], rng.random() < NOISE["upper"]
+    double, before = rng.random() < NOISE["double_space"], rng.random() < NOISE["space_before_punct"]
+    for literal, field, _, _ in string.Formatter().parse(template):
+        text = literal.lower() if lower else literal.upper() if upper else literal
+        if double:
+            text = text.replace(" ", "  ")
+        if before:
+            text = "".join(" " + c if c in ",;:!?" else c for c in text)
+        pieces.append(text + ("{" + field + "}" if field else ""))
+    return "".join(pieces)
+
+
+def _invented_name(rng: random.Random) -> tuple[str, str]:
+    first = "".join(rng.choice(WIDE_SYLLABLES) for _ in range(rng.randint(2, 4))).capitalize()
+    last = "".join(rng.choice(WIDE_SYLLABLES) for _ in range(rng.randint(2, 4))).capitalize()
+    joined = rng.choice(["", "", "", "van ", "O'", "Al-", "de ", "Mc", "di "]) + last
+    if rng.random() < 0.15:
+        joined += rng.choice(["-", " "]) + "".join(rng.choice(WIDE_SYLLABLES) for _ in range(2)).capitalize()
+    return first, joined
+
+
+def _segment(rng: random.Random) -> str:
+    kind = rng.choice(["digits", "upper", "lower", "hex", "alnum"])
+    size = rng.randint(1, 6)
+    alphabet = {
+        "digits": string.digits,
+        "upper": string.ascii_uppercase,
+        "lower": string.ascii_lowercase,
+        "hex": "0123456789abcdef",
+        "alnum": string.ascii_uppercase + string.digits,
+    }[kind]
+    return "".join(rng.choice(alphabet) for _ in range(size))
+
+
+def _wide_order_id(rng: random.Random) -> str:
+    """An id of 1-4 random segments (digits, letters, hex) joined by any of - / . _ : or nothing: copying it
+    whole, whatever its shape, is what is learnt. Shapes in ``RESERVED_ID_SHAPES`` are drawn again."""
+    while True:
+        parts = [_segment(rng) for _ in range(rng.randint(1, 4))]
+        order_id = parts[0] + "".join(rng.choice(["-", "/", ".", "_", ":", ""]) + p for p in parts[1:])
+        if len(order_id) >= 3 and not RESERVED_ID_SHAPES.fullmatch(order_id):
+            return order_id
+
+
+def _wide_domain(rng: random.Random) -> str:
+    """2-3 labels: a pool domain, or invented labels (some two letters, like a country) and a top-level one."""
+    if rng.random() < 0.4:
+        return rng.choice(WIDE_DOMAINS)
+    labels = ["".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(1, 2))]
+    if rng.random() < 0.3:
+        labels.insert(rng.randrange(len(labels) + 1), rng.choice(["de", "eu", "us", "fr", "jp", "mx", "in"]))
+    top = rng.choice(["com", "net", "org", "io", "dev", "app", "shop", "de", "nl", "se"])
+    return ".".join([*labels[:2], top])
+
+
+def _wide_record(rng: random.Random) -> tuple[str, dict]:
+    if rng.random() < WIDE_INVENTED_SHARE:
+        first, last = _invented_name(rng)
+    else:
+        first, last = rng.choice(WIDE_FIRST_NAMES), rng.choice(WIDE_LAST_NAMES)
+    name = f"{first} {last}"
+    given, family = email_local(first), email_local(last)
+    local = rng.choice(
+        [
+            f"{given}.{family}",
+            f"{given}_{family}",
+            f"{given}-{family}",
+            f"{given[0]}.{family}",
+            f"{family}{rng.randint(1, 2026)}",
+            f"{given}{family[:3]}",
+            f"{family}_{given[0]}{rng.randint(1, 99)}",
+        ]
+    ).strip("-.")
+    if rng.random() < HANDLE_SHARE:
+        local = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3))) + rng.choice(["", "_", "-", "."])
+        local += str(rng.randint(1, 99999))
+    email = f"{local}@{_wide_domain(rng)}"
+    order_id = _wide_order_id(rng)
+    status = rng.choice(STATUSES)
+    instruction = noisy(rng.choice(WIDE_TEMPLATES), rng).format(
+        name=name, email=email, order_id=order_id, status=status
+    )
+    output = {"customer": {"name": name, "email": email}, "order_id": order_id, "status": status}
+    return instruction, output
+
+
 def generate(seed: int = 0) -> dict[str, list[dict]]:
-    """Every split of the orders task as lists of ``{"instruction", "output"}`` rows."""
+    """Every split of the orders task as lists of ``{"instruction", "output"}`` rows.
+
+    The base rows come first from one stream (as they always did); the wide rows are drawn from a stream of
+    their own and added to the train split."""
     rng = random.Random(seed)
     seen: set[str] = set()
     splits: dict[str, list[dict]] = {}
     for split in SPLITS:
-        rows: list[dict] = []
-        while len(rows) < split.size:
-            instruction, output = _record(rng, split.held_out)
-            if instruction in seen:
-                continue
-            seen.add(instruction)
-            rows.append({"instruction": instruction, "output": json.dumps(output, ensure_ascii=False)})
-        splits[split.name] = rows
+        splits[split.name] = unique_rows(partial(_record, rng, split.held_out), split.size, seen)
+    wide = random.Random(f"orders-wide:{seed}")
+    splits["train"] += unique_rows(partial(_wide_record, wide), WIDE_ROWS, seen)
     return splits
+
+
+def unique_rows(draw: Callable[[], tuple[str, dict]], size: int, seen: set[str]) -> list[dict]:
+    """``size`` rows from ``draw``, none with an instruction in ``seen`` (which grows)."""
+    rows: list[dict] = []
+    while len(rows) < size:
+        instruction, output = draw()
+        if instruction in seen:
+            continue
+        seen.add(instruction)
+        rows.append({"instruction": instruction, "output": json.dumps(output, ensure_ascii=False)})
+    return rows
 
 
 def write(out_dir: Path, seed: int = 0) -> list[Path]:

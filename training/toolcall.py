@@ -18,6 +18,7 @@ BFCL's answers expect, and its multi-turn chat is not what BFCL asks).
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -120,13 +121,41 @@ def is_held_out(bfcl_id: str) -> bool:
     return int(bfcl_id.rsplit("_", 1)[1]) % 4 == 0
 
 
+# The robustness split: each held-out question asked the way people ask, in words no training row uses (a test
+# checks); the question itself (its numbers, names, units) is left as it is, so BFCL's answers still hold.
+FRAMINGS = [
+    "hey, quick one for you: {q} thanks!!",
+    "I'm stuck on my homework. {q}",
+    "{q} Just hand me the function call, nothing else.",
+    'My colleague asked me this and I need the call for it: "{q}"',
+    "Context: we are wiring a chatbot to our backend.\nTask: {q}",
+    "{lower}",
+    "URGENT - {q}",
+    "{q}\n\n(pick whichever tool fits, and fill in its arguments)",
+]
+
+
+def robust_rows(test: list[dict]) -> list[dict]:
+    """The held-out rows phrased unlike the training ones: one framing per question, chosen by a seeded draw."""
+    rng = random.Random("toolcall-robust")
+    rows = []
+    for row in test:
+        question = row["messages"][0]["content"].strip()
+        lower = question.rstrip(".?!").lower()
+        asked = rng.choice(FRAMINGS).format(q=question, lower=lower)
+        rows.append({**row, "messages": [{"role": "user", "content": asked}, *row["messages"][1:]]})
+    return rows
+
+
 def write(source: Path, out: Path) -> dict[str, int]:
-    """Write ``train.jsonl`` (BFCL), ``glaive.jsonl``, ``test.jsonl`` (held-out BFCL) and ``test_answers.jsonl``
-    (BFCL's acceptable answers for the held-out ids, for ``lorafleet eval --answers``) under ``out``."""
+    """Write ``train.jsonl`` (BFCL), ``glaive.jsonl``, ``test.jsonl`` (held-out BFCL), ``robust.jsonl`` (the
+    held-out questions phrased unlike training) and ``test_answers.jsonl`` (BFCL's acceptable answers for the
+    held-out ids, for ``lorafleet eval --answers``) under ``out``."""
     glaive, glaive_skipped = from_glaive(source / GLAIVE_FILE)
     bfcl_train, bfcl_test, bfcl_skipped = from_bfcl(source / BFCL_FILE, source / BFCL_ANSWERS)
     out.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("train", bfcl_train), ("glaive", glaive), ("test", bfcl_test)):
+    splits = {"train": bfcl_train, "glaive": glaive, "test": bfcl_test, "robust": robust_rows(bfcl_test)}
+    for name, rows in splits.items():
         (out / f"{name}.jsonl").write_text(jsonl_text(rows), "utf-8")
     held_out = {r["id"] for r in bfcl_test}
     answers = [a for a in _answers(source / BFCL_ANSWERS) if a["id"] in held_out]

@@ -19,10 +19,11 @@ def data_demo(
     out: Annotated[Path, typer.Option(help="Folder for the splits and schema.")] = DEMO_DATA,
     seed: int = 0,
 ) -> None:
-    """Write the "orders" task: train/validation/test JSONL splits and its JSON Schema."""
+    """Write the "orders" task: train/validation/test JSONL splits, the robustness split and its JSON Schema."""
+    from training import orders_robust
     from training.demo_data import write
 
-    for path in write(out, seed):
+    for path in [*write(out, seed), orders_robust.write(out, seed)]:
         console.print(f"wrote {path}")
 
 
@@ -70,16 +71,16 @@ def data_toolcall(
     source: Annotated[Path, typer.Option(help="Folder with the glaive and BFCL files.")] = Path(
         "../shared/data/toolcall"
     ),
-    out: Annotated[Path, typer.Option(help="Folder for train.jsonl (BFCL), glaive.jsonl and test.jsonl.")] = Path(
-        "data/toolcall"
-    ),
+    out: Annotated[
+        Path, typer.Option(help="Folder for train.jsonl (BFCL), glaive.jsonl, test.jsonl and robust.jsonl.")
+    ] = Path("data/toolcall"),
 ) -> None:
     """Convert glaive and BFCL function-calling data into JSON-output chat rows (BFCL ids % 4 == 0 held out)."""
     from training.toolcall import write
 
     counts = write(source, out)
     console.print(
-        f"wrote {out}/train.jsonl ({counts['train']}), {out}/glaive.jsonl ({counts['glaive']}) and "
-        f"{out}/test.jsonl ({counts['test']}); skipped {counts['skipped_glaive']} glaive and "
-        f"{counts['skipped_bfcl']} BFCL rows"
+        f"wrote {out}/train.jsonl ({counts['train']}), {out}/glaive.jsonl ({counts['glaive']}), "
+        f"{out}/test.jsonl and {out}/robust.jsonl ({counts['test']} each); "
+        f"skipped {counts['skipped_glaive']} glaive and {counts['skipped_bfcl']} BFCL rows"
     )

@@ -30,6 +30,13 @@ def eval_(
     answers: Annotated[
         Path | None, typer.Option(help="BFCL-style answers joined to the rows by id: scores call accuracy.")
     ] = None,
+    robust: Annotated[
+        Path | None,
+        typer.Option(
+            help="A robustness split (phrasings unlike training; same schema and answers): scored beside --data, "
+            "reported under OUT/robust, and judged by --gate too."
+        ),
+    ] = None,
     mode: Annotated[list[str] | None, typer.Option(help="unconstrained and/or constrained (default: both).")] = None,
     max_tokens: int = 256,
     gateway: Annotated[
@@ -55,6 +62,7 @@ def eval_(
     from evaluation.gate import Thresholds, apply_gate
     from evaluation.report import write_report
     from evaluation.run import MODES, EvalError, evaluate, evaluate_gateway, load_examples, resolve_targets
+    from evaluation.scores import ROBUST
     from serving.state.ledger import open_store
 
     settings = CommonSettings()
@@ -68,7 +76,9 @@ def eval_(
             thresholds = Thresholds(min_valid, min_field_accuracy, max_drop, alpha)
         except ValueError as exc:
             raise EvalError(f"gate threshold: {exc}") from exc
-        evalset = load_examples(data, schema, answers)
+        evalsets = [load_examples(data, schema, answers)]
+        if robust is not None:
+            evalsets.append(load_examples(robust, schema, answers, split=ROBUST))
         if gateway:
             if gate:
                 raise EvalError("--gate needs the versions themselves: evaluate offline (without --gateway)")
@@ -85,25 +95,33 @@ def eval_(
             targets = resolve_targets(names, store, settings.base_model_path(), settings.models_dir)
     except EvalError as exc:
         raise fail(str(exc)) from exc
+    verdicts = []
     if gateway:
         try:
-            run = evaluate_gateway(evalset, target, modes, gateway, api_key or "", max_tokens=max_tokens)
-            results = asyncio.run(run)
+            results = []
+            for evalset in evalsets:
+                run = evaluate_gateway(evalset, target, modes, gateway, api_key or "", max_tokens=max_tokens)
+                results += asyncio.run(run)
         except EvalError as exc:
             raise fail(str(exc)) from exc
-        write_report(results, evalset, out, worst=worst, review=review)
     else:
-        results = evaluate(evalset, targets, modes, settings.base_model_path(), max_tokens=max_tokens)
-        verdicts = []
+        results = evaluate(evalsets, targets, modes, settings.base_model_path(), max_tokens=max_tokens)
         if gate:
             candidates = [t for t in targets if t.version is not None and t.name != stable_ref]
             verdicts = apply_gate(results, [t.name for t in candidates], stable_ref, thresholds)
+            recorded = {"data": str(data), "modes": modes} | ({"robust": str(robust)} if robust else {})
             for t, verdict in zip(candidates, verdicts, strict=True):
                 assert t.version is not None
-                store.record_gate(t.version, verdict.as_dict() | {"data": str(data), "modes": modes})
-        write_report(results, evalset, out, gates=verdicts, worst=worst, review=review)
-    console.print((out / "report.md").read_text().split("\n## Worst failures")[0], highlight=False, markup=False)
-    console.print(f"reports in {out}: report.json, report.md, report.png, failures.jsonl, review.html, review.csv")
+                store.record_gate(t.version, verdict.as_dict() | recorded)
+    for evalset in evalsets:
+        where = out if evalset.split != ROBUST else out / ROBUST
+        mine = [r for r in results if r.split == evalset.split]
+        gates = verdicts if evalset.split != ROBUST else None  # the verdict (every split's checks) is written once
+        write_report(mine, evalset, where, gates=gates, worst=worst, review=review)
+        console.print((where / "report.md").read_text().split("\n## Worst failures")[0], highlight=False, markup=False)
+        console.print(
+            f"reports in {where}: report.json, report.md, report.png, failures.jsonl, review.html, review.csv"
+        )
     if not gateway and gate:
         _gate_outcome(verdicts)
 
@@ -114,7 +132,7 @@ def _gate_outcome(verdicts: list[Any]) -> None:
     for v in failed:
         for c in v.failures:
             err.print(
-                f"gate failed: {v.target} {c.mode} {c.name}: {c.detail} (threshold {c.threshold})",
+                f"gate failed: {v.target} {c.where} {c.name}: {c.detail} (threshold {c.threshold})",
                 highlight=False,
                 markup=False,
             )

@@ -70,6 +70,9 @@ def vllm_command(settings: GatewaySettings, spec: EngineSpec | None = None, host
         # The gateway renders each adapter's recorded chat template; clients cannot set it.
         "--trust-request-chat-template",
         "--disable-uvicorn-access-log",
+        # Enforced JSON with no whitespace between tokens: a model cannot loop on it (LORAFLEET_JSON_COMPACT).
+        "--structured-outputs-config",
+        json.dumps(settings.structured_outputs(), separators=(",", ":")),
         *(spec.extra_args if spec is not None else []),
     ]
 

@@ -468,3 +468,44 @@ def test_ctrl_c_drains_in_flight_requests_then_stops_every_child(gateway: Gatewa
     assert gateway.proc.wait(timeout=60) == 0
     _, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, [p.cmdline() for p in alive]
+
+
+def _whitespace_outside_strings(text: str) -> list[int]:
+    """Where ``text`` (JSON, perhaps cut short) has whitespace between tokens rather than inside a string."""
+    found, in_string, escaped = [], False, False
+    for i, ch in enumerate(text):
+        if in_string:
+            escaped = not escaped and ch == "\\"
+            in_string = escaped or ch != '"'
+        elif ch == '"':
+            in_string = True
+        elif ch.isspace():
+            found.append(i)
+    return found
+
+
+def test_enforced_json_leaves_no_room_for_whitespace_loops(gateway: Gateway) -> None:
+    """The engine enforces compact JSON (LORAFLEET_JSON_COMPACT): with a real-world schema the adapter never saw
+    (one of the bundled JSON Schema Store files) and with the adapter's own task phrased with the email ending a
+    sentence, an enforced answer has no whitespace between tokens, so it cannot spend max_tokens on it."""
+    kind = json.loads((ROOT / "data/schemas/schemastore/kind-cluster.json").read_text())
+    robust = [json.loads(line) for line in (ORDERS / "robust.jsonl").read_text().splitlines()]
+    email_last = next(
+        r["instruction"]
+        for r in robust
+        if r["instruction"].endswith(f"{json.loads(r['output'])['customer']['email']}.")
+    )
+    asks = [
+        ("Write an example kind cluster configuration as a JSON object.", kind),
+        (email_last, json.loads((ORDERS / "schema.json").read_text())),
+    ]
+    for prompt, schema in asks:
+        resp = client(gateway).chat.completions.create(
+            model="orders",
+            messages=[{"role": "user", "content": prompt}],
+            temperature=0,
+            max_tokens=200,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+        )
+        text = resp.choices[0].message.content or ""
+        assert text.startswith("{") and not _whitespace_outside_strings(text), text

@@ -111,6 +111,8 @@ def test_eval_scores_base_and_adapter_in_both_modes(tiny_adapter: Path, base_mod
     (data_dir / "models" / base_model.name).symlink_to(base_model)
     data = tmp_path / "test.jsonl"
     data.write_text("".join((ORDERS / "test.jsonl").read_text().splitlines(keepends=True)[:6]))
+    robust = tmp_path / "robust.jsonl"
+    robust.write_text("".join((ORDERS / "robust.jsonl").read_text().splitlines(keepends=True)[:4]))
     out = tmp_path / "report"
     proc = subprocess.run(
         [
@@ -120,6 +122,8 @@ def test_eval_scores_base_and_adapter_in_both_modes(tiny_adapter: Path, base_mod
             "eval",
             "--data",
             str(data),
+            "--robust",
+            str(robust),
             "--schema",
             str(ORDERS / "schema.json"),
             "--target",
@@ -160,3 +164,11 @@ def test_eval_scores_base_and_adapter_in_both_modes(tiny_adapter: Path, base_mod
     store = AdapterStore(data_dir / "adapters")
     assert store.gate(store.get("orders", 1))["passed"] is True
     assert store.promote("orders", 1)["gate_passed"] is True
+    # The robustness split: scored beside, reported in its own folder, and judged by the same gate.
+    beside = json.loads((out / "robust" / "report.json").read_text())
+    assert {(r["target"], r["mode"], r["split"], r["n"]) for r in beside["results"]} == {
+        (t, m, "robust", 4) for t in ("base", "orders@1") for m in ("unconstrained", "constrained")
+    }
+    assert {c["split"] for c in report["gates"][0]["checks"]} == {"held-out", "robust"}
+    assert "| schema_valid | constrained (robust) |" in (out / "report.md").read_text()
+    assert f"# Evaluation on `{robust}`" in (out / "robust" / "report.md").read_text()

@@ -90,7 +90,7 @@ def test_too_long_examples_are_errors(tmp_path: Path) -> None:
 @pytest.mark.skipif(not SHARED_TOOLCALL.is_dir(), reason="../shared/data/toolcall is not beside the checkout")
 def test_toolcall_conversion_is_bundled_valid_and_holds_out_bfcl(tmp_path: Path) -> None:
     counts = toolcall.write(SHARED_TOOLCALL, tmp_path)
-    for name in ("train.jsonl", "glaive.jsonl", "test.jsonl", "test_answers.jsonl"):
+    for name in ("train.jsonl", "glaive.jsonl", "test.jsonl", "robust.jsonl", "test_answers.jsonl"):
         assert (tmp_path / name).read_bytes() == (ROOT / "data" / "toolcall" / name).read_bytes()
     train = [json.loads(x) for x in (tmp_path / "train.jsonl").read_text().splitlines()]
     glaive = [json.loads(x) for x in (tmp_path / "glaive.jsonl").read_text().splitlines()]
@@ -106,6 +106,19 @@ def test_toolcall_conversion_is_bundled_valid_and_holds_out_bfcl(tmp_path: Path)
         assert judge(row["messages"][-1]["content"], row["schema"]).outcome == "valid"
     for name in ("train.jsonl", "glaive.jsonl"):
         assert not check(tmp_path / name).problems
+    robust = [json.loads(x) for x in (tmp_path / "robust.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in robust] == [r["id"] for r in test], "BFCL's answers join the robust split by id"
+    training = "\n".join(m["content"].lower() for r in train + glaive for m in r["messages"])
+    framed = 0
+    for row, held in zip(robust, test, strict=True):
+        assert row["messages"][1:] == held["messages"][1:] and row["tools"] == held["tools"]
+        asked, question = row["messages"][0]["content"], held["messages"][0]["content"]
+        assert asked != question
+        framed += 1
+        for literal in asked.replace(question, "\0").split("\0"):
+            fragment = literal.strip(' .,:!?"\n-()').lower()
+            assert len(fragment) < 12 or fragment not in training, f"{fragment!r} occurs in training"
+    assert framed == len(test)
 
 
 def test_bfcl_ground_truth_becomes_one_canonical_call() -> None:

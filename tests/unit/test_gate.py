@@ -13,7 +13,7 @@ from contract.store import AdapterStore, StoreError
 from evaluation.gate import Thresholds, apply_gate
 from evaluation.report import write_report
 from evaluation.run import EvalSet
-from evaluation.scores import Generation, TargetScores, score
+from evaluation.scores import HELD_OUT, ROBUST, Generation, TargetScores, score
 from tests.conftest import make_adapter, orders_schema
 
 GOOD = {"customer": {"name": "Ann Lee", "email": "ann@x.io"}, "order_id": "7", "status": "shipped"}
@@ -28,8 +28,8 @@ def evalset(n: int) -> EvalSet:
     return EvalSet(Path("test.jsonl"), examples)
 
 
-def scored(target: str, outputs: list[str], mode: str = "unconstrained") -> TargetScores:
-    scores = TargetScores(target, mode, wall_s=1.0)
+def scored(target: str, outputs: list[str], mode: str = "unconstrained", split: str = HELD_OUT) -> TargetScores:
+    scores = TargetScores(target, mode, wall_s=1.0, split=split)
     for text in outputs:
         gen = Generation(text, "stop", 0.1, 20)
         scores.items.append(score(gen, expected=json.dumps(GOOD), schema=orders_schema()))
@@ -90,6 +90,24 @@ def test_gate_counts_only_a_significant_regression_against_stable() -> None:
     [failure] = by_target["orders@3"].failures
     assert failure.name == "regression:exact_match" and "mcnemar" in failure.detail
     assert "orders@3 0.900 vs stable orders@1 1.000" in failure.detail
+
+
+def test_gate_judges_the_robustness_split_on_its_own() -> None:
+    """A candidate that holds on the task's own held-out split but not on phrasings unlike training fails, the
+    failing checks naming the robust split, and its regression is measured against stable on that split alone."""
+    results = [
+        scored("orders@1", outputs(100)),
+        scored("orders@1", outputs(100), split=ROBUST),
+        scored("orders@2", outputs(100)),
+        scored("orders@2", outputs(80, broken=20), split=ROBUST),
+    ]
+    (verdict,) = apply_gate(results, ["orders@2"], "orders@1", Thresholds())
+    assert not verdict.passed
+    failed = {(c.name, c.where) for c in verdict.failures}
+    assert ("schema_valid", "unconstrained (robust)") in failed
+    assert ("regression:schema_valid", "unconstrained (robust)") in failed
+    assert all(c.split == ROBUST for c in verdict.failures)
+    assert {c.split for c in verdict.checks} == {HELD_OUT, ROBUST}
 
 
 @pytest.mark.parametrize("field", ["min_valid", "max_drop", "alpha"])

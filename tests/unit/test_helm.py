@@ -48,6 +48,8 @@ CHART_SETS = {
     "engines_file",
     "max_lora_rank",
     "max_model_len",
+    "json_backend",
+    "json_compact",
     "admin_key",
     "metrics_key",
     "database_url",
