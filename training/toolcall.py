@@ -129,7 +129,7 @@ FRAMINGS = [
     "{q} Just hand me the function call, nothing else.",
     'My colleague asked me this and I need the call for it: "{q}"',
     "Context: we are wiring a chatbot to our backend.\nTask: {q}",
-    "{lower}",
+    "Question from a user (answer it with one of the tools):\n\n{q}",
     "URGENT - {q}",
     "{q}\n\n(pick whichever tool fits, and fill in its arguments)",
 ]
@@ -141,8 +141,7 @@ def robust_rows(test: list[dict]) -> list[dict]:
     rows = []
     for row in test:
         question = row["messages"][0]["content"].strip()
-        lower = question.rstrip(".?!").lower()
-        asked = rng.choice(FRAMINGS).format(q=question, lower=lower)
+        asked = rng.choice(FRAMINGS).format(q=question)
         rows.append({**row, "messages": [{"role": "user", "content": asked}, *row["messages"][1:]]})
     return rows
 

@@ -474,9 +474,11 @@ def _whitespace_outside_strings(text: str) -> list[int]:
     """Where ``text`` (JSON, perhaps cut short) has whitespace between tokens rather than inside a string."""
     found, in_string, escaped = [], False, False
     for i, ch in enumerate(text):
-        if in_string:
-            escaped = not escaped and ch == "\\"
-            in_string = escaped or ch != '"'
+        if escaped:
+            escaped = False
+        elif in_string:
+            escaped = ch == "\\"
+            in_string = ch != '"'
         elif ch == '"':
             in_string = True
         elif ch.isspace():

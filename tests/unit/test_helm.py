@@ -385,6 +385,7 @@ def test_engines_take_traffic_only_from_gateways() -> None:
             "no engine serves the gateways' base model",
         ),
         (DATABASE | {"secrets": {"adminKey": "short"}}, helm.HelmError, "adminKey"),
+        (DATABASE | {"jsonBackend": "auto"}, helm.HelmError, "jsonCompact"),
     ],
     ids=[
         "no-database",
@@ -394,6 +395,7 @@ def test_engines_take_traffic_only_from_gateways() -> None:
         "bad-device",
         "base-unserved",
         "short-admin-key",
+        "compact-json-on-auto",
     ],
 )
 def test_bad_values_are_refused_with_the_fix(values: dict[str, Any], error: type[Exception], says: str) -> None:
