@@ -96,6 +96,7 @@ def _names(rows: list[dict]) -> set[str]:
 def test_robust_split_shares_no_template_name_or_shape_with_training() -> None:
     training = _rows("train") + _rows("validation")
     text = "\n".join(r["instruction"].lower() for r in training)
+
     def skeleton(tpl: str) -> str:  # the template's own words and punctuation, the values left out
         return " ".join("".join(lit for lit, *_ in string.Formatter().parse(tpl)).lower().split())
 
