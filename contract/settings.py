@@ -62,8 +62,8 @@ class CommonSettings(BaseSettings):
         ),
     )
 
-    json_backend: Literal["guidance", "xgrammar", "auto"] = Field(
-        default="guidance",
+    json_backend: Literal["auto", "guidance", "xgrammar"] = Field(
+        default="auto",
         description=(
             "vLLM's structured-outputs backend for enforced JSON (every engine this project starts, and the "
             "offline evaluation's): guidance (llguidance: its refusals name the keywords it cannot enforce, which "
@@ -72,10 +72,12 @@ class CommonSettings(BaseSettings):
         ),
     )
     json_compact: bool = Field(
-        default=True,
+        default=False,
         description=(
             "Enforced JSON is compact: the grammar allows no whitespace between tokens (vLLM's "
-            "disable_any_whitespace), so a model cannot fill an answer with spaces and newlines until max_tokens."
+            "disable_any_whitespace), so a model cannot fill an answer with spaces and newlines until max_tokens. "
+            "Off by default: an adapter trained on JSON written with spaces (json.dumps) is held off its own "
+            "tokens by it (docs/benchmarks.md, enforced JSON)."
         ),
     )
 

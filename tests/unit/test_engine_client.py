@@ -226,7 +226,7 @@ def test_the_supervised_engine_inherits_no_gateway_secret(tmp_path: Path) -> Non
     assert "fresh-key" not in vllm_command(settings) and "--api-key" not in vllm_command(settings)  # ...not argv
 
 
-def test_every_engine_enforces_compact_json_unless_told_otherwise(tmp_path: Path) -> None:
+def test_every_engine_gets_the_structured_outputs_settings(tmp_path: Path) -> None:
     from serving.engines.vllm import vllm_command
 
     def config(**env: object) -> dict:
@@ -234,8 +234,8 @@ def test_every_engine_enforces_compact_json_unless_told_otherwise(tmp_path: Path
         command = vllm_command(settings)
         return json.loads(command[command.index("--structured-outputs-config") + 1])
 
-    assert config() == {"backend": "guidance", "disable_any_whitespace": True}
-    assert config(json_backend="xgrammar") == {"backend": "xgrammar", "disable_any_whitespace": True}
-    assert config(json_backend="auto", json_compact=False) == {"backend": "auto", "disable_any_whitespace": False}
+    assert config() == {"backend": "auto", "disable_any_whitespace": False}
+    assert config(json_backend="guidance", json_compact=True) == {"backend": "guidance", "disable_any_whitespace": True}
+    assert config(json_backend="xgrammar", json_compact=True) == {"backend": "xgrammar", "disable_any_whitespace": True}
     with pytest.raises(ValueError, match="LORAFLEET_JSON_COMPACT=true needs LORAFLEET_JSON_BACKEND"):
-        GatewaySettings(data_dir=tmp_path, admin_key="admin-key-0123456789abcdef", json_backend="auto")
+        GatewaySettings(data_dir=tmp_path, admin_key="admin-key-0123456789abcdef", json_compact=True)

@@ -385,7 +385,7 @@ def test_engines_take_traffic_only_from_gateways() -> None:
             "no engine serves the gateways' base model",
         ),
         (DATABASE | {"secrets": {"adminKey": "short"}}, helm.HelmError, "adminKey"),
-        (DATABASE | {"jsonBackend": "auto"}, helm.HelmError, "jsonCompact"),
+        (DATABASE | {"jsonCompact": True}, helm.HelmError, "jsonCompact"),
     ],
     ids=[
         "no-database",
