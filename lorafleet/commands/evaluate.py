@@ -60,7 +60,6 @@ def eval_(
     import asyncio
 
     from evaluation.gate import Thresholds, apply_gate
-    from evaluation.report import write_report
     from evaluation.run import MODES, EvalError, evaluate, evaluate_gateway, load_examples, resolve_targets
     from evaluation.scores import ROBUST
     from serving.state.ledger import open_store
@@ -113,17 +112,28 @@ def eval_(
             for t, verdict in zip(candidates, verdicts, strict=True):
                 assert t.version is not None
                 store.record_gate(t.version, verdict.as_dict() | recorded)
+    _write_reports(results, evalsets, out, verdicts, worst=worst, review=review)
+    if not gateway and gate:
+        _gate_outcome(verdicts)
+
+
+def _write_reports(
+    results: list[Any], evalsets: list[Any], out: Path, verdicts: list[Any], *, worst: int, review: int
+) -> None:
+    """One report per held-out set (the robustness split's under ``out/robust``), each printed up to its worst
+    failures; the gate's verdict, which holds every split's checks, goes in the task's own report alone."""
+    from evaluation.report import write_report
+    from evaluation.scores import ROBUST
+
     for evalset in evalsets:
-        where = out if evalset.split != ROBUST else out / ROBUST
+        robust = evalset.split == ROBUST
+        where = out / ROBUST if robust else out
         mine = [r for r in results if r.split == evalset.split]
-        gates = verdicts if evalset.split != ROBUST else None  # the verdict (every split's checks) is written once
-        write_report(mine, evalset, where, gates=gates, worst=worst, review=review)
+        write_report(mine, evalset, where, gates=None if robust else verdicts, worst=worst, review=review)
         console.print((where / "report.md").read_text().split("\n## Worst failures")[0], highlight=False, markup=False)
         console.print(
             f"reports in {where}: report.json, report.md, report.png, failures.jsonl, review.html, review.csv"
         )
-    if not gateway and gate:
-        _gate_outcome(verdicts)
 
 
 def _gate_outcome(verdicts: list[Any]) -> None:
