@@ -527,9 +527,13 @@ def _record(rng: random.Random, held_out: bool) -> tuple[str, dict]:
         ]
     )
     status = rng.choice(STATUSES)
-    instruction = rng.choice(tpl_pool).format(name=name, email=email, order_id=order_id, status=status)
-    output = {"customer": {"name": name, "email": email}, "order_id": order_id, "status": status}
-    return instruction, output
+    return order_row(rng.choice(tpl_pool), name, email, order_id, status)
+
+
+def order_row(template: str, name: str, email: str, order_id: str, status: str) -> tuple[str, dict]:
+    """An example of the task: the template filled with the values, and the order they make."""
+    instruction = template.format(name=name, email=email, order_id=order_id, status=status)
+    return instruction, {"customer": {"name": name, "email": email}, "order_id": order_id, "status": status}
 
 
 # Letters NFKD does not take apart into an ASCII letter and a mark.
@@ -628,11 +632,7 @@ def _wide_record(rng: random.Random) -> tuple[str, dict]:
     email = f"{local}@{_wide_domain(rng)}"
     order_id = _wide_order_id(rng)
     status = rng.choice(STATUSES)
-    instruction = noisy(rng.choice(WIDE_TEMPLATES), rng).format(
-        name=name, email=email, order_id=order_id, status=status
-    )
-    output = {"customer": {"name": name, "email": email}, "order_id": order_id, "status": status}
-    return instruction, output
+    return order_row(noisy(rng.choice(WIDE_TEMPLATES), rng), name, email, order_id, status)
 
 
 def generate(seed: int = 0) -> dict[str, list[dict]]:

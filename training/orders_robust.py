@@ -26,7 +26,7 @@ from functools import partial
 from pathlib import Path
 
 from contract.examples import jsonl_text
-from training.demo_data import STATUSES, email_local, unique_rows
+from training.demo_data import STATUSES, email_local, order_row, unique_rows
 
 ROBUST_SEED = "orders-robust"
 ROBUST_ROWS = 200
@@ -158,9 +158,7 @@ def _record(rng: random.Random) -> tuple[str, dict]:
         ]
     )
     status = rng.choice(STATUSES)
-    instruction = rng.choice(TEMPLATES).format(name=name, email=email, order_id=order_id, status=status)
-    output = {"customer": {"name": name, "email": email}, "order_id": order_id, "status": status}
-    return instruction, output
+    return order_row(rng.choice(TEMPLATES), name, email, order_id, status)
 
 
 def generate(seed: int = 0) -> list[dict]:
