@@ -26,12 +26,13 @@ COPY training ./training
 COPY serving ./serving
 COPY evaluation ./evaluation
 COPY finetune ./finetune
+COPY lorafleet_vllm ./lorafleet_vllm
 COPY data ./data
 COPY configs ./configs
 
 # vLLM and torch come with the image; the train extra adds what training needs (QLoRA: bitsandbytes).
 RUN python3 -m pip install '.[train,ray]' 'bitsandbytes>=0.45' \
-    && python3 -c "import vllm, fastapi, serving.engines" \
+    && python3 -c "import vllm, fastapi, serving.engines, lorafleet_vllm" \
     && lorafleet model pull
 
 # Uid 1000, as in the CPU image (the Helm chart runs pods as it); the base image may already have that user.
@@ -66,6 +67,7 @@ COPY training ./training
 COPY serving ./serving
 COPY evaluation ./evaluation
 COPY finetune ./finetune
+COPY lorafleet_vllm ./lorafleet_vllm
 COPY data ./data
 COPY configs ./configs
 
@@ -73,7 +75,7 @@ COPY configs ./configs
 # along and break `import vllm` beside it, so they are removed.
 RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu '.[cpu,train,ray]' \
     && pip uninstall -y torchvision torchaudio torchcodec \
-    && python -c "import vllm, fastapi, serving.engines" \
+    && python -c "import vllm, fastapi, serving.engines, lorafleet_vllm" \
     && lorafleet model pull
 
 RUN useradd --create-home --uid 1000 lorafleet && chown -R lorafleet /app

@@ -3,7 +3,7 @@
 #               (make run GEMMA=1: also Gemma 3 270M on a second engine, accepting its terms of use)
 #   make test   install what the tests need and run the suite
 # Also: make test-fast (tests/unit: no model, engine or services), make lint, make bench (all benchmarks), make bench-train / bench-gateway / bench-client / bench-eval /
-#       bench-fleet / bench-finetune / bench-ship / bench-json / bench-orders (one each), make soak (the fleet under operations, 10 minutes),
+#       bench-fleet / bench-finetune / bench-ship / bench-json / bench-orders / bench-lora-cpu (one each), make soak (the fleet under operations, 10 minutes),
 #       make first-answer (seconds from a fresh `lorafleet demo` to the first answers),
 #       make eval-demo (the demo adapters against the base model on held-out data).
 
@@ -12,7 +12,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test test-fast lint bench bench-train bench-gateway bench-client bench-eval bench-fleet bench-finetune bench-ship bench-json bench-orders soak first-answer eval-demo venv model tools clean-venv
+.PHONY: run test test-fast lint bench bench-train bench-gateway bench-client bench-eval bench-fleet bench-finetune bench-ship bench-json bench-orders bench-lora-cpu soak first-answer eval-demo venv model tools clean-venv
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -83,7 +83,7 @@ bench-finetune: model
 bench-ship: model
 	$(PY) -m benchmarks.ship
 
-# Enforced JSON on 48 real-world schemas (and emails ending a sentence), vLLM's default against compact JSON.
+# Enforced JSON on 48 real-world schemas (and emails ending a sentence): vLLM's default, compact and spaced JSON.
 bench-json: model
 	$(PY) -m lorafleet demo --no-serve
 	$(PY) -m benchmarks.enforced_json
@@ -91,6 +91,11 @@ bench-json: model
 # The orders recipe on the first release's rows and on the shipped mix, in one run: time, both splits (an hour).
 bench-orders: model
 	$(PY) -m benchmarks.orders_robustness
+
+# LoRA on the CPU engine: vLLM's own LoRA ops against lorafleet's plugin, op by op and on a real engine.
+bench-lora-cpu: model
+	$(PY) -m benchmarks.lora_ops
+	$(PY) -m benchmarks.lora_cpu
 
 # Two gateways, two engines, PostgreSQL and Redis under open-loop traffic with publishes, a canary, a key
 # revocation and an engine kill on a schedule (10 minutes; SOAK_ARGS="--minutes 60" for longer).

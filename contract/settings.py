@@ -15,6 +15,7 @@ Layout under ``data_dir``::
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -22,6 +23,17 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_BASE_MODEL = "SmolLM2-135M-Instruct"
+
+# llguidance's JSON compile options for json.dumps' default layout: '{"a": 1, "b": [2, 3]}' and nothing else.
+SPACED_JSON = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
+
+
+def laid_out(schema: dict[str, Any], layout: dict[str, Any] | None) -> dict[str, Any]:
+    """``schema`` as an engine gets it: with ``layout`` as its ``x-guidance`` options, and never a client's own
+    (llguidance would take them over the engine's settings: whitespace, lenient keywords)."""
+    if layout is not None:
+        return {**schema, "x-guidance": layout}
+    return {k: v for k, v in schema.items() if k != "x-guidance"} if "x-guidance" in schema else schema
 
 
 class CommonSettings(BaseSettings):
@@ -63,36 +75,70 @@ class CommonSettings(BaseSettings):
     )
 
     json_backend: Literal["auto", "guidance", "xgrammar"] = Field(
-        default="auto",
+        default="guidance",
         description=(
             "vLLM's structured-outputs backend for enforced JSON (every engine this project starts, and the "
             "offline evaluation's): guidance (llguidance: its refusals name the keywords it cannot enforce, which "
-            "the gateway then serves in validate mode) or xgrammar; auto lets vLLM choose per request (xgrammar, "
-            "else guidance) but cannot make JSON compact."
+            "the gateway then serves in validate mode; the only one that can hold JSON to spaced separators) or "
+            "xgrammar; auto lets vLLM choose per request (xgrammar, else guidance) and leaves any whitespace."
         ),
     )
-    json_compact: bool = Field(
-        default=False,
+    json_whitespace: Literal["spaced", "compact", "any"] = Field(
+        default="spaced",
         description=(
-            "Enforced JSON is compact: the grammar allows no whitespace between tokens (vLLM's "
-            "disable_any_whitespace), so a model cannot fill an answer with spaces and newlines until max_tokens. "
-            "Off by default: an adapter trained on JSON written with spaces (json.dumps) is held off its own "
-            "tokens by it (docs/benchmarks.md, enforced JSON)."
+            "Whitespace enforced JSON may hold between tokens. spaced: exactly json.dumps' separators (', ' and "
+            "': ') and no other (llguidance's x-guidance options, added to every enforced schema; needs "
+            "backend guidance): the layout every training row here is written in, and no room to fill an "
+            "answer with spaces and newlines until max_tokens. compact: none at all (vLLM's "
+            "disable_any_whitespace; guidance or xgrammar); holds an adapter trained on spaced JSON off its own "
+            "tokens. any: vLLM's default, where a small model can loop on whitespace (docs/benchmarks.md, "
+            "enforced JSON)."
         ),
     )
 
-    @model_validator(mode="after")
-    def _compact_needs_a_backend(self) -> Self:
-        if self.json_compact and self.json_backend == "auto":
+    lora_ops: Literal["grouped", "vllm"] = Field(
+        default="grouped",
+        description=(
+            "LoRA shrink/expand in CPU engines: grouped (lorafleet's vLLM plugin, lorafleet_vllm: one matmul per "
+            "adapter present in a batch, verified against one vLLM version and standing aside on another) or "
+            "vllm (vLLM's own torch ops, which gather a copy of the adapter weights for every token)."
+        ),
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_removed_settings(cls, data: Any) -> Any:
+        if "LORAFLEET_JSON_COMPACT" in os.environ:
             raise ValueError(
-                "LORAFLEET_JSON_COMPACT=true needs LORAFLEET_JSON_BACKEND=guidance or xgrammar (vLLM applies "
-                "disable_any_whitespace only with a named backend); or set LORAFLEET_JSON_COMPACT=false"
+                "LORAFLEET_JSON_COMPACT was replaced by LORAFLEET_JSON_WHITESPACE: set it to compact (with "
+                "LORAFLEET_JSON_BACKEND=guidance or xgrammar), spaced (the default) or any, and unset "
+                "LORAFLEET_JSON_COMPACT"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _whitespace_needs_a_backend(self) -> Self:
+        if self.json_whitespace == "spaced" and self.json_backend != "guidance":
+            raise ValueError(
+                f"LORAFLEET_JSON_WHITESPACE=spaced needs LORAFLEET_JSON_BACKEND=guidance (only llguidance takes "
+                f"separators from the schema), not {self.json_backend}; or set LORAFLEET_JSON_WHITESPACE=compact "
+                "(guidance or xgrammar) or any"
+            )
+        if self.json_whitespace == "compact" and self.json_backend == "auto":
+            raise ValueError(
+                "LORAFLEET_JSON_WHITESPACE=compact needs LORAFLEET_JSON_BACKEND=guidance or xgrammar (vLLM applies "
+                "disable_any_whitespace only with a named backend); or set LORAFLEET_JSON_WHITESPACE=any"
             )
         return self
 
     def structured_outputs(self) -> dict[str, Any]:
         """vLLM's structured-outputs config for every engine (``--structured-outputs-config``)."""
-        return {"backend": self.json_backend, "disable_any_whitespace": self.json_compact}
+        return {"backend": self.json_backend, "disable_any_whitespace": self.json_whitespace == "compact"}
+
+    @property
+    def json_layout(self) -> dict[str, Any] | None:
+        """llguidance's layout options every enforced schema gets (``x-guidance``), or ``None``."""
+        return dict(SPACED_JSON) if self.json_whitespace == "spaced" else None
 
     @property
     def files_root(self) -> Path:

@@ -35,6 +35,7 @@ from contract.basemodel import identify, provisioned
 from contract.examples import DataError, Example, check, read_rows
 from contract.manifest import ManifestError, read_manifest
 from contract.prompt import render, with_tools
+from contract.settings import CommonSettings, laid_out
 from contract.store import AdapterStore, AdapterVersion, StoreError
 from evaluation.scores import HELD_OUT, Generation, TargetScores, score
 
@@ -177,13 +178,13 @@ def prompts_of(examples: list[Example], tokenizer: Any) -> list[str]:
 
 def open_engine(base_model: str, adapters: int, max_lora_rank: int = 16) -> Any:
     """The in-process vLLM engine the offline evaluation (and its benchmark) generates with: enforced JSON as the
-    gateway's engines enforce it (``CommonSettings.structured_outputs``)."""
-    from contract.settings import CommonSettings
-
+    gateway's engines enforce it (``CommonSettings.structured_outputs``), LoRA with the gateway's ops."""
+    settings = CommonSettings()
     # On the CPU, vLLM otherwise reserves 92% of the NUMA node's memory and
     # refuses to start when anything else holds some; 4 GiB of KV cache is
     # ample for batched evaluation of a 135M model.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    os.environ["LORAFLEET_LORA_OPS"] = settings.lora_ops  # for lorafleet's vLLM plugin in the engine's processes
     from vllm import LLM
 
     return LLM(
@@ -194,11 +195,15 @@ def open_engine(base_model: str, adapters: int, max_lora_rank: int = 16) -> Any:
         max_model_len=2048,
         disable_log_stats=False,  # per-request timestamps (RequestOutput.metrics) for the latency columns
         seed=0,
-        structured_outputs_config=CommonSettings().structured_outputs(),
+        structured_outputs_config=settings.structured_outputs(),
     )
 
 
-def sampling_params(examples: list[Example], mode: str, max_tokens: int) -> list[Any]:
+def sampling_params(
+    examples: list[Example], mode: str, max_tokens: int, layout: dict[str, Any] | None = None
+) -> list[Any]:
+    """Greedy sampling for each example; constrained: its schema enforced with ``layout``
+    (``CommonSettings.json_layout``), as the gateway sends it."""
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
@@ -206,7 +211,9 @@ def sampling_params(examples: list[Example], mode: str, max_tokens: int) -> list
         SamplingParams(
             temperature=0.0,
             max_tokens=max_tokens,
-            structured_outputs=StructuredOutputsParams(json=e.schema) if mode == "constrained" and e.schema else None,
+            structured_outputs=(
+                StructuredOutputsParams(json=laid_out(e.schema, layout)) if mode == "constrained" and e.schema else None
+            ),
         )
         for e in examples
     ]
@@ -240,6 +247,7 @@ def _evaluate_on(
 ) -> dict[str, list[TargetScores]]:
     from vllm.lora.request import LoRARequest
 
+    layout = CommonSettings().json_layout
     opened = llm is None
     if llm is None:
         ranks = [read_manifest(t.path).lora.rank for t in targets if t.path is not None]
@@ -263,7 +271,7 @@ def _evaluate_on(
             for evalset, asked in zip(evalsets, prompts, strict=True):
                 for mode in modes:
                     started = time.perf_counter()
-                    params = sampling_params(evalset.examples, mode, max_tokens)
+                    params = sampling_params(evalset.examples, mode, max_tokens, layout)
                     outputs = llm.generate(asked, params, lora_request=lora, use_tqdm=False)
                     wall = time.perf_counter() - started
                     generations = [

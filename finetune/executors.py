@@ -50,7 +50,8 @@ def runner_env(settings: WorkerSettings) -> dict[str, str]:
         "LORAFLEET_MAX_LORA_RANK": str(settings.max_lora_rank),
         # the gate's engine enforces JSON as the serving engines do
         "LORAFLEET_JSON_BACKEND": settings.json_backend,
-        "LORAFLEET_JSON_COMPACT": str(settings.json_compact).lower(),
+        "LORAFLEET_JSON_WHITESPACE": settings.json_whitespace,
+        "LORAFLEET_LORA_OPS": settings.lora_ops,
         "LORAFLEET_BASE_MODEL": settings.base_model,
         "LORAFLEET_JOB_SAVE_EVERY": str(settings.job_save_every),
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),

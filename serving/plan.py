@@ -68,7 +68,7 @@ async def prepare(
         record.on_end.append(lambda r: state.canaries.observe(canary_id, variant, r))
     tools = ToolPlan.from_request(body, target.tools_format, alias) if route == CHAT else None
     policy = await state.policies.aget(alias)
-    plan = JsonPlan.for_request(body, target.output_schema, policy, json_mode, tools)
+    plan = JsonPlan.for_request(body, target.output_schema, policy, json_mode, tools, state.settings.json_layout)
     record.json_mode = plan.mode
     record.json_judged = json_mode is None and plan.source in ("alias", "adapter")
     body["model"] = target.engine_model

@@ -70,7 +70,7 @@ def vllm_command(settings: GatewaySettings, spec: EngineSpec | None = None, host
         # The gateway renders each adapter's recorded chat template; clients cannot set it.
         "--trust-request-chat-template",
         "--disable-uvicorn-access-log",
-        # Enforced JSON with no whitespace between tokens: a model cannot loop on it (LORAFLEET_JSON_COMPACT).
+        # Enforced JSON: the backend, and compact JSON where chosen (LORAFLEET_JSON_BACKEND, LORAFLEET_JSON_WHITESPACE).
         "--structured-outputs-config",
         json.dumps(settings.structured_outputs(), separators=(",", ":")),
         *(spec.extra_args if spec is not None else []),
@@ -134,6 +134,7 @@ def child_env(
         "VLLM_API_KEY": api_key,
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
         "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib),
+        "LORAFLEET_LORA_OPS": settings.lora_ops,  # read by lorafleet's vLLM plugin (lorafleet_vllm)
     }
     if spec is not None and spec.cpus is not None:
         env["VLLM_CPU_OMP_THREADS_BIND"] = spec.cpus  # vLLM-CPU's compute threads, one per listed core

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from contract.judge import judge
+from contract.settings import laid_out
 from serving.outputs.modes import AliasPolicy, JsonMode
 from serving.outputs.toolcalls import ToolPlan
 
@@ -40,10 +41,12 @@ class JsonPlan:
         policy: AliasPolicy,
         mode: JsonMode | None = None,
         tools: ToolPlan | None = None,
+        layout: dict[str, Any] | None = None,
     ) -> JsonPlan:
         """The plan for ``body``, which is rewritten for the engine (``response_format`` set or removed).
 
-        ``output_schema``: the adapter manifest's schema (``None`` for the base model).
+        ``output_schema``: the adapter manifest's schema (``None`` for the base model); ``layout``: the
+        whitespace enforced JSON may hold (``GatewaySettings.json_layout``).
         """
         fmt = body.pop("response_format", None)
         kind = fmt.get("type") if isinstance(fmt, dict) else None
@@ -64,13 +67,7 @@ class JsonPlan:
         chosen = mode or policy.json_mode or ("enforce" if source in ("request", "tools") else "validate")
         plan = cls(schema, chosen if schema is not None else "off", source)
         if plan.mode == "enforce" and plan.schema is not None:
-            if source == "request":
-                body["response_format"] = fmt  # as the client wrote it (json_object stays json_object)
-            else:
-                body["response_format"] = {
-                    "type": "json_schema",
-                    "json_schema": {"name": source, "schema": plan.schema},
-                }
+            body["response_format"] = _engine_format(fmt if source == "request" else None, plan.schema, source, layout)
         return plan
 
     def check(self) -> JsonCheck | None:
@@ -82,6 +79,22 @@ class JsonPlan:
         """The plan when the engine cannot enforce the schema: no constraint sent, the answer checked as usual."""
         body.pop("response_format", None)
         return replace(self, mode="validate", unenforced=keywords)
+
+
+def _engine_format(
+    fmt: dict[str, Any] | None, schema: dict[str, Any], source: str, layout: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The ``response_format`` the engine gets: the client's own ``fmt`` where no layout is added to it."""
+    if fmt is not None and layout is None and "x-guidance" not in schema:
+        return fmt  # as the client wrote it (json_object stays json_object)
+    if fmt is not None and fmt.get("type") == "json_object":
+        return {
+            "type": "json_schema",
+            "json_schema": {"name": "json_object", "schema": laid_out({"type": "object"}, layout)},
+        }
+    if fmt is not None:
+        return {**fmt, "json_schema": {**fmt["json_schema"], "schema": laid_out(schema, layout)}}
+    return {"type": "json_schema", "json_schema": {"name": source, "schema": laid_out(schema, layout)}}
 
 
 @dataclass

@@ -109,6 +109,25 @@ def test_the_images_agree_on_the_vllm_version() -> None:
     assert gpu_pin == cpu_version
 
 
+def test_the_image_copies_every_package() -> None:
+    """Both image stages copy every top-level package the wheel ships (a missing one installs an entry point,
+    such as vLLM's plugin, whose module is not there)."""
+    import fnmatch
+    import tomllib
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {
+        p.name
+        for p in ROOT.iterdir()
+        if (p / "__init__.py").is_file() and any(fnmatch.fnmatch(p.name, pattern) for pattern in include)
+    }
+    assert {"lorafleet", "lorafleet_vllm", "serving"} <= packages
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for stage in dockerfile.split("\nFROM ")[1:]:
+        copied = set(re.findall(r"^COPY (\w+) \./\1$", stage, flags=re.MULTILINE))
+        assert packages <= copied, f"stage {stage.split()[2]} does not copy {packages - copied}"
+
+
 def test_the_package_ships_every_module(tmp_path: Path) -> None:
     """A wheel (what the Docker image installs) holds every module of the source tree, subpackages included."""
     import sys
@@ -134,7 +153,7 @@ def test_the_package_ships_every_module(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     [wheel] = tmp_path.glob("lorafleet-*.whl")
     shipped = {name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".py")}
-    roots = ("lorafleet", "contract", "training", "serving", "evaluation")
+    roots = ("lorafleet", "lorafleet_vllm", "contract", "training", "serving", "evaluation", "finetune")
     source = {
         str(p.relative_to(ROOT)) for root in roots for p in (ROOT / root).rglob("*.py") if "__pycache__" not in p.parts
     }

@@ -221,9 +221,19 @@ def test_the_supervised_engine_inherits_no_gateway_secret(tmp_path: Path) -> Non
     assert {k: env[k] for k in ("PATH", "HOME", "HF_HOME", "OMP_NUM_THREADS", "LC_ALL")} == {
         k: environ[k] for k in ("PATH", "HOME", "HF_HOME", "OMP_NUM_THREADS", "LC_ALL")
     }
-    assert not any(k.startswith("LORAFLEET_") or k.startswith("AWS_") for k in env)
+    assert not any(k.startswith("AWS_") for k in env)
+    # Of lorafleet's settings, only the one its vLLM plugin reads in the engine's processes.
+    assert {k: v for k, v in env.items() if k.startswith("LORAFLEET_")} == {"LORAFLEET_LORA_OPS": "grouped"}
     assert env["VLLM_API_KEY"] == "fresh-key"  # its own key, through the environment...
     assert "fresh-key" not in vllm_command(settings) and "--api-key" not in vllm_command(settings)  # ...not argv
+
+
+def test_the_removed_compact_setting_is_refused_with_its_replacement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LORAFLEET_JSON_COMPACT", "true")
+    with pytest.raises(ValueError, match="LORAFLEET_JSON_COMPACT was replaced by LORAFLEET_JSON_WHITESPACE"):
+        GatewaySettings(data_dir=tmp_path, admin_key="admin-key-0123456789abcdef")
 
 
 def test_every_engine_gets_the_structured_outputs_settings(tmp_path: Path) -> None:
@@ -234,8 +244,16 @@ def test_every_engine_gets_the_structured_outputs_settings(tmp_path: Path) -> No
         command = vllm_command(settings)
         return json.loads(command[command.index("--structured-outputs-config") + 1])
 
-    assert config() == {"backend": "auto", "disable_any_whitespace": False}
-    assert config(json_backend="guidance", json_compact=True) == {"backend": "guidance", "disable_any_whitespace": True}
-    assert config(json_backend="xgrammar", json_compact=True) == {"backend": "xgrammar", "disable_any_whitespace": True}
-    with pytest.raises(ValueError, match="LORAFLEET_JSON_COMPACT=true needs LORAFLEET_JSON_BACKEND"):
-        GatewaySettings(data_dir=tmp_path, admin_key="admin-key-0123456789abcdef", json_compact=True)
+    assert config() == {"backend": "guidance", "disable_any_whitespace": False}  # spaced: per request (x-guidance)
+    assert config(json_whitespace="compact") == {"backend": "guidance", "disable_any_whitespace": True}
+    compact = config(json_backend="xgrammar", json_whitespace="compact")
+    assert compact == {"backend": "xgrammar", "disable_any_whitespace": True}
+    assert config(json_backend="auto", json_whitespace="any") == {"backend": "auto", "disable_any_whitespace": False}
+    refused = {
+        ("xgrammar", "spaced"): "LORAFLEET_JSON_WHITESPACE=spaced needs LORAFLEET_JSON_BACKEND=guidance",
+        ("auto", "spaced"): "LORAFLEET_JSON_WHITESPACE=spaced needs LORAFLEET_JSON_BACKEND=guidance",
+        ("auto", "compact"): "LORAFLEET_JSON_WHITESPACE=compact needs LORAFLEET_JSON_BACKEND=guidance or xgrammar",
+    }
+    for (backend, whitespace), says in refused.items():
+        with pytest.raises(ValueError, match=says):
+            config(json_backend=backend, json_whitespace=whitespace)

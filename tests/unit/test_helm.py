@@ -49,7 +49,8 @@ CHART_SETS = {
     "max_lora_rank",
     "max_model_len",
     "json_backend",
-    "json_compact",
+    "json_whitespace",
+    "lora_ops",
     "admin_key",
     "metrics_key",
     "database_url",
@@ -385,7 +386,9 @@ def test_engines_take_traffic_only_from_gateways() -> None:
             "no engine serves the gateways' base model",
         ),
         (DATABASE | {"secrets": {"adminKey": "short"}}, helm.HelmError, "adminKey"),
-        (DATABASE | {"jsonCompact": True}, helm.HelmError, "jsonCompact"),
+        (DATABASE | {"jsonBackend": "xgrammar"}, helm.HelmError, "jsonWhitespace spaced needs jsonBackend guidance"),
+        (DATABASE | {"jsonBackend": "auto", "jsonWhitespace": "compact"}, helm.HelmError, "or jsonWhitespace any"),
+        (DATABASE | {"jsonCompact": True}, helm.HelmError, "jsonCompact was replaced by jsonWhitespace"),
     ],
     ids=[
         "no-database",
@@ -395,7 +398,9 @@ def test_engines_take_traffic_only_from_gateways() -> None:
         "bad-device",
         "base-unserved",
         "short-admin-key",
+        "spaced-json-on-xgrammar",
         "compact-json-on-auto",
+        "json-compact-removed",
     ],
 )
 def test_bad_values_are_refused_with_the_fix(values: dict[str, Any], error: type[Exception], says: str) -> None:
@@ -439,6 +444,7 @@ def test_workers_run_jobs_on_the_shared_volume_with_the_gateways_settings() -> N
     assert worker["containers"][0]["command"] == ["lorafleet", "worker"]
     assert json.loads(env(worker)["LORAFLEET_RAY_RESOURCES"]) == {"num_cpus": 4, "num_gpus": 0}
     assert env(worker)["LORAFLEET_EXECUTOR"] == "ray" and env(worker)["LORAFLEET_JOB_LEASE_S"] == "90"
+    assert env(worker)["LORAFLEET_LORA_OPS"] == "grouped"  # the gate's engine, as the serving engines
     assert worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     from finetune.settings import WorkerSettings
 

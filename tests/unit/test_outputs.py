@@ -7,11 +7,14 @@ import asyncio
 import json
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from contract.settings import SPACED_JSON
 from contract.tools import TOOLS_FORMAT
+from serving.config import GatewaySettings
 from serving.errors import APIError, ErrorCode
 from serving.outputs.jsoncheck import JsonCheck, JsonPlan
 from serving.outputs.modes import AliasPolicy
@@ -40,6 +43,38 @@ def test_a_requests_schema_is_enforced_and_sent_as_the_client_wrote_it() -> None
     plan = JsonPlan.for_request(body, orders_schema(), AliasPolicy())
     assert (plan.mode, plan.source, plan.schema) == ("enforce", "request", SCHEMA)
     assert body["response_format"] == fmt
+
+
+def test_the_operators_layout_reaches_every_enforced_schema_and_is_never_checked() -> None:
+    """LORAFLEET_JSON_WHITESPACE=spaced: llguidance's options ride in each schema the engine gets (a client's
+    own x-guidance replaced; json_object becomes the object schema it means); the answer is judged on the
+    client's schema as written."""
+    layout = GatewaySettings(data_dir=Path("/tmp"), dev_mode=True).json_layout
+    assert layout == SPACED_JSON
+    own = {**SCHEMA, "x-guidance": {"whitespace_pattern": "[ ]*", "lenient": True}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": own, "strict": True}}
+    body = chat(response_format=fmt)
+    plan = JsonPlan.for_request(body, None, AliasPolicy(), layout=layout)
+    assert body["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "x", "schema": {**SCHEMA, "x-guidance": SPACED_JSON}, "strict": True},
+    }
+    assert plan.schema == own and fmt["json_schema"]["schema"] == own  # the client's dict is left alone
+    body = chat(response_format={"type": "json_object"})
+    JsonPlan.for_request(body, None, AliasPolicy(), layout=layout)
+    assert body["response_format"]["json_schema"]["schema"] == {"type": "object", "x-guidance": SPACED_JSON}
+    body = chat()
+    JsonPlan.for_request(body, SCHEMA, AliasPolicy("enforce"), layout=layout)
+    assert body["response_format"]["json_schema"] == {
+        "name": "adapter",
+        "schema": {**SCHEMA, "x-guidance": SPACED_JSON},
+    }
+    body = chat(response_format={"type": "json_object"})
+    JsonPlan.for_request(body, None, AliasPolicy(), layout=None)  # whitespace any or compact: as written
+    assert body["response_format"] == {"type": "json_object"}
+    body = chat(response_format=fmt)
+    JsonPlan.for_request(body, None, AliasPolicy(), layout=None)  # ...but never with the client's x-guidance
+    assert body["response_format"]["json_schema"]["schema"] == SCHEMA
 
 
 def test_the_adapters_own_schema_is_validated_after_and_not_sent() -> None:

@@ -143,6 +143,15 @@ capabilities:
 {{- range .Values.engines -}}
 {{- if eq .baseModel $.Values.baseModel -}}{{- $served = true -}}{{- end -}}
 {{- end -}}
+{{- if hasKey .Values "jsonCompact" -}}
+{{- fail "jsonCompact was replaced by jsonWhitespace: set jsonWhitespace compact (with jsonBackend guidance or xgrammar), spaced (the default) or any, and remove jsonCompact" -}}
+{{- end -}}
+{{- if and (eq .Values.jsonWhitespace "spaced") (ne .Values.jsonBackend "guidance") -}}
+{{- fail (printf "jsonWhitespace spaced needs jsonBackend guidance (only llguidance takes separators from the schema), not %s: set jsonBackend guidance, or jsonWhitespace compact (guidance or xgrammar) or any" .Values.jsonBackend) -}}
+{{- end -}}
+{{- if and (eq .Values.jsonWhitespace "compact") (eq .Values.jsonBackend "auto") -}}
+{{- fail "jsonWhitespace compact needs jsonBackend guidance or xgrammar (vLLM applies disable_any_whitespace only with a named backend): set one, or jsonWhitespace any" -}}
+{{- end -}}
 {{- if not $served -}}
 {{- fail (printf "no engine serves the gateways' base model %q (baseModel): add an engines entry with baseModel: %s" .Values.baseModel .Values.baseModel) -}}
 {{- end -}}
