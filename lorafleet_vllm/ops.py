@@ -11,7 +11,8 @@ Semantics are vLLM's, argument for argument: ``shrink`` writes ``scaling * x @ A
 ``output[:, :rank]``; ``expand`` writes or adds ``x @ B[slot].T`` into ``output[:, offset:offset + size]``;
 products are computed in the output's dtype, as vLLM's are. A row whose slot is -1 has no adapter and gets
 no LoRA contribution: ``shrink`` writes 0, ``expand`` adds nothing (or writes 0 when not adding). vLLM's
-torch ops read slot -1 as Python does, the last slot, which holds zeros unless every slot is taken; the
+torch ops read slot -1 as Python does, the last slot, which holds zeros until an adapter is first loaded
+there and that adapter's weights from then on (vLLM does not clear a slot when it unloads an adapter); the
 no-adapter meaning is the one vLLM documents for the index (``PunicaWrapperBase.token_lora_indices``) and
 its GPU kernels implement.
 """

@@ -18,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
+from contract.settings import SPACED_JSON
 from contract.store import AdapterStore
 from serving.app import build_app
 from serving.config import GatewaySettings
@@ -269,7 +270,11 @@ def test_json_answers_are_checked_by_the_shared_judge(
     assert resp.headers["x-lorafleet-json"] == outcome
     [check] = resp.json()["lorafleet"]["json_checks"]
     assert check == {"index": 0, "valid": outcome == "valid", "outcome": outcome, "errors": errors}
-    assert engine.requests[-1]["response_format"] == response_format  # vLLM still enforces it
+    # vLLM still enforces it, laid out as json.dumps writes JSON (LORAFLEET_JSON_WHITESPACE=spaced)
+    schema = response_format.get("json_schema", {}).get("schema", {"type": "object"})
+    name = response_format.get("json_schema", {}).get("name", "json_object")
+    sent = {"type": "json_schema", "json_schema": {"name": name, "schema": schema | {"x-guidance": SPACED_JSON}}}
+    assert engine.requests[-1]["response_format"] == sent
 
 
 def test_client_regex_schemas_get_a_verdict_too(gateway) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from contract.settings import SPACED_JSON
 from contract.store import AdapterStore
 from contract.tools import TOOLS_FORMAT
 from serving.app import build_app
@@ -73,7 +74,8 @@ def test_a_request_schema_is_enforced_by_default_and_checked(gw) -> None:
     client, engine, key = gw
     resp = chat(client, key, response_format=schema_format({"type": "object", "required": ["b"]}))
     assert resp.status_code == 200
-    assert engine.requests[-1]["response_format"]["json_schema"]["schema"] == {"type": "object", "required": ["b"]}
+    sent = engine.requests[-1]["response_format"]["json_schema"]["schema"]
+    assert sent == {"type": "object", "required": ["b"], "x-guidance": SPACED_JSON}  # laid out as json.dumps writes
     assert resp.headers["x-lorafleet-json-mode"] == "enforce"
     assert resp.headers["x-lorafleet-json"] == "schema_mismatch"
     check = resp.json()["lorafleet"]["json_checks"][0]
@@ -105,7 +107,7 @@ def test_the_adapter_schema_is_validated_unless_the_alias_says_enforce(gw) -> No
     assert put.status_code == 200, put.text
     resp = chat(client, key)
     assert engine.requests[-1]["response_format"] == schema_format(RECORD) | {
-        "json_schema": {"name": "adapter", "schema": RECORD}
+        "json_schema": {"name": "adapter", "schema": RECORD | {"x-guidance": SPACED_JSON}}
     }
     assert resp.headers["x-lorafleet-json-mode"] == "enforce"
     # The request's own mode wins over the alias's.
@@ -315,7 +317,8 @@ def test_the_cli_sets_the_policy_the_gateway_reads(gw, tmp_path: Path, monkeypat
     assert run.exit_code == 0, run.output
     assert "orders: json_mode enforce; schema set by admin" in run.output
     resp = chat(client, key)
-    assert engine.requests[-1]["response_format"]["json_schema"]["schema"] == {"type": "object", "required": ["b"]}
+    sent = engine.requests[-1]["response_format"]["json_schema"]["schema"]
+    assert sent == {"type": "object", "required": ["b"], "x-guidance": SPACED_JSON}  # laid out as json.dumps writes
     assert resp.headers["x-lorafleet-json"] == "schema_mismatch"
 
     bad = tmp_path / "bad.json"
