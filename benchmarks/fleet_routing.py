@@ -76,7 +76,10 @@ async def open_loop(url: str, key: str, aliases: list[str], gaps: list[float], m
     return result
 
 
-async def closed_loop(url: str, key: str, alias: str, n: int, concurrency: int, max_tokens: int) -> Pass:
+async def closed_loop(url: str, key: str, alias: str | list[str], n: int, concurrency: int, max_tokens: int) -> Pass:
+    """``n`` streamed requests, ``concurrency`` in flight; several aliases take turns (the i-th request to the
+    i-th modulo their number)."""
+    aliases = [alias] if isinstance(alias, str) else alias
     result = Pass()
     headers = {"Authorization": f"Bearer {key}"}
     slots = asyncio.Semaphore(concurrency)
@@ -84,7 +87,7 @@ async def closed_loop(url: str, key: str, alias: str, n: int, concurrency: int, 
 
         async def send(i: int) -> None:
             async with slots:
-                await one(client, url + CHAT, headers, body(alias, i, max_tokens), result)
+                await one(client, url + CHAT, headers, body(aliases[i % len(aliases)], i, max_tokens), result)
 
         started = time.perf_counter()
         await asyncio.gather(*(send(i) for i in range(n)))

@@ -26,37 +26,18 @@ import asyncio
 import shutil
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 
-from benchmarks.fleet_routing import body, rate
-from benchmarks.gateway_overhead import Pass, adapter_dir, one
+from benchmarks.fleet_routing import closed_loop, rate
+from benchmarks.gateway_overhead import Pass, adapter_dir
 from benchmarks.wire_timing import pct
 from contract.settings import CommonSettings
 from lorafleet.launch import RunningEngine, start_engine
 
-CHAT = "/v1/chat/completions"
 TARGETS = {"base model": ["base"], "one adapter": ["a0"], "four adapters mixed": ["a0", "a1", "a2", "a3"]}
 OPS = {"vllm": "vLLM's torch ops", "grouped": "lorafleet's grouped ops"}
-
-
-async def closed_loop(engine: RunningEngine, models: list[str], n: int, concurrency: int, max_tokens: int) -> Pass:
-    """``n`` streamed requests, ``concurrency`` in flight, the i-th to ``models[i % len(models)]``."""
-    result = Pass()
-    headers = {"Authorization": f"Bearer {engine.key}"}
-    slots = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(timeout=900) as client:
-
-        async def send(i: int) -> None:
-            async with slots:
-                await one(client, engine.url + CHAT, headers, body(models[i % len(models)], i, max_tokens), result)
-
-        started = time.perf_counter()
-        await asyncio.gather(*(send(i) for i in range(n)))
-        result.wall = time.perf_counter() - started
-    return result
 
 
 def load_adapters(engine: RunningEngine, source: Path, work: Path) -> None:
@@ -80,10 +61,11 @@ def measure(args: argparse.Namespace, ops: str, base: Path, source: Path, work: 
     try:
         load_adapters(engine, source, work)
         for models in TARGETS.values():  # warm-up: first requests, adapters into their slots
-            asyncio.run(closed_loop(engine, models, len(models), len(models), 4))
+            asyncio.run(closed_loop(engine.url, engine.key, models, len(models), len(models), 4))
         for _ in range(args.rounds):
             for name, models in TARGETS.items():
-                p = asyncio.run(closed_loop(engine, models, args.requests, args.concurrency, args.max_tokens))
+                run = closed_loop(engine.url, engine.key, models, args.requests, args.concurrency, args.max_tokens)
+                p = asyncio.run(run)
                 into = totals[name]
                 into.ttft += p.ttft
                 into.tokens += p.tokens

@@ -121,11 +121,18 @@ def expand(
             if not add_inputs:
                 output[at, offset : offset + size] = 0
             continue
-        product = torch.mm(x[at], stack[slot, :size].to(output.dtype).t())
-        if add_inputs:
-            output[at, offset : offset + size] += product
-        else:
-            output[at, offset : offset + size] = product
+        _store(output, at, offset, size, torch.mm(x[at], stack[slot, :size].to(output.dtype).t()), add_inputs)
+
+
+def _store(
+    output: torch.Tensor, rows: slice | torch.Tensor, offset: int, size: int, product: torch.Tensor, add_inputs: bool
+) -> None:
+    """``output[rows, offset:offset + size] += product``, or ``=`` (vLLM's ``add_inputs``)."""
+    columns = slice(offset, offset + size)
+    if add_inputs:
+        output[rows, columns] += product
+    else:
+        output[rows, columns] = product
 
 
 def every_a(weights: torch.Tensor) -> torch.Tensor:
@@ -185,10 +192,7 @@ def decode_expand(
     spread = torch.zeros(inputs.shape[0], slots + 1, rank, dtype=output.dtype)
     spread[torch.arange(inputs.shape[0]), rows.blocks] = inputs.to(output.dtype)  # block 0: zero weights
     product = torch.mm(spread.view(inputs.shape[0], -1), every[:, :size].to(output.dtype))
-    if add_inputs:
-        output[:, offset : offset + size] += product
-    else:
-        output[:, offset : offset + size] = product
+    _store(output, slice(None), offset, size, product, add_inputs)
 
 
 class Weights:

@@ -70,57 +70,44 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         else:
             ops.expand(x, w, y, rows, offset, size, add)
 
-    def _shrink_prefill(self, y: torch.Tensor, x: torch.Tensor, w_t_all: torch.Tensor, scale: float) -> None:
-        rows = self._rows_for(x, y, self._rows)
-        if self.no_lora or rows is None:
-            return super()._shrink_prefill(y, x, w_t_all, scale)
-        self._shrink(y, x, w_t_all, scale, rows)
+    def _step_rows(self, x: torch.Tensor, y: torch.Tensor) -> ops.Rows | None:
+        """The step's rows for ``x`` and ``y``; ``None`` where vLLM's own op runs: rows the step's metadata does
+        not describe, or a prefill step without LoRA (which vLLM's ``sgmv`` forms skip)."""
+        if self.is_prefill and self.no_lora:
+            return None
+        return self._rows_for(x, y, self._rows)
 
-    def _shrink_decode(self, y: torch.Tensor, x: torch.Tensor, w_t_all: torch.Tensor, scale: float) -> None:
-        rows = self._rows_for(x, y, self._rows)
+    # vLLM's CPU wrapper sends every shrink and expand through these three, each choosing its prefill (sgmv) or
+    # decode (bgmv) form; the grouped ops are one form for both.
+
+    def _apply_shrink(self, y: torch.Tensor, x: torch.Tensor, w_t_all: torch.Tensor, scale: float) -> None:
+        flat_y = y.view(-1, y.shape[-1])
+        rows = self._step_rows(x, flat_y)
         if rows is None:
-            return super()._shrink_decode(y, x, w_t_all, scale)
-        self._shrink(y, x, w_t_all, scale, rows)
+            return super()._apply_shrink(y, x, w_t_all, scale)
+        self._shrink(flat_y, x, w_t_all, scale, rows)
 
-    def _expand_prefill(self, y: torch.Tensor, x: torch.Tensor, w_t_all: torch.Tensor, add_inputs: bool) -> None:
-        rows = self._rows_for(x, y, self._rows)
-        if self.no_lora or rows is None:
-            return super()._expand_prefill(y, x, w_t_all, add_inputs)
-        self._expand(y, x, w_t_all, 0, None, add_inputs, rows)
-
-    def _expand_decode(self, y: torch.Tensor, x: torch.Tensor, w_t_all: torch.Tensor, add_inputs: bool) -> None:
-        rows = self._rows_for(x, y, self._rows)
-        if rows is None:
-            return super()._expand_decode(y, x, w_t_all, add_inputs)
-        self._expand(y, x, w_t_all, 0, None, add_inputs, rows)
-
-    def _expand_slice_prefill(
+    def _apply_expand(
         self,
         y: torch.Tensor,
         x: torch.Tensor,
         w_t_all: torch.Tensor,
         y_offset: int,
         y_slice_size: int,
-        add_inputs: bool,
+        add_inputs: bool = True,
     ) -> None:
-        rows = self._rows_for(x, y, self._rows)
-        if self.no_lora or rows is None:
-            return super()._expand_slice_prefill(y, x, w_t_all, y_offset, y_slice_size, add_inputs)
+        rows = self._step_rows(x, y)
+        if rows is None:
+            return super()._apply_expand(y, x, w_t_all, y_offset, y_slice_size, add_inputs)
         self._expand(y, x, w_t_all, y_offset, y_slice_size, add_inputs, rows)
 
-    def _expand_slice_decode(
-        self,
-        y: torch.Tensor,
-        x: torch.Tensor,
-        w_t_all: torch.Tensor,
-        y_offset: int,
-        y_slice_size: int,
-        add_inputs: bool,
+    def add_lora_embedding(
+        self, y: torch.Tensor, x: torch.Tensor, lora_b_stacked: torch.Tensor, add_inputs: bool = True, **kwargs: Any
     ) -> None:
-        rows = self._rows_for(x, y, self._rows)
+        rows = self._step_rows(x, y)
         if rows is None:
-            return super()._expand_slice_decode(y, x, w_t_all, y_offset, y_slice_size, add_inputs)
-        self._expand(y, x, w_t_all, y_offset, y_slice_size, add_inputs, rows)
+            return super().add_lora_embedding(y, x, lora_b_stacked, add_inputs, **kwargs)
+        self._expand(y, x, lora_b_stacked, 0, None, add_inputs, rows)
 
     def add_lora_linear(
         self,

@@ -275,6 +275,14 @@ def wrappers(tokens: list[int], requests: list[int], prefill: bool, slots: int) 
     return made[0], made[1]
 
 
+def layer(b: dict[str, Any], sizes: tuple[int, ...]) -> tuple[torch.Tensor, tuple, tuple, torch.Tensor]:
+    """A LoRA layer's input, its slices' stacked A and B weights, and the base layer's output."""
+    x = inputs(b, b["hidden"], b["dtype"])
+    lora_a = tuple(weights(b | {"seed": b["seed"] + i}, b["rank"], b["hidden"]) for i in range(len(sizes)))
+    lora_b = tuple(weights(b | {"seed": b["seed"] + 9 + i}, size, b["rank"]) for i, size in enumerate(sizes))
+    return x, lora_a, lora_b, inputs(b | {"seed": b["seed"] + 7}, sum(sizes), b["dtype"])
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     b=batches(decode=False),
@@ -290,10 +298,7 @@ def test_the_wrapper_gives_vllms_layer_outputs(
     vLLM's wrapper."""
     tokens = b["tokens"]
     stock_wrapper, grouped = wrappers(tokens, tokens, prefill, b["slots"])
-    x = inputs(b, b["hidden"], b["dtype"])
-    lora_a = tuple(weights(b | {"seed": b["seed"] + i}, b["rank"], b["hidden"]) for i in range(len(sizes)))
-    lora_b = tuple(weights(b | {"seed": b["seed"] + 9 + i}, size, b["rank"]) for i, size in enumerate(sizes))
-    start = inputs(b | {"seed": b["seed"] + 7}, sum(sizes), b["dtype"])
+    x, lora_a, lora_b, start = layer(b, sizes)
     theirs, ours = start.clone(), start.clone()
     stock_wrapper.add_lora_linear(theirs, x, lora_a, lora_b, scale, sizes)
     grouped.add_lora_linear(ours, x, lora_a, lora_b, scale, sizes)
@@ -331,3 +336,29 @@ def test_the_wrapper_gives_vllms_logits_and_embeddings(b: dict[str, Any], prefil
     stock_wrapper.add_lora_embedding(theirs, shrunk, bw)
     grouped.add_lora_embedding(ours, shrunk, bw)
     close(ours, theirs, magnitude(shrunk, bw, indices), b["rank"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(b=batches(decode=False), prefill=st.booleans(), sizes=st.sampled_from([(24,), (16, 8, 8)]))
+def test_the_wrappers_separate_shrink_and_expand_give_vllms(
+    b: dict[str, Any], prefill: bool, sizes: tuple[int, ...]
+) -> None:
+    """add_shrink then add_expand, as vLLM's fully sharded layers call them (through _apply_shrink and
+    _apply_expand, the prefill and decode forms alike)."""
+    tokens = b["tokens"]
+    stock_wrapper, grouped = wrappers(tokens, tokens, prefill, b["slots"])
+    x, lora_a, lora_b, start = layer(b, sizes)
+    results = []
+    for wrapper in (stock_wrapper, grouped):
+        buffers = torch.zeros(len(sizes), len(tokens), b["rank"])
+        wrapper.add_shrink(buffers, x, lora_a, 1.0)
+        y = start.clone()
+        wrapper.add_expand(y, buffers, lora_b, sizes, offset_start=0, add_inputs=True)
+        results.append((buffers, y))
+    (their_buffers, theirs), (our_buffers, ours) = results
+    indices = torch.tensor(tokens)
+    shrunk = [magnitude(x, a, indices) for a in lora_a]
+    for i in range(len(sizes)):
+        close(our_buffers[i], their_buffers[i], shrunk[i], b["hidden"])
+    mag = torch.cat([magnitude(m, bw, indices) for m, bw in zip(shrunk, lora_b, strict=True)], dim=1)
+    close(ours, theirs, mag * 1.01, b["rank"] + b["hidden"])
